@@ -1,0 +1,489 @@
+#!/usr/bin/env bash
+# berth load benchmark: berth vs Debian's docker-registry (CNCF distribution 2.8)
+# vs nginx (sendfile, the limit for static bytes), side by side on 127.0.0.1.
+#
+# Not part of the test suite: run it by hand (see benches/README.md).
+#
+#   benches/load.sh                 # full run (1 GiB blobs, 10,000 tags), ~5-10 min
+#   QUICK=1 benches/load.sh         # smoke run with small sizes, ~1 min
+#   BERTH=0 benches/load.sh         # peers only (berth not built / not started)
+#
+# Environment (defaults in brackets; QUICK=1 lowers them):
+#   BLOB_MB [1024]      size of the single-stream GET blob and of each timed push
+#   PAR_MB [64]         size of the blob fetched by the concurrent GETs
+#   PAR_N [16]          concurrent GETs for the aggregate-throughput row
+#   RSS_N [64]          concurrent GET streams while peak RSS is measured
+#   RSS_RATE []         optional curl --limit-rate per RSS stream (e.g. 50M: slow clients)
+#   CHUNK_MB [16]       PATCH size of the chunked push
+#   TAGS [10000]        tags pushed for the tag-list row
+#   TAGLIST_RUNS [300]  tag-list requests timed (median, p99 reported)
+#   GET_RUNS [3]        repetitions of the GET rows (median reported)
+#   WRK_DURATION [10s]  WRK_CONNS [64]  WRK_THREADS [2]
+#   BERTH [auto]        auto: build and include berth if the build succeeds; 1: required; 0: skip
+#   BERTH_BIN []        use this binary instead of building target/release/berth
+#   LOGS [0]            1: servers log at their usual info level (default: warn, no access log)
+#   KEEP [0]            1: keep the temp dir (logs, configs, data) for inspection
+#   TIMEOUT [3600]      hard limit in seconds for the whole run after the build (600 with QUICK=1)
+#   RESULTS []          also write the results as TSV to this file
+#   NGINX_WORKERS [auto]  nginx worker_processes
+set -euo pipefail
+shopt -s inherit_errexit
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+  : "${BLOB_MB:=32}" "${PAR_MB:=4}" "${PAR_N:=4}" "${RSS_N:=8}" "${CHUNK_MB:=4}"
+  : "${TAGS:=200}" "${TAGLIST_RUNS:=30}" "${GET_RUNS:=1}" "${WRK_DURATION:=2s}" "${TIMEOUT:=600}"
+fi
+BLOB_MB=${BLOB_MB:-1024}
+PAR_MB=${PAR_MB:-64}
+PAR_N=${PAR_N:-16}
+RSS_N=${RSS_N:-64}
+RSS_RATE=${RSS_RATE:-}
+CHUNK_MB=${CHUNK_MB:-16}
+TAGS=${TAGS:-10000}
+TAGLIST_RUNS=${TAGLIST_RUNS:-300}
+GET_RUNS=${GET_RUNS:-3}
+WRK_DURATION=${WRK_DURATION:-10s}
+WRK_CONNS=${WRK_CONNS:-64}
+WRK_THREADS=${WRK_THREADS:-2}
+BERTH=${BERTH:-auto}
+BERTH_BIN=${BERTH_BIN:-}
+LOGS=${LOGS:-0}
+KEEP=${KEEP:-0}
+TIMEOUT=${TIMEOUT:-3600}
+RESULTS=${RESULTS:-}
+NGINX_WORKERS=${NGINX_WORKERS:-auto}
+
+REPO=bench/app                  # image name in both registries (berth: registry "bench", image "app")
+ACCEPT='Accept: application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json'
+MT_MANIFEST=application/vnd.oci.image.manifest.v1+json
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+need() { command -v "$1" >/dev/null || die "missing $1 (apt-get install -y $2)"; }
+need curl curl; need wrk wrk; need nginx nginx-light; need docker-registry docker-registry
+need jq jq; need awk gawk; need sha256sum coreutils; need openssl openssl; need ss iproute2
+
+# ---------------------------------------------------------------- build
+if [[ $BERTH != 0 && -z $BERTH_BIN ]]; then
+  log "building berth (cargo build --release)"
+  if (cd "$ROOT" && timeout "${BUILD_TIMEOUT:-3600}" cargo build --release 2>&1 | tail -n 5 >&2; exit "${PIPESTATUS[0]}"); then
+    BERTH_BIN=$ROOT/target/release/berth
+  elif [[ $BERTH == 1 ]]; then
+    die "cargo build --release failed"
+  else
+    log "WARNING: berth does not build: running the peers only"
+    BERTH=0
+  fi
+fi
+[[ $BERTH == 0 || -x $BERTH_BIN ]] || die "no berth binary at $BERTH_BIN"
+
+# ---------------------------------------------------------------- temp dir, cleanup, watchdog
+D=$(mktemp -d /tmp/berth-bench.XXXXXX)
+chmod 755 "$D"                 # nginx workers (user nobody) read $D/www
+PIDS=()                        # servers, stopped in reverse order
+WATCHDOG=
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  [[ -n $WATCHDOG ]] && kill "$WATCHDOG" 2>/dev/null
+  # background clients of this shell (curl/wrk), by PID
+  local j; for j in $(jobs -pr); do [[ $j == "$WATCHDOG" ]] || kill "$j" 2>/dev/null; done
+  local i
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null || true; done
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do
+    local t=0
+    while kill -0 "${PIDS[i]}" 2>/dev/null && ((t++ < 100)); do sleep 0.1; done
+    kill -KILL "${PIDS[i]}" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  if [[ $KEEP == 1 ]]; then log "kept $D"; else rm -rf "$D"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+# the watchdog signals this shell, then its children by parent PID (a foreground curl/wrk
+# would otherwise delay the trap until it ends)
+( sleep "$TIMEOUT"; echo "[watchdog] $TIMEOUT s elapsed: stopping the benchmark" >&2
+  kill -TERM $$; sleep 1; pkill -TERM -P $$ ) &
+WATCHDOG=$!
+
+# ---------------------------------------------------------------- helpers
+now() { echo "${EPOCHREALTIME/,/.}"; }
+calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "NaN"; else print a[int((NR + 1) / 2)] }'; }
+pctl() { sort -g | awk -v p="$1" '{ a[NR] = $1 } END { i = int(NR * p / 100 + 0.999); if (i < 1) i = 1; print (NR ? a[i] : "NaN") }'; }
+MB() { calc "$1 / 1000000" 1; }
+
+USED_PORTS=" "
+free_port() {
+  local p listening; listening=$(ss -Htln | awk '{ n = split($4, a, ":"); print a[n] }')
+  while :; do
+    p=$((20000 + RANDOM % 12000))
+    grep -qx "$p" <<<"$listening" || [[ $USED_PORTS == *" $p "* ]] || break
+  done
+  USED_PORTS+="$p "; echo "$p"
+}
+
+wait_http() { # URL NAME PID: poll until any HTTP answer, with a 30 s deadline
+  local deadline=$((SECONDS + 30))
+  until curl -s -o /dev/null --max-time 2 "$1"; do
+    kill -0 "$3" 2>/dev/null || die "$2 exited during start-up (logs in $D)"
+    ((SECONDS < deadline)) || die "$2 not answering on $1 after 30 s"
+    sleep 0.1
+  done
+}
+
+abs_url() { case $2 in http://*|https://*) echo "$2" ;; /*) echo "$1$2" ;; *) echo "$1/$2" ;; esac; }
+with_digest() { if [[ $1 == *\?* ]]; then echo "$1&digest=$2"; else echo "$1?digest=$2"; fi; }
+location() { tr -d '\r' <"$1" | awk 'tolower($1) == "location:" { print $2 }' | tail -n 1; }
+
+# upload_start BASE -> absolute upload URL
+upload_start() {
+  local code
+  code=$(curl -sS -X POST -D "$D/h" -o /dev/null -w '%{http_code}' --max-time 30 "$1/v2/$REPO/blobs/uploads/")
+  [[ $code == 202 ]] || die "POST $1/v2/$REPO/blobs/uploads/ -> $code"
+  abs_url "$1" "$(location "$D/h")"
+}
+
+# push_mono BASE FILE DIGEST: POST, then PUT ?digest= with the whole body
+push_mono() {
+  local loc code
+  loc=$(upload_start "$1")
+  code=$(curl -sS -X PUT -T "$2" -H 'Expect:' -H 'Content-Type: application/octet-stream' \
+    -o "$D/body" -w '%{http_code}' --max-time 600 "$(with_digest "$loc" "$3")")
+  [[ $code == 201 ]] || die "monolithic PUT to $1 -> $code: $(head -c 300 "$D/body")"
+}
+
+# push_chunked BASE CHUNKDIR DIGEST: POST, PATCH per chunk with Content-Range, PUT ?digest=
+push_chunked() {
+  local loc code off=0 size f
+  loc=$(upload_start "$1")
+  for f in "$2"/c.*; do
+    size=$(stat -c %s "$f")
+    code=$(curl -sS -X PATCH -T "$f" -H 'Expect:' -H 'Content-Type: application/octet-stream' \
+      -H "Content-Range: $off-$((off + size - 1))" -D "$D/h" -o "$D/body" -w '%{http_code}' \
+      --max-time 300 "$loc")
+    [[ $code == 202 ]] || die "PATCH $f to $1 -> $code: $(head -c 300 "$D/body")"
+    loc=$(abs_url "$1" "$(location "$D/h")")
+    off=$((off + size))
+  done
+  code=$(curl -sS -X PUT -H 'Content-Length: 0' -o "$D/body" -w '%{http_code}' --max-time 300 \
+    "$(with_digest "$loc" "$3")")
+  [[ $code == 201 ]] || die "final chunked PUT to $1 -> $code: $(head -c 300 "$D/body")"
+}
+
+put_manifest() { # BASE REF
+  local code
+  code=$(curl -sS -X PUT --data-binary "@$D/manifest.json" -H "Content-Type: $MT_MANIFEST" \
+    -o "$D/body" -w '%{http_code}' --max-time 30 "$1/v2/$REPO/manifests/$2")
+  [[ $code == 201 ]] || die "PUT manifest $2 to $1 -> $code: $(head -c 300 "$D/body")"
+}
+
+cpu_ticks() { # PID...: utime+stime of the processes (and their threads)
+  local p t=0
+  for p in "$@"; do
+    [[ -r /proc/$p/stat ]] || continue
+    t=$((t + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+HZ=$(getconf CLK_TCK)
+
+# get_single URL SERVER_PID...: sets SPEED (median bytes/s over GET_RUNS runs, after one
+# warm-up) and CPU (server CPU seconds per GiB sent)
+get_single() {
+  local url=$1 i c0 c1; shift
+  curl -sSf -o /dev/null --max-time 600 "$url" || die "GET $url failed"
+  : >"$D/speeds"
+  c0=$(cpu_ticks "$@")
+  for ((i = 0; i < GET_RUNS; i++)); do
+    curl -sSf -o /dev/null --max-time 600 -w '%{speed_download}\n' "$url" >>"$D/speeds" || die "GET $url failed"
+  done
+  c1=$(cpu_ticks "$@")
+  CPU=$(calc "($c1 - $c0) / $HZ / $GET_RUNS / ($BLOB_MB / 1024)" 2)
+  SPEED=$(median <"$D/speeds")
+}
+
+# get_parallel URL N SIZE_BYTES [RATE] -> aggregate bytes/s (N curls at once, wall clock)
+get_parallel() {
+  local url=$1 n=$2 bytes=$3 rate=${4:-} i t0 t1 fail=0
+  local -a p=() extra=()
+  [[ -n $rate ]] && extra=(--limit-rate "$rate")
+  t0=$(now)
+  for ((i = 0; i < n; i++)); do
+    curl -sSf -o /dev/null --max-time 600 "${extra[@]}" "$url" & p+=($!)
+  done
+  for i in "${p[@]}"; do wait "$i" || fail=1; done
+  t1=$(now)
+  ((fail == 0)) || die "a parallel GET of $url failed"
+  calc "$n * $bytes / ($t1 - $t0)" 0
+}
+
+get_parallel_median() {
+  local i
+  curl -sSf -o /dev/null --max-time 600 "$1" || die "GET $1 failed"
+  for ((i = 0; i < GET_RUNS; i++)); do get_parallel "$@"; echo; done | median
+}
+
+# wrk_run URL METHOD -> "req/s p50_ms p99_ms non2xx"
+wrk_run() {
+  local script=$D/wrk_$2.lua out
+  printf 'wrk.method = "%s"\n' "$2" >"$script"
+  out=$(timeout 120 wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency --timeout 5s \
+    -s "$script" -H "$ACCEPT" "$1") || die "wrk $2 $1 failed"
+  printf '%s\n' "$out" >>"$D/wrk.log"
+  awk '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v }
+    $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+    /^Requests\/sec:/ { rps = $2 } /Non-2xx/ { bad = $NF } /Socket errors/ { err = $0 }
+    END { printf "%.0f %.3f %.3f %d\n", rps, p50, p99, bad + 0 }' <<<"$out"
+}
+
+# rss_under_load PID URL: reset the high-water mark, run RSS_N streams, read VmHWM (MiB)
+rss_under_load() {
+  local pid=$1 url=$2
+  { echo 5 >"/proc/$pid/clear_refs"; } 2>/dev/null || log "WARNING: cannot reset VmHWM of $pid (reported peak is since start)"
+  get_parallel "$url" "$RSS_N" "$PAR_BYTES" "$RSS_RATE" >/dev/null
+  awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status"
+}
+
+push_tags() { # BASE COUNT: PUT the manifest under tagNNNNN, 32 at a time, one curl process
+  local i cfg=$D/tags.curl
+  : >"$cfg"
+  for ((i = 0; i < $2; i++)); do
+    printf 'url = "%s/v2/%s/manifests/tag%05d"\nupload-file = "%s"\noutput = "/dev/null"\n' "$1" "$REPO" "$i" "$D/manifest.json" >>"$cfg"
+  done
+  curl -sS --parallel --parallel-max 32 -K "$cfg" -H "Content-Type: $MT_MANIFEST" -H 'Expect:' \
+    --max-time 60 -w '%{http_code}\n' >"$D/tags.codes" || true
+  local ok; ok=$(grep -c '^201$' "$D/tags.codes" || true)
+  [[ $ok == "$2" ]] || die "tag push to $1: $ok of $2 answered 201 ($(sort "$D/tags.codes" | uniq -c | tr '\n' ' '))"
+}
+
+# taglist BASE -> "median_ms p99_ms" of GET tags/list?n=100&last=tag05000 on one kept-alive connection
+taglist() {
+  local url="$1/v2/$REPO/tags/list?n=100&last=tag$(printf %05d $((TAGS / 2)))" i
+  local -a args=()
+  for ((i = 0; i < TAGLIST_RUNS; i++)); do args+=(-o /dev/null "$url"); done
+  curl -sSf -o "$D/taglist.json" --max-time 10 "$url" || die "GET $url failed"
+  curl -sSf --max-time 120 -w '%{time_total}\n' "${args[@]}" >"$D/taglist.times" || die "GET $url failed"
+  local med p99
+  med=$(awk '{ print $1 * 1000 }' "$D/taglist.times" | median)
+  p99=$(awk '{ print $1 * 1000 }' "$D/taglist.times" | pctl 99)
+  echo "$med $p99"
+}
+
+# ---------------------------------------------------------------- content
+BLOB_BYTES=$((BLOB_MB * 1048576))
+PAR_BYTES=$((PAR_MB * 1048576))
+log "generating content in $D ($BLOB_MB MiB x2, $PAR_MB MiB)"
+mkdir -p "$D/www" "$D/chunks"
+gen() { openssl enc -aes-128-ctr -nosalt -pass "pass:$2" -pbkdf2 </dev/zero 2>/dev/null | head -c "$3" >"$1"; }
+gen "$D/www/big" big "$BLOB_BYTES"          # monolithic push, single-stream GET
+gen "$D/chunked" chunked "$BLOB_BYTES"      # chunked push (distinct content)
+gen "$D/www/par" par "$PAR_BYTES"           # concurrent GETs, RSS
+chmod 644 "$D/www/big" "$D/www/par"; chmod 755 "$D/www"
+(cd "$D/chunks" && split -b "${CHUNK_MB}M" -d -a 4 "$D/chunked" c.)
+printf '{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}' >"$D/config.json"
+dg() { echo "sha256:$(sha256sum "$1" | cut -d' ' -f1)"; }
+DG_BIG=$(dg "$D/www/big"); DG_CHUNKED=$(dg "$D/chunked"); DG_PAR=$(dg "$D/www/par"); DG_CFG=$(dg "$D/config.json")
+jq -cn --arg c "$DG_CFG" --argjson cs "$(stat -c %s "$D/config.json")" \
+  --arg b "$DG_BIG" --argjson bs "$BLOB_BYTES" --arg k "$DG_CHUNKED" --arg p "$DG_PAR" --argjson ps "$PAR_BYTES" \
+  '{schemaVersion: 2, mediaType: "application/vnd.oci.image.manifest.v1+json",
+    config: {mediaType: "application/vnd.oci.image.config.v1+json", digest: $c, size: $cs},
+    layers: [{mediaType: "application/vnd.oci.image.layer.v1.tar", digest: $b, size: $bs},
+             {mediaType: "application/vnd.oci.image.layer.v1.tar", digest: $k, size: $bs},
+             {mediaType: "application/vnd.oci.image.layer.v1.tar", digest: $p, size: $ps}]}' >"$D/manifest.json"
+
+# ---------------------------------------------------------------- servers
+declare -A URL PID
+if [[ $LOGS == 1 ]]; then REG_LOG=info; REG_ACCESS=false; BERTH_LOG=info; else REG_LOG=warn; REG_ACCESS=true; BERTH_LOG=warn; fi
+
+# docker-registry
+P=$(free_port); mkdir -p "$D/registry/data"
+cat >"$D/registry/config.yml" <<EOF
+version: 0.1
+log:
+  level: $REG_LOG
+  accesslog:
+    disabled: $REG_ACCESS
+storage:
+  filesystem:
+    rootdirectory: $D/registry/data
+  cache:
+    blobdescriptor: inmemory
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:$P
+EOF
+docker-registry serve "$D/registry/config.yml" >"$D/registry/log" 2>&1 &
+PID[registry]=$!; PIDS+=($!); URL[registry]=http://127.0.0.1:$P
+wait_http "${URL[registry]}/v2/" docker-registry "${PID[registry]}"
+log "docker-registry $(docker-registry --version | awk '{print $3}') on ${URL[registry]} (pid ${PID[registry]})"
+
+# nginx: the same files from $D/www, sendfile on, every path in $D/nginx
+P=$(free_port); mkdir -p "$D/nginx"
+cat >"$D/nginx/nginx.conf" <<EOF
+worker_processes $NGINX_WORKERS;
+pid $D/nginx/nginx.pid;
+error_log $D/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  default_type application/octet-stream;
+  client_body_temp_path $D/nginx/body;
+  proxy_temp_path $D/nginx/proxy;
+  fastcgi_temp_path $D/nginx/fastcgi;
+  uwsgi_temp_path $D/nginx/uwsgi;
+  scgi_temp_path $D/nginx/scgi;
+  server {
+    listen 127.0.0.1:$P;
+    root $D/www;
+  }
+}
+EOF
+nginx -p "$D/nginx" -e "$D/nginx/error.log" -c "$D/nginx/nginx.conf" -g 'daemon off;' >"$D/nginx/out" 2>&1 &
+PID[nginx]=$!; PIDS+=($!); URL[nginx]=http://127.0.0.1:$P
+wait_http "${URL[nginx]}/par" nginx "${PID[nginx]}"
+log "nginx $(nginx -v 2>&1 | sed 's|.*/||') on ${URL[nginx]} (pid ${PID[nginx]})"
+
+# berth
+SERVERS=(registry)
+if [[ $BERTH != 0 ]]; then
+  mkdir -p "$D/berth"
+  cat >"$D/berth/config.toml" <<EOF
+data_dir = "$D/berth/data"
+log = "$BERTH_LOG"
+[[listen]]
+addr = "127.0.0.1:0"
+[[registry]]
+name = "bench"
+EOF
+  RUST_LOG=$BERTH_LOG "$BERTH_BIN" serve --config "$D/berth/config.toml" >"$D/berth/out" 2>"$D/berth/err" &
+  PID[berth]=$!; PIDS+=($!)
+  deadline=$((SECONDS + 30))
+  until grep -qx 'berth ready' "$D/berth/out" 2>/dev/null; do
+    kill -0 "${PID[berth]}" 2>/dev/null || die "berth exited during start-up: $(tail -n 5 "$D/berth/err")"
+    ((SECONDS < deadline)) || die "berth did not print 'berth ready' within 30 s"
+    sleep 0.05
+  done
+  URL[berth]=$(sed -n 's|^berth listening on \(http://[^ ]*\).*|\1|p' "$D/berth/out" | head -n 1)
+  [[ -n ${URL[berth]} ]] || die "berth printed no listening address"
+  log "berth on ${URL[berth]} (pid ${PID[berth]}, $BERTH_BIN)"
+  SERVERS=(berth registry)
+fi
+
+declare -A R   # R[metric.server] = value
+
+# ---------------------------------------------------------------- pushes
+for s in "${SERVERS[@]}"; do
+  b=${URL[$s]}
+  push_mono "$b" "$D/config.json" "$DG_CFG"
+  push_mono "$b" "$D/www/par" "$DG_PAR"
+  sync
+  t0=$(now); push_mono "$b" "$D/www/big" "$DG_BIG"; t1=$(now)
+  R[push_mono.$s]=$(calc "$BLOB_BYTES / ($t1 - $t0)" 0)
+  sync
+  t0=$(now); push_chunked "$b" "$D/chunks" "$DG_CHUNKED"; t1=$(now)
+  R[push_chunk.$s]=$(calc "$BLOB_BYTES / ($t1 - $t0)" 0)
+  put_manifest "$b" latest
+  log "$s: push monolithic $(MB "${R[push_mono.$s]}") MB/s, chunked $(MB "${R[push_chunk.$s]}") MB/s"
+done
+
+# every server must return exactly the bytes pushed
+for s in "${SERVERS[@]}"; do
+  got=$(curl -sSf --max-time 60 "${URL[$s]}/v2/$REPO/blobs/$DG_PAR" | sha256sum | cut -d' ' -f1)
+  [[ sha256:$got == "$DG_PAR" ]] || die "$s returned wrong bytes for $DG_PAR"
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "$ACCEPT" "${URL[$s]}/v2/$REPO/manifests/latest")
+  [[ $code == 200 ]] || die "$s: GET manifest by tag -> $code"
+done
+
+blob_url() { if [[ $1 == nginx ]]; then echo "${URL[nginx]}/$2"; else echo "${URL[$1]}/v2/$REPO/blobs/$3"; fi; }
+server_pids() { if [[ $1 == nginx ]]; then echo "${PID[nginx]}" $(ps -o pid= --ppid "${PID[nginx]}"); else echo "${PID[$1]}"; fi; }
+
+# ---------------------------------------------------------------- blob GETs
+for s in "${SERVERS[@]}" nginx; do
+  # shellcheck disable=SC2046
+  get_single "$(blob_url "$s" big "$DG_BIG")" $(server_pids "$s")
+  R[get1.$s]=$SPEED; R[cpu.$s]=$CPU
+  R[getN.$s]=$(get_parallel_median "$(blob_url "$s" par "$DG_PAR")" "$PAR_N" "$PAR_BYTES")
+  log "$s: GET 1 stream $(MB "${R[get1.$s]}") MB/s (${R[cpu.$s]} CPU s/GiB), ${PAR_N}x${PAR_MB} MiB $(MB "${R[getN.$s]}") MB/s"
+done
+
+# ---------------------------------------------------------------- manifests (wrk)
+for s in "${SERVERS[@]}"; do
+  for m in GET HEAD; do
+    read -r rps p50 p99 bad < <(wrk_run "${URL[$s]}/v2/$REPO/manifests/latest" "$m")
+    ((bad == 0)) || log "WARNING: $s manifest $m: $bad non-2xx responses"
+    R[m$m.$s]=$rps; R[m${m}50.$s]=$p50; R[m${m}99.$s]=$p99
+    log "$s: manifest $m $rps req/s, p50 $p50 ms, p99 $p99 ms"
+  done
+done
+
+# ---------------------------------------------------------------- peak RSS
+for s in "${SERVERS[@]}"; do
+  R[rss.$s]=$(rss_under_load "${PID[$s]}" "$(blob_url "$s" par "$DG_PAR")")
+  R[rss0.$s]=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/${PID[$s]}/status")
+  log "$s: peak RSS under ${RSS_N}x${PAR_MB} MiB GETs ${R[rss.$s]} MiB (RSS after: ${R[rss0.$s]} MiB)"
+done
+
+# ---------------------------------------------------------------- tag list
+for s in "${SERVERS[@]}"; do
+  t0=$(now); push_tags "${URL[$s]}" "$TAGS"; t1=$(now)
+  R[tagpush.$s]=$(calc "$TAGS / ($t1 - $t0)" 0)
+  read -r med p99 < <(taglist "${URL[$s]}")
+  R[tl.$s]=$med; R[tl99.$s]=$p99
+  n=$(jq '.tags | length' "$D/taglist.json"); first=$(jq -r '.tags[0]' "$D/taglist.json")
+  R[tln.$s]=$n
+  log "$s: $TAGS tags pushed at ${R[tagpush.$s]}/s; tag-list page median $med ms, p99 $p99 ms ($n tags, first $first)"
+  if [[ $s == berth && ( $n != 100 || $first != tag$(printf %05d $((TAGS / 2 + 1))) ) ]]; then
+    log "WARNING: berth's page is not the 100 tags after tag$(printf %05d $((TAGS / 2))) (got $n, first $first)"
+  fi
+done
+
+# ---------------------------------------------------------------- table
+v() { echo "${R[$1]:--}"; }
+ratio() { # A B [inverse]: A/B, or B/A for lower-is-better rows
+  local a=${R[$1]:-} b=${R[$2]:-}
+  [[ -n $a && -n $b && $a != - && $b != - ]] || { echo -; return; }
+  if [[ ${3:-} == inv ]]; then awk -v a="$a" -v b="$b" 'BEGIN { if (a > 0) printf "%.2fx", b / a; else print "-" }'
+  else awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; fi
+}
+mbv() { [[ -n ${R[$1]:-} ]] && MB "${R[$1]}" || echo -; }
+row() { printf '%-44s %12s %12s %12s %10s %10s  %s\n' "$@"; [[ -z $RESULTS ]] || printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; }
+[[ -z $RESULTS ]] || : >"$RESULTS"
+
+echo
+echo "berth load benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uname -r), loopback"
+echo "sizes: blob ${BLOB_MB} MiB, parallel ${PAR_N}x${PAR_MB} MiB, RSS ${RSS_N}x${PAR_MB} MiB${RSS_RATE:+ at $RSS_RATE/s each}, chunks ${CHUNK_MB} MiB, ${TAGS} tags, wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION"
+[[ $BERTH == 0 ]] && echo "berth: not run"
+echo "ratios: berth/peer, oriented so that >1 means berth is better (lower-is-better rows use peer/berth)"
+echo
+row metric berth registry nginx vs-registry vs-nginx target
+row "blob GET ${BLOB_MB} MiB, 1 stream (MB/s)" "$(mbv get1.berth)" "$(mbv get1.registry)" "$(mbv get1.nginx)" \
+  "$(ratio get1.berth get1.registry)" "$(ratio get1.berth get1.nginx)" ">=0.8x nginx"
+row "  server CPU per GiB sent (s)" "$(v cpu.berth)" "$(v cpu.registry)" "$(v cpu.nginx)" \
+  "$(ratio cpu.berth cpu.registry inv)" "$(ratio cpu.berth cpu.nginx inv)" ""
+row "blob GET ${PAR_N}x${PAR_MB} MiB aggregate (MB/s)" "$(mbv getN.berth)" "$(mbv getN.registry)" "$(mbv getN.nginx)" \
+  "$(ratio getN.berth getN.registry)" "$(ratio getN.berth getN.nginx)" ">=0.8x nginx"
+for m in GET HEAD; do
+  row "manifest $m by tag, c=$WRK_CONNS (req/s)" "$(v m$m.berth)" "$(v m$m.registry)" - "$(ratio m$m.berth m$m.registry)" - ">=10x registry"
+  row "  p50 (ms)" "$(v m${m}50.berth)" "$(v m${m}50.registry)" - "$(ratio m${m}50.berth m${m}50.registry inv)" - ""
+  row "  p99 (ms)" "$(v m${m}99.berth)" "$(v m${m}99.registry)" - "$(ratio m${m}99.berth m${m}99.registry inv)" - "<=10 ms"
+done
+row "push ${BLOB_MB} MiB monolithic POST+PUT (MB/s)" "$(mbv push_mono.berth)" "$(mbv push_mono.registry)" - "$(ratio push_mono.berth push_mono.registry)" - ">=2x registry"
+row "push ${BLOB_MB} MiB chunked ${CHUNK_MB} MiB PATCHes (MB/s)" "$(mbv push_chunk.berth)" "$(mbv push_chunk.registry)" - "$(ratio push_chunk.berth push_chunk.registry)" - ">=2x registry"
+row "peak RSS, ${RSS_N}x${PAR_MB} MiB GETs (MiB)" "$(v rss.berth)" "$(v rss.registry)" - "$(ratio rss.berth rss.registry inv)" - "<=128 MiB"
+row "tag push, $TAGS manifest PUTs (tags/s)" "$(v tagpush.berth)" "$(v tagpush.registry)" - "$(ratio tagpush.berth tagpush.registry)" - ""
+row "tag list n=100 last=mid, median (ms)" "$(v tl.berth)" "$(v tl.registry)*" - - - "<=2 ms"
+row "  p99 (ms)" "$(v tl99.berth)" "$(v tl99.registry)*" - - - ""
+echo
+echo "* docker-registry 2.8 ignores n/last: its answer held ${R[tln.registry]:-?} tags (berth: ${R[tln.berth]:-?})."

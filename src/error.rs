@@ -1,0 +1,207 @@
+//! The one error type of request handling and the single place that maps it to an OCI code and HTTP status.
+
+use http::StatusCode;
+
+use crate::oci::digest::DigestError;
+use crate::oci::manifest::ManifestError;
+use crate::oci::reference::ReferenceError;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Blob not in the repository.
+    #[error("blob unknown to registry: {0}")]
+    BlobUnknown(String),
+    /// Upload session not found (or belongs to another repository).
+    #[error("upload session unknown: {0}")]
+    BlobUploadUnknown(String),
+    /// Upload request malformed.
+    #[error("blob upload invalid: {0}")]
+    BlobUploadInvalid(String),
+    /// Digest malformed or content does not match it.
+    #[error("{0}")]
+    DigestInvalid(String),
+    /// Manifest references a blob or manifest the repository lacks.
+    #[error("manifest references unknown blob {0}")]
+    ManifestBlobUnknown(String),
+    /// Manifest body rejected.
+    #[error("manifest invalid: {0}")]
+    ManifestInvalid(String),
+    /// Manifest bigger than the limit.
+    #[error("manifest of {size} bytes exceeds the limit of {limit} bytes")]
+    ManifestTooLarge { size: u64, limit: usize },
+    /// Manifest (tag or digest) not found.
+    #[error("manifest unknown: {0}")]
+    ManifestUnknown(String),
+    /// Name breaks the grammar, or the path is malformed.
+    #[error("{0}")]
+    NameInvalid(String),
+    /// Registry or repository not known.
+    #[error("{0}")]
+    NameUnknown(String),
+    /// Content length does not match.
+    #[error("{0}")]
+    SizeInvalid(String),
+    /// Tag grammar.
+    #[error("{0}")]
+    TagInvalid(String),
+    /// `n` or `last` unusable.
+    #[error("{0}")]
+    PaginationInvalid(String),
+    /// Chunk out of order or byte range not satisfiable; carries the header to send.
+    #[error("requested range not satisfiable: {message}")]
+    RangeNotSatisfiable {
+        message: String,
+        /// `Range` (uploads) or `Content-Range` (blob reads) header to return.
+        header: (http::HeaderName, String),
+    },
+    /// Operation not allowed on this resource.
+    #[error("{0}")]
+    Denied(String),
+    /// Operation not supported.
+    #[error("{0}")]
+    Unsupported(String),
+    /// No route.
+    #[error("{0}")]
+    NotFound(String),
+    /// Request headers or body not acceptable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Method not allowed on this route.
+    #[error("method {0} not allowed here")]
+    MethodNotAllowed(String),
+    /// Storage or metadata failure.
+    #[error("storage error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Metadata store failure.
+    #[error("metadata error: {0}")]
+    Meta(#[from] sled::Error),
+    /// A broken invariant that is berth's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result of request handling.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// OCI error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::BlobUnknown(_) => "BLOB_UNKNOWN",
+            Error::BlobUploadUnknown(_) => "BLOB_UPLOAD_UNKNOWN",
+            Error::BlobUploadInvalid(_) | Error::RangeNotSatisfiable { .. } => {
+                "BLOB_UPLOAD_INVALID"
+            }
+            Error::DigestInvalid(_) => "DIGEST_INVALID",
+            Error::ManifestBlobUnknown(_) => "MANIFEST_BLOB_UNKNOWN",
+            Error::ManifestInvalid(_) | Error::ManifestTooLarge { .. } => "MANIFEST_INVALID",
+            Error::ManifestUnknown(_) => "MANIFEST_UNKNOWN",
+            Error::NameInvalid(_) => "NAME_INVALID",
+            Error::NameUnknown(_) | Error::NotFound(_) => "NAME_UNKNOWN",
+            Error::SizeInvalid(_) => "SIZE_INVALID",
+            Error::TagInvalid(_) => "TAG_INVALID",
+            Error::PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
+            Error::Denied(_) => "DENIED",
+            Error::Unsupported(_) | Error::MethodNotAllowed(_) | Error::BadRequest(_) => {
+                "UNSUPPORTED"
+            }
+            Error::Io(_) | Error::Meta(_) | Error::Internal(_) => "UNKNOWN",
+        }
+    }
+
+    /// HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::BlobUnknown(_)
+            | Error::BlobUploadUnknown(_)
+            | Error::ManifestUnknown(_)
+            | Error::NameUnknown(_)
+            | Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::BlobUploadInvalid(_)
+            | Error::DigestInvalid(_)
+            | Error::ManifestBlobUnknown(_)
+            | Error::ManifestInvalid(_)
+            | Error::NameInvalid(_)
+            | Error::SizeInvalid(_)
+            | Error::TagInvalid(_)
+            | Error::PaginationInvalid(_)
+            | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::ManifestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            Error::Denied(_) => StatusCode::FORBIDDEN,
+            Error::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Io(_) | Error::Meta(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Extra header the response must carry, if any.
+    pub fn header(&self) -> Option<&(http::HeaderName, String)> {
+        match self {
+            Error::RangeNotSatisfiable { header, .. } => Some(header),
+            _ => None,
+        }
+    }
+
+    /// The OCI error body `{"errors":[{"code","message","detail"}]}`.
+    pub fn body(&self) -> String {
+        let detail = match self {
+            Error::ManifestBlobUnknown(d) => serde_json::json!({ "digest": d }),
+            Error::ManifestTooLarge { size, limit } => {
+                serde_json::json!({ "size": size, "limit": limit })
+            }
+            _ => serde_json::Value::Null,
+        };
+        serde_json::json!({
+            "errors": [{ "code": self.code(), "message": self.to_string(), "detail": detail }]
+        })
+        .to_string()
+    }
+
+    /// Whether this is berth's fault (logged at error level) rather than the client's.
+    pub fn is_server_fault(&self) -> bool {
+        self.status().is_server_error()
+    }
+}
+
+impl From<ReferenceError> for Error {
+    fn from(e: ReferenceError) -> Self {
+        match e {
+            ReferenceError::Name { .. } => Error::NameInvalid(e.to_string()),
+            ReferenceError::Tag(_) => Error::TagInvalid(e.to_string()),
+            ReferenceError::Digest(d) => d.into(),
+        }
+    }
+}
+
+impl From<DigestError> for Error {
+    fn from(e: DigestError) -> Self {
+        Error::DigestInvalid(e.to_string())
+    }
+}
+
+impl From<ManifestError> for Error {
+    fn from(e: ManifestError) -> Self {
+        Error::ManifestInvalid(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_codes_and_statuses() {
+        let e = Error::ManifestBlobUnknown("sha256:x".into());
+        assert_eq!(
+            (e.code(), e.status().as_u16()),
+            ("MANIFEST_BLOB_UNKNOWN", 400)
+        );
+        assert!(e.body().contains("\"digest\":\"sha256:x\""));
+        let e: Error = ReferenceError::Tag("-x".into()).into();
+        assert_eq!(e.code(), "TAG_INVALID");
+        let e = Error::ManifestTooLarge { size: 5, limit: 4 };
+        assert_eq!((e.code(), e.status().as_u16()), ("MANIFEST_INVALID", 413));
+    }
+}

@@ -1,0 +1,5 @@
+//! HTTP plumbing: listeners and TLS, routing, streaming bodies.
+
+pub mod body;
+pub mod router;
+pub mod server;

@@ -1,0 +1,256 @@
+//! Listeners (plain and rustls), connection serving, per-request logging and metrics, graceful shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::body::Body;
+use super::router::{route, Route};
+use crate::config::Listen;
+use crate::error::Error;
+use crate::registry::{self, Req};
+use crate::App;
+
+/// A bound listener.
+pub struct Bound {
+    /// The socket.
+    pub listener: TcpListener,
+    /// Its local address (with the real port when 0 was asked).
+    pub addr: SocketAddr,
+    /// TLS acceptor when the listener has a certificate.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Binds a listener and loads its certificate.
+pub async fn bind(l: &Listen) -> Result<Bound, String> {
+    let listener = TcpListener::bind(l.addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", l.addr))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let tls = match (&l.tls_cert, &l.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    Ok(Bound {
+        listener,
+        addr,
+        tls,
+    })
+}
+
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use tokio_rustls::rustls;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert)
+            .map_err(|e| format!("cannot read tls_cert {}: {e}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| format!("bad certificate in {}: {e}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key)
+            .map_err(|e| format!("cannot read tls_key {}: {e}", key.display()))?,
+    ))
+    .map_err(|e| format!("bad key in {}: {e}", key.display()))?
+    .ok_or_else(|| format!("no private key in {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key do not match: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts connections until `stop` flips, then lets open connections finish within `grace`.
+pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>, grace: Duration) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(app.config.limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(app.config.limits.max_header_bytes as u32);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = bound.listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let svc = service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
+        });
+        match &bound.tls {
+            None => {
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(
+                        Duration::from_secs(30),
+                        acceptor.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            return tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(bound.listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?grace, "shutdown grace expired with connections still open");
+    }
+}
+
+static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Serves one request: route, dispatch, map errors, add common headers, log and count it.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = format!(
+        "{:08x}-{:x}",
+        app.boot_id,
+        REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let routed = route(path);
+    let label = routed.as_ref().map(Route::label).unwrap_or("unknown");
+    let result = match routed {
+        Err(e) => Err(e),
+        Ok(Route::Health) => Ok(text(StatusCode::OK, "ok\n")),
+        Ok(Route::Ready) => Ok(if app.ready.load(Ordering::Acquire) {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+        }),
+        Ok(Route::Metrics) => {
+            let mut r = text(StatusCode::OK, crate::metrics::render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            Ok(r)
+        }
+        Ok(route) => {
+            let req = Req {
+                method: &parts.method,
+                query: parts.uri.query(),
+                headers: &parts.headers,
+            };
+            registry::dispatch(&app, route, req, body).await
+        }
+    };
+    let (mut response, error) = match result {
+        Ok(r) => (r, None),
+        Err(e) => (error_response(&e), Some(e)),
+    };
+    let status = response.status();
+    let bytes = response.body().len().unwrap_or(0);
+    let h = response.headers_mut();
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert("x-request-id", v);
+    }
+    let elapsed = started.elapsed();
+    crate::metrics::request(&parts.method, label, status, elapsed);
+    if label == "blob" && status.is_success() && bytes > 0 {
+        crate::metrics::blob_bytes_served(bytes);
+    }
+    let ms = elapsed.as_secs_f64() * 1000.0;
+    match &error {
+        Some(e) if e.is_server_fault() => tracing::error!(
+            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, error = %e, "request failed"
+        ),
+        Some(e) => tracing::info!(
+            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, error = %e, "request refused"
+        ),
+        None => tracing::info!(
+            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, "request"
+        ),
+    }
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// The OCI error response for an error.
+pub fn error_response(e: &Error) -> Response<Body> {
+    let body = e.body();
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = e.status();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some((name, value)) = e.header() {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            r.headers_mut().insert(name.clone(), v);
+        }
+    }
+    r
+}

@@ -1,0 +1,249 @@
+//! Manifests: `GET`/`HEAD` served from the hot cache, `PUT` with validation, `DELETE` by tag or digest.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{empty, set, Req};
+use crate::error::{Error, Result};
+use crate::http::body::Body;
+use crate::oci::digest::Digest;
+use crate::oci::manifest::{self, Descriptor};
+use crate::oci::reference::{Reference, RepoName};
+use crate::store::meta::{now_ms, ArtifactRecord, Meta};
+use crate::store::{manifest_key, ManifestEntry};
+use crate::App;
+
+/// `GET`/`HEAD /v2/NAME/manifests/REFERENCE`.
+pub async fn get(
+    app: &App,
+    repo: &RepoName,
+    reference: &str,
+    head: bool,
+) -> Result<Response<Body>> {
+    let key = manifest_key(repo.as_str(), reference);
+    let entry = match app.store.cached_manifest(&key) {
+        Some(e) => e,
+        None => {
+            let generation = app.store.generation();
+            let entry = load(app, repo, &Reference::parse(reference)?).await?;
+            app.store.cache_manifest(generation, key, entry.clone());
+            entry
+        }
+    };
+    if !head {
+        app.store.pulls.record(&entry.pull_key);
+    }
+    Ok(manifest_response(&entry, head))
+}
+
+/// Builds a manifest response from a cache entry: header clones only, no parsing.
+pub fn manifest_response(entry: &ManifestEntry, head: bool) -> Response<Body> {
+    let mut r = if head {
+        Response::new(Body::Empty)
+    } else {
+        Response::new(Body::Full(Some(entry.bytes.clone())))
+    };
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, entry.content_type.clone());
+    h.insert("docker-content-digest", entry.digest_header.clone());
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.bytes.len()));
+    h.insert(header::ETAG, entry.digest_header.clone());
+    if let Some(s) = &entry.subject_header {
+        h.insert("oci-subject", s.clone());
+    }
+    r
+}
+
+async fn load(app: &App, repo: &RepoName, reference: &Reference) -> Result<Arc<ManifestEntry>> {
+    let unknown = || Error::ManifestUnknown(format!("{reference} is not in {repo}"));
+    let digest = match reference {
+        Reference::Tag(t) => app.store.meta.tag(repo.as_str(), t)?.ok_or_else(unknown)?,
+        Reference::Digest(d) => d.clone(),
+    };
+    let record = app
+        .store
+        .meta
+        .artifact(repo.as_str(), &digest)?
+        .ok_or_else(unknown)?;
+    let Some(blob) = app.store.blobs.open(&digest)? else {
+        tracing::error!(%repo, %digest, "manifest recorded but its bytes are missing");
+        return Err(unknown());
+    };
+    let mut bytes = BytesMut::zeroed(blob.len as usize);
+    let file = blob.file;
+    let bytes = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut bytes, 0).map(|_| bytes.freeze())
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    Ok(Arc::new(entry(
+        repo,
+        digest,
+        bytes,
+        &record.media_type,
+        record.subject.as_ref(),
+    )))
+}
+
+fn entry(
+    repo: &RepoName,
+    digest: Digest,
+    bytes: Bytes,
+    media_type: &str,
+    subject: Option<&Digest>,
+) -> ManifestEntry {
+    ManifestEntry {
+        content_type: HeaderValue::from_str(media_type)
+            .unwrap_or(HeaderValue::from_static(manifest::OCI_MANIFEST)),
+        digest_header: HeaderValue::from_str(digest.as_str()).expect("digests are header-safe"),
+        subject_header: subject
+            .map(|s| HeaderValue::from_str(s.as_str()).expect("digests are header-safe")),
+        pull_key: Meta::pull_key(repo.as_str(), &digest),
+        digest,
+        bytes,
+    }
+}
+
+async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes> {
+    let mut body = body;
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| Error::ManifestInvalid(format!("request body ended early: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(Error::ManifestTooLarge {
+                    size: (buf.len() + data.len()) as u64,
+                    limit,
+                });
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// `PUT /v2/NAME/manifests/REFERENCE`.
+pub async fn put(
+    app: &App,
+    repo: &RepoName,
+    reference: &str,
+    req: &Req<'_>,
+    body: Incoming,
+) -> Result<Response<Body>> {
+    let reference = Reference::parse(reference)?;
+    let limit = app.config.limits.max_manifest_bytes;
+    if let Some(len) = req
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(Error::ManifestTooLarge { size: len, limit });
+        }
+    }
+    let content_type = req
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim())
+        .filter(|v| !v.is_empty());
+    let bytes = read_limited(body, limit).await?;
+    let parsed = manifest::parse(&bytes, content_type)?;
+    let digest = match &reference {
+        Reference::Digest(d) => {
+            let actual = Digest::of(d.algorithm(), &bytes);
+            if &actual != d {
+                return Err(Error::DigestInvalid(format!(
+                    "manifest body has digest {actual}, not {d}"
+                )));
+            }
+            actual
+        }
+        Reference::Tag(_) => Digest::sha256(&bytes),
+    };
+    let meta = &app.store.meta;
+    for blob in &parsed.blobs {
+        if meta.blob_link(repo.as_str(), blob)?.is_none() {
+            return Err(Error::ManifestBlobUnknown(blob.to_string()));
+        }
+    }
+    for child in &parsed.children {
+        if meta.artifact(repo.as_str(), &child.digest)?.is_none() {
+            return Err(Error::ManifestBlobUnknown(child.digest.to_string()));
+        }
+    }
+    let blobs = app.store.blobs.clone();
+    let (d, b) = (digest.clone(), bytes.clone());
+    tokio::task::spawn_blocking(move || blobs.put(&d, &b))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    let record = ArtifactRecord {
+        media_type: parsed.media_type.clone(),
+        size: bytes.len() as u64,
+        pushed_ms: now_ms(),
+        artifact_type: parsed.artifact_type.clone(),
+        subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
+    };
+    let referrer = Descriptor {
+        media_type: parsed.media_type.clone(),
+        digest: digest.clone(),
+        size: bytes.len() as u64,
+        artifact_type: parsed.artifact_type.clone(),
+        annotations: parsed.annotations.clone(),
+        platform: None,
+        urls: None,
+    };
+    let tag = match &reference {
+        Reference::Tag(t) => Some(&**t),
+        Reference::Digest(_) => None,
+    };
+    meta.put_artifact(repo.as_str(), &digest, &record, tag, Some(&referrer))?;
+    meta.flush().await?;
+    app.store
+        .invalidate_manifest(repo.as_str(), &reference.to_string());
+    app.store
+        .invalidate_manifest(repo.as_str(), digest.as_str());
+    tracing::debug!(%repo, %reference, %digest, media_type = %parsed.media_type, "manifest stored");
+    let mut r = empty(StatusCode::CREATED);
+    set(
+        &mut r,
+        header::LOCATION,
+        &format!("/v2/{repo}/manifests/{digest}"),
+    );
+    set(&mut r, "docker-content-digest", digest.as_str());
+    if let Some(subject) = &parsed.subject {
+        set(&mut r, "oci-subject", subject.digest.as_str());
+    }
+    Ok(r)
+}
+
+/// `DELETE /v2/NAME/manifests/REFERENCE`: a tag removes the tag; a digest removes the artifact
+/// and every tag pointing at it.
+pub async fn delete(app: &App, repo: &RepoName, reference: &str) -> Result<Response<Body>> {
+    let reference = Reference::parse(reference)?;
+    let meta = &app.store.meta;
+    let unknown = || Error::ManifestUnknown(format!("{reference} is not in {repo}"));
+    match &reference {
+        Reference::Tag(t) => {
+            meta.delete_tag(repo.as_str(), t)?.ok_or_else(unknown)?;
+            app.store.invalidate_manifest(repo.as_str(), t);
+        }
+        Reference::Digest(d) => {
+            let tags = meta
+                .delete_artifact(repo.as_str(), d)?
+                .ok_or_else(unknown)?;
+            app.store.invalidate_manifest(repo.as_str(), d.as_str());
+            for t in tags {
+                app.store.invalidate_manifest(repo.as_str(), &t);
+            }
+        }
+    }
+    meta.flush().await?;
+    Ok(empty(StatusCode::ACCEPTED))
+}

@@ -1,0 +1,56 @@
+//! The blob-store seam: content-addressed bytes, visible only once complete and verified.
+
+use std::fs::File;
+use std::io;
+
+use crate::oci::digest::{Digest, Verifier};
+
+/// An open, committed blob ready for positioned reads.
+pub struct OpenBlob {
+    /// The file; read with `read_at` (pread), never seeked, so one handle serves any range.
+    pub file: File,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Where blob bytes live. Backends must guarantee that `open` never returns a partially written
+/// blob: content becomes visible only through `commit`, after it matched its digest.
+pub trait BlobStore: Send + Sync + 'static {
+    /// Size of a committed blob.
+    fn stat(&self, digest: &Digest) -> io::Result<Option<u64>>;
+    /// Opens a committed blob.
+    fn open(&self, digest: &Digest) -> io::Result<Option<OpenBlob>>;
+    /// Starts writing a new blob into a private temp file.
+    fn writer(&self, verifier: Verifier) -> io::Result<BlobWriter>;
+    /// Makes a fully written blob visible under `digest`; the caller has checked the digest.
+    fn commit(&self, writer: BlobWriter, digest: &Digest) -> io::Result<()>;
+    /// Stores small content (manifests) directly; hashes are computed by the caller.
+    fn put(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()>;
+    /// Deletes a committed blob (garbage collection).
+    fn remove(&self, digest: &Digest) -> io::Result<bool>;
+    /// Every committed blob (garbage collection and storage accounting).
+    fn list(&self) -> io::Result<Vec<(Digest, u64)>>;
+}
+
+/// A blob being written: bytes go to a file and through the hasher in one pass.
+pub struct BlobWriter {
+    /// Destination (a temp file, or an upload session's data file).
+    pub file: File,
+    /// Path of `file`.
+    pub path: std::path::PathBuf,
+    /// Bytes written so far.
+    pub written: u64,
+    /// Hash of the bytes written so far.
+    pub verifier: Verifier,
+}
+
+impl BlobWriter {
+    /// Appends bytes and hashes them.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        self.file.write_all(bytes)?;
+        self.verifier.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}

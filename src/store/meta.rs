@@ -1,0 +1,441 @@
+//! Metadata in sled: registries, repositories, blob links, artifacts, tags, referrers, pull times.
+//!
+//! Keys are `repo \0 …`: names and tags cannot contain NUL, so a prefix scan of `repo\0` is
+//! exactly one repository and byte order is lexical order (what tag lists and the catalog need).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::RegistryKind;
+use crate::oci::digest::Digest;
+use crate::oci::manifest::Descriptor;
+
+/// A registry (namespace) record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistryRecord {
+    /// Name (first path segment).
+    pub name: String,
+    /// normal or cache.
+    pub kind: RegistryKind,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: u64,
+}
+
+/// One artifact (manifest) in a repository.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// Manifest media type.
+    pub media_type: String,
+    /// Manifest length in bytes.
+    pub size: u64,
+    /// Push time, Unix milliseconds.
+    pub pushed_ms: u64,
+    /// Artifact type (or config media type).
+    #[serde(default)]
+    pub artifact_type: Option<String>,
+    /// Subject digest, for the referrers index.
+    #[serde(default)]
+    pub subject: Option<Digest>,
+}
+
+/// The sled database and its trees.
+pub struct Meta {
+    db: sled::Db,
+    registries: sled::Tree,
+    repos: sled::Tree,
+    blob_links: sled::Tree,
+    artifacts: sled::Tree,
+    tags: sled::Tree,
+    referrers: sled::Tree,
+    pulls: sled::Tree,
+}
+
+/// A metadata failure.
+pub type MetaResult<T> = Result<T, sled::Error>;
+
+fn key(parts: &[&str]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+fn prefix(parts: &[&str]) -> Vec<u8> {
+    let mut k = key(parts);
+    k.push(0);
+    k
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("metadata records serialize")
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> MetaResult<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| sled::Error::Unsupported(format!("corrupt metadata record: {e}")))
+}
+
+fn tail_str(k: &[u8], prefix_len: usize) -> String {
+    String::from_utf8_lossy(&k[prefix_len..]).into_owned()
+}
+
+/// Unix time now, in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Meta {
+    /// Opens (creating) `DATA/meta`.
+    pub fn open(data_dir: &std::path::Path) -> MetaResult<Meta> {
+        let db = sled::Config::new()
+            .path(data_dir.join("meta"))
+            .cache_capacity(64 * 1024 * 1024)
+            .open()?;
+        Ok(Meta {
+            registries: db.open_tree("registries")?,
+            repos: db.open_tree("repos")?,
+            blob_links: db.open_tree("blob_links")?,
+            artifacts: db.open_tree("artifacts")?,
+            tags: db.open_tree("tags")?,
+            referrers: db.open_tree("referrers")?,
+            pulls: db.open_tree("pulls")?,
+            db,
+        })
+    }
+
+    /// Makes every write so far durable (called before a client is told a write succeeded).
+    pub async fn flush(&self) -> MetaResult<()> {
+        self.db.flush_async().await.map(|_| ())
+    }
+
+    /// Blocking flush (CLI, shutdown).
+    pub fn flush_blocking(&self) -> MetaResult<()> {
+        self.db.flush().map(|_| ())
+    }
+
+    // --- registries ---
+
+    /// Creates or updates a registry record.
+    pub fn put_registry(&self, r: &RegistryRecord) -> MetaResult<()> {
+        self.registries.insert(r.name.as_bytes(), json(r))?;
+        Ok(())
+    }
+
+    /// All registries, by name.
+    pub fn registries(&self) -> MetaResult<Vec<RegistryRecord>> {
+        self.registries
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
+    }
+
+    /// One registry.
+    pub fn registry(&self, name: &str) -> MetaResult<Option<RegistryRecord>> {
+        self.registries
+            .get(name)?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// Deletes a registry and everything recorded under it.
+    pub fn delete_registry(&self, name: &str) -> MetaResult<()> {
+        let p = format!("{name}/");
+        for tree in [
+            &self.repos,
+            &self.blob_links,
+            &self.artifacts,
+            &self.tags,
+            &self.referrers,
+            &self.pulls,
+        ] {
+            for k in tree.scan_prefix(p.as_bytes()).keys() {
+                tree.remove(k?)?;
+            }
+        }
+        self.registries.remove(name)?;
+        Ok(())
+    }
+
+    // --- repositories ---
+
+    /// Repositories (of one registry, or all), lexically after `last`, at most `n`.
+    pub fn repositories(
+        &self,
+        registry: Option<&str>,
+        last: Option<&str>,
+        n: usize,
+    ) -> MetaResult<Vec<String>> {
+        let registry_prefix = registry.map(|r| format!("{r}/"));
+        let mut lower = registry_prefix.clone().unwrap_or_default().into_bytes();
+        if let Some(l) = last {
+            let mut after = l.as_bytes().to_vec();
+            after.push(0);
+            lower = lower.max(after);
+        }
+        let mut out = Vec::new();
+        for k in self.repos.range(lower..).keys() {
+            let name = tail_str(&k?, 0);
+            if out.len() == n
+                || registry_prefix
+                    .as_ref()
+                    .is_some_and(|p| !name.starts_with(p))
+            {
+                break;
+            }
+            out.push(name);
+        }
+        Ok(out)
+    }
+
+    /// Whether the repository has any artifact.
+    pub fn repo_exists(&self, repo: &str) -> MetaResult<bool> {
+        self.repos.contains_key(repo)
+    }
+
+    // --- blob links ---
+
+    /// Records that `repo` holds a blob.
+    pub fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> MetaResult<()> {
+        self.blob_links
+            .insert(key(&[repo, digest.as_str()]), &size.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Size of a blob if `repo` links it.
+    pub fn blob_link(&self, repo: &str, digest: &Digest) -> MetaResult<Option<u64>> {
+        Ok(self
+            .blob_links
+            .get(key(&[repo, digest.as_str()]))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// Removes a blob link; false if there was none.
+    pub fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
+        Ok(self
+            .blob_links
+            .remove(key(&[repo, digest.as_str()]))?
+            .is_some())
+    }
+
+    /// Every digest linked by any repository, as blob or manifest (garbage collection).
+    pub fn referenced_digests(&self) -> MetaResult<std::collections::HashSet<String>> {
+        let mut set = std::collections::HashSet::new();
+        for tree in [&self.blob_links, &self.artifacts] {
+            for k in tree.iter().keys() {
+                let k = k?;
+                if let Some(pos) = k.iter().rposition(|&b| b == 0) {
+                    set.insert(tail_str(&k, pos + 1));
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    // --- artifacts and tags ---
+
+    /// Records a pushed manifest: artifact, optional tag, referrer entry, repository.
+    pub fn put_artifact(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        record: &ArtifactRecord,
+        tag: Option<&str>,
+        referrer: Option<&Descriptor>,
+    ) -> MetaResult<()> {
+        self.repos.insert(repo, &record.pushed_ms.to_be_bytes())?;
+        let artifact_key = key(&[repo, digest.as_str()]);
+        // Keep the first push time of an artifact pushed again (e.g. under a new tag).
+        if !self.artifacts.contains_key(&artifact_key)? {
+            self.artifacts.insert(artifact_key, json(record))?;
+        }
+        if let Some(tag) = tag {
+            self.tags.insert(key(&[repo, tag]), digest.as_str())?;
+        }
+        if let (Some(subject), Some(desc)) = (&record.subject, referrer) {
+            self.referrers
+                .insert(key(&[repo, subject.as_str(), digest.as_str()]), json(desc))?;
+        }
+        Ok(())
+    }
+
+    /// An artifact record.
+    pub fn artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ArtifactRecord>> {
+        self.artifacts
+            .get(key(&[repo, digest.as_str()]))?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// Deletes an artifact, its tags and its referrer entry; returns the removed tags, or `None`
+    /// if the artifact did not exist.
+    pub fn delete_artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<Vec<String>>> {
+        let Some(record) = self.artifacts.remove(key(&[repo, digest.as_str()]))? else {
+            return Ok(None);
+        };
+        let record: ArtifactRecord = from_json(&record)?;
+        let mut removed = Vec::new();
+        let p = prefix(&[repo]);
+        for item in self.tags.scan_prefix(&p) {
+            let (k, v) = item?;
+            if v.as_ref() == digest.as_str().as_bytes() {
+                removed.push(tail_str(&k, p.len()));
+                self.tags.remove(k)?;
+            }
+        }
+        if let Some(subject) = record.subject {
+            self.referrers
+                .remove(key(&[repo, subject.as_str(), digest.as_str()]))?;
+        }
+        self.pulls.remove(key(&[repo, digest.as_str()]))?;
+        Ok(Some(removed))
+    }
+
+    /// Digest a tag points at.
+    pub fn tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
+        Ok(self
+            .tags
+            .get(key(&[repo, tag]))?
+            .and_then(|v| Digest::parse(&String::from_utf8_lossy(&v)).ok()))
+    }
+
+    /// Removes a tag; returns the digest it pointed at.
+    pub fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
+        Ok(self
+            .tags
+            .remove(key(&[repo, tag]))?
+            .and_then(|v| Digest::parse(&String::from_utf8_lossy(&v)).ok()))
+    }
+
+    /// Tags of a repository, lexically after `last`, at most `n`.
+    pub fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> MetaResult<Vec<String>> {
+        let p = prefix(&[repo]);
+        let mut end = p.clone();
+        *end.last_mut().unwrap() = 1;
+        let start = match last {
+            Some(l) => {
+                let mut s = key(&[repo, l]);
+                s.push(0);
+                s
+            }
+            None => p.clone(),
+        };
+        self.tags
+            .range(start..end)
+            .keys()
+            .take(n)
+            .map(|k| k.map(|k| tail_str(&k, p.len())))
+            .collect()
+    }
+
+    /// Referrers of `subject` in `repo`.
+    pub fn referrers(&self, repo: &str, subject: &Digest) -> MetaResult<Vec<Descriptor>> {
+        self.referrers
+            .scan_prefix(prefix(&[repo, subject.as_str()]))
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
+    }
+
+    // --- pull times ---
+
+    /// Writes a batch of last-pull times (`repo\0digest` → Unix ms).
+    pub fn record_pulls(&self, batch: &[(std::sync::Arc<str>, u64)]) -> MetaResult<()> {
+        let mut b = sled::Batch::default();
+        for (k, t) in batch {
+            b.insert(k.as_bytes(), &t.to_be_bytes());
+        }
+        self.pulls.apply_batch(b)
+    }
+
+    /// Last-pull time of an artifact, Unix ms.
+    pub fn last_pull(&self, repo: &str, digest: &Digest) -> MetaResult<Option<u64>> {
+        Ok(self
+            .pulls
+            .get(key(&[repo, digest.as_str()]))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    /// The key under which pulls of an artifact are recorded.
+    pub fn pull_key(repo: &str, digest: &Digest) -> std::sync::Arc<str> {
+        String::from_utf8(key(&[repo, digest.as_str()]))
+            .expect("keys are utf-8")
+            .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(subject: Option<Digest>) -> ArtifactRecord {
+        ArtifactRecord {
+            media_type: "m".into(),
+            size: 1,
+            pushed_ms: now_ms(),
+            artifact_type: None,
+            subject,
+        }
+    }
+
+    #[test]
+    fn tags_page_lexically_and_stay_inside_the_repo() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(dir.path()).unwrap();
+        let d = Digest::sha256(b"m");
+        for t in ["b", "a", "c"] {
+            m.put_artifact("r/x", &d, &rec(None), Some(t), None)
+                .unwrap();
+        }
+        m.put_artifact("r/x2", &d, &rec(None), Some("zz"), None)
+            .unwrap();
+        m.put_artifact("r/x/y", &d, &rec(None), Some("yy"), None)
+            .unwrap();
+        assert_eq!(m.tags("r/x", None, 10).unwrap(), ["a", "b", "c"]);
+        assert_eq!(m.tags("r/x", Some("a"), 1).unwrap(), ["b"]);
+        assert_eq!(m.tags("r/x", Some("c"), 10).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            m.repositories(None, None, 10).unwrap(),
+            ["r/x", "r/x/y", "r/x2"]
+        );
+        assert_eq!(m.repositories(None, Some("r/x"), 1).unwrap(), ["r/x/y"]);
+        assert_eq!(m.repositories(Some("r"), None, 10).unwrap().len(), 3);
+        assert_eq!(m.delete_artifact("r/x", &d).unwrap().unwrap().len(), 3);
+        assert!(m.tags("r/x", None, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn referrers_follow_their_artifact() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(dir.path()).unwrap();
+        let subject = Digest::sha256(b"s");
+        let referrer = Digest::sha256(b"r");
+        let desc = Descriptor {
+            media_type: "m".into(),
+            digest: referrer.clone(),
+            size: 1,
+            artifact_type: Some("t".into()),
+            annotations: None,
+            platform: None,
+            urls: None,
+        };
+        m.put_artifact(
+            "r/x",
+            &referrer,
+            &rec(Some(subject.clone())),
+            None,
+            Some(&desc),
+        )
+        .unwrap();
+        assert_eq!(m.referrers("r/x", &subject).unwrap(), vec![desc]);
+        m.delete_artifact("r/x", &referrer).unwrap();
+        assert!(m.referrers("r/x", &subject).unwrap().is_empty());
+        m.delete_registry("r").unwrap();
+    }
+}

@@ -1,0 +1,157 @@
+//! Bytes and records on this node: blob files, upload sessions, sled metadata and the hot caches.
+
+pub mod blobs;
+pub mod fs;
+pub mod meta;
+pub mod uploads;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use crate::config::Config;
+use crate::oci::digest::Digest;
+use blobs::BlobStore;
+use meta::{Meta, RegistryRecord};
+
+/// A manifest ready to serve: everything a GET/HEAD response needs, prebuilt.
+pub struct ManifestEntry {
+    /// Digest of the bytes.
+    pub digest: Digest,
+    /// The manifest, byte-for-byte as pushed.
+    pub bytes: Bytes,
+    /// `Content-Type` value.
+    pub content_type: HeaderValue,
+    /// `Docker-Content-Digest` value.
+    pub digest_header: HeaderValue,
+    /// `OCI-Subject` value, if the manifest has a subject.
+    pub subject_header: Option<HeaderValue>,
+    /// Key under which its pulls are recorded.
+    pub pull_key: Arc<str>,
+}
+
+/// Last-pull times gathered in memory and written to sled in batches.
+#[derive(Default)]
+pub struct PullRecorder {
+    pending: Mutex<HashMap<Arc<str>, u64>>,
+}
+
+impl PullRecorder {
+    /// Notes a pull now (cheap: an `Arc` clone and a map insert).
+    pub fn record(&self, key: &Arc<str>) {
+        let now = meta::now_ms();
+        self.pending.lock().unwrap().insert(key.clone(), now);
+    }
+
+    /// Writes what was gathered since the last call.
+    pub fn flush(&self, meta: &Meta) -> Result<usize, sled::Error> {
+        let batch: Vec<(Arc<str>, u64)> = std::mem::take(&mut *self.pending.lock().unwrap())
+            .into_iter()
+            .collect();
+        if !batch.is_empty() {
+            meta.record_pulls(&batch)?;
+        }
+        Ok(batch.len())
+    }
+}
+
+/// Everything stored on this node.
+pub struct Store {
+    /// Blob bytes.
+    pub blobs: Arc<dyn BlobStore>,
+    /// The filesystem backend (for commits of upload files in place).
+    pub fs: Arc<fs::FsBlobStore>,
+    /// Metadata.
+    pub meta: Meta,
+    /// Upload sessions.
+    pub uploads: uploads::Uploads,
+    /// Pull times waiting to be written.
+    pub pulls: PullRecorder,
+    /// Hot manifests by `repo\0reference` (tag or digest); invalidated on every write.
+    manifests: moka::sync::Cache<String, Arc<ManifestEntry>>,
+    /// Bumped on every invalidation, so a load that raced with a write is not cached.
+    generation: std::sync::atomic::AtomicU64,
+    registries: RwLock<HashMap<String, RegistryRecord>>,
+}
+
+/// Cache key of a manifest reference.
+pub fn manifest_key(repo: &str, reference: &str) -> String {
+    let mut k = String::with_capacity(repo.len() + reference.len() + 1);
+    k.push_str(repo);
+    k.push('\0');
+    k.push_str(reference);
+    k
+}
+
+impl Store {
+    /// Opens the data directory.
+    pub fn open(data_dir: &Path, config: &Config) -> Result<Store, crate::error::Error> {
+        std::fs::create_dir_all(data_dir)?;
+        let fs = Arc::new(fs::FsBlobStore::open(data_dir)?);
+        let meta = Meta::open(data_dir)?;
+        let registries = meta
+            .registries()?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        Ok(Store {
+            blobs: fs.clone(),
+            fs,
+            meta,
+            uploads: uploads::Uploads::open(data_dir)?,
+            pulls: PullRecorder::default(),
+            manifests: moka::sync::Cache::builder()
+                .max_capacity(config.cache.manifest_bytes)
+                .weigher(|k: &String, v: &Arc<ManifestEntry>| {
+                    (k.len() + v.bytes.len() + 256)
+                        .try_into()
+                        .unwrap_or(u32::MAX)
+                })
+                .build(),
+            generation: Default::default(),
+            registries: RwLock::new(registries),
+        })
+    }
+
+    /// A registry by name (in memory; the server is the only writer while it runs).
+    pub fn registry(&self, name: &str) -> Option<RegistryRecord> {
+        self.registries.read().unwrap().get(name).cloned()
+    }
+
+    /// Creates or updates a registry.
+    pub fn put_registry(&self, record: RegistryRecord) -> Result<(), sled::Error> {
+        self.meta.put_registry(&record)?;
+        self.registries
+            .write()
+            .unwrap()
+            .insert(record.name.clone(), record);
+        Ok(())
+    }
+
+    /// Cached manifest for `repo\0reference`.
+    pub fn cached_manifest(&self, key: &str) -> Option<Arc<ManifestEntry>> {
+        self.manifests.get(key)
+    }
+
+    /// The invalidation generation; read it before loading what [`Store::cache_manifest`] caches.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Caches a manifest loaded at `generation`, unless a write invalidated anything since.
+    pub fn cache_manifest(&self, generation: u64, key: String, entry: Arc<ManifestEntry>) {
+        if self.generation() == generation {
+            self.manifests.insert(key, entry);
+        }
+    }
+
+    /// Drops cached manifests of a reference.
+    pub fn invalidate_manifest(&self, repo: &str, reference: &str) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.manifests.invalidate(&manifest_key(repo, reference));
+    }
+}

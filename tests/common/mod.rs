@@ -1,0 +1,6 @@
+//! Shared test harness: berth processes, OCI layouts, real clients.
+#![allow(dead_code)]
+
+pub mod clients;
+pub mod oci_layout;
+pub mod process;

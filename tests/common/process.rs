@@ -1,0 +1,115 @@
+//! Starts the `berth` binary on an ephemeral port in a temp dir and stops it by PID.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `berth serve` child process with its own data directory.
+pub struct BerthProcess {
+    child: Option<Child>,
+    /// `127.0.0.1:PORT` of the first listener.
+    pub addr: String,
+    /// Directory holding `config.toml` and `data/`.
+    pub dir: PathBuf,
+}
+
+impl BerthProcess {
+    /// Starts berth with `extra_toml` appended to a config that sets the data dir and one listener.
+    /// A `data/` dir already present in `dir` is reused (restart after a crash).
+    pub fn start_in(dir: &Path, extra_toml: &str) -> BerthProcess {
+        let config = format!(
+            "data_dir = {:?}\nshutdown_grace = \"5s\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n",
+            dir.join("data"),
+            extra_toml
+        );
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("BERTH_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn berth");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut addr = None;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("berth listening on http://") {
+                    addr.get_or_insert_with(|| rest.trim().to_string());
+                }
+                if line.trim() == "berth ready" {
+                    let _ = tx.send(addr.take());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("berth did not print `berth ready` within 30 s")
+            .expect("berth printed no plain-http listener");
+        BerthProcess {
+            child: Some(child),
+            addr,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// PID of the child.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: the crash case.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (with a deadline) for a clean exit; returns the exit status success.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        unsafe_sigterm(c.id());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn unsafe_sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for BerthProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
