@@ -1,0 +1,161 @@
+//! An in-process berth on an ephemeral port in a temp dir, and raw-HTTP helpers.
+
+use berth::config::Config;
+use reqwest::{Client, Method, Response, StatusCode};
+use sha2::{Digest as _, Sha256};
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub server: Option<berth::Server>,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    pub client: Client,
+}
+
+/// Config for a temp dir: one listener on port 0 plus `extra` TOML.
+pub fn config_for(dir: &std::path::Path, extra: &str) -> Config {
+    let text = format!(
+        "data_dir = {:?}\nshutdown_grace = \"2s\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n{extra}",
+        dir.join("data")
+    );
+    let c = Config::from_toml(&text).expect("test config parses");
+    c.validate().expect("test config is valid");
+    c
+}
+
+impl TestServer {
+    /// Starts with registries `library` (normal) and `mirror` (cache) plus `extra` TOML.
+    pub async fn start(extra: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = TestServer {
+            server: None,
+            base: String::new(),
+            dir,
+            client: Client::builder().build().unwrap(),
+        };
+        s.boot(extra).await;
+        s
+    }
+
+    async fn boot(&mut self, extra: &str) {
+        let extra = format!(
+            "[[registry]]\nname = \"library\"\n[[registry]]\nname = \"mirror\"\ntype = \"cache\"\n{extra}"
+        );
+        let server = berth::Server::start(config_for(self.dir.path(), &extra))
+            .await
+            .unwrap();
+        self.base = format!("http://{}", server.local_addrs()[0].0);
+        self.server = Some(server);
+    }
+
+    /// Graceful stop and start again on the same data directory.
+    pub async fn restart(&mut self) {
+        self.server.take().unwrap().shutdown().await;
+        self.boot("").await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path))
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// Monolithic push of a blob; returns its digest.
+    pub async fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        let d = sha256(data);
+        let r = self
+            .client
+            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        d
+    }
+
+    /// Pushes a manifest; returns the response.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Response {
+        self.client
+            .put(self.url(&format!("/v2/{repo}/manifests/{reference}")))
+            .header("content-type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Pushes config + one layer and an OCI manifest tagged `tag`; returns (manifest bytes, digest).
+    pub async fn push_image(&self, repo: &str, tag: &str, seed: &str) -> (Vec<u8>, String) {
+        let config = self
+            .push_blob(repo, format!("{{\"seed\":\"{seed}\"}}").as_bytes())
+            .await;
+        let layer_bytes = format!("layer {seed}").into_bytes();
+        let layer = self.push_blob(repo, &layer_bytes).await;
+        let manifest = image_manifest(
+            &config,
+            12 + seed.len() as u64,
+            &layer,
+            layer_bytes.len() as u64,
+        );
+        let r = self.put_manifest(repo, tag, OCI_MANIFEST, &manifest).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        let d = sha256(&manifest);
+        (manifest, d)
+    }
+}
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+pub fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+pub fn image_manifest(config: &str, config_size: u64, layer: &str, layer_size: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}],
+    }))
+    .unwrap()
+}
+
+/// The OCI error code of a response body.
+pub async fn error_code(r: Response) -> String {
+    let v: serde_json::Value = r.json().await.expect("error body is JSON");
+    v["errors"][0]["code"]
+        .as_str()
+        .expect("errors[0].code")
+        .to_string()
+}
+
+pub fn header(r: &Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
