@@ -4,3 +4,4 @@
 pub mod clients;
 pub mod oci_layout;
 pub mod process;
+pub mod server;

@@ -80,13 +80,25 @@ impl BerthProcess {
         }
     }
 
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
+        if let Some(c) = &self.child {
+            sigterm(c.id());
+        }
+    }
+
     /// SIGTERM and wait (with a deadline) for a clean exit; returns the exit status success.
     pub fn terminate(&mut self) -> bool {
+        self.signal_term();
+        self.wait_exit(Duration::from_secs(20))
+    }
+
+    /// Waits for the process to exit; true if it exited with success within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
         let Some(mut c) = self.child.take() else {
             return false;
         };
-        unsafe_sigterm(c.id());
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = c.try_wait() {
                 return status.success();
@@ -101,7 +113,7 @@ impl BerthProcess {
     }
 }
 
-fn unsafe_sigterm(pid: u32) {
+fn sigterm(pid: u32) {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(pid.to_string())
