@@ -150,7 +150,8 @@ async fn sigkill_during_pushes_loses_nothing_acknowledged_and_serves_nothing_par
     let base = berth.url();
     assert_store_consistent(&dir.path().join("data"));
     // Every acknowledged push is there, byte-exact.
-    for (blob_digest, manifest_digest, s) in done.lock().unwrap().iter() {
+    let acknowledged = done.lock().unwrap().clone();
+    for (blob_digest, manifest_digest, s) in acknowledged.iter() {
         let r = client
             .get(format!("{base}/v2/library/app/blobs/{blob_digest}"))
             .send()
