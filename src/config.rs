@@ -275,6 +275,14 @@ mod tests {
     }
 
     #[test]
+    fn example_config_documents_the_defaults() {
+        let example = Config::from_toml(include_str!("../config.example.toml")).unwrap();
+        example.validate().unwrap();
+        // The example shows every default; both render the same once parsed.
+        assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
     fn rejects_unknown_keys_and_bad_values() {
         assert!(Config::from_toml("lisen = []").is_err());
         let c = Config::from_toml("[[registry]]\nname = \"Bad\"").unwrap();
