@@ -19,7 +19,13 @@ pub struct Config {
     /// Limits on requests and resources.
     pub limits: Limits,
     /// In-memory caches for hot lookups.
-    pub cache: MemoryCache,
+    pub memory: MemoryCache,
+    /// Source registries that cache-type registries pull through.
+    pub image_cache: Vec<ImageCacheConfig>,
+    /// Docker daemon mirror mode.
+    pub mirror: MirrorConfig,
+    /// Behaviour shared by all image caches.
+    pub pull_through: PullThrough,
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_grace: Duration,
@@ -48,6 +54,131 @@ pub struct RegistryConfig {
     /// `normal` (push and pull) or `cache` (pull-through).
     #[serde(rename = "type", default)]
     pub kind: RegistryKind,
+    /// For `type = "cache"`: the `[[image_cache]]` it serves.
+    #[serde(default)]
+    pub cache: Option<String>,
+}
+
+/// Kind of a source registry (decides the endpoint and the credential flow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Docker Hub (`hub.docker.com` → `registry-1.docker.io`, tokens from `auth.docker.io`).
+    Dockerhub,
+    /// Amazon ECR (SigV4 `GetAuthorizationToken`, then basic auth).
+    Ecr,
+    /// Azure Container Registry.
+    Acr,
+    /// Google Container Registry / Artifact Registry (`_json_key`).
+    Gcr,
+    /// Harbor.
+    Harbor,
+    /// Quay (`account_name` / `docker_cli_password`).
+    Quay,
+    /// Any OCI Distribution registry.
+    Registry,
+}
+
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("registry"))
+    }
+}
+
+impl std::str::FromStr for SourceKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            format!(
+                "unknown image cache kind {s:?} (dockerhub, ecr, acr, gcr, harbor, quay, registry)"
+            )
+        })
+    }
+}
+
+/// A source registry definition (`[[image_cache]]`, or `berth cache create`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageCacheConfig {
+    /// Name that cache registries refer to.
+    pub name: String,
+    /// Source kind.
+    pub kind: SourceKind,
+    /// Source URL as the user knows it (`https://hub.docker.com`, `https://ACCOUNT.dkr.ecr.REGION.amazonaws.com`, ...).
+    pub url: String,
+    /// User (ECR: access key id; GCR: `_json_key`; Quay: account_name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password or token (ECR: secret access key; GCR: key JSON; Quay: docker_cli_password or the whole JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// File holding the credentials instead: `{"username":…,"password":…}`, a GCR service-account
+    /// key JSON, or Quay's `{"account_name":…,"docker_cli_password":…}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// How long one caching blob fetch may run before it stops and resumes on the next request.
+    #[serde(default = "default_fetch_budget", with = "humantime_serde_compat")]
+    pub fetch_budget: Duration,
+    /// A tag revalidated within this time is served without asking the source (0: always ask).
+    #[serde(default, with = "humantime_serde_compat")]
+    pub revalidate_ttl: Duration,
+    /// ECR: region (default: read from the URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// ECR: API endpoint for GetAuthorizationToken (default `https://api.ecr.REGION.amazonaws.com`;
+    /// set it for a VPC interface endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecr_endpoint: Option<String>,
+}
+
+fn default_fetch_budget() -> Duration {
+    Duration::from_secs(200)
+}
+
+/// Docker daemon mirror mode.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    /// Cache registry that serves requests whose first path segment is not a registry
+    /// (what a Docker daemon sends to its `registry-mirrors`).
+    pub registry: Option<String>,
+}
+
+/// Settings shared by every image cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullThrough {
+    /// Source ports berth may connect to; empty allows any.
+    pub allowed_ports: Vec<u16>,
+    /// Artifacts of cache registries not pulled for this long are removed by the sweep.
+    #[serde(with = "humantime_serde_compat")]
+    pub cleanup_unpulled_after: Duration,
+    /// How often the cleanup sweep runs.
+    #[serde(with = "humantime_serde_compat")]
+    pub cleanup_interval: Duration,
+    /// Partial blob fetches untouched for this long are removed.
+    #[serde(with = "humantime_serde_compat")]
+    pub partial_max_age: Duration,
+    /// Blob files younger than this are never garbage-collected (a push may be linking them).
+    #[serde(with = "humantime_serde_compat")]
+    pub gc_grace: Duration,
+    /// Deadline for a tag revalidation (HEAD) before the cached copy is served as stale.
+    #[serde(with = "humantime_serde_compat")]
+    pub revalidate_timeout: Duration,
+}
+
+impl Default for PullThrough {
+    fn default() -> Self {
+        PullThrough {
+            allowed_ports: Vec::new(),
+            cleanup_unpulled_after: Duration::from_secs(7 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(3600),
+            partial_max_age: Duration::from_secs(2 * 3600),
+            gc_grace: Duration::from_secs(3600),
+            revalidate_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Type of a registry.
@@ -119,7 +250,10 @@ impl Default for Config {
             }],
             registry: Vec::new(),
             limits: Limits::default(),
-            cache: MemoryCache::default(),
+            memory: MemoryCache::default(),
+            image_cache: Vec::new(),
+            mirror: MirrorConfig::default(),
+            pull_through: PullThrough::default(),
             shutdown_grace: Duration::from_secs(30),
             log: "info".to_string(),
         }
@@ -223,6 +357,40 @@ impl Config {
                 )));
             }
         }
+        let mut caches = std::collections::HashSet::new();
+        for c in &self.image_cache {
+            crate::oci::reference::validate_registry_name(&c.name)
+                .map_err(|e| ConfigError::Invalid(format!("image_cache {:?}: {e}", c.name)))?;
+            if !caches.insert(&c.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "image_cache {:?} declared twice",
+                    c.name
+                )));
+            }
+        }
+        for r in &self.registry {
+            match (r.kind, &r.cache) {
+                (RegistryKind::Cache, None) => return Err(ConfigError::Invalid(format!(
+                    "registry {:?} has type = \"cache\" but no `cache = \"<image_cache name>\"`",
+                    r.name
+                ))),
+                (RegistryKind::Normal, Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "registry {:?}: `cache` is only for type = \"cache\"",
+                        r.name
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if let Some(m) = &self.mirror.registry {
+            let declared = self.registry.iter().find(|r| &r.name == m);
+            if declared.is_some_and(|r| r.kind != RegistryKind::Cache) {
+                return Err(ConfigError::Invalid(format!(
+                    "mirror.registry {m:?} must be a cache registry"
+                )));
+            }
+        }
         if self.limits.max_manifest_bytes == 0 || self.limits.default_page_size == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_manifest_bytes and limits.default_page_size must be positive".into(),
@@ -234,8 +402,12 @@ impl Config {
 
 /// `"30s"`, `"2h"` durations in TOML.
 mod humantime_serde_compat {
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;

@@ -70,6 +70,15 @@ pub enum Error {
     /// Method not allowed on this route.
     #[error("method {0} not allowed here")]
     MethodNotAllowed(String),
+    /// The source registry failed and nothing usable is cached.
+    #[error("{0}")]
+    Upstream(String),
+    /// The source is rate limiting and nothing usable is cached.
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
     /// Storage or metadata failure.
     #[error("storage error: {0}")]
     Io(#[from] std::io::Error),
@@ -106,7 +115,8 @@ impl Error {
             Error::Unsupported(_) | Error::MethodNotAllowed(_) | Error::BadRequest(_) => {
                 "UNSUPPORTED"
             }
-            Error::Io(_) | Error::Meta(_) | Error::Internal(_) => "UNKNOWN",
+            Error::TooManyRequests { .. } => "TOOMANYREQUESTS",
+            Error::Upstream(_) | Error::Io(_) | Error::Meta(_) | Error::Internal(_) => "UNKNOWN",
         }
     }
 
@@ -132,14 +142,23 @@ impl Error {
             Error::Denied(_) => StatusCode::FORBIDDEN,
             Error::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::Upstream(_) => StatusCode::BAD_GATEWAY,
             Error::Io(_) | Error::Meta(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// Extra header the response must carry, if any.
-    pub fn header(&self) -> Option<&(http::HeaderName, String)> {
+    pub fn header(&self) -> Option<(http::HeaderName, String)> {
         match self {
-            Error::RangeNotSatisfiable { header, .. } => Some(header),
+            Error::RangeNotSatisfiable { header, .. } => Some(header.clone()),
+            Error::TooManyRequests {
+                retry_after: Some(after),
+                ..
+            } => Some((
+                http::header::RETRY_AFTER,
+                after.as_secs().max(1).to_string(),
+            )),
             _ => None,
         }
     }
@@ -159,9 +178,9 @@ impl Error {
         .to_string()
     }
 
-    /// Whether this is berth's fault (logged at error level) rather than the client's.
+    /// Whether this is berth's fault (logged at error level) rather than the client's or the source's.
     pub fn is_server_fault(&self) -> bool {
-        self.status().is_server_error()
+        self.status().is_server_error() && !matches!(self, Error::Upstream(_))
     }
 }
 

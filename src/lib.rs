@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: listener → router → behaviour → store (DESIGN.md 3).
 
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -27,7 +28,9 @@ pub struct App {
     /// The configuration it started with.
     pub config: Config,
     /// Everything stored.
-    pub store: Store,
+    pub store: Arc<Store>,
+    /// Image caches and their fetches.
+    pub cache: cache::Cache,
     /// Random per-process prefix of request ids.
     pub boot_id: u32,
     /// Set once every listener is bound.
@@ -43,7 +46,7 @@ pub enum StartError {
         dir: std::path::PathBuf,
         source: error::Error,
     },
-    /// A listener could not be bound or its TLS files loaded.
+    /// A listener, TLS file or image cache definition is unusable.
     #[error("{0}")]
     Listen(String),
 }
@@ -56,23 +59,49 @@ pub struct Server {
     tasks: JoinSet<()>,
 }
 
-/// Creates registries declared in the config (the config wins over a stored type).
-pub fn apply_registry_config(store: &Store, config: &Config) -> Result<(), error::Error> {
+/// Creates image caches and registries declared in the config (the config wins over what is
+/// stored), and checks that every cache registry names a known image cache.
+pub fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> {
+    for c in &config.image_cache {
+        store.meta.put_image_cache(c)?;
+    }
     for r in &config.registry {
         match store.registry(&r.name) {
-            Some(existing) if existing.kind == r.kind => {}
+            Some(existing) if existing.kind == r.kind && existing.cache == r.cache => {}
             existing => {
                 if let Some(e) = &existing {
-                    tracing::warn!(registry = %r.name, from = %e.kind, to = %r.kind, "registry type changed by config");
+                    tracing::warn!(registry = %r.name, from = %e.kind, to = %r.kind, "registry changed by config");
                 }
                 store.put_registry(RegistryRecord {
                     name: r.name.clone(),
                     kind: r.kind,
                     created_ms: existing.map_or_else(now_ms, |e| e.created_ms),
+                    cache: r.cache.clone(),
                 })?;
             }
         }
     }
+    for r in store.registries() {
+        if let Some(c) = &r.cache {
+            if store.meta.image_cache(c)?.is_none() {
+                return Err(error::Error::Internal(format!(
+                    "cache registry {:?} names image cache {c:?}, which does not exist",
+                    r.name
+                )));
+            }
+        }
+    }
+    if let Some(m) = &config.mirror.registry {
+        match store.registry(m) {
+            Some(r) if r.cache.is_some() => {}
+            _ => {
+                return Err(error::Error::Internal(format!(
+                    "mirror.registry {m:?} is not a cache registry"
+                )))
+            }
+        }
+    }
+    store.meta.flush_blocking()?;
     Ok(())
 }
 
@@ -85,14 +114,16 @@ impl Server {
             source,
         };
         let store = Store::open(&config.data_dir, &config).map_err(store_err)?;
-        apply_registry_config(&store, &config).map_err(store_err)?;
+        apply_config(&store, &config).map_err(store_err)?;
+        let cache = cache::Cache::open(&config, &store).map_err(StartError::Listen)?;
         let mut bound = Vec::new();
         for l in &config.listen {
             bound.push(http::server::bind(l).await.map_err(StartError::Listen)?);
         }
         let app = Arc::new(App {
             config,
-            store,
+            store: Arc::new(store),
+            cache,
             boot_id: rand_u32(),
             ready: AtomicBool::new(false),
         });
@@ -137,7 +168,8 @@ impl Server {
     }
 }
 
-/// Periodic work: batched last-pull writes (1 s), expired uploads and storage size (5 min).
+/// Periodic work: batched last-pull writes (1 s); expired uploads, stale partial fetches and
+/// storage size (5 min); the cache cleanup sweep (`pull_through.cleanup_interval`).
 async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -157,8 +189,41 @@ async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                     Ok(k) => tracing::info!(removed = k, "expired upload sessions removed"),
                     Err(e) => tracing::warn!(error = %e, "could not expire upload sessions"),
                 }
+                match app
+                    .cache
+                    .fetches
+                    .expire_partials(app.config.pull_through.partial_max_age)
+                {
+                    Ok(0) => {}
+                    Ok(bytes) => tracing::info!(bytes, "stale partial fetches removed"),
+                    Err(e) => tracing::warn!(error = %e, "could not expire partial fetches"),
+                }
                 if let Ok(blobs) = app.store.blobs.list() {
                     crate::metrics::storage_bytes(blobs.iter().map(|(_, s)| s).sum());
+                }
+            })
+            .await;
+        }
+        let sweep_every = app.config.pull_through.cleanup_interval.as_secs().max(1);
+        if n > 0 && n.is_multiple_of(sweep_every) {
+            let app = app.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let busy = app.cache.fetches.inflight_digests();
+                match cache::sweep::sweep(
+                    &app.store,
+                    app.config.pull_through.cleanup_unpulled_after,
+                    app.config.pull_through.gc_grace,
+                    &busy,
+                    false,
+                ) {
+                    Ok(r) if r.artifacts.is_empty() && r.blobs.is_empty() => {}
+                    Ok(r) => tracing::info!(
+                        artifacts = r.artifacts.len(),
+                        blobs = r.blobs.len(),
+                        bytes = r.bytes(),
+                        "cache cleanup removed unpulled artifacts"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "cache cleanup failed"),
                 }
             })
             .await;

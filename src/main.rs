@@ -158,6 +158,7 @@ fn registry(config: &Config, cmd: RegistryCommand) -> Result<(), String> {
                 name: name.clone(),
                 kind,
                 created_ms: now_ms(),
+                cache: None,
             })
             .map_err(|e| e.to_string())?;
             meta.flush_blocking().map_err(|e| e.to_string())?;

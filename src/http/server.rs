@@ -216,15 +216,19 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
         crate::metrics::blob_bytes_served(bytes);
     }
     let ms = elapsed.as_secs_f64() * 1000.0;
+    let cache = response
+        .extensions()
+        .get::<crate::cache::Outcome>()
+        .map_or("", |o| o.outcome);
     match &error {
         Some(e) if e.is_server_fault() => tracing::error!(
-            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, error = %e, "request failed"
+            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, error = %e, "request failed"
         ),
         Some(e) => tracing::info!(
-            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, error = %e, "request refused"
+            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, error = %e, "request refused"
         ),
         None => tracing::info!(
-            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, "request"
+            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, "request"
         ),
     }
     response
@@ -248,8 +252,8 @@ pub fn error_response(e: &Error) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     if let Some((name, value)) = e.header() {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            r.headers_mut().insert(name.clone(), v);
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            r.headers_mut().insert(name, v);
         }
     }
     r

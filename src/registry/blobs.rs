@@ -85,15 +85,27 @@ pub fn get(
     };
     let size = blob.len;
     let range = parse_range(req.headers.get(header::RANGE), size)?;
+    let (start, len) = range.map_or((0, size), |r| (r.start, r.len));
+    let body = if head || len == 0 {
+        Body::Empty
+    } else {
+        Body::file(blob.file, start, len)
+    };
+    Ok(blob_response(body, &digest, size, range))
+}
+
+/// A blob response: status (200/206) and headers for `range` of a blob of `size` bytes.
+pub fn blob_response(
+    body: Body,
+    digest: &Digest,
+    size: u64,
+    range: Option<ByteRange>,
+) -> Response<Body> {
     let (status, start, len) = match range {
         Some(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len),
         None => (StatusCode::OK, 0, size),
     };
-    let mut r = if head || len == 0 {
-        Response::new(Body::Empty)
-    } else {
-        Response::new(Body::file(blob.file, start, len))
-    };
+    let mut r = Response::new(body);
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(
@@ -112,13 +124,12 @@ pub fn get(
             &format!("bytes {}-{}/{}", start, start + len - 1, size),
         );
     }
-    Ok(r)
+    r
 }
 
 /// `DELETE /v2/NAME/blobs/DIGEST`: unlinks the blob from the repository; bytes no repository
 /// links any more are removed by garbage collection.
 pub async fn delete(app: &App, repo: &RepoName, digest: &str) -> Result<Response<Body>> {
-    app.ensure_writable(repo)?;
     let digest = Digest::parse(digest)?;
     if !app.store.meta.unlink_blob(repo.as_str(), &digest)? {
         return Err(Error::BlobUnknown(format!("{digest} is not in {repo}")));

@@ -9,7 +9,7 @@ pub mod uploads;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::config::RegistryKind;
+use crate::cache::{CacheTarget, Target};
 use crate::error::{Error, Result};
 use crate::http::body::Body;
 use crate::http::router::Route;
@@ -34,57 +34,101 @@ pub async fn dispatch(
     body: Incoming,
 ) -> Result<Response<Body>> {
     let m = req.method;
-    match route {
+    let name = match &route {
         Route::Base if m == Method::GET || m == Method::HEAD => {
-            Ok(json_response(StatusCode::OK, "{}".into()))
+            return Ok(json_response(StatusCode::OK, "{}".into()))
         }
-        Route::Catalog if m == Method::GET => lists::catalog(app, &req),
-        Route::Blob { name, digest } => {
-            let repo = app.repo(&name)?;
-            match *m {
-                Method::GET => blobs::get(app, &repo, &digest, &req, false),
-                Method::HEAD => blobs::get(app, &repo, &digest, &req, true),
-                Method::DELETE => blobs::delete(app, &repo, &digest).await,
-                _ => Err(Error::MethodNotAllowed(m.to_string())),
-            }
+        Route::Catalog if m == Method::GET => return lists::catalog(app, &req),
+        Route::Blob { name, .. }
+        | Route::UploadStart { name }
+        | Route::Upload { name, .. }
+        | Route::Manifest { name, .. }
+        | Route::Tags { name }
+        | Route::Referrers { name, .. } => name,
+        _ => return Err(Error::MethodNotAllowed(m.to_string())),
+    };
+    match app.cache.resolve(&app.store, name, req.query)? {
+        Target::Origin(repo) => origin(app, route, &repo, req, body).await,
+        Target::Cache(t) => cached(app, route, &t, req).await,
+    }
+}
+
+async fn origin(
+    app: &App,
+    route: Route,
+    repo: &RepoName,
+    req: Req<'_>,
+    body: Incoming,
+) -> Result<Response<Body>> {
+    let m = req.method;
+    match route {
+        Route::Blob { digest, .. } => match *m {
+            Method::GET => blobs::get(app, repo, &digest, &req, false),
+            Method::HEAD => blobs::get(app, repo, &digest, &req, true),
+            Method::DELETE => blobs::delete(app, repo, &digest).await,
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::UploadStart { .. } if m == Method::POST => {
+            uploads::start(app, repo, &req, body).await
         }
-        Route::UploadStart { name } if m == Method::POST => {
-            let repo = app.writable_repo(&name)?;
-            uploads::start(app, &repo, &req, body).await
+        Route::Upload { id, .. } => match *m {
+            Method::GET => uploads::status(app, repo, &id).await,
+            Method::PATCH => uploads::patch(app, repo, &id, &req, body).await,
+            Method::PUT => uploads::finish(app, repo, &id, &req, body).await,
+            Method::DELETE => uploads::cancel(app, repo, &id).await,
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::Manifest { reference, .. } => match *m {
+            Method::GET => manifests::get(app, repo, &reference, false).await,
+            Method::HEAD => manifests::get(app, repo, &reference, true).await,
+            Method::PUT => manifests::put(app, repo, &reference, &req, body).await,
+            Method::DELETE => manifests::delete(app, repo, &reference).await,
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::Tags { .. } if m == Method::GET => lists::tags(app, repo, &req),
+        Route::Referrers { digest, .. } if m == Method::GET => {
+            lists::referrers(app, repo, &digest, &req)
         }
-        Route::Upload { name, id } => {
-            let repo = app.repo(&name)?;
-            match *m {
-                Method::GET => uploads::status(app, &repo, &id).await,
-                Method::PATCH => uploads::patch(app, &repo, &id, &req, body).await,
-                Method::PUT => uploads::finish(app, &repo, &id, &req, body).await,
-                Method::DELETE => uploads::cancel(app, &repo, &id).await,
-                _ => Err(Error::MethodNotAllowed(m.to_string())),
-            }
-        }
-        Route::Manifest { name, reference } => {
-            let repo = app.repo(&name)?;
-            match *m {
-                Method::GET => manifests::get(app, &repo, &reference, false).await,
-                Method::HEAD => manifests::get(app, &repo, &reference, true).await,
-                Method::PUT => {
-                    app.ensure_writable(&repo)?;
-                    manifests::put(app, &repo, &reference, &req, body).await
-                }
-                Method::DELETE => manifests::delete(app, &repo, &reference).await,
-                _ => Err(Error::MethodNotAllowed(m.to_string())),
-            }
-        }
-        Route::Tags { name } if m == Method::GET => lists::tags(app, &app.repo(&name)?, &req),
-        Route::Referrers { name, digest } if m == Method::GET => {
-            lists::referrers(app, &app.repo(&name)?, &digest, &req)
+        _ => Err(Error::MethodNotAllowed(m.to_string())),
+    }
+}
+
+/// Cache registries: reads go through the cache; pushes, tag creation and signing are refused;
+/// deletes act on the local copy.
+async fn cached(app: &App, route: Route, t: &CacheTarget, req: Req<'_>) -> Result<Response<Body>> {
+    let m = req.method;
+    let denied = || {
+        Err(Error::Denied(format!(
+            "registry {:?} is a pull-through cache of {:?}: push, tagging and signing are not allowed",
+            t.repo.registry(),
+            t.source.name()
+        )))
+    };
+    match route {
+        Route::Blob { digest, .. } => match *m {
+            Method::GET => crate::cache::blob(app, t, &digest, &req, false).await,
+            Method::HEAD => crate::cache::blob(app, t, &digest, &req, true).await,
+            Method::DELETE => denied(),
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::UploadStart { .. } | Route::Upload { .. } => denied(),
+        Route::Manifest { reference, .. } => match *m {
+            Method::GET => crate::cache::manifest(app, t, &reference, false).await,
+            Method::HEAD => crate::cache::manifest(app, t, &reference, true).await,
+            Method::DELETE => manifests::delete(app, &t.repo, &reference).await,
+            Method::PUT => denied(),
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::Tags { .. } if m == Method::GET => lists::tags(app, &t.repo, &req),
+        Route::Referrers { digest, .. } if m == Method::GET => {
+            lists::referrers(app, &t.repo, &digest, &req)
         }
         _ => Err(Error::MethodNotAllowed(m.to_string())),
     }
 }
 
 impl App {
-    /// Validates a repository name and checks that its registry exists.
+    /// Validates a repository name and checks that its registry exists (any type).
     pub fn repo(&self, name: &str) -> Result<RepoName> {
         let repo = RepoName::parse(name)?;
         if self.store.registry(repo.registry()).is_none() {
@@ -95,24 +139,6 @@ impl App {
             )));
         }
         Ok(repo)
-    }
-
-    /// Like [`App::repo`], and refuses writes into cache registries.
-    pub fn writable_repo(&self, name: &str) -> Result<RepoName> {
-        let repo = self.repo(name)?;
-        self.ensure_writable(&repo)?;
-        Ok(repo)
-    }
-
-    /// Refuses writes into cache registries.
-    pub fn ensure_writable(&self, repo: &RepoName) -> Result<()> {
-        match self.store.registry(repo.registry()).map(|r| r.kind) {
-            Some(RegistryKind::Cache) => Err(Error::Denied(format!(
-                "registry {:?} is a pull-through cache: push is not allowed",
-                repo.registry()
-            ))),
-            _ => Ok(()),
-        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::RegistryKind;
+use crate::config::{ImageCacheConfig, RegistryKind};
 use crate::oci::digest::Digest;
 use crate::oci::manifest::Descriptor;
 
@@ -18,6 +18,9 @@ pub struct RegistryRecord {
     pub kind: RegistryKind,
     /// Creation time, Unix milliseconds.
     pub created_ms: u64,
+    /// Cache registries: the image cache they serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
 }
 
 /// One artifact (manifest) in a repository.
@@ -41,6 +44,7 @@ pub struct ArtifactRecord {
 pub struct Meta {
     db: sled::Db,
     registries: sled::Tree,
+    image_caches: sled::Tree,
     repos: sled::Tree,
     blob_links: sled::Tree,
     artifacts: sled::Tree,
@@ -99,6 +103,7 @@ impl Meta {
             .open()?;
         Ok(Meta {
             registries: db.open_tree("registries")?,
+            image_caches: db.open_tree("image_caches")?,
             repos: db.open_tree("repos")?,
             blob_links: db.open_tree("blob_links")?,
             artifacts: db.open_tree("artifacts")?,
@@ -161,6 +166,36 @@ impl Meta {
         }
         self.registries.remove(name)?;
         Ok(())
+    }
+
+    // --- image caches ---
+
+    /// Creates or replaces an image cache definition.
+    pub fn put_image_cache(&self, c: &ImageCacheConfig) -> MetaResult<()> {
+        self.image_caches.insert(c.name.as_bytes(), json(c))?;
+        Ok(())
+    }
+
+    /// All image caches, by name.
+    pub fn image_caches(&self) -> MetaResult<Vec<ImageCacheConfig>> {
+        self.image_caches
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
+    }
+
+    /// One image cache.
+    pub fn image_cache(&self, name: &str) -> MetaResult<Option<ImageCacheConfig>> {
+        self.image_caches
+            .get(name)?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// Deletes an image cache definition.
+    pub fn delete_image_cache(&self, name: &str) -> MetaResult<bool> {
+        Ok(self.image_caches.remove(name)?.is_some())
     }
 
     // --- repositories ---
@@ -295,6 +330,40 @@ impl Meta {
         }
         self.pulls.remove(key(&[repo, digest.as_str()]))?;
         Ok(Some(removed))
+    }
+
+    /// Every artifact of a repository with its digest.
+    pub fn artifacts(&self, repo: &str) -> MetaResult<Vec<(Digest, ArtifactRecord)>> {
+        let p = prefix(&[repo]);
+        let mut out = Vec::new();
+        for item in self.artifacts.scan_prefix(&p) {
+            let (k, v) = item?;
+            if let Ok(d) = Digest::parse(&tail_str(&k, p.len())) {
+                out.push((d, from_json(&v)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Blobs linked by a repository.
+    pub fn linked_blobs(&self, repo: &str) -> MetaResult<Vec<Digest>> {
+        let p = prefix(&[repo]);
+        self.blob_links
+            .scan_prefix(&p)
+            .keys()
+            .filter_map(|k| match k {
+                Ok(k) => Digest::parse(&tail_str(&k, p.len())).ok().map(Ok),
+                Err(e) => Some(Err(e)),
+            })
+            .collect()
+    }
+
+    /// Removes a repository from the catalog (when its last artifact is gone).
+    pub fn remove_repo_if_empty(&self, repo: &str) -> MetaResult<bool> {
+        if self.artifacts.scan_prefix(prefix(&[repo])).next().is_some() {
+            return Ok(false);
+        }
+        Ok(self.repos.remove(repo)?.is_some())
     }
 
     /// Digest a tag points at.

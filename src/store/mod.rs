@@ -104,7 +104,7 @@ impl Store {
             uploads: uploads::Uploads::open(data_dir)?,
             pulls: PullRecorder::default(),
             manifests: moka::sync::Cache::builder()
-                .max_capacity(config.cache.manifest_bytes)
+                .max_capacity(config.memory.manifest_bytes)
                 .weigher(|k: &String, v: &Arc<ManifestEntry>| {
                     (k.len() + v.bytes.len() + 256)
                         .try_into()
@@ -119,6 +119,11 @@ impl Store {
     /// A registry by name (in memory; the server is the only writer while it runs).
     pub fn registry(&self, name: &str) -> Option<RegistryRecord> {
         self.registries.read().unwrap().get(name).cloned()
+    }
+
+    /// All registries (in memory).
+    pub fn registries(&self) -> Vec<RegistryRecord> {
+        self.registries.read().unwrap().values().cloned().collect()
     }
 
     /// Creates or updates a registry.

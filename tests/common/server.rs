@@ -10,6 +10,7 @@ pub struct TestServer {
     pub base: String,
     pub dir: tempfile::TempDir,
     pub client: Client,
+    extra: String,
 }
 
 /// Config for a temp dir: one listener on port 0 plus `extra` TOML.
@@ -24,7 +25,7 @@ pub fn config_for(dir: &std::path::Path, extra: &str) -> Config {
 }
 
 impl TestServer {
-    /// Starts with registries `library` (normal) and `mirror` (cache) plus `extra` TOML.
+    /// Starts with registry `library` (normal) plus `extra` TOML.
     pub async fn start(extra: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut s = TestServer {
@@ -32,15 +33,14 @@ impl TestServer {
             base: String::new(),
             dir,
             client: Client::builder().build().unwrap(),
+            extra: extra.to_string(),
         };
         s.boot(extra).await;
         s
     }
 
     async fn boot(&mut self, extra: &str) {
-        let extra = format!(
-            "[[registry]]\nname = \"library\"\n[[registry]]\nname = \"mirror\"\ntype = \"cache\"\n{extra}"
-        );
+        let extra = format!("[[registry]]\nname = \"library\"\n{extra}");
         let server = berth::Server::start(config_for(self.dir.path(), &extra))
             .await
             .unwrap();
@@ -51,7 +51,18 @@ impl TestServer {
     /// Graceful stop and start again on the same data directory.
     pub async fn restart(&mut self) {
         self.server.take().unwrap().shutdown().await;
-        self.boot("").await;
+        let extra = self.extra.clone();
+        self.boot(&extra).await;
+    }
+
+    /// The running server's shared state.
+    pub fn app(&self) -> std::sync::Arc<berth::App> {
+        self.server.as_ref().unwrap().app().clone()
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
     }
 
     pub fn url(&self, path: &str) -> String {

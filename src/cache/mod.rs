@@ -1,0 +1,169 @@
+//! Image-cache behaviour: cache-type registries served from a source registry, as a thin layer
+//! over the local store (DESIGN.md 2, 5, 6).
+
+pub mod credentials;
+pub mod fetch;
+pub mod serve;
+pub mod sweep;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, RegistryKind};
+use crate::error::{Error, Result};
+use crate::http::router::query_param;
+use crate::oci::reference::RepoName;
+use crate::store::Store;
+use fetch::Fetches;
+use upstream::Source;
+
+/// The cache outcome of a request, carried in response extensions for the log line and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Cache registry.
+    pub registry: &'static str,
+    /// `hit`, `miss`, `revalidated`, `stale` or `coalesced`.
+    pub outcome: &'static str,
+}
+
+/// State of all image caches on this node.
+pub struct Cache {
+    sources: HashMap<String, Arc<Source>>,
+    /// Blob fetches in flight and partial files.
+    pub fetches: Arc<Fetches>,
+    /// When each `repo\0tag` was last revalidated against its source.
+    validated: moka::sync::Cache<String, Instant>,
+    /// One revalidation per tag at a time; the others wait and reuse its answer.
+    revalidating: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Registry names interned for metric labels.
+    labels: std::sync::Mutex<HashMap<String, &'static str>>,
+    mirror: Option<String>,
+}
+
+/// Where a request with a repository name goes.
+pub enum Target {
+    /// A normal registry's repository.
+    Origin(RepoName),
+    /// A cache registry.
+    Cache(CacheTarget),
+}
+
+/// A request for a cache registry.
+pub struct CacheTarget {
+    /// Local repository: `CACHEREG/UPSTREAM-PATH`.
+    pub repo: RepoName,
+    /// Repository at the source.
+    pub upstream: String,
+    /// The source.
+    pub source: Arc<Source>,
+    /// containerd's `ns`, echoed as `OCI-Namespace`.
+    pub ns: Option<String>,
+}
+
+impl Cache {
+    /// Builds the sources of every image cache the store knows.
+    pub fn open(config: &Config, store: &Store) -> std::result::Result<Cache, String> {
+        let mut sources = HashMap::new();
+        for c in store.meta.image_caches().map_err(|e| e.to_string())? {
+            let source = Source::new(c, &config.pull_through.allowed_ports)?;
+            sources.insert(source.name().to_string(), Arc::new(source));
+        }
+        Ok(Cache {
+            sources,
+            fetches: Arc::new(Fetches::open(&config.data_dir).map_err(|e| e.to_string())?),
+            validated: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            revalidating: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(60))
+                .build(),
+            labels: Default::default(),
+            mirror: config.mirror.registry.clone(),
+        })
+    }
+
+    /// The source of an image cache.
+    pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
+        self.sources.get(name)
+    }
+
+    /// A `'static` label for a registry name (registries are few and long-lived).
+    pub fn label(&self, registry: &str) -> &'static str {
+        let mut labels = self.labels.lock().unwrap();
+        if let Some(l) = labels.get(registry) {
+            return l;
+        }
+        let l: &'static str = Box::leak(registry.to_string().into_boxed_str());
+        labels.insert(registry.to_string(), l);
+        l
+    }
+
+    /// Resolves a request's repository name: by `?ns=`, by registry prefix, or by the mirror.
+    pub fn resolve(&self, store: &Store, name: &str, query: Option<&str>) -> Result<Target> {
+        if let Some(ns) = query_param(query, "ns") {
+            let by_ns = store.registries().into_iter().find_map(|r| {
+                let source = self.sources.get(r.cache.as_deref()?)?;
+                source.serves_host(&ns).then(|| (r.name, source.clone()))
+            });
+            if let Some((registry, source)) = by_ns {
+                return cache_target(&registry, source, name, Some(ns));
+            }
+        }
+        let first = name.split('/').next().unwrap_or("");
+        if let Some(r) = store.registry(first) {
+            if r.kind == RegistryKind::Normal {
+                return Ok(Target::Origin(RepoName::parse(name)?));
+            }
+            let rest = name.split_once('/').map(|(_, rest)| rest).unwrap_or("");
+            if rest.is_empty() {
+                return Err(Error::NameInvalid(format!(
+                    "{name:?}: expected {first}/UPSTREAM-PATH"
+                )));
+            }
+            let source = self.registry_source(&r.name, r.cache.as_deref())?;
+            return cache_target(&r.name, source, rest, None);
+        }
+        if let Some(mirror) = &self.mirror {
+            if let Some(r) = store.registry(mirror) {
+                let source = self.registry_source(&r.name, r.cache.as_deref())?;
+                return cache_target(&r.name, source, name, None);
+            }
+        }
+        // Neither a registry nor a mirror path: validate, then report the missing registry.
+        RepoName::parse(name)?;
+        Err(Error::NameUnknown(format!(
+            "registry {first:?} does not exist (create it with `berth registry create {first}`)"
+        )))
+    }
+
+    fn registry_source(&self, registry: &str, cache: Option<&str>) -> Result<Arc<Source>> {
+        cache
+            .and_then(|c| self.sources.get(c))
+            .cloned()
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "cache registry {registry:?} names no known image cache"
+                ))
+            })
+    }
+}
+
+fn cache_target(
+    registry: &str,
+    source: Arc<Source>,
+    path: &str,
+    ns: Option<String>,
+) -> Result<Target> {
+    let upstream = source.upstream_repo(path);
+    let repo = RepoName::parse(&format!("{registry}/{upstream}"))?;
+    Ok(Target::Cache(CacheTarget {
+        repo,
+        upstream,
+        source,
+        ns,
+    }))
+}
+
+/// Re-export for handlers.
+pub use serve::{blob, manifest};

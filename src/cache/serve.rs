@@ -1,0 +1,353 @@
+//! Serving rules of a cache registry: manifests by tag revalidated with `HEAD` (the DESIGN.md 5
+//! table), digests immutable, blobs from the store or the single-flight fetch.
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
+
+use super::upstream::{UpstreamError, UpstreamRequest};
+use super::{CacheTarget, Outcome};
+use crate::error::{Error, Result};
+use crate::http::body::Body;
+use crate::oci::digest::Digest;
+use crate::oci::manifest::{self, Descriptor};
+use crate::oci::reference::Reference;
+use crate::registry::{blobs, manifests, set, Req};
+use crate::store::manifest_key;
+use crate::store::meta::{now_ms, ArtifactRecord};
+use crate::App;
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+fn outcome(
+    app: &App,
+    t: &CacheTarget,
+    mut r: Response<Body>,
+    outcome: &'static str,
+) -> Response<Body> {
+    let registry = app.cache.label(t.repo.registry());
+    metrics::counter!("berth_cache_requests_total", "registry" => registry, "outcome" => outcome)
+        .increment(1);
+    r.extensions_mut().insert(Outcome { registry, outcome });
+    if let Some(ns) = &t.ns {
+        set(&mut r, "oci-namespace", ns);
+    }
+    r
+}
+
+/// Maps a source failure with no local copy to the client's error.
+fn upstream_error(t: &CacheTarget, e: UpstreamError) -> Error {
+    let source = t.source.name();
+    match e {
+        UpstreamError::Status {
+            status,
+            retry_after,
+            ..
+        } if status == StatusCode::TOO_MANY_REQUESTS => Error::TooManyRequests {
+            message: format!(
+                "source {source:?} is rate limiting and {} is not cached",
+                t.repo
+            ),
+            retry_after,
+        },
+        other => Error::Upstream(format!("image cache {source:?}: {other}")),
+    }
+}
+
+/// `GET`/`HEAD` of a manifest in a cache registry.
+pub async fn manifest(
+    app: &App,
+    t: &CacheTarget,
+    reference: &str,
+    head: bool,
+) -> Result<Response<Body>> {
+    let local = t.repo.as_str();
+    match Reference::parse(reference)? {
+        Reference::Digest(d) => {
+            if app.store.meta.artifact(local, &d)?.is_some() {
+                let r = manifests::get(app, &t.repo, reference, head).await?;
+                return Ok(outcome(app, t, r, "hit"));
+            }
+            fetch_manifest(app, t, d.as_str(), Some(&d), None).await?;
+            let r = manifests::get(app, &t.repo, reference, head).await?;
+            Ok(outcome(app, t, r, "miss"))
+        }
+        Reference::Tag(tag) => manifest_by_tag(app, t, &tag, head).await,
+    }
+}
+
+async fn manifest_by_tag(
+    app: &App,
+    t: &CacheTarget,
+    tag: &str,
+    head: bool,
+) -> Result<Response<Body>> {
+    let local = t.repo.as_str();
+    let key = manifest_key(local, tag);
+    let ttl = t.source.config.revalidate_ttl;
+    let serve_local = |label| async move {
+        let r = manifests::get(app, &t.repo, tag, head).await?;
+        Ok(outcome(app, t, r, label))
+    };
+    let fresh = |since: Instant| app.cache.validated.get(&key).is_some_and(|at| at >= since);
+    if !ttl.is_zero() && fresh(Instant::now() - ttl) && app.store.meta.tag(local, tag)?.is_some() {
+        return serve_local("hit").await;
+    }
+    let asked_at = Instant::now();
+    let lock = app
+        .cache
+        .revalidating
+        .get_with(key.clone(), Default::default);
+    let _turn = lock.lock().await;
+    let local_digest = app.store.meta.tag(local, tag)?;
+    if fresh(asked_at) && local_digest.is_some() {
+        return serve_local("coalesced").await;
+    }
+    let deadline = Instant::now() + app.config.pull_through.revalidate_timeout;
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+    let req = UpstreamRequest {
+        method: Method::HEAD,
+        path: format!("{}/manifests/{tag}", t.upstream),
+        repo: &t.upstream,
+        headers,
+    };
+    match t.source.send(&req, deadline).await {
+        Ok(response) => {
+            let source_digest = response
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| Digest::parse(v).ok());
+            if source_digest.is_some() && source_digest == local_digest {
+                app.cache.validated.insert(key, Instant::now());
+                return serve_local("revalidated").await;
+            }
+            let reference = source_digest
+                .as_ref()
+                .map_or(tag.to_string(), |d| d.to_string());
+            match fetch_manifest(app, t, &reference, source_digest.as_ref(), Some(tag)).await {
+                Ok(()) => {
+                    app.cache.validated.insert(key, Instant::now());
+                    serve_local("miss").await
+                }
+                Err(e) if local_digest.is_some() => {
+                    tracing::warn!(repo = %t.repo, tag, error = %e, "source manifest fetch failed; serving the cached copy");
+                    serve_local("stale").await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) if e.is_not_found() => {
+            // The source deleted it: stop serving the tag.
+            if app.store.meta.delete_tag(local, tag)?.is_some() {
+                app.store.invalidate_manifest(local, tag);
+                app.store.meta.flush().await?;
+            }
+            Err(Error::ManifestUnknown(format!(
+                "{tag} is not at the source of {}",
+                t.repo
+            )))
+        }
+        Err(e) if local_digest.is_some() => {
+            tracing::warn!(repo = %t.repo, tag, error = %e, "source unavailable; serving the cached copy");
+            serve_local("stale").await
+        }
+        Err(e) => Err(upstream_error(t, e)),
+    }
+}
+
+/// Fetches a manifest from the source and stores it byte-for-byte (with its tag), before any of
+/// its blobs: clients skip layers they hold, so waiting for blobs would lose images and tags.
+async fn fetch_manifest(
+    app: &App,
+    t: &CacheTarget,
+    reference: &str,
+    expect: Option<&Digest>,
+    tag: Option<&str>,
+) -> Result<()> {
+    let deadline = Instant::now()
+        + app
+            .config
+            .pull_through
+            .revalidate_timeout
+            .max(Duration::from_secs(30));
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+    let req = UpstreamRequest {
+        method: Method::GET,
+        path: format!("{}/manifests/{reference}", t.upstream),
+        repo: &t.upstream,
+        headers,
+    };
+    let response = match t.source.send_with_retries(&req, deadline).await {
+        Ok(r) => r,
+        Err(e) if e.is_not_found() => {
+            return Err(Error::ManifestUnknown(format!(
+                "{reference} is not at the source of {}",
+                t.repo
+            )))
+        }
+        Err(e) => return Err(upstream_error(t, e)),
+    };
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_string());
+    let limit = app.config.limits.max_manifest_bytes;
+    let mut response = response;
+    let mut bytes = BytesMut::new();
+    loop {
+        let chunk = tokio::time::timeout_at(deadline.into(), response.chunk())
+            .await
+            .map_err(|_| Error::Upstream("source manifest timed out".into()))?
+            .map_err(|e| Error::Upstream(format!("source manifest body: {e}")))?;
+        let Some(chunk) = chunk else { break };
+        if bytes.len() + chunk.len() > limit {
+            return Err(Error::Upstream(format!(
+                "source manifest exceeds {limit} bytes"
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let bytes = bytes.freeze();
+    let digest = match expect {
+        Some(d) => {
+            let actual = Digest::of(d.algorithm(), &bytes);
+            if &actual != d {
+                return Err(Error::Upstream(format!(
+                    "source sent a manifest with digest {actual} for {d}"
+                )));
+            }
+            actual
+        }
+        None => Digest::sha256(&bytes),
+    };
+    let content_type = content_type.filter(|c| manifest::is_manifest_media_type(c));
+    let parsed = manifest::parse(&bytes, content_type.as_deref())
+        .map_err(|e| Error::Upstream(format!("source sent a manifest berth cannot store: {e}")))?;
+    let blobs = app.store.blobs.clone();
+    let (d, b) = (digest.clone(), bytes.clone());
+    tokio::task::spawn_blocking(move || blobs.put(&d, &b))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    let record = ArtifactRecord {
+        media_type: parsed.media_type.clone(),
+        size: bytes.len() as u64,
+        pushed_ms: now_ms(),
+        artifact_type: parsed.artifact_type.clone(),
+        subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
+    };
+    let referrer = Descriptor {
+        media_type: parsed.media_type,
+        digest: digest.clone(),
+        size: bytes.len() as u64,
+        artifact_type: parsed.artifact_type,
+        annotations: parsed.annotations,
+        platform: None,
+        urls: None,
+    };
+    let local = t.repo.as_str();
+    app.store
+        .meta
+        .put_artifact(local, &digest, &record, tag, Some(&referrer))?;
+    app.store.meta.flush().await?;
+    if let Some(tag) = tag {
+        app.store.invalidate_manifest(local, tag);
+    }
+    app.store.invalidate_manifest(local, digest.as_str());
+    tracing::debug!(repo = %t.repo, %digest, tag, "manifest cached");
+    Ok(())
+}
+
+/// `GET`/`HEAD` of a blob in a cache registry.
+pub async fn blob(
+    app: &App,
+    t: &CacheTarget,
+    digest: &str,
+    req: &Req<'_>,
+    head: bool,
+) -> Result<Response<Body>> {
+    let d = Digest::parse(digest)?;
+    let local = t.repo.as_str();
+    if app.store.meta.blob_link(local, &d)?.is_none() {
+        if let Some(size) = app.store.blobs.stat(&d)? {
+            app.store.meta.link_blob(local, &d, size)?;
+        }
+    }
+    if app.store.meta.blob_link(local, &d)?.is_some() {
+        let r = blobs::get(app, &t.repo, digest, req, head)?;
+        return Ok(outcome(app, t, r, "hit"));
+    }
+    if head {
+        return head_at_source(app, t, &d).await;
+    }
+    let (fetch, joined) =
+        app.cache
+            .fetches
+            .join_or_start(&app.store, &t.source, &t.upstream, local, &d)?;
+    let size = match fetch.size(Instant::now() + Duration::from_secs(60)).await {
+        Ok(size) => size,
+        Err(p) if p.not_found => {
+            return Err(Error::BlobUnknown(format!(
+                "{d} is not at the source of {}",
+                t.repo
+            )))
+        }
+        Err(p) => {
+            let why = match p.phase {
+                super::fetch::Phase::Failed(w) => w.to_string(),
+                _ => "source did not answer within 60 s".into(),
+            };
+            return Err(Error::Upstream(format!(
+                "image cache {:?}: {why}",
+                t.source.name()
+            )));
+        }
+    };
+    let range = blobs::parse_range(req.headers.get(header::RANGE), size)?;
+    let (start, len) = range.map_or((0, size), |r| (r.start, r.len));
+    let body = if len == 0 {
+        Body::Empty
+    } else {
+        fetch.body(start, len)
+    };
+    let r = blobs::blob_response(body, &d, size, range);
+    Ok(outcome(
+        app,
+        t,
+        r,
+        if joined { "coalesced" } else { "miss" },
+    ))
+}
+
+/// `HEAD` of a blob not cached yet: the source answers (a 404 there must reach the client,
+/// or chained caches break).
+async fn head_at_source(app: &App, t: &CacheTarget, d: &Digest) -> Result<Response<Body>> {
+    let deadline = Instant::now() + app.config.pull_through.revalidate_timeout;
+    let req = UpstreamRequest {
+        method: Method::HEAD,
+        path: format!("{}/blobs/{d}", t.upstream),
+        repo: &t.upstream,
+        headers: HeaderMap::new(),
+    };
+    match t.source.send_with_retries(&req, deadline).await {
+        Ok(response) => {
+            let size = response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
+            let mut r = blobs::blob_response(Body::Empty, d, size, None);
+            *r.status_mut() = StatusCode::OK;
+            Ok(outcome(app, t, r, "miss"))
+        }
+        Err(e) if e.is_not_found() => Err(Error::BlobUnknown(format!(
+            "{d} is not at the source of {}",
+            t.repo
+        ))),
+        Err(e) => Err(upstream_error(t, e)),
+    }
+}

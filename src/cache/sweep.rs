@@ -1,0 +1,126 @@
+//! Default cleanup of cache registries (until the policy engine exists): artifacts not pulled for
+//! a while are removed, then blobs that nothing references any more are garbage-collected.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use crate::config::RegistryKind;
+use crate::oci::digest::Digest;
+use crate::oci::manifest;
+use crate::store::meta::now_ms;
+use crate::store::Store;
+
+/// What a sweep removed (or, dry, would remove).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct SweepReport {
+    /// Artifacts: repository, digest, tags, last pull (Unix ms).
+    pub artifacts: Vec<(String, String, Vec<String>, u64)>,
+    /// Blobs: digest and size.
+    pub blobs: Vec<(String, u64)>,
+}
+
+impl SweepReport {
+    /// Bytes of the blobs removed.
+    pub fn bytes(&self) -> u64 {
+        self.blobs.iter().map(|(_, s)| s).sum()
+    }
+}
+
+fn manifest_refs(store: &Store, digest: &Digest) -> Vec<Digest> {
+    let Ok(Some(blob)) = store.blobs.open(digest) else {
+        return Vec::new();
+    };
+    let mut bytes = vec![0u8; blob.len as usize];
+    use std::os::unix::fs::FileExt;
+    if blob.file.read_exact_at(&mut bytes, 0).is_err() {
+        return Vec::new();
+    }
+    match manifest::parse(&bytes, None) {
+        Ok(p) => p
+            .blobs
+            .into_iter()
+            .chain(p.children.into_iter().map(|c| c.digest))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Removes cache-registry artifacts whose last pull (or arrival, if never pulled) is older than
+/// `unpulled_for`, unlinks their blobs, and deletes blobs no repository references.
+/// `busy` are digests being fetched, never touched; blob files younger than `gc_grace` are kept
+/// too (an upload or fetch may be about to link them).
+pub fn sweep(
+    store: &Store,
+    unpulled_for: Duration,
+    gc_grace: Duration,
+    busy: &[Digest],
+    dry_run: bool,
+) -> Result<SweepReport, crate::error::Error> {
+    let meta = &store.meta;
+    let cutoff = now_ms().saturating_sub(unpulled_for.as_millis() as u64);
+    let mut report = SweepReport::default();
+    let mut referenced: HashSet<Digest> = busy.iter().cloned().collect();
+    for registry in meta.registries()? {
+        for repo in meta.repositories(Some(&registry.name), None, usize::MAX)? {
+            let artifacts = meta.artifacts(&repo)?;
+            if registry.kind == RegistryKind::Normal {
+                referenced.extend(artifacts.into_iter().map(|(d, _)| d));
+                referenced.extend(meta.linked_blobs(&repo)?);
+                continue;
+            }
+            let mut kept = HashSet::new();
+            for (digest, record) in artifacts {
+                let last = meta.last_pull(&repo, &digest)?.unwrap_or(record.pushed_ms);
+                if last > cutoff {
+                    kept.extend(manifest_refs(store, &digest));
+                    kept.insert(digest);
+                    continue;
+                }
+                let tags = if dry_run {
+                    Vec::new()
+                } else {
+                    let tags = meta.delete_artifact(&repo, &digest)?.unwrap_or_default();
+                    store.invalidate_manifest(&repo, digest.as_str());
+                    for t in &tags {
+                        store.invalidate_manifest(&repo, t);
+                    }
+                    tags
+                };
+                report
+                    .artifacts
+                    .push((repo.clone(), digest.to_string(), tags, last));
+            }
+            if !dry_run {
+                for blob in meta.linked_blobs(&repo)? {
+                    if !kept.contains(&blob) {
+                        meta.unlink_blob(&repo, &blob)?;
+                    }
+                }
+                meta.remove_repo_if_empty(&repo)?;
+            }
+            referenced.extend(kept);
+        }
+    }
+    let now = SystemTime::now();
+    for (digest, size) in store.blobs.list()? {
+        if referenced.contains(&digest) {
+            continue;
+        }
+        let path = store.fs.path(&digest);
+        let young = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map(|t| now.duration_since(t).unwrap_or_default() < gc_grace)
+            .unwrap_or(true);
+        if young {
+            continue;
+        }
+        if !dry_run {
+            store.blobs.remove(&digest)?;
+        }
+        report.blobs.push((digest.to_string(), size));
+    }
+    if !dry_run {
+        store.meta.flush_blocking()?;
+    }
+    Ok(report)
+}
