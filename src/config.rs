@@ -370,10 +370,12 @@ impl Config {
         }
         for r in &self.registry {
             match (r.kind, &r.cache) {
-                (RegistryKind::Cache, None) => return Err(ConfigError::Invalid(format!(
+                (RegistryKind::Cache, None) => {
+                    return Err(ConfigError::Invalid(format!(
                     "registry {:?} has type = \"cache\" but no `cache = \"<image_cache name>\"`",
                     r.name
-                ))),
+                )))
+                }
                 (RegistryKind::Normal, Some(_)) => {
                     return Err(ConfigError::Invalid(format!(
                         "registry {:?}: `cache` is only for type = \"cache\"",

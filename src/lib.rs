@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: listener → router → behaviour → store (DESIGN.md 3).
 
+pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod error;

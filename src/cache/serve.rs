@@ -279,6 +279,7 @@ pub async fn blob(
     }
     if app.store.meta.blob_link(local, &d)?.is_some() {
         let r = blobs::get(app, &t.repo, digest, req, head)?;
+        count_served(app, t, &r);
         return Ok(outcome(app, t, r, "hit"));
     }
     if head {
@@ -315,12 +316,22 @@ pub async fn blob(
         fetch.body(start, len)
     };
     let r = blobs::blob_response(body, &d, size, range);
+    count_served(app, t, &r);
     Ok(outcome(
         app,
         t,
         r,
         if joined { "coalesced" } else { "miss" },
     ))
+}
+
+fn count_served(app: &App, t: &CacheTarget, r: &Response<Body>) {
+    let bytes = r.body().len().unwrap_or(0);
+    if bytes > 0 {
+        let registry = app.cache.label(t.repo.registry());
+        metrics::counter!("berth_cache_blob_bytes_served_total", "registry" => registry)
+            .increment(bytes);
+    }
 }
 
 /// `HEAD` of a blob not cached yet: the source answers (a 404 there must reach the client,

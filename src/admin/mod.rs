@@ -1,0 +1,170 @@
+//! Admin operations behind the CLI: on the data directory (server stopped) or through a running
+//! server's HTTP endpoints.
+
+pub mod prefetch;
+pub mod stats;
+
+use crate::config::{Config, ImageCacheConfig, RegistryKind};
+use crate::store::meta::{now_ms, Meta, RegistryRecord};
+
+/// Opens the metadata of the configured data directory, with a hint when the server holds it.
+pub fn open_meta(config: &Config) -> Result<Meta, String> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+    Meta::open(&config.data_dir).map_err(|e| {
+        format!(
+            "cannot open metadata in {}: {e} (is `berth serve` running on this data directory? stop it first)",
+            config.data_dir.display()
+        )
+    })
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Creates a registry.
+pub fn create_registry(
+    meta: &Meta,
+    name: &str,
+    kind: RegistryKind,
+    cache: Option<String>,
+) -> Result<(), String> {
+    crate::oci::reference::validate_registry_name(name).map_err(err)?;
+    if meta.registry(name).map_err(err)?.is_some() {
+        return Err(format!("registry {name:?} already exists"));
+    }
+    match (kind, &cache) {
+        (RegistryKind::Cache, None) => {
+            return Err("a cache registry needs --cache IMAGE_CACHE".into())
+        }
+        (RegistryKind::Normal, Some(_)) => return Err("--cache is only for --type cache".into()),
+        (RegistryKind::Cache, Some(c)) if meta.image_cache(c).map_err(err)?.is_none() => {
+            return Err(format!(
+                "image cache {c:?} does not exist (create it with `berth cache create {c} ...`)"
+            ))
+        }
+        _ => {}
+    }
+    meta.put_registry(&RegistryRecord {
+        name: name.to_string(),
+        kind,
+        created_ms: now_ms(),
+        cache,
+    })
+    .map_err(err)?;
+    meta.flush_blocking().map_err(err)
+}
+
+/// Creates or replaces an image cache, after checking it builds a usable source.
+pub fn put_image_cache(
+    meta: &Meta,
+    config: &Config,
+    cache: ImageCacheConfig,
+    replace: bool,
+) -> Result<(), String> {
+    crate::oci::reference::validate_registry_name(&cache.name).map_err(err)?;
+    let exists = meta.image_cache(&cache.name).map_err(err)?.is_some();
+    match (exists, replace) {
+        (true, false) => {
+            return Err(format!(
+                "image cache {:?} already exists (use `berth cache update`)",
+                cache.name
+            ))
+        }
+        (false, true) => return Err(format!("image cache {:?} does not exist", cache.name)),
+        _ => {}
+    }
+    crate::cache::upstream::Source::new(cache.clone(), &config.pull_through.allowed_ports)?;
+    meta.put_image_cache(&cache).map_err(err)?;
+    meta.flush_blocking().map_err(err)
+}
+
+/// Deletes an image cache unless a registry still uses it.
+pub fn delete_image_cache(meta: &Meta, name: &str) -> Result<(), String> {
+    let users: Vec<String> = meta
+        .registries()
+        .map_err(err)?
+        .into_iter()
+        .filter(|r| r.cache.as_deref() == Some(name))
+        .map(|r| r.name)
+        .collect();
+    if !users.is_empty() {
+        return Err(format!(
+            "image cache {name:?} is used by registry {} (delete or change that registry first)",
+            users.join(", ")
+        ));
+    }
+    if !meta.delete_image_cache(name).map_err(err)? {
+        return Err(format!("image cache {name:?} does not exist"));
+    }
+    meta.flush_blocking().map_err(err)
+}
+
+/// One line describing an image cache; credentials are never shown, only whether they are set.
+pub fn describe_image_cache(c: &ImageCacheConfig) -> serde_json::Value {
+    let credentials = match (&c.credentials_file, &c.username, &c.password) {
+        (Some(f), _, _) => format!("file {}", f.display()),
+        (None, Some(u), Some(_)) => format!("user {u}, password set"),
+        (None, Some(u), None) => format!("user {u}"),
+        (None, None, Some(_)) => "password set".into(),
+        (None, None, None) => "anonymous".into(),
+    };
+    serde_json::json!({
+        "name": c.name,
+        "kind": c.kind.to_string(),
+        "url": c.url,
+        "credentials": credentials,
+        "fetch_budget": humantime::format_duration(c.fetch_budget).to_string(),
+        "revalidate_ttl": humantime::format_duration(c.revalidate_ttl).to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SourceKind;
+    use std::time::Duration;
+
+    fn source(name: &str) -> ImageCacheConfig {
+        ImageCacheConfig {
+            name: name.into(),
+            kind: SourceKind::Registry,
+            url: "https://registry.example".into(),
+            username: Some("u".into()),
+            password: Some("s3cret".into()),
+            credentials_file: None,
+            fetch_budget: Duration::from_secs(200),
+            revalidate_ttl: Duration::ZERO,
+            region: None,
+            ecr_endpoint: None,
+        }
+    }
+
+    #[test]
+    fn image_cache_lifecycle_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let meta = open_meta(&config).unwrap();
+        put_image_cache(&meta, &config, source("up"), false).unwrap();
+        assert!(put_image_cache(&meta, &config, source("up"), false).is_err());
+        assert!(put_image_cache(&meta, &config, source("nope"), true).is_err());
+        let shown = describe_image_cache(&meta.image_cache("up").unwrap().unwrap()).to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(create_registry(&meta, "hub", RegistryKind::Cache, None).is_err());
+        assert!(
+            create_registry(&meta, "hub", RegistryKind::Cache, Some("missing".into())).is_err()
+        );
+        create_registry(&meta, "hub", RegistryKind::Cache, Some("up".into())).unwrap();
+        let e = delete_image_cache(&meta, "up").unwrap_err();
+        assert!(e.contains("registry hub"), "{e}");
+        meta.delete_registry("hub").unwrap();
+        delete_image_cache(&meta, "up").unwrap();
+        let mut bad = source("bad");
+        bad.url = "not a url".into();
+        assert!(put_image_cache(&meta, &config, bad, false).is_err());
+    }
+}

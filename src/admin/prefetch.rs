@@ -1,0 +1,205 @@
+//! `berth cache prefetch`: warms a cache registry ahead of time by pulling images through a
+//! running berth (all platforms of an index, or one), so an edge site can be filled before its
+//! network turns private-only.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// A platform filter `os/arch[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    os: String,
+    arch: String,
+    variant: Option<String>,
+}
+
+impl std::str::FromStr for Platform {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] => Ok(Platform {
+                os: os.to_string(),
+                arch: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, v] => Ok(Platform {
+                os: os.to_string(),
+                arch: arch.to_string(),
+                variant: Some(v.to_string()),
+            }),
+            _ => Err(format!("platform {s:?} is not os/arch[/variant]")),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    platform: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+impl Platform {
+    fn matches(&self, p: &Option<serde_json::Value>) -> bool {
+        let Some(p) = p else { return false };
+        let get = |k: &str| p.get(k).and_then(|v| v.as_str());
+        get("os") == Some(&self.os)
+            && get("architecture") == Some(&self.arch)
+            && (self.variant.is_none() || get("variant") == self.variant.as_deref())
+    }
+}
+
+/// What one prefetch did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    /// Manifests fetched (indexes included).
+    pub manifests: usize,
+    /// Blobs fetched.
+    pub blobs: usize,
+    /// Blob bytes.
+    pub bytes: u64,
+}
+
+/// Splits `REPO:TAG` or `REPO@DIGEST`.
+pub fn split_reference(r: &str) -> Result<(&str, &str), String> {
+    if let Some((repo, digest)) = r.split_once('@') {
+        return Ok((repo, digest));
+    }
+    match r.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => Ok((repo, tag)),
+        _ => Ok((r, "latest")),
+    }
+}
+
+async fn get_manifest(
+    client: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+) -> Result<Manifest, String> {
+    let url = format!("{base}/v2/{repo}/manifests/{reference}");
+    let r = client
+        .get(&url)
+        .header("accept", ACCEPT)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!(
+            "{url}: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        ));
+    }
+    r.json()
+        .await
+        .map_err(|e| format!("{url}: not a manifest: {e}"))
+}
+
+/// Pulls every manifest and blob of `reference` (`CACHEREG/PATH:TAG`) through `base`.
+pub async fn prefetch(
+    base: &str,
+    reference: &str,
+    platform: Option<&Platform>,
+    progress: &indicatif::ProgressBar,
+) -> Result<Report, String> {
+    let base = base.trim_end_matches('/');
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3600))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (repo, top) = split_reference(reference)?;
+    let mut report = Report::default();
+    let root = get_manifest(&client, base, repo, top).await?;
+    report.manifests += 1;
+    let images = match root.manifests {
+        Some(children) => {
+            let mut images = Vec::new();
+            for child in children
+                .iter()
+                .filter(|c| platform.is_none_or(|p| p.matches(&c.platform)))
+            {
+                images.push(get_manifest(&client, base, repo, &child.digest).await?);
+                report.manifests += 1;
+            }
+            if images.is_empty() {
+                return Err(format!(
+                    "{reference}: no manifest for platform {platform:?}"
+                ));
+            }
+            images
+        }
+        None => vec![root],
+    };
+    let blobs: Vec<&Descriptor> = images
+        .iter()
+        .flat_map(|m| m.config.iter().chain(m.layers.iter()))
+        .collect();
+    progress.inc_length(blobs.iter().map(|b| b.size).sum());
+    for blob in blobs {
+        let url = format!("{base}/v2/{repo}/blobs/{}", blob.digest);
+        let r = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("{url}: {}", r.status()));
+        }
+        let mut stream = r.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let n = chunk.map_err(|e| format!("{url}: {e}"))?.len() as u64;
+            report.bytes += n;
+            progress.inc(n);
+        }
+        report.blobs += 1;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_and_platforms() {
+        assert_eq!(
+            split_reference("hub/library/nginx:1.27").unwrap(),
+            ("hub/library/nginx", "1.27")
+        );
+        assert_eq!(
+            split_reference("hub/nginx").unwrap(),
+            ("hub/nginx", "latest")
+        );
+        assert_eq!(
+            split_reference("hub/a@sha256:x").unwrap(),
+            ("hub/a", "sha256:x")
+        );
+        let p: Platform = "linux/arm64/v8".parse().unwrap();
+        assert!(p.matches(&Some(
+            serde_json::json!({"os":"linux","architecture":"arm64","variant":"v8"})
+        )));
+        assert!(!p.matches(&Some(
+            serde_json::json!({"os":"linux","architecture":"amd64"})
+        )));
+        assert!("linux".parse::<Platform>().is_err());
+    }
+}
