@@ -399,3 +399,30 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
     );
     drop(upstream);
 }
+
+#[tokio::test]
+async fn revalidate_ttl_skips_the_source_for_hot_tags() {
+    let upstream = TestServer::start("").await;
+    let (_, d1) = upstream.push_image("library/app", "v1", "one").await;
+    let edge = TestServer::start(&format!(
+        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"{}\"\nrevalidate_ttl = \"1h\"\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n",
+        upstream.base
+    ))
+    .await;
+    assert_eq!(
+        header(
+            &edge.get("/v2/hub/library/app/manifests/v1").await,
+            "docker-content-digest"
+        ),
+        d1
+    );
+    upstream.push_image("library/app", "v1", "two").await;
+    // Within the TTL the cached tag is served without asking the source.
+    assert_eq!(
+        header(
+            &edge.get("/v2/hub/library/app/manifests/v1").await,
+            "docker-content-digest"
+        ),
+        d1
+    );
+}

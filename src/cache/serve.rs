@@ -90,8 +90,17 @@ async fn manifest_by_tag(
         let r = manifests::get(app, &t.repo, tag, head).await?;
         Ok(outcome(app, t, r, label))
     };
-    let fresh = |since: Instant| app.cache.validated.get(&key).is_some_and(|at| at >= since);
-    if !ttl.is_zero() && fresh(Instant::now() - ttl) && app.store.meta.tag(local, tag)?.is_some() {
+    let fresh = |since: Option<Instant>| {
+        app.cache
+            .validated
+            .get(&key)
+            .is_some_and(|at| since.is_none_or(|s| at >= s))
+    };
+    // A TTL longer than the machine's uptime has no earliest instant: anything validated counts.
+    if !ttl.is_zero()
+        && fresh(Instant::now().checked_sub(ttl))
+        && app.store.meta.tag(local, tag)?.is_some()
+    {
         return serve_local("hit").await;
     }
     let asked_at = Instant::now();
@@ -101,7 +110,7 @@ async fn manifest_by_tag(
         .get_with(key.clone(), Default::default);
     let _turn = lock.lock().await;
     let local_digest = app.store.meta.tag(local, tag)?;
-    if fresh(asked_at) && local_digest.is_some() {
+    if fresh(Some(asked_at)) && local_digest.is_some() {
         return serve_local("coalesced").await;
     }
     let deadline = Instant::now() + app.config.pull_through.revalidate_timeout;
