@@ -426,3 +426,41 @@ async fn revalidate_ttl_skips_the_source_for_hot_tags() {
         d1
     );
 }
+
+#[tokio::test]
+async fn a_blob_cached_for_one_repository_is_served_for_another_only_if_the_source_has_it_there() {
+    let (upstream, edge, manifest, _) = pair("").await;
+    let (_, layer) = config_and_layer(&manifest);
+    assert_eq!(
+        edge.get(&format!("/v2/hub/library/app/blobs/{layer}"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    // The source does not hold it under library/private: neither does the cache.
+    for method in [Method::GET, Method::HEAD] {
+        let r = edge
+            .req(
+                method.clone(),
+                &format!("/v2/hub/library/private/blobs/{layer}"),
+            )
+            .await
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{method}");
+    }
+    // Once the source holds it there too, the cached bytes serve it without a new fetch.
+    let data = upstream
+        .get(&format!("/v2/library/app/blobs/{layer}"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    upstream.push_blob("library/private", &data).await;
+    let r = edge
+        .get(&format!("/v2/hub/library/private/blobs/{layer}"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap(), data);
+}

@@ -164,6 +164,11 @@ impl Fetches {
         self.inflight.lock().unwrap().len()
     }
 
+    /// Whether `digest` is being fetched.
+    pub fn is_inflight(&self, digest: &Digest) -> bool {
+        self.inflight.lock().unwrap().contains_key(digest)
+    }
+
     /// Digests being fetched (garbage collection must leave them alone).
     pub fn inflight_digests(&self) -> Vec<Digest> {
         self.inflight.lock().unwrap().keys().cloned().collect()

@@ -282,8 +282,25 @@ pub async fn blob(
     let d = Digest::parse(digest)?;
     let local = t.repo.as_str();
     if app.store.meta.blob_link(local, &d)?.is_none() {
-        if let Some(size) = app.store.blobs.stat(&d)? {
-            app.store.meta.link_blob(local, &d, size)?;
+        let held = app.store.blobs.stat(&d)?;
+        if held.is_some() || app.cache.fetches.is_inflight(&d) {
+            // Held (or being fetched) for another repository: the source must confirm this one
+            // has it too, or a private repository's blob would be readable under any name.
+            // Unreachable source: availability wins, as for manifests.
+            match source_head(app, t, &d).await {
+                Ok(_) => {}
+                Err(e) if e.is_transient() => {}
+                Err(e) if e.is_not_found() => {
+                    return Err(Error::BlobUnknown(format!(
+                        "{d} is not at the source of {}",
+                        t.repo
+                    )))
+                }
+                Err(e) => return Err(upstream_error(t, e)),
+            }
+            if let Some(size) = held {
+                app.store.meta.link_blob(local, &d, size)?;
+            }
         }
     }
     if app.store.meta.blob_link(local, &d)?.is_some() {
@@ -343,9 +360,7 @@ fn count_served(app: &App, t: &CacheTarget, r: &Response<Body>) {
     }
 }
 
-/// `HEAD` of a blob not cached yet: the source answers (a 404 there must reach the client,
-/// or chained caches break).
-async fn head_at_source(app: &App, t: &CacheTarget, d: &Digest) -> Result<Response<Body>> {
+async fn source_head(app: &App, t: &CacheTarget, d: &Digest) -> Result<u64, UpstreamError> {
     let deadline = Instant::now() + app.config.pull_through.revalidate_timeout;
     let req = UpstreamRequest {
         method: Method::HEAD,
@@ -353,15 +368,20 @@ async fn head_at_source(app: &App, t: &CacheTarget, d: &Digest) -> Result<Respon
         repo: &t.upstream,
         headers: HeaderMap::new(),
     };
-    match t.source.send_with_retries(&req, deadline).await {
-        Ok(response) => {
-            let size = response
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0);
-            let mut r = blobs::blob_response(Body::Empty, d, size, None);
-            *r.status_mut() = StatusCode::OK;
+    let response = t.source.send_with_retries(&req, deadline).await?;
+    Ok(response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0))
+}
+
+/// `HEAD` of a blob not cached yet: the source answers (a 404 there must reach the client,
+/// or chained caches break).
+async fn head_at_source(app: &App, t: &CacheTarget, d: &Digest) -> Result<Response<Body>> {
+    match source_head(app, t, d).await {
+        Ok(size) => {
+            let r = blobs::blob_response(Body::Empty, d, size, None);
             Ok(outcome(app, t, r, "miss"))
         }
         Err(e) if e.is_not_found() => Err(Error::BlobUnknown(format!(
