@@ -99,8 +99,15 @@ async fn stream(fetch: Arc<Fetch>, start: u64, len: u64, tx: mpsc::Sender<io::Re
     let mut pos = start;
     while pos < end {
         let p = rx.borrow_and_update().clone();
-        if p.written > pos {
-            let n = (p.written.min(end) - pos).min(READ_CHUNK as u64) as usize;
+        // The last byte is released only once the digest matched: a corrupt blob always ends
+        // in an error, never in a complete-looking response.
+        let readable = match (&p.phase, p.size) {
+            (Phase::Done, _) => p.written,
+            (_, Some(size)) => p.written.min(size.saturating_sub(1)),
+            (_, None) => p.written,
+        };
+        if readable > pos {
+            let n = (readable.min(end) - pos).min(READ_CHUNK as u64) as usize;
             let file = fetch.file.clone();
             let at = pos;
             let piece = tokio::task::spawn_blocking(move || {

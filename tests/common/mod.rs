@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod clients;
+pub mod doubles;
 pub mod oci_layout;
 pub mod process;
 pub mod server;
