@@ -887,17 +887,29 @@ impl Shaper {
 /// Builds the client-facing response from an upstream response: status and headers (minus
 /// hop-by-hop; `Location` values under the upstream base are rewritten to `self_base`), and a
 /// streamed, counted, optionally faulted body.
-fn relay_response(
-    resp: reqwest::Response,
-    upstream_base: &str,
-    self_base: &str,
-    strip: &[HeaderName],
+/// How a relayed body is shaped and counted.
+struct BodyShape {
     plan: BodyPlan,
     traffic: Arc<Traffic>,
     path: String,
     stall: Option<StallControl>,
     conn: Option<Arc<ConnWriteState>>,
+}
+
+fn relay_response(
+    resp: reqwest::Response,
+    upstream_base: &str,
+    self_base: &str,
+    strip: &[HeaderName],
+    shape: BodyShape,
 ) -> Response<DoubleBody> {
+    let BodyShape {
+        plan,
+        traffic,
+        path,
+        stall,
+        conn,
+    } = shape;
     let status = resp.status();
     let mut headers = HeaderMap::new();
     for (name, value) in resp.headers().iter() {
@@ -1155,11 +1167,13 @@ impl RelayInner {
                     &self.upstream.base,
                     self.self_url.get().map(String::as_str).unwrap_or(""),
                     &[],
-                    plan.body,
-                    self.traffic.clone(),
-                    path,
-                    Some(stall),
-                    conn,
+                    BodyShape {
+                        plan: plan.body,
+                        traffic: self.traffic.clone(),
+                        path,
+                        stall: Some(stall),
+                        conn,
+                    },
                 )
             }
         }
@@ -1498,11 +1512,13 @@ async fn object_store_handle(
                         &inner.upstream.base,
                         "",
                         &strip,
-                        BodyPlan::default(),
-                        inner.traffic.clone(),
-                        path,
-                        None,
-                        None,
+                        BodyShape {
+                            plan: BodyPlan::default(),
+                            traffic: inner.traffic.clone(),
+                            path,
+                            stall: None,
+                            conn: None,
+                        },
                     );
                     r.headers_mut().insert(
                         header::CONTENT_TYPE,
@@ -1592,11 +1608,13 @@ impl FrontCore {
                     &self.upstream.base,
                     self.self_url.get().map(String::as_str).unwrap_or(""),
                     &[],
-                    BodyPlan::default(),
-                    self.traffic.clone(),
-                    path,
-                    None,
-                    None,
+                    BodyShape {
+                        plan: BodyPlan::default(),
+                        traffic: self.traffic.clone(),
+                        path,
+                        stall: None,
+                        conn: None,
+                    },
                 )
             }
         }
