@@ -16,6 +16,7 @@ need ctr containerd
 need runc runc
 need /bin/busybox busybox-static
 need docker-registry docker-registry
+need htpasswd apache2-utils
 if ((${#packages[@]})); then
   echo "installing test clients: ${packages[*]}"
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"

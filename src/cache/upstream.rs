@@ -388,11 +388,18 @@ impl Source {
                 }
             };
             response = self.attempt(req, Some(&auth), deadline).await?;
+            if response.status() == StatusCode::UNAUTHORIZED
+                && self.ecr.is_some()
+                && auth.starts_with("Basic")
+            {
+                // The exchanged ECR password may have been revoked early: exchange the keys again.
+                *self.ecr_password.lock().await = None;
+                if let Some(fresh) = self.basic().await? {
+                    response = self.attempt(req, Some(&fresh.header()), deadline).await?;
+                }
+            }
             if response.status() == StatusCode::UNAUTHORIZED {
                 self.tokens.lock().unwrap().remove(&scope);
-                if self.ecr.is_some() {
-                    *self.ecr_password.lock().await = None;
-                }
                 return Err(UpstreamError::Auth(format!(
                     "credentials of image cache {:?} were refused",
                     self.name()
