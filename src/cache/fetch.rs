@@ -553,3 +553,38 @@ fn e_wait(e: &UpstreamError, backoff: Duration) -> Duration {
         _ => backoff,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_partials_are_removed_and_resumable_state_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let fetches = Fetches::open(dir.path()).unwrap();
+        let d = Digest::sha256(b"whole blob");
+        let path = dir.path().join("partial").join(partial_name(&d));
+        // A partial with saved hasher state resumes where it stopped.
+        let mut v = Verifier::new(d.algorithm());
+        v.update(b"whole");
+        std::fs::write(&path, b"whole").unwrap();
+        let mut state = 5u64.to_be_bytes().to_vec();
+        state.extend(v.save());
+        std::fs::write(path.with_extension("state"), state).unwrap();
+        let (_, (offset, mut resumed)) = open_partial(&path, &d).unwrap();
+        assert_eq!(offset, 5);
+        resumed.update(b" blob");
+        assert_eq!(resumed.finish(), d);
+        // Without state it starts over.
+        std::fs::remove_file(path.with_extension("state")).unwrap();
+        assert_eq!(open_partial(&path, &d).unwrap().1 .0, 0);
+        std::fs::write(&path, b"whole").unwrap();
+        assert_eq!(
+            fetches.expire_partials(Duration::from_secs(3600)).unwrap(),
+            0,
+            "young: kept"
+        );
+        assert_eq!(fetches.expire_partials(Duration::ZERO).unwrap(), 5);
+        assert!(!path.exists());
+    }
+}
