@@ -132,6 +132,24 @@ pub struct ImageCacheConfig {
     pub ecr_endpoint: Option<String>,
 }
 
+impl ImageCacheConfig {
+    /// An anonymous image cache with default budget and no TTL.
+    pub fn new(name: &str, kind: SourceKind, url: &str) -> ImageCacheConfig {
+        ImageCacheConfig {
+            name: name.to_string(),
+            kind,
+            url: url.to_string(),
+            username: None,
+            password: None,
+            credentials_file: None,
+            fetch_budget: default_fetch_budget(),
+            revalidate_ttl: Duration::ZERO,
+            region: None,
+            ecr_endpoint: None,
+        }
+    }
+}
+
 fn default_fetch_budget() -> Duration {
     Duration::from_secs(200)
 }

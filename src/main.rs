@@ -354,18 +354,7 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
         CacheCommand::Create { name, kind, source } => {
             let meta = admin::open_meta(config)?;
             let url = source.url.clone().ok_or("--url is required")?;
-            let mut c = ImageCacheConfig {
-                name: name.clone(),
-                kind,
-                url,
-                username: None,
-                password: None,
-                credentials_file: None,
-                fetch_budget: Duration::from_secs(200),
-                revalidate_ttl: Duration::ZERO,
-                region: None,
-                ecr_endpoint: None,
-            };
+            let mut c = ImageCacheConfig::new(&name, kind, &url);
             apply_source_args(&mut c, source)?;
             admin::put_image_cache(&meta, config, c, false)?;
             println!("created image cache {name} ({kind}); use it with `berth registry create NAME --type cache --cache {name}`");

@@ -124,20 +124,12 @@ pub fn describe_image_cache(c: &ImageCacheConfig) -> serde_json::Value {
 mod tests {
     use super::*;
     use crate::config::SourceKind;
-    use std::time::Duration;
 
     fn source(name: &str) -> ImageCacheConfig {
         ImageCacheConfig {
-            name: name.into(),
-            kind: SourceKind::Registry,
-            url: "https://registry.example".into(),
             username: Some("u".into()),
             password: Some("s3cret".into()),
-            credentials_file: None,
-            fetch_budget: Duration::from_secs(200),
-            revalidate_ttl: Duration::ZERO,
-            region: None,
-            ecr_endpoint: None,
+            ..ImageCacheConfig::new(name, SourceKind::Registry, "https://registry.example")
         }
     }
 

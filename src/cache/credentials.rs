@@ -274,16 +274,13 @@ mod tests {
 
     fn cache(kind: SourceKind, user: Option<&str>, password: Option<&str>) -> ImageCacheConfig {
         ImageCacheConfig {
-            name: "c".into(),
-            kind,
-            url: "https://123456789012.dkr.ecr.eu-west-3.amazonaws.com".into(),
             username: user.map(Into::into),
             password: password.map(Into::into),
-            credentials_file: None,
-            fetch_budget: Duration::from_secs(1),
-            revalidate_ttl: Duration::ZERO,
-            region: None,
-            ecr_endpoint: None,
+            ..ImageCacheConfig::new(
+                "c",
+                kind,
+                "https://123456789012.dkr.ecr.eu-west-3.amazonaws.com",
+            )
         }
     }
 

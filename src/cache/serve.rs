@@ -11,11 +11,10 @@ use super::{CacheTarget, Outcome};
 use crate::error::{Error, Result};
 use crate::http::body::Body;
 use crate::oci::digest::Digest;
-use crate::oci::manifest::{self, Descriptor};
+use crate::oci::manifest;
 use crate::oci::reference::Reference;
 use crate::registry::{blobs, manifests, set, Req};
 use crate::store::manifest_key;
-use crate::store::meta::{now_ms, ArtifactRecord};
 use crate::App;
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -237,36 +236,7 @@ async fn fetch_manifest(
     let content_type = content_type.filter(|c| manifest::is_manifest_media_type(c));
     let parsed = manifest::parse(&bytes, content_type.as_deref())
         .map_err(|e| Error::Upstream(format!("source sent a manifest berth cannot store: {e}")))?;
-    let blobs = app.store.blobs.clone();
-    let (d, b) = (digest.clone(), bytes.clone());
-    tokio::task::spawn_blocking(move || blobs.put(&d, &b))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
-    let record = ArtifactRecord {
-        media_type: parsed.media_type.clone(),
-        size: bytes.len() as u64,
-        pushed_ms: now_ms(),
-        artifact_type: parsed.artifact_type.clone(),
-        subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
-    };
-    let referrer = Descriptor {
-        media_type: parsed.media_type,
-        digest: digest.clone(),
-        size: bytes.len() as u64,
-        artifact_type: parsed.artifact_type,
-        annotations: parsed.annotations,
-        platform: None,
-        urls: None,
-    };
-    let local = t.repo.as_str();
-    app.store
-        .meta
-        .put_artifact(local, &digest, &record, tag, Some(&referrer))?;
-    app.store.meta.flush().await?;
-    if let Some(tag) = tag {
-        app.store.invalidate_manifest(local, tag);
-    }
-    app.store.invalidate_manifest(local, digest.as_str());
+    manifests::store(app, t.repo.as_str(), &digest, &bytes, &parsed, tag).await?;
     tracing::debug!(repo = %t.repo, %digest, tag, "manifest cached");
     Ok(())
 }

@@ -497,18 +497,7 @@ mod tests {
 
     #[test]
     fn docker_hub_endpoint_hosts_and_library_prefix() {
-        let c = ImageCacheConfig {
-            name: "hub".into(),
-            kind: SourceKind::Dockerhub,
-            url: "https://hub.docker.com".into(),
-            username: None,
-            password: None,
-            credentials_file: None,
-            fetch_budget: Duration::from_secs(200),
-            revalidate_ttl: Duration::ZERO,
-            region: None,
-            ecr_endpoint: None,
-        };
+        let c = ImageCacheConfig::new("hub", SourceKind::Dockerhub, "https://hub.docker.com");
         let s = Source::new(c.clone(), &[]).unwrap();
         assert_eq!(s.endpoint, "https://registry-1.docker.io");
         assert!(s.serves_host("docker.io") && s.serves_host("registry-1.docker.io"));

@@ -178,6 +178,35 @@ pub async fn put(
             return Err(Error::ManifestBlobUnknown(child.digest.to_string()));
         }
     }
+    let tag = match &reference {
+        Reference::Tag(t) => Some(&**t),
+        Reference::Digest(_) => None,
+    };
+    store(app, repo.as_str(), &digest, &bytes, &parsed, tag).await?;
+    tracing::debug!(%repo, %reference, %digest, media_type = %parsed.media_type, "manifest stored");
+    let mut r = empty(StatusCode::CREATED);
+    set(
+        &mut r,
+        header::LOCATION,
+        &format!("/v2/{repo}/manifests/{digest}"),
+    );
+    set(&mut r, "docker-content-digest", digest.as_str());
+    if let Some(subject) = &parsed.subject {
+        set(&mut r, "oci-subject", subject.digest.as_str());
+    }
+    Ok(r)
+}
+
+/// Stores verified manifest bytes and records the artifact, its tag and its referrer entry;
+/// durable and visible (caches invalidated) when it returns.
+pub async fn store(
+    app: &App,
+    repo: &str,
+    digest: &Digest,
+    bytes: &Bytes,
+    parsed: &manifest::ParsedManifest,
+    tag: Option<&str>,
+) -> Result<()> {
     let blobs = app.store.blobs.clone();
     let (d, b) = (digest.clone(), bytes.clone());
     tokio::task::spawn_blocking(move || blobs.put(&d, &b))
@@ -199,28 +228,15 @@ pub async fn put(
         platform: None,
         urls: None,
     };
-    let tag = match &reference {
-        Reference::Tag(t) => Some(&**t),
-        Reference::Digest(_) => None,
-    };
-    meta.put_artifact(repo.as_str(), &digest, &record, tag, Some(&referrer))?;
-    meta.flush().await?;
     app.store
-        .invalidate_manifest(repo.as_str(), &reference.to_string());
-    app.store
-        .invalidate_manifest(repo.as_str(), digest.as_str());
-    tracing::debug!(%repo, %reference, %digest, media_type = %parsed.media_type, "manifest stored");
-    let mut r = empty(StatusCode::CREATED);
-    set(
-        &mut r,
-        header::LOCATION,
-        &format!("/v2/{repo}/manifests/{digest}"),
-    );
-    set(&mut r, "docker-content-digest", digest.as_str());
-    if let Some(subject) = &parsed.subject {
-        set(&mut r, "oci-subject", subject.digest.as_str());
+        .meta
+        .put_artifact(repo, digest, &record, tag, Some(&referrer))?;
+    app.store.meta.flush().await?;
+    if let Some(tag) = tag {
+        app.store.invalidate_manifest(repo, tag);
     }
-    Ok(r)
+    app.store.invalidate_manifest(repo, digest.as_str());
+    Ok(())
 }
 
 /// `DELETE /v2/NAME/manifests/REFERENCE`: a tag removes the tag; a digest removes the artifact
