@@ -163,8 +163,10 @@ impl Server {
         if let Err(e) = self.app.store.pulls.flush(&self.app.store.meta) {
             tracing::error!(error = %e, "could not write last-pull times");
         }
-        if let Err(e) = self.app.store.meta.flush().await {
-            tracing::error!(error = %e, "could not flush metadata");
+        match tokio::time::timeout(Duration::from_secs(10), self.app.store.meta.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "could not flush metadata"),
+            Err(_) => tracing::error!("metadata flush did not finish within 10 s; exiting anyway"),
         }
     }
 }

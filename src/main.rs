@@ -10,6 +10,14 @@ use clap::{Args, Parser, Subcommand};
 use berth::admin;
 use berth::config::{Config, ImageCacheConfig, RegistryKind, SourceKind};
 
+/// `println!` that ignores a closed stdout (`berth ... | head`) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "berth", version, about = "berth: an edge container registry")]
 struct Cli {
@@ -180,7 +188,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve => serve(config),
         Command::CheckConfig => {
-            println!("{config:#?}");
+            outln!("{config:#?}");
             Ok(())
         }
         Command::Registry(cmd) => registry(&config, cmd),
@@ -222,10 +230,10 @@ fn serve(config: Config) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         for (addr, tls) in server.local_addrs() {
             let scheme = if *tls { "https" } else { "http" };
-            println!("berth listening on {scheme}://{addr}");
+            outln!("berth listening on {scheme}://{addr}");
             tracing::info!(%addr, tls, data_dir = %data_dir.display(), "listening");
         }
-        println!("berth ready");
+        outln!("berth ready");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         wait_for_signal().await;
         tracing::info!("shutting down: no new connections, finishing open requests");
@@ -255,23 +263,25 @@ fn registry(config: &Config, cmd: RegistryCommand) -> Result<(), String> {
     match cmd {
         RegistryCommand::Create { name, kind, cache } => {
             admin::create_registry(&meta, &name, kind, cache)?;
-            println!("created registry {name} ({kind})");
+            outln!("created registry {name} ({kind})");
         }
         RegistryCommand::List { json } => {
             let regs = meta.registries().map_err(err)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&regs).map_err(err)?);
+                outln!("{}", serde_json::to_string_pretty(&regs).map_err(err)?);
             } else {
-                println!(
+                outln!(
                     "{:<32} {:<8} {:<20} REPOSITORIES",
-                    "NAME", "TYPE", "IMAGE CACHE"
+                    "NAME",
+                    "TYPE",
+                    "IMAGE CACHE"
                 );
                 for r in regs {
                     let repos = meta
                         .repositories(Some(&r.name), None, usize::MAX)
                         .map_err(err)?
                         .len();
-                    println!(
+                    outln!(
                         "{:<32} {:<8} {:<20} {}",
                         r.name,
                         r.kind,
@@ -297,7 +307,7 @@ fn registry(config: &Config, cmd: RegistryCommand) -> Result<(), String> {
             }
             meta.delete_registry(&name).map_err(err)?;
             meta.flush_blocking().map_err(err)?;
-            println!("deleted registry {name}");
+            outln!("deleted registry {name}");
         }
     }
     Ok(())
@@ -357,7 +367,7 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
             let mut c = ImageCacheConfig::new(&name, kind, &url);
             apply_source_args(&mut c, source)?;
             admin::put_image_cache(&meta, config, c, false)?;
-            println!("created image cache {name} ({kind}); use it with `berth registry create NAME --type cache --cache {name}`");
+            outln!("created image cache {name} ({kind}); use it with `berth registry create NAME --type cache --cache {name}`");
         }
         CacheCommand::Update { name, kind, source } => {
             let meta = admin::open_meta(config)?;
@@ -370,7 +380,7 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
             }
             apply_source_args(&mut c, source)?;
             admin::put_image_cache(&meta, config, c, true)?;
-            println!("updated image cache {name} (restart berth to apply)");
+            outln!("updated image cache {name} (restart berth to apply)");
         }
         CacheCommand::List { json } => {
             let meta = admin::open_meta(config)?;
@@ -381,11 +391,11 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
                 .map(admin::describe_image_cache)
                 .collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&caches).map_err(err)?);
+                outln!("{}", serde_json::to_string_pretty(&caches).map_err(err)?);
             } else {
-                println!("{:<20} {:<10} {:<45} CREDENTIALS", "NAME", "KIND", "URL");
+                outln!("{:<20} {:<10} {:<45} CREDENTIALS", "NAME", "KIND", "URL");
                 for c in caches {
-                    println!(
+                    outln!(
                         "{:<20} {:<10} {:<45} {}",
                         c["name"].as_str().unwrap_or(""),
                         c["kind"].as_str().unwrap_or(""),
@@ -398,7 +408,7 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
         CacheCommand::Delete { name } => {
             let meta = admin::open_meta(config)?;
             admin::delete_image_cache(&meta, &name)?;
-            println!("deleted image cache {name}");
+            outln!("deleted image cache {name}");
         }
         CacheCommand::Prune {
             dry_run,
@@ -416,18 +426,18 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
                 berth::cache::sweep::sweep(&store, age, config.pull_through.gc_grace, &[], dry_run)
                     .map_err(err)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).map_err(err)?);
+                outln!("{}", serde_json::to_string_pretty(&report).map_err(err)?);
             } else {
                 let verb = if dry_run { "would remove" } else { "removed" };
                 for (repo, digest, _, last) in &report.artifacts {
-                    println!(
+                    outln!(
                         "{verb} {repo}@{digest} (last pulled {})",
                         humantime::format_rfc3339_seconds(
                             std::time::UNIX_EPOCH + Duration::from_millis(*last)
                         )
                     );
                 }
-                println!(
+                outln!(
                     "{verb} {} artifacts and {} blobs ({} bytes)",
                     report.artifacts.len(),
                     report.blobs.len(),
@@ -439,7 +449,7 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
             let url = server_url(config, server);
             let stats = runtime()?.block_on(admin::stats::fetch(&url))?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "registries": stats.registries,
@@ -450,17 +460,17 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
                     .map_err(err)?
                 );
             } else {
-                println!("since the server at {url} started:");
+                outln!("since the server at {url} started:");
                 for (name, r) in &stats.registries {
                     let outcomes: Vec<String> =
                         r.outcomes.iter().map(|(o, n)| format!("{o}={n}")).collect();
-                    println!(
+                    outln!(
                         "  {name:<20} {}  served {} bytes",
                         outcomes.join(" "),
                         r.bytes_served
                     );
                 }
-                println!(
+                outln!(
                     "  hit ratio {:.1}%, fetched {} bytes from sources, saved {} bytes",
                     stats.hit_ratio() * 100.0,
                     stats.upstream_bytes,
@@ -491,7 +501,7 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
             for r in &references {
                 bar.set_message(r.clone());
                 match rt.block_on(admin::prefetch::prefetch(&url, r, platform.as_ref(), &bar)) {
-                    Ok(rep) if json => println!(
+                    Ok(rep) if json => outln!(
                         "{}",
                         serde_json::json!({"reference": r, "manifests": rep.manifests, "blobs": rep.blobs, "bytes": rep.bytes})
                     ),

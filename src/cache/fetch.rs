@@ -107,20 +107,15 @@ async fn stream(fetch: Arc<Fetch>, start: u64, len: u64, tx: mpsc::Sender<io::Re
             (_, None) => p.written,
         };
         if readable > pos {
+            let Ok(slot) = tx.reserve().await else { return };
             let n = (readable.min(end) - pos).min(READ_CHUNK as u64) as usize;
-            let file = fetch.file.clone();
-            let at = pos;
-            let piece = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let mut buf = BytesMut::zeroed(n);
-                file.read_exact_at(&mut buf, at).map(|_| buf.freeze())
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)));
-            let failed = piece.is_err();
-            pos += n as u64;
-            if tx.send(piece).await.is_err() || failed {
-                return;
+            let piece = crate::http::body::read_piece(fetch.file.clone(), pos, n).await;
+            match piece {
+                Ok(bytes) => {
+                    pos += bytes.len() as u64;
+                    slot.send(Ok(bytes));
+                }
+                Err(e) => return slot.send(Err(e)),
             }
             continue;
         }

@@ -43,6 +43,10 @@ pub struct ArtifactRecord {
 /// The sled database and its trees.
 pub struct Meta {
     db: sled::Db,
+    /// Group commit: writes announced, writes known durable, one flusher at a time.
+    announced: std::sync::atomic::AtomicU64,
+    durable: std::sync::atomic::AtomicU64,
+    flusher: tokio::sync::Mutex<()>,
     registries: sled::Tree,
     image_caches: sled::Tree,
     repos: sled::Tree,
@@ -111,12 +115,31 @@ impl Meta {
             referrers: db.open_tree("referrers")?,
             pulls: db.open_tree("pulls")?,
             db,
+            announced: Default::default(),
+            durable: Default::default(),
+            flusher: Default::default(),
         })
     }
 
     /// Makes every write so far durable (called before a client is told a write succeeded).
+    ///
+    /// Group commit: concurrent callers share one fsync. sled's own `flush_async` is not used:
+    /// it deadlocks under concurrent writers (sled issue 1308); a blocking flush on the blocking
+    /// pool does not.
     pub async fn flush(&self) -> MetaResult<()> {
-        self.db.flush_async().await.map(|_| ())
+        use std::sync::atomic::Ordering;
+        let mine = self.announced.fetch_add(1, Ordering::AcqRel) + 1;
+        let _turn = self.flusher.lock().await;
+        if self.durable.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        let target = self.announced.load(Ordering::Acquire);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| sled::Error::Unsupported(format!("flush task: {e}")))??;
+        self.durable.store(target, Ordering::Release);
+        Ok(())
     }
 
     /// Blocking flush (CLI, shutdown).
