@@ -4,8 +4,8 @@
 #
 # Not part of the test suite: run it by hand (see benches/README.md).
 #
-#   benches/load.sh                 # full run (1 GiB blobs, 10,000 tags), ~5-10 min
-#   QUICK=1 benches/load.sh         # smoke run with small sizes, ~1 min
+#   benches/load.sh                 # full run (1 GiB blobs, 10,000 tags), ~4 min plus the build
+#   QUICK=1 benches/load.sh         # smoke run with small sizes, ~20 s plus the build
 #   BERTH=0 benches/load.sh         # peers only (berth not built / not started)
 #
 # Environment (defaults in brackets; QUICK=1 lowers them):
@@ -16,9 +16,10 @@
 #   RSS_RATE []         optional curl --limit-rate per RSS stream (e.g. 50M: slow clients)
 #   CHUNK_MB [16]       PATCH size of the chunked push
 #   TAGS [10000]        tags pushed for the tag-list row
+#   TAG_PAR [16]        concurrent manifest PUTs while pushing them
 #   TAGLIST_RUNS [300]  tag-list requests timed (median, p99 reported)
 #   GET_RUNS [3]        repetitions of the GET rows (median reported)
-#   WRK_DURATION [10s]  WRK_CONNS [64]  WRK_THREADS [2]
+#   WRK_DURATION [10s]  WRK_CONNS [64]  WRK_THREADS [2]   (manifest GET: wrk; HEAD: ab, same c and duration)
 #   BERTH [auto]        auto: build and include berth if the build succeeds; 1: required; 0: skip
 #   BERTH_BIN []        use this binary instead of building target/release/berth
 #   LOGS [0]            1: servers log at their usual info level (default: warn, no access log)
@@ -43,6 +44,7 @@ RSS_N=${RSS_N:-64}
 RSS_RATE=${RSS_RATE:-}
 CHUNK_MB=${CHUNK_MB:-16}
 TAGS=${TAGS:-10000}
+TAG_PAR=${TAG_PAR:-16}
 TAGLIST_RUNS=${TAGLIST_RUNS:-300}
 GET_RUNS=${GET_RUNS:-3}
 WRK_DURATION=${WRK_DURATION:-10s}
@@ -63,8 +65,8 @@ MT_MANIFEST=application/vnd.oci.image.manifest.v1+json
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 need() { command -v "$1" >/dev/null || die "missing $1 (apt-get install -y $2)"; }
-need curl curl; need wrk wrk; need nginx nginx-light; need docker-registry docker-registry
-need jq jq; need awk gawk; need sha256sum coreutils; need openssl openssl; need ss iproute2
+need curl curl; need wrk wrk; need ab apache2-utils; need nginx nginx-light; need docker-registry docker-registry
+need jq jq; need awk mawk; need openssl openssl; need ss iproute2
 
 # ---------------------------------------------------------------- build
 if [[ $BERTH != 0 && -z $BERTH_BIN ]]; then
@@ -85,13 +87,23 @@ D=$(mktemp -d /tmp/berth-bench.XXXXXX)
 chmod 755 "$D"                 # nginx workers (user nobody) read $D/www
 PIDS=()                        # servers, stopped in reverse order
 WATCHDOG=
+descendants() { # PID: every descendant process, children after their own descendants
+  local c
+  for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do descendants "$c"; echo "$c"; done
+}
 cleanup() {
   local rc=$?
-  trap - EXIT INT TERM
+  set +e                       # best effort from here on: a failed kill must not end the cleanup
+  trap - EXIT
+  trap '' INT TERM             # a late signal must not cut the cleanup short
   [[ -n $WATCHDOG ]] && kill "$WATCHDOG" 2>/dev/null
-  # background clients of this shell (curl/wrk), by PID
-  local j; for j in $(jobs -pr); do [[ $j == "$WATCHDOG" ]] || kill "$j" 2>/dev/null; done
-  local i
+  # clients still running (curl/wrk/ab, also those started from subshells), by PID: every
+  # child of this shell but the servers (stopped below), with its descendants
+  local c j i
+  for c in $(ps -o pid= --ppid $$ 2>/dev/null); do
+    [[ " ${PIDS[*]} " == *" $c "* ]] && continue
+    for j in $(descendants "$c") "$c"; do kill -TERM "$j" 2>/dev/null || true; done
+  done
   for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null || true; done
   for ((i=${#PIDS[@]}-1; i>=0; i--)); do
     local t=0
@@ -106,8 +118,13 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 # the watchdog signals this shell, then its children by parent PID (a foreground curl/wrk
 # would otherwise delay the trap until it ends)
-( sleep "$TIMEOUT"; echo "[watchdog] $TIMEOUT s elapsed: stopping the benchmark" >&2
-  kill -TERM $$; sleep 1; pkill -TERM -P $$ ) &
+(
+  trap 'kill "$sp" 2>/dev/null; exit 0' TERM
+  sleep "$TIMEOUT" & sp=$!
+  wait "$sp"
+  echo "[watchdog] $TIMEOUT s elapsed: stopping the benchmark" >&2
+  kill -TERM $$; pkill -TERM -P $$
+) >/dev/null &
 WATCHDOG=$!
 
 # ---------------------------------------------------------------- helpers
@@ -117,14 +134,16 @@ median() { sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "NaN"; else pr
 pctl() { sort -g | awk -v p="$1" '{ a[NR] = $1 } END { i = int(NR * p / 100 + 0.999); if (i < 1) i = 1; print (NR ? a[i] : "NaN") }'; }
 MB() { calc "$1 / 1000000" 1; }
 
+# free_port: sets P to a port in 20000-31999 (below the ephemeral range) that nothing listens on
+# and that this script has not handed out yet
 USED_PORTS=" "
 free_port() {
-  local p listening; listening=$(ss -Htln | awk '{ n = split($4, a, ":"); print a[n] }')
+  local listening; listening=$(ss -Htln | awk '{ n = split($4, a, ":"); print a[n] }')
   while :; do
-    p=$((20000 + RANDOM % 12000))
-    grep -qx "$p" <<<"$listening" || [[ $USED_PORTS == *" $p "* ]] || break
+    P=$((20000 + RANDOM % 12000))
+    grep -qx "$P" <<<"$listening" || [[ $USED_PORTS == *" $P "* ]] || break
   done
-  USED_PORTS+="$p "; echo "$p"
+  USED_PORTS+="$P "
 }
 
 wait_http() { # URL NAME PID: poll until any HTTP answer, with a 30 s deadline
@@ -138,14 +157,13 @@ wait_http() { # URL NAME PID: poll until any HTTP answer, with a 30 s deadline
 
 abs_url() { case $2 in http://*|https://*) echo "$2" ;; /*) echo "$1$2" ;; *) echo "$1/$2" ;; esac; }
 with_digest() { if [[ $1 == *\?* ]]; then echo "$1&digest=$2"; else echo "$1?digest=$2"; fi; }
-location() { tr -d '\r' <"$1" | awk 'tolower($1) == "location:" { print $2 }' | tail -n 1; }
 
 # upload_start BASE -> absolute upload URL
 upload_start() {
-  local code
-  code=$(curl -sS -X POST -D "$D/h" -o /dev/null -w '%{http_code}' --max-time 30 "$1/v2/$REPO/blobs/uploads/")
-  [[ $code == 202 ]] || die "POST $1/v2/$REPO/blobs/uploads/ -> $code"
-  abs_url "$1" "$(location "$D/h")"
+  local out
+  out=$(curl -sS -X POST -o /dev/null -w '%{http_code} %header{location}' --max-time 30 "$1/v2/$REPO/blobs/uploads/")
+  [[ ${out%% *} == 202 ]] || die "POST $1/v2/$REPO/blobs/uploads/ -> $out"
+  abs_url "$1" "${out#* }"
 }
 
 # push_mono BASE FILE DIGEST: POST, then PUT ?digest= with the whole body
@@ -157,17 +175,20 @@ push_mono() {
   [[ $code == 201 ]] || die "monolithic PUT to $1 -> $code: $(head -c 300 "$D/body")"
 }
 
-# push_chunked BASE CHUNKDIR DIGEST: POST, PATCH per chunk with Content-Range, PUT ?digest=
+# push_chunked BASE CHUNKDIR DIGEST: POST, PATCH per chunk with Content-Range, PUT ?digest=.
+# One curl per request and no other process in the loop: the client's share of the time is small.
 push_chunked() {
-  local loc code off=0 size f
+  local loc out code off=0 size f chunk=$((CHUNK_MB * 1048576))
   loc=$(upload_start "$1")
   for f in "$2"/c.*; do
-    size=$(stat -c %s "$f")
-    code=$(curl -sS -X PATCH -T "$f" -H 'Expect:' -H 'Content-Type: application/octet-stream' \
-      -H "Content-Range: $off-$((off + size - 1))" -D "$D/h" -o "$D/body" -w '%{http_code}' \
+    size=$((BLOB_BYTES - off < chunk ? BLOB_BYTES - off : chunk))
+    out=$(curl -sS -X PATCH -T "$f" -H 'Expect:' -H 'Content-Type: application/octet-stream' \
+      -H "Content-Range: $off-$((off + size - 1))" -o "$D/body" -w '%{http_code} %{time_total} %header{location}' \
       --max-time 300 "$loc")
+    code=${out%% *}; out=${out#* }
     [[ $code == 202 ]] || die "PATCH $f to $1 -> $code: $(head -c 300 "$D/body")"
-    loc=$(abs_url "$1" "$(location "$D/h")")
+    echo "${out%% *}" >>"$D/patch.times"; out=${out#* }
+    case $out in http://*) loc=$out ;; /*) loc=$1$out ;; *) die "PATCH: no Location ($out)" ;; esac
     off=$((off + size))
   done
   code=$(curl -sS -X PUT -H 'Content-Length: 0' -o "$D/body" -w '%{http_code}' --max-time 300 \
@@ -228,18 +249,31 @@ get_parallel_median() {
   for ((i = 0; i < GET_RUNS; i++)); do get_parallel "$@"; echo; done | median
 }
 
-# wrk_run URL METHOD -> "req/s p50_ms p99_ms non2xx"
+# wrk_run URL -> "req/s p50_ms p99_ms non2xx" (GET)
 wrk_run() {
-  local script=$D/wrk_$2.lua out
-  printf 'wrk.method = "%s"\n' "$2" >"$script"
+  local out
   out=$(timeout 120 wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency --timeout 5s \
-    -s "$script" -H "$ACCEPT" "$1") || die "wrk $2 $1 failed"
+    -H "$ACCEPT" "$1") || die "wrk $1 failed"
   printf '%s\n' "$out" >>"$D/wrk.log"
   awk '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v }
     $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
-    /^Requests\/sec:/ { rps = $2 } /Non-2xx/ { bad = $NF } /Socket errors/ { err = $0 }
+    /^Requests\/sec:/ { rps = $2 } /Non-2xx/ { bad = $NF }
     END { printf "%.0f %.3f %.3f %d\n", rps, p50, p99, bad + 0 }' <<<"$out"
+}
+
+# ab_head URL -> "req/s p50_ms p99_ms non2xx" (HEAD). wrk 4.1 cannot do HEAD: its parser waits
+# for the Content-Length bytes of a HEAD answer and never completes a request. ab is one thread.
+ab_head() {
+  local out secs=${WRK_DURATION%s}
+  out=$(timeout 120 ab -q -i -k -c "$WRK_CONNS" -t "$secs" -n 100000000 -s 5 -H "$ACCEPT" \
+    -e "$D/ab.csv" "$1" 2>&1) || die "ab -i $1 failed: $(tail -n 3 <<<"$out")"
+  printf '%s\n' "$out" >>"$D/ab.log"
+  local p50 p99 rps bad
+  p50=$(awk -F, '$1 == 50 { print $2 }' "$D/ab.csv"); p99=$(awk -F, '$1 == 99 { print $2 }' "$D/ab.csv")
+  rps=$(awk '/^Requests per second:/ { printf "%.0f", $4 }' <<<"$out")
+  bad=$(awk '/^Non-2xx responses:/ { n += $3 } /^Failed requests:/ { n += $3 } END { print n + 0 }' <<<"$out")
+  echo "$rps $p50 $p99 $bad"
 }
 
 # rss_under_load PID URL: reset the high-water mark, run RSS_N streams, read VmHWM (MiB)
@@ -250,16 +284,16 @@ rss_under_load() {
   awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status"
 }
 
-push_tags() { # BASE COUNT: PUT the manifest under tagNNNNN, 32 at a time, one curl process
+push_tags() { # BASE COUNT: PUT the manifest under tagNNNNN, TAG_PAR at a time, one curl process
   local i cfg=$D/tags.curl
   : >"$cfg"
   for ((i = 0; i < $2; i++)); do
     printf 'url = "%s/v2/%s/manifests/tag%05d"\nupload-file = "%s"\noutput = "/dev/null"\n' "$1" "$REPO" "$i" "$D/manifest.json" >>"$cfg"
   done
-  curl -sS --parallel --parallel-max 32 -K "$cfg" -H "Content-Type: $MT_MANIFEST" -H 'Expect:' \
-    --max-time 60 -w '%{http_code}\n' >"$D/tags.codes" || true
+  curl -sS --no-progress-meter --parallel --parallel-max "$TAG_PAR" -K "$cfg" -H "Content-Type: $MT_MANIFEST" \
+    -H 'Expect:' --max-time 10 --fail-early -w '%{http_code}\n' >"$D/tags.codes" 2>"$D/tags.err" || true
   local ok; ok=$(grep -c '^201$' "$D/tags.codes" || true)
-  [[ $ok == "$2" ]] || die "tag push to $1: $ok of $2 answered 201 ($(sort "$D/tags.codes" | uniq -c | tr '\n' ' '))"
+  [[ $ok == "$2" ]] || { log "ERROR: tag push to $1: $ok of $2 answered 201 ($(sort "$D/tags.codes" | uniq -c | tr -s ' \n' ' '))"; return 1; }
 }
 
 # taglist BASE -> "median_ms p99_ms" of GET tags/list?n=100&last=tag05000 on one kept-alive connection
@@ -280,14 +314,17 @@ BLOB_BYTES=$((BLOB_MB * 1048576))
 PAR_BYTES=$((PAR_MB * 1048576))
 log "generating content in $D ($BLOB_MB MiB x2, $PAR_MB MiB)"
 mkdir -p "$D/www" "$D/chunks"
-gen() { openssl enc -aes-128-ctr -nosalt -pass "pass:$2" -pbkdf2 </dev/zero 2>/dev/null | head -c "$3" >"$1"; }
+gen() { # FILE SEED BYTES: fast pseudo-random bytes (AES-CTR keystream)
+  (set +o pipefail; openssl enc -aes-128-ctr -nosalt -pass "pass:$2" -pbkdf2 </dev/zero 2>/dev/null | head -c "$3" >"$1")
+  [[ $(stat -c %s "$1") == "$3" ]] || die "could not generate $1"
+}
 gen "$D/www/big" big "$BLOB_BYTES"          # monolithic push, single-stream GET
 gen "$D/chunked" chunked "$BLOB_BYTES"      # chunked push (distinct content)
 gen "$D/www/par" par "$PAR_BYTES"           # concurrent GETs, RSS
 chmod 644 "$D/www/big" "$D/www/par"; chmod 755 "$D/www"
 (cd "$D/chunks" && split -b "${CHUNK_MB}M" -d -a 4 "$D/chunked" c.)
 printf '{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}' >"$D/config.json"
-dg() { echo "sha256:$(sha256sum "$1" | cut -d' ' -f1)"; }
+dg() { echo "sha256:$(openssl dgst -sha256 -r "$1" | cut -d' ' -f1)"; }
 DG_BIG=$(dg "$D/www/big"); DG_CHUNKED=$(dg "$D/chunked"); DG_PAR=$(dg "$D/www/par"); DG_CFG=$(dg "$D/config.json")
 jq -cn --arg c "$DG_CFG" --argjson cs "$(stat -c %s "$D/config.json")" \
   --arg b "$DG_BIG" --argjson bs "$BLOB_BYTES" --arg k "$DG_CHUNKED" --arg p "$DG_PAR" --argjson ps "$PAR_BYTES" \
@@ -302,7 +339,7 @@ declare -A URL PID
 if [[ $LOGS == 1 ]]; then REG_LOG=info; REG_ACCESS=false; BERTH_LOG=info; else REG_LOG=warn; REG_ACCESS=true; BERTH_LOG=warn; fi
 
 # docker-registry
-P=$(free_port); mkdir -p "$D/registry/data"
+free_port; mkdir -p "$D/registry/data"
 cat >"$D/registry/config.yml" <<EOF
 version: 0.1
 log:
@@ -328,7 +365,7 @@ wait_http "${URL[registry]}/v2/" docker-registry "${PID[registry]}"
 log "docker-registry $(docker-registry --version | awk '{print $3}') on ${URL[registry]} (pid ${PID[registry]})"
 
 # nginx: the same files from $D/www, sendfile on, every path in $D/nginx
-P=$(free_port); mkdir -p "$D/nginx"
+free_port; mkdir -p "$D/nginx"
 cat >"$D/nginx/nginx.conf" <<EOF
 worker_processes $NGINX_WORKERS;
 pid $D/nginx/nginx.pid;
@@ -384,23 +421,36 @@ fi
 declare -A R   # R[metric.server] = value
 
 # ---------------------------------------------------------------- pushes
+# Before each server's pushes, the same file is written with dd + fdatasync into the same file
+# system: the write limit of this machine at that moment (it varies, see README), shown in the
+# limit column of the push rows.
+: >"$D/dd.speeds"
 for s in "${SERVERS[@]}"; do
   b=${URL[$s]}
   push_mono "$b" "$D/config.json" "$DG_CFG"
   push_mono "$b" "$D/www/par" "$DG_PAR"
   sync
+  t0=$(now); dd if="$D/www/big" of="$D/ddtest" bs=2M conv=fdatasync status=none; t1=$(now)
+  rm -f "$D/ddtest"; sync
+  calc "$BLOB_BYTES / ($t1 - $t0)" 0 >>"$D/dd.speeds"; echo >>"$D/dd.speeds"
+  c0=$(cpu_ticks "${PID[$s]}")
   t0=$(now); push_mono "$b" "$D/www/big" "$DG_BIG"; t1=$(now)
+  c1=$(cpu_ticks "${PID[$s]}")
   R[push_mono.$s]=$(calc "$BLOB_BYTES / ($t1 - $t0)" 0)
+  R[pushcpu.$s]=$(calc "($c1 - $c0) / $HZ / ($BLOB_MB / 1024)" 2)
   sync
+  : >"$D/patch.times"
   t0=$(now); push_chunked "$b" "$D/chunks" "$DG_CHUNKED"; t1=$(now)
   R[push_chunk.$s]=$(calc "$BLOB_BYTES / ($t1 - $t0)" 0)
+  R[patch_ms.$s]=$(awk '{ s += $1 } END { printf "%.1f", s * 1000 / NR }' "$D/patch.times")
   put_manifest "$b" latest
-  log "$s: push monolithic $(MB "${R[push_mono.$s]}") MB/s, chunked $(MB "${R[push_chunk.$s]}") MB/s"
+  log "$s: push monolithic $(MB "${R[push_mono.$s]}") MB/s (${R[pushcpu.$s]} CPU s/GiB), chunked $(MB "${R[push_chunk.$s]}") MB/s (${R[patch_ms.$s]} ms per PATCH); dd just before: $(MB "$(tail -n 1 "$D/dd.speeds")") MB/s"
 done
+R[push_mono.limit]=$(grep . "$D/dd.speeds" | median); R[push_chunk.limit]=${R[push_mono.limit]}
 
 # every server must return exactly the bytes pushed
 for s in "${SERVERS[@]}"; do
-  got=$(curl -sSf --max-time 60 "${URL[$s]}/v2/$REPO/blobs/$DG_PAR" | sha256sum | cut -d' ' -f1)
+  got=$(curl -sSf --max-time 60 "${URL[$s]}/v2/$REPO/blobs/$DG_PAR" | openssl dgst -sha256 -r | cut -d' ' -f1)
   [[ sha256:$got == "$DG_PAR" ]] || die "$s returned wrong bytes for $DG_PAR"
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "$ACCEPT" "${URL[$s]}/v2/$REPO/manifests/latest")
   [[ $code == 200 ]] || die "$s: GET manifest by tag -> $code"
@@ -421,7 +471,8 @@ done
 # ---------------------------------------------------------------- manifests (wrk)
 for s in "${SERVERS[@]}"; do
   for m in GET HEAD; do
-    read -r rps p50 p99 bad < <(wrk_run "${URL[$s]}/v2/$REPO/manifests/latest" "$m")
+    if [[ $m == GET ]]; then tool=wrk_run; else tool=ab_head; fi
+    read -r rps p50 p99 bad < <($tool "${URL[$s]}/v2/$REPO/manifests/latest")
     ((bad == 0)) || log "WARNING: $s manifest $m: $bad non-2xx responses"
     R[m$m.$s]=$rps; R[m${m}50.$s]=$p50; R[m${m}99.$s]=$p99
     log "$s: manifest $m $rps req/s, p50 $p50 ms, p99 $p99 ms"
@@ -437,15 +488,23 @@ done
 
 # ---------------------------------------------------------------- tag list
 for s in "${SERVERS[@]}"; do
-  t0=$(now); push_tags "${URL[$s]}" "$TAGS"; t1=$(now)
+  t0=$(now)
+  if ! push_tags "${URL[$s]}" "$TAGS"; then
+    R[tagpush.$s]=FAIL; R[tl.$s]=FAIL; R[tl99.$s]=FAIL
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "${URL[$s]}/v2/") || true
+    log "$s: tag push failed; GET /v2/ now answers ${code:-nothing}"
+    continue
+  fi
+  t1=$(now)
   R[tagpush.$s]=$(calc "$TAGS / ($t1 - $t0)" 0)
   read -r med p99 < <(taglist "${URL[$s]}")
   R[tl.$s]=$med; R[tl99.$s]=$p99
   n=$(jq '.tags | length' "$D/taglist.json"); first=$(jq -r '.tags[0]' "$D/taglist.json")
   R[tln.$s]=$n
   log "$s: $TAGS tags pushed at ${R[tagpush.$s]}/s; tag-list page median $med ms, p99 $p99 ms ($n tags, first $first)"
-  if [[ $s == berth && ( $n != 100 || $first != tag$(printf %05d $((TAGS / 2 + 1))) ) ]]; then
-    log "WARNING: berth's page is not the 100 tags after tag$(printf %05d $((TAGS / 2))) (got $n, first $first)"
+  want=$((TAGS - TAGS / 2 - 1)); ((want > 100)) && want=100
+  if [[ $s == berth && ( $n != "$want" || $first != tag$(printf %05d $((TAGS / 2 + 1))) ) ]]; then
+    log "WARNING: berth's page is not the $want tags after tag$(printf %05d $((TAGS / 2))) (got $n, first $first)"
   fi
 done
 
@@ -453,11 +512,11 @@ done
 v() { echo "${R[$1]:--}"; }
 ratio() { # A B [inverse]: A/B, or B/A for lower-is-better rows
   local a=${R[$1]:-} b=${R[$2]:-}
-  [[ -n $a && -n $b && $a != - && $b != - ]] || { echo -; return; }
+  [[ $a =~ ^[0-9.]+$ && $b =~ ^[0-9.]+$ ]] || { echo -; return; }
   if [[ ${3:-} == inv ]]; then awk -v a="$a" -v b="$b" 'BEGIN { if (a > 0) printf "%.2fx", b / a; else print "-" }'
   else awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; fi
 }
-mbv() { [[ -n ${R[$1]:-} ]] && MB "${R[$1]}" || echo -; }
+mbv() { if [[ ${R[$1]:-} =~ ^[0-9.]+$ ]]; then MB "${R[$1]}"; else echo "${R[$1]:--}"; fi; }
 row() { printf '%-44s %12s %12s %12s %10s %10s  %s\n' "$@"; [[ -z $RESULTS ]] || printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; }
 [[ -z $RESULTS ]] || : >"$RESULTS"
 
@@ -467,7 +526,7 @@ echo "sizes: blob ${BLOB_MB} MiB, parallel ${PAR_N}x${PAR_MB} MiB, RSS ${RSS_N}x
 [[ $BERTH == 0 ]] && echo "berth: not run"
 echo "ratios: berth/peer, oriented so that >1 means berth is better (lower-is-better rows use peer/berth)"
 echo
-row metric berth registry nginx vs-registry vs-nginx target
+row metric berth registry limit vs-registry vs-limit target
 row "blob GET ${BLOB_MB} MiB, 1 stream (MB/s)" "$(mbv get1.berth)" "$(mbv get1.registry)" "$(mbv get1.nginx)" \
   "$(ratio get1.berth get1.registry)" "$(ratio get1.berth get1.nginx)" ">=0.8x nginx"
 row "  server CPU per GiB sent (s)" "$(v cpu.berth)" "$(v cpu.registry)" "$(v cpu.nginx)" \
@@ -475,15 +534,22 @@ row "  server CPU per GiB sent (s)" "$(v cpu.berth)" "$(v cpu.registry)" "$(v cp
 row "blob GET ${PAR_N}x${PAR_MB} MiB aggregate (MB/s)" "$(mbv getN.berth)" "$(mbv getN.registry)" "$(mbv getN.nginx)" \
   "$(ratio getN.berth getN.registry)" "$(ratio getN.berth getN.nginx)" ">=0.8x nginx"
 for m in GET HEAD; do
-  row "manifest $m by tag, c=$WRK_CONNS (req/s)" "$(v m$m.berth)" "$(v m$m.registry)" - "$(ratio m$m.berth m$m.registry)" - ">=10x registry"
+  row "manifest $m by tag, c=$WRK_CONNS (req/s)$([[ $m == HEAD ]] && echo ' [ab]')" "$(v m$m.berth)" "$(v m$m.registry)" - "$(ratio m$m.berth m$m.registry)" - ">=10x registry"
   row "  p50 (ms)" "$(v m${m}50.berth)" "$(v m${m}50.registry)" - "$(ratio m${m}50.berth m${m}50.registry inv)" - ""
   row "  p99 (ms)" "$(v m${m}99.berth)" "$(v m${m}99.registry)" - "$(ratio m${m}99.berth m${m}99.registry inv)" - "<=10 ms"
 done
-row "push ${BLOB_MB} MiB monolithic POST+PUT (MB/s)" "$(mbv push_mono.berth)" "$(mbv push_mono.registry)" - "$(ratio push_mono.berth push_mono.registry)" - ">=2x registry"
-row "push ${BLOB_MB} MiB chunked ${CHUNK_MB} MiB PATCHes (MB/s)" "$(mbv push_chunk.berth)" "$(mbv push_chunk.registry)" - "$(ratio push_chunk.berth push_chunk.registry)" - ">=2x registry"
+row "push ${BLOB_MB} MiB monolithic POST+PUT (MB/s)" "$(mbv push_mono.berth)" "$(mbv push_mono.registry)" "$(mbv push_mono.limit)" \
+  "$(ratio push_mono.berth push_mono.registry)" "$(ratio push_mono.berth push_mono.limit)" ">=2x registry"
+row "  server CPU per GiB pushed (s)" "$(v pushcpu.berth)" "$(v pushcpu.registry)" - "$(ratio pushcpu.berth pushcpu.registry inv)" - ""
+row "push ${BLOB_MB} MiB chunked ${CHUNK_MB} MiB PATCHes (MB/s)" "$(mbv push_chunk.berth)" "$(mbv push_chunk.registry)" "$(mbv push_chunk.limit)" \
+  "$(ratio push_chunk.berth push_chunk.registry)" "$(ratio push_chunk.berth push_chunk.limit)" ">=2x registry"
+row "  mean time per ${CHUNK_MB} MiB PATCH (ms)" "$(v patch_ms.berth)" "$(v patch_ms.registry)" - "$(ratio patch_ms.berth patch_ms.registry inv)" - ""
 row "peak RSS, ${RSS_N}x${PAR_MB} MiB GETs (MiB)" "$(v rss.berth)" "$(v rss.registry)" - "$(ratio rss.berth rss.registry inv)" - "<=128 MiB"
-row "tag push, $TAGS manifest PUTs (tags/s)" "$(v tagpush.berth)" "$(v tagpush.registry)" - "$(ratio tagpush.berth tagpush.registry)" - ""
+row "tag push, $TAGS manifest PUTs, $TAG_PAR at once (tags/s)" "$(v tagpush.berth)" "$(v tagpush.registry)" - "$(ratio tagpush.berth tagpush.registry)" - ""
 row "tag list n=100 last=mid, median (ms)" "$(v tl.berth)" "$(v tl.registry)*" - - - "<=2 ms"
 row "  p99 (ms)" "$(v tl99.berth)" "$(v tl99.registry)*" - - - ""
 echo
+echo "limit: GET rows: nginx (sendfile) serving the same file. Push rows: dd conv=fdatasync of the same"
+echo "       file into the same file system just before each server's pushes (median): a reference for"
+echo "       this disk at that moment, not a hard ceiling."
 echo "* docker-registry 2.8 ignores n/last: its answer held ${R[tln.registry]:-?} tags (berth: ${R[tln.berth]:-?})."
