@@ -464,3 +464,74 @@ async fn a_blob_cached_for_one_repository_is_served_for_another_only_if_the_sour
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap(), data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_warms_all_platforms_or_one() {
+    let upstream = TestServer::start("").await;
+    let (amd, amd_digest) = upstream.push_image("library/multi", "amd64", "amd").await;
+    let (arm, arm_digest) = upstream.push_image("library/multi", "arm64", "arm").await;
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": amd_digest, "size": amd.len(), "platform": {"architecture": "amd64", "os": "linux"}},
+            {"mediaType": OCI_MANIFEST, "digest": arm_digest, "size": arm.len(), "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}}
+        ]
+    }))
+    .unwrap();
+    assert_eq!(
+        upstream
+            .put_manifest("library/multi", "v1", OCI_INDEX, &index)
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let edge = TestServer::start(&format!(
+        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"{}\"\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n",
+        upstream.base
+    ))
+    .await;
+    let bar = indicatif::ProgressBar::hidden();
+    let arm_only: berth::admin::prefetch::Platform = "linux/arm64".parse().unwrap();
+    let r =
+        berth::admin::prefetch::prefetch(&edge.base, "hub/library/multi:v1", Some(&arm_only), &bar)
+            .await
+            .unwrap();
+    assert_eq!(
+        (r.manifests, r.blobs),
+        (2, 2),
+        "index + arm64 manifest, its config and layer"
+    );
+    let (_, amd_layer) = config_and_layer(&amd);
+    let app = edge.app();
+    let held = |d: &str| {
+        app.store
+            .blobs
+            .stat(&berth::oci::digest::Digest::parse(d).unwrap())
+            .unwrap()
+            .is_some()
+    };
+    assert!(!held(&amd_layer), "the other platform was not fetched");
+    let r = berth::admin::prefetch::prefetch(&edge.base, "hub/library/multi:v1", None, &bar)
+        .await
+        .unwrap();
+    assert_eq!((r.manifests, r.blobs), (3, 4));
+    assert!(held(&amd_layer));
+    // Filled: the source can go away and every platform still pulls.
+    drop(upstream);
+    for d in [&amd_digest, &arm_digest] {
+        assert_eq!(
+            edge.get(&format!("/v2/hub/library/multi/manifests/{d}"))
+                .await
+                .status(),
+            StatusCode::OK
+        );
+    }
+    let bad = berth::admin::prefetch::prefetch(
+        &edge.base,
+        "hub/library/multi:v1",
+        Some(&"linux/s390x".parse().unwrap()),
+        &bar,
+    )
+    .await;
+    assert!(bad.is_err());
+}
