@@ -64,7 +64,11 @@ pub async fn manifest(
     let local = t.repo.as_str();
     match Reference::parse(reference)? {
         Reference::Digest(d) => {
-            if app.store.meta.artifact(local, &d)?.is_some() {
+            let hot = app
+                .store
+                .cached_manifest(&manifest_key(local, reference))
+                .is_some();
+            if hot || app.store.meta.artifact(local, &d)?.is_some() {
                 let r = manifests::get(app, &t.repo, reference, head).await?;
                 return Ok(outcome(app, t, r, "hit"));
             }
@@ -98,7 +102,7 @@ async fn manifest_by_tag(
     // A TTL longer than the machine's uptime has no earliest instant: anything validated counts.
     if !ttl.is_zero()
         && fresh(Instant::now().checked_sub(ttl))
-        && app.store.meta.tag(local, tag)?.is_some()
+        && (app.store.cached_manifest(&key).is_some() || app.store.meta.tag(local, tag)?.is_some())
     {
         return serve_local("hit").await;
     }
