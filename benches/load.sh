@@ -4,9 +4,10 @@
 #
 # Not part of the test suite: run it by hand (see benches/README.md).
 #
-#   benches/load.sh                 # full run (1 GiB blobs, 10,000 tags), ~4 min plus the build
-#   QUICK=1 benches/load.sh         # smoke run with small sizes, ~20 s plus the build
+#   benches/load.sh                 # full run (1 GiB blobs, 10,000 tags, cache rows), ~9 min plus the build
+#   QUICK=1 benches/load.sh         # smoke run with small sizes, ~1 min plus the build
 #   BERTH=0 benches/load.sh         # peers only (berth not built / not started)
+#   CACHE=0 benches/load.sh         # origin rows only;  ORIGIN=0: cache rows only
 #
 # Environment (defaults in brackets; QUICK=1 lowers them):
 #   BLOB_MB [1024]      size of the single-stream GET blob and of each timed push
@@ -27,6 +28,17 @@
 #   TIMEOUT [3600]      hard limit in seconds for the whole run after the build (600 with QUICK=1)
 #   RESULTS []          also write the results as TSV to this file
 #   NGINX_WORKERS [auto]  nginx worker_processes
+# Cache rows (pull-through: a source registry, berth's cache registry vs docker-registry in
+# proxy mode, each started cold with a fresh data dir):
+#   ORIGIN [1]          0: skip the origin rows (push, GET, manifest, RSS, tags)
+#   CACHE [1]           0: skip the cache rows
+#   NETS ["direct relay"]  network settings for the cache rows: direct = edge -> source on
+#                       loopback; relay = through benches/relay.py (throttled, delayed, counting)
+#   RELAY_RATE [100]    relay: MB/s (10^6) of the source -> edge direction, all connections together
+#   RELAY_DELAY [20]    relay: ms added to each direction (round trip + 2x, like netem delay on lo)
+#   COLD_RUNS [3]       cold single GETs per edge and setting (a fresh edge each; median reported)
+#   HERD_MB [256]  HERD_N [32]   blob size and number of concurrent cold GETs (the herd)
+#   CACHE_TTL [30s]     berth's revalidate_ttl for the cached-manifest row (a ttl 0 row follows)
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -36,6 +48,7 @@ QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
   : "${BLOB_MB:=32}" "${PAR_MB:=4}" "${PAR_N:=4}" "${RSS_N:=8}" "${CHUNK_MB:=4}"
   : "${TAGS:=200}" "${TAGLIST_RUNS:=30}" "${GET_RUNS:=1}" "${WRK_DURATION:=2s}" "${TIMEOUT:=600}"
+  : "${COLD_RUNS:=1}" "${HERD_MB:=16}" "${HERD_N:=8}"
 fi
 BLOB_MB=${BLOB_MB:-1024}
 PAR_MB=${PAR_MB:-64}
@@ -57,6 +70,15 @@ KEEP=${KEEP:-0}
 TIMEOUT=${TIMEOUT:-3600}
 RESULTS=${RESULTS:-}
 NGINX_WORKERS=${NGINX_WORKERS:-auto}
+ORIGIN=${ORIGIN:-1}
+CACHE=${CACHE:-1}
+NETS=${NETS:-direct relay}
+RELAY_RATE=${RELAY_RATE:-100}
+RELAY_DELAY=${RELAY_DELAY:-20}
+COLD_RUNS=${COLD_RUNS:-3}
+HERD_MB=${HERD_MB:-256}
+HERD_N=${HERD_N:-32}
+CACHE_TTL=${CACHE_TTL:-30s}
 
 REPO=bench/app                  # image name in both registries (berth: registry "bench", image "app")
 ACCEPT='Accept: application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json'
@@ -67,6 +89,7 @@ die() { log "FATAL: $*"; exit 1; }
 need() { command -v "$1" >/dev/null || die "missing $1 (apt-get install -y $2)"; }
 need curl curl; need wrk wrk; need ab apache2-utils; need nginx nginx-light; need docker-registry docker-registry
 need jq jq; need awk mawk; need openssl openssl; need ss iproute2
+[[ $CACHE == 0 ]] || need python3 python3
 
 # ---------------------------------------------------------------- build
 if [[ $BERTH != 0 && -z $BERTH_BIN ]]; then
@@ -312,17 +335,21 @@ taglist() {
 # ---------------------------------------------------------------- content
 BLOB_BYTES=$((BLOB_MB * 1048576))
 PAR_BYTES=$((PAR_MB * 1048576))
-log "generating content in $D ($BLOB_MB MiB x2, $PAR_MB MiB)"
+log "generating content in $D ($BLOB_MB MiB$([[ $ORIGIN == 1 ]] && echo ' x2'), $PAR_MB MiB)"
 mkdir -p "$D/www" "$D/chunks"
 gen() { # FILE SEED BYTES: fast pseudo-random bytes (AES-CTR keystream)
   (set +o pipefail; openssl enc -aes-128-ctr -nosalt -pass "pass:$2" -pbkdf2 </dev/zero 2>/dev/null | head -c "$3" >"$1")
   [[ $(stat -c %s "$1") == "$3" ]] || die "could not generate $1"
 }
-gen "$D/www/big" big "$BLOB_BYTES"          # monolithic push, single-stream GET
-gen "$D/chunked" chunked "$BLOB_BYTES"      # chunked push (distinct content)
+gen "$D/www/big" big "$BLOB_BYTES"          # monolithic push, single-stream GET, cold GET through the cache
+if [[ $ORIGIN == 1 ]]; then
+  gen "$D/chunked" chunked "$BLOB_BYTES"    # chunked push (distinct content)
+  (cd "$D/chunks" && split -b "${CHUNK_MB}M" -d -a 4 "$D/chunked" c.)
+else
+  printf x >"$D/chunked"                    # only its digest goes into the manifest
+fi
 gen "$D/www/par" par "$PAR_BYTES"           # concurrent GETs, RSS
 chmod 644 "$D/www/big" "$D/www/par"; chmod 755 "$D/www"
-(cd "$D/chunks" && split -b "${CHUNK_MB}M" -d -a 4 "$D/chunked" c.)
 printf '{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}' >"$D/config.json"
 dg() { echo "sha256:$(openssl dgst -sha256 -r "$1" | cut -d' ' -f1)"; }
 DG_BIG=$(dg "$D/www/big"); DG_CHUNKED=$(dg "$D/chunked"); DG_PAR=$(dg "$D/www/par"); DG_CFG=$(dg "$D/config.json")
@@ -335,20 +362,44 @@ jq -cn --arg c "$DG_CFG" --argjson cs "$(stat -c %s "$D/config.json")" \
              {mediaType: "application/vnd.oci.image.layer.v1.tar", digest: $p, size: $ps}]}' >"$D/manifest.json"
 
 # ---------------------------------------------------------------- servers
-declare -A URL PID
-if [[ $LOGS == 1 ]]; then REG_LOG=info; REG_ACCESS=false; BERTH_LOG=info; else REG_LOG=warn; REG_ACCESS=true; BERTH_LOG=warn; fi
 
-# docker-registry
-free_port; mkdir -p "$D/registry/data"
-cat >"$D/registry/config.yml" <<EOF
+# start_berth NAME CONFIG [LOG]: starts berth, sets BPID and BURL (read from its "listening on" line)
+start_berth() {
+  local name=$1 conf=$2 dir; dir=$(dirname "$2")
+  NO_COLOR=1 RUST_LOG=${3:-$BERTH_LOG} "$BERTH_BIN" serve --config "$conf" >"$dir/out" 2>"$dir/err" &
+  BPID=$!; PIDS+=($!)
+  local deadline=$((SECONDS + 30))
+  until grep -qx 'berth ready' "$dir/out" 2>/dev/null; do
+    kill -0 "$BPID" 2>/dev/null || die "$name exited during start-up: $(tail -n 5 "$dir/err")"
+    ((SECONDS < deadline)) || die "$name did not print 'berth ready' within 30 s"
+    sleep 0.05
+  done
+  BURL=$(sed -n 's|^berth listening on \(http://[^ ]*\).*|\1|p' "$dir/out" | head -n 1)
+  [[ -n $BURL ]] || die "$name printed no listening address"
+}
+
+# stop_pid PID: SIGTERM, SIGKILL after 10 s, and forget it
+stop_pid() {
+  local t=0 i
+  kill -TERM "$1" 2>/dev/null || true
+  while kill -0 "$1" 2>/dev/null && ((t++ < 100)); do sleep 0.1; done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  for i in "${!PIDS[@]}"; do [[ ${PIDS[i]} == "$1" ]] && unset 'PIDS[i]'; done
+  PIDS=("${PIDS[@]}")
+}
+
+# registry_config FILE DATA_DIR PORT [PROXY_URL] [ACCESS_DISABLED]
+registry_config() {
+  cat >"$1" <<EOF
 version: 0.1
 log:
   level: $REG_LOG
   accesslog:
-    disabled: $REG_ACCESS
+    disabled: ${5:-$REG_ACCESS}
 storage:
   filesystem:
-    rootdirectory: $D/registry/data
+    rootdirectory: $2
   cache:
     blobdescriptor: inmemory
   delete:
@@ -357,8 +408,19 @@ storage:
     uploadpurging:
       enabled: false
 http:
-  addr: 127.0.0.1:$P
+  addr: 127.0.0.1:$3
 EOF
+  [[ -z ${4:-} ]] || printf 'proxy:\n  remoteurl: %s\n' "$4" >>"$1"
+}
+
+declare -A URL PID
+declare -A R   # R[metric.server] = value
+if [[ $LOGS == 1 ]]; then REG_LOG=info; REG_ACCESS=false; BERTH_LOG=info; else REG_LOG=warn; REG_ACCESS=true; BERTH_LOG=warn; fi
+SERVERS=()
+if [[ $ORIGIN == 1 ]]; then
+# docker-registry
+free_port; mkdir -p "$D/registry/data"
+registry_config "$D/registry/config.yml" "$D/registry/data" "$P"
 docker-registry serve "$D/registry/config.yml" >"$D/registry/log" 2>&1 &
 PID[registry]=$!; PIDS+=($!); URL[registry]=http://127.0.0.1:$P
 wait_http "${URL[registry]}/v2/" docker-registry "${PID[registry]}"
@@ -404,21 +466,11 @@ addr = "127.0.0.1:0"
 [[registry]]
 name = "bench"
 EOF
-  RUST_LOG=$BERTH_LOG "$BERTH_BIN" serve --config "$D/berth/config.toml" >"$D/berth/out" 2>"$D/berth/err" &
-  PID[berth]=$!; PIDS+=($!)
-  deadline=$((SECONDS + 30))
-  until grep -qx 'berth ready' "$D/berth/out" 2>/dev/null; do
-    kill -0 "${PID[berth]}" 2>/dev/null || die "berth exited during start-up: $(tail -n 5 "$D/berth/err")"
-    ((SECONDS < deadline)) || die "berth did not print 'berth ready' within 30 s"
-    sleep 0.05
-  done
-  URL[berth]=$(sed -n 's|^berth listening on \(http://[^ ]*\).*|\1|p' "$D/berth/out" | head -n 1)
-  [[ -n ${URL[berth]} ]] || die "berth printed no listening address"
+  start_berth berth "$D/berth/config.toml"
+  PID[berth]=$BPID; URL[berth]=$BURL
   log "berth on ${URL[berth]} (pid ${PID[berth]}, $BERTH_BIN)"
   SERVERS=(berth registry)
 fi
-
-declare -A R   # R[metric.server] = value
 
 # ---------------------------------------------------------------- pushes
 # Before each server's pushes, the same file is written with dd + fdatasync into the same file
@@ -508,6 +560,240 @@ for s in "${SERVERS[@]}"; do
   fi
 done
 
+# the origin servers are not needed by the cache rows: stop them (memory, page cache, CPU)
+for s in berth nginx registry; do [[ -z ${PID[$s]:-} ]] || stop_pid "${PID[$s]}"; done
+fi # ORIGIN
+
+# ---------------------------------------------------------------- cache rows
+# A source registry (a berth origin; docker-registry when berth is not run) holds the BLOB_MB
+# blob, a HERD_MB blob and a manifest. For each network setting (NETS) and each edge (berth's
+# cache registry, docker-registry in proxy mode), every row starts a fresh edge with an empty
+# data dir pointed at the source, directly (direct) or through benches/relay.py (relay).
+if [[ $CACHE == 1 ]]; then
+HERD_BYTES=$((HERD_MB * 1048576))
+log "cache rows: generating the ${HERD_MB} MiB herd blob"
+gen "$D/herd" herd "$HERD_BYTES"
+DG_HERD=$(dg "$D/herd")
+jq -cn --arg c "$DG_CFG" --argjson cs "$(stat -c %s "$D/config.json")" \
+  --arg b "$DG_BIG" --argjson bs "$BLOB_BYTES" --arg h "$DG_HERD" --argjson hs "$HERD_BYTES" \
+  '{schemaVersion: 2, mediaType: "application/vnd.oci.image.manifest.v1+json",
+    config: {mediaType: "application/vnd.oci.image.config.v1+json", digest: $c, size: $cs},
+    layers: [{mediaType: "application/vnd.oci.image.layer.v1.tar", digest: $b, size: $bs},
+             {mediaType: "application/vnd.oci.image.layer.v1.tar", digest: $h, size: $hs}]}' >"$D/cmanifest.json"
+
+# the source logs one line per request (berth at info, docker-registry's access log): the
+# request counts below are read from it
+mkdir -p "$D/src"
+if [[ $BERTH != 0 ]]; then
+  SRC_KIND=berth
+  cat >"$D/src/config.toml" <<EOF
+data_dir = "$D/src/data"
+log = "info"
+[[listen]]
+addr = "127.0.0.1:0"
+[[registry]]
+name = "bench"
+EOF
+  start_berth source "$D/src/config.toml" info
+  SRC_PID=$BPID; SRC_URL=$BURL
+else
+  SRC_KIND=docker-registry
+  free_port
+  registry_config "$D/src/config.yml" "$D/src/data" "$P" "" false
+  docker-registry serve "$D/src/config.yml" >"$D/src/out" 2>&1 &
+  SRC_PID=$!; PIDS+=($!); SRC_URL=http://127.0.0.1:$P
+  wait_http "$SRC_URL/v2/" source "$SRC_PID"
+fi
+push_mono "$SRC_URL" "$D/config.json" "$DG_CFG"
+push_mono "$SRC_URL" "$D/www/big" "$DG_BIG"
+push_mono "$SRC_URL" "$D/herd" "$DG_HERD"
+code=$(curl -sS -X PUT --data-binary "@$D/cmanifest.json" -H "Content-Type: $MT_MANIFEST" \
+  -o "$D/body" -w '%{http_code}' --max-time 30 "$SRC_URL/v2/$REPO/manifests/latest")
+[[ $code == 201 ]] || die "PUT manifest to the source -> $code: $(head -c 300 "$D/body")"
+log "source: $SRC_KIND on $SRC_URL (pid $SRC_PID) holds $BLOB_MB MiB + $HERD_MB MiB blobs and bench/app:latest"
+
+src_lines() { cat "$D/src/out" "$D/src/err" 2>/dev/null || true; }
+src_count() { # METHOD PATH: requests for PATH the source logged so far
+  if [[ $SRC_KIND == berth ]]; then
+    src_lines | grep -cE -- "method=$1 path=\"?$2\"? " || true
+  else
+    src_lines | grep -cF -- "\"$1 $2 HTTP/" || true
+  fi
+}
+src_logged_bytes() { # body bytes of every 200/206 GET the source logged so far (%.0f: mawk's %d stops at 2^31)
+  if [[ $SRC_KIND == berth ]]; then
+    src_lines | awk '/ method=GET / && / status=20[06] / { if (match($0, / bytes=[0-9]+/)) s += substr($0, RSTART + 7, RLENGTH - 7) } END { printf "%.0f\n", s }'
+  else
+    src_lines | awk '/"GET / { for (i = 1; i < NF; i++) if ($i ~ /HTTP\/1\.[01]"$/ && $(i + 1) ~ /^20[06]$/) s += $(i + 2) } END { printf "%.0f\n", s }'
+  fi
+}
+RELAY_PID=
+relay_dump() { # fresh totals of the relay in $D/relay.json
+  local m0; m0=$(stat -c %Y.%N "$D/relay.json" 2>/dev/null || echo 0)
+  kill -USR1 "$RELAY_PID"
+  local t=0
+  while [[ $(stat -c %Y.%N "$D/relay.json" 2>/dev/null || echo 0) == "$m0" ]] && ((t++ < 50)); do sleep 0.02; done
+}
+src_sent() { # bytes the source sent so far: counted by the relay, else from the source's log
+  if [[ -n $RELAY_PID ]]; then relay_dump; jq -r .bytes_down "$D/relay.json"; else src_logged_bytes; fi
+}
+settle() { # wait (up to 180 s) until the source is idle: no CPU and no relay bytes for 0.5 s
+  local a b ra=0 rb=0 t=0
+  a=$(cpu_ticks "$SRC_PID"); [[ -z $RELAY_PID ]] || ra=$(src_sent)
+  while ((t++ < 360)); do
+    sleep 0.5
+    b=$(cpu_ticks "$SRC_PID"); [[ -z $RELAY_PID ]] || rb=$(src_sent)
+    [[ $a == "$b" && $ra == "$rb" ]] && return 0
+    a=$b; ra=$rb
+  done
+  log "WARNING: the source did not go idle within 180 s"
+}
+timed_get() { # URL -> "ttfb_s total_s bytes"
+  curl -sSf -o /dev/null --max-time 900 -w '%{time_starttransfer} %{time_total} %{size_download}\n' "$1" || die "GET $1 failed"
+}
+ref_get() { # URL -> "median_ttfb_s median_total_s" over GET_RUNS runs after one warm-up
+  local i
+  timed_get "$1" >/dev/null
+  for ((i = 0; i < GET_RUNS; i++)); do timed_get "$1"; done >"$D/ref.times"
+  echo "$(awk '{ print $1 }' "$D/ref.times" | median) $(awk '{ print $2 }' "$D/ref.times" | median)"
+}
+
+EDGE_N=0
+start_edge() { # KIND UPSTREAM_URL TTL: a fresh edge; sets EPID, EDIR and EURL (the repository's URL)
+  local kind=$1 up=$2 ttl=$3
+  EDIR=$D/edge-$((++EDGE_N))-$kind; mkdir -p "$EDIR"
+  if [[ $kind == berth ]]; then
+    cat >"$EDIR/config.toml" <<EOF
+data_dir = "$EDIR/data"
+log = "$BERTH_LOG"
+[[listen]]
+addr = "127.0.0.1:0"
+[[image_cache]]
+name = "up"
+kind = "registry"
+url = "$up"
+revalidate_ttl = "$ttl"
+[[registry]]
+name = "hub"
+type = "cache"
+cache = "up"
+EOF
+    start_berth "berth cache" "$EDIR/config.toml"
+    EPID=$BPID; EURL=$BURL/v2/hub/$REPO
+  else
+    free_port
+    registry_config "$EDIR/config.yml" "$EDIR/data" "$P" "$up"
+    docker-registry serve "$EDIR/config.yml" >"$EDIR/log" 2>&1 &
+    EPID=$!; PIDS+=($!)
+    wait_http "http://127.0.0.1:$P/v2/" "docker-registry proxy" "$EPID"
+    EURL=http://127.0.0.1:$P/v2/$REPO
+  fi
+}
+stop_edge() { stop_pid "$EPID"; [[ $KEEP == 1 ]] || rm -rf "$EDIR"; }
+
+EDGES=(registry); [[ $BERTH == 0 ]] || EDGES=(berth registry)
+WRK_SECS=${WRK_DURATION%s}
+P_BIG=/v2/$REPO/blobs/$DG_BIG; P_HERD=/v2/$REPO/blobs/$DG_HERD; P_MAN=/v2/$REPO/manifests/latest
+
+# the origin path's speed for the warm row: the source serving the blob itself, on loopback
+get_single "$SRC_URL$P_BIG" "$SRC_PID"
+R[src_warm]=$SPEED
+log "source: GET ${BLOB_MB} MiB directly $(MB "$SPEED") MB/s"
+
+for net in $NETS; do
+  if [[ $net == relay ]]; then
+    free_port
+    python3 "$ROOT/benches/relay.py" "$P" "${SRC_URL##*:}" "$D/relay.json" --rate "$RELAY_RATE" --delay "$RELAY_DELAY" >"$D/relay.out" 2>&1 &
+    RELAY_PID=$!; PIDS+=($!); UP=http://127.0.0.1:$P
+    wait_http "$UP/v2/" relay "$RELAY_PID"
+    log "relay on $UP -> $SRC_URL: $RELAY_RATE MB/s, +$RELAY_DELAY ms each way"
+  else
+    UP=$SRC_URL
+  fi
+  # the direct references, over the same network path as the edges
+  read -r R[src_ttfb.$net] R[src_t.$net] < <(ref_get "$UP$P_BIG")
+  read -r _ R[src_herd_t.$net] < <(ref_get "$UP$P_HERD")
+  log "[$net] source direct: ${BLOB_MB} MiB in ${R[src_t.$net]} s (TTFB ${R[src_ttfb.$net]} s), ${HERD_MB} MiB in ${R[src_herd_t.$net]} s"
+  if [[ $net == direct ]]; then
+    # on loopback the herd is bound by serving HERD_N x HERD_MB, not by the one fetch: also time
+    # HERD_N direct GETs at once from the source (skipped through the relay: N x the bytes)
+    R[src_herdN.$net]=$(calc "$HERD_N * $HERD_BYTES / $(get_parallel "$UP$P_HERD" "$HERD_N" "$HERD_BYTES")" 3)
+    log "[$net] source direct: ${HERD_N}x${HERD_MB} MiB at once in ${R[src_herdN.$net]} s"
+  fi
+
+  for e in "${EDGES[@]}"; do
+    # cold single GETs, a fresh edge each; the last edge also serves the warm GETs
+    : >"$D/cold.$net.$e"
+    for ((r = 1; r <= COLD_RUNS; r++)); do
+      start_edge "$e" "$UP" "$CACHE_TTL"
+      g0=$(src_count GET "$P_BIG"); b0=$(src_sent)
+      read -r ttfb tot size < <(timed_get "$EURL/blobs/$DG_BIG")
+      [[ $size == "$BLOB_BYTES" ]] || die "$e cache: cold GET returned $size bytes, not $BLOB_BYTES"
+      settle
+      g1=$(src_count GET "$P_BIG"); b1=$(src_sent)
+      echo "$ttfb $tot $((g1 - g0)) $((b1 - b0))" >>"$D/cold.$net.$e"
+      log "[$net] $e cache: cold GET $r/$COLD_RUNS: $tot s (TTFB $ttfb s), source GETs $((g1 - g0)), source bytes $(calc "($b1 - $b0) / $BLOB_BYTES" 3)x the blob"
+      if ((r == COLD_RUNS)); then
+        w0=$(src_count GET "$P_BIG")
+        get_single "$EURL/blobs/$DG_BIG" "$EPID"
+        R[warm.$net.$e]=$SPEED; R[warmsrc.$net.$e]=$(( $(src_count GET "$P_BIG") - w0 ))
+        log "[$net] $e cache: warm GET $(MB "$SPEED") MB/s, source GETs meanwhile ${R[warmsrc.$net.$e]}"
+      fi
+      stop_edge
+    done
+    R[cold_ttfb.$net.$e]=$(awk '{ print $1 }' "$D/cold.$net.$e" | median)
+    R[cold_t.$net.$e]=$(awk '{ print $2 }' "$D/cold.$net.$e" | median)
+    R[cold_gets.$net.$e]=$(awk '{ s += $3 } END { printf "%.2f", s / NR }' "$D/cold.$net.$e")
+    R[cold_bytes.$net.$e]=$(awk -v b="$BLOB_BYTES" '{ s += $4 } END { printf "%.3f", s / NR / b }' "$D/cold.$net.$e")
+
+    # herd: HERD_N concurrent cold GETs of the herd blob
+    start_edge "$e" "$UP" "$CACHE_TTL"
+    g0=$(src_count GET "$P_HERD"); b0=$(src_sent)
+    : >"$D/herd.out"; hp=(); fail=0
+    t0=$(now)
+    for ((i = 0; i < HERD_N; i++)); do
+      curl -sS -o /dev/null --max-time 900 -w '%{http_code} %{size_download} %{time_starttransfer} %{time_total}\n' \
+        "$EURL/blobs/$DG_HERD" >>"$D/herd.out" & hp+=($!)
+    done
+    for i in "${hp[@]}"; do wait "$i" || fail=1; done
+    t1=$(now)
+    ok=$(awk -v n="$HERD_BYTES" '$1 == 200 && $2 == n' "$D/herd.out" | wc -l)
+    settle
+    g1=$(src_count GET "$P_HERD"); b1=$(src_sent)
+    R[herd_t.$net.$e]=$(calc "$t1 - $t0" 3); R[herd_gets.$net.$e]=$((g1 - g0))
+    R[herd_bytes.$net.$e]=$(calc "($b1 - $b0) / $HERD_BYTES" 2)
+    R[herd_ok.$net.$e]=$ok
+    R[herd_ttfb.$net.$e]=$(awk '{ print $3 * 1000 }' "$D/herd.out" | pctl 100)
+    ((ok == HERD_N && fail == 0)) || log "WARNING: [$net] $e herd: $ok of $HERD_N GETs returned the whole blob ($(awk '{ print $1 }' "$D/herd.out" | sort | uniq -c | tr -s ' \n' ' '))"
+    log "[$net] $e cache: herd ${HERD_N}x${HERD_MB} MiB in ${R[herd_t.$net.$e]} s, source GETs $((g1 - g0)), source bytes ${R[herd_bytes.$net.$e]}x, slowest TTFB ${R[herd_ttfb.$net.$e]} ms"
+    stop_edge
+
+    # cached manifest GET by tag (berth: revalidate_ttl CACHE_TTL, then 0s)
+    ttls=("$CACHE_TTL"); [[ $e == berth ]] && ttls+=(0s)
+    for ttl in "${ttls[@]}"; do
+      k=mc.$net.$e; [[ $e == berth && $ttl == 0s ]] && k=mc0.$net.$e
+      start_edge "$e" "$UP" "$ttl"
+      code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 -H "$ACCEPT" "$EURL/manifests/latest")
+      [[ $code == 200 ]] || die "$e cache: GET manifest by tag -> $code"
+      m0=$(( $(src_count HEAD "$P_MAN") + $(src_count GET "$P_MAN") ))
+      read -r rps p50 p99 bad < <(wrk_run "$EURL/manifests/latest")
+      sleep 0.2
+      m1=$(( $(src_count HEAD "$P_MAN") + $(src_count GET "$P_MAN") ))
+      ((bad == 0)) || log "WARNING: [$net] $e cached manifest GET (ttl $ttl): $bad non-2xx responses"
+      R[$k]=$rps; R[${k}50]=$p50; R[${k}99]=$p99
+      R[${k}src]=$(awk -v m="$((m1 - m0))" -v r="$rps" -v d="$WRK_SECS" 'BEGIN { if (r > 0) printf "%.1f", m * 1000 / (r * d); else print "-" }')
+      log "[$net] $e cache (ttl $ttl): manifest GET $rps req/s, p50 $p50 ms, p99 $p99 ms; source manifest requests $((m1 - m0)) (${R[${k}src]} per 1000)"
+      stop_edge
+    done
+  done
+  if [[ -n $RELAY_PID ]]; then
+    relay_dump; cp "$D/relay.json" "$D/relay.$net.json"
+    stop_pid "$RELAY_PID"; RELAY_PID=
+  fi
+done
+stop_pid "$SRC_PID"
+fi # CACHE
+
 # ---------------------------------------------------------------- table
 v() { echo "${R[$1]:--}"; }
 ratio() { # A B [inverse]: A/B, or B/A for lower-is-better rows
@@ -524,6 +810,7 @@ echo
 echo "berth load benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uname -r), loopback"
 echo "sizes: blob ${BLOB_MB} MiB, parallel ${PAR_N}x${PAR_MB} MiB, RSS ${RSS_N}x${PAR_MB} MiB${RSS_RATE:+ at $RSS_RATE/s each}, chunks ${CHUNK_MB} MiB, ${TAGS} tags, wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION"
 [[ $BERTH == 0 ]] && echo "berth: not run"
+if [[ $ORIGIN == 1 ]]; then
 echo "ratios: berth/peer, oriented so that >1 means berth is better (lower-is-better rows use peer/berth)"
 echo
 row metric berth registry limit vs-registry vs-limit target
@@ -553,3 +840,58 @@ echo "limit: GET rows: nginx (sendfile) serving the same file. Push rows: dd con
 echo "       file into the same file system just before each server's pushes (median): a reference for"
 echo "       this disk at that moment, not a hard ceiling."
 echo "* docker-registry 2.8 ignores n/last: its answer held ${R[tln.registry]:-?} tags (berth: ${R[tln.berth]:-?})."
+fi # ORIGIN
+
+if [[ $CACHE == 1 ]]; then
+# cache rows: "ref" is the source itself over the same network path; x = edge/ref (time: lower is
+# better, speed: higher is better); TTFB: +ms over the source's
+rx() { # A B -> A/B as "N.NNx"
+  local a=${R[$1]:-} b=${R[$2]:-}
+  [[ $a =~ ^[0-9.]+$ && $b =~ ^[0-9.]+$ ]] || { echo -; return; }
+  awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'
+}
+dms() { # A B (seconds) -> "+N.N ms"
+  local a=${R[$1]:-} b=${R[$2]:-}
+  [[ $a =~ ^[0-9.]+$ && $b =~ ^[0-9.]+$ ]] || { echo -; return; }
+  awk -v a="$a" -v b="$b" 'BEGIN { printf "%+.1f ms", (a - b) * 1000 }'
+}
+ms() { if [[ ${R[$1]:-} =~ ^[0-9.]+$ ]]; then calc "${R[$1]} * 1000" 1; else echo -; fi; }
+echo
+echo "cache rows: source = $SRC_KIND origin; edges = berth cache registry (revalidate_ttl $CACHE_TTL) and docker-registry 2.8"
+echo "proxy, each started cold (fresh data dir). ref = GET from the source itself over the same path;"
+echo "berth-x / registry-x = edge / ref. Cold rows: median of $COLD_RUNS cold edges; herd: one edge."
+for net in $NETS; do
+  echo
+  if [[ $net == relay ]]; then echo "network: edge -> source through benches/relay.py, $RELAY_RATE MB/s shared, +$RELAY_DELAY ms each way"
+  else echo "network: edge -> source directly on loopback"; fi
+  row metric berth registry ref berth-x registry-x target
+  row "cold GET ${BLOB_MB} MiB through the cache (s)" "$(v cold_t.$net.berth)" "$(v cold_t.$net.registry)" "$(v src_t.$net)" \
+    "$(rx cold_t.$net.berth src_t.$net)" "$(rx cold_t.$net.registry src_t.$net)" "<=1.05x ref"
+  row "  time to first byte (ms)" "$(ms cold_ttfb.$net.berth)" "$(ms cold_ttfb.$net.registry)" "$(ms src_ttfb.$net)" \
+    "$(dms cold_ttfb.$net.berth src_ttfb.$net)" "$(dms cold_ttfb.$net.registry src_ttfb.$net)" "<=ref+5 ms"
+  row "  source bytes sent / blob size" "$(v cold_bytes.$net.berth)" "$(v cold_bytes.$net.registry)" - - - "1.0"
+  row "  source GETs of the blob per cold GET" "$(v cold_gets.$net.berth)" "$(v cold_gets.$net.registry)" - - - "1"
+  row "herd ${HERD_N}x${HERD_MB} MiB cold, wall (s)" "$(v herd_t.$net.berth)" "$(v herd_t.$net.registry)" "$(v src_herd_t.$net)" \
+    "$(rx herd_t.$net.berth src_herd_t.$net)" "$(rx herd_t.$net.registry src_herd_t.$net)" "<=1.2x ref (1 GET)"
+  [[ -z ${R[src_herdN.$net]:-} ]] || row "  against ${HERD_N} direct GETs at once (s)" - - "$(v src_herdN.$net)" \
+    "$(rx herd_t.$net.berth src_herdN.$net)" "$(rx herd_t.$net.registry src_herdN.$net)" ""
+  row "  source GETs of the blob" "$(v herd_gets.$net.berth)" "$(v herd_gets.$net.registry)" - - - "1"
+  row "  source bytes sent / blob size" "$(v herd_bytes.$net.berth)" "$(v herd_bytes.$net.registry)" - - - ""
+  row "  slowest time to first byte (ms)" "$(v herd_ttfb.$net.berth)" "$(v herd_ttfb.$net.registry)" - - - ""
+  row "  GETs that returned the whole blob" "$(v herd_ok.$net.berth)" "$(v herd_ok.$net.registry)" - - - "$HERD_N"
+  row "warm GET ${BLOB_MB} MiB from the cache (MB/s)" "$(mbv warm.$net.berth)" "$(mbv warm.$net.registry)" "$(mbv src_warm)" \
+    "$(rx warm.$net.berth src_warm)" "$(rx warm.$net.registry src_warm)" "~1x origin path"
+  row "  source GETs meanwhile" "$(v warmsrc.$net.berth)" "$(v warmsrc.$net.registry)" - - - "0"
+  row "cached manifest GET by tag, c=$WRK_CONNS (req/s)" "$(v mc.$net.berth)" "$(v mc.$net.registry)" - - - ">=10000 (berth ttl $CACHE_TTL)"
+  row "  p50 (ms)" "$(v mc.$net.berth50)" "$(v mc.$net.registry50)" - - - ""
+  row "  p99 (ms)" "$(v mc.$net.berth99)" "$(v mc.$net.registry99)" - - - ""
+  row "  source manifest requests per 1000" "$(v mc.$net.berthsrc)" "$(v mc.$net.registrysrc)" - - - ""
+  row "  berth with revalidate_ttl 0s (req/s)" "$(v mc0.$net.berth)" - - - - "(information)"
+  row "    p50 / p99 (ms)" "$(v mc0.$net.berth50) / $(v mc0.$net.berth99)" - - - - ""
+  row "    source manifest requests per 1000" "$(v mc0.$net.berthsrc)" - - - - ""
+done
+if [[ -n ${R[src_warm]:-} && " $NETS " == *" relay "* && -f $D/relay.relay.json ]]; then
+  echo
+  echo "relay totals (source -> edges): $(jq -r '"\(.bytes_down) bytes, \(.conns) connections"' "$D/relay.relay.json")"
+fi
+fi # CACHE
