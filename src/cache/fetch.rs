@@ -44,6 +44,8 @@ pub struct Progress {
     pub phase: Phase,
     /// Whether the source's 404 ended it.
     pub not_found: bool,
+    /// The bytes matched the digest (readers may have the last byte; the commit may still run).
+    pub verified: bool,
 }
 
 /// One blob fetch in flight.
@@ -100,8 +102,10 @@ async fn stream(fetch: Arc<Fetch>, start: u64, len: u64, tx: mpsc::Sender<io::Re
     while pos < end {
         let p = rx.borrow_and_update().clone();
         // The last byte is released only once the digest matched: a corrupt blob always ends
-        // in an error, never in a complete-looking response.
+        // in an error, never in a complete-looking response. Durability (fsync, rename) is the
+        // store's concern and does not hold clients back.
         let readable = match (&p.phase, p.size) {
+            _ if p.verified => p.written,
             (Phase::Done, _) => p.written,
             (_, Some(size)) => p.written.min(size.saturating_sub(1)),
             (_, None) => p.written,
@@ -198,6 +202,7 @@ impl Fetches {
             written,
             phase: Phase::Running,
             not_found: false,
+            verified: false,
         });
         let fetch = Arc::new(Fetch {
             digest: digest.clone(),
@@ -210,6 +215,7 @@ impl Fetches {
         drop(map);
         let job = Job {
             fetches: self.clone(),
+            pending: None,
             store: store.clone(),
             source: source.clone(),
             upstream_repo: upstream_repo.to_string(),
@@ -282,8 +288,20 @@ fn open_partial(path: &Path, digest: &Digest) -> io::Result<(File, (u64, Verifie
     Ok((file, (0, Verifier::new(digest.algorithm()))))
 }
 
+/// Bytes handed to the source reader's writer: large enough to keep per-piece overhead low,
+/// small enough that readers see bytes promptly.
+const WRITE_PIECE: usize = 1 << 20;
+
+/// A piece being written and hashed.
+struct Piece {
+    hash: tokio::task::JoinHandle<Verifier>,
+    write: tokio::task::JoinHandle<io::Result<()>>,
+    len: u64,
+}
+
 struct Job {
     fetches: Arc<Fetches>,
+    pending: Option<Piece>,
     store: Arc<Store>,
     source: Arc<Source>,
     upstream_repo: String,
@@ -444,41 +462,63 @@ impl Job {
             }
             metrics::counter!("berth_upstream_fetch_bytes_total").increment(chunk.len() as u64);
             buf.extend_from_slice(&chunk);
-            // Publish often enough that readers see bytes as they arrive.
-            if buf.len() >= 256 * 1024 {
-                if let Err(e) = self.flush(&mut buf).await {
+            // Hand a piece to the writer and keep reading the source while it is written and
+            // hashed; readers see it once it is in the file.
+            if buf.len() >= WRITE_PIECE {
+                if let Err(e) = self.submit(buf.split().freeze()).await {
                     return Ended::Fatal(e, false);
                 }
             }
         }
     }
 
-    /// Writes and hashes buffered bytes, then publishes the new length.
-    async fn flush(&mut self, buf: &mut BytesMut) -> Result<(), String> {
-        if buf.is_empty() {
+    /// Waits for the piece in flight (written and hashed, on two blocking tasks at once), then
+    /// publishes the new length.
+    async fn settle(&mut self) -> Result<(), String> {
+        let Some(piece) = self.pending.take() else {
+            return Ok(());
+        };
+        let (hashed, written) = tokio::join!(piece.hash, piece.write);
+        self.verifier = hashed.map_err(|e| e.to_string())?;
+        written
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot write partial blob: {e}"))?;
+        self.fetch.progress.send_modify(|p| p.written += piece.len);
+        Ok(())
+    }
+
+    /// Starts writing and hashing `data` after the piece in flight has settled.
+    async fn submit(&mut self, data: Bytes) -> Result<(), String> {
+        self.settle().await?;
+        if data.is_empty() {
             return Ok(());
         }
-        let data = buf.split().freeze();
-        let file = self.fetch.file.clone();
         let offset = self.fetch.progress.borrow().written;
+        let file = self.fetch.file.clone();
         let mut verifier = std::mem::replace(
             &mut self.verifier,
             Verifier::new(self.fetch.digest.algorithm()),
         );
-        let (verifier, result) = tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::FileExt;
-            let r = file.write_all_at(&data, offset);
-            if r.is_ok() {
-                verifier.update(&data);
-            }
-            (verifier, r.map(|_| data.len() as u64))
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        self.verifier = verifier;
-        let n = result.map_err(|e| format!("cannot write partial blob: {e}"))?;
-        self.fetch.progress.send_modify(|p| p.written += n);
+        let for_hash = data.clone();
+        let len = data.len() as u64;
+        self.pending = Some(Piece {
+            hash: tokio::task::spawn_blocking(move || {
+                verifier.update(&for_hash);
+                verifier
+            }),
+            write: tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(&data, offset)
+            }),
+            len,
+        });
         Ok(())
+    }
+
+    /// Writes what is buffered and waits until everything is in the file.
+    async fn flush(&mut self, buf: &mut BytesMut) -> Result<(), String> {
+        self.submit(buf.split().freeze()).await?;
+        self.settle().await
     }
 
     async fn commit(&mut self) -> Result<(), String> {
@@ -498,6 +538,7 @@ impl Job {
                 self.fetch.digest
             ));
         }
+        self.fetch.progress.send_modify(|p| p.verified = true);
         let (fs, file, path, digest) = (
             self.store.fs.clone(),
             self.fetch.file.clone(),
