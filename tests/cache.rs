@@ -340,6 +340,18 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
     edge.push_image("library/keep", "v1", "keep").await;
     let app = edge.app();
     let store = &app.store;
+    // Clients get the last byte once the digest matched; the commit follows.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for d in [&config, &layer] {
+        let d = berth::oci::digest::Digest::parse(d).unwrap();
+        while store.blobs.stat(&d).unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fetched blob committed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
     app.store.pulls.flush(&store.meta).unwrap();
     // Recently pulled: a 1-hour sweep keeps everything.
     let r = berth::cache::sweep::sweep(
@@ -515,7 +527,14 @@ async fn prefetch_warms_all_platforms_or_one() {
         .await
         .unwrap();
     assert_eq!((r.manifests, r.blobs), (3, 4));
-    assert!(held(&amd_layer));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !held(&amd_layer) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prefetched blob committed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // Filled: the source can go away and every platform still pulls.
     drop(upstream);
     for d in [&amd_digest, &arm_digest] {

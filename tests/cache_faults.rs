@@ -81,7 +81,10 @@ async fn thirty_two_concurrent_cold_pulls_make_one_source_fetch() {
     );
     assert_eq!(s.relay.bytes_sent_matching("/blobs/"), s.layer.len() as u64);
     assert!(started.elapsed() < Duration::from_secs(20));
-    assert!(s.committed());
+    assert!(
+        wait_until(Duration::from_secs(10), || s.committed()).await,
+        "committed after the stream"
+    );
     let metrics = s.edge.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("outcome=\"coalesced\""),
@@ -166,7 +169,10 @@ async fn budget_expiry_keeps_the_partial_and_the_next_request_resumes_with_range
         total <= s.layer.len() as u64 + (first - resumed_at),
         "total fetched ≈ one blob: {total}"
     );
-    assert!(s.committed());
+    assert!(
+        wait_until(Duration::from_secs(10), || s.committed()).await,
+        "committed after the stream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +203,10 @@ async fn a_source_that_ignores_range_is_skipped_ahead() {
     s.relay.ignore_range();
     let r = s.edge.get(&s.blob_path()).await;
     assert_eq!(sha256(&r.bytes().await.unwrap()), s.layer_digest);
-    assert!(s.committed());
+    assert!(
+        wait_until(Duration::from_secs(10), || s.committed()).await,
+        "committed after the stream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +226,10 @@ async fn a_corrupted_blob_is_never_committed_or_served_whole() {
     s.relay.clear_faults();
     let r = s.edge.get(&s.blob_path()).await;
     assert_eq!(sha256(&r.bytes().await.unwrap()), s.layer_digest);
-    assert!(s.committed());
+    assert!(
+        wait_until(Duration::from_secs(10), || s.committed()).await,
+        "committed after the stream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
