@@ -17,11 +17,7 @@ async fn pair_with(
 ) -> (TestServer, TestServer, Vec<u8>, String) {
     let upstream = TestServer::start(upstream_extra).await;
     let (manifest, digest) = upstream.push_image("library/app", "v1", "one").await;
-    let edge = TestServer::start(&format!(
-        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"{}\"\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n{edge_extra}",
-        upstream.base
-    ))
-    .await;
+    let edge = TestServer::start(&cache_toml("registry", &upstream.base, "", edge_extra)).await;
     (upstream, edge, manifest, digest)
 }
 
@@ -232,12 +228,9 @@ async fn cache_registries_refuse_push_and_tagging() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "DENIED");
-    assert!(v["errors"][0]["message"]
-        .as_str()
-        .unwrap()
-        .contains("pull-through cache"));
+    let (code, message) = error_of(r).await;
+    assert_eq!(code, "DENIED");
+    assert!(message.contains("pull-through cache"), "{message}");
     let r = edge
         .put_manifest("hub/library/app", "v2", OCI_MANIFEST, &manifest)
         .await;
@@ -416,9 +409,11 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
 async fn revalidate_ttl_skips_the_source_for_hot_tags() {
     let upstream = TestServer::start("").await;
     let (_, d1) = upstream.push_image("library/app", "v1", "one").await;
-    let edge = TestServer::start(&format!(
-        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"{}\"\nrevalidate_ttl = \"1h\"\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n",
-        upstream.base
+    let edge = TestServer::start(&cache_toml(
+        "registry",
+        &upstream.base,
+        "revalidate_ttl = \"1h\"",
+        "",
     ))
     .await;
     assert_eq!(
@@ -497,11 +492,7 @@ async fn prefetch_warms_all_platforms_or_one() {
             .status(),
         StatusCode::CREATED
     );
-    let edge = TestServer::start(&format!(
-        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"{}\"\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n",
-        upstream.base
-    ))
-    .await;
+    let edge = TestServer::start(&cache_toml("registry", &upstream.base, "", "")).await;
     let bar = indicatif::ProgressBar::hidden();
     let arm_only: berth::admin::prefetch::Platform = "linux/arm64".parse().unwrap();
     let r =

@@ -30,11 +30,7 @@ async fn setup(layer_len: usize, cache_options: &str) -> Setup {
     let layer = random(layer_len, 7);
     let image = source.put_image("library/app", "v1", &[&layer]);
     let relay = FaultRelay::start(&source.url());
-    let edge = TestServer::start(&format!(
-        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"{}\"\n{cache_options}\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n",
-        relay.url()
-    ))
-    .await;
+    let edge = TestServer::start(&cache_toml("registry", &relay.url(), cache_options, "")).await;
     Setup {
         source,
         relay,

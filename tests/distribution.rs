@@ -810,12 +810,9 @@ async fn names_registries_and_malformed_requests() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let v: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(v["errors"][0]["code"], "NAME_UNKNOWN");
-    assert!(v["errors"][0]["message"]
-        .as_str()
-        .unwrap()
-        .contains("\"ghost\""));
+    let (code, message) = error_of(r).await;
+    assert_eq!(code, "NAME_UNKNOWN");
+    assert!(message.contains("\"ghost\""), "{message}");
     for path in [
         "/v2/library/App/manifests/v1",
         "/v2/library/a..b/manifests/v1",

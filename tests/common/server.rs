@@ -155,6 +155,24 @@ pub fn image_manifest(config: &str, config_size: u64, layer: &str, layer_size: u
     .unwrap()
 }
 
+/// Config of an edge caching `url` as image cache `up` behind cache registry `hub`;
+/// `cache_options` go into the `[[image_cache]]` table, `extra` after it.
+pub fn cache_toml(kind: &str, url: &str, cache_options: &str, extra: &str) -> String {
+    format!(
+        "[[image_cache]]\nname = \"up\"\nkind = \"{kind}\"\nurl = \"{url}\"\n{cache_options}\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n{extra}"
+    )
+}
+
+/// The OCI error code and message of a response body.
+pub async fn error_of(r: Response) -> (String, String) {
+    let v: serde_json::Value = r.json().await.expect("error body is JSON");
+    let e = &v["errors"][0];
+    (
+        e["code"].as_str().expect("errors[0].code").to_string(),
+        e["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
 /// The OCI error code of a response body.
 pub async fn error_code(r: Response) -> String {
     let v: serde_json::Value = r.json().await.expect("error body is JSON");
