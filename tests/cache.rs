@@ -3,6 +3,9 @@
 
 mod common;
 
+use std::time::Duration;
+
+use common::doubles::wait_until;
 use common::server::*;
 use reqwest::{Method, StatusCode};
 
@@ -334,16 +337,17 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
     let app = edge.app();
     let store = &app.store;
     // Clients get the last byte once the digest matched; the commit follows.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     for d in [&config, &layer] {
         let d = berth::oci::digest::Digest::parse(d).unwrap();
-        while store.blobs.stat(&d).unwrap().is_none() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "fetched blob committed"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        assert!(
+            wait_until(Duration::from_secs(10), || store
+                .blobs
+                .stat(&d)
+                .unwrap()
+                .is_some())
+            .await,
+            "fetched blob committed"
+        );
     }
     app.store.pulls.flush(&store.meta).unwrap();
     // Recently pulled: a 1-hour sweep keeps everything.
@@ -518,14 +522,10 @@ async fn prefetch_warms_all_platforms_or_one() {
         .await
         .unwrap();
     assert_eq!((r.manifests, r.blobs), (3, 4));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !held(&amd_layer) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "prefetched blob committed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || held(&amd_layer)).await,
+        "prefetched blob committed"
+    );
     // Filled: the source can go away and every platform still pulls.
     drop(upstream);
     for d in [&amd_digest, &arm_digest] {

@@ -165,11 +165,6 @@ impl Fetches {
         })
     }
 
-    /// Number of fetches running.
-    pub fn inflight(&self) -> usize {
-        self.inflight.lock().unwrap().len()
-    }
-
     /// Whether `digest` is being fetched.
     pub fn is_inflight(&self, digest: &Digest) -> bool {
         self.inflight.lock().unwrap().contains_key(digest)
@@ -326,8 +321,10 @@ impl Job {
         let mut backoff = Duration::from_millis(200);
         let outcome = loop {
             match self.attempt(deadline).await {
-                Ended::Retry(e) if Instant::now() + e_wait(&e, backoff) < deadline => {
-                    let wait = e_wait(&e, backoff);
+                Ended::Retry(e)
+                    if Instant::now() + e.retry_after().unwrap_or(backoff) < deadline =>
+                {
+                    let wait = e.retry_after().unwrap_or(backoff);
                     tracing::warn!(digest = %self.fetch.digest, cache = %self.source.name(), error = %e, ?wait, "blob fetch interrupted; resuming with Range");
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -577,16 +574,6 @@ impl Job {
     fn discard(&self) {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(self.path.with_extension("state"));
-    }
-}
-
-fn e_wait(e: &UpstreamError, backoff: Duration) -> Duration {
-    match e {
-        UpstreamError::Status {
-            retry_after: Some(r),
-            ..
-        } => *r,
-        _ => backoff,
     }
 }
 

@@ -15,6 +15,7 @@ use crate::config::{Config, RegistryKind};
 use crate::error::{Error, Result};
 use crate::http::router::query_param;
 use crate::oci::reference::RepoName;
+use crate::store::meta::RegistryRecord;
 use crate::store::Store;
 use fetch::Fetches;
 use upstream::Source;
@@ -102,9 +103,15 @@ impl Cache {
     /// Resolves a request's repository name: by `?ns=`, by registry prefix, or by the mirror.
     pub fn resolve(&self, store: &Store, name: &str, query: Option<&str>) -> Result<Target> {
         if let Some(ns) = query_param(query, "ns") {
-            let by_ns = store.registries().into_iter().find_map(|r| {
-                let source = self.sources.get(r.cache.as_deref()?)?;
-                source.serves_host(&ns).then(|| (r.name, source.clone()))
+            let serves = |r: &RegistryRecord| {
+                r.cache
+                    .as_deref()
+                    .and_then(|c| self.sources.get(c))
+                    .is_some_and(|s| s.serves_host(&ns))
+            };
+            let by_ns = store.find_registry(serves).and_then(|r| {
+                let source = self.sources.get(r.cache.as_deref()?)?.clone();
+                Some((r.name, source))
             });
             if let Some((registry, source)) = by_ns {
                 return cache_target(&registry, source, name, Some(ns));

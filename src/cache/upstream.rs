@@ -58,7 +58,8 @@ impl UpstreamError {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    /// The source's `Retry-After`, if it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             UpstreamError::Status { retry_after, .. } => *retry_after,
             _ => None,

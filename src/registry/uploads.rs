@@ -1,8 +1,5 @@
 //! Blob uploads: monolithic, POST+PUT, chunked PATCH with `Content-Range`, status, cancel, mount.
 
-use std::fs::File;
-use std::io::Read;
-
 use http::{header, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -13,7 +10,7 @@ use crate::http::body::Body;
 use crate::http::router::query_param;
 use crate::oci::digest::{Digest, Verifier};
 use crate::oci::reference::RepoName;
-use crate::store::uploads::SessionRef;
+use crate::store::uploads::{hash_file, SessionRef};
 use crate::App;
 
 fn location(repo: &RepoName, id: &str) -> String {
@@ -245,7 +242,7 @@ pub async fn finish(
         // Rare: a digest algorithm other than the session's; hash the file once more.
         let path = writer.path.clone();
         let algo = digest.algorithm();
-        tokio::task::spawn_blocking(move || hash_file(&path, algo))
+        tokio::task::spawn_blocking(move || hash_file(&path, algo).map(Verifier::finish))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??
     };
@@ -265,22 +262,6 @@ pub async fn finish(
     app.store.meta.link_blob(repo.as_str(), &digest, size)?;
     app.store.meta.flush().await?;
     Ok(created(repo, &digest))
-}
-
-fn hash_file(
-    path: &std::path::Path,
-    algo: crate::oci::digest::Algorithm,
-) -> std::io::Result<Digest> {
-    let mut v = Verifier::new(algo);
-    let mut f = File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(v.finish());
-        }
-        v.update(&buf[..n]);
-    }
 }
 
 /// `GET /v2/NAME/blobs/uploads/ID`: 204 with the current `Range`.

@@ -282,20 +282,6 @@ impl Meta {
             .is_some())
     }
 
-    /// Every digest linked by any repository, as blob or manifest (garbage collection).
-    pub fn referenced_digests(&self) -> MetaResult<std::collections::HashSet<String>> {
-        let mut set = std::collections::HashSet::new();
-        for tree in [&self.blob_links, &self.artifacts] {
-            for k in tree.iter().keys() {
-                let k = k?;
-                if let Some(pos) = k.iter().rposition(|&b| b == 0) {
-                    set.insert(tail_str(&k, pos + 1));
-                }
-            }
-        }
-        Ok(set)
-    }
-
     // --- artifacts and tags ---
 
     /// Records a pushed manifest: artifact, optional tag, referrer entry, repository.

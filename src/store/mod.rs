@@ -121,6 +121,19 @@ impl Store {
         self.registries.read().unwrap().get(name).cloned()
     }
 
+    /// The first registry matching `pred` (under the read lock: no clones on a miss).
+    pub fn find_registry(
+        &self,
+        mut pred: impl FnMut(&RegistryRecord) -> bool,
+    ) -> Option<RegistryRecord> {
+        self.registries
+            .read()
+            .unwrap()
+            .values()
+            .find(|r| pred(r))
+            .cloned()
+    }
+
     /// All registries (in memory).
     pub fn registries(&self) -> Vec<RegistryRecord> {
         self.registries.read().unwrap().values().cloned().collect()

@@ -161,7 +161,7 @@ fn load(id: &str, dir: &Path) -> io::Result<Option<Session>> {
         .and_then(|b| Verifier::restore(&b));
     let verifier = match saved {
         Some(v) if state.offset == len => v,
-        _ => rehash(&path)?,
+        _ => hash_file(&path, Algorithm::Sha256)?,
     };
     Ok(Some(Session {
         id: id.to_string(),
@@ -176,8 +176,9 @@ fn load(id: &str, dir: &Path) -> io::Result<Option<Session>> {
     }))
 }
 
-fn rehash(path: &Path) -> io::Result<Verifier> {
-    let mut v = Verifier::new(Algorithm::Sha256);
+/// Hashes a whole file (an upload resumed without usable state, or finished with another algorithm).
+pub fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<Verifier> {
+    let mut v = Verifier::new(algorithm);
     let mut f = File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
