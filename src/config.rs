@@ -31,6 +31,93 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
     pub log: String,
+    /// Users, access keys and Docker token auth.
+    pub auth: AuthConfig,
+    /// Webhook delivery.
+    pub webhooks: WebhookConfig,
+}
+
+/// Whether requests must authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// On as soon as one user exists (a fresh data directory is open until the first admin).
+    #[default]
+    Auto,
+    /// Always on: with no user, nothing but anonymous pull of `anonymous_pull` registries works.
+    On,
+    /// Off: everyone may do everything (a registry on a trusted loopback or lab network).
+    Off,
+}
+
+/// Users, access keys and Docker token auth (`[auth]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `auto`, `on` or `off`.
+    pub mode: AuthMode,
+    /// `service` of the token challenge and the `aud` of issued tokens.
+    pub service: String,
+    /// Token endpoint URL sent in challenges; default `http(s)://<Host header>/service/token`.
+    pub realm: Option<String>,
+    /// Lifetime of issued tokens (at most 12 hours).
+    #[serde(with = "humantime_serde_compat")]
+    pub token_lifetime: Duration,
+    /// Failed logins (per access key, and per client address) before answers are slowed down.
+    pub failed_login_limit: u32,
+    /// Window in which failed logins are counted.
+    #[serde(with = "humantime_serde_compat")]
+    pub failed_login_window: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Auto,
+            service: "berth".into(),
+            realm: None,
+            token_lifetime: Duration::from_secs(15 * 60),
+            failed_login_limit: 5,
+            failed_login_window: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// Webhook delivery (`[webhooks]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Ports webhook targets may use; empty allows any.
+    pub allowed_ports: Vec<u16>,
+    /// Deliveries waiting per webhook policy; more are dropped (counted and logged).
+    pub queue_size: usize,
+    /// Attempts per delivery before it is marked failed.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubled after each failure.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_initial: Duration,
+    /// Longest delay between retries.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_max: Duration,
+    /// Deadline of one delivery attempt.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Delivery log entries kept per policy.
+    pub log_keep: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            allowed_ports: vec![80, 88, 443, 8443],
+            queue_size: 1000,
+            max_attempts: 10,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            timeout: Duration::from_secs(10),
+            log_keep: 200,
+        }
+    }
 }
 
 /// One listening socket.
@@ -43,6 +130,24 @@ pub struct Listen {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key.
     pub tls_key: Option<PathBuf>,
+    /// `public`: registries with `public_uri = false` do not exist here. `private`: all
+    /// registries are served, to the addresses in `allow` only.
+    #[serde(default)]
+    pub exposure: Exposure,
+    /// Private listeners: client networks allowed to connect (CIDR); empty allows any.
+    #[serde(default)]
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+/// Who a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exposure {
+    /// Internet-facing: hides registries with `public_uri = false`.
+    #[default]
+    Public,
+    /// Internal network: every registry, optionally only to allowed networks.
+    Private,
 }
 
 /// A registry (namespace) declared in the config.
@@ -57,6 +162,16 @@ pub struct RegistryConfig {
     /// For `type = "cache"`: the `[[image_cache]]` it serves.
     #[serde(default)]
     pub cache: Option<String>,
+    /// Reachable on public listeners (false: only on private ones).
+    #[serde(default = "yes")]
+    pub public_uri: bool,
+    /// Anyone may pull without credentials (edge sites).
+    #[serde(default)]
+    pub anonymous_pull: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Kind of a source registry (decides the endpoint and the credential flow).
@@ -265,6 +380,8 @@ impl Default for Config {
                 addr: SocketAddr::from(([127, 0, 0, 1], 5000)),
                 tls_cert: None,
                 tls_key: None,
+                exposure: Exposure::Public,
+                allow: Vec::new(),
             }],
             registry: Vec::new(),
             limits: Limits::default(),
@@ -274,6 +391,8 @@ impl Default for Config {
             pull_through: PullThrough::default(),
             shutdown_grace: Duration::from_secs(30),
             log: "info".to_string(),
+            auth: AuthConfig::default(),
+            webhooks: WebhookConfig::default(),
         }
     }
 }
@@ -357,6 +476,12 @@ impl Config {
             ));
         }
         for l in &self.listen {
+            if l.exposure == Exposure::Public && !l.allow.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "listen {}: `allow` is only for exposure = \"private\" listeners",
+                    l.addr
+                )));
+            }
             if l.tls_cert.is_some() != l.tls_key.is_some() {
                 return Err(ConfigError::Invalid(format!(
                     "listen {}: tls_cert and tls_key must be given together",
@@ -411,6 +536,17 @@ impl Config {
                 )));
             }
         }
+        if self.auth.token_lifetime > MAX_TOKEN_LIFETIME || self.auth.token_lifetime.is_zero() {
+            return Err(ConfigError::Invalid(format!(
+                "auth.token_lifetime must be between 1s and 12h, not {}",
+                humantime::format_duration(self.auth.token_lifetime)
+            )));
+        }
+        if self.webhooks.queue_size == 0 || self.webhooks.max_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "webhooks.queue_size and webhooks.max_attempts must be positive".into(),
+            ));
+        }
         if self.limits.max_manifest_bytes == 0 || self.limits.default_page_size == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_manifest_bytes and limits.default_page_size must be positive".into(),
@@ -419,6 +555,9 @@ impl Config {
         Ok(())
     }
 }
+
+/// Longest lifetime of an issued token.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 
 /// `"30s"`, `"2h"` durations in TOML.
 mod humantime_serde_compat {

@@ -58,6 +58,19 @@ pub enum Error {
     /// Operation not allowed on this resource.
     #[error("{0}")]
     Denied(String),
+    /// Credentials missing or not accepted, or a token without the needed scope; answered with a
+    /// `WWW-Authenticate` challenge (built by the HTTP layer, which knows the host).
+    #[error("{message}")]
+    Unauthorized {
+        message: String,
+        /// Scope the challenge should ask for.
+        scope: Option<String>,
+        /// A valid token lacked the scope (`error="insufficient_scope"`).
+        insufficient: bool,
+    },
+    /// The resource exists already, or the change conflicts with its state.
+    #[error("{0}")]
+    Conflict(String),
     /// Operation not supported.
     #[error("{0}")]
     Unsupported(String),
@@ -112,6 +125,11 @@ impl Error {
             Error::TagInvalid(_) => "TAG_INVALID",
             Error::PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
             Error::Denied(_) => "DENIED",
+            Error::Unauthorized {
+                insufficient: true, ..
+            } => "DENIED",
+            Error::Unauthorized { .. } => "UNAUTHORIZED",
+            Error::Conflict(_) => "CONFLICT",
             Error::Unsupported(_) | Error::MethodNotAllowed(_) | Error::BadRequest(_) => {
                 "UNSUPPORTED"
             }
@@ -140,6 +158,8 @@ impl Error {
             Error::ManifestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Error::Denied(_) => StatusCode::FORBIDDEN,
+            Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -181,6 +201,30 @@ impl Error {
     /// Whether this is berth's fault (logged at error level) rather than the client's or the source's.
     pub fn is_server_fault(&self) -> bool {
         self.status().is_server_error() && !matches!(self, Error::Upstream(_))
+    }
+}
+
+impl Error {
+    /// A 401 with a challenge for `scope`.
+    pub fn unauthorized(message: &str, scope: Option<String>) -> Error {
+        Error::Unauthorized {
+            message: message.to_string(),
+            scope,
+            insufficient: false,
+        }
+    }
+}
+
+impl From<crate::auth::users::UserError> for Error {
+    fn from(e: crate::auth::users::UserError) -> Self {
+        use crate::auth::users::UserError as U;
+        match e {
+            U::InvalidName(_) | U::TooManyKeys(_) => Error::BadRequest(e.to_string()),
+            U::Exists(_) | U::LastAdmin(_) => Error::Conflict(e.to_string()),
+            U::UnknownUser(_) | U::UnknownKey { .. } => Error::NotFound(e.to_string()),
+            U::Meta(m) => Error::Meta(m),
+            U::Hash(h) => Error::Internal(h),
+        }
     }
 }
 

@@ -3,9 +3,11 @@
 //! Data flows one way: listener → router → behaviour → store (DESIGN.md 3).
 
 pub mod admin;
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod oci;
@@ -32,6 +34,10 @@ pub struct App {
     pub store: Arc<Store>,
     /// Image caches and their fetches.
     pub cache: cache::Cache,
+    /// Users, keys, tokens and the authorization check.
+    pub auth: Arc<auth::Auth>,
+    /// The event bus.
+    pub events: events::Events,
     /// Random per-process prefix of request ids.
     pub boot_id: u32,
     /// Set once every listener is bound.
@@ -68,16 +74,20 @@ pub fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> 
     }
     for r in &config.registry {
         match store.registry(&r.name) {
-            Some(existing) if existing.kind == r.kind && existing.cache == r.cache => {}
+            Some(existing)
+                if existing.kind == r.kind
+                    && existing.cache == r.cache
+                    && existing.public_uri == r.public_uri
+                    && existing.anonymous_pull == r.anonymous_pull => {}
             existing => {
                 if let Some(e) = &existing {
                     tracing::warn!(registry = %r.name, from = %e.kind, to = %r.kind, "registry changed by config");
                 }
                 store.put_registry(RegistryRecord {
-                    name: r.name.clone(),
-                    kind: r.kind,
                     created_ms: existing.map_or_else(now_ms, |e| e.created_ms),
-                    cache: r.cache.clone(),
+                    public_uri: r.public_uri,
+                    anonymous_pull: r.anonymous_pull,
+                    ..RegistryRecord::new(&r.name, r.kind, r.cache.clone())
                 })?;
             }
         }
@@ -117,6 +127,7 @@ impl Server {
         let store = Store::open(&config.data_dir, &config).map_err(store_err)?;
         apply_config(&store, &config).map_err(store_err)?;
         let cache = cache::Cache::open(&config, &store).map_err(StartError::Listen)?;
+        let auth = auth::Auth::open(&store, &config.data_dir, &config.auth).map_err(store_err)?;
         let mut bound = Vec::new();
         for l in &config.listen {
             bound.push(http::server::bind(l).await.map_err(StartError::Listen)?);
@@ -125,6 +136,8 @@ impl Server {
             config,
             store: Arc::new(store),
             cache,
+            auth: Arc::new(auth),
+            events: events::Events::default(),
             boot_id: rand_u32(),
             ready: AtomicBool::new(false),
         });

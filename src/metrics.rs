@@ -65,3 +65,18 @@ pub fn blob_bytes_served(n: u64) {
 pub fn storage_bytes(n: u64) {
     metrics::gauge!("berth_storage_bytes").set(n as f64);
 }
+
+/// A login with an unknown key or a wrong secret.
+pub fn login_failed() {
+    metrics::counter!("berth_auth_failed_logins_total").increment(1);
+}
+
+/// A token issued by `/service/token`.
+pub fn token_issued() {
+    metrics::counter!("berth_auth_tokens_issued_total").increment(1);
+}
+
+/// A connection refused by a private listener's allow list.
+pub fn connection_refused() {
+    metrics::counter!("berth_connections_refused_total").increment(1);
+}

@@ -5,7 +5,7 @@ pub mod prefetch;
 pub mod stats;
 
 use crate::config::{Config, ImageCacheConfig, RegistryKind};
-use crate::store::meta::{now_ms, Meta, RegistryRecord};
+use crate::store::meta::{Meta, RegistryRecord};
 
 /// Opens the metadata of the configured data directory, with a hint when the server holds it.
 pub fn open_meta(config: &Config) -> Result<Meta, String> {
@@ -46,13 +46,8 @@ pub fn create_registry(
         }
         _ => {}
     }
-    meta.put_registry(&RegistryRecord {
-        name: name.to_string(),
-        kind,
-        created_ms: now_ms(),
-        cache,
-    })
-    .map_err(err)?;
+    meta.put_registry(&RegistryRecord::new(name, kind, cache))
+        .map_err(err)?;
     meta.flush_blocking().map_err(err)
 }
 

@@ -27,6 +27,10 @@ pub enum Route {
     Ready,
     /// `/metrics`.
     Metrics,
+    /// `/service/token`: the Docker token endpoint.
+    Token,
+    /// `/api/v1/...`: the management API (the path is parsed by `api/`).
+    Api,
 }
 
 impl Route {
@@ -43,6 +47,8 @@ impl Route {
             Route::Health => "healthz",
             Route::Ready => "readyz",
             Route::Metrics => "metrics",
+            Route::Token => "token",
+            Route::Api => "api",
         }
     }
 }
@@ -55,6 +61,9 @@ pub fn route(path: &str) -> Result<Route> {
         "/metrics" => return Ok(Route::Metrics),
         "/v2" | "/v2/" => return Ok(Route::Base),
         "/v2/_catalog" => return Ok(Route::Catalog),
+        "/service/token" => return Ok(Route::Token),
+        "/api/v1" => return Ok(Route::Api),
+        p if p.starts_with("/api/v1/") => return Ok(Route::Api),
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2/") else {

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::body::Body;
 use super::router::{route, Route};
-use crate::config::Listen;
+use crate::config::{Exposure, Listen};
 use crate::error::Error;
 use crate::registry::{self, Req};
 use crate::App;
@@ -30,6 +30,21 @@ pub struct Bound {
     pub addr: SocketAddr,
     /// TLS acceptor when the listener has a certificate.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Public or private.
+    pub exposure: Exposure,
+    /// Private listeners: networks allowed to connect (empty: any).
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+/// What a request's connection tells about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    /// Client address.
+    pub peer: SocketAddr,
+    /// Exposure of the listener it came through.
+    pub exposure: Exposure,
+    /// Whether it is TLS (for the token realm URL).
+    pub tls: bool,
 }
 
 /// Binds a listener and loads its certificate.
@@ -46,6 +61,8 @@ pub async fn bind(l: &Listen) -> Result<Bound, String> {
         listener,
         addr,
         tls,
+        exposure: l.exposure,
+        allow: l.allow.clone(),
     })
 }
 
@@ -103,11 +120,22 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
                 }
             },
         };
+        let ip = peer.ip().to_canonical();
+        if !bound.allow.is_empty() && !bound.allow.iter().any(|net| net.contains(&ip)) {
+            tracing::warn!(%peer, listener = %bound.addr, "connection refused: address not in the listener's allow list");
+            crate::metrics::connection_refused();
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let conn = Conn {
+            peer,
+            exposure: bound.exposure,
+            tls: bound.tls.is_some(),
+        };
         let svc = service_fn(move |req| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
+            async move { Ok::<_, Infallible>(handle(app, req, conn).await) }
         });
         match &bound.tls {
             None => {
@@ -160,7 +188,8 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Serves one request: route, dispatch, map errors, add common headers, log and count it.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    let peer = conn.peer;
     let started = Instant::now();
     let request_id = format!(
         "{:08x}-{:x}",
@@ -171,6 +200,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     let path = parts.uri.path();
     let routed = route(path);
     let label = routed.as_ref().map(Route::label).unwrap_or("unknown");
+    let mut operator = String::new();
     let result = match routed {
         Err(e) => Err(e),
         Ok(Route::Health) => Ok(text(StatusCode::OK, "ok\n")),
@@ -187,19 +217,50 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
             );
             Ok(r)
         }
-        Ok(route) => {
-            let req = Req {
-                method: &parts.method,
-                query: parts.uri.query(),
-                headers: &parts.headers,
-            };
-            registry::dispatch(&app, route, req, body).await
-        }
+        Ok(route) => match app.auth.authenticate(&parts.headers, peer.ip()).await {
+            Err(e) => Err(e),
+            Ok(principal) => {
+                let req = Req {
+                    method: &parts.method,
+                    query: parts.uri.query(),
+                    headers: &parts.headers,
+                    principal: &principal,
+                    public: conn.exposure == Exposure::Public,
+                };
+                operator = principal.name().to_string();
+                match route {
+                    Route::Token => crate::auth::endpoint::token(&app, req, body, peer.ip()).await,
+                    Route::Api => Err(Error::NotFound(format!("no such endpoint: {path}"))),
+                    route => registry::dispatch(&app, route, req, body).await,
+                }
+            }
+        },
     };
     let (mut response, error) = match result {
         Ok(r) => (r, None),
         Err(e) => (error_response(&e), Some(e)),
     };
+    if let Some(Error::Unauthorized {
+        scope,
+        insufficient,
+        ..
+    }) = &error
+    {
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map_or_else(|| conn.peer.to_string(), str::to_string);
+        let base = format!("{}://{host}", if conn.tls { "https" } else { "http" });
+        let challenge = if label == "token" {
+            format!("Basic realm=\"{}\"", app.auth.config.service)
+        } else {
+            app.auth.challenge(&base, scope.as_deref(), *insufficient)
+        };
+        if let Ok(v) = HeaderValue::from_str(&challenge) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
     let status = response.status();
     let bytes = response.body().len().unwrap_or(0);
     let h = response.headers_mut();
@@ -222,13 +283,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
         .map_or("", |o| o.outcome);
     match &error {
         Some(e) if e.is_server_fault() => tracing::error!(
-            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, error = %e, "request failed"
+            request_id, %peer, user = operator, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, error = %e, "request failed"
         ),
         Some(e) => tracing::info!(
-            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, error = %e, "request refused"
+            request_id, %peer, user = operator, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, error = %e, "request refused"
         ),
         None => tracing::info!(
-            request_id, %peer, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, "request"
+            request_id, %peer, user = operator, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, "request"
         ),
     }
     response

@@ -59,12 +59,35 @@ pub fn tags(app: &App, repo: &RepoName, req: &Req<'_>) -> Result<Response<Body>>
 
 /// `GET /v2/_catalog`.
 pub fn catalog(app: &App, req: &Req<'_>) -> Result<Response<Body>> {
+    app.auth
+        .check(&app.store, req.principal, crate::auth::Action::Catalog)?;
     let n = page_size(app, req)?;
-    let last = query_param(req.query, "last");
-    let mut repos = app
-        .store
-        .meta
-        .repositories(None, last.as_deref(), n.saturating_add(1))?;
+    let mut last = query_param(req.query, "last");
+    // Only repositories of registries the caller may read and that this listener shows.
+    let mut shown = std::collections::HashMap::new();
+    let mut visible = |repo: &str| {
+        let registry = repo.split('/').next().unwrap_or(repo).to_string();
+        *shown.entry(registry.clone()).or_insert_with(|| {
+            app.store.registry(&registry).is_some_and(|r| {
+                req.visible(&r).is_ok() && app.auth.can_read(&app.store, req.principal, &r.name)
+            })
+        })
+    };
+    let want = n.saturating_add(1);
+    let mut repos = Vec::new();
+    loop {
+        let page = app
+            .store
+            .meta
+            .repositories(None, last.as_deref(), want.max(100))?;
+        let exhausted = page.len() < want.max(100);
+        last = page.last().cloned();
+        repos.extend(page.into_iter().filter(|r| visible(r)));
+        if exhausted || repos.len() >= want {
+            break;
+        }
+    }
+    repos.truncate(want);
     let more = repos.len() > n;
     repos.truncate(n);
     let body = serde_json::json!({ "repositories": repos }).to_string();

@@ -109,7 +109,7 @@ fn entry(
     }
 }
 
-async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes> {
+pub(crate) async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes> {
     let mut body = body;
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {

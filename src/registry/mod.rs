@@ -9,11 +9,13 @@ pub mod uploads;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::auth::{Action, Principal};
 use crate::cache::{CacheTarget, Target};
 use crate::error::{Error, Result};
 use crate::http::body::Body;
 use crate::http::router::Route;
 use crate::oci::reference::RepoName;
+use crate::store::meta::RegistryRecord;
 use crate::App;
 
 /// A request's parts that handlers read.
@@ -24,6 +26,33 @@ pub struct Req<'a> {
     pub query: Option<&'a str>,
     /// Headers.
     pub headers: &'a HeaderMap,
+    /// Who is asking.
+    pub principal: &'a Principal,
+    /// Whether the request came through a public listener (hides `public_uri = false` registries).
+    pub public: bool,
+}
+
+impl Req<'_> {
+    /// Refuses registries hidden from public listeners as if they did not exist.
+    pub fn visible(&self, registry: &RegistryRecord) -> Result<()> {
+        if self.public && !registry.public_uri {
+            return Err(Error::NameUnknown(format!(
+                "registry {:?} does not exist",
+                registry.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The authorization action of a `/v2/` request on a repository.
+fn action<'a>(route: &Route, method: &Method, repo: &'a str) -> Action<'a> {
+    match (route, method) {
+        (_, &Method::GET | &Method::HEAD) => Action::Pull(repo),
+        (Route::Upload { .. } | Route::UploadStart { .. }, _) => Action::Push(repo),
+        (_, &Method::DELETE) => Action::Delete(repo),
+        _ => Action::Push(repo),
+    }
 }
 
 /// Runs the handler of a `/v2/` route.
@@ -36,7 +65,8 @@ pub async fn dispatch(
     let m = req.method;
     let name = match &route {
         Route::Base if m == Method::GET || m == Method::HEAD => {
-            return Ok(json_response(StatusCode::OK, "{}".into()))
+            app.auth.check(&app.store, req.principal, Action::Ping)?;
+            return Ok(json_response(StatusCode::OK, "{}".into()));
         }
         Route::Catalog if m == Method::GET => return lists::catalog(app, &req),
         Route::Blob { name, .. }
@@ -47,7 +77,25 @@ pub async fn dispatch(
         | Route::Referrers { name, .. } => name,
         _ => return Err(Error::MethodNotAllowed(m.to_string())),
     };
-    match app.cache.resolve(&app.store, name, req.query)? {
+    let target = app.cache.resolve(&app.store, name, req.query)?;
+    let repo = match &target {
+        Target::Origin(repo) => repo,
+        Target::Cache(t) => &t.repo,
+    };
+    if let Some(r) = app.store.registry(repo.registry()) {
+        req.visible(&r)?;
+    }
+    let checked = app
+        .auth
+        .check(&app.store, req.principal, action(&route, m, repo.as_str()));
+    // Tokens name the repository as the client knows it (mirror mode has no registry prefix).
+    match checked {
+        Err(_) if matches!(req.principal, Principal::Token(_)) && name != repo.as_str() => app
+            .auth
+            .check(&app.store, req.principal, action(&route, m, name))?,
+        other => other?,
+    }
+    match target {
         Target::Origin(repo) => origin(app, route, &repo, req, body).await,
         Target::Cache(t) => cached(app, route, &t, req).await,
     }

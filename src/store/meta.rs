@@ -21,6 +21,87 @@ pub struct RegistryRecord {
     /// Cache registries: the image cache they serve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
+    /// Reachable on public listeners.
+    #[serde(default = "yes")]
+    pub public_uri: bool,
+    /// Anyone may pull without credentials.
+    #[serde(default)]
+    pub anonymous_pull: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl RegistryRecord {
+    /// A new public registry without anonymous pull.
+    pub fn new(name: &str, kind: RegistryKind, cache: Option<String>) -> RegistryRecord {
+        RegistryRecord {
+            name: name.to_string(),
+            kind,
+            created_ms: now_ms(),
+            cache,
+            public_uri: true,
+            anonymous_pull: false,
+        }
+    }
+}
+
+/// A sled tree of JSON records of one type, keyed by text (`a \0 b` for compound keys).
+pub struct Records<T> {
+    tree: sled::Tree,
+    _type: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Serialize + for<'de> Deserialize<'de>> Records<T> {
+    /// Stores a record.
+    pub fn put(&self, key: &[&str], value: &T) -> MetaResult<()> {
+        self.tree.insert(self::key(key), json(value))?;
+        Ok(())
+    }
+
+    /// One record.
+    pub fn get(&self, key: &[&str]) -> MetaResult<Option<T>> {
+        self.tree
+            .get(self::key(key))?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// Removes a record; returns it.
+    pub fn remove(&self, key: &[&str]) -> MetaResult<Option<T>> {
+        self.tree
+            .remove(self::key(key))?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// Records whose key starts with the parts `prefix` (all records for `&[]`), in key order,
+    /// with the rest of their key.
+    pub fn list(&self, prefix: &[&str]) -> MetaResult<Vec<(String, T)>> {
+        let p = if prefix.is_empty() {
+            Vec::new()
+        } else {
+            self::prefix(prefix)
+        };
+        self.tree
+            .scan_prefix(&p)
+            .map(|item| {
+                let (k, v) = item?;
+                Ok((tail_str(&k, p.len()), from_json(&v)?))
+            })
+            .collect()
+    }
+
+    /// Removes every record under the key parts `prefix`; returns how many.
+    pub fn remove_prefix(&self, prefix: &[&str]) -> MetaResult<usize> {
+        let mut n = 0;
+        for k in self.tree.scan_prefix(self::prefix(prefix)).keys() {
+            self.tree.remove(k?)?;
+            n += 1;
+        }
+        Ok(n)
+    }
 }
 
 /// One artifact (manifest) in a repository.
@@ -118,6 +199,14 @@ impl Meta {
             announced: Default::default(),
             durable: Default::default(),
             flusher: Default::default(),
+        })
+    }
+
+    /// A tree of typed records owned by a behaviour (users, keys, webhooks, deliveries...).
+    pub fn records<T>(&self, name: &str) -> MetaResult<Records<T>> {
+        Ok(Records {
+            tree: self.db.open_tree(name)?,
+            _type: std::marker::PhantomData,
         })
     }
 
