@@ -282,7 +282,13 @@ impl Auth {
             return Ok(());
         }
         match principal {
+            // An anonymous token (the client asked for one without credentials) is refused like
+            // no credentials at all, so clients say "unauthorized", not "insufficient scope".
             Principal::Anonymous => Err(Error::unauthorized(
+                "authentication required",
+                action.scope(),
+            )),
+            Principal::Token(c) if c.sub.is_empty() => Err(Error::unauthorized(
                 "authentication required",
                 action.scope(),
             )),
