@@ -290,6 +290,25 @@ async fn role_matrix_with_access_keys() {
         &expect(U, O, U, U),
     )
     .await;
+    // Anonymous callers do not learn which registries exist; users do.
+    let r = f
+        .send(
+            &Cred::None,
+            Method::GET,
+            "/v2/nosuch/app/manifests/v1",
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = f
+        .send(
+            &f.viewer,
+            Method::GET,
+            "/v2/nosuch/app/manifests/v1",
+            vec![],
+        )
+        .await;
+    assert_eq!(error_of(r).await.0, "NAME_UNKNOWN");
     // A wrong secret is refused outright, never treated as anonymous.
     let Cred::Basic(id, _) = &f.viewer else {
         unreachable!()

@@ -77,7 +77,20 @@ pub async fn dispatch(
         | Route::Referrers { name, .. } => name,
         _ => return Err(Error::MethodNotAllowed(m.to_string())),
     };
-    let target = app.cache.resolve(&app.store, name, req.query)?;
+    let target = match app.cache.resolve(&app.store, name, req.query) {
+        Ok(t) => t,
+        // Without credentials, a missing registry looks like any other refusal: anonymous
+        // callers do not learn which registries exist.
+        Err(Error::NameUnknown(_))
+            if app.auth.enforced() && matches!(req.principal, Principal::Anonymous) =>
+        {
+            return Err(Error::unauthorized(
+                "authentication required",
+                action(&route, m, name).scope(),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
     let repo = match &target {
         Target::Origin(repo) => repo,
         Target::Cache(t) => &t.repo,
