@@ -666,37 +666,84 @@ async fn auth_off_and_auth_on_modes() {
 }
 
 /// `/api/v1` through the same check: (operation, method, path, JSON body) for a principal `who`.
-fn api_operations(who: &str, digest: &str) -> Vec<(&'static str, Method, String, Option<serde_json::Value>)> {
-    let json = serde_json::json!;
+fn api_operations(
+    who: &str,
+    digest: &str,
+) -> Vec<(&'static str, Method, String, Option<serde_json::Value>)> {
     vec![
-        ("list-registries", Method::GET, "/api/v1/registries".into(), None),
-        ("get-registry", Method::GET, "/api/v1/registries/library".into(), None),
-        ("list-images", Method::GET, "/api/v1/registries/library/images".into(), None),
-        ("list-artifacts", Method::GET, "/api/v1/registries/library/images/app/artifacts".into(), None),
-        ("list-tags", Method::GET, "/api/v1/registries/library/images/app/tags".into(), None),
+        (
+            "list-registries",
+            Method::GET,
+            "/api/v1/registries".into(),
+            None,
+        ),
+        (
+            "get-registry",
+            Method::GET,
+            "/api/v1/registries/library".into(),
+            None,
+        ),
+        (
+            "list-images",
+            Method::GET,
+            "/api/v1/registries/library/images".into(),
+            None,
+        ),
+        (
+            "list-artifacts",
+            Method::GET,
+            "/api/v1/registries/library/images/app/artifacts".into(),
+            None,
+        ),
+        (
+            "list-tags",
+            Method::GET,
+            "/api/v1/registries/library/images/app/tags".into(),
+            None,
+        ),
         (
             "create-tag",
             Method::POST,
             "/api/v1/registries/library/images/app/tags".into(),
-            Some(json!({"tag": format!("t-{who}"), "digest": digest})),
+            Some(serde_json::json!({"tag": format!("t-{who}"), "digest": digest})),
         ),
-        ("delete-tag", Method::DELETE, "/api/v1/registries/library/images/app/tags/nosuch".into(), None),
-        ("list-image-caches", Method::GET, "/api/v1/image-caches".into(), None),
+        (
+            "delete-tag",
+            Method::DELETE,
+            "/api/v1/registries/library/images/app/tags/nosuch".into(),
+            None,
+        ),
+        (
+            "list-image-caches",
+            Method::GET,
+            "/api/v1/image-caches".into(),
+            None,
+        ),
         (
             "create-registry",
             Method::POST,
             "/api/v1/registries".into(),
-            Some(json!({"name": format!("r-{who}"), "type": "normal"})),
+            Some(serde_json::json!({"name": format!("r-{who}"), "type": "normal"})),
         ),
         ("list-users", Method::GET, "/api/v1/users".into(), None),
-        ("get-team", Method::GET, "/api/v1/registries/team".into(), None),
+        (
+            "get-team",
+            Method::GET,
+            "/api/v1/registries/team".into(),
+            None,
+        ),
         (
             "patch-team",
             Method::PATCH,
             "/api/v1/registries/team".into(),
-            Some(json!({"anonymous_pull": false})),
+            Some(serde_json::json!({"anonymous_pull": false})),
         ),
-        ("list-webhooks", Method::GET, "/api/v1/registries/library/webhooks".into(), None),
+        (
+            "list-webhooks",
+            Method::GET,
+            "/api/v1/registries/library/webhooks".into(),
+            None,
+        ),
     ]
 }
 
@@ -715,7 +762,11 @@ fn api_expect(row: &str) -> Vec<Outcome> {
 async fn run_api_matrix(f: &Fixture, who: &str, cred: &Cred, row: &str) {
     let expected = api_expect(row);
     let ops = api_operations(who.split_whitespace().next().unwrap(), &f.app_digest);
-    assert_eq!(ops.len(), expected.len(), "{who}: one outcome per operation");
+    assert_eq!(
+        ops.len(),
+        expected.len(),
+        "{who}: one outcome per operation"
+    );
     for ((op, method, path, body), want) in ops.into_iter().zip(expected) {
         let mut r = f.s.client.request(method.clone(), f.s.url(&path));
         if let Some(b) = body {
@@ -724,7 +775,11 @@ async fn run_api_matrix(f: &Fixture, who: &str, cred: &Cred, row: &str) {
         let r = cred.apply(r).send().await.unwrap();
         let status = r.status();
         let text = r.text().await.unwrap();
-        assert_eq!(outcome(status), want, "{who} {op} {method} {path}: got {status} {text}");
+        assert_eq!(
+            outcome(status),
+            want,
+            "{who} {op} {method} {path}: got {status} {text}"
+        );
         if status.is_client_error() {
             let v: serde_json::Value = serde_json::from_str(&text)
                 .unwrap_or_else(|_| panic!("{who} {op}: error body is JSON: {text}"));
@@ -738,30 +793,78 @@ async fn run_api_matrix(f: &Fixture, who: &str, cred: &Cred, row: &str) {
 async fn role_matrix_on_the_management_api() {
     let f = fixture().await;
     //                                          list get  imgs arts tags +tag -tag caches +reg users team patch hooks
-    run_api_matrix(&f, "admin", &f.admin, "     O    O    O    O    O    O    O    O      O    O     O    O     O").await;
-    run_api_matrix(&f, "viewer", &f.viewer, "   O    O    O    O    O    F    F    O      F    F     O    F     O").await;
-    run_api_matrix(&f, "uploader", &f.uploader, "O    O    O    O    O    O    F    O      F    F     O    F     O").await;
-    run_api_matrix(&f, "teamadmin", &f.team_admin, "O  F    F    F    F    F    F    O      F    F     O    O     F").await;
-    run_api_matrix(&f, "anonymous", &Cred::None, "U    U    U    U    U    U    U    U      U    U     U    U     U").await;
+    run_api_matrix(
+        &f,
+        "admin",
+        &f.admin,
+        "     O    O    O    O    O    O    O    O      O    O     O    O     O",
+    )
+    .await;
+    run_api_matrix(
+        &f,
+        "viewer",
+        &f.viewer,
+        "   O    O    O    O    O    F    F    O      F    F     O    F     O",
+    )
+    .await;
+    run_api_matrix(
+        &f,
+        "uploader",
+        &f.uploader,
+        "O    O    O    O    O    O    F    O      F    F     O    F     O",
+    )
+    .await;
+    run_api_matrix(
+        &f,
+        "teamadmin",
+        &f.team_admin,
+        "O  F    F    F    F    F    F    O      F    F     O    O     F",
+    )
+    .await;
+    run_api_matrix(
+        &f,
+        "anonymous",
+        &Cred::None,
+        "U    U    U    U    U    U    U    U      U    U     U    U     U",
+    )
+    .await;
     // A token acts on the API with its user's current role.
     let (token, _) = f.token(&f.admin, &["repository:library/app:pull"]).await;
-    run_api_matrix(&f, "admintoken", &Cred::Bearer(token), "O O O O O O O O O O O O O").await;
+    run_api_matrix(
+        &f,
+        "admintoken",
+        &Cred::Bearer(token),
+        "O O O O O O O O O O O O O",
+    )
+    .await;
     let app = f.s.app();
-    let (forged, _) = TestServer::start("")
-        .await
-        .app()
+    let (forged, _) =
+        TestServer::start("")
+            .await
+            .app()
+            .auth
+            .keys
+            .issue("admin", vec![], Duration::from_secs(60));
+    run_api_matrix(
+        &f,
+        "foreign token",
+        &Cred::Bearer(forged),
+        "U U U U U U U U U U U U U",
+    )
+    .await;
+    let (good, _) = app
         .auth
         .keys
         .issue("admin", vec![], Duration::from_secs(60));
-    run_api_matrix(&f, "foreign token", &Cred::Bearer(forged), "U U U U U U U U U U U U U").await;
-    let (good, _) = app.auth.keys.issue("admin", vec![], Duration::from_secs(60));
     let mut tampered = good.into_bytes();
     let n = tampered.len();
     tampered[n - 2] = if tampered[n - 2] == b'A' { b'B' } else { b'A' };
     let tampered = Cred::Bearer(String::from_utf8(tampered).unwrap());
     run_api_matrix(&f, "tampered token", &tampered, "U U U U U U U U U U U U U").await;
     // What the allowed changes did is visible.
-    let r = f.send(&f.admin, Method::GET, "/v2/library/app/tags/list", vec![]).await;
+    let r = f
+        .send(&f.admin, Method::GET, "/v2/library/app/tags/list", vec![])
+        .await;
     let tags: serde_json::Value = r.json().await.unwrap();
     let tags = tags["tags"].as_array().unwrap();
     for t in ["t-admin", "t-uploader", "t-admintoken"] {
