@@ -789,45 +789,30 @@ async fn run_api_matrix(f: &Fixture, who: &str, cred: &Cred, row: &str) {
     }
 }
 
+/// Outcome per principal of each operation of `api_operations` (O allowed, F 403, U 401).
+#[rustfmt::skip]
+const API_MATRIX: &[(&str, &str)] = &[
+    //               list get imgs arts tags +tag -tag caches +reg users team patch hooks
+    ("admin",       "O    O   O    O    O    O    O    O      O    O     O    O     O"),
+    ("viewer",      "O    O   O    O    O    F    F    O      F    F     O    F     O"),
+    ("uploader",    "O    O   O    O    O    O    F    O      F    F     O    F     O"),
+    ("teamadmin",   "O    F   F    F    F    F    F    O      F    F     O    O     F"),
+    ("anonymous",   "U    U   U    U    U    U    U    U      U    U     U    U     U"),
+];
+
 #[tokio::test]
 async fn role_matrix_on_the_management_api() {
     let f = fixture().await;
-    //                                          list get  imgs arts tags +tag -tag caches +reg users team patch hooks
-    run_api_matrix(
-        &f,
-        "admin",
-        &f.admin,
-        "     O    O    O    O    O    O    O    O      O    O     O    O     O",
-    )
-    .await;
-    run_api_matrix(
-        &f,
-        "viewer",
-        &f.viewer,
-        "   O    O    O    O    O    F    F    O      F    F     O    F     O",
-    )
-    .await;
-    run_api_matrix(
-        &f,
-        "uploader",
-        &f.uploader,
-        "O    O    O    O    O    O    F    O      F    F     O    F     O",
-    )
-    .await;
-    run_api_matrix(
-        &f,
-        "teamadmin",
-        &f.team_admin,
-        "O  F    F    F    F    F    F    O      F    F     O    O     F",
-    )
-    .await;
-    run_api_matrix(
-        &f,
-        "anonymous",
-        &Cred::None,
-        "U    U    U    U    U    U    U    U      U    U     U    U     U",
-    )
-    .await;
+    for (who, row) in API_MATRIX {
+        let cred = match *who {
+            "admin" => f.admin.clone(),
+            "viewer" => f.viewer.clone(),
+            "uploader" => f.uploader.clone(),
+            "teamadmin" => f.team_admin.clone(),
+            _ => Cred::None,
+        };
+        run_api_matrix(&f, who, &cred, row).await;
+    }
     // A token acts on the API with its user's current role.
     let (token, _) = f.token(&f.admin, &["repository:library/app:pull"]).await;
     run_api_matrix(
