@@ -69,5 +69,37 @@ fn digests(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, references, manifests, digests);
+/// The per-request cost of credentials: a bearer token check, and a cached access-key check.
+fn auth(c: &mut Criterion) {
+    use berth::auth::token::{Access, TokenKeys};
+    let dir = tempfile::tempdir().unwrap();
+    let keys = TokenKeys::open(dir.path(), "berth").unwrap();
+    let access = vec![Access::parse("repository:library/app:pull,push").unwrap()];
+    let (token, _) = keys.issue("ci", access.clone(), std::time::Duration::from_secs(900));
+    c.bench_function("token_verify", |b| {
+        b.iter(|| keys.verify(std::hint::black_box(&token)).unwrap())
+    });
+    c.bench_function("token_issue", |b| {
+        b.iter(|| keys.issue("ci", access.clone(), std::time::Duration::from_secs(900)))
+    });
+    let meta = berth::store::meta::Meta::open(dir.path()).unwrap();
+    let users = berth::auth::users::Users::open(&meta).unwrap();
+    users
+        .create("ci", berth::auth::Role::ImageUploader, vec![])
+        .unwrap();
+    let (key, secret) = users.create_key("ci").unwrap();
+    c.bench_function("access_key_verify_argon2", |b| {
+        b.iter(|| {
+            // A fresh Users each time would reopen sled; instead check a wrong secret, which
+            // is never memoized and costs the same argon2 run as a first good login.
+            users.verify(&key.id, "wrong-secret-wrong-secret").unwrap_err()
+        })
+    });
+    users.verify(&key.id, &secret).unwrap();
+    c.bench_function("access_key_verify_cached", |b| {
+        b.iter(|| users.verified(&key.id, &secret).unwrap())
+    });
+}
+
+criterion_group!(benches, references, manifests, digests, auth);
 criterion_main!(benches);

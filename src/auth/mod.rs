@@ -142,6 +142,8 @@ pub struct Auth {
     pub throttle: throttle::Throttle,
     /// Whether requests must authenticate now (`auto` turns on with the first user).
     enforced: AtomicBool,
+    /// Recently verified bearer tokens.
+    tokens: moka::sync::Cache<String, Arc<Claims>>,
 }
 
 impl Auth {
@@ -158,6 +160,10 @@ impl Auth {
                 config.failed_login_window,
             ),
             enforced: AtomicBool::new(false),
+            tokens: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(config.token_lifetime)
+                .build(),
         };
         auth.refresh()?;
         Ok(auth)
@@ -195,11 +201,21 @@ impl Auth {
         let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
         let rest = rest.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
-            return self
-                .keys
-                .verify(rest)
-                .map(|c| Principal::Token(Arc::new(c)))
-                .map_err(|e| Error::unauthorized(&e.to_string(), None));
+            // Clients send the same token on every request until it expires: a memo hit is a
+            // hash lookup instead of a base64 + HMAC + JSON decode (about 3 µs).
+            if let Some(claims) = self.tokens.get(rest) {
+                if claims.exp > crate::store::meta::now_ms() / 1000 {
+                    return Ok(Principal::Token(claims));
+                }
+                self.tokens.invalidate(rest);
+            }
+            let claims = Arc::new(
+                self.keys
+                    .verify(rest)
+                    .map_err(|e| Error::unauthorized(&e.to_string(), None))?,
+            );
+            self.tokens.insert(rest.to_string(), claims.clone());
+            return Ok(Principal::Token(claims));
         }
         if scheme.eq_ignore_ascii_case("basic") {
             let (id, secret) = decode_basic(rest)
