@@ -201,8 +201,8 @@ pub struct Webhooks {
     changes: Mutex<()>,
     /// Bumped on every policy change; the dispatcher drops queues of deleted policies.
     changed: watch::Sender<u64>,
-    /// Approximate log length per policy, to trim without listing on every append.
-    log_len: Mutex<HashMap<String, usize>>,
+    /// Log length per policy and the length at which to trim it next.
+    log_len: Mutex<HashMap<String, (usize, usize)>>,
     queue_depth: AtomicI64,
     client: reqwest::Client,
 }
@@ -605,22 +605,25 @@ impl Webhooks {
     fn append(&self, d: &Delivery) -> Result<()> {
         self.log.put(&[&d.policy_id, &seq(d.id)], d)?;
         let keep = self.config.log_keep;
-        // Trimming lists the log; doing it once per tenth of `log_keep` appends keeps the cost
-        // per delivery constant while the log never holds more than 110% of `log_keep`.
+        // Trimming lists the log: it runs once the log has grown a tenth of `log_keep` past the
+        // last trim, so the cost per delivery stays constant, also while many deliveries are
+        // pending (they cannot be trimmed), and the log holds at most 110% of `log_keep` plus
+        // the pending ones.
         let slack = (keep / 10).max(1);
         let mut lens = self.log_len.lock().unwrap();
-        let len = match lens.get_mut(&d.policy_id) {
-            Some(n) => {
-                *n += 1;
-                *n
+        let (len, trim_at) = match lens.get_mut(&d.policy_id) {
+            Some(entry) => {
+                entry.0 += 1;
+                *entry
             }
             None => {
                 let n = self.log.list(&[&d.policy_id])?.len();
-                lens.insert(d.policy_id.clone(), n);
-                n
+                let entry = (n, keep + slack);
+                lens.insert(d.policy_id.clone(), entry);
+                entry
             }
         };
-        if len > keep + slack || (len > keep && slack == 1) {
+        if len >= trim_at {
             let all = self.log.list(&[&d.policy_id])?;
             let mut excess = all.len().saturating_sub(keep);
             let mut left = all.len();
@@ -634,7 +637,7 @@ impl Webhooks {
                     left -= 1;
                 }
             }
-            lens.insert(d.policy_id.clone(), left);
+            lens.insert(d.policy_id.clone(), (left, left.max(keep) + slack));
         }
         Ok(())
     }
