@@ -732,3 +732,62 @@ async fn a_slow_receiver_does_not_slow_pushes() {
         median(with)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_is_the_authenticated_user_and_viewers_cannot_manage() {
+    use berth::auth::Role;
+    let rx = Receiver::start();
+    let s = TestServer::start(FAST).await;
+    create(
+        &s,
+        "library",
+        spec("ops", &rx.url(), &[PullArtifact, DeleteTag]),
+    );
+    s.push_image("library/app", "1.0", "one").await;
+    let app = s.app();
+    app.auth
+        .users
+        .create("alice", Role::Admin, Vec::new())
+        .unwrap();
+    let (key, secret) = app.auth.users.create_key("alice").unwrap();
+    let viewer = app
+        .auth
+        .users
+        .create("victor", Role::Viewer, Vec::new())
+        .unwrap();
+    app.auth.refresh().unwrap();
+    assert!(app.auth.enforced());
+    let r = s
+        .client
+        .get(s.url("/v2/library/app/manifests/1.0"))
+        .basic_auth(&key.id, Some(&secret))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s
+        .client
+        .delete(s.url("/v2/library/app/manifests/1.0"))
+        .basic_auth(&key.id, Some(&secret))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    wait("pull and tag delete", || rx.hits().len() == 2).await;
+    let hits = rx.hits();
+    assert_eq!(kinds(&hits), ["PULL_ARTIFACT", "DELETE_TAG"]);
+    assert!(hits.iter().all(|h| h.json["operator"] == "alice"));
+
+    let api = ApiHost::start(s.app(), Principal::User(Arc::new(viewer))).await;
+    let r = s.client.get(api.url("library", "")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "viewers read policies");
+    let r = s
+        .client
+        .post(api.url("library", ""))
+        .json(&json!({"name": "v", "events": ["PUSH_ARTIFACT"], "target": rx.url()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(s.app().events.webhooks.list("library").unwrap().len(), 1);
+}
