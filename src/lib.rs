@@ -128,6 +128,8 @@ impl Server {
         apply_config(&store, &config).map_err(store_err)?;
         let cache = cache::Cache::open(&config, &store).map_err(StartError::Listen)?;
         let auth = auth::Auth::open(&store, &config.data_dir, &config.auth).map_err(store_err)?;
+        let webhooks =
+            events::webhooks::Webhooks::open(&store.meta, &config.webhooks).map_err(store_err)?;
         let mut bound = Vec::new();
         for l in &config.listen {
             bound.push(http::server::bind(l).await.map_err(StartError::Listen)?);
@@ -137,7 +139,7 @@ impl Server {
             store: Arc::new(store),
             cache,
             auth: Arc::new(auth),
-            events: events::Events::default(),
+            events: events::Events::new(webhooks),
             boot_id: rand_u32(),
             ready: AtomicBool::new(false),
         });
@@ -147,6 +149,9 @@ impl Server {
         let grace = app.config.shutdown_grace;
         for b in bound {
             tasks.spawn(http::server::serve(app.clone(), b, stop_rx.clone(), grace));
+        }
+        if let Some(dispatcher) = app.events.start(stop_rx.clone()) {
+            tasks.spawn(dispatcher);
         }
         tasks.spawn(housekeeping(app.clone(), stop_rx));
         app.ready.store(true, Ordering::Release);

@@ -80,3 +80,13 @@ pub fn token_issued() {
 pub fn connection_refused() {
     metrics::counter!("berth_connections_refused_total").increment(1);
 }
+
+/// A webhook delivery outcome: `delivered`, `failed`, `dropped` (queue full) or `retried`.
+pub fn webhook_delivery(result: &'static str) {
+    metrics::counter!("berth_webhook_deliveries_total", "result" => result).increment(1);
+}
+
+/// Webhook deliveries waiting in the policies' queues.
+pub fn webhook_queue_depth(n: u64) {
+    metrics::gauge!("berth_webhook_queue_depth").set(n as f64);
+}

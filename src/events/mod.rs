@@ -1,7 +1,10 @@
 //! The in-process event bus: behaviours publish what happened (push, pull, delete, tags...);
 //! webhooks (and later scan, replication and cleanup) consume it. Publishing never waits.
 
+pub mod api;
 pub mod webhooks;
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +22,25 @@ pub enum EventKind {
     CreateTag,
     /// A tag was deleted.
     DeleteTag,
+}
+
+impl EventKind {
+    /// The wire name (`PUSH_ARTIFACT`...), as in payloads and the `X-Berth-Event` header.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EventKind::PushArtifact => "PUSH_ARTIFACT",
+            EventKind::PullArtifact => "PULL_ARTIFACT",
+            EventKind::DeleteArtifact => "DELETE_ARTIFACT",
+            EventKind::CreateTag => "CREATE_TAG",
+            EventKind::DeleteTag => "DELETE_TAG",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Something that happened to an artifact.
@@ -45,27 +67,59 @@ pub struct Event {
     pub size: u64,
 }
 
-/// Events waiting for their consumers; more are dropped (and counted) rather than slowing the
-/// request that published them.
-pub const BUS_CAPACITY: usize = 10_000;
-
-/// The bus: a bounded queue from publishers to the dispatcher task.
-pub struct Events {
-    tx: tokio::sync::mpsc::Sender<Event>,
-    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
-}
-
-impl Default for Events {
-    fn default() -> Self {
-        let (tx, rx) = tokio::sync::mpsc::channel(BUS_CAPACITY);
-        Events {
-            tx,
-            rx: std::sync::Mutex::new(Some(rx)),
+impl Event {
+    /// An event happening now in `repository` (whose first segment is the registry).
+    pub fn now(
+        kind: EventKind,
+        operator: &str,
+        repository: &str,
+        tag: Option<&str>,
+        digest: &str,
+        media_type: &str,
+        size: u64,
+    ) -> Event {
+        Event {
+            kind,
+            time_ms: crate::store::meta::now_ms(),
+            operator: operator.to_string(),
+            registry: repository
+                .split('/')
+                .next()
+                .unwrap_or(repository)
+                .to_string(),
+            repository: repository.to_string(),
+            tag: tag.map(str::to_string),
+            digest: digest.to_string(),
+            media_type: media_type.to_string(),
+            size,
         }
     }
 }
 
+/// Events waiting for their consumers; more are dropped (and counted) rather than slowing the
+/// request that published them.
+pub const BUS_CAPACITY: usize = 10_000;
+
+/// The bus: a bounded queue from publishers to the dispatcher task, and the webhook policies
+/// that consume it.
+pub struct Events {
+    tx: tokio::sync::mpsc::Sender<Event>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
+    /// Webhook policies, their delivery log and delivery.
+    pub webhooks: Arc<webhooks::Webhooks>,
+}
+
 impl Events {
+    /// A bus feeding `webhooks`.
+    pub fn new(webhooks: webhooks::Webhooks) -> Events {
+        let (tx, rx) = tokio::sync::mpsc::channel(BUS_CAPACITY);
+        Events {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+            webhooks: Arc::new(webhooks),
+        }
+    }
+
     /// Publishes an event without waiting; a full bus drops it and counts it.
     pub fn publish(&self, event: Event) {
         if let Err(e) = self.tx.try_send(event) {
@@ -74,8 +128,24 @@ impl Events {
         }
     }
 
+    /// Whether any consumer listens to `kind` in `registry`: publishers of frequent events
+    /// (pulls) check it first so that building the event costs nothing when nobody listens.
+    pub fn wants(&self, kind: EventKind, registry: &str) -> bool {
+        self.webhooks.wants(kind, registry)
+    }
+
     /// The receiving end, taken once by the dispatcher.
     pub fn take_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<Event>> {
         self.rx.lock().unwrap().take()
+    }
+
+    /// Starts the dispatcher (and the delivery workers) until `stop` turns true; `None` when
+    /// the receiver was already taken.
+    pub fn start(
+        &self,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let rx = self.take_receiver()?;
+        Some(webhooks::dispatch(self.webhooks.clone(), rx, stop))
     }
 }

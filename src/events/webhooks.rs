@@ -1,1 +1,1115 @@
 //! Webhook policies per registry and their delivery (HTTP JSON with HMAC, or Slack).
+//!
+//! Flow: the dispatcher takes events from the bus, matches them against the enabled policies of
+//! their registry (an in-memory snapshot, refreshed on every policy change), and puts one job per
+//! policy into that policy's bounded queue. One worker per policy delivers its jobs in order,
+//! retrying with exponential backoff. Every delivery is in the persisted log; a pending one also
+//! has its event in the outbox tree, so a restart re-enqueues it instead of losing it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::{Event, EventKind};
+use crate::config::WebhookConfig;
+use crate::error::{Error, Result};
+use crate::store::meta::{now_ms, Meta, Records};
+
+/// Payload format of a policy's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookKind {
+    /// berth's JSON event (signed with HMAC-SHA256 when a secret is set).
+    #[default]
+    Http,
+    /// A Slack incoming-webhook message.
+    Slack,
+}
+
+/// A webhook policy of one registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookPolicy {
+    /// Identifier (a simple UUID).
+    pub id: String,
+    /// Registry whose events it receives.
+    pub registry: String,
+    /// Name, unique within the registry.
+    pub name: String,
+    /// Event kinds it subscribes to.
+    pub events: Vec<EventKind>,
+    /// URL the events are POSTed to.
+    pub target: String,
+    /// Payload format.
+    pub kind: WebhookKind,
+    /// `Authorization` header value sent with each delivery (never shown by the API).
+    pub auth_header: Option<String>,
+    /// HMAC-SHA256 key of the `X-Berth-Signature-256` header (never shown by the API).
+    pub secret: Option<String>,
+    /// Disabled policies receive nothing.
+    pub enabled: bool,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: u64,
+}
+
+impl WebhookPolicy {
+    /// The policy as the API shows it: credentials are reduced to whether they are set.
+    pub fn view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "registry": self.registry,
+            "name": self.name,
+            "events": self.events,
+            "target": self.target,
+            "kind": self.kind,
+            "auth_header_set": self.auth_header.is_some(),
+            "secret_set": self.secret.is_some(),
+            "enabled": self.enabled,
+            "created_ms": self.created_ms,
+        })
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A new policy, as posted to the API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    /// Name, unique within the registry.
+    pub name: String,
+    /// Event kinds (at least one).
+    pub events: Vec<EventKind>,
+    /// `http://` or `https://` URL.
+    pub target: String,
+    /// Payload format (default `http`).
+    #[serde(default)]
+    pub kind: WebhookKind,
+    /// `Authorization` header value to send.
+    #[serde(default)]
+    pub auth_header: Option<String>,
+    /// HMAC key.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+/// A change to a policy: absent fields stay as they are; an empty `auth_header` or `secret`
+/// removes it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookPatch {
+    /// New name.
+    pub name: Option<String>,
+    /// New event kinds.
+    pub events: Option<Vec<EventKind>>,
+    /// New target URL.
+    pub target: Option<String>,
+    /// New payload format.
+    pub kind: Option<WebhookKind>,
+    /// New `Authorization` value; `""` removes it.
+    pub auth_header: Option<String>,
+    /// New HMAC key; `""` removes it.
+    pub secret: Option<String>,
+    /// Enable or disable.
+    pub enabled: Option<bool>,
+}
+
+/// State of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    /// Queued or being retried.
+    Pending,
+    /// The target answered 2xx.
+    Delivered,
+    /// Attempts exhausted, or the target is unusable.
+    Failed,
+    /// The policy's queue was full.
+    Dropped,
+}
+
+/// One entry of a policy's delivery log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Identifier, increasing with creation (process restarts included).
+    pub id: u64,
+    /// The policy it belongs to.
+    pub policy_id: String,
+    /// Kind of the event delivered.
+    pub event: EventKind,
+    /// Where it stands.
+    pub status: DeliveryStatus,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// HTTP status of the last answer.
+    pub http_status: Option<u16>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: u64,
+    /// Last change, Unix milliseconds.
+    pub updated_ms: u64,
+}
+
+/// A delivery waiting in a policy's queue.
+struct Job {
+    delivery: Delivery,
+    event: Event,
+}
+
+/// What one attempt came to.
+struct Attempt {
+    ok: bool,
+    http_status: Option<u16>,
+    error: Option<String>,
+    retry_after: Option<Duration>,
+    /// Retrying cannot help (port not allowed, redirect).
+    permanent: bool,
+}
+
+/// Longest `Retry-After` honoured: a broken receiver must not park its queue for days.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Enabled policies per registry, shared read-only by the dispatcher and `wants`.
+type Active = HashMap<String, Vec<Arc<WebhookPolicy>>>;
+
+/// Webhook policies, their delivery log and their delivery.
+pub struct Webhooks {
+    config: WebhookConfig,
+    /// Key `registry \0 id`.
+    policies: Records<WebhookPolicy>,
+    /// Key `policy_id \0 delivery id (20 digits)`: key order is creation order.
+    log: Records<Delivery>,
+    /// Events of pending deliveries, same keys as `log`.
+    outbox: Records<Event>,
+    next_id: AtomicU64,
+    active: RwLock<Arc<Active>>,
+    /// Fast path of `wants(PullArtifact)`: false while no enabled policy subscribes to pulls.
+    any_pull: AtomicBool,
+    /// Serializes policy changes (name uniqueness, snapshot refresh).
+    changes: Mutex<()>,
+    /// Bumped on every policy change; the dispatcher drops queues of deleted policies.
+    changed: watch::Sender<u64>,
+    /// Log length per policy and the length at which to trim it next.
+    log_len: Mutex<HashMap<String, (usize, usize)>>,
+    queue_depth: AtomicI64,
+    client: reqwest::Client,
+}
+
+fn seq(id: u64) -> String {
+    format!("{id:020}")
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// `REGISTRY/IMAGE:TAG`, or `REGISTRY/IMAGE@DIGEST` for untagged events.
+fn resource_url(e: &Event) -> String {
+    match &e.tag {
+        Some(t) => format!("{}:{t}", e.repository),
+        None => format!("{}@{}", e.repository, e.digest),
+    }
+}
+
+/// The JSON body of an `http` policy.
+pub fn http_payload(e: &Event) -> serde_json::Value {
+    serde_json::json!({
+        "type": e.kind,
+        "occur_at": rfc3339(e.time_ms),
+        "operator": e.operator,
+        "event_data": {
+            "registry": e.registry,
+            "repository": e.repository,
+            "tag": e.tag,
+            "digest": e.digest,
+            "media_type": e.media_type,
+            "size": e.size,
+            "resource_url": resource_url(e),
+        }
+    })
+}
+
+/// The Slack incoming-webhook message of an event.
+pub fn slack_payload(e: &Event) -> serde_json::Value {
+    let text = format!(
+        "{} {} by {} ({}, {} bytes) at {}",
+        e.kind,
+        resource_url(e),
+        e.operator,
+        e.digest,
+        e.size,
+        rfc3339(e.time_ms)
+    );
+    serde_json::json!({
+        "text": text,
+        "blocks": [{
+            "type": "section",
+            "text": {"type": "mrkdwn", "text": format!(
+                "*{}* `{}`\nOperator: {}\nDigest: `{}`\nMedia type: {}\nSize: {} bytes",
+                e.kind, resource_url(e), e.operator, e.digest, e.media_type, e.size
+            )}
+        }]
+    })
+}
+
+/// `sha256=<hex HMAC-SHA256(secret, body)>`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Checks a target URL: http(s), a host, and a port in `allowed` (empty allows any).
+fn check_target(target: &str, allowed: &[u16]) -> Result<reqwest::Url> {
+    let url = reqwest::Url::parse(target)
+        .map_err(|e| Error::BadRequest(format!("webhook target {target:?} is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Error::BadRequest(format!(
+            "webhook target {target:?} must be an http:// or https:// URL"
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::BadRequest(format!(
+            "webhook target {target:?} has no host"
+        )));
+    }
+    let port = url.port_or_known_default().unwrap_or(443);
+    if !allowed.is_empty() && !allowed.contains(&port) {
+        return Err(Error::BadRequest(format!(
+            "webhook target port {port} is not allowed (webhooks.allowed_ports: {allowed:?})"
+        )));
+    }
+    Ok(url)
+}
+
+fn check_header(value: &Option<String>) -> Result<()> {
+    if let Some(v) = value {
+        http::HeaderValue::from_str(v).map_err(|_| {
+            Error::BadRequest("auth_header is not a valid HTTP header value".into())
+        })?;
+    }
+    Ok(())
+}
+
+fn check_events(events: &mut Vec<EventKind>) -> Result<()> {
+    let mut seen = HashSet::new();
+    events.retain(|k| seen.insert(*k));
+    if events.is_empty() {
+        return Err(Error::BadRequest(
+            "a webhook policy needs at least one event".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.is_empty())
+}
+
+fn depth_gauge(depth: i64) {
+    crate::metrics::webhook_queue_depth(depth.max(0) as u64);
+}
+
+/// Resolves when `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+impl Webhooks {
+    /// Opens the policy, log and outbox trees.
+    pub fn open(meta: &Meta, config: &WebhookConfig) -> Result<Webhooks> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.timeout)
+            .user_agent(concat!("berth-webhooks/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::Internal(format!("webhook HTTP client: {e}")))?;
+        let log: Records<Delivery> = meta.records("webhook_deliveries")?;
+        let last = log.list(&[])?.into_iter().map(|(_, d)| d.id).max();
+        let w = Webhooks {
+            config: config.clone(),
+            policies: meta.records("webhook_policies")?,
+            log,
+            outbox: meta.records("webhook_outbox")?,
+            next_id: AtomicU64::new(last.map_or(1, |l| l + 1)),
+            active: RwLock::new(Arc::new(HashMap::new())),
+            any_pull: AtomicBool::new(false),
+            changes: Mutex::new(()),
+            changed: watch::channel(0).0,
+            log_len: Mutex::new(HashMap::new()),
+            queue_depth: AtomicI64::new(0),
+            client,
+        };
+        w.refresh()?;
+        Ok(w)
+    }
+
+    /// Rebuilds the snapshot of enabled policies from the store.
+    fn refresh(&self) -> Result<()> {
+        let mut active: Active = HashMap::new();
+        let mut any_pull = false;
+        for (_, p) in self.policies.list(&[])? {
+            if p.enabled {
+                any_pull |= p.events.contains(&EventKind::PullArtifact);
+                active
+                    .entry(p.registry.clone())
+                    .or_default()
+                    .push(Arc::new(p));
+            }
+        }
+        *self.active.write().unwrap() = Arc::new(active);
+        self.any_pull.store(any_pull, Ordering::Release);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Whether an enabled policy of `registry` subscribes to `kind`. Pull checks cost one
+    /// atomic load while no policy anywhere subscribes to pulls.
+    pub fn wants(&self, kind: EventKind, registry: &str) -> bool {
+        if kind == EventKind::PullArtifact && !self.any_pull.load(Ordering::Acquire) {
+            return false;
+        }
+        self.active
+            .read()
+            .unwrap()
+            .get(registry)
+            .is_some_and(|ps| ps.iter().any(|p| p.events.contains(&kind)))
+    }
+
+    fn matching(&self, event: &Event) -> Vec<Arc<WebhookPolicy>> {
+        let active = self.active.read().unwrap().clone();
+        active
+            .get(&event.registry)
+            .map(|ps| {
+                ps.iter()
+                    .filter(|p| p.events.contains(&event.kind))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn name_taken(&self, registry: &str, name: &str, except: Option<&str>) -> Result<bool> {
+        Ok(self
+            .policies
+            .list(&[registry])?
+            .iter()
+            .any(|(_, p)| p.name == name && Some(p.id.as_str()) != except))
+    }
+
+    /// Creates a policy.
+    pub fn create(&self, registry: &str, spec: WebhookSpec) -> Result<WebhookPolicy> {
+        let WebhookSpec {
+            name,
+            mut events,
+            target,
+            kind,
+            auth_header,
+            secret,
+            enabled,
+        } = spec;
+        let name = name.trim().to_string();
+        if name.is_empty() {
+            return Err(Error::BadRequest("webhook name must not be empty".into()));
+        }
+        check_events(&mut events)?;
+        check_target(&target, &self.config.allowed_ports)?;
+        let auth_header = non_empty(auth_header);
+        check_header(&auth_header)?;
+        let _guard = self.changes.lock().unwrap();
+        if self.name_taken(registry, &name, None)? {
+            return Err(Error::Conflict(format!(
+                "registry {registry:?} already has a webhook named {name:?}"
+            )));
+        }
+        let policy = WebhookPolicy {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            registry: registry.to_string(),
+            name,
+            events,
+            target,
+            kind,
+            auth_header,
+            secret: non_empty(secret),
+            enabled,
+            created_ms: now_ms(),
+        };
+        self.policies.put(&[registry, &policy.id], &policy)?;
+        self.refresh()?;
+        Ok(policy)
+    }
+
+    /// Policies of a registry, by name.
+    pub fn list(&self, registry: &str) -> Result<Vec<WebhookPolicy>> {
+        let mut all: Vec<WebhookPolicy> = self
+            .policies
+            .list(&[registry])?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    /// One policy.
+    pub fn get(&self, registry: &str, id: &str) -> Result<WebhookPolicy> {
+        self.policies
+            .get(&[registry, id])?
+            .ok_or_else(|| Error::NotFound(format!("registry {registry:?} has no webhook {id:?}")))
+    }
+
+    /// Changes a policy.
+    pub fn update(&self, registry: &str, id: &str, patch: WebhookPatch) -> Result<WebhookPolicy> {
+        let _guard = self.changes.lock().unwrap();
+        let mut p = self.get(registry, id)?;
+        if let Some(name) = patch.name {
+            let name = name.trim().to_string();
+            if name.is_empty() {
+                return Err(Error::BadRequest("webhook name must not be empty".into()));
+            }
+            if self.name_taken(registry, &name, Some(id))? {
+                return Err(Error::Conflict(format!(
+                    "registry {registry:?} already has a webhook named {name:?}"
+                )));
+            }
+            p.name = name;
+        }
+        if let Some(mut events) = patch.events {
+            check_events(&mut events)?;
+            p.events = events;
+        }
+        if let Some(target) = patch.target {
+            check_target(&target, &self.config.allowed_ports)?;
+            p.target = target;
+        }
+        if let Some(kind) = patch.kind {
+            p.kind = kind;
+        }
+        if let Some(h) = patch.auth_header {
+            let h = non_empty(Some(h));
+            check_header(&h)?;
+            p.auth_header = h;
+        }
+        if let Some(s) = patch.secret {
+            p.secret = non_empty(Some(s));
+        }
+        if let Some(enabled) = patch.enabled {
+            p.enabled = enabled;
+        }
+        self.policies.put(&[registry, id], &p)?;
+        self.refresh()?;
+        Ok(p)
+    }
+
+    /// Deletes a policy with its delivery log; its queued deliveries are discarded.
+    pub fn delete(&self, registry: &str, id: &str) -> Result<()> {
+        let _guard = self.changes.lock().unwrap();
+        self.policies.remove(&[registry, id])?.ok_or_else(|| {
+            Error::NotFound(format!("registry {registry:?} has no webhook {id:?}"))
+        })?;
+        self.forget(id)?;
+        self.refresh()
+    }
+
+    /// Deletes every policy of a registry (the registry is being deleted); returns how many.
+    pub fn remove_registry(&self, registry: &str) -> Result<usize> {
+        let _guard = self.changes.lock().unwrap();
+        let policies = self.policies.list(&[registry])?;
+        for (id, _) in &policies {
+            self.forget(id)?;
+        }
+        self.policies.remove_prefix(&[registry])?;
+        self.refresh()?;
+        Ok(policies.len())
+    }
+
+    fn forget(&self, id: &str) -> Result<()> {
+        self.log.remove_prefix(&[id])?;
+        self.outbox.remove_prefix(&[id])?;
+        self.log_len.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    /// The newest `limit` deliveries of a policy, newest first.
+    pub fn deliveries(&self, registry: &str, id: &str, limit: usize) -> Result<Vec<Delivery>> {
+        self.get(registry, id)?;
+        let mut all: Vec<Delivery> = self.log.list(&[id])?.into_iter().map(|(_, d)| d).collect();
+        all.reverse();
+        all.truncate(limit.min(self.config.log_keep));
+        Ok(all)
+    }
+
+    /// Sends a sample event of the policy's first kind right away (once, no retry), logs the
+    /// delivery and returns it. Works on disabled policies too: that is how one checks them.
+    pub async fn test(&self, registry: &str, id: &str, operator: &str) -> Result<Delivery> {
+        let policy = self.get(registry, id)?;
+        let kind = policy
+            .events
+            .first()
+            .copied()
+            .unwrap_or(EventKind::PushArtifact);
+        let event = Event::now(
+            kind,
+            operator,
+            &format!("{registry}/berth-webhook-test"),
+            Some("test"),
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "application/vnd.oci.image.manifest.v1+json",
+            0,
+        );
+        let mut d = self.new_delivery(&policy.id, kind);
+        d.attempts = 1;
+        let a = self.attempt(&policy, &event, d.id).await;
+        d.status = if a.ok {
+            DeliveryStatus::Delivered
+        } else {
+            DeliveryStatus::Failed
+        };
+        d.http_status = a.http_status;
+        d.last_error = a.error;
+        d.updated_ms = now_ms();
+        self.append(&d)?;
+        Ok(d)
+    }
+
+    fn new_delivery(&self, policy_id: &str, kind: EventKind) -> Delivery {
+        let now = now_ms();
+        Delivery {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            policy_id: policy_id.to_string(),
+            event: kind,
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            http_status: None,
+            last_error: None,
+            created_ms: now,
+            updated_ms: now,
+        }
+    }
+
+    /// Adds a new entry to a policy's log and trims the log to about `log_keep` entries
+    /// (pending ones are kept: their worker still writes them).
+    fn append(&self, d: &Delivery) -> Result<()> {
+        self.log.put(&[&d.policy_id, &seq(d.id)], d)?;
+        let keep = self.config.log_keep;
+        // Trimming lists the log: it runs once the log has grown a tenth of `log_keep` past the
+        // last trim, so the cost per delivery stays constant, also while many deliveries are
+        // pending (they cannot be trimmed), and the log holds at most 110% of `log_keep` plus
+        // the pending ones.
+        let slack = (keep / 10).max(1);
+        let mut lens = self.log_len.lock().unwrap();
+        let (len, trim_at) = match lens.get_mut(&d.policy_id) {
+            Some(entry) => {
+                entry.0 += 1;
+                *entry
+            }
+            None => {
+                let n = self.log.list(&[&d.policy_id])?.len();
+                let entry = (n, keep + slack);
+                lens.insert(d.policy_id.clone(), entry);
+                entry
+            }
+        };
+        if len >= trim_at {
+            let all = self.log.list(&[&d.policy_id])?;
+            let mut excess = all.len().saturating_sub(keep);
+            let mut left = all.len();
+            for (k, old) in &all {
+                if excess == 0 {
+                    break;
+                }
+                if old.status != DeliveryStatus::Pending {
+                    self.log.remove(&[&d.policy_id, k])?;
+                    excess -= 1;
+                    left -= 1;
+                }
+            }
+            lens.insert(d.policy_id.clone(), (left, left.max(keep) + slack));
+        }
+        Ok(())
+    }
+
+    fn finish(&self, d: &Delivery) {
+        if let Err(e) = self
+            .log
+            .put(&[&d.policy_id, &seq(d.id)], d)
+            .and_then(|_| self.outbox.remove(&[&d.policy_id, &seq(d.id)]).map(|_| ()))
+        {
+            tracing::error!(error = %e, delivery = d.id, "could not record webhook delivery");
+        }
+        let result = match d.status {
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Dropped => "dropped",
+            DeliveryStatus::Pending => return,
+        };
+        crate::metrics::webhook_delivery(result);
+    }
+
+    /// One POST of an event to a policy's target.
+    async fn attempt(&self, policy: &WebhookPolicy, event: &Event, delivery_id: u64) -> Attempt {
+        let fail = |error: String, permanent: bool| Attempt {
+            ok: false,
+            http_status: None,
+            error: Some(error),
+            retry_after: None,
+            permanent,
+        };
+        // The allow list may have changed since the policy was created.
+        let url = match check_target(&policy.target, &self.config.allowed_ports) {
+            Ok(u) => u,
+            Err(e) => return fail(e.to_string(), true),
+        };
+        let body = match policy.kind {
+            WebhookKind::Http => http_payload(event),
+            WebhookKind::Slack => slack_payload(event),
+        }
+        .to_string();
+        let mut req = self
+            .client
+            .post(url)
+            .timeout(self.config.timeout)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("x-berth-event", event.kind.as_str())
+            .header("x-berth-delivery", delivery_id.to_string());
+        if let Some(h) = &policy.auth_header {
+            req = req.header(http::header::AUTHORIZATION, h);
+        }
+        if let Some(s) = &policy.secret {
+            req = req.header("x-berth-signature-256", signature(s, body.as_bytes()));
+        }
+        match req.body(body).send().await {
+            Ok(r) => {
+                let status = r.status();
+                let retry_after = if status == http::StatusCode::TOO_MANY_REQUESTS
+                    || status == http::StatusCode::SERVICE_UNAVAILABLE
+                {
+                    r.headers()
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                        .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER))
+                } else {
+                    None
+                };
+                Attempt {
+                    ok: status.is_success(),
+                    http_status: Some(status.as_u16()),
+                    error: (!status.is_success()).then(|| {
+                        if status.is_redirection() {
+                            format!("target answered {status}; webhooks do not follow redirects")
+                        } else {
+                            format!("target answered {status}")
+                        }
+                    }),
+                    retry_after,
+                    permanent: status.is_redirection(),
+                }
+            }
+            Err(e) if e.is_timeout() => {
+                fail(format!("no answer within {:?}", self.config.timeout), false)
+            }
+            Err(e) => fail(format!("{e}"), false),
+        }
+    }
+
+    /// Delay before retry number `attempts` (1-based): `retry_initial` doubled per failure, at
+    /// most `retry_max`.
+    fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32 << attempts.saturating_sub(1).min(20);
+        self.config
+            .retry_initial
+            .saturating_mul(factor)
+            .min(self.config.retry_max)
+    }
+
+    /// Delivers one job with retries; returns when it is delivered, failed, or the server stops
+    /// (the delivery then stays pending in the outbox for the next start).
+    async fn deliver(&self, job: Job, registry: &str, stop: &mut watch::Receiver<bool>) {
+        let Job {
+            delivery: mut d,
+            event,
+        } = job;
+        loop {
+            let policy = match self.policies.get(&[registry, &d.policy_id]) {
+                Ok(Some(p)) if p.enabled => p,
+                Ok(Some(_)) => {
+                    d.status = DeliveryStatus::Failed;
+                    d.last_error = Some("policy disabled before delivery".into());
+                    d.updated_ms = now_ms();
+                    return self.finish(&d);
+                }
+                // Deleted with its log: nothing to record.
+                Ok(None) => return,
+                Err(e) => {
+                    d.status = DeliveryStatus::Failed;
+                    d.last_error = Some(format!("cannot read policy: {e}"));
+                    d.updated_ms = now_ms();
+                    return self.finish(&d);
+                }
+            };
+            d.attempts += 1;
+            let a = tokio::select! {
+                _ = stopped(stop) => return,
+                a = self.attempt(&policy, &event, d.id) => a,
+            };
+            d.http_status = a.http_status;
+            d.last_error = a.error;
+            d.updated_ms = now_ms();
+            if a.ok {
+                d.status = DeliveryStatus::Delivered;
+                return self.finish(&d);
+            }
+            if a.permanent || d.attempts >= self.config.max_attempts {
+                d.status = DeliveryStatus::Failed;
+                tracing::warn!(policy = %policy.id, target = %policy.target, delivery = d.id, attempts = d.attempts, error = ?d.last_error, "webhook delivery failed");
+                return self.finish(&d);
+            }
+            crate::metrics::webhook_delivery("retried");
+            if let Err(e) = self.log.put(&[&d.policy_id, &seq(d.id)], &d) {
+                tracing::error!(error = %e, delivery = d.id, "could not record webhook retry");
+            }
+            let delay = self
+                .backoff(d.attempts)
+                .max(a.retry_after.unwrap_or_default());
+            tokio::select! {
+                _ = stopped(stop) => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Records a new delivery for `policy` and queues it; a full queue records it as dropped.
+    fn enqueue(&self, policy: &WebhookPolicy, event: &Event, tx: &mpsc::Sender<Job>) {
+        let mut d = self.new_delivery(&policy.id, event.kind);
+        let permit = match tx.try_reserve() {
+            Ok(p) => p,
+            Err(_) => {
+                d.status = DeliveryStatus::Dropped;
+                d.last_error = Some(format!(
+                    "queue full ({} deliveries waiting)",
+                    self.config.queue_size
+                ));
+                tracing::warn!(policy = %policy.id, registry = %policy.registry, kind = %event.kind, "webhook queue full: delivery dropped");
+                if let Err(e) = self.append(&d) {
+                    tracing::error!(error = %e, "could not record dropped webhook delivery");
+                }
+                crate::metrics::webhook_delivery("dropped");
+                return;
+            }
+        };
+        let stored = self
+            .append(&d)
+            .and_then(|_| Ok(self.outbox.put(&[&policy.id, &seq(d.id)], event)?));
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "could not record webhook delivery; sending it anyway");
+        }
+        depth_gauge(self.queue_depth.fetch_add(1, Ordering::Relaxed) + 1);
+        permit.send(Job {
+            delivery: d,
+            event: event.clone(),
+        });
+    }
+
+    /// Pending deliveries left by the previous run, oldest first per policy.
+    fn recover(&self) -> Result<Vec<(WebhookPolicy, Job)>> {
+        let mut jobs = Vec::new();
+        let policies: HashMap<String, WebhookPolicy> = self
+            .policies
+            .list(&[])?
+            .into_iter()
+            .map(|(_, p)| (p.id.clone(), p))
+            .collect();
+        for (key, event) in self.outbox.list(&[])? {
+            let Some((policy_id, id)) = key.split_once('\0') else {
+                continue;
+            };
+            let Some(policy) = policies.get(policy_id) else {
+                self.outbox.remove(&[policy_id, id])?;
+                continue;
+            };
+            let delivery = match self.log.get(&[policy_id, id])? {
+                Some(d) => d,
+                None => {
+                    let Ok(n) = id.parse::<u64>() else { continue };
+                    let mut d = self.new_delivery(policy_id, event.kind);
+                    d.id = n;
+                    d
+                }
+            };
+            jobs.push((policy.clone(), Job { delivery, event }));
+        }
+        Ok(jobs)
+    }
+}
+
+/// Queues and workers of the dispatcher, one per policy.
+struct Workers {
+    queues: HashMap<String, mpsc::Sender<Job>>,
+    tasks: JoinSet<()>,
+}
+
+impl Workers {
+    fn queue(
+        &mut self,
+        w: &Arc<Webhooks>,
+        policy: &WebhookPolicy,
+        stop: &watch::Receiver<bool>,
+    ) -> mpsc::Sender<Job> {
+        if let Some(tx) = self.queues.get(&policy.id) {
+            if !tx.is_closed() {
+                return tx.clone();
+            }
+        }
+        let (tx, rx) = mpsc::channel(w.config.queue_size.max(1));
+        self.tasks
+            .spawn(worker(w.clone(), policy.registry.clone(), rx, stop.clone()));
+        self.queues.insert(policy.id.clone(), tx.clone());
+        tx
+    }
+}
+
+/// Delivers one policy's jobs in order until the queue closes or the server stops.
+async fn worker(
+    w: Arc<Webhooks>,
+    registry: String,
+    mut rx: mpsc::Receiver<Job>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let job = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            job = rx.recv() => match job {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        depth_gauge(w.queue_depth.fetch_sub(1, Ordering::Relaxed) - 1);
+        w.deliver(job, &registry, &mut stop).await;
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+/// The dispatcher: re-queues what the last run left pending, then routes bus events to the
+/// policies' queues until `stop` turns true; the workers stop with it.
+pub(crate) async fn dispatch(
+    w: Arc<Webhooks>,
+    mut rx: mpsc::Receiver<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut workers = Workers {
+        queues: HashMap::new(),
+        tasks: JoinSet::new(),
+    };
+    match w.recover() {
+        Ok(jobs) => {
+            if !jobs.is_empty() {
+                tracing::info!(
+                    deliveries = jobs.len(),
+                    "re-queueing pending webhook deliveries"
+                );
+            }
+            for (policy, job) in jobs {
+                let tx = workers.queue(&w, &policy, &stop);
+                depth_gauge(w.queue_depth.fetch_add(1, Ordering::Relaxed) + 1);
+                // Waits for room: these deliveries were accepted before, none may be dropped.
+                tokio::select! {
+                    _ = stopped(&mut stop) => return shutdown(workers).await,
+                    _ = tx.send(job) => {}
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "could not read pending webhook deliveries"),
+    }
+    let mut changed = w.changed.subscribe();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            c = changed.changed() => {
+                if c.is_err() {
+                    break;
+                }
+                // Close the queues of deleted or disabled policies: their workers end once the
+                // queue is drained (and discard or fail what is left).
+                let active = w.active.read().unwrap().clone();
+                let live: HashSet<&str> = active.values().flatten().map(|p| p.id.as_str()).collect();
+                workers.queues.retain(|id, _| live.contains(id.as_str()));
+            }
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                for policy in w.matching(&event) {
+                    let tx = workers.queue(&w, &policy, &stop);
+                    w.enqueue(&policy, &event, &tx);
+                }
+            }
+            Some(_) = workers.tasks.join_next(), if !workers.tasks.is_empty() => {}
+        }
+    }
+    shutdown(workers).await;
+}
+
+async fn shutdown(mut workers: Workers) {
+    workers.queues.clear();
+    while workers.tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> WebhookConfig {
+        WebhookConfig {
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_millis(700),
+            ..WebhookConfig::default()
+        }
+    }
+
+    fn spec(name: &str, target: &str) -> WebhookSpec {
+        WebhookSpec {
+            name: name.into(),
+            events: vec![EventKind::PushArtifact, EventKind::PushArtifact],
+            target: target.into(),
+            kind: WebhookKind::Http,
+            auth_header: Some("Bearer x".into()),
+            secret: Some("s3cret".into()),
+            enabled: true,
+        }
+    }
+
+    #[test]
+    fn events_backoff_doubles_up_to_the_maximum() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::open(dir.path()).unwrap();
+        let w = Webhooks::open(&meta, &config()).unwrap();
+        let delays: Vec<u64> = (1..=5).map(|n| w.backoff(n).as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 400, 700, 700]);
+    }
+
+    #[test]
+    fn events_policy_validation_and_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::open(dir.path()).unwrap();
+        let w = Webhooks::open(&meta, &config()).unwrap();
+        let p = w
+            .create("lib", spec("a", "https://hooks.example/x"))
+            .unwrap();
+        assert_eq!(p.events, [EventKind::PushArtifact], "duplicates removed");
+        let view = p.view().to_string();
+        assert!(
+            !view.contains("s3cret") && !view.contains("Bearer x"),
+            "{view}"
+        );
+        assert_eq!(p.view()["secret_set"], true);
+        assert!(matches!(
+            w.create("lib", spec("a", "https://hooks.example/y")),
+            Err(Error::Conflict(_))
+        ));
+        let e = w
+            .create("lib", spec("b", "http://hooks.example:9000/"))
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::BadRequest(m) if m.contains("9000") && m.contains("[80, 88, 443, 8443]")),
+            "{e}"
+        );
+        for bad in ["ftp://x/", "not a url", "file:///etc/passwd", "http://:80/"] {
+            assert!(matches!(
+                w.create("lib", spec("c", bad)),
+                Err(Error::BadRequest(_))
+            ));
+        }
+        let mut none = spec("d", "https://hooks.example/");
+        none.events.clear();
+        assert!(matches!(w.create("lib", none), Err(Error::BadRequest(_))));
+        assert!(w.wants(EventKind::PushArtifact, "lib"));
+        assert!(!w.wants(EventKind::PullArtifact, "lib"));
+        assert!(!w.wants(EventKind::PushArtifact, "other"));
+        let p = w
+            .update(
+                "lib",
+                &p.id,
+                WebhookPatch {
+                    enabled: Some(false),
+                    secret: Some(String::new()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(!p.enabled && p.secret.is_none());
+        assert!(!w.wants(EventKind::PushArtifact, "lib"));
+        assert_eq!(w.remove_registry("lib").unwrap(), 1);
+        assert!(w.list("lib").unwrap().is_empty());
+    }
+
+    #[test]
+    fn events_log_is_trimmed_and_ids_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Meta::open(dir.path()).unwrap();
+        let cfg = WebhookConfig {
+            log_keep: 5,
+            ..config()
+        };
+        let w = Webhooks::open(&meta, &cfg).unwrap();
+        let p = w
+            .create("lib", spec("a", "https://hooks.example/"))
+            .unwrap();
+        for _ in 0..20 {
+            let mut d = w.new_delivery(&p.id, EventKind::PushArtifact);
+            d.status = DeliveryStatus::Delivered;
+            w.append(&d).unwrap();
+        }
+        let log = w.deliveries("lib", &p.id, 100).unwrap();
+        assert_eq!(log.len(), 5);
+        assert_eq!(log[0].id, 20, "newest first");
+        assert!(w.log.list(&[&p.id]).unwrap().len() <= 6);
+        drop(w);
+        let w = Webhooks::open(&meta, &cfg).unwrap();
+        assert_eq!(w.new_delivery(&p.id, EventKind::PushArtifact).id, 21);
+    }
+
+    #[test]
+    fn events_signature_is_hmac_sha256_hex() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature("Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn events_payloads() {
+        let e = Event::now(
+            EventKind::PushArtifact,
+            "alice",
+            "lib/app",
+            Some("1.0"),
+            "sha256:ab",
+            "application/vnd.oci.image.manifest.v1+json",
+            42,
+        );
+        let p = http_payload(&e);
+        assert_eq!(p["type"], "PUSH_ARTIFACT");
+        assert_eq!(p["event_data"]["resource_url"], "lib/app:1.0");
+        assert_eq!(p["event_data"]["registry"], "lib");
+        assert!(p["occur_at"].as_str().unwrap().ends_with('Z'));
+        let s = slack_payload(&e);
+        assert!(s["text"]
+            .as_str()
+            .unwrap()
+            .contains("PUSH_ARTIFACT lib/app:1.0 by alice"));
+    }
+}

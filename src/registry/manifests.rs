@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 
 use super::{empty, set, Req};
 use crate::error::{Error, Result};
+use crate::events::{Event, EventKind};
 use crate::http::body::Body;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{self, Descriptor};
@@ -183,6 +184,25 @@ pub async fn put(
         Reference::Digest(_) => None,
     };
     store(app, repo.as_str(), &digest, &bytes, &parsed, tag).await?;
+    let operator = req.principal.name();
+    let size = bytes.len() as u64;
+    let publish = |kind, tag: Option<&str>| {
+        if app.events.wants(kind, repo.registry()) {
+            app.events.publish(Event::now(
+                kind,
+                operator,
+                repo.as_str(),
+                tag,
+                digest.as_str(),
+                &parsed.media_type,
+                size,
+            ));
+        }
+    };
+    publish(EventKind::PushArtifact, tag);
+    if tag.is_some() {
+        publish(EventKind::CreateTag, tag);
+    }
     tracing::debug!(%repo, %reference, %digest, media_type = %parsed.media_type, "manifest stored");
     let mut r = empty(StatusCode::CREATED);
     set(
@@ -240,26 +260,60 @@ pub async fn store(
 }
 
 /// `DELETE /v2/NAME/manifests/REFERENCE`: a tag removes the tag; a digest removes the artifact
-/// and every tag pointing at it.
-pub async fn delete(app: &App, repo: &RepoName, reference: &str) -> Result<Response<Body>> {
+/// and every tag pointing at it. `operator` is who asked (for the events).
+pub async fn delete(
+    app: &App,
+    repo: &RepoName,
+    reference: &str,
+    operator: &str,
+) -> Result<Response<Body>> {
     let reference = Reference::parse(reference)?;
     let meta = &app.store.meta;
     let unknown = || Error::ManifestUnknown(format!("{reference} is not in {repo}"));
+    let registry = repo.registry();
+    let publish = |kind, tag: Option<&str>, digest: &Digest, record: &Option<ArtifactRecord>| {
+        if app.events.wants(kind, registry) {
+            let (media_type, size) = record
+                .as_ref()
+                .map_or(("", 0), |r| (r.media_type.as_str(), r.size));
+            app.events.publish(Event::now(
+                kind,
+                operator,
+                repo.as_str(),
+                tag,
+                digest.as_str(),
+                media_type,
+                size,
+            ));
+        }
+    };
     match &reference {
         Reference::Tag(t) => {
-            meta.delete_tag(repo.as_str(), t)?.ok_or_else(unknown)?;
+            let digest = meta.delete_tag(repo.as_str(), t)?.ok_or_else(unknown)?;
             app.store.invalidate_manifest(repo.as_str(), t);
+            meta.flush().await?;
+            if app.events.wants(EventKind::DeleteTag, registry) {
+                let record = meta.artifact(repo.as_str(), &digest)?;
+                publish(EventKind::DeleteTag, Some(t), &digest, &record);
+            }
         }
         Reference::Digest(d) => {
+            // Read before deleting: the events carry the media type and size.
+            let record = meta.artifact(repo.as_str(), d)?;
             let tags = meta
                 .delete_artifact(repo.as_str(), d)?
                 .ok_or_else(unknown)?;
             app.store.invalidate_manifest(repo.as_str(), d.as_str());
-            for t in tags {
-                app.store.invalidate_manifest(repo.as_str(), &t);
+            for t in &tags {
+                app.store.invalidate_manifest(repo.as_str(), t);
+            }
+            meta.flush().await?;
+            publish(EventKind::DeleteArtifact, None, d, &record);
+            // The artifact's tags went with it.
+            for t in &tags {
+                publish(EventKind::DeleteTag, Some(t), d, &record);
             }
         }
     }
-    meta.flush().await?;
     Ok(empty(StatusCode::ACCEPTED))
 }

@@ -140,10 +140,14 @@ async fn origin(
             _ => Err(Error::MethodNotAllowed(m.to_string())),
         },
         Route::Manifest { reference, .. } => match *m {
-            Method::GET => manifests::get(app, repo, &reference, false).await,
+            Method::GET => {
+                let r = manifests::get(app, repo, &reference, false).await?;
+                publish_pull(app, repo, &reference, &r, req.principal);
+                Ok(r)
+            }
             Method::HEAD => manifests::get(app, repo, &reference, true).await,
             Method::PUT => manifests::put(app, repo, &reference, &req, body).await,
-            Method::DELETE => manifests::delete(app, repo, &reference).await,
+            Method::DELETE => manifests::delete(app, repo, &reference, req.principal.name()).await,
             _ => Err(Error::MethodNotAllowed(m.to_string())),
         },
         Route::Tags { .. } if m == Method::GET => lists::tags(app, repo, &req),
@@ -174,9 +178,15 @@ async fn cached(app: &App, route: Route, t: &CacheTarget, req: Req<'_>) -> Resul
         },
         Route::UploadStart { .. } | Route::Upload { .. } => denied(),
         Route::Manifest { reference, .. } => match *m {
-            Method::GET => crate::cache::manifest(app, t, &reference, false).await,
+            Method::GET => {
+                let r = crate::cache::manifest(app, t, &reference, false).await?;
+                publish_pull(app, &t.repo, &reference, &r, req.principal);
+                Ok(r)
+            }
             Method::HEAD => crate::cache::manifest(app, t, &reference, true).await,
-            Method::DELETE => manifests::delete(app, &t.repo, &reference).await,
+            Method::DELETE => {
+                manifests::delete(app, &t.repo, &reference, req.principal.name()).await
+            }
             Method::PUT => denied(),
             _ => Err(Error::MethodNotAllowed(m.to_string())),
         },
@@ -186,6 +196,37 @@ async fn cached(app: &App, route: Route, t: &CacheTarget, req: Req<'_>) -> Resul
         }
         _ => Err(Error::MethodNotAllowed(m.to_string())),
     }
+}
+
+/// Publishes PULL_ARTIFACT for a served manifest GET, from the response headers. The hot
+/// manifest GET pays one atomic load (and nothing else) while no policy subscribes to pulls.
+fn publish_pull(
+    app: &App,
+    repo: &RepoName,
+    reference: &str,
+    r: &Response<Body>,
+    principal: &Principal,
+) {
+    if !app
+        .events
+        .wants(crate::events::EventKind::PullArtifact, repo.registry())
+    {
+        return;
+    }
+    let h = r.headers();
+    let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let digest = text("docker-content-digest");
+    let tag = (!reference.contains(':')).then_some(reference);
+    let size = text("content-length").parse().unwrap_or(0);
+    app.events.publish(crate::events::Event::now(
+        crate::events::EventKind::PullArtifact,
+        principal.name(),
+        repo.as_str(),
+        tag,
+        digest,
+        text("content-type"),
+        size,
+    ));
 }
 
 impl App {
