@@ -75,15 +75,20 @@ pub fn put_image_cache(
     meta.flush_blocking().map_err(err)
 }
 
-/// Deletes an image cache unless a registry still uses it.
-pub fn delete_image_cache(meta: &Meta, name: &str) -> Result<(), String> {
-    let users: Vec<String> = meta
+/// Registries that serve an image cache.
+pub fn registries_using(meta: &Meta, name: &str) -> Result<Vec<String>, String> {
+    Ok(meta
         .registries()
         .map_err(err)?
         .into_iter()
         .filter(|r| r.cache.as_deref() == Some(name))
         .map(|r| r.name)
-        .collect();
+        .collect())
+}
+
+/// Deletes an image cache unless a registry still uses it.
+pub fn delete_image_cache(meta: &Meta, name: &str) -> Result<(), String> {
+    let users = registries_using(meta, name)?;
     if !users.is_empty() {
         return Err(format!(
             "image cache {name:?} is used by registry {} (delete or change that registry first)",
