@@ -51,12 +51,14 @@ fn blobs_size(manifest: &Value) -> u64 {
     descriptor_size(&manifest["config"]) + layers
 }
 
-/// Total size, platforms of an artifact's manifest bytes.
+/// Total size (manifest and what it references) and platforms of an artifact.
 fn size_and_platforms(
     store: &Store,
+    repo: &str,
     record: &ArtifactRecord,
     digest: &Digest,
 ) -> (u64, Vec<String>) {
+    // Manifests were bounded by limits.max_manifest_bytes when pushed.
     let limit = u64::MAX;
     let Some(manifest) = read_json(store, digest, limit) else {
         return (record.size, Vec::new());
@@ -66,12 +68,15 @@ fn size_and_platforms(
         let mut size = record.size;
         let mut platforms = Vec::new();
         for child in children {
-            size += descriptor_size(child);
-            if let Some(child_manifest) = child["digest"]
-                .as_str()
-                .and_then(|d| Digest::parse(d).ok())
-                .and_then(|d| read_json(store, &d, limit))
-            {
+            let Some(d) = child["digest"].as_str().and_then(|d| Digest::parse(d).ok()) else {
+                continue;
+            };
+            // The stored record's size, not the descriptor's claim (pushes do not check it).
+            size += match store.meta.artifact(repo, &d).ok().flatten() {
+                Some(r) => r.size,
+                None => descriptor_size(child),
+            };
+            if let Some(child_manifest) = read_json(store, &d, limit) {
                 size += blobs_size(&child_manifest);
             }
             if let Some(p) = platform_text(&child["platform"]) {
@@ -104,7 +109,7 @@ pub fn artifact_json(
     tags: &[String],
     all_tags: &HashSet<String>,
 ) -> Result<Value> {
-    let (size, platforms) = size_and_platforms(store, record, digest);
+    let (size, platforms) = size_and_platforms(store, repo, record, digest);
     let signed =
         all_tags.contains(&cosign_tag(digest)) || !store.meta.referrers(repo, digest)?.is_empty();
     let last_pull = store.meta.last_pull(repo, digest)?;
@@ -123,8 +128,11 @@ pub fn artifact_json(
     }))
 }
 
+/// Tags grouped by the digest they point at.
+type TagsByDigest = HashMap<Digest, Vec<String>>;
+
 /// Tags of a repository grouped by the digest they point at, and the set of all its tags.
-fn tag_map(store: &Store, repo: &str) -> Result<(HashMap<Digest, Vec<String>>, HashSet<String>)> {
+fn tag_map(store: &Store, repo: &str) -> Result<(TagsByDigest, HashSet<String>)> {
     let mut by_digest: HashMap<Digest, Vec<String>> = HashMap::new();
     let mut all = HashSet::new();
     for t in store.meta.tags(repo, None, usize::MAX)? {

@@ -151,7 +151,7 @@ pub async fn put_tag(
     image: &str,
     body: NewTag,
 ) -> Result<Response<Body>> {
-    let (r, repo) = existing_repo(ctx, registry, image, Action::Manage(Some(registry)))?;
+    let (r, repo) = repo(ctx, registry, image, Action::Manage(Some(registry)))?;
     if r.kind == RegistryKind::Cache {
         return Err(Error::Denied(format!(
             "registry {registry:?} is a pull-through cache: its tags follow the source and cannot be set"
