@@ -4,7 +4,7 @@ use http::{Response, StatusCode};
 use serde::Deserialize;
 
 use super::page::{matches_q, Page};
-use super::{blocking, json, rfc3339, Ctx};
+use super::{blocking, json, Ctx};
 use crate::auth::Action;
 use crate::config::RegistryKind;
 use crate::error::{Error, Result};
@@ -12,22 +12,9 @@ use crate::http::body::Body;
 use crate::store::meta::RegistryRecord;
 use crate::App;
 
-/// The JSON of a registry.
+/// The JSON of a registry, with a note when its image cache is not loaded yet.
 pub fn registry_json(app: &App, r: &RegistryRecord) -> Result<serde_json::Value> {
-    let images = app
-        .store
-        .meta
-        .repositories(Some(&r.name), None, usize::MAX)?
-        .len();
-    let mut v = serde_json::json!({
-        "name": r.name,
-        "type": r.kind,
-        "cache": r.cache,
-        "public_uri": r.public_uri,
-        "anonymous_pull": r.anonymous_pull,
-        "created": rfc3339(r.created_ms),
-        "image_count": images,
-    });
+    let mut v = crate::admin::registry_json(&app.store.meta, r)?;
     if let Some(c) = &r.cache {
         if app.cache.source(c).is_none() {
             v["note"] = format!(
