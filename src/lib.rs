@@ -3,6 +3,7 @@
 //! Data flows one way: listener → router → behaviour → store (DESIGN.md 3).
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod config;

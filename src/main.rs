@@ -6,8 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::{json, Value};
 
 use berth::admin;
+use berth::admin::remote::{seg, Remote};
+use berth::auth::Role;
 use berth::config::{Config, ImageCacheConfig, RegistryKind, SourceKind};
 
 /// `println!` that ignores a closed stdout (`berth ... | head`) instead of panicking.
@@ -27,6 +31,16 @@ struct Cli {
     /// Data directory (overrides the config's data_dir).
     #[arg(long, global = true, env = "BERTH_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Act through this running server's management API (e.g. http://127.0.0.1:5000) instead
+    /// of the data directory; cache stats and prefetch read from it too.
+    #[arg(long, global = true)]
+    server: Option<String>,
+    /// Access Key ID for --server (Basic credentials).
+    #[arg(long, global = true, env = "BERTH_ACCESS_KEY")]
+    access_key: Option<String>,
+    /// Secret Key for --server.
+    #[arg(long, global = true, env = "BERTH_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,12 +49,19 @@ struct Cli {
 enum Command {
     /// Run the registry server.
     Serve,
-    /// Manage registries (namespaces). Acts on the data directory: stop the server first.
+    /// Manage registries (namespaces): on the data directory (stop the server first), or
+    /// through a running server with --server.
     #[command(subcommand)]
     Registry(RegistryCommand),
     /// Manage image caches (source registries) and the cached content.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Manage users (the first admin: `berth user create root --admin` on the data directory).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage users' access keys (the credentials of `docker login` and of --server).
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Print the effective configuration (defaults merged with the file) and exit.
     CheckConfig,
 }
@@ -57,6 +78,12 @@ enum RegistryCommand {
         /// For --type cache: the image cache it serves.
         #[arg(long)]
         cache: Option<String>,
+        /// Hide it from public listeners (public_uri = false).
+        #[arg(long)]
+        private: bool,
+        /// Let anyone pull without credentials.
+        #[arg(long)]
+        anonymous_pull: bool,
     },
     /// List registries.
     List {
@@ -147,16 +174,15 @@ enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Hit ratio and bytes saved since the server started (reads its /metrics).
+    /// Hit ratio and bytes saved since the server started (reads the /metrics of --server,
+    /// default: the first listener of the config).
     Stats {
-        /// Server URL (default: the first listener of the config).
-        #[arg(long)]
-        server: Option<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
-    /// Warm the cache: pull CACHEREG/PATH:TAG (all platforms, or one) through a running server.
+    /// Warm the cache: pull CACHEREG/PATH:TAG (all platforms, or one) through a running server
+    /// (--server, default: the first listener of the config).
     Prefetch {
         /// References, e.g. docker/library/nginx:1.27.
         #[arg(required = true)]
@@ -164,13 +190,97 @@ enum CacheCommand {
         /// Only this platform of a multi-arch image (os/arch[/variant]).
         #[arg(long)]
         platform: Option<admin::prefetch::Platform>,
-        /// Server URL (default: the first listener of the config).
-        #[arg(long)]
-        server: Option<String>,
         /// Machine-readable output (no progress bar).
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user.
+    Create {
+        /// Login name (lowercase letters, digits, - _ .).
+        name: String,
+        /// admin, viewer or image_uploader (default viewer).
+        #[arg(long, conflicts_with = "admin")]
+        role: Option<Role>,
+        /// Shorthand for --role admin.
+        #[arg(long)]
+        admin: bool,
+        /// Limit the role to this registry (repeat for more; default: all registries).
+        #[arg(long = "registry")]
+        registries: Vec<String>,
+    },
+    /// List users.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a user and their keys (never the last admin of every registry).
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create an access key; its secret is printed this once.
+    Create {
+        /// Owner.
+        user: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a user's keys with their age; keys older than 90 days are flagged for rotation.
+    List {
+        /// Owner.
+        user: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key.
+    Revoke {
+        /// Owner.
+        user: String,
+        /// Access Key ID.
+        id: String,
+    },
+}
+
+/// Where an admin command acts: the data directory, or a server's management API.
+enum Place {
+    Local,
+    Remote(tokio::runtime::Runtime, Remote),
+}
+
+impl Place {
+    fn of(server: Option<&str>, key: Option<(String, String)>) -> Result<Place, String> {
+        match server {
+            None => Ok(Place::Local),
+            Some(url) => Ok(Place::Remote(runtime()?, Remote::new(url, key)?)),
+        }
+    }
+}
+
+/// Runs an API call of remote mode.
+fn call(place: &Place, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+    match place {
+        Place::Remote(rt, r) => rt.block_on(r.call(method, path, body)),
+        Place::Local => Err("internal: API call without --server".into()),
+    }
+}
+
+/// Every item of an API list in remote mode.
+fn list_all(place: &Place, path: &str) -> Result<Vec<Value>, String> {
+    match place {
+        Place::Remote(rt, r) => rt.block_on(r.list_all(path)),
+        Place::Local => Err("internal: API call without --server".into()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -185,14 +295,25 @@ fn main() -> ExitCode {
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
+    let key = match (cli.access_key, cli.secret_key) {
+        (Some(id), Some(secret)) => Some((id, secret)),
+        (None, None) => None,
+        _ => {
+            eprintln!("berth: --access-key and --secret-key go together");
+            return ExitCode::from(2);
+        }
+    };
+    let server = cli.server.as_deref();
     let result = match cli.command {
         Command::Serve => serve(config),
         Command::CheckConfig => {
             outln!("{config:#?}");
             Ok(())
         }
-        Command::Registry(cmd) => registry(&config, cmd),
-        Command::Cache(cmd) => cache(&config, cmd),
+        Command::Registry(cmd) => Place::of(server, key).and_then(|p| registry(&config, &p, cmd)),
+        Command::Cache(cmd) => Place::of(server, key).and_then(|p| cache(&config, &p, server, cmd)),
+        Command::User(cmd) => Place::of(server, key).and_then(|p| user(&config, &p, cmd)),
+        Command::Key(cmd) => Place::of(server, key).and_then(|p| access_key(&config, &p, cmd)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -258,38 +379,101 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn registry(config: &Config, cmd: RegistryCommand) -> Result<(), String> {
+fn print_json(v: &impl serde::Serialize) -> Result<(), String> {
+    outln!("{}", serde_json::to_string_pretty(v).map_err(err)?);
+    Ok(())
+}
+
+fn text<'a>(v: &'a Value, field: &str) -> &'a str {
+    v[field].as_str().unwrap_or("-")
+}
+
+fn print_registries(regs: &[Value], json: bool) -> Result<(), String> {
+    if json {
+        return print_json(&regs);
+    }
+    outln!(
+        "{:<32} {:<8} {:<20} {:<8} {:<10} IMAGES",
+        "NAME",
+        "TYPE",
+        "IMAGE CACHE",
+        "PUBLIC",
+        "ANON PULL"
+    );
+    for r in regs {
+        outln!(
+            "{:<32} {:<8} {:<20} {:<8} {:<10} {}",
+            text(r, "name"),
+            text(r, "type"),
+            text(r, "cache"),
+            r["public_uri"].to_string(),
+            r["anonymous_pull"].to_string(),
+            r["image_count"]
+        );
+    }
+    Ok(())
+}
+
+fn registry(config: &Config, place: &Place, cmd: RegistryCommand) -> Result<(), String> {
+    if let Place::Remote(..) = place {
+        return match cmd {
+            RegistryCommand::Create {
+                name,
+                kind,
+                cache,
+                private,
+                anonymous_pull,
+            } => {
+                let body = json!({"name": name, "type": kind, "cache": cache,
+                    "public_uri": !private, "anonymous_pull": anonymous_pull});
+                let r = call(place, Method::POST, "/registries", Some(body))?;
+                outln!("created registry {name} ({kind})");
+                if let Some(note) = r["note"].as_str() {
+                    eprintln!("berth: note: {note}");
+                }
+                Ok(())
+            }
+            RegistryCommand::List { json } => {
+                print_registries(&list_all(place, "/registries")?, json)
+            }
+            RegistryCommand::Delete { name, force } => {
+                let path = format!("/registries/{}?force={force}", seg(&name));
+                call(place, Method::DELETE, &path, None)?;
+                outln!("deleted registry {name}");
+                Ok(())
+            }
+        };
+    }
     let meta = admin::open_meta(config)?;
     match cmd {
-        RegistryCommand::Create { name, kind, cache } => {
+        RegistryCommand::Create {
+            name,
+            kind,
+            cache,
+            private,
+            anonymous_pull,
+        } => {
             admin::create_registry(&meta, &name, kind, cache)?;
+            if private || anonymous_pull {
+                let mut r = meta
+                    .registry(&name)
+                    .map_err(err)?
+                    .ok_or("registry vanished after creation")?;
+                r.public_uri = !private;
+                r.anonymous_pull = anonymous_pull;
+                meta.put_registry(&r).map_err(err)?;
+                meta.flush_blocking().map_err(err)?;
+            }
             outln!("created registry {name} ({kind})");
         }
         RegistryCommand::List { json } => {
-            let regs = meta.registries().map_err(err)?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&regs).map_err(err)?);
-            } else {
-                outln!(
-                    "{:<32} {:<8} {:<20} REPOSITORIES",
-                    "NAME",
-                    "TYPE",
-                    "IMAGE CACHE"
-                );
-                for r in regs {
-                    let repos = meta
-                        .repositories(Some(&r.name), None, usize::MAX)
-                        .map_err(err)?
-                        .len();
-                    outln!(
-                        "{:<32} {:<8} {:<20} {}",
-                        r.name,
-                        r.kind,
-                        r.cache.as_deref().unwrap_or("-"),
-                        repos
-                    );
-                }
-            }
+            let regs = meta
+                .registries()
+                .map_err(err)?
+                .iter()
+                .map(|r| admin::registry_json(&meta, r).map_err(err))
+                .collect::<Result<Vec<_>, _>>()?;
+            print_registries(&regs, json)?;
         }
         RegistryCommand::Delete { name, force } => {
             if meta.registry(&name).map_err(err)?.is_none() {
@@ -308,6 +492,154 @@ fn registry(config: &Config, cmd: RegistryCommand) -> Result<(), String> {
             meta.delete_registry(&name).map_err(err)?;
             meta.flush_blocking().map_err(err)?;
             outln!("deleted registry {name}");
+        }
+    }
+    Ok(())
+}
+
+fn print_users(users: &[Value], json: bool) -> Result<(), String> {
+    if json {
+        return print_json(&users);
+    }
+    outln!(
+        "{:<24} {:<16} {:<30} {:<5} CREATED",
+        "NAME",
+        "ROLE",
+        "REGISTRIES",
+        "KEYS"
+    );
+    for u in users {
+        let regs: Vec<&str> = u["registries"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let regs = if regs.is_empty() {
+            "(all)".to_string()
+        } else {
+            regs.join(",")
+        };
+        outln!(
+            "{:<24} {:<16} {:<30} {:<5} {}",
+            text(u, "name"),
+            text(u, "role"),
+            regs,
+            u["key_count"].to_string(),
+            text(u, "created")
+        );
+    }
+    Ok(())
+}
+
+fn user(config: &Config, place: &Place, cmd: UserCommand) -> Result<(), String> {
+    match cmd {
+        UserCommand::Create {
+            name,
+            role,
+            admin,
+            registries,
+        } => {
+            // Least privilege unless asked: a user is a viewer by default.
+            let role = if admin {
+                Role::Admin
+            } else {
+                role.unwrap_or(Role::Viewer)
+            };
+            let body = json!({"name": name, "role": role, "registries": registries});
+            match place {
+                Place::Local => {
+                    let meta = admin::open_meta(config)?;
+                    admin::users::create_user(&meta, &name, role, registries)?;
+                }
+                Place::Remote(..) => {
+                    call(place, Method::POST, "/users", Some(body))?;
+                }
+            }
+            outln!("created user {name} ({role}); give them a key with `berth key create {name}`");
+        }
+        UserCommand::List { json } => {
+            let users = match place {
+                Place::Local => admin::users::list_users(&admin::open_meta(config)?)?,
+                Place::Remote(..) => list_all(place, "/users")?,
+            };
+            print_users(&users, json)?;
+        }
+        UserCommand::Delete { name } => {
+            match place {
+                Place::Local => admin::users::delete_user(&admin::open_meta(config)?, &name)?,
+                Place::Remote(..) => {
+                    call(
+                        place,
+                        Method::DELETE,
+                        &format!("/users/{}", seg(&name)),
+                        None,
+                    )?;
+                }
+            }
+            outln!("deleted user {name} and their keys");
+        }
+    }
+    Ok(())
+}
+
+fn access_key(config: &Config, place: &Place, cmd: KeyCommand) -> Result<(), String> {
+    match cmd {
+        KeyCommand::Create { user, json } => {
+            let key = match place {
+                Place::Local => admin::users::create_key(&admin::open_meta(config)?, &user)?,
+                Place::Remote(..) => call(
+                    place,
+                    Method::POST,
+                    &format!("/users/{}/keys", seg(&user)),
+                    None,
+                )?,
+            };
+            if json {
+                print_json(&key)?;
+            } else {
+                outln!("Access Key ID: {}", text(&key, "id"));
+                outln!("Secret Key:    {}", text(&key, "secret"));
+            }
+            eprintln!(
+                "berth: store the secret key now: it is not shown again (revoke the key and create another if it is lost)"
+            );
+        }
+        KeyCommand::List { user, json } => {
+            let keys = match place {
+                Place::Local => admin::users::list_keys(&admin::open_meta(config)?, &user)?,
+                Place::Remote(..) => list_all(place, &format!("/users/{}/keys", seg(&user)))?,
+            };
+            if json {
+                return print_json(&keys);
+            }
+            outln!(
+                "{:<22} {:<22} {:>8}  ROTATE",
+                "ACCESS KEY ID",
+                "CREATED",
+                "AGE"
+            );
+            for k in &keys {
+                let rotate = if k["rotation_due"] == true {
+                    "yes: older than 90 days"
+                } else {
+                    "no"
+                };
+                outln!(
+                    "{:<22} {:<22} {:>7}d  {rotate}",
+                    text(k, "id"),
+                    text(k, "created"),
+                    k["age_days"].to_string()
+                );
+            }
+        }
+        KeyCommand::Revoke { user, id } => {
+            match place {
+                Place::Local => admin::users::revoke_key(&admin::open_meta(config)?, &user, &id)?,
+                Place::Remote(..) => {
+                    let path = format!("/users/{}/keys/{}", seg(&user), seg(&id));
+                    call(place, Method::DELETE, &path, None)?;
+                }
+            }
+            outln!("revoked access key {id} of {user}");
         }
     }
     Ok(())
@@ -359,7 +691,127 @@ fn server_url(config: &Config, server: Option<String>) -> String {
     })
 }
 
-fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
+/// The PATCH body of `cache update` in remote mode: only what was given.
+fn source_patch(kind: Option<SourceKind>, a: SourceArgs) -> Result<Value, String> {
+    let mut v = json!({});
+    let mut set = |k: &str, x: Option<Value>| {
+        if let Some(x) = x {
+            v[k] = x;
+        }
+    };
+    set("kind", kind.map(|k| json!(k)));
+    set("url", a.url.map(Value::from));
+    set("username", a.username.map(Value::from));
+    if a.password_stdin {
+        set("password", Some(read_password_stdin()?.into()));
+    }
+    set(
+        "credentials_file",
+        a.credentials_file.map(|f| f.display().to_string().into()),
+    );
+    let human = |d: Duration| Value::from(humantime::format_duration(d).to_string());
+    set("fetch_budget", a.fetch_budget.map(human));
+    set("revalidate_ttl", a.revalidate_ttl.map(human));
+    set("region", a.region.map(Value::from));
+    set("ecr_endpoint", a.ecr_endpoint.map(Value::from));
+    Ok(v)
+}
+
+fn print_caches(caches: &[Value], json: bool) -> Result<(), String> {
+    if json {
+        return print_json(&caches);
+    }
+    outln!("{:<20} {:<10} {:<45} CREDENTIALS", "NAME", "KIND", "URL");
+    for c in caches {
+        outln!(
+            "{:<20} {:<10} {:<45} {}",
+            text(c, "name"),
+            text(c, "kind"),
+            text(c, "url"),
+            text(c, "credentials")
+        );
+    }
+    Ok(())
+}
+
+fn print_prune(report: &Value, json: bool) -> Result<(), String> {
+    if json {
+        return print_json(report);
+    }
+    let verb = if report["dry_run"] == true {
+        "would remove"
+    } else {
+        "removed"
+    };
+    let none = Vec::new();
+    let artifacts = report["artifacts"].as_array().unwrap_or(&none);
+    for a in artifacts {
+        outln!(
+            "{verb} {}@{} (last pulled {})",
+            text(a, "repository"),
+            text(a, "digest"),
+            text(a, "last_pull")
+        );
+    }
+    outln!(
+        "{verb} {} artifacts and {} blobs ({} bytes)",
+        artifacts.len(),
+        report["blobs"].as_array().map_or(0, Vec::len),
+        report["bytes"]
+    );
+    Ok(())
+}
+
+fn cache(
+    config: &Config,
+    place: &Place,
+    server: Option<&str>,
+    cmd: CacheCommand,
+) -> Result<(), String> {
+    let server = server.map(str::to_string);
+    if let Place::Remote(..) = place {
+        match cmd {
+            CacheCommand::Create { name, kind, source } => {
+                let url = source.url.clone().ok_or("--url is required")?;
+                let mut c = ImageCacheConfig::new(&name, kind, &url);
+                apply_source_args(&mut c, source)?;
+                let body = serde_json::to_value(&c).map_err(err)?;
+                call(place, Method::POST, "/image-caches", Some(body))?;
+                outln!("created image cache {name} ({kind}); it serves after the server restarts");
+                return Ok(());
+            }
+            CacheCommand::Update { name, kind, source } => {
+                let body = source_patch(kind, source)?;
+                let path = format!("/image-caches/{}", seg(&name));
+                call(place, Method::PATCH, &path, Some(body))?;
+                outln!("updated image cache {name} (restart berth to apply)");
+                return Ok(());
+            }
+            CacheCommand::List { json } => {
+                return print_caches(&list_all(place, "/image-caches")?, json)
+            }
+            CacheCommand::Delete { name } => {
+                let path = format!("/image-caches/{}", seg(&name));
+                call(place, Method::DELETE, &path, None)?;
+                outln!("deleted image cache {name}");
+                return Ok(());
+            }
+            CacheCommand::Prune {
+                dry_run,
+                unpulled_for,
+                json,
+            } => {
+                let mut body = json!({ "dry_run": dry_run });
+                if let Some(d) = unpulled_for {
+                    body["unpulled_for"] = humantime::format_duration(d).to_string().into();
+                }
+                let report = call(place, Method::POST, "/cache/prune", Some(body))?;
+                return print_prune(&report, json);
+            }
+            // Stats and prefetch always talk to a server.
+            cmd => return cache(config, &Place::Local, server.as_deref(), cmd),
+        }
+    }
     match cmd {
         CacheCommand::Create { name, kind, source } => {
             let meta = admin::open_meta(config)?;
@@ -390,20 +842,7 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
                 .iter()
                 .map(admin::describe_image_cache)
                 .collect();
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&caches).map_err(err)?);
-            } else {
-                outln!("{:<20} {:<10} {:<45} CREDENTIALS", "NAME", "KIND", "URL");
-                for c in caches {
-                    outln!(
-                        "{:<20} {:<10} {:<45} {}",
-                        c["name"].as_str().unwrap_or(""),
-                        c["kind"].as_str().unwrap_or(""),
-                        c["url"].as_str().unwrap_or(""),
-                        c["credentials"].as_str().unwrap_or("")
-                    );
-                }
-            }
+            print_caches(&caches, json)?;
         }
         CacheCommand::Delete { name } => {
             let meta = admin::open_meta(config)?;
@@ -425,27 +864,9 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
             let report =
                 berth::cache::sweep::sweep(&store, age, config.pull_through.gc_grace, &[], dry_run)
                     .map_err(err)?;
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&report).map_err(err)?);
-            } else {
-                let verb = if dry_run { "would remove" } else { "removed" };
-                for (repo, digest, _, last) in &report.artifacts {
-                    outln!(
-                        "{verb} {repo}@{digest} (last pulled {})",
-                        humantime::format_rfc3339_seconds(
-                            std::time::UNIX_EPOCH + Duration::from_millis(*last)
-                        )
-                    );
-                }
-                outln!(
-                    "{verb} {} artifacts and {} blobs ({} bytes)",
-                    report.artifacts.len(),
-                    report.blobs.len(),
-                    report.bytes()
-                );
-            }
+            print_prune(&berth::api::caches::prune_json(&report, dry_run), json)?;
         }
-        CacheCommand::Stats { server, json } => {
+        CacheCommand::Stats { json } => {
             let url = server_url(config, server);
             let stats = runtime()?.block_on(admin::stats::fetch(&url))?;
             if json {
@@ -481,7 +902,6 @@ fn cache(config: &Config, cmd: CacheCommand) -> Result<(), String> {
         CacheCommand::Prefetch {
             references,
             platform,
-            server,
             json,
         } => {
             let url = server_url(config, server);

@@ -1,16 +1,29 @@
-//! The `berth` CLI end to end: registries and image caches on the data directory, prefetch and
-//! stats against a running server, prune after it stops.
+//! The `berth` CLI end to end: registries, image caches, users and keys on the data directory,
+//! the same through a running server's API (`--server`), prefetch and stats, prune after a stop.
 
 mod common;
 
 use std::process::Command;
 
-use common::process::BerthProcess;
+use common::process::{berth_bin, BerthProcess};
 use common::server::{header, image_manifest, sha256, OCI_MANIFEST};
 use reqwest::StatusCode;
 
 fn berth(data: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+    berth_env(data, args, &[])
+}
+
+/// `berth` with extra environment variables (credentials by env); never the caller's own
+/// BERTH_ACCESS_KEY / BERTH_SECRET_KEY.
+fn berth_env(
+    data: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let out = Command::new(berth_bin())
+        .env_remove("BERTH_ACCESS_KEY")
+        .env_remove("BERTH_SECRET_KEY")
+        .envs(env.iter().copied())
         .arg("--data-dir")
         .arg(data)
         .args(args)
@@ -58,7 +71,7 @@ async fn image_cache_lifecycle_prefetch_stats_and_prune() {
     let data = dir.path().join("data");
     let (ok, _, e) = berth(&data, &["registry", "create", "hub", "--type", "cache"]);
     assert!(!ok && e.contains("--cache"), "{e}");
-    let mut create = Command::new(env!("CARGO_BIN_EXE_berth"))
+    let mut create = Command::new(berth_bin())
         .arg("--data-dir")
         .arg(&data)
         .args([
@@ -161,4 +174,253 @@ async fn image_cache_lifecycle_prefetch_stats_and_prune() {
     // berth serve's own config says gc_grace = 0s; the CLI here runs on defaults (1 h grace),
     // so the freshly written blobs stay.
     assert_eq!(pruned["blobs"].as_array().unwrap().len(), 0, "{pruned}");
+}
+
+/// The value after `label` on a line of `berth key create` output.
+fn field(out: &str, label: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(label))
+        .unwrap_or_else(|| panic!("no {label:?} in {out}"))
+        .trim()
+        .to_string()
+}
+
+fn json_of(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_keys_on_the_data_dir_then_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The first admin is created offline: there is no default password.
+    let (ok, out, e) = berth(&data, &["user", "create", "root", "--admin"]);
+    assert!(ok && out.contains("created user root (admin)"), "{out}{e}");
+    let (ok, _, e) = berth(&data, &["user", "create", "root"]);
+    assert!(!ok && e.contains("already exists"), "{e}");
+    let (ok, _, e) = berth(
+        &data,
+        &[
+            "user",
+            "create",
+            "ci",
+            "--role",
+            "image_uploader",
+            "--registry",
+            "library",
+        ],
+    );
+    assert!(ok, "{e}");
+    let (ok, _, e) = berth(&data, &["user", "create", "x", "--role", "wizard"]);
+    assert!(!ok && e.contains("unknown role"), "{e}");
+    let (ok, out, _) = berth(&data, &["user", "list", "--json"]);
+    assert!(ok);
+    let users = json_of(&out);
+    assert_eq!(users[0]["name"], "ci");
+    assert_eq!(users[0]["role"], "image_uploader");
+    assert_eq!(users[0]["registries"], serde_json::json!(["library"]));
+    assert_eq!(users[1]["role"], "admin");
+    let (ok, out, _) = berth(&data, &["user", "list"]);
+    assert!(
+        ok && out.contains("(all)") && out.contains("image_uploader"),
+        "{out}"
+    );
+
+    // A key: printed once, with the warning; listings never show the secret.
+    let (ok, out, e) = berth(&data, &["key", "create", "root"]);
+    assert!(ok, "{e}");
+    assert!(e.contains("not shown again"), "{e}");
+    let id = field(&out, "Access Key ID:");
+    let secret = field(&out, "Secret Key:");
+    assert_eq!(secret.len(), 40);
+    let (ok, out, _) = berth(&data, &["key", "list", "root", "--json"]);
+    assert!(ok && !out.contains(&secret));
+    let keys = json_of(&out);
+    assert_eq!(keys[0]["id"], id.as_str());
+    assert_eq!(keys[0]["rotation_due"], false);
+    let (ok, out, _) = berth(&data, &["key", "list", "root"]);
+    assert!(ok && out.contains(&id) && out.contains("0d"), "{out}");
+    let (ok, out, e) = berth(&data, &["key", "create", "ci", "--json"]);
+    assert!(ok, "{e}");
+    let ci_key = json_of(&out)["id"].as_str().unwrap().to_string();
+    let (ok, _, e) = berth(&data, &["key", "revoke", "ci", &ci_key]);
+    assert!(ok, "{e}");
+    let (ok, _, e) = berth(&data, &["key", "revoke", "ci", &ci_key]);
+    assert!(!ok && e.contains("no access key"), "{e}");
+    let (ok, _, e) = berth(&data, &["user", "delete", "root"]);
+    assert!(!ok && e.contains("last admin"), "{e}");
+    let (ok, _, e) = berth(&data, &["user", "delete", "ci"]);
+    assert!(ok, "{e}");
+
+    // The server started on that directory requires the key, and accepts it.
+    let server = BerthProcess::start_in(dir.path(), "");
+    let client = reqwest::Client::new();
+    let url = format!("{}/v2/", server.url());
+    let r = client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = client
+        .get(&url)
+        .basic_auth(&id, Some(&secret))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_through_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(berth(&data, &["user", "create", "root", "--admin"]).0);
+    let (ok, out, e) = berth(&data, &["key", "create", "root", "--json"]);
+    assert!(ok, "{e}");
+    let key = json_of(&out);
+    let (id, secret) = (key["id"].as_str().unwrap(), key["secret"].as_str().unwrap());
+    let server = BerthProcess::start_in(dir.path(), "");
+    let url = server.url();
+    let remote = |args: &[&str]| {
+        let mut all = vec![
+            "--server",
+            url.as_str(),
+            "--access-key",
+            id,
+            "--secret-key",
+            secret,
+        ];
+        all.extend_from_slice(args);
+        berth(&data, &all)
+    };
+
+    // Without credentials the API refuses and the CLI says how to give them; env works.
+    let (ok, _, e) = berth(&data, &["--server", &url, "user", "list"]);
+    assert!(
+        !ok && e.contains("401") && e.contains("--access-key"),
+        "{e}"
+    );
+    let (ok, out, e) = berth_env(
+        &data,
+        &["--server", &url, "user", "list", "--json"],
+        &[("BERTH_ACCESS_KEY", id), ("BERTH_SECRET_KEY", secret)],
+    );
+    assert!(ok, "{e}");
+    assert_eq!(json_of(&out)[0]["name"], "root");
+
+    // Users and keys.
+    let (ok, _, e) = remote(&["user", "create", "ci", "--role", "viewer"]);
+    assert!(ok, "{e}");
+    let (ok, _, e) = remote(&["user", "create", "ci"]);
+    assert!(
+        !ok && e.contains("409") && e.contains("already exists"),
+        "{e}"
+    );
+    let (ok, out, _) = remote(&["user", "list", "--json"]);
+    assert!(ok);
+    assert_eq!(json_of(&out)[0]["role"], "viewer");
+    let (ok, out, e) = remote(&["key", "create", "ci"]);
+    assert!(ok && e.contains("not shown again"), "{e}");
+    let ci_id = field(&out, "Access Key ID:");
+    let ci_secret = field(&out, "Secret Key:");
+    let r = reqwest::Client::new()
+        .get(format!("{url}/v2/"))
+        .basic_auth(&ci_id, Some(&ci_secret))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "a key made through the API logs in"
+    );
+    let (ok, out, _) = remote(&["key", "list", "ci", "--json"]);
+    assert!(ok && !out.contains(&ci_secret));
+    assert_eq!(json_of(&out)[0]["id"], ci_id.as_str());
+    // A viewer's key is refused by the API's one check.
+    let (ok, _, e) = berth(
+        &data,
+        &[
+            "--server",
+            &url,
+            "--access-key",
+            &ci_id,
+            "--secret-key",
+            &ci_secret,
+            "user",
+            "list",
+        ],
+    );
+    assert!(!ok && e.contains("403"), "{e}");
+    let (ok, _, e) = remote(&["key", "revoke", "ci", &ci_id]);
+    assert!(ok, "{e}");
+    let (ok, out, _) = remote(&["key", "list", "ci", "--json"]);
+    assert!(ok && json_of(&out).as_array().unwrap().is_empty(), "{out}");
+    // Without --server, commands act on the data directory, which the running server holds.
+    let (ok, _, e) = berth(&data, &["user", "list"]);
+    assert!(!ok && e.contains("stop it first"), "{e}");
+
+    // Registries.
+    let (ok, _, e) = remote(&[
+        "registry",
+        "create",
+        "team",
+        "--anonymous-pull",
+        "--private",
+    ]);
+    assert!(ok, "{e}");
+    let (ok, out, _) = remote(&["registry", "list", "--json"]);
+    assert!(ok);
+    let regs = json_of(&out);
+    assert_eq!(
+        regs.as_array().unwrap().len(),
+        0,
+        "private registries are hidden on a public listener: {regs}"
+    );
+    let (ok, _, e) = remote(&["registry", "create", "pub"]);
+    assert!(ok, "{e}");
+    let (ok, out, _) = remote(&["registry", "list"]);
+    assert!(ok && out.contains("pub") && !out.contains("team"), "{out}");
+    let (ok, _, e) = remote(&["registry", "delete", "pub"]);
+    assert!(ok, "{e}");
+    let (ok, _, e) = remote(&["registry", "delete", "pub"]);
+    assert!(!ok && e.contains("404"), "{e}");
+
+    // Image caches and prune.
+    let (ok, _, e) = remote(&[
+        "cache",
+        "create",
+        "up",
+        "--kind",
+        "registry",
+        "--url",
+        "http://127.0.0.1:9",
+    ]);
+    assert!(ok, "{e}");
+    let (ok, _, e) = remote(&["cache", "update", "up", "--fetch-budget", "30s"]);
+    assert!(ok, "{e}");
+    let (ok, out, _) = remote(&["cache", "list", "--json"]);
+    assert!(ok);
+    let caches = json_of(&out);
+    assert_eq!(caches[0]["fetch_budget"], "30s");
+    let (ok, _, e) = remote(&[
+        "registry", "create", "hub", "--type", "cache", "--cache", "up",
+    ]);
+    assert!(ok && e.contains("restart"), "{e}");
+    let (ok, _, e) = remote(&["cache", "delete", "up"]);
+    assert!(!ok && e.contains("hub"), "{e}");
+    let (ok, out, e) = remote(&[
+        "cache",
+        "prune",
+        "--dry-run",
+        "--unpulled-for",
+        "1d",
+        "--json",
+    ]);
+    assert!(ok, "{e}");
+    assert_eq!(json_of(&out)["dry_run"], true);
+    let (ok, out, e) = remote(&["cache", "prune"]);
+    assert!(ok && out.contains("removed 0 artifacts"), "{out}{e}");
+
+    let (ok, _, e) = remote(&["user", "delete", "ci"]);
+    assert!(ok, "{e}");
+    let (ok, _, e) = remote(&["user", "delete", "root"]);
+    assert!(!ok && e.contains("last admin"), "{e}");
 }

@@ -1,8 +1,10 @@
 //! Admin operations behind the CLI: on the data directory (server stopped) or through a running
-//! server's HTTP endpoints.
+//! server's HTTP endpoints (`remote`, the management API).
 
 pub mod prefetch;
+pub mod remote;
 pub mod stats;
+pub mod users;
 
 use crate::config::{Config, ImageCacheConfig, RegistryKind};
 use crate::store::meta::{Meta, RegistryRecord};
@@ -75,15 +77,20 @@ pub fn put_image_cache(
     meta.flush_blocking().map_err(err)
 }
 
-/// Deletes an image cache unless a registry still uses it.
-pub fn delete_image_cache(meta: &Meta, name: &str) -> Result<(), String> {
-    let users: Vec<String> = meta
+/// Registries that serve an image cache.
+pub fn registries_using(meta: &Meta, name: &str) -> Result<Vec<String>, String> {
+    Ok(meta
         .registries()
         .map_err(err)?
         .into_iter()
         .filter(|r| r.cache.as_deref() == Some(name))
         .map(|r| r.name)
-        .collect();
+        .collect())
+}
+
+/// Deletes an image cache unless a registry still uses it.
+pub fn delete_image_cache(meta: &Meta, name: &str) -> Result<(), String> {
+    let users = registries_using(meta, name)?;
     if !users.is_empty() {
         return Err(format!(
             "image cache {name:?} is used by registry {} (delete or change that registry first)",
@@ -94,6 +101,20 @@ pub fn delete_image_cache(meta: &Meta, name: &str) -> Result<(), String> {
         return Err(format!("image cache {name:?} does not exist"));
     }
     meta.flush_blocking().map_err(err)
+}
+
+/// The JSON of a registry (the management API's shape).
+pub fn registry_json(meta: &Meta, r: &RegistryRecord) -> Result<serde_json::Value, sled::Error> {
+    let images = meta.repositories(Some(&r.name), None, usize::MAX)?.len();
+    Ok(serde_json::json!({
+        "name": r.name,
+        "type": r.kind,
+        "cache": r.cache,
+        "public_uri": r.public_uri,
+        "anonymous_pull": r.anonymous_pull,
+        "created": crate::api::rfc3339(r.created_ms),
+        "image_count": images,
+    }))
 }
 
 /// One line describing an image cache; credentials are never shown, only whether they are set.

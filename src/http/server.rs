@@ -230,7 +230,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Respon
                 operator = principal.name().to_string();
                 match route {
                     Route::Token => crate::auth::endpoint::token(&app, req, body, peer.ip()).await,
-                    Route::Api => Err(Error::NotFound(format!("no such endpoint: {path}"))),
+                    Route::Api => crate::api::dispatch(&app, path, req, body).await,
                     route => registry::dispatch(&app, route, req, body).await,
                 }
             }

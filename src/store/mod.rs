@@ -149,6 +149,13 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes a registry and everything recorded under it (sled and the in-memory map).
+    pub fn remove_registry(&self, name: &str) -> Result<(), sled::Error> {
+        self.meta.delete_registry(name)?;
+        self.registries.write().unwrap().remove(name);
+        Ok(())
+    }
+
     /// Cached manifest for `repo\0reference`.
     pub fn cached_manifest(&self, key: &str) -> Option<Arc<ManifestEntry>> {
         self.manifests.get(key)

@@ -25,7 +25,7 @@ impl BerthProcess {
         );
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+        let mut child = Command::new(berth_bin())
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
@@ -124,4 +124,11 @@ impl Drop for BerthProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The `berth` binary the tests run: `BERTH_TEST_BIN` when set, else cargo's build of this
+/// package. The override exists because worktrees sharing one target directory overwrite each
+/// other's `target/debug/berth`; point it at the hashed `target/debug/deps/berth-*` of this build.
+pub fn berth_bin() -> String {
+    std::env::var("BERTH_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_berth").to_string())
 }

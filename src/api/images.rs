@@ -1,0 +1,205 @@
+//! Images and tags of a registry: `/api/v1/registries/{registry}/images[/{image}[/tags...]]`.
+
+use http::{Response, StatusCode};
+use serde::Deserialize;
+
+use super::page::{matches_q, Page};
+use super::registries::visible;
+use super::{blocking, json, rfc3339, Ctx};
+use crate::auth::Action;
+use crate::config::RegistryKind;
+use crate::error::{Error, Result};
+use crate::http::body::Body;
+use crate::oci::digest::Digest;
+use crate::oci::reference::{validate_tag, RepoName};
+use crate::store::meta::RegistryRecord;
+
+/// Authorizes `action`, then resolves a visible registry and a valid repository name in it.
+pub fn repo(
+    ctx: &Ctx<'_>,
+    registry: &str,
+    image: &str,
+    action: Action<'_>,
+) -> Result<(RegistryRecord, RepoName)> {
+    ctx.check(action)?;
+    let r = visible(ctx, registry)?;
+    let repo = RepoName::parse(&format!("{registry}/{image}"))?;
+    Ok((r, repo))
+}
+
+/// Like [`repo`], and the repository must hold artifacts.
+pub fn existing_repo(
+    ctx: &Ctx<'_>,
+    registry: &str,
+    image: &str,
+    action: Action<'_>,
+) -> Result<(RegistryRecord, RepoName)> {
+    let (r, repo) = repo(ctx, registry, image, action)?;
+    if !ctx.app.store.meta.repo_exists(repo.as_str())? {
+        return Err(Error::NameUnknown(format!("image {repo} does not exist")));
+    }
+    Ok((r, repo))
+}
+
+/// `GET /api/v1/registries/{registry}/images?q=`: name, artifact and tag counts, last push.
+pub fn list(ctx: &Ctx<'_>, registry: &str) -> Result<Response<Body>> {
+    ctx.check(Action::Read(Some(registry)))?;
+    visible(ctx, registry)?;
+    let q = ctx.query("q");
+    let meta = &ctx.app.store.meta;
+    let prefix = format!("{registry}/");
+    let images: Vec<String> = meta
+        .repositories(Some(registry), None, usize::MAX)?
+        .into_iter()
+        .filter_map(|repo| repo.strip_prefix(&prefix).map(str::to_string))
+        .filter(|image| matches_q(&q, image))
+        .collect();
+    Page::of(ctx)?.respond(ctx, images, |image| {
+        let repo = format!("{prefix}{image}");
+        let artifacts = meta.artifacts(&repo)?;
+        let tags = meta.tags(&repo, None, usize::MAX)?.len();
+        let last_push = artifacts.iter().map(|(_, a)| a.pushed_ms).max();
+        Ok(serde_json::json!({
+            "name": image,
+            "repository": repo,
+            "artifact_count": artifacts.len(),
+            "tag_count": tags,
+            "last_push": last_push.map(rfc3339),
+        }))
+    })
+}
+
+/// `DELETE /api/v1/registries/{registry}/images/{image}`: every artifact and tag of the image,
+/// and its blob links (so garbage collection can reclaim blobs no other image uses).
+pub async fn delete(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response<Body>> {
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Manage(Some(registry)))?;
+    let app = ctx.app.clone();
+    let name = repo.to_string();
+    let (artifacts, tags) = blocking(move || {
+        let meta = &app.store.meta;
+        let (mut artifacts, mut tags) = (0, 0);
+        for (digest, _) in meta.artifacts(&name)? {
+            let removed = meta.delete_artifact(&name, &digest)?.unwrap_or_default();
+            app.store.invalidate_manifest(&name, digest.as_str());
+            for t in &removed {
+                app.store.invalidate_manifest(&name, t);
+            }
+            artifacts += 1;
+            tags += removed.len();
+        }
+        for blob in meta.linked_blobs(&name)? {
+            meta.unlink_blob(&name, &blob)?;
+        }
+        meta.remove_repo_if_empty(&name)?;
+        meta.flush_blocking()?;
+        Ok((artifacts, tags))
+    })
+    .await?;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "repository": repo.as_str(),
+            "deleted_artifacts": artifacts,
+            "deleted_tags": tags,
+        }),
+    )
+}
+
+/// A doublestar glob (DESIGN.md 9): `*` stays inside one path component, `**` crosses them.
+pub fn glob(pattern: &str) -> Result<globset::GlobMatcher> {
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| Error::BadRequest(format!("invalid pattern {pattern:?}: {e}")))
+}
+
+/// `GET /api/v1/registries/{registry}/images/{image}/tags?pattern=GLOB`.
+pub fn tags(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response<Body>> {
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Read(Some(registry)))?;
+    let matcher = match ctx.query("pattern").filter(|p| !p.is_empty()) {
+        Some(p) => Some(glob(&p)?),
+        None => None,
+    };
+    let meta = &ctx.app.store.meta;
+    let tags: Vec<String> = meta
+        .tags(repo.as_str(), None, usize::MAX)?
+        .into_iter()
+        .filter(|t| matcher.as_ref().is_none_or(|m| m.is_match(t)))
+        .collect();
+    Page::of(ctx)?.respond(ctx, tags, |t| {
+        let digest = meta.tag(repo.as_str(), &t)?;
+        Ok(serde_json::json!({ "name": t, "digest": digest.map(|d| d.to_string()) }))
+    })
+}
+
+/// Body of `POST .../tags`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTag {
+    /// Tag name.
+    pub tag: String,
+    /// Digest of an artifact already in the image.
+    pub digest: String,
+}
+
+/// `POST /api/v1/registries/{registry}/images/{image}/tags`: creates or moves a tag onto an
+/// existing artifact; refused in cache registries, whose tags mirror the source.
+pub async fn put_tag(
+    ctx: &Ctx<'_>,
+    registry: &str,
+    image: &str,
+    body: NewTag,
+) -> Result<Response<Body>> {
+    let (r, repo) = repo(ctx, registry, image, Action::Manage(Some(registry)))?;
+    if r.kind == RegistryKind::Cache {
+        return Err(Error::Denied(format!(
+            "registry {registry:?} is a pull-through cache: its tags follow the source and cannot be set"
+        )));
+    }
+    validate_tag(&body.tag)?;
+    let digest = Digest::parse(&body.digest)?;
+    let meta = &ctx.app.store.meta;
+    let record = meta
+        .artifact(repo.as_str(), &digest)?
+        .ok_or_else(|| Error::ManifestUnknown(format!("artifact {digest} is not in {repo}")))?;
+    let previous = meta.tag(repo.as_str(), &body.tag)?;
+    // The artifact exists, so put_artifact keeps its record and push time and only sets the tag.
+    meta.put_artifact(repo.as_str(), &digest, &record, Some(&body.tag), None)?;
+    ctx.app.store.invalidate_manifest(repo.as_str(), &body.tag);
+    meta.flush().await?;
+    let status = if previous.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    json(
+        status,
+        &serde_json::json!({
+            "name": body.tag,
+            "digest": digest.to_string(),
+            "previous": previous.map(|d| d.to_string()),
+        }),
+    )
+}
+
+/// `DELETE /api/v1/registries/{registry}/images/{image}/tags/{tag}`: the artifact stays.
+pub async fn delete_tag(
+    ctx: &Ctx<'_>,
+    registry: &str,
+    image: &str,
+    tag: &str,
+) -> Result<Response<Body>> {
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Manage(Some(registry)))?;
+    validate_tag(tag)?;
+    let meta = &ctx.app.store.meta;
+    let digest = meta
+        .delete_tag(repo.as_str(), tag)?
+        .ok_or_else(|| Error::ManifestUnknown(format!("tag {tag:?} is not in {repo}")))?;
+    ctx.app.store.invalidate_manifest(repo.as_str(), tag);
+    meta.flush().await?;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "name": tag, "digest": digest.to_string() }),
+    )
+}

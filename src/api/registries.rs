@@ -1,0 +1,217 @@
+//! `/api/v1/registries[/{registry}]`: list, create, read, change and delete registries.
+
+use http::{Response, StatusCode};
+use serde::Deserialize;
+
+use super::page::{matches_q, Page};
+use super::{blocking, json, Ctx};
+use crate::auth::Action;
+use crate::config::RegistryKind;
+use crate::error::{Error, Result};
+use crate::http::body::Body;
+use crate::store::meta::RegistryRecord;
+use crate::App;
+
+/// The JSON of a registry, with a note when its image cache is not loaded yet.
+pub fn registry_json(app: &App, r: &RegistryRecord) -> Result<serde_json::Value> {
+    let mut v = crate::admin::registry_json(&app.store.meta, r)?;
+    if let Some(c) = &r.cache {
+        if app.cache.source(c).is_none() {
+            v["note"] = format!(
+                "image cache {c:?} was defined after the server started: this registry serves from a restart on"
+            )
+            .into();
+        }
+    }
+    Ok(v)
+}
+
+/// A registry the caller may see: hidden ones on a public listener are absent, like unknown ones.
+pub fn visible(ctx: &Ctx<'_>, name: &str) -> Result<RegistryRecord> {
+    let unknown = || Error::NotFound(format!("registry {name:?} does not exist"));
+    let r = ctx.app.store.registry(name).ok_or_else(unknown)?;
+    ctx.req.visible(&r).map_err(|_| unknown())?;
+    Ok(r)
+}
+
+/// `GET /api/v1/registries?q=&page=&page_size=`.
+pub fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
+    ctx.check(Action::Read(None))?;
+    let q = ctx.query("q");
+    let app = ctx.app;
+    let mut regs: Vec<RegistryRecord> = app
+        .store
+        .registries()
+        .into_iter()
+        .filter(|r| !ctx.req.public || r.public_uri)
+        .filter(|r| app.auth.can_read(&app.store, ctx.req.principal, &r.name))
+        .filter(|r| matches_q(&q, &r.name))
+        .collect();
+    regs.sort_by(|a, b| a.name.cmp(&b.name));
+    Page::of(ctx)?.respond(ctx, regs, |r| registry_json(app, &r))
+}
+
+/// `GET /api/v1/registries/{registry}`.
+pub fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
+    ctx.check(Action::Read(Some(name)))?;
+    let r = visible(ctx, name)?;
+    json(StatusCode::OK, &registry_json(ctx.app, &r)?)
+}
+
+/// Body of `POST /api/v1/registries`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewRegistry {
+    /// Name.
+    pub name: String,
+    /// normal or cache.
+    #[serde(rename = "type", default)]
+    pub kind: RegistryKind,
+    /// Image cache of a cache registry.
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// Reachable on public listeners.
+    #[serde(default = "yes")]
+    pub public_uri: bool,
+    /// Pull without credentials.
+    #[serde(default)]
+    pub anonymous_pull: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Checks a registry's type against its image cache.
+fn check_kind(app: &App, kind: RegistryKind, cache: Option<&str>) -> Result<()> {
+    match (kind, cache) {
+        (RegistryKind::Cache, None) => Err(Error::BadRequest(
+            "a cache registry needs \"cache\": the name of an image cache".into(),
+        )),
+        (RegistryKind::Normal, Some(_)) => Err(Error::BadRequest(
+            "\"cache\" is only for registries of type cache".into(),
+        )),
+        (RegistryKind::Cache, Some(c)) if app.store.meta.image_cache(c)?.is_none() => Err(
+            Error::BadRequest(format!("image cache {c:?} does not exist")),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// `POST /api/v1/registries`.
+pub async fn create(ctx: &Ctx<'_>, body: NewRegistry) -> Result<Response<Body>> {
+    ctx.check(Action::Manage(None))?;
+    crate::oci::reference::validate_registry_name(&body.name)?;
+    let app = ctx.app;
+    if app.store.registry(&body.name).is_some() {
+        return Err(Error::Conflict(format!(
+            "registry {:?} already exists",
+            body.name
+        )));
+    }
+    check_kind(app, body.kind, body.cache.as_deref())?;
+    let record = RegistryRecord {
+        public_uri: body.public_uri,
+        anonymous_pull: body.anonymous_pull,
+        ..RegistryRecord::new(&body.name, body.kind, body.cache)
+    };
+    app.store.put_registry(record.clone())?;
+    app.store.meta.flush().await?;
+    json(StatusCode::CREATED, &registry_json(app, &record)?)
+}
+
+/// Body of `PATCH /api/v1/registries/{registry}`: only the fields given change.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryPatch {
+    /// New type.
+    #[serde(rename = "type")]
+    pub kind: Option<RegistryKind>,
+    /// New image cache (cache registries).
+    pub cache: Option<String>,
+    /// Reachable on public listeners.
+    pub public_uri: Option<bool>,
+    /// Pull without credentials.
+    pub anonymous_pull: Option<bool>,
+}
+
+/// `PATCH /api/v1/registries/{registry}`. Visibility and anonymous pull are settings of the
+/// registry (its admins may change them); type and image cache change what the registry is,
+/// so they need an admin of every registry.
+pub async fn patch(ctx: &Ctx<'_>, name: &str, body: RegistryPatch) -> Result<Response<Body>> {
+    let structural = body.kind.is_some() || body.cache.is_some();
+    ctx.check(Action::Manage(if structural { None } else { Some(name) }))?;
+    let app = ctx.app;
+    let mut r = visible(ctx, name)?;
+    if structural && declared_in_config(app, name) {
+        return Err(Error::Conflict(format!(
+            "registry {name:?} is declared in the config file, which sets its type at every start: change it there"
+        )));
+    }
+    if let Some(kind) = body.kind {
+        r.kind = kind;
+        if kind == RegistryKind::Normal {
+            r.cache = None;
+        }
+    }
+    if let Some(c) = body.cache {
+        r.cache = Some(c);
+    }
+    check_kind(app, r.kind, r.cache.as_deref())?;
+    if let Some(p) = body.public_uri {
+        r.public_uri = p;
+    }
+    if let Some(a) = body.anonymous_pull {
+        r.anonymous_pull = a;
+    }
+    app.store.put_registry(r.clone())?;
+    app.store.meta.flush().await?;
+    json(StatusCode::OK, &registry_json(app, &r)?)
+}
+
+fn declared_in_config(app: &App, name: &str) -> bool {
+    app.config.registry.iter().any(|r| r.name == name)
+}
+
+/// `DELETE /api/v1/registries/{registry}?force=true`: refused while it holds images unless forced.
+pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
+    ctx.check(Action::Manage(None))?;
+    let app = ctx.app.clone();
+    visible(ctx, name)?;
+    if declared_in_config(&app, name) {
+        return Err(Error::Conflict(format!(
+            "registry {name:?} is declared in the config file and would come back at the next start: remove it there"
+        )));
+    }
+    let force = ctx.query("force").is_some_and(|v| v == "true" || v == "1");
+    let repos = app.store.meta.repositories(Some(name), None, usize::MAX)?;
+    if !repos.is_empty() && !force {
+        return Err(Error::Conflict(format!(
+            "registry {name:?} still holds {} images (e.g. {}); delete with ?force=true to remove them too",
+            repos.len(),
+            repos[0]
+        )));
+    }
+    let images = repos.len();
+    let owned = name.to_string();
+    blocking(move || {
+        // Drop hot manifests first: a registry created again under this name must not serve them.
+        let meta = &app.store.meta;
+        for repo in &repos {
+            for t in meta.tags(repo, None, usize::MAX)? {
+                app.store.invalidate_manifest(repo, &t);
+            }
+            for (d, _) in meta.artifacts(repo)? {
+                app.store.invalidate_manifest(repo, d.as_str());
+            }
+        }
+        app.store.remove_registry(&owned)?;
+        meta.flush_blocking()?;
+        Ok(())
+    })
+    .await?;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "name": name, "deleted_images": images }),
+    )
+}

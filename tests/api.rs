@@ -1,0 +1,1146 @@
+//! The management API end to end over HTTP: every endpoint's happy path and refusals, pagination,
+//! filters, artifact fields, tag changes seen through `/v2/`, listener visibility, OpenAPI coverage.
+
+mod common;
+
+use berth::auth::Role;
+use common::server::{image_manifest, sha256, TestServer, OCI_INDEX, OCI_MANIFEST};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{json, Value};
+
+/// Basic credentials of a new key of a new user.
+fn user(s: &TestServer, name: &str, role: Role, registries: &[&str]) -> String {
+    let app = s.app();
+    app.auth
+        .users
+        .create(
+            name,
+            role,
+            registries.iter().map(|r| r.to_string()).collect(),
+        )
+        .unwrap();
+    app.auth.refresh().unwrap();
+    let (key, secret) = app.auth.users.create_key(name).unwrap();
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{secret}", key.id))
+    )
+}
+
+/// A server whose `client` sends the credentials of a full admin (`root`) on every request,
+/// so `push_image` and friends keep working once auth is on.
+async fn admin_server(extra: &str) -> TestServer {
+    let mut s = TestServer::start(extra).await;
+    let auth = user(&s, "root", Role::Admin, &[]);
+    let mut h = HeaderMap::new();
+    h.insert(AUTHORIZATION, HeaderValue::from_str(&auth).unwrap());
+    s.client = Client::builder().default_headers(h).build().unwrap();
+    s
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    fn code(&self) -> &str {
+        self.body["errors"][0]["code"].as_str().unwrap_or("")
+    }
+    fn message(&self) -> &str {
+        self.body["errors"][0]["message"].as_str().unwrap_or("")
+    }
+    fn link(&self) -> Option<String> {
+        self.headers
+            .get("link")
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+    fn names(&self) -> Vec<String> {
+        self.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+async fn send(client: &Client, url: String, method: Method, body: Option<Value>) -> Answer {
+    let mut r = client.request(method, url);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// An API call with the server's (admin) client.
+async fn api(s: &TestServer, method: Method, path: &str, body: Option<Value>) -> Answer {
+    send(&s.client, s.url(path), method, body).await
+}
+
+/// An API call with other credentials (`None`: anonymous).
+async fn api_as(
+    s: &TestServer,
+    auth: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Answer {
+    let mut h = HeaderMap::new();
+    if let Some(a) = auth {
+        h.insert(AUTHORIZATION, HeaderValue::from_str(a).unwrap());
+    }
+    let client = Client::builder().default_headers(h).build().unwrap();
+    send(&client, s.url(path), method, body).await
+}
+
+/// Pushes an image whose config blob names its platform; returns (manifest digest, total size).
+async fn push_platform_image(s: &TestServer, repo: &str, tag: &str, arch: &str) -> (String, u64) {
+    let config = serde_json::to_vec(&json!({
+        "architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}
+    }))
+    .unwrap();
+    let layer = format!("layer of {repo}:{tag} {arch}").into_bytes();
+    let c = s.push_blob(repo, &config).await;
+    let l = s.push_blob(repo, &layer).await;
+    let manifest = image_manifest(&c, config.len() as u64, &l, layer.len() as u64);
+    let r = s.put_manifest(repo, tag, OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    (
+        sha256(&manifest),
+        (manifest.len() + config.len() + layer.len()) as u64,
+    )
+}
+
+#[tokio::test]
+async fn registries_crud_errors_and_auth() {
+    let s = admin_server("").await;
+    let r = api(&s, Method::GET, "/api/v1/registries", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.names(), ["library"]);
+    assert_eq!(r.body["total"], 1);
+
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "team", "anonymous_pull": false})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["type"], "normal");
+    assert_eq!(r.body["public_uri"], true);
+    let again = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "team"})),
+    )
+    .await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::CONFLICT, "CONFLICT")
+    );
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "hub", "type": "cache"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.message().contains("cache"), "{}", r.message());
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "x", "colour": "red"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.message().contains("unknown field `colour`"),
+        "{}",
+        r.message()
+    );
+    let bad = s
+        .client
+        .post(s.url("/api/v1/registries"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "Bad Name"})),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "NAME_INVALID")
+    );
+
+    assert_eq!(
+        api(&s, Method::GET, "/api/v1/registries/nope", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        api(&s, Method::PUT, "/api/v1/registries/team", None)
+            .await
+            .status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        api(&s, Method::GET, "/api/v1/nothing/here", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+
+    // anonymous_pull applies at once: a pull without credentials works after the PATCH.
+    let (d, _) = push_platform_image(&s, "team/app", "v1", "amd64").await;
+    let anon = Client::new();
+    let pull = || {
+        anon.get(s.url(&format!("/v2/team/app/manifests/{d}")))
+            .send()
+    };
+    assert_eq!(pull().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let r = api(
+        &s,
+        Method::PATCH,
+        "/api/v1/registries/team",
+        Some(json!({"anonymous_pull": true})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["anonymous_pull"], true);
+    assert_eq!(r.body["image_count"], 1);
+    assert_eq!(pull().await.unwrap().status(), StatusCode::OK);
+
+    // The one check: anonymous → 401 with a challenge, a viewer → 403 on changes, a registry
+    // admin may change their registry but not create registries.
+    let r = api_as(&s, None, Method::GET, "/api/v1/registries", None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.headers.contains_key("www-authenticate"));
+    let viewer = user(&s, "viewer", Role::Viewer, &[]);
+    let r = api_as(
+        &s,
+        Some(&viewer),
+        Method::GET,
+        "/api/v1/registries/team",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = api_as(
+        &s,
+        Some(&viewer),
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "v"})),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "DENIED"));
+    let team_admin = user(&s, "teamadmin", Role::Admin, &["team"]);
+    let r = api_as(
+        &s,
+        Some(&team_admin),
+        Method::PATCH,
+        "/api/v1/registries/team",
+        Some(json!({"anonymous_pull": false})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = api_as(
+        &s,
+        Some(&team_admin),
+        Method::PATCH,
+        "/api/v1/registries/team",
+        Some(json!({"type": "normal"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // Lists show only what the caller may read.
+    let r = api_as(
+        &s,
+        Some(&team_admin),
+        Method::GET,
+        "/api/v1/registries",
+        None,
+    )
+    .await;
+    assert_eq!(r.names(), ["team"]);
+}
+
+#[tokio::test]
+async fn lists_paginate_with_link_and_filter() {
+    let s = admin_server("").await;
+    for i in 0..5 {
+        let r = api(
+            &s,
+            Method::POST,
+            "/api/v1/registries",
+            Some(json!({"name": format!("reg{i}")})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    // 6 registries (library + reg0..reg4), 2 per page: follow Link to the end.
+    let mut path = "/api/v1/registries?page_size=2".to_string();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let r = api(&s, Method::GET, &path, None).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body["total"], 6);
+        assert_eq!(r.body["page_size"], 2);
+        seen.extend(r.names());
+        pages += 1;
+        match r.link() {
+            Some(link) => {
+                assert!(link.ends_with("; rel=\"next\""), "{link}");
+                path = link
+                    .trim_start_matches('<')
+                    .split('>')
+                    .next()
+                    .unwrap()
+                    .to_string();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ["library", "reg0", "reg1", "reg2", "reg3", "reg4"]);
+    // Filters survive in the Link.
+    let r = api(
+        &s,
+        Method::GET,
+        "/api/v1/registries?q=REG&page_size=1",
+        None,
+    )
+    .await;
+    assert_eq!(r.body["total"], 5);
+    assert_eq!(r.names(), ["reg0"]);
+    let link = r.link().unwrap();
+    assert!(link.contains("q=REG") && link.contains("page=2"), "{link}");
+    // Past the end: empty page, no Link; bad numbers: 400; huge sizes are clamped.
+    let r = api(&s, Method::GET, "/api/v1/registries?page=9", None).await;
+    assert_eq!(r.body["items"], json!([]));
+    assert!(r.link().is_none());
+    for bad in ["page=0", "page=x", "page_size=-1"] {
+        let r = api(&s, Method::GET, &format!("/api/v1/registries?{bad}"), None).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let r = api(&s, Method::GET, "/api/v1/registries?page_size=100000", None).await;
+    assert_eq!(r.body["page_size"], 500);
+}
+
+#[tokio::test]
+async fn registry_create_push_delete() {
+    let s = admin_server("").await;
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "team"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let (d, _) = push_platform_image(&s, "team/app", "v1", "amd64").await;
+    assert_eq!(
+        s.get("/v2/team/app/manifests/v1").await.status(),
+        StatusCode::OK
+    );
+    let r = api(&s, Method::DELETE, "/api/v1/registries/team", None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(r.message().contains("force=true"), "{}", r.message());
+    let r = api(
+        &s,
+        Method::DELETE,
+        "/api/v1/registries/team?force=true",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["deleted_images"], 1);
+    assert_eq!(
+        api(&s, Method::GET, "/api/v1/registries/team", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    let r = s.get("/v2/team/app/manifests/v1").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // Created again under the same name, it is empty: nothing served from the old one.
+    api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "team"})),
+    )
+    .await;
+    for reference in ["v1", d.as_str()] {
+        let r = s.get(&format!("/v2/team/app/manifests/{reference}")).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{reference}");
+    }
+    // A registry from the config file would come back at restart: refused.
+    let r = api(&s, Method::DELETE, "/api/v1/registries/library", None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(r.message().contains("config"), "{}", r.message());
+}
+
+#[tokio::test]
+async fn images_and_artifacts_with_their_fields() {
+    let s = admin_server("").await;
+    let (d1, size1) = push_platform_image(&s, "library/team/app", "v1", "arm64").await;
+    let (d2, _) = push_platform_image(&s, "library/team/app", "v2", "amd64").await;
+    s.push_image("library/other", "latest", "o").await;
+
+    let r = api(&s, Method::GET, "/api/v1/registries/library/images", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.names(), ["other", "team/app"]);
+    let app = &r.body["items"][1];
+    assert_eq!(app["artifact_count"], 2);
+    assert_eq!(app["tag_count"], 2);
+    assert!(app["last_push"].is_string());
+    let r = api(
+        &s,
+        Method::GET,
+        "/api/v1/registries/library/images?q=team",
+        None,
+    )
+    .await;
+    assert_eq!(r.names(), ["team/app"]);
+    assert_eq!(
+        api(&s, Method::GET, "/api/v1/registries/nope/images", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+
+    let base = "/api/v1/registries/library/images/team%2Fapp";
+    let r = api(&s, Method::GET, &format!("{base}/artifacts/{d1}"), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["digest"], d1.as_str());
+    assert_eq!(r.body["tags"], json!(["v1"]));
+    assert_eq!(r.body["size"], size1);
+    assert_eq!(r.body["platforms"], json!(["linux/arm64"]));
+    assert_eq!(r.body["media_type"], OCI_MANIFEST);
+    assert_eq!(r.body["signed"], false);
+    assert!(r.body["pushed"].is_string());
+    assert_eq!(r.body["last_pull"], Value::Null);
+
+    // A pull sets last_pull (pulls are batched; the API writes them before answering).
+    assert_eq!(
+        s.get("/v2/library/team/app/manifests/v1").await.status(),
+        StatusCode::OK
+    );
+    let r = api(&s, Method::GET, &format!("{base}/artifacts/{d1}"), None).await;
+    assert!(r.body["last_pull"].is_string(), "{:?}", r.body);
+
+    // A cosign-style signature tag flips `signed`.
+    let sig_tag = format!("{}.sig", d1.replacen(':', "-", 1));
+    let sig = s.push_blob("library/team/app", b"{}").await;
+    let payload = s.push_blob("library/team/app", b"signature payload").await;
+    let sig_manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sig, "size": 2},
+        "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": payload, "size": 17}],
+    }))
+    .unwrap();
+    let put = s
+        .put_manifest("library/team/app", &sig_tag, OCI_MANIFEST, &sig_manifest)
+        .await;
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let r = api(&s, Method::GET, &format!("{base}/artifacts/{d1}"), None).await;
+    assert_eq!(r.body["signed"], true);
+    let r = api(&s, Method::GET, &format!("{base}/artifacts/{d2}"), None).await;
+    assert_eq!(r.body["signed"], false);
+
+    // An index lists its children's platforms and counts their content.
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": d1, "size": 1, "platform": {"os": "linux", "architecture": "arm64"}},
+            {"mediaType": OCI_MANIFEST, "digest": d2, "size": 1, "platform": {"os": "linux", "architecture": "amd64", "variant": "v3"}},
+        ],
+    }))
+    .unwrap();
+    let put = s
+        .put_manifest("library/team/app", "multi", OCI_INDEX, &index)
+        .await;
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let di = sha256(&index);
+    let r = api(&s, Method::GET, &format!("{base}/artifacts/{di}"), None).await;
+    assert_eq!(
+        r.body["platforms"],
+        json!(["linux/arm64", "linux/amd64/v3"])
+    );
+    assert!(r.body["size"].as_u64().unwrap() > size1);
+
+    // Listing: newest first, filters by media type and tagged state, paginated.
+    let r = api(&s, Method::GET, &format!("{base}/artifacts"), None).await;
+    assert_eq!(r.body["total"], 4);
+    let pushed: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["pushed"].as_str().unwrap())
+        .collect();
+    assert!(pushed.windows(2).all(|w| w[0] >= w[1]), "{pushed:?}");
+    // `+` in a query means a space: clients encode media types.
+    let r = api(
+        &s,
+        Method::GET,
+        &format!("{base}/artifacts?media_type=application%2Fvnd.oci.image.index.v1%2Bjson"),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["total"], 1);
+    assert_eq!(r.body["items"][0]["digest"], di.as_str());
+    let r = api(
+        &s,
+        Method::GET,
+        &format!("{base}/artifacts?page_size=3"),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 3);
+    assert!(r.link().unwrap().contains("page=2"));
+    // Untag v2 through /v2/: its artifact becomes the one untagged artifact.
+    let del = s
+        .client
+        .delete(s.url("/v2/library/team/app/manifests/v2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), StatusCode::ACCEPTED);
+    let r = api(
+        &s,
+        Method::GET,
+        &format!("{base}/artifacts?tagged=false"),
+        None,
+    )
+    .await;
+    assert_eq!(r.body["total"], 1);
+    assert_eq!(r.body["items"][0]["digest"], d2.as_str());
+    let r = api(
+        &s,
+        Method::GET,
+        &format!("{base}/artifacts?tagged=maybe"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Errors: malformed digest 400, unknown digest 404, unknown image 404.
+    let r = api(
+        &s,
+        Method::GET,
+        &format!("{base}/artifacts/sha256:nothex"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let unknown = sha256(b"nothing");
+    let r = api(
+        &s,
+        Method::GET,
+        &format!("{base}/artifacts/{unknown}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
+    let r = api(
+        &s,
+        Method::GET,
+        "/api/v1/registries/library/images/missing/artifacts",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    // Delete an artifact: it and its tags are gone from /v2/ too.
+    let r = api(&s, Method::DELETE, &format!("{base}/artifacts/{d1}"), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["deleted_tags"], json!(["v1"]));
+    assert_eq!(
+        s.get("/v2/library/team/app/manifests/v1").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let r = api(&s, Method::DELETE, &format!("{base}/artifacts/{d1}"), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn tags_glob_create_move_delete() {
+    let s = admin_server("").await;
+    let (d1, _) = push_platform_image(&s, "library/app", "1.0", "amd64").await;
+    let (d2, _) = push_platform_image(&s, "library/app", "1.01", "arm64").await;
+    let tags = "/api/v1/registries/library/images/app/tags";
+    for t in ["2.0", "beta", "alpha"] {
+        let r = api(
+            &s,
+            Method::POST,
+            tags,
+            Some(json!({"tag": t, "digest": d1})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{t}: {:?}", r.body);
+        assert_eq!(r.body["previous"], Value::Null);
+    }
+    let sref = &s;
+    let list = |pattern: &str| {
+        let path = format!(
+            "{tags}?pattern={}",
+            percent_encoding::utf8_percent_encode(pattern, percent_encoding::NON_ALPHANUMERIC)
+        );
+        async move { api(sref, Method::GET, &path, None).await.names() }
+    };
+    assert_eq!(list("1.?").await, ["1.0"]);
+    assert_eq!(list("1.*").await, ["1.0", "1.01"]);
+    assert_eq!(list("{alpha,beta}").await, ["alpha", "beta"]);
+    assert_eq!(list("[ab]*").await, ["alpha", "beta"]);
+    assert_eq!(list("").await.len(), 5);
+    let r = api(&s, Method::GET, &format!("{tags}?pattern=%5B"), None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = api(&s, Method::GET, &format!("{tags}?pattern=1.0"), None).await;
+    assert_eq!(r.body["items"][0]["digest"], d1.as_str());
+
+    // Visible through /v2/: the new tag lists and serves its artifact.
+    let r: Value = s
+        .get("/v2/library/app/tags/list")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["tags"], json!(["1.0", "1.01", "2.0", "alpha", "beta"]));
+    let digest_of = |reference: &str| {
+        let url = format!("/v2/library/app/manifests/{reference}");
+        async move {
+            let r = sref.get(&url).await;
+            (
+                r.status(),
+                common::server::header(&r, "docker-content-digest"),
+            )
+        }
+    };
+    assert_eq!(digest_of("beta").await, (StatusCode::OK, d1.clone()));
+    // Moving a tag replaces what a (hot-cached) pull by tag gets.
+    let r = api(
+        &s,
+        Method::POST,
+        tags,
+        Some(json!({"tag": "beta", "digest": d2})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["previous"], d1.as_str());
+    assert_eq!(digest_of("beta").await, (StatusCode::OK, d2.clone()));
+    // Delete: the tag goes, the artifact stays.
+    let r = api(&s, Method::DELETE, &format!("{tags}/beta"), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(digest_of("beta").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(digest_of(&d2).await.0, StatusCode::OK);
+    let r = api(&s, Method::DELETE, &format!("{tags}/beta"), None).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+    );
+
+    // Refusals: unknown digest, bad tag, missing field.
+    let unknown = sha256(b"none");
+    let r = api(
+        &s,
+        Method::POST,
+        tags,
+        Some(json!({"tag": "x", "digest": unknown})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = api(
+        &s,
+        Method::POST,
+        tags,
+        Some(json!({"tag": "-bad", "digest": d1})),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "TAG_INVALID")
+    );
+    let r = api(&s, Method::POST, tags, Some(json!({"tag": "x"}))).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.message().contains("digest"), "{}", r.message());
+
+    // Cache registries take no tags.
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/image-caches",
+        Some(json!({"name": "up", "kind": "registry", "url": "http://127.0.0.1:9"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "hub", "type": "cache", "cache": "up"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert!(r.body["note"].as_str().unwrap().contains("restart"));
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries/hub/images/library%2Fnginx/tags",
+        Some(json!({"tag": "x", "digest": d1})),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "DENIED"));
+}
+
+#[tokio::test]
+async fn image_delete_removes_every_artifact_and_tag() {
+    let s = admin_server("").await;
+    push_platform_image(&s, "library/team/app", "v1", "amd64").await;
+    push_platform_image(&s, "library/team/app", "v2", "arm64").await;
+    push_platform_image(&s, "library/team/keep", "v1", "arm64").await;
+    let r = api(
+        &s,
+        Method::DELETE,
+        "/api/v1/registries/library/images/team%2Fapp",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["deleted_artifacts"], 2);
+    assert_eq!(r.body["deleted_tags"], 2);
+    for reference in ["v1", "v2"] {
+        let r = s
+            .get(&format!("/v2/library/team/app/manifests/{reference}"))
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
+    let r = api(&s, Method::GET, "/api/v1/registries/library/images", None).await;
+    assert_eq!(r.names(), ["team/keep"]);
+    let r = api(
+        &s,
+        Method::DELETE,
+        "/api/v1/registries/library/images/team%2Fapp",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // A viewer may not delete.
+    let viewer = user(&s, "viewer", Role::Viewer, &[]);
+    let r = api_as(
+        &s,
+        Some(&viewer),
+        Method::DELETE,
+        "/api/v1/registries/library/images/team%2Fkeep",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn image_caches_and_prune() {
+    let s = admin_server("").await;
+    let body = json!({"name": "up", "kind": "registry", "url": "http://127.0.0.1:9",
+                      "username": "bot", "password": "s3cret-pass"});
+    let r = api(&s, Method::POST, "/api/v1/image-caches", Some(body.clone())).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["loaded"], false);
+    assert!(r.body["applies"].as_str().unwrap().contains("restart"));
+    let r = api(&s, Method::POST, "/api/v1/image-caches", Some(body)).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/image-caches",
+        Some(json!({"name": "bad", "kind": "registry", "url": "not a url"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = api(
+        &s,
+        Method::PATCH,
+        "/api/v1/image-caches/up",
+        Some(json!({"url": "http://127.0.0.1:8", "fetch_budget": "30s"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["fetch_budget"], "30s");
+    let r = api(
+        &s,
+        Method::PATCH,
+        "/api/v1/image-caches/up",
+        Some(json!({"fetch_budget": "soon"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = api(&s, Method::GET, "/api/v1/image-caches/up", None).await;
+    assert_eq!(r.body["url"], "http://127.0.0.1:8");
+    let list = api(&s, Method::GET, "/api/v1/image-caches", None).await;
+    assert_eq!(list.names(), ["up"]);
+    for shown in [&r.body, &list.body] {
+        assert!(!shown.to_string().contains("s3cret"), "{shown}");
+    }
+    assert_eq!(
+        api(&s, Method::GET, "/api/v1/image-caches/nope", None)
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // In use: refused, naming the registry.
+    api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "hub", "type": "cache", "cache": "up"})),
+    )
+    .await;
+    let r = api(&s, Method::DELETE, "/api/v1/image-caches/up", None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(r.message().contains("hub"), "{}", r.message());
+    assert_eq!(
+        api(&s, Method::DELETE, "/api/v1/registries/hub", None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let r = api(&s, Method::DELETE, "/api/v1/image-caches/up", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(api(&s, Method::GET, "/api/v1/image-caches", None)
+        .await
+        .names()
+        .is_empty());
+
+    // Prune: a dry run reports, leaves normal registries alone; bad durations are a 400.
+    push_platform_image(&s, "library/app", "v1", "amd64").await;
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/cache/prune",
+        Some(json!({"dry_run": true, "unpulled_for": "0s"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["dry_run"], true);
+    assert_eq!(r.body["artifacts"], json!([]));
+    let r = api(&s, Method::POST, "/api/v1/cache/prune", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["dry_run"], false);
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/cache/prune",
+        Some(json!({"unpulled_for": "a week"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        s.get("/v2/library/app/manifests/v1").await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn prune_removes_unpulled_cache_artifacts() {
+    // A cache registry's artifact (recorded as the cache would) goes; a pulled one stays.
+    let s = admin_server(&common::server::cache_toml(
+        "registry",
+        "http://127.0.0.1:9",
+        "",
+        "",
+    ))
+    .await;
+    push_platform_image(&s, "library/app", "v1", "amd64").await;
+    let app = s.app();
+    let record = berth::store::meta::ArtifactRecord {
+        media_type: OCI_MANIFEST.into(),
+        size: 10,
+        pushed_ms: 1,
+        artifact_type: None,
+        subject: None,
+    };
+    let old = berth::oci::digest::Digest::sha256(b"old manifest");
+    app.store
+        .meta
+        .put_artifact("hub/library/old", &old, &record, Some("v1"), None)
+        .unwrap();
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/cache/prune",
+        Some(json!({"dry_run": true, "unpulled_for": "1h"})),
+    )
+    .await;
+    assert_eq!(r.body["artifacts"][0]["repository"], "hub/library/old");
+    assert!(app
+        .store
+        .meta
+        .artifact("hub/library/old", &old)
+        .unwrap()
+        .is_some());
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/cache/prune",
+        Some(json!({"unpulled_for": "1h"})),
+    )
+    .await;
+    assert_eq!(r.body["artifacts"][0]["tags"], json!(["v1"]));
+    assert!(app
+        .store
+        .meta
+        .artifact("hub/library/old", &old)
+        .unwrap()
+        .is_none());
+    let viewer = user(&s, "viewer", Role::Viewer, &[]);
+    let r = api_as(&s, Some(&viewer), Method::POST, "/api/v1/cache/prune", None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn users_and_keys_lifecycle() {
+    let s = admin_server("").await;
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/users",
+        Some(json!({"name": "ci", "role": "image_uploader", "registries": ["library"]})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["role"], "image_uploader");
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/users",
+        Some(json!({"name": "ci", "role": "viewer"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/users",
+        Some(json!({"name": "x", "role": "wizard"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = api(&s, Method::GET, "/api/v1/users", None).await;
+    assert_eq!(r.names(), ["ci", "root"]);
+    assert_eq!(
+        api(&s, Method::GET, "/api/v1/users?q=c", None)
+            .await
+            .names(),
+        ["ci"]
+    );
+
+    // A key: secret shown once, works as Basic credentials on /v2/, listed without its secret.
+    let r = api(&s, Method::POST, "/api/v1/users/ci/keys", None).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let secret = r.body["secret"].as_str().unwrap().to_string();
+    let ci = Client::new();
+    let ping = || ci.get(s.url("/v2/")).basic_auth(&id, Some(&secret)).send();
+    assert_eq!(ping().await.unwrap().status(), StatusCode::OK);
+    let r = api(&s, Method::GET, "/api/v1/users/ci/keys", None).await;
+    assert_eq!(r.body["total"], 1);
+    let k = &r.body["items"][0];
+    assert_eq!(k["id"], id.as_str());
+    assert_eq!(k["age_days"], 0);
+    assert_eq!(k["rotation_due"], false);
+    assert!(!r.body.to_string().contains(&secret));
+    let r = api(&s, Method::GET, "/api/v1/users/ci", None).await;
+    assert_eq!(r.body["key_count"], 1);
+    assert_eq!(r.body["keys"][0]["id"], id.as_str());
+
+    // Patch, then the one check uses the new role.
+    let r = api(
+        &s,
+        Method::PATCH,
+        "/api/v1/users/ci",
+        Some(json!({"role": "viewer"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["registries"], json!(["library"]));
+    let r = api(
+        &s,
+        Method::PATCH,
+        "/api/v1/users/root",
+        Some(json!({"role": "viewer"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+
+    // Revoke: the key stops working.
+    let r = api(
+        &s,
+        Method::DELETE,
+        &format!("/api/v1/users/ci/keys/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(ping().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let r = api(
+        &s,
+        Method::DELETE,
+        &format!("/api/v1/users/ci/keys/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // Five keys at most.
+    for _ in 0..5 {
+        let r = api(&s, Method::POST, "/api/v1/users/ci/keys", None).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let r = api(&s, Method::POST, "/api/v1/users/ci/keys", None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Users and keys are for admins of every registry only.
+    let limited = user(&s, "limited", Role::Admin, &["library"]);
+    let r = api_as(&s, Some(&limited), Method::GET, "/api/v1/users", None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = api_as(&s, None, Method::POST, "/api/v1/users/ci/keys", None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Delete: the last full admin stays.
+    assert_eq!(
+        api(&s, Method::DELETE, "/api/v1/users/ci", None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api(&s, Method::GET, "/api/v1/users/ci", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let r = api(&s, Method::DELETE, "/api/v1/users/root", None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn hidden_registry_exists_only_on_private_listeners() {
+    let s = admin_server("[[listen]]\naddr = \"127.0.0.1:0\"\nexposure = \"private\"\n").await;
+    let private = format!("http://{}", s.server.as_ref().unwrap().local_addrs()[1].0);
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "internal", "public_uri": false})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    push_platform_image(&s, "library/app", "v1", "amd64").await;
+    let on_private = |path: &str| {
+        let url = format!("{private}{path}");
+        let client = s.client.clone();
+        async move { send(&client, url, Method::GET, None).await }
+    };
+    let public = api(&s, Method::GET, "/api/v1/registries", None).await;
+    assert_eq!(public.names(), ["library"]);
+    let r = on_private("/api/v1/registries").await;
+    assert_eq!(r.names(), ["internal", "library"]);
+    for path in [
+        "/api/v1/registries/internal",
+        "/api/v1/registries/internal/images",
+    ] {
+        assert_eq!(
+            api(&s, Method::GET, path, None).await.status,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+        assert_eq!(on_private(path).await.status, StatusCode::OK, "{path}");
+    }
+    let r = api(&s, Method::DELETE, "/api/v1/registries/internal", None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+/// Sample values for the path parameters of the OpenAPI document.
+fn fill(template: &str) -> String {
+    template
+        .replace("{registry}", "library")
+        .replace("{image}", "team%2Fapp")
+        .replace("{digest}", &sha256(b"x"))
+        .replace("{tag}", "v1")
+        .replace("{name}", "nobody")
+        .replace("{id}", "BKNONE")
+}
+
+#[tokio::test]
+async fn every_documented_path_is_served_and_nothing_else() {
+    let s = admin_server("").await;
+    let r = api(&s, Method::GET, "/api/v1/openapi.json", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let paths = r.body["paths"].as_object().unwrap().clone();
+    assert!(paths.len() >= 20);
+    for (template, item) in &paths {
+        let documented: Vec<String> = item
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| ["get", "post", "patch", "delete", "put"].contains(&k.as_str()))
+            .cloned()
+            .collect();
+        assert!(!documented.is_empty(), "{template}");
+        let path = fill(template);
+        for method in ["get", "post", "patch", "delete", "put"] {
+            let m = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
+            let r = api(&s, m, &path, Some(json!({}))).await;
+            if documented.iter().any(|d| d == method) {
+                assert!(
+                    r.status != StatusCode::METHOD_NOT_ALLOWED
+                        && !r.message().starts_with("no such endpoint"),
+                    "{method} {path}: documented but not routed: {} {:?}",
+                    r.status,
+                    r.body
+                );
+            } else {
+                assert_eq!(
+                    r.status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path}: served but not documented"
+                );
+            }
+        }
+    }
+    // And a path not in the document is not served.
+    let r = api(
+        &s,
+        Method::GET,
+        "/api/v1/registries/library/everything",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.message().starts_with("no such endpoint"));
+}
