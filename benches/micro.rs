@@ -92,7 +92,9 @@ fn auth(c: &mut Criterion) {
         b.iter(|| {
             // A fresh Users each time would reopen sled; instead check a wrong secret, which
             // is never memoized and costs the same argon2 run as a first good login.
-            users.verify(&key.id, "wrong-secret-wrong-secret").unwrap_err()
+            users
+                .verify(&key.id, "wrong-secret-wrong-secret")
+                .unwrap_err()
         })
     });
     users.verify(&key.id, &secret).unwrap();

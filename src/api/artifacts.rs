@@ -219,19 +219,17 @@ pub async fn delete(
     image: &str,
     digest: &str,
 ) -> Result<Response<Body>> {
-    let (_, repo) = existing_repo(ctx, registry, image, Action::Manage(Some(registry)))?;
+    let full = format!("{registry}/{image}");
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full))?;
     let digest = Digest::parse(digest)?;
-    let store = &ctx.app.store;
-    let tags = store
-        .meta
-        .delete_artifact(repo.as_str(), &digest)?
-        .ok_or_else(|| Error::ManifestUnknown(format!("artifact {digest} is not in {repo}")))?;
-    store.invalidate_manifest(repo.as_str(), digest.as_str());
-    for t in &tags {
-        store.invalidate_manifest(repo.as_str(), t);
-    }
-    store.meta.remove_repo_if_empty(repo.as_str())?;
-    store.meta.flush().await?;
+    let removed = crate::registry::manifests::remove(
+        ctx.app,
+        &repo,
+        &crate::oci::reference::Reference::Digest(digest.clone()),
+        ctx.req.principal.name(),
+    )
+    .await?;
+    let tags = removed.tags;
     json(
         StatusCode::OK,
         &serde_json::json!({ "digest": digest.to_string(), "deleted_tags": tags }),

@@ -5,13 +5,14 @@ use serde::Deserialize;
 
 use super::page::{matches_q, Page};
 use super::registries::visible;
-use super::{blocking, json, rfc3339, Ctx};
+use super::{json, rfc3339, Ctx};
 use crate::auth::Action;
 use crate::config::RegistryKind;
 use crate::error::{Error, Result};
+use crate::events::{Event, EventKind};
 use crate::http::body::Body;
 use crate::oci::digest::Digest;
-use crate::oci::reference::{validate_tag, RepoName};
+use crate::oci::reference::{validate_tag, Reference, RepoName};
 use crate::store::meta::RegistryRecord;
 
 /// Authorizes `action`, then resolves a visible registry and a valid repository name in it.
@@ -72,29 +73,27 @@ pub fn list(ctx: &Ctx<'_>, registry: &str) -> Result<Response<Body>> {
 /// `DELETE /api/v1/registries/{registry}/images/{image}`: every artifact and tag of the image,
 /// and its blob links (so garbage collection can reclaim blobs no other image uses).
 pub async fn delete(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response<Body>> {
-    let (_, repo) = existing_repo(ctx, registry, image, Action::Manage(Some(registry)))?;
-    let app = ctx.app.clone();
-    let name = repo.to_string();
-    let (artifacts, tags) = blocking(move || {
-        let meta = &app.store.meta;
-        let (mut artifacts, mut tags) = (0, 0);
-        for (digest, _) in meta.artifacts(&name)? {
-            let removed = meta.delete_artifact(&name, &digest)?.unwrap_or_default();
-            app.store.invalidate_manifest(&name, digest.as_str());
-            for t in &removed {
-                app.store.invalidate_manifest(&name, t);
-            }
-            artifacts += 1;
-            tags += removed.len();
-        }
-        for blob in meta.linked_blobs(&name)? {
-            meta.unlink_blob(&name, &blob)?;
-        }
-        meta.remove_repo_if_empty(&name)?;
-        meta.flush_blocking()?;
-        Ok((artifacts, tags))
-    })
-    .await?;
+    let full = format!("{registry}/{image}");
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full))?;
+    let meta = &ctx.app.store.meta;
+    let (mut artifacts, mut tags) = (0, 0);
+    for (digest, _) in meta.artifacts(repo.as_str())? {
+        let removed = crate::registry::manifests::remove(
+            ctx.app,
+            &repo,
+            &Reference::Digest(digest),
+            ctx.req.principal.name(),
+        )
+        .await?;
+        artifacts += 1;
+        tags += removed.tags.len();
+    }
+    // Unlinked blobs become garbage for the collector unless another image links them.
+    for blob in meta.linked_blobs(repo.as_str())? {
+        meta.unlink_blob(repo.as_str(), &blob)?;
+    }
+    meta.remove_repo_if_empty(repo.as_str())?;
+    meta.flush().await?;
     json(
         StatusCode::OK,
         &serde_json::json!({
@@ -151,7 +150,8 @@ pub async fn put_tag(
     image: &str,
     body: NewTag,
 ) -> Result<Response<Body>> {
-    let (r, repo) = repo(ctx, registry, image, Action::Manage(Some(registry)))?;
+    let full = format!("{registry}/{image}");
+    let (r, repo) = repo(ctx, registry, image, Action::Push(&full))?;
     if r.kind == RegistryKind::Cache {
         return Err(Error::Denied(format!(
             "registry {registry:?} is a pull-through cache: its tags follow the source and cannot be set"
@@ -168,6 +168,17 @@ pub async fn put_tag(
     meta.put_artifact(repo.as_str(), &digest, &record, Some(&body.tag), None)?;
     ctx.app.store.invalidate_manifest(repo.as_str(), &body.tag);
     meta.flush().await?;
+    if ctx.app.events.wants(EventKind::CreateTag, registry) {
+        ctx.app.events.publish(Event::now(
+            EventKind::CreateTag,
+            ctx.req.principal.name(),
+            repo.as_str(),
+            Some(&body.tag),
+            digest.as_str(),
+            &record.media_type,
+            record.size,
+        ));
+    }
     let status = if previous.is_some() {
         StatusCode::OK
     } else {
@@ -190,14 +201,17 @@ pub async fn delete_tag(
     image: &str,
     tag: &str,
 ) -> Result<Response<Body>> {
-    let (_, repo) = existing_repo(ctx, registry, image, Action::Manage(Some(registry)))?;
+    let full = format!("{registry}/{image}");
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full))?;
     validate_tag(tag)?;
-    let meta = &ctx.app.store.meta;
-    let digest = meta
-        .delete_tag(repo.as_str(), tag)?
-        .ok_or_else(|| Error::ManifestUnknown(format!("tag {tag:?} is not in {repo}")))?;
-    ctx.app.store.invalidate_manifest(repo.as_str(), tag);
-    meta.flush().await?;
+    let digest = crate::registry::manifests::remove(
+        ctx.app,
+        &repo,
+        &Reference::Tag(tag.into()),
+        ctx.req.principal.name(),
+    )
+    .await?
+    .digest;
     json(
         StatusCode::OK,
         &serde_json::json!({ "name": tag, "digest": digest.to_string() }),

@@ -14,6 +14,7 @@ use http::{Method, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 
+use crate::auth::Principal;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
 use crate::registry::{json_response, Req};
@@ -130,6 +131,25 @@ pub async fn dispatch(
 ) -> Result<Response<Body>> {
     let rest = path.strip_prefix("/api/v1").unwrap_or(path);
     let (route, params) = match_route(rest)?;
+    // The management API is not scope-based: a bearer token stands for its user, whose current
+    // role decides (on /v2/ the token's repository scopes decide).
+    let principal = match req.principal {
+        Principal::Token(claims) if claims.sub.is_empty() => Principal::Anonymous,
+        Principal::Token(claims) => match app.auth.users.user(&claims.sub) {
+            Some(user) => Principal::User(Arc::new(user)),
+            None => {
+                return Err(Error::unauthorized(
+                    &format!("the user {:?} of this token no longer exists", claims.sub),
+                    None,
+                ))
+            }
+        },
+        other => other.clone(),
+    };
+    let req = Req {
+        principal: &principal,
+        ..req
+    };
     let m = req.method;
     if !route.methods.contains(&m.as_str()) {
         return Err(Error::MethodNotAllowed(format!(
@@ -139,11 +159,9 @@ pub async fn dispatch(
         )));
     }
     if route.delegated {
-        // Webhooks are served by `crate::events::api::handle(app, registry, rest_segments, req,
-        // body)`, built on another branch; the one-line delegation is added when it merges.
-        return Err(Error::NotFound(format!(
-            "webhooks are not available in this build: {path}"
-        )));
+        // `/registries/{registry}/webhooks[/{id}[/test|/deliveries]]`: the events behaviour.
+        let segments: Vec<&str> = rest.trim_start_matches('/').split('/').skip(3).collect();
+        return crate::events::api::handle(app, &params[0], &segments, req, body).await;
     }
     let p = |i: usize| params[i].as_str();
     let ctx = Ctx { app, req, path };

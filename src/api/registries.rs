@@ -206,6 +206,10 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
             }
         }
         app.store.remove_registry(&owned)?;
+        let hooks = app.events.webhooks.remove_registry(&owned)?;
+        if hooks > 0 {
+            tracing::info!(registry = %owned, policies = hooks, "webhook policies of the deleted registry removed");
+        }
         meta.flush_blocking()?;
         Ok(())
     })

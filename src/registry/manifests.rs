@@ -259,6 +259,14 @@ pub async fn store(
     Ok(())
 }
 
+/// What a removal took away.
+pub struct Removed {
+    /// The artifact the reference named.
+    pub digest: Digest,
+    /// Tags removed (the tag itself, or every tag of a removed artifact).
+    pub tags: Vec<String>,
+}
+
 /// `DELETE /v2/NAME/manifests/REFERENCE`: a tag removes the tag; a digest removes the artifact
 /// and every tag pointing at it. `operator` is who asked (for the events).
 pub async fn delete(
@@ -267,7 +275,19 @@ pub async fn delete(
     reference: &str,
     operator: &str,
 ) -> Result<Response<Body>> {
-    let reference = Reference::parse(reference)?;
+    remove(app, repo, &Reference::parse(reference)?, operator).await?;
+    Ok(empty(StatusCode::ACCEPTED))
+}
+
+/// Removes a tag, or an artifact with its tags (the one removal of `/v2/` and `/api/v1/`):
+/// invalidates the hot cache, drops an emptied repository from the catalog, flushes, then
+/// publishes DELETE_TAG / DELETE_ARTIFACT.
+pub async fn remove(
+    app: &App,
+    repo: &RepoName,
+    reference: &Reference,
+    operator: &str,
+) -> Result<Removed> {
     let meta = &app.store.meta;
     let unknown = || Error::ManifestUnknown(format!("{reference} is not in {repo}"));
     let registry = repo.registry();
@@ -287,7 +307,7 @@ pub async fn delete(
             ));
         }
     };
-    match &reference {
+    match reference {
         Reference::Tag(t) => {
             let digest = meta.delete_tag(repo.as_str(), t)?.ok_or_else(unknown)?;
             app.store.invalidate_manifest(repo.as_str(), t);
@@ -296,6 +316,10 @@ pub async fn delete(
                 let record = meta.artifact(repo.as_str(), &digest)?;
                 publish(EventKind::DeleteTag, Some(t), &digest, &record);
             }
+            Ok(Removed {
+                digest,
+                tags: vec![t.to_string()],
+            })
         }
         Reference::Digest(d) => {
             // Read before deleting: the events carry the media type and size.
@@ -307,13 +331,17 @@ pub async fn delete(
             for t in &tags {
                 app.store.invalidate_manifest(repo.as_str(), t);
             }
+            meta.remove_repo_if_empty(repo.as_str())?;
             meta.flush().await?;
             publish(EventKind::DeleteArtifact, None, d, &record);
             // The artifact's tags went with it.
             for t in &tags {
                 publish(EventKind::DeleteTag, Some(t), d, &record);
             }
+            Ok(Removed {
+                digest: d.clone(),
+                tags,
+            })
         }
     }
-    Ok(empty(StatusCode::ACCEPTED))
 }
