@@ -31,7 +31,7 @@ pub fn visible(ctx: &Ctx<'_>, name: &str) -> Result<RegistryRecord> {
     let unknown = || Error::NotFound(format!("registry {name:?} does not exist"));
     let r = ctx.app.store.registry(name).ok_or_else(unknown)?;
     ctx.req.visible(&r).map_err(|_| unknown())?;
-    Ok(r)
+    Ok(RegistryRecord::clone(&r))
 }
 
 /// `GET /api/v1/registries?q=&page=&page_size=`.

@@ -111,7 +111,7 @@ impl Cache {
             };
             let by_ns = store.find_registry(serves).and_then(|r| {
                 let source = self.sources.get(r.cache.as_deref()?)?.clone();
-                Some((r.name, source))
+                Some((r.name.clone(), source))
             });
             if let Some((registry, source)) = by_ns {
                 return cache_target(&registry, source, name, Some(ns));

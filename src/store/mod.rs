@@ -74,7 +74,9 @@ pub struct Store {
     manifests: moka::sync::Cache<String, Arc<ManifestEntry>>,
     /// Bumped on every invalidation, so a load that raced with a write is not cached.
     generation: std::sync::atomic::AtomicU64,
-    registries: RwLock<HashMap<String, RegistryRecord>>,
+    /// Registries by name, shared: every `/v2/` request looks one up, and an `Arc` clone is
+    /// cheaper than cloning the record's strings.
+    registries: RwLock<HashMap<String, Arc<RegistryRecord>>>,
 }
 
 /// Cache key of a manifest reference.
@@ -95,7 +97,7 @@ impl Store {
         let registries = meta
             .registries()?
             .into_iter()
-            .map(|r| (r.name.clone(), r))
+            .map(|r| (r.name.clone(), Arc::new(r)))
             .collect();
         Ok(Store {
             blobs: fs.clone(),
@@ -117,7 +119,7 @@ impl Store {
     }
 
     /// A registry by name (in memory; the server is the only writer while it runs).
-    pub fn registry(&self, name: &str) -> Option<RegistryRecord> {
+    pub fn registry(&self, name: &str) -> Option<Arc<RegistryRecord>> {
         self.registries.read().unwrap().get(name).cloned()
     }
 
@@ -125,7 +127,7 @@ impl Store {
     pub fn find_registry(
         &self,
         mut pred: impl FnMut(&RegistryRecord) -> bool,
-    ) -> Option<RegistryRecord> {
+    ) -> Option<Arc<RegistryRecord>> {
         self.registries
             .read()
             .unwrap()
@@ -136,7 +138,12 @@ impl Store {
 
     /// All registries (in memory).
     pub fn registries(&self) -> Vec<RegistryRecord> {
-        self.registries.read().unwrap().values().cloned().collect()
+        self.registries
+            .read()
+            .unwrap()
+            .values()
+            .map(|r| RegistryRecord::clone(r))
+            .collect()
     }
 
     /// Creates or updates a registry.
@@ -145,7 +152,7 @@ impl Store {
         self.registries
             .write()
             .unwrap()
-            .insert(record.name.clone(), record);
+            .insert(record.name.clone(), Arc::new(record));
         Ok(())
     }
 
