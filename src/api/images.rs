@@ -9,7 +9,7 @@ use super::{json, rfc3339, Ctx};
 use crate::auth::Action;
 use crate::config::RegistryKind;
 use crate::error::{Error, Result};
-use crate::events::{Event, EventKind};
+use crate::events::{EventKind, Happened};
 use crate::http::body::Body;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{validate_tag, Reference, RepoName};
@@ -168,17 +168,15 @@ pub async fn put_tag(
     meta.put_artifact(repo.as_str(), &digest, &record, Some(&body.tag), None)?;
     ctx.app.store.invalidate_manifest(repo.as_str(), &body.tag);
     meta.flush().await?;
-    if ctx.app.events.wants(EventKind::CreateTag, registry) {
-        ctx.app.events.publish(Event::now(
-            EventKind::CreateTag,
-            ctx.req.principal.name(),
-            repo.as_str(),
-            Some(&body.tag),
-            digest.as_str(),
-            &record.media_type,
-            record.size,
-        ));
-    }
+    ctx.app.events.emit(Happened {
+        kind: EventKind::CreateTag,
+        operator: ctx.req.principal.name(),
+        repository: repo.as_str(),
+        tag: Some(&body.tag),
+        digest: digest.as_str(),
+        media_type: &record.media_type,
+        size: record.size,
+    });
     let status = if previous.is_some() {
         StatusCode::OK
     } else {

@@ -58,29 +58,8 @@ pub fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     json(StatusCode::OK, &registry_json(ctx.app, &r)?)
 }
 
-/// Body of `POST /api/v1/registries`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewRegistry {
-    /// Name.
-    pub name: String,
-    /// normal or cache.
-    #[serde(rename = "type", default)]
-    pub kind: RegistryKind,
-    /// Image cache of a cache registry.
-    #[serde(default)]
-    pub cache: Option<String>,
-    /// Reachable on public listeners.
-    #[serde(default = "yes")]
-    pub public_uri: bool,
-    /// Pull without credentials.
-    #[serde(default)]
-    pub anonymous_pull: bool,
-}
-
-fn yes() -> bool {
-    true
-}
+/// Body of `POST /api/v1/registries`: the fields of a `[[registry]]` table, with its defaults.
+pub type NewRegistry = crate::config::RegistryConfig;
 
 /// Checks a registry's type against its image cache.
 fn check_kind(app: &App, kind: RegistryKind, cache: Option<&str>) -> Result<()> {

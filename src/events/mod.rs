@@ -67,31 +67,46 @@ pub struct Event {
     pub size: u64,
 }
 
+/// What just happened, borrowed from the request that did it; it becomes an [`Event`] (owned,
+/// timestamped) only when someone listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Happened<'a> {
+    /// What happened.
+    pub kind: EventKind,
+    /// Who did it.
+    pub operator: &'a str,
+    /// Repository (`REGISTRY/IMAGE`).
+    pub repository: &'a str,
+    /// Tag, when the event concerns one.
+    pub tag: Option<&'a str>,
+    /// Artifact digest.
+    pub digest: &'a str,
+    /// Manifest media type.
+    pub media_type: &'a str,
+    /// Manifest size in bytes.
+    pub size: u64,
+}
+
+impl Happened<'_> {
+    /// The registry: the repository's first segment.
+    pub fn registry(&self) -> &str {
+        self.repository.split('/').next().unwrap_or(self.repository)
+    }
+}
+
 impl Event {
-    /// An event happening now in `repository` (whose first segment is the registry).
-    pub fn now(
-        kind: EventKind,
-        operator: &str,
-        repository: &str,
-        tag: Option<&str>,
-        digest: &str,
-        media_type: &str,
-        size: u64,
-    ) -> Event {
+    /// The event of what happened, timestamped now.
+    pub fn now(h: &Happened<'_>) -> Event {
         Event {
-            kind,
+            kind: h.kind,
             time_ms: crate::store::meta::now_ms(),
-            operator: operator.to_string(),
-            registry: repository
-                .split('/')
-                .next()
-                .unwrap_or(repository)
-                .to_string(),
-            repository: repository.to_string(),
-            tag: tag.map(str::to_string),
-            digest: digest.to_string(),
-            media_type: media_type.to_string(),
-            size,
+            operator: h.operator.to_string(),
+            registry: h.registry().to_string(),
+            repository: h.repository.to_string(),
+            tag: h.tag.map(str::to_string),
+            digest: h.digest.to_string(),
+            media_type: h.media_type.to_string(),
+            size: h.size,
         }
     }
 }
@@ -132,6 +147,14 @@ impl Events {
     /// (pulls) check it first so that building the event costs nothing when nobody listens.
     pub fn wants(&self, kind: EventKind, registry: &str) -> bool {
         self.webhooks.wants(kind, registry)
+    }
+
+    /// Publishes what happened if an enabled policy listens for it in its registry; otherwise
+    /// builds nothing (the hot manifest GET pays one check).
+    pub fn emit(&self, h: Happened<'_>) {
+        if self.wants(h.kind, h.registry()) {
+            self.publish(Event::now(&h));
+        }
     }
 
     /// The receiving end, taken once by the dispatcher.

@@ -17,7 +17,7 @@ use sha2::Sha256;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::{Event, EventKind};
+use super::{Event, EventKind, Happened};
 use crate::config::WebhookConfig;
 use crate::error::{Error, Result};
 use crate::store::meta::{now_ms, Meta, Records};
@@ -561,15 +561,15 @@ impl Webhooks {
             .first()
             .copied()
             .unwrap_or(EventKind::PushArtifact);
-        let event = Event::now(
+        let event = Event::now(&Happened {
             kind,
             operator,
-            &format!("{registry}/berth-webhook-test"),
-            Some("test"),
-            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
-            "application/vnd.oci.image.manifest.v1+json",
-            0,
-        );
+            repository: &format!("{registry}/berth-webhook-test"),
+            tag: Some("test"),
+            digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            media_type: "application/vnd.oci.image.manifest.v1+json",
+            size: 0,
+        });
         let mut d = self.new_delivery(&policy.id, kind);
         d.attempts = 1;
         let a = self.attempt(&policy, &event, d.id).await;
@@ -1092,15 +1092,15 @@ mod tests {
 
     #[test]
     fn events_payloads() {
-        let e = Event::now(
-            EventKind::PushArtifact,
-            "alice",
-            "lib/app",
-            Some("1.0"),
-            "sha256:ab",
-            "application/vnd.oci.image.manifest.v1+json",
-            42,
-        );
+        let e = Event::now(&Happened {
+            kind: EventKind::PushArtifact,
+            operator: "alice",
+            repository: "lib/app",
+            tag: Some("1.0"),
+            digest: "sha256:ab",
+            media_type: "application/vnd.oci.image.manifest.v1+json",
+            size: 42,
+        });
         let p = http_payload(&e);
         assert_eq!(p["type"], "PUSH_ARTIFACT");
         assert_eq!(p["event_data"]["resource_url"], "lib/app:1.0");

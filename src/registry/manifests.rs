@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 
 use super::{empty, set, Req};
 use crate::error::{Error, Result};
-use crate::events::{Event, EventKind};
+use crate::events::{EventKind, Happened};
 use crate::http::body::Body;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{self, Descriptor};
@@ -184,24 +184,18 @@ pub async fn put(
         Reference::Digest(_) => None,
     };
     store(app, repo.as_str(), &digest, &bytes, &parsed, tag).await?;
-    let operator = req.principal.name();
-    let size = bytes.len() as u64;
-    let publish = |kind, tag: Option<&str>| {
-        if app.events.wants(kind, repo.registry()) {
-            app.events.publish(Event::now(
-                kind,
-                operator,
-                repo.as_str(),
-                tag,
-                digest.as_str(),
-                &parsed.media_type,
-                size,
-            ));
-        }
+    let pushed = |kind, tag| Happened {
+        kind,
+        operator: req.principal.name(),
+        repository: repo.as_str(),
+        tag,
+        digest: digest.as_str(),
+        media_type: &parsed.media_type,
+        size: bytes.len() as u64,
     };
-    publish(EventKind::PushArtifact, tag);
+    app.events.emit(pushed(EventKind::PushArtifact, tag));
     if tag.is_some() {
-        publish(EventKind::CreateTag, tag);
+        app.events.emit(pushed(EventKind::CreateTag, tag));
     }
     tracing::debug!(%repo, %reference, %digest, media_type = %parsed.media_type, "manifest stored");
     let mut r = empty(StatusCode::CREATED);
@@ -292,20 +286,18 @@ pub async fn remove(
     let unknown = || Error::ManifestUnknown(format!("{reference} is not in {repo}"));
     let registry = repo.registry();
     let publish = |kind, tag: Option<&str>, digest: &Digest, record: &Option<ArtifactRecord>| {
-        if app.events.wants(kind, registry) {
-            let (media_type, size) = record
-                .as_ref()
-                .map_or(("", 0), |r| (r.media_type.as_str(), r.size));
-            app.events.publish(Event::now(
-                kind,
-                operator,
-                repo.as_str(),
-                tag,
-                digest.as_str(),
-                media_type,
-                size,
-            ));
-        }
+        let (media_type, size) = record
+            .as_ref()
+            .map_or(("", 0), |r| (r.media_type.as_str(), r.size));
+        app.events.emit(Happened {
+            kind,
+            operator,
+            repository: repo.as_str(),
+            tag,
+            digest: digest.as_str(),
+            media_type,
+            size,
+        });
     };
     match reference {
         Reference::Tag(t) => {

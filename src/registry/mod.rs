@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use crate::auth::{Action, Principal};
 use crate::cache::{CacheTarget, Target};
 use crate::error::{Error, Result};
+use crate::events::{EventKind, Happened};
 use crate::http::body::Body;
 use crate::http::router::Route;
 use crate::oci::reference::RepoName;
@@ -207,26 +208,20 @@ fn publish_pull(
     r: &Response<Body>,
     principal: &Principal,
 ) {
-    if !app
-        .events
-        .wants(crate::events::EventKind::PullArtifact, repo.registry())
-    {
+    if !app.events.wants(EventKind::PullArtifact, repo.registry()) {
         return;
     }
     let h = r.headers();
     let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let digest = text("docker-content-digest");
-    let tag = (!reference.contains(':')).then_some(reference);
-    let size = text("content-length").parse().unwrap_or(0);
-    app.events.publish(crate::events::Event::now(
-        crate::events::EventKind::PullArtifact,
-        principal.name(),
-        repo.as_str(),
-        tag,
-        digest,
-        text("content-type"),
-        size,
-    ));
+    app.events.emit(Happened {
+        kind: EventKind::PullArtifact,
+        operator: principal.name(),
+        repository: repo.as_str(),
+        tag: (!reference.contains(':')).then_some(reference),
+        digest: text("docker-content-digest"),
+        media_type: text("content-type"),
+        size: text("content-length").parse().unwrap_or(0),
+    });
 }
 
 impl App {
