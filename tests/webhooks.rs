@@ -7,10 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth::auth::Principal;
 use berth::events::webhooks::{Delivery, DeliveryStatus, WebhookKind, WebhookPolicy, WebhookSpec};
 use berth::events::EventKind::{self, *};
-use common::api_host::ApiHost;
 use common::doubles::{empty_body, wait_until, LoopbackServer};
 use common::server::*;
 use hmac::{Hmac, KeyInit, Mac};
@@ -504,10 +502,9 @@ async fn disabled_and_unsubscribed_policies_get_nothing() {
 async fn target_port_outside_the_allowlist_is_refused() {
     // Default allow list: 80, 88, 443, 8443.
     let s = TestServer::start("").await;
-    let api = ApiHost::start(s.app(), Principal::Anonymous).await;
     let r = s
         .client
-        .post(api.url("library", ""))
+        .post(hooks_url(&s, "library", ""))
         .json(&json!({"name": "x", "events": ["PUSH_ARTIFACT"], "target": "http://127.0.0.1:9000/hook"}))
         .send()
         .await
@@ -520,7 +517,7 @@ async fn target_port_outside_the_allowlist_is_refused() {
     );
     let r = s
         .client
-        .post(api.url("library", ""))
+        .post(hooks_url(&s, "library", ""))
         .json(&json!({"name": "x", "events": ["PUSH_ARTIFACT"], "target": "https://hooks.example:8443/hook"}))
         .send()
         .await
@@ -532,17 +529,16 @@ async fn target_port_outside_the_allowlist_is_refused() {
 async fn http_api_manages_policies_and_sends_a_test_event() {
     let rx = Receiver::start();
     let s = TestServer::start(FAST).await;
-    let api = ApiHost::start(s.app(), Principal::Anonymous).await;
     let c = &s.client;
     let r = c
-        .post(api.url("library", ""))
+        .post(hooks_url(&s, "library", ""))
         .body("{not json")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let r = c
-        .post(api.url("library", ""))
+        .post(hooks_url(&s, "library", ""))
         .json(&json!({"name": "x", "events": [], "target": rx.url()}))
         .send()
         .await
@@ -553,7 +549,7 @@ async fn http_api_manages_policies_and_sends_a_test_event() {
         "secret": "s3cret", "auth_header": "Bearer abc"
     });
     let r = c
-        .post(api.url("library", ""))
+        .post(hooks_url(&s, "library", ""))
         .json(&new)
         .send()
         .await
@@ -569,14 +565,14 @@ async fn http_api_manages_policies_and_sends_a_test_event() {
     assert_eq!(view["auth_header_set"], true);
     let id = view["id"].as_str().unwrap().to_string();
     let r = c
-        .post(api.url("library", ""))
+        .post(hooks_url(&s, "library", ""))
         .json(&new)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CONFLICT, "names are unique");
     let list: Value = c
-        .get(api.url("library", ""))
+        .get(hooks_url(&s, "library", ""))
         .send()
         .await
         .unwrap()
@@ -586,14 +582,14 @@ async fn http_api_manages_policies_and_sends_a_test_event() {
     assert_eq!(list["total"], 1);
     assert_eq!(list["items"][0]["name"], "ci");
     let r = c
-        .get(api.url("library", &format!("/{id}")))
+        .get(hooks_url(&s, "library", &format!("/{id}")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 
     let r = c
-        .post(api.url("library", &format!("/{id}/test")))
+        .post(hooks_url(&s, "library", &format!("/{id}/test")))
         .send()
         .await
         .unwrap();
@@ -611,7 +607,11 @@ async fn http_api_manages_policies_and_sends_a_test_event() {
         format!("sha256={}", hmac_hex("s3cret", &hits[0].body))
     );
     let r: Value = c
-        .get(api.url("library", &format!("/{id}/deliveries?limit=10")))
+        .get(hooks_url(
+            &s,
+            "library",
+            &format!("/{id}/deliveries?limit=10"),
+        ))
         .send()
         .await
         .unwrap()
@@ -621,7 +621,7 @@ async fn http_api_manages_policies_and_sends_a_test_event() {
     assert_eq!(r["items"][0]["id"], d["id"]);
 
     let r = c
-        .patch(api.url("library", &format!("/{id}")))
+        .patch(hooks_url(&s, "library", &format!("/{id}")))
         .json(&json!({"enabled": false, "name": "ci-off"}))
         .send()
         .await
@@ -633,25 +633,25 @@ async fn http_api_manages_policies_and_sends_a_test_event() {
         (json!(false), json!("ci-off"))
     );
     let r = c
-        .patch(api.url("library", &format!("/{id}")))
+        .patch(hooks_url(&s, "library", &format!("/{id}")))
         .json(&json!({"bogus": 1}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let r = c
-        .delete(api.url("library", &format!("/{id}")))
+        .delete(hooks_url(&s, "library", &format!("/{id}")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     let r = c
-        .get(api.url("library", &format!("/{id}")))
+        .get(hooks_url(&s, "library", &format!("/{id}")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = c.get(api.url("nosuch", "")).send().await.unwrap();
+    let r = c.get(hooks_url(&s, "nosuch", "")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
 
@@ -750,11 +750,11 @@ async fn operator_is_the_authenticated_user_and_viewers_cannot_manage() {
         .create("alice", Role::Admin, Vec::new())
         .unwrap();
     let (key, secret) = app.auth.users.create_key("alice").unwrap();
-    let viewer = app
-        .auth
+    app.auth
         .users
         .create("victor", Role::Viewer, Vec::new())
         .unwrap();
+    let (viewer_key, viewer_secret) = app.auth.users.create_key("victor").unwrap();
     app.auth.refresh().unwrap();
     assert!(app.auth.enforced());
     let r = s
@@ -778,16 +778,27 @@ async fn operator_is_the_authenticated_user_and_viewers_cannot_manage() {
     assert_eq!(kinds(&hits), ["PULL_ARTIFACT", "DELETE_TAG"]);
     assert!(hits.iter().all(|h| h.json["operator"] == "alice"));
 
-    let api = ApiHost::start(s.app(), Principal::User(Arc::new(viewer))).await;
-    let r = s.client.get(api.url("library", "")).send().await.unwrap();
+    let r = s
+        .client
+        .get(hooks_url(&s, "library", ""))
+        .basic_auth(&viewer_key.id, Some(&viewer_secret))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK, "viewers read policies");
     let r = s
         .client
-        .post(api.url("library", ""))
+        .post(hooks_url(&s, "library", ""))
+        .basic_auth(&viewer_key.id, Some(&viewer_secret))
         .json(&json!({"name": "v", "events": ["PUSH_ARTIFACT"], "target": rx.url()}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(s.app().events.webhooks.list("library").unwrap().len(), 1);
+}
+
+/// `/api/v1/registries/{registry}/webhooks{rest}` on the test server.
+fn hooks_url(s: &TestServer, registry: &str, rest: &str) -> String {
+    s.url(&format!("/api/v1/registries/{registry}/webhooks{rest}"))
 }

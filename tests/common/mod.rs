@@ -1,7 +1,6 @@
 //! Shared test harness: berth processes, OCI layouts, real clients.
 #![allow(dead_code)]
 
-pub mod api_host;
 pub mod clients;
 pub mod doubles;
 pub mod oci_layout;
