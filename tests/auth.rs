@@ -436,7 +436,11 @@ async fn tokens_grant_the_intersection_of_scope_and_role() {
 async fn expired_and_tampered_tokens_are_refused() {
     let f = fixture().await;
     let app = f.s.app();
-    let access = vec![Access::parse("repository:library/app:pull").unwrap()];
+    // Every right, so only the expiry or the signature can be what refuses them.
+    let access = vec![
+        Access::parse("repository:library/app:pull,push,delete").unwrap(),
+        Access::parse("registry:catalog:*").unwrap(),
+    ];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -461,7 +465,7 @@ async fn expired_and_tampered_tokens_are_refused() {
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     let r = f
-        .send(&Cred::Bearer(expired), Method::GET, path, vec![])
+        .send(&Cred::Bearer(expired.clone()), Method::GET, path, vec![])
         .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(error_of(r).await.1.contains("Expired"));
@@ -469,12 +473,12 @@ async fn expired_and_tampered_tokens_are_refused() {
     let (h, _) = good.split_once('.').unwrap();
     let sig = good.rsplit('.').next().unwrap();
     let mut claims = claims_of(&good);
-    claims.access[0].actions.push("push".into());
+    claims.sub = "root".into();
     let forged_payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(serde_json::to_vec(&claims).unwrap());
     let forged = format!("{h}.{forged_payload}.{sig}");
     let r = f
-        .send(&Cred::Bearer(forged), Method::GET, path, vec![])
+        .send(&Cred::Bearer(forged.clone()), Method::GET, path, vec![])
         .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     // A token signed by another berth (another key) is not ours.
@@ -485,9 +489,39 @@ async fn expired_and_tampered_tokens_are_refused() {
         .keys
         .issue("admin", access, Duration::from_secs(60));
     let r = f
-        .send(&Cred::Bearer(foreign), Method::GET, path, vec![])
+        .send(&Cred::Bearer(foreign.clone()), Method::GET, path, vec![])
         .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // Each of them through every operation of both matrices.
+    let none = "U U U U U U U U U U U U U";
+    for (who, token) in [
+        ("expired", expired),
+        ("forged", forged),
+        ("foreign", foreign),
+    ] {
+        let cred = Cred::Bearer(token);
+        run_matrix(&f, who, &cred, "library/app", &expect(U, U, U, U)).await;
+        run_api_matrix(&f, who, &cred, none).await;
+    }
+    // A valid token whose scope names another repository opens nothing here.
+    let (other, _) = app.auth.keys.issue(
+        "admin",
+        vec![Access::parse("repository:library/other:pull,push,delete").unwrap()],
+        Duration::from_secs(60),
+    );
+    let other_repo: Vec<_> = expect(O, U, U, U)
+        .into_iter()
+        .map(|(op, o)| (op, if op == "catalog" { U } else { o }))
+        .collect();
+    run_matrix(
+        &f,
+        "other-repo token",
+        &Cred::Bearer(other),
+        "library/app",
+        &other_repo,
+    )
+    .await;
 }
 
 #[tokio::test]
