@@ -2,6 +2,8 @@
 //! webhooks (and later scan, replication and cleanup) consume it. Publishing never waits.
 
 pub mod api;
+pub mod delivery;
+pub mod payload;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -169,6 +171,6 @@ impl Events {
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let rx = self.take_receiver()?;
-        Some(webhooks::dispatch(self.webhooks.clone(), rx, stop))
+        Some(delivery::dispatch(self.webhooks.clone(), rx, stop))
     }
 }

@@ -1,23 +1,20 @@
-//! Webhook policies per registry and their delivery (HTTP JSON with HMAC, or Slack).
+//! Webhook policies per registry: validation, persistence, the in-memory snapshot of enabled
+//! policies that `wants` and the dispatcher read, and reads of the delivery log.
 //!
-//! Flow: the dispatcher takes events from the bus, matches them against the enabled policies of
-//! their registry (an in-memory snapshot, refreshed on every policy change), and puts one job per
-//! policy into that policy's bounded queue. One worker per policy delivers its jobs in order,
-//! retrying with exponential backoff. Every delivery is in the persisted log; a pending one also
-//! has its event in the outbox tree, so a restart re-enqueues it instead of losing it.
+//! Flow (see `delivery.rs`): the dispatcher takes events from the bus, matches them against the
+//! enabled policies of their registry, and puts one job per policy into that policy's bounded
+//! queue. One worker per policy delivers its jobs in order, retrying with exponential backoff.
+//! Every delivery is in the persisted log; a pending one also has its event in the outbox tree,
+//! so a restart re-enqueues it instead of losing it. Payloads are built in `payload.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, UNIX_EPOCH};
 
-use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
-use super::{Event, EventKind, Happened};
+use super::{Event, EventKind};
 use crate::config::WebhookConfig;
 use crate::error::{Error, Result};
 use crate::store::meta::{now_ms, Meta, Records};
@@ -162,118 +159,38 @@ pub struct Delivery {
     pub updated_ms: u64,
 }
 
-/// A delivery waiting in a policy's queue.
-struct Job {
-    delivery: Delivery,
-    event: Event,
-}
-
-/// What one attempt came to.
-struct Attempt {
-    ok: bool,
-    http_status: Option<u16>,
-    error: Option<String>,
-    retry_after: Option<Duration>,
-    /// Retrying cannot help (port not allowed, redirect).
-    permanent: bool,
-}
-
-/// Longest `Retry-After` honoured: a broken receiver must not park its queue for days.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-
 /// Enabled policies per registry, shared read-only by the dispatcher and `wants`.
 type Active = HashMap<String, Vec<Arc<WebhookPolicy>>>;
 
 /// Webhook policies, their delivery log and their delivery.
 pub struct Webhooks {
-    config: WebhookConfig,
+    pub(super) config: WebhookConfig,
     /// Key `registry \0 id`.
-    policies: Records<WebhookPolicy>,
+    pub(super) policies: Records<WebhookPolicy>,
     /// Key `policy_id \0 delivery id (20 digits)`: key order is creation order.
-    log: Records<Delivery>,
+    pub(super) log: Records<Delivery>,
     /// Events of pending deliveries, same keys as `log`.
-    outbox: Records<Event>,
-    next_id: AtomicU64,
-    active: RwLock<Arc<Active>>,
+    pub(super) outbox: Records<Event>,
+    pub(super) next_id: AtomicU64,
+    pub(super) active: RwLock<Arc<Active>>,
     /// Fast path of `wants(PullArtifact)`: false while no enabled policy subscribes to pulls.
-    any_pull: AtomicBool,
+    pub(super) any_pull: AtomicBool,
     /// Serializes policy changes (name uniqueness, snapshot refresh).
-    changes: Mutex<()>,
+    pub(super) changes: Mutex<()>,
     /// Bumped on every policy change; the dispatcher drops queues of deleted policies.
-    changed: watch::Sender<u64>,
+    pub(super) changed: watch::Sender<u64>,
     /// Log length per policy and the length at which to trim it next.
-    log_len: Mutex<HashMap<String, (usize, usize)>>,
-    queue_depth: AtomicI64,
-    client: reqwest::Client,
+    pub(super) log_len: Mutex<HashMap<String, (usize, usize)>>,
+    pub(super) queue_depth: AtomicI64,
+    pub(super) client: reqwest::Client,
 }
 
-fn seq(id: u64) -> String {
+pub(super) fn seq(id: u64) -> String {
     format!("{id:020}")
 }
 
-fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-/// `REGISTRY/IMAGE:TAG`, or `REGISTRY/IMAGE@DIGEST` for untagged events.
-fn resource_url(e: &Event) -> String {
-    match &e.tag {
-        Some(t) => format!("{}:{t}", e.repository),
-        None => format!("{}@{}", e.repository, e.digest),
-    }
-}
-
-/// The JSON body of an `http` policy.
-pub fn http_payload(e: &Event) -> serde_json::Value {
-    serde_json::json!({
-        "type": e.kind,
-        "occur_at": rfc3339(e.time_ms),
-        "operator": e.operator,
-        "event_data": {
-            "registry": e.registry,
-            "repository": e.repository,
-            "tag": e.tag,
-            "digest": e.digest,
-            "media_type": e.media_type,
-            "size": e.size,
-            "resource_url": resource_url(e),
-        }
-    })
-}
-
-/// The Slack incoming-webhook message of an event.
-pub fn slack_payload(e: &Event) -> serde_json::Value {
-    let text = format!(
-        "{} {} by {} ({}, {} bytes) at {}",
-        e.kind,
-        resource_url(e),
-        e.operator,
-        e.digest,
-        e.size,
-        rfc3339(e.time_ms)
-    );
-    serde_json::json!({
-        "text": text,
-        "blocks": [{
-            "type": "section",
-            "text": {"type": "mrkdwn", "text": format!(
-                "*{}* `{}`\nOperator: {}\nDigest: `{}`\nMedia type: {}\nSize: {} bytes",
-                e.kind, resource_url(e), e.operator, e.digest, e.media_type, e.size
-            )}
-        }]
-    })
-}
-
-/// `sha256=<hex HMAC-SHA256(secret, body)>`.
-pub fn signature(secret: &str, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
-        .expect("HMAC takes keys of any length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 /// Checks a target URL: http(s), a host, and a port in `allowed` (empty allows any).
-fn check_target(target: &str, allowed: &[u16]) -> Result<reqwest::Url> {
+pub(super) fn check_target(target: &str, allowed: &[u16]) -> Result<reqwest::Url> {
     let url = reqwest::Url::parse(target)
         .map_err(|e| Error::BadRequest(format!("webhook target {target:?} is not a URL: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
@@ -317,15 +234,6 @@ fn check_events(events: &mut Vec<EventKind>) -> Result<()> {
 
 fn non_empty(v: Option<String>) -> Option<String> {
     v.filter(|s| !s.is_empty())
-}
-
-fn depth_gauge(depth: i64) {
-    crate::metrics::webhook_queue_depth(depth.max(0) as u64);
-}
-
-/// Resolves when `stop` turns true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 impl Webhooks {
@@ -389,7 +297,7 @@ impl Webhooks {
             .is_some_and(|ps| ps.iter().any(|p| p.events.contains(&kind)))
     }
 
-    fn matching(&self, event: &Event) -> Vec<Arc<WebhookPolicy>> {
+    pub(super) fn matching(&self, event: &Event) -> Vec<Arc<WebhookPolicy>> {
         let active = self.active.read().unwrap().clone();
         active
             .get(&event.registry)
@@ -551,425 +459,15 @@ impl Webhooks {
         all.truncate(limit.min(self.config.log_keep));
         Ok(all)
     }
-
-    /// Sends a sample event of the policy's first kind right away (once, no retry), logs the
-    /// delivery and returns it. Works on disabled policies too: that is how one checks them.
-    pub async fn test(&self, registry: &str, id: &str, operator: &str) -> Result<Delivery> {
-        let policy = self.get(registry, id)?;
-        let kind = policy
-            .events
-            .first()
-            .copied()
-            .unwrap_or(EventKind::PushArtifact);
-        let event = Event::now(&Happened {
-            kind,
-            operator,
-            repository: &format!("{registry}/berth-webhook-test"),
-            tag: Some("test"),
-            digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000",
-            media_type: "application/vnd.oci.image.manifest.v1+json",
-            size: 0,
-        });
-        let mut d = self.new_delivery(&policy.id, kind);
-        d.attempts = 1;
-        let a = self.attempt(&policy, &event, d.id).await;
-        d.status = if a.ok {
-            DeliveryStatus::Delivered
-        } else {
-            DeliveryStatus::Failed
-        };
-        d.http_status = a.http_status;
-        d.last_error = a.error;
-        d.updated_ms = now_ms();
-        self.append(&d)?;
-        Ok(d)
-    }
-
-    fn new_delivery(&self, policy_id: &str, kind: EventKind) -> Delivery {
-        let now = now_ms();
-        Delivery {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            policy_id: policy_id.to_string(),
-            event: kind,
-            status: DeliveryStatus::Pending,
-            attempts: 0,
-            http_status: None,
-            last_error: None,
-            created_ms: now,
-            updated_ms: now,
-        }
-    }
-
-    /// Adds a new entry to a policy's log and trims the log to about `log_keep` entries
-    /// (pending ones are kept: their worker still writes them).
-    fn append(&self, d: &Delivery) -> Result<()> {
-        self.log.put(&[&d.policy_id, &seq(d.id)], d)?;
-        let keep = self.config.log_keep;
-        // Trimming lists the log: it runs once the log has grown a tenth of `log_keep` past the
-        // last trim, so the cost per delivery stays constant, also while many deliveries are
-        // pending (they cannot be trimmed), and the log holds at most 110% of `log_keep` plus
-        // the pending ones.
-        let slack = (keep / 10).max(1);
-        let mut lens = self.log_len.lock().unwrap();
-        let (len, trim_at) = match lens.get_mut(&d.policy_id) {
-            Some(entry) => {
-                entry.0 += 1;
-                *entry
-            }
-            None => {
-                let n = self.log.list(&[&d.policy_id])?.len();
-                let entry = (n, keep + slack);
-                lens.insert(d.policy_id.clone(), entry);
-                entry
-            }
-        };
-        if len >= trim_at {
-            let all = self.log.list(&[&d.policy_id])?;
-            let mut excess = all.len().saturating_sub(keep);
-            let mut left = all.len();
-            for (k, old) in &all {
-                if excess == 0 {
-                    break;
-                }
-                if old.status != DeliveryStatus::Pending {
-                    self.log.remove(&[&d.policy_id, k])?;
-                    excess -= 1;
-                    left -= 1;
-                }
-            }
-            lens.insert(d.policy_id.clone(), (left, left.max(keep) + slack));
-        }
-        Ok(())
-    }
-
-    fn finish(&self, d: &Delivery) {
-        if let Err(e) = self
-            .log
-            .put(&[&d.policy_id, &seq(d.id)], d)
-            .and_then(|_| self.outbox.remove(&[&d.policy_id, &seq(d.id)]).map(|_| ()))
-        {
-            tracing::error!(error = %e, delivery = d.id, "could not record webhook delivery");
-        }
-        let result = match d.status {
-            DeliveryStatus::Delivered => "delivered",
-            DeliveryStatus::Failed => "failed",
-            DeliveryStatus::Dropped => "dropped",
-            DeliveryStatus::Pending => return,
-        };
-        crate::metrics::webhook_delivery(result);
-    }
-
-    /// One POST of an event to a policy's target.
-    async fn attempt(&self, policy: &WebhookPolicy, event: &Event, delivery_id: u64) -> Attempt {
-        let fail = |error: String, permanent: bool| Attempt {
-            ok: false,
-            http_status: None,
-            error: Some(error),
-            retry_after: None,
-            permanent,
-        };
-        // The allow list may have changed since the policy was created.
-        let url = match check_target(&policy.target, &self.config.allowed_ports) {
-            Ok(u) => u,
-            Err(e) => return fail(e.to_string(), true),
-        };
-        let body = match policy.kind {
-            WebhookKind::Http => http_payload(event),
-            WebhookKind::Slack => slack_payload(event),
-        }
-        .to_string();
-        let mut req = self
-            .client
-            .post(url)
-            .timeout(self.config.timeout)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header("x-berth-event", event.kind.as_str())
-            .header("x-berth-delivery", delivery_id.to_string());
-        if let Some(h) = &policy.auth_header {
-            req = req.header(http::header::AUTHORIZATION, h);
-        }
-        if let Some(s) = &policy.secret {
-            req = req.header("x-berth-signature-256", signature(s, body.as_bytes()));
-        }
-        match req.body(body).send().await {
-            Ok(r) => {
-                let status = r.status();
-                let retry_after = if status == http::StatusCode::TOO_MANY_REQUESTS
-                    || status == http::StatusCode::SERVICE_UNAVAILABLE
-                {
-                    r.headers()
-                        .get(http::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                        .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER))
-                } else {
-                    None
-                };
-                Attempt {
-                    ok: status.is_success(),
-                    http_status: Some(status.as_u16()),
-                    error: (!status.is_success()).then(|| {
-                        if status.is_redirection() {
-                            format!("target answered {status}; webhooks do not follow redirects")
-                        } else {
-                            format!("target answered {status}")
-                        }
-                    }),
-                    retry_after,
-                    permanent: status.is_redirection(),
-                }
-            }
-            Err(e) if e.is_timeout() => {
-                fail(format!("no answer within {:?}", self.config.timeout), false)
-            }
-            Err(e) => fail(format!("{e}"), false),
-        }
-    }
-
-    /// Delay before retry number `attempts` (1-based): `retry_initial` doubled per failure, at
-    /// most `retry_max`.
-    fn backoff(&self, attempts: u32) -> Duration {
-        let factor = 1u32 << attempts.saturating_sub(1).min(20);
-        self.config
-            .retry_initial
-            .saturating_mul(factor)
-            .min(self.config.retry_max)
-    }
-
-    /// Delivers one job with retries; returns when it is delivered, failed, or the server stops
-    /// (the delivery then stays pending in the outbox for the next start).
-    async fn deliver(&self, job: Job, registry: &str, stop: &mut watch::Receiver<bool>) {
-        let Job {
-            delivery: mut d,
-            event,
-        } = job;
-        loop {
-            let policy = match self.policies.get(&[registry, &d.policy_id]) {
-                Ok(Some(p)) if p.enabled => p,
-                Ok(Some(_)) => {
-                    d.status = DeliveryStatus::Failed;
-                    d.last_error = Some("policy disabled before delivery".into());
-                    d.updated_ms = now_ms();
-                    return self.finish(&d);
-                }
-                // Deleted with its log: nothing to record.
-                Ok(None) => return,
-                Err(e) => {
-                    d.status = DeliveryStatus::Failed;
-                    d.last_error = Some(format!("cannot read policy: {e}"));
-                    d.updated_ms = now_ms();
-                    return self.finish(&d);
-                }
-            };
-            d.attempts += 1;
-            let a = tokio::select! {
-                _ = stopped(stop) => return,
-                a = self.attempt(&policy, &event, d.id) => a,
-            };
-            d.http_status = a.http_status;
-            d.last_error = a.error;
-            d.updated_ms = now_ms();
-            if a.ok {
-                d.status = DeliveryStatus::Delivered;
-                return self.finish(&d);
-            }
-            if a.permanent || d.attempts >= self.config.max_attempts {
-                d.status = DeliveryStatus::Failed;
-                tracing::warn!(policy = %policy.id, target = %policy.target, delivery = d.id, attempts = d.attempts, error = ?d.last_error, "webhook delivery failed");
-                return self.finish(&d);
-            }
-            crate::metrics::webhook_delivery("retried");
-            if let Err(e) = self.log.put(&[&d.policy_id, &seq(d.id)], &d) {
-                tracing::error!(error = %e, delivery = d.id, "could not record webhook retry");
-            }
-            let delay = self
-                .backoff(d.attempts)
-                .max(a.retry_after.unwrap_or_default());
-            tokio::select! {
-                _ = stopped(stop) => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-    }
-
-    /// Records a new delivery for `policy` and queues it; a full queue records it as dropped.
-    fn enqueue(&self, policy: &WebhookPolicy, event: &Event, tx: &mpsc::Sender<Job>) {
-        let mut d = self.new_delivery(&policy.id, event.kind);
-        let permit = match tx.try_reserve() {
-            Ok(p) => p,
-            Err(_) => {
-                d.status = DeliveryStatus::Dropped;
-                d.last_error = Some(format!(
-                    "queue full ({} deliveries waiting)",
-                    self.config.queue_size
-                ));
-                tracing::warn!(policy = %policy.id, registry = %policy.registry, kind = %event.kind, "webhook queue full: delivery dropped");
-                if let Err(e) = self.append(&d) {
-                    tracing::error!(error = %e, "could not record dropped webhook delivery");
-                }
-                crate::metrics::webhook_delivery("dropped");
-                return;
-            }
-        };
-        let stored = self
-            .append(&d)
-            .and_then(|_| Ok(self.outbox.put(&[&policy.id, &seq(d.id)], event)?));
-        if let Err(e) = stored {
-            tracing::error!(error = %e, "could not record webhook delivery; sending it anyway");
-        }
-        depth_gauge(self.queue_depth.fetch_add(1, Ordering::Relaxed) + 1);
-        permit.send(Job {
-            delivery: d,
-            event: event.clone(),
-        });
-    }
-
-    /// Pending deliveries left by the previous run, oldest first per policy.
-    fn recover(&self) -> Result<Vec<(WebhookPolicy, Job)>> {
-        let mut jobs = Vec::new();
-        let policies: HashMap<String, WebhookPolicy> = self
-            .policies
-            .list(&[])?
-            .into_iter()
-            .map(|(_, p)| (p.id.clone(), p))
-            .collect();
-        for (key, event) in self.outbox.list(&[])? {
-            let Some((policy_id, id)) = key.split_once('\0') else {
-                continue;
-            };
-            let Some(policy) = policies.get(policy_id) else {
-                self.outbox.remove(&[policy_id, id])?;
-                continue;
-            };
-            let delivery = match self.log.get(&[policy_id, id])? {
-                Some(d) => d,
-                None => {
-                    let Ok(n) = id.parse::<u64>() else { continue };
-                    let mut d = self.new_delivery(policy_id, event.kind);
-                    d.id = n;
-                    d
-                }
-            };
-            jobs.push((policy.clone(), Job { delivery, event }));
-        }
-        Ok(jobs)
-    }
-}
-
-/// Queues and workers of the dispatcher, one per policy.
-struct Workers {
-    queues: HashMap<String, mpsc::Sender<Job>>,
-    tasks: JoinSet<()>,
-}
-
-impl Workers {
-    fn queue(
-        &mut self,
-        w: &Arc<Webhooks>,
-        policy: &WebhookPolicy,
-        stop: &watch::Receiver<bool>,
-    ) -> mpsc::Sender<Job> {
-        if let Some(tx) = self.queues.get(&policy.id) {
-            if !tx.is_closed() {
-                return tx.clone();
-            }
-        }
-        let (tx, rx) = mpsc::channel(w.config.queue_size.max(1));
-        self.tasks
-            .spawn(worker(w.clone(), policy.registry.clone(), rx, stop.clone()));
-        self.queues.insert(policy.id.clone(), tx.clone());
-        tx
-    }
-}
-
-/// Delivers one policy's jobs in order until the queue closes or the server stops.
-async fn worker(
-    w: Arc<Webhooks>,
-    registry: String,
-    mut rx: mpsc::Receiver<Job>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let job = tokio::select! {
-            _ = stopped(&mut stop) => return,
-            job = rx.recv() => match job {
-                Some(j) => j,
-                None => return,
-            },
-        };
-        depth_gauge(w.queue_depth.fetch_sub(1, Ordering::Relaxed) - 1);
-        w.deliver(job, &registry, &mut stop).await;
-        if *stop.borrow() {
-            return;
-        }
-    }
-}
-
-/// The dispatcher: re-queues what the last run left pending, then routes bus events to the
-/// policies' queues until `stop` turns true; the workers stop with it.
-pub(crate) async fn dispatch(
-    w: Arc<Webhooks>,
-    mut rx: mpsc::Receiver<Event>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut workers = Workers {
-        queues: HashMap::new(),
-        tasks: JoinSet::new(),
-    };
-    match w.recover() {
-        Ok(jobs) => {
-            if !jobs.is_empty() {
-                tracing::info!(
-                    deliveries = jobs.len(),
-                    "re-queueing pending webhook deliveries"
-                );
-            }
-            for (policy, job) in jobs {
-                let tx = workers.queue(&w, &policy, &stop);
-                depth_gauge(w.queue_depth.fetch_add(1, Ordering::Relaxed) + 1);
-                // Waits for room: these deliveries were accepted before, none may be dropped.
-                tokio::select! {
-                    _ = stopped(&mut stop) => return shutdown(workers).await,
-                    _ = tx.send(job) => {}
-                }
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "could not read pending webhook deliveries"),
-    }
-    let mut changed = w.changed.subscribe();
-    loop {
-        tokio::select! {
-            _ = stopped(&mut stop) => break,
-            c = changed.changed() => {
-                if c.is_err() {
-                    break;
-                }
-                // Close the queues of deleted or disabled policies: their workers end once the
-                // queue is drained (and discard or fail what is left).
-                let active = w.active.read().unwrap().clone();
-                let live: HashSet<&str> = active.values().flatten().map(|p| p.id.as_str()).collect();
-                workers.queues.retain(|id, _| live.contains(id.as_str()));
-            }
-            event = rx.recv() => {
-                let Some(event) = event else { break };
-                for policy in w.matching(&event) {
-                    let tx = workers.queue(&w, &policy, &stop);
-                    w.enqueue(&policy, &event, &tx);
-                }
-            }
-            Some(_) = workers.tasks.join_next(), if !workers.tasks.is_empty() => {}
-        }
-    }
-    shutdown(workers).await;
-}
-
-async fn shutdown(mut workers: Workers) {
-    workers.queues.clear();
-    while workers.tasks.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::events::payload::{http_payload, signature, slack_payload};
+    use crate::events::Happened;
 
     fn config() -> WebhookConfig {
         WebhookConfig {
