@@ -891,3 +891,73 @@ async fn role_matrix_on_the_management_api() {
     }
     assert!(!tags.iter().any(|x| x == "t-viewer"));
 }
+
+/// The edge-site setup: auth on, a cache registry with anonymous pull, reached as a Docker
+/// mirror (unprefixed names after the token dance) and by containerd's `ns`, while the edge's
+/// own registry stays closed.
+#[tokio::test]
+async fn edge_cache_with_anonymous_pull_behind_auth() {
+    let upstream = TestServer::start("[[registry]]\nname = \"team\"\n").await;
+    let (_, digest) = upstream.push_image("team/app", "v1", "edge").await;
+    let edge = TestServer::start(&common::server::cache_toml(
+        "registry",
+        &upstream.base,
+        "",
+        "anonymous_pull = true\n[mirror]\nregistry = \"hub\"\n[auth]\nmode = \"on\"\n",
+    ))
+    .await;
+    let send = |cred: Cred, method: Method, path: &str| {
+        let r = edge.client.request(method, edge.url(path));
+        async move { cred.apply(r).send().await.unwrap() }
+    };
+    // The Docker daemon's dance: /v2/ refuses, an anonymous token is granted pull of the name
+    // as the daemon knows it, and the mirror-mode pull works with it.
+    assert_eq!(
+        send(Cred::None, Method::GET, "/v2/").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let r = send(
+        Cred::None,
+        Method::GET,
+        "/service/token?service=berth&scope=repository:team/app:pull,push",
+    )
+    .await;
+    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let claims = claims_of(&token);
+    assert_eq!(claims.access.len(), 1);
+    assert_eq!(
+        (
+            claims.access[0].name.as_str(),
+            claims.access[0].actions.clone()
+        ),
+        ("team/app", vec!["pull".to_string()])
+    );
+    let bearer = Cred::Bearer(token);
+    assert_eq!(
+        send(bearer.clone(), Method::GET, "/v2/").await.status(),
+        StatusCode::OK
+    );
+    let r = send(bearer.clone(), Method::HEAD, "/v2/team/app/manifests/v1").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), digest);
+    // containerd: no token at all, ns routing.
+    let ns = upstream.addr();
+    let r = send(
+        Cred::None,
+        Method::GET,
+        &format!("/v2/team/app/manifests/v1?ns={ns}"),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // By prefix, anonymously.
+    let r = send(Cred::None, Method::GET, "/v2/hub/team/app/manifests/v1").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // Still no anonymous push, and the edge's own registry is closed.
+    let r = send(Cred::None, Method::POST, "/v2/hub/team/app/blobs/uploads/").await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = send(bearer, Method::GET, "/v2/library/x/tags/list").await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
