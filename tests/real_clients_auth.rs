@@ -238,3 +238,49 @@ fn containerd_pulls_with_credentials() {
     let out = ctd.ctr(&["run", "--rm", "--snapshotter", &ctd.snapshotter, &name, &id]);
     assert!(out.lines().any(|l| l.trim() == MARKER), "{out}");
 }
+
+/// An edge site: auth on, its Docker Hub cache registry open for anonymous pulls. A Docker
+/// daemon with the edge as `registry-mirrors` gets a 401 on `/v2/`, fetches an anonymous token,
+/// pulls and runs the image; nothing else on the edge is open.
+#[test]
+fn docker_mirror_pulls_anonymously_from_an_edge_with_auth_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin_dir = dir.path().join("origin");
+    std::fs::create_dir_all(&origin_dir).unwrap();
+    let origin = BerthProcess::start_in(&origin_dir, REGISTRIES);
+    let src = dir.path().join("src");
+    let img = oci_layout::build_image(&src, "v1", 256 * 1024);
+    clients::skopeo_copy(
+        &oci_ref(&src, "v1"),
+        &format!("docker://{}/library/app:v1", origin.addr),
+        &[],
+    );
+    let edge_dir = dir.path().join("edge");
+    std::fs::create_dir_all(&edge_dir).unwrap();
+    let edge = BerthProcess::start_in(
+        &edge_dir,
+        &format!(
+            "[[image_cache]]\nname = \"dh\"\nkind = \"dockerhub\"\nurl = \"{}\"\n\
+             [[registry]]\nname = \"docker\"\ntype = \"cache\"\ncache = \"dh\"\nanonymous_pull = true\n\
+             [[registry]]\nname = \"private\"\n\
+             [mirror]\nregistry = \"docker\"\n[auth]\nmode = \"on\"\n",
+            origin.url()
+        ),
+    );
+    let docker = Dockerd::start_with(&[&format!("http://{}", edge.addr)], &["127.0.0.0/8"]);
+    let pulled = docker.docker(&["pull", "app:v1"]);
+    assert!(pulled.contains(&img.manifest.digest), "{pulled}");
+    let out = docker.docker(&["run", "--rm", "--network", "none", "app:v1"]);
+    assert!(out.lines().any(|l| l.trim() == MARKER), "{out}");
+    // The edge's own registry stays closed to the same anonymous daemon.
+    let out = docker.try_docker(&["pull", &format!("{}/private/app:v1", edge.addr)]);
+    assert!(
+        !out.success(),
+        "anonymous pull from a closed registry succeeded"
+    );
+    let text = out.stderr_str().to_ascii_lowercase();
+    assert!(
+        text.contains("unauthorized") || text.contains("denied"),
+        "{text}"
+    );
+}
