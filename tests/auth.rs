@@ -697,6 +697,28 @@ async fn auth_off_and_auth_on_modes() {
     app.auth.users.create("root", Role::Admin, vec![]).unwrap();
     app.auth.refresh().unwrap();
     s.push_image("library/app", "v1", "o").await;
+    // Credentials that do not check out are ignored while auth is off (CI jobs that always log
+    // in keep working), and the token endpoint still says they are wrong.
+    let stale = |path: &str| {
+        s.client
+            .get(s.url(path))
+            .basic_auth("BKSTALE", Some("old-secret"))
+            .send()
+    };
+    assert_eq!(
+        stale("/v2/library/app/manifests/v1")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        stale("/service/token?service=berth")
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 /// `/api/v1` through the same check: (operation, method, path, JSON body) for a principal `who`.

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::body::Body;
 use super::router::{route, Route};
+use crate::auth::Principal;
 use crate::config::{Exposure, Listen};
 use crate::error::Error;
 use crate::registry::{self, Req};
@@ -217,7 +218,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Respon
             );
             Ok(r)
         }
-        Ok(route) => match app.auth.authenticate(&parts.headers, peer.ip()).await {
+        Ok(route) => match principal_of(&app, &parts.headers, peer.ip(), &route).await {
             Err(e) => Err(e),
             Ok(principal) => {
                 let req = Req {
@@ -293,6 +294,23 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Respon
         ),
     }
     response
+}
+
+/// Who sent the request. While auth is not enforced, credentials that do not check out (a CI
+/// job that always logs in, a key from another server) are ignored instead of turning an open
+/// registry into a refusing one; the token endpoint still says they are wrong.
+async fn principal_of(
+    app: &Arc<App>,
+    headers: &http::HeaderMap,
+    client: std::net::IpAddr,
+    route: &Route,
+) -> Result<Principal, Error> {
+    match app.auth.authenticate(headers, client).await {
+        Err(Error::Unauthorized { .. }) if !app.auth.enforced() && *route != Route::Token => {
+            Ok(Principal::Anonymous)
+        }
+        other => other,
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
