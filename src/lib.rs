@@ -239,12 +239,15 @@ async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                     false,
                 ) {
                     Ok(r) if r.artifacts.is_empty() && r.blobs.is_empty() => {}
-                    Ok(r) => tracing::info!(
-                        artifacts = r.artifacts.len(),
-                        blobs = r.blobs.len(),
-                        bytes = r.bytes(),
-                        "cache cleanup removed unpulled artifacts"
-                    ),
+                    Ok(r) => {
+                        tracing::info!(
+                            artifacts = r.artifacts.len(),
+                            blobs = r.blobs.len(),
+                            bytes = r.bytes(),
+                            "cache cleanup removed unpulled artifacts"
+                        );
+                        cache::sweep::announce(&app.events, &r);
+                    }
                     Err(e) => tracing::warn!(error = %e, "cache cleanup failed"),
                 }
             })

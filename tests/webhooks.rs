@@ -322,6 +322,52 @@ async fn cache_registry_manifest_get_publishes_pull() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_cleanup_publishes_deletions() {
+    let upstream = TestServer::start("").await;
+    let (_, digest) = upstream.push_image("library/app", "v1", "one").await;
+    let rx = Receiver::start();
+    let edge = TestServer::start(&cache_toml("registry", &upstream.base, "", FAST)).await;
+    let policy = create(
+        &edge,
+        "hub",
+        spec("gone", &rx.url(), &[DeleteArtifact, DeleteTag]),
+    );
+    let r = edge.get("/v2/hub/library/app/manifests/v1").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // A dry run announces nothing; the real prune announces what it removed.
+    for dry_run in [true, false] {
+        let r = edge
+            .client
+            .post(edge.url("/api/v1/cache/prune"))
+            .json(&json!({"dry_run": dry_run, "unpulled_for": "0s"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    }
+    // Deliveries are logged in event order: once the real prune's two are delivered, anything
+    // the dry run had announced would be in the log before them.
+    wait("cleanup events", || {
+        log(&edge, &policy)
+            .iter()
+            .filter(|d| d.status == DeliveryStatus::Delivered)
+            .count()
+            >= 2
+    })
+    .await;
+    assert_eq!(
+        log(&edge, &policy).len(),
+        2,
+        "the dry run announced nothing"
+    );
+    let hits = rx.hits();
+    assert_eq!(kinds(&hits), ["DELETE_ARTIFACT", "DELETE_TAG"]);
+    assert!(hits.iter().all(|h| h.json["operator"] == "cleanup"));
+    assert_eq!(hits[0].json["event_data"]["digest"], digest.as_str());
+    assert_eq!(hits[1].json["event_data"]["tag"], "v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_policy_sends_a_readable_text() {
     let rx = Receiver::start();
     let s = TestServer::start(FAST).await;

@@ -213,6 +213,9 @@ pub async fn prune(ctx: &Ctx<'_>, body: Prune) -> Result<Response<Body>> {
         )
     })
     .await?;
+    if !dry_run {
+        crate::cache::sweep::announce(&ctx.app.events, &report);
+    }
     json(StatusCode::OK, &prune_json(&report, dry_run))
 }
 

@@ -45,6 +45,26 @@ fn manifest_refs(store: &Store, digest: &Digest) -> Vec<Digest> {
     }
 }
 
+/// Publishes DELETE_ARTIFACT for what a real (not dry) sweep removed; the operator is
+/// `cleanup`. The records are gone by then, so media type and size are not known.
+pub fn announce(events: &crate::events::Events, report: &SweepReport) {
+    for (repository, digest, tags, _) in &report.artifacts {
+        let removed = |kind, tag| crate::events::Happened {
+            kind,
+            operator: "cleanup",
+            repository,
+            tag,
+            digest,
+            media_type: "",
+            size: 0,
+        };
+        events.emit(removed(crate::events::EventKind::DeleteArtifact, None));
+        for t in tags {
+            events.emit(removed(crate::events::EventKind::DeleteTag, Some(t)));
+        }
+    }
+}
+
 /// Removes cache-registry artifacts whose last pull (or arrival, if never pulled) is older than
 /// `unpulled_for`, unlinks their blobs, and deletes blobs no repository references.
 /// `busy` are digests being fetched, never touched; blob files younger than `gc_grace` are kept
