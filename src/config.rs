@@ -170,7 +170,8 @@ pub struct RegistryConfig {
     pub anonymous_pull: bool,
 }
 
-fn yes() -> bool {
+/// serde default for flags that are on unless turned off.
+pub(crate) fn yes() -> bool {
     true
 }
 

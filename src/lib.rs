@@ -75,20 +75,14 @@ pub fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> 
     }
     for r in &config.registry {
         match store.registry(&r.name) {
-            Some(existing)
-                if existing.kind == r.kind
-                    && existing.cache == r.cache
-                    && existing.public_uri == r.public_uri
-                    && existing.anonymous_pull == r.anonymous_pull => {}
+            Some(existing) if existing.matches(r) => {}
             existing => {
                 if let Some(e) = &existing {
                     tracing::warn!(registry = %r.name, from = %e.kind, to = %r.kind, "registry changed by config");
                 }
                 store.put_registry(RegistryRecord {
                     created_ms: existing.map_or_else(now_ms, |e| e.created_ms),
-                    public_uri: r.public_uri,
-                    anonymous_pull: r.anonymous_pull,
-                    ..RegistryRecord::new(&r.name, r.kind, r.cache.clone())
+                    ..RegistryRecord::new(r)
                 })?;
             }
         }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use berth::admin;
 use berth::admin::remote::{seg, Remote};
 use berth::auth::Role;
-use berth::config::{Config, ImageCacheConfig, RegistryKind, SourceKind};
+use berth::config::{Config, ImageCacheConfig, RegistryConfig, RegistryKind, SourceKind};
 
 /// `println!` that ignores a closed stdout (`berth ... | head`) instead of panicking.
 macro_rules! outln {
@@ -453,17 +453,16 @@ fn registry(config: &Config, place: &Place, cmd: RegistryCommand) -> Result<(), 
             private,
             anonymous_pull,
         } => {
-            admin::create_registry(&meta, &name, kind, cache)?;
-            if private || anonymous_pull {
-                let mut r = meta
-                    .registry(&name)
-                    .map_err(err)?
-                    .ok_or("registry vanished after creation")?;
-                r.public_uri = !private;
-                r.anonymous_pull = anonymous_pull;
-                meta.put_registry(&r).map_err(err)?;
-                meta.flush_blocking().map_err(err)?;
-            }
+            admin::create_registry(
+                &meta,
+                &RegistryConfig {
+                    name: name.clone(),
+                    kind,
+                    cache,
+                    public_uri: !private,
+                    anonymous_pull,
+                },
+            )?;
             outln!("created registry {name} ({kind})");
         }
         RegistryCommand::List { json } => {

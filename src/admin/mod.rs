@@ -6,7 +6,7 @@ pub mod remote;
 pub mod stats;
 pub mod users;
 
-use crate::config::{Config, ImageCacheConfig, RegistryKind};
+use crate::config::{Config, ImageCacheConfig, RegistryConfig, RegistryKind};
 use crate::store::meta::{Meta, RegistryRecord};
 
 /// Opens the metadata of the configured data directory, with a hint when the server holds it.
@@ -25,30 +25,31 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// Creates a registry.
-pub fn create_registry(
-    meta: &Meta,
-    name: &str,
-    kind: RegistryKind,
-    cache: Option<String>,
-) -> Result<(), String> {
-    crate::oci::reference::validate_registry_name(name).map_err(err)?;
-    if meta.registry(name).map_err(err)?.is_some() {
-        return Err(format!("registry {name:?} already exists"));
-    }
-    match (kind, &cache) {
-        (RegistryKind::Cache, None) => {
-            return Err("a cache registry needs --cache IMAGE_CACHE".into())
+/// Checks a registry's type against the image cache it names (CLI and API alike).
+pub fn check_kind(meta: &Meta, kind: RegistryKind, cache: Option<&str>) -> Result<(), String> {
+    match (kind, cache) {
+        (RegistryKind::Cache, None) => Err(
+            "a registry of type cache needs the image cache it serves (--cache, or \"cache\" in the API)"
+                .into(),
+        ),
+        (RegistryKind::Normal, Some(_)) => {
+            Err("only registries of type cache name an image cache".into())
         }
-        (RegistryKind::Normal, Some(_)) => return Err("--cache is only for --type cache".into()),
-        (RegistryKind::Cache, Some(c)) if meta.image_cache(c).map_err(err)?.is_none() => {
-            return Err(format!(
-                "image cache {c:?} does not exist (create it with `berth cache create {c} ...`)"
-            ))
-        }
-        _ => {}
+        (RegistryKind::Cache, Some(c)) if meta.image_cache(c).map_err(err)?.is_none() => Err(
+            format!("image cache {c:?} does not exist (create it with `berth cache create {c} ...`)"),
+        ),
+        _ => Ok(()),
     }
-    meta.put_registry(&RegistryRecord::new(name, kind, cache))
+}
+
+/// Creates a registry with the settings of a `[[registry]]` table.
+pub fn create_registry(meta: &Meta, settings: &RegistryConfig) -> Result<(), String> {
+    crate::oci::reference::validate_registry_name(&settings.name).map_err(err)?;
+    if meta.registry(&settings.name).map_err(err)?.is_some() {
+        return Err(format!("registry {:?} already exists", settings.name));
+    }
+    check_kind(meta, settings.kind, settings.cache.as_deref())?;
+    meta.put_registry(&RegistryRecord::new(settings))
         .map_err(err)?;
     meta.flush_blocking().map_err(err)
 }
@@ -162,11 +163,17 @@ mod tests {
         assert!(put_image_cache(&meta, &config, source("nope"), true).is_err());
         let shown = describe_image_cache(&meta.image_cache("up").unwrap().unwrap()).to_string();
         assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(create_registry(&meta, "hub", RegistryKind::Cache, None).is_err());
-        assert!(
-            create_registry(&meta, "hub", RegistryKind::Cache, Some("missing".into())).is_err()
-        );
-        create_registry(&meta, "hub", RegistryKind::Cache, Some("up".into())).unwrap();
+        let hub = |cache: Option<&str>| RegistryConfig {
+            name: "hub".into(),
+            kind: RegistryKind::Cache,
+            cache: cache.map(str::to_string),
+            public_uri: true,
+            anonymous_pull: false,
+        };
+        assert!(create_registry(&meta, &hub(None)).is_err());
+        assert!(create_registry(&meta, &hub(Some("missing"))).is_err());
+        create_registry(&meta, &hub(Some("up"))).unwrap();
+        assert!(create_registry(&meta, &hub(Some("up"))).is_err(), "exists");
         let e = delete_image_cache(&meta, "up").unwrap_err();
         assert!(e.contains("registry hub"), "{e}");
         meta.delete_registry("hub").unwrap();

@@ -61,20 +61,8 @@ pub fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
 /// Body of `POST /api/v1/registries`: the fields of a `[[registry]]` table, with its defaults.
 pub type NewRegistry = crate::config::RegistryConfig;
 
-/// Checks a registry's type against its image cache.
 fn check_kind(app: &App, kind: RegistryKind, cache: Option<&str>) -> Result<()> {
-    match (kind, cache) {
-        (RegistryKind::Cache, None) => Err(Error::BadRequest(
-            "a cache registry needs \"cache\": the name of an image cache".into(),
-        )),
-        (RegistryKind::Normal, Some(_)) => Err(Error::BadRequest(
-            "\"cache\" is only for registries of type cache".into(),
-        )),
-        (RegistryKind::Cache, Some(c)) if app.store.meta.image_cache(c)?.is_none() => Err(
-            Error::BadRequest(format!("image cache {c:?} does not exist")),
-        ),
-        _ => Ok(()),
-    }
+    crate::admin::check_kind(&app.store.meta, kind, cache).map_err(Error::BadRequest)
 }
 
 /// `POST /api/v1/registries`.
@@ -89,11 +77,7 @@ pub async fn create(ctx: &Ctx<'_>, body: NewRegistry) -> Result<Response<Body>> 
         )));
     }
     check_kind(app, body.kind, body.cache.as_deref())?;
-    let record = RegistryRecord {
-        public_uri: body.public_uri,
-        anonymous_pull: body.anonymous_pull,
-        ..RegistryRecord::new(&body.name, body.kind, body.cache)
-    };
+    let record = RegistryRecord::new(&body);
     app.store.put_registry(record.clone())?;
     app.store.meta.flush().await?;
     json(StatusCode::CREATED, &registry_json(app, &record)?)

@@ -73,10 +73,6 @@ impl WebhookPolicy {
     }
 }
 
-fn yes() -> bool {
-    true
-}
-
 /// A new policy, as posted to the API.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,7 +93,7 @@ pub struct WebhookSpec {
     #[serde(default)]
     pub secret: Option<String>,
     /// Default true.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::yes")]
     pub enabled: bool,
 }
 

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ImageCacheConfig, RegistryKind};
+use crate::config::{ImageCacheConfig, RegistryConfig, RegistryKind};
 use crate::oci::digest::Digest;
 use crate::oci::manifest::Descriptor;
 
@@ -22,28 +22,32 @@ pub struct RegistryRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
     /// Reachable on public listeners.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::config::yes")]
     pub public_uri: bool,
     /// Anyone may pull without credentials.
     #[serde(default)]
     pub anonymous_pull: bool,
 }
 
-fn yes() -> bool {
-    true
-}
-
 impl RegistryRecord {
-    /// A new public registry without anonymous pull.
-    pub fn new(name: &str, kind: RegistryKind, cache: Option<String>) -> RegistryRecord {
+    /// A new registry with the settings of a `[[registry]]` table (or an API/CLI create).
+    pub fn new(settings: &RegistryConfig) -> RegistryRecord {
         RegistryRecord {
-            name: name.to_string(),
-            kind,
+            name: settings.name.clone(),
+            kind: settings.kind,
             created_ms: now_ms(),
-            cache,
-            public_uri: true,
-            anonymous_pull: false,
+            cache: settings.cache.clone(),
+            public_uri: settings.public_uri,
+            anonymous_pull: settings.anonymous_pull,
         }
+    }
+
+    /// Whether the record already has these settings.
+    pub fn matches(&self, settings: &RegistryConfig) -> bool {
+        self.kind == settings.kind
+            && self.cache == settings.cache
+            && self.public_uri == settings.public_uri
+            && self.anonymous_pull == settings.anonymous_pull
     }
 }
 
