@@ -2,7 +2,6 @@
 //! with what a listing needs to be useful: tags, total size, platforms, signed, push and pull times.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::FileExt;
 
 use http::{Response, StatusCode};
 use serde_json::Value;
@@ -21,12 +20,7 @@ use crate::store::Store;
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 fn read_json(store: &Store, digest: &Digest, limit: u64) -> Option<Value> {
-    let blob = store.blobs.open(digest).ok()??;
-    if blob.len > limit {
-        return None;
-    }
-    let mut bytes = vec![0u8; blob.len as usize];
-    blob.file.read_exact_at(&mut bytes, 0).ok()?;
+    let bytes = store.blobs.read_small(digest, limit).ok()??;
     serde_json::from_slice(&bytes).ok()
 }
 

@@ -201,7 +201,8 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Respon
     let path = parts.uri.path();
     let routed = route(path);
     let label = routed.as_ref().map(Route::label).unwrap_or("unknown");
-    let mut operator = String::new();
+    // Kept outside the match so the log line borrows its name (no per-request copy).
+    let mut principal: Option<Principal> = None;
     let result = match routed {
         Err(e) => Err(e),
         Ok(Route::Health) => Ok(text(StatusCode::OK, "ok\n")),
@@ -220,15 +221,14 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Respon
         }
         Ok(route) => match principal_of(&app, &parts.headers, peer.ip(), &route).await {
             Err(e) => Err(e),
-            Ok(principal) => {
+            Ok(who) => {
                 let req = Req {
                     method: &parts.method,
                     query: parts.uri.query(),
                     headers: &parts.headers,
-                    principal: &principal,
+                    principal: principal.insert(who),
                     public: conn.exposure == Exposure::Public,
                 };
-                operator = principal.name().to_string();
                 match route {
                     Route::Token => crate::auth::endpoint::token(&app, req, body, peer.ip()).await,
                     Route::Api => crate::api::dispatch(&app, path, req, body).await,
@@ -278,6 +278,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Respon
         crate::metrics::blob_bytes_served(bytes);
     }
     let ms = elapsed.as_secs_f64() * 1000.0;
+    let operator = principal.as_ref().map_or("", Principal::name);
     let cache = response
         .extensions()
         .get::<crate::cache::Outcome>()

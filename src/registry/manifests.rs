@@ -70,18 +70,16 @@ async fn load(app: &App, repo: &RepoName, reference: &Reference) -> Result<Arc<M
         .meta
         .artifact(repo.as_str(), &digest)?
         .ok_or_else(unknown)?;
-    let Some(blob) = app.store.blobs.open(&digest)? else {
+    let blobs = app.store.blobs.clone();
+    let wanted = digest.clone();
+    // Manifests are bounded by the manifest limit when they are stored.
+    let bytes = tokio::task::spawn_blocking(move || blobs.read_small(&wanted, u64::MAX))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+    let Some(bytes) = bytes else {
         tracing::error!(%repo, %digest, "manifest recorded but its bytes are missing");
         return Err(unknown());
     };
-    let mut bytes = BytesMut::zeroed(blob.len as usize);
-    let file = blob.file;
-    let bytes = tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
-        file.read_exact_at(&mut bytes, 0).map(|_| bytes.freeze())
-    })
-    .await
-    .map_err(|e| Error::Internal(e.to_string()))??;
     Ok(Arc::new(entry(
         repo,
         digest,

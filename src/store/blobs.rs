@@ -30,6 +30,22 @@ pub trait BlobStore: Send + Sync + 'static {
     fn remove(&self, digest: &Digest) -> io::Result<bool>;
     /// Every committed blob (garbage collection and storage accounting).
     fn list(&self) -> io::Result<Vec<(Digest, u64)>>;
+
+    /// The whole content of a small blob (a manifest or an image config), or `None` when it is
+    /// absent or longer than `limit`: blobs are streamed, only bounded ones are read whole.
+    /// Blocking.
+    fn read_small(&self, digest: &Digest, limit: u64) -> io::Result<Option<bytes::Bytes>> {
+        use std::os::unix::fs::FileExt;
+        let Some(blob) = self.open(digest)? else {
+            return Ok(None);
+        };
+        if blob.len > limit {
+            return Ok(None);
+        }
+        let mut bytes = bytes::BytesMut::zeroed(blob.len as usize);
+        blob.file.read_exact_at(&mut bytes, 0)?;
+        Ok(Some(bytes.freeze()))
+    }
 }
 
 /// A blob being written: bytes go to a file and through the hasher in one pass.
