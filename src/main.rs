@@ -650,34 +650,6 @@ fn read_password_stdin() -> Result<String, String> {
     Ok(s.trim_end_matches(['\n', '\r']).to_string())
 }
 
-fn apply_source_args(c: &mut ImageCacheConfig, a: SourceArgs) -> Result<(), String> {
-    if let Some(u) = a.url {
-        c.url = u;
-    }
-    if let Some(u) = a.username {
-        c.username = Some(u);
-    }
-    if a.password_stdin {
-        c.password = Some(read_password_stdin()?);
-    }
-    if let Some(f) = a.credentials_file {
-        c.credentials_file = Some(f);
-    }
-    if let Some(b) = a.fetch_budget {
-        c.fetch_budget = b;
-    }
-    if let Some(t) = a.revalidate_ttl {
-        c.revalidate_ttl = t;
-    }
-    if let Some(r) = a.region {
-        c.region = Some(r);
-    }
-    if let Some(e) = a.ecr_endpoint {
-        c.ecr_endpoint = Some(e);
-    }
-    Ok(())
-}
-
 fn server_url(config: &Config, server: Option<String>) -> String {
     server.unwrap_or_else(|| {
         let l = &config.listen[0];
@@ -690,30 +662,24 @@ fn server_url(config: &Config, server: Option<String>) -> String {
     })
 }
 
-/// The PATCH body of `cache update` in remote mode: only what was given.
-fn source_patch(kind: Option<SourceKind>, a: SourceArgs) -> Result<Value, String> {
-    let mut v = json!({});
-    let mut set = |k: &str, x: Option<Value>| {
-        if let Some(x) = x {
-            v[k] = x;
-        }
-    };
-    set("kind", kind.map(|k| json!(k)));
-    set("url", a.url.map(Value::from));
-    set("username", a.username.map(Value::from));
-    if a.password_stdin {
-        set("password", Some(read_password_stdin()?.into()));
-    }
-    set(
-        "credentials_file",
-        a.credentials_file.map(|f| f.display().to_string().into()),
-    );
-    let human = |d: Duration| Value::from(humantime::format_duration(d).to_string());
-    set("fetch_budget", a.fetch_budget.map(human));
-    set("revalidate_ttl", a.revalidate_ttl.map(human));
-    set("region", a.region.map(Value::from));
-    set("ecr_endpoint", a.ecr_endpoint.map(Value::from));
-    Ok(v)
+/// The change the command line asks for (`cache create` and `cache update`, local or remote).
+fn source_patch(kind: Option<SourceKind>, a: SourceArgs) -> Result<admin::CachePatch, String> {
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    Ok(admin::CachePatch {
+        kind,
+        url: a.url,
+        username: a.username,
+        password: if a.password_stdin {
+            Some(read_password_stdin()?)
+        } else {
+            None
+        },
+        credentials_file: a.credentials_file,
+        fetch_budget: a.fetch_budget.map(human),
+        revalidate_ttl: a.revalidate_ttl.map(human),
+        region: a.region,
+        ecr_endpoint: a.ecr_endpoint,
+    })
 }
 
 fn print_caches(caches: &[Value], json: bool) -> Result<(), String> {
@@ -773,14 +739,14 @@ fn cache(
             CacheCommand::Create { name, kind, source } => {
                 let url = source.url.clone().ok_or("--url is required")?;
                 let mut c = ImageCacheConfig::new(&name, kind, &url);
-                apply_source_args(&mut c, source)?;
+                source_patch(None, source)?.apply(&mut c)?;
                 let body = serde_json::to_value(&c).map_err(err)?;
                 call(place, Method::POST, "/image-caches", Some(body))?;
                 outln!("created image cache {name} ({kind}); it serves after the server restarts");
                 return Ok(());
             }
             CacheCommand::Update { name, kind, source } => {
-                let body = source_patch(kind, source)?;
+                let body = serde_json::to_value(source_patch(kind, source)?).map_err(err)?;
                 let path = format!("/image-caches/{}", seg(&name));
                 call(place, Method::PATCH, &path, Some(body))?;
                 outln!("updated image cache {name} (restart berth to apply)");
@@ -816,7 +782,7 @@ fn cache(
             let meta = admin::open_meta(config)?;
             let url = source.url.clone().ok_or("--url is required")?;
             let mut c = ImageCacheConfig::new(&name, kind, &url);
-            apply_source_args(&mut c, source)?;
+            source_patch(None, source)?.apply(&mut c)?;
             admin::put_image_cache(&meta, config, c, false)?;
             outln!("created image cache {name} ({kind}); use it with `berth registry create NAME --type cache --cache {name}`");
         }
@@ -826,10 +792,7 @@ fn cache(
                 .image_cache(&name)
                 .map_err(err)?
                 .ok_or_else(|| format!("image cache {name:?} does not exist"))?;
-            if let Some(k) = kind {
-                c.kind = k;
-            }
-            apply_source_args(&mut c, source)?;
+            source_patch(kind, source)?.apply(&mut c)?;
             admin::put_image_cache(&meta, config, c, true)?;
             outln!("updated image cache {name} (restart berth to apply)");
         }

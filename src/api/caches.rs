@@ -4,7 +4,6 @@
 //! at start: creating, changing or deleting one takes effect at the next restart (responses say
 //! so). Prune runs the same sweep as the periodic cleanup, live.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use http::{Response, StatusCode};
@@ -14,7 +13,7 @@ use super::page::{matches_q, Page};
 use super::{blocking, json, Ctx};
 use crate::admin;
 use crate::auth::Action;
-use crate::config::{ImageCacheConfig, SourceKind};
+use crate::config::ImageCacheConfig;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
 use crate::App;
@@ -96,28 +95,7 @@ pub async fn create(ctx: &Ctx<'_>, body: ImageCacheConfig) -> Result<Response<Bo
 }
 
 /// Body of `PATCH /api/v1/image-caches/{name}`: only the fields given change.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CachePatch {
-    /// Source kind.
-    pub kind: Option<SourceKind>,
-    /// Source URL.
-    pub url: Option<String>,
-    /// User.
-    pub username: Option<String>,
-    /// Password or token (write-only).
-    pub password: Option<String>,
-    /// Credentials file on the server.
-    pub credentials_file: Option<PathBuf>,
-    /// Fetch budget, e.g. `200s`.
-    pub fetch_budget: Option<String>,
-    /// Revalidation TTL, e.g. `30s`.
-    pub revalidate_ttl: Option<String>,
-    /// ECR region.
-    pub region: Option<String>,
-    /// ECR API endpoint.
-    pub ecr_endpoint: Option<String>,
-}
+pub use crate::admin::CachePatch;
 
 fn duration(field: &str, text: &str) -> Result<Duration> {
     humantime::parse_duration(text)
@@ -129,33 +107,7 @@ pub async fn patch(ctx: &Ctx<'_>, name: &str, body: CachePatch) -> Result<Respon
     ctx.check(Action::Manage(None))?;
     let mut c = existing(ctx.app, name)?;
     not_declared(ctx.app, name)?;
-    if let Some(k) = body.kind {
-        c.kind = k;
-    }
-    if let Some(u) = body.url {
-        c.url = u;
-    }
-    if let Some(u) = body.username {
-        c.username = Some(u);
-    }
-    if let Some(p) = body.password {
-        c.password = Some(p);
-    }
-    if let Some(f) = body.credentials_file {
-        c.credentials_file = Some(f);
-    }
-    if let Some(b) = body.fetch_budget {
-        c.fetch_budget = duration("fetch_budget", &b)?;
-    }
-    if let Some(t) = body.revalidate_ttl {
-        c.revalidate_ttl = duration("revalidate_ttl", &t)?;
-    }
-    if let Some(r) = body.region {
-        c.region = Some(r);
-    }
-    if let Some(e) = body.ecr_endpoint {
-        c.ecr_endpoint = Some(e);
-    }
+    body.apply(&mut c).map_err(Error::BadRequest)?;
     json(StatusCode::OK, &put(ctx, c, true).await?)
 }
 
