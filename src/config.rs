@@ -68,6 +68,8 @@ pub struct AuthConfig {
     /// Window in which failed logins are counted.
     #[serde(with = "humantime_serde_compat")]
     pub failed_login_window: Duration,
+    /// Access-key secrets checked (argon2) at the same time; further logins wait for a turn.
+    pub max_concurrent_logins: usize,
 }
 
 impl Default for AuthConfig {
@@ -79,6 +81,7 @@ impl Default for AuthConfig {
             token_lifetime: Duration::from_secs(15 * 60),
             failed_login_limit: 5,
             failed_login_window: Duration::from_secs(15 * 60),
+            max_concurrent_logins: 4,
         }
     }
 }

@@ -932,8 +932,9 @@ async fn edge_cache_with_anonymous_pull_behind_auth() {
         let r = edge.client.request(method, edge.url(path));
         async move { cred.apply(r).send().await.unwrap() }
     };
-    // The Docker daemon's dance: /v2/ refuses, an anonymous token is granted pull of the name
-    // as the daemon knows it, and the mirror-mode pull works with it.
+    // The Docker daemon's dance: /v2/ refuses, an anonymous token is granted pull of what the
+    // name the daemon knows resolves to (the mirror's cache registry), and the mirror-mode pull
+    // works with it.
     assert_eq!(
         send(Cred::None, Method::GET, "/v2/").await.status(),
         StatusCode::UNAUTHORIZED
@@ -955,7 +956,7 @@ async fn edge_cache_with_anonymous_pull_behind_auth() {
             claims.access[0].name.as_str(),
             claims.access[0].actions.clone()
         ),
-        ("team/app", vec!["pull".to_string()])
+        ("hub/team/app", vec!["pull".to_string()])
     );
     let bearer = Cred::Bearer(token);
     assert_eq!(

@@ -476,6 +476,64 @@ async fn a_blob_cached_for_one_repository_is_served_for_another_only_if_the_sour
     assert_eq!(r.bytes().await.unwrap(), data);
 }
 
+/// Availability never beats access: with the source down, a blob held for one repository is
+/// not served under another repository the source never confirmed.
+#[tokio::test]
+async fn a_blob_held_for_another_repository_is_not_served_while_the_source_is_down() {
+    let (mut upstream, edge, manifest, _) = pair("").await;
+    let (_, layer) = config_and_layer(&manifest);
+    let held = edge
+        .get(&format!("/v2/hub/library/app/blobs/{layer}"))
+        .await;
+    assert_eq!(held.status(), StatusCode::OK);
+    upstream.server.take().unwrap().shutdown().await;
+    for method in [Method::GET, Method::HEAD] {
+        let r = edge
+            .req(
+                method.clone(),
+                &format!("/v2/hub/library/private/blobs/{layer}"),
+            )
+            .await
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_server_error() || r.status() == StatusCode::NOT_FOUND,
+            "{method}: {}",
+            r.status()
+        );
+        assert_ne!(r.status(), StatusCode::OK, "{method}");
+    }
+    // Nothing was linked: the repository the source never confirmed stays empty.
+    let app = edge.app();
+    let digest = berth::oci::digest::Digest::parse(&layer).unwrap();
+    assert_eq!(
+        app.store
+            .meta
+            .blob_link("hub/library/private", &digest)
+            .unwrap(),
+        None
+    );
+    // What the cache holds for the repository it was fetched for still serves.
+    let r = edge
+        .get(&format!("/v2/hub/library/app/blobs/{layer}"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+/// A malformed reference names no manifest on a cache registry either: 404 `MANIFEST_UNKNOWN`.
+#[tokio::test]
+async fn reading_a_malformed_reference_in_a_cache_registry_is_manifest_unknown() {
+    let (_upstream, edge, _, _) = pair("").await;
+    for reference in ["-bad", "sha256:xyz"] {
+        let r = edge
+            .get(&format!("/v2/hub/library/app/manifests/{reference}"))
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{reference}");
+        assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN", "{reference}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_warms_all_platforms_or_one() {
     let upstream = TestServer::start("").await;

@@ -557,6 +557,31 @@ async fn manifest_validation_errors() {
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
 }
 
+/// A read of a reference that is neither a tag nor a digest names no manifest: 404
+/// `MANIFEST_UNKNOWN` (the only error the spec lists there), on origin registries; a `PUT` keeps
+/// 400 `TAG_INVALID` (asserted in `manifest_validation_errors`).
+#[tokio::test]
+async fn reading_a_malformed_reference_is_manifest_unknown() {
+    let s = TestServer::start("").await;
+    s.push_blob("library/app", b"{}").await;
+    for reference in [
+        "-bad",
+        "sha256:xyz",
+        "sha256:",
+        "a".repeat(129).as_str(),
+        "sha999:0",
+    ] {
+        for method in [Method::GET, Method::HEAD] {
+            let path = format!("/v2/library/app/manifests/{reference}");
+            let r = s.req(method.clone(), &path).await.send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{method} {path}");
+            if method == Method::GET {
+                assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN", "{path}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn tag_overwrite_delete_and_manifest_delete() {
     let s = TestServer::start("").await;

@@ -160,12 +160,13 @@ pub async fn put_tag(
     validate_tag(&body.tag)?;
     let digest = Digest::parse(&body.digest)?;
     let meta = &ctx.app.store.meta;
-    let record = meta
-        .artifact(repo.as_str(), &digest)?
-        .ok_or_else(|| Error::ManifestUnknown(format!("artifact {digest} is not in {repo}")))?;
+    let unknown = || Error::ManifestUnknown(format!("artifact {digest} is not in {repo}"));
+    let record = meta.artifact(repo.as_str(), &digest)?.ok_or_else(unknown)?;
     let previous = meta.tag(repo.as_str(), &body.tag)?;
-    // The artifact exists, so put_artifact keeps its record and push time and only sets the tag.
-    meta.put_artifact(repo.as_str(), &digest, &record, Some(&body.tag), None)?;
+    // Checked again under the repository's lock: a delete racing this request wins cleanly.
+    if !meta.tag_artifact(repo.as_str(), &digest, &body.tag)? {
+        return Err(unknown());
+    }
     ctx.app.store.invalidate_manifest(repo.as_str(), &body.tag);
     meta.flush().await?;
     ctx.app.events.emit(Happened {

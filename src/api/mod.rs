@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use crate::auth::Principal;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
-use crate::registry::{json_response, Req};
+use crate::http::req::{json_response, Req};
 use crate::App;
 
 /// The OpenAPI 3.0 description of every route in [`ROUTES`].
@@ -246,7 +246,7 @@ impl Ctx<'_> {
 /// Reads a JSON body; a malformed one is a 400 carrying serde's message. An empty body reads as
 /// `{}`, so endpoints whose fields are all optional accept a bare POST.
 pub async fn json_body<T: DeserializeOwned>(body: Incoming) -> Result<T> {
-    let bytes = crate::registry::manifests::read_limited(body, MAX_BODY)
+    let bytes = crate::http::req::read_limited(body, MAX_BODY)
         .await
         .map_err(|e| match e {
             Error::ManifestTooLarge { limit, .. } => {

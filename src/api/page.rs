@@ -6,7 +6,7 @@ use http::{header, Response, StatusCode};
 use super::Ctx;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
-use crate::registry::set;
+use crate::http::req::set;
 
 /// Page size when the client gives none.
 pub const DEFAULT_PAGE_SIZE: usize = 50;

@@ -9,10 +9,10 @@ use hyper::body::Incoming;
 
 use super::token::Access;
 use super::{Action, Principal};
-use crate::cache::Target;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
-use crate::registry::{json_response, Req};
+use crate::http::req::{json_response, Req};
+use crate::store::meta::RegistryRecord;
 use crate::App;
 
 /// Values of every `name=` pair in a query or form body, percent-decoded.
@@ -30,12 +30,18 @@ fn params(text: Option<&str>, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// How the caller resolves a repository name of a scope, exactly as `/v2/` will resolve it on
+/// the same listener: the local repository and its registry, or `None` when the name resolves
+/// to nothing there (no such registry, or hidden from the listener).
+pub type Resolver<'a> = &'a (dyn Fn(&str) -> Option<(String, Arc<RegistryRecord>)> + Sync);
+
 /// Handles `GET` and `POST /service/token`.
 pub async fn token(
     app: &Arc<App>,
     req: Req<'_>,
     body: Incoming,
     client: IpAddr,
+    resolve: Resolver<'_>,
 ) -> Result<Response<Body>> {
     let (principal, scopes) = match *req.method {
         Method::GET => {
@@ -48,7 +54,7 @@ pub async fn token(
             (req.principal.clone(), params(req.query, "scope"))
         }
         Method::POST => {
-            let form = crate::registry::manifests::read_limited(body, 64 * 1024).await?;
+            let form = crate::http::req::read_limited(body, 64 * 1024).await?;
             let form = String::from_utf8_lossy(&form);
             let form = Some(form.as_ref());
             let one = |name: &str| params(form, name).into_iter().next();
@@ -77,7 +83,7 @@ pub async fn token(
         .flat_map(|s| s.split(' '))
         .filter_map(Access::parse)
         .collect();
-    let access = grant(app, &principal, requested);
+    let access = grant(app, &principal, requested, resolve);
     let lifetime = app.auth.config.token_lifetime;
     let sub = match &principal {
         Principal::User(u) => u.name.clone(),
@@ -96,18 +102,24 @@ pub async fn token(
 }
 
 /// The requested scopes intersected with what the principal may do. A repository name is
-/// resolved the way `/v2/` resolves it (cache registries, mirror mode), and granted under the
-/// name the client asked for.
-pub fn grant(app: &App, principal: &Principal, requested: Vec<Access>) -> Vec<Access> {
+/// resolved by `resolve`, the resolution of `/v2/` (cache registries, mirror mode), and granted
+/// under the name it resolves to: `/v2/` checks tokens against that name and nothing else, so a
+/// token can never reach what the name did not resolve to when it was issued.
+pub fn grant(
+    app: &App,
+    principal: &Principal,
+    requested: Vec<Access>,
+    resolve: Resolver<'_>,
+) -> Vec<Access> {
     let mut out = Vec::new();
     for want in requested {
+        let mut name = want.name.clone();
         let actions: Vec<String> = match want.kind.as_str() {
             "repository" => {
-                let local = match app.cache.resolve(&app.store, &want.name, None) {
-                    Ok(Target::Origin(r)) => r.as_str().to_string(),
-                    Ok(Target::Cache(t)) => t.repo.as_str().to_string(),
-                    Err(_) => continue,
+                let Some((local, registry)) = resolve(&want.name) else {
+                    continue;
                 };
+                name.clone_from(&local);
                 let mut wanted: Vec<&str> = want.actions.iter().map(String::as_str).collect();
                 if wanted.contains(&"*") {
                     wanted = vec!["pull", "push", "delete"];
@@ -121,7 +133,9 @@ pub fn grant(app: &App, principal: &Principal, requested: Vec<Access>) -> Vec<Ac
                             "delete" => Action::Delete(&local),
                             _ => return false,
                         };
-                        app.auth.check(&app.store, principal, action).is_ok()
+                        app.auth
+                            .check_in(Some(&registry), principal, action)
+                            .is_ok()
                     })
                     .map(str::to_string)
                     .collect()
@@ -140,7 +154,11 @@ pub fn grant(app: &App, principal: &Principal, requested: Vec<Access>) -> Vec<Ac
             _ => continue,
         };
         if !actions.is_empty() {
-            out.push(Access { actions, ..want });
+            out.push(Access {
+                actions,
+                name,
+                ..want
+            });
         }
     }
     out

@@ -9,6 +9,7 @@ pub mod users;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use http::HeaderMap;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AuthConfig, AuthMode};
 use crate::error::{Error, Result};
+use crate::store::meta::RegistryRecord;
 use crate::store::Store;
 use token::{Claims, TokenKeys};
 use users::{UserRecord, Users};
@@ -144,7 +146,12 @@ pub struct Auth {
     enforced: AtomicBool,
     /// Recently verified bearer tokens.
     tokens: moka::sync::Cache<String, Arc<Claims>>,
+    /// Turns to check a secret (`auth.max_concurrent_logins`).
+    verifying: tokio::sync::Semaphore,
 }
+
+/// How long a login waits for a turn to have its secret checked.
+const LOGIN_QUEUE_WAIT: Duration = Duration::from_secs(10);
 
 impl Auth {
     /// Opens users, keys and the token key of a data directory.
@@ -164,6 +171,7 @@ impl Auth {
                 .max_capacity(10_000)
                 .time_to_live(config.token_lifetime)
                 .build(),
+            verifying: tokio::sync::Semaphore::new(config.max_concurrent_logins.max(1)),
         };
         auth.refresh()?;
         Ok(auth)
@@ -238,24 +246,42 @@ impl Auth {
         if let Some(user) = self.users.verified(id, secret) {
             return Ok(user);
         }
-        let delay = self.throttle.delay(id, client);
+        let delay = self.throttle.before_check(client);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        // argon2 costs ~20 ms of CPU and 19 MiB: a bounded number run at once, whatever the
+        // number of connections asking.
+        let turn = tokio::time::timeout(LOGIN_QUEUE_WAIT, self.verifying.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                tracing::warn!(key = id, %client, "login refused: too many secrets being checked");
+                Error::TooManyRequests {
+                    message: "too many logins are being checked; try again shortly".into(),
+                    retry_after: Some(Duration::from_secs(1)),
+                }
+            })?;
         let this = self.clone();
         let (key_id, key_secret) = (id.to_string(), secret.to_string());
         let verdict = tokio::task::spawn_blocking(move || this.users.verify(&key_id, &key_secret))
             .await
             .map_err(|e| Error::Internal(format!("login task: {e}")))?;
+        drop(turn);
         match verdict {
             Ok(user) => {
-                self.throttle.succeeded(id, client);
+                self.throttle.succeeded(id);
                 Ok(user)
             }
             Err(why) => {
                 self.throttle.failed(id, client);
                 crate::metrics::login_failed();
                 tracing::warn!(key = id, %client, reason = ?why, "login failed");
+                let delay = self.throttle.after_failure(id);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 Err(Error::unauthorized(
                     "invalid access key id or secret key",
                     None,
@@ -272,13 +298,28 @@ impl Auth {
         if !self.enforced() {
             return Ok(());
         }
-        let anonymous_pull = |repo: &str| {
-            store
-                .registry(registry_of(repo))
-                .is_some_and(|r| r.anonymous_pull)
+        let registry = match action {
+            Action::Pull(repo) => store.registry(registry_of(repo)),
+            _ => None,
         };
+        self.check_in(registry.as_deref(), principal, action)
+    }
+
+    /// [`Auth::check`] with the registry of the action's repository already looked up, as the
+    /// caller's listener shows it: `None` when it does not exist or is hidden, so that the
+    /// answer is the same for both (and for a registry the caller may not use).
+    pub fn check_in(
+        &self,
+        registry: Option<&RegistryRecord>,
+        principal: &Principal,
+        action: Action<'_>,
+    ) -> Result<()> {
+        if !self.enforced() {
+            return Ok(());
+        }
+        let anonymous_pull = registry.is_some_and(|r| r.anonymous_pull);
         let allowed = match (principal, action) {
-            (_, Action::Pull(repo)) if anonymous_pull(repo) => true,
+            (_, Action::Pull(_)) if anonymous_pull => true,
             (Principal::Anonymous, _) => false,
             (Principal::User(user), action) => role_permits(user, action),
             (Principal::Token(claims), action) => match action {

@@ -51,6 +51,16 @@ pub enum Target {
     Cache(CacheTarget),
 }
 
+impl Target {
+    /// The local repository it addresses.
+    pub fn repo(&self) -> &RepoName {
+        match self {
+            Target::Origin(repo) => repo,
+            Target::Cache(t) => &t.repo,
+        }
+    }
+}
+
 /// A request for a cache registry.
 pub struct CacheTarget {
     /// Local repository: `CACHEREG/UPSTREAM-PATH`.
@@ -139,9 +149,7 @@ impl Cache {
         }
         // Neither a registry nor a mirror path: validate, then report the missing registry.
         RepoName::parse(name)?;
-        Err(Error::NameUnknown(format!(
-            "registry {first:?} does not exist (create it with `berth registry create {first}`)"
-        )))
+        Err(crate::http::req::no_such_registry(first))
     }
 
     fn registry_source(&self, registry: &str, cache: Option<&str>) -> Result<Arc<Source>> {

@@ -10,10 +10,11 @@ use super::upstream::{UpstreamError, UpstreamRequest};
 use super::{CacheTarget, Outcome};
 use crate::error::{Error, Result};
 use crate::http::body::Body;
+use crate::http::req::{set, Req};
 use crate::oci::digest::Digest;
 use crate::oci::manifest;
 use crate::oci::reference::Reference;
-use crate::registry::{blobs, manifests, set, Req};
+use crate::registry::{blobs, manifests};
 use crate::store::manifest_key;
 use crate::App;
 
@@ -62,7 +63,7 @@ pub async fn manifest(
     head: bool,
 ) -> Result<Response<Body>> {
     let local = t.repo.as_str();
-    match Reference::parse(reference)? {
+    match manifests::readable_reference(reference)? {
         Reference::Digest(d) => {
             let hot = app
                 .store
@@ -259,11 +260,11 @@ pub async fn blob(
         let held = app.store.blobs.stat(&d)?;
         if held.is_some() || app.cache.fetches.is_inflight(&d) {
             // Held (or being fetched) for another repository: the source must confirm this one
-            // has it too, or a private repository's blob would be readable under any name.
-            // Unreachable source: availability wins, as for manifests.
+            // has it too, or a private repository's blob would be readable under any name. An
+            // unreachable or failing source confirms nothing: access beats availability here
+            // (unlike manifests, which this repository held before).
             match source_head(app, t, &d).await {
                 Ok(_) => {}
-                Err(e) if e.is_transient() => {}
                 Err(e) if e.is_not_found() => {
                     return Err(Error::BlobUnknown(format!(
                         "{d} is not at the source of {}",

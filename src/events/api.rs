@@ -10,8 +10,8 @@ use super::webhooks::{WebhookPatch, WebhookSpec};
 use crate::auth::Action;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
+use crate::http::req::{empty, json_response, Req};
 use crate::http::router::query_param;
-use crate::registry::{empty, json_response, Req};
 use crate::App;
 
 /// Largest JSON body accepted.
@@ -21,7 +21,7 @@ const MAX_BODY: usize = 64 * 1024;
 const DEFAULT_LIMIT: usize = 50;
 
 async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T> {
-    let bytes = match crate::registry::manifests::read_limited(body, MAX_BODY).await {
+    let bytes = match crate::http::req::read_limited(body, MAX_BODY).await {
         Ok(b) => b,
         Err(Error::ManifestTooLarge { .. }) => {
             return Err(Error::BadRequest(format!(

@@ -1,5 +1,6 @@
 //! HTTP plumbing: listeners and TLS, routing, streaming bodies.
 
 pub mod body;
+pub mod req;
 pub mod router;
 pub mod server;

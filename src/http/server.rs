@@ -20,7 +20,7 @@ use super::router::{route, Route};
 use crate::auth::Principal;
 use crate::config::{Exposure, Listen};
 use crate::error::Error;
-use crate::registry::{self, Req};
+use crate::http::req::Req;
 use crate::App;
 
 /// A bound listener.
@@ -230,9 +230,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Respon
                     public: conn.exposure == Exposure::Public,
                 };
                 match route {
-                    Route::Token => crate::auth::endpoint::token(&app, req, body, peer.ip()).await,
+                    Route::Token => crate::dispatch::token(&app, req, body, peer.ip()).await,
                     Route::Api => crate::api::dispatch(&app, path, req, body).await,
-                    route => registry::dispatch(&app, route, req, body).await,
+                    route => crate::dispatch::v2(&app, route, req, body).await,
                 }
             }
         },

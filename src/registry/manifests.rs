@@ -2,15 +2,15 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::{empty, set, Req};
 use crate::error::{Error, Result};
 use crate::events::{EventKind, Happened};
 use crate::http::body::Body;
+use crate::http::req::read_limited;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{self, Descriptor};
 use crate::oci::reference::{Reference, RepoName};
@@ -30,7 +30,7 @@ pub async fn get(
         Some(e) => e,
         None => {
             let generation = app.store.generation();
-            let entry = load(app, repo, &Reference::parse(reference)?).await?;
+            let entry = load(app, repo, &readable_reference(reference)?).await?;
             app.store.cache_manifest(generation, key, entry.clone());
             entry
         }
@@ -39,6 +39,15 @@ pub async fn get(
         app.store.pulls.record(&entry.pull_key);
     }
     Ok(manifest_response(&entry, head))
+}
+
+/// The reference of a manifest `GET`/`HEAD`. Something that is neither a tag nor a digest
+/// names no manifest: 404 `MANIFEST_UNKNOWN`, the only error the spec lists for a read (a `PUT`
+/// keeps 400 `TAG_INVALID`/`DIGEST_INVALID`).
+pub fn readable_reference(reference: &str) -> Result<Reference> {
+    Reference::parse(reference).map_err(|e| {
+        Error::ManifestUnknown(format!("{reference:?} is neither a tag nor a digest: {e}"))
+    })
 }
 
 /// Builds a manifest response from a cache entry: header clones only, no parsing.
@@ -106,25 +115,6 @@ fn entry(
         digest,
         bytes,
     }
-}
-
-pub(crate) async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes> {
-    let mut body = body;
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| Error::ManifestInvalid(format!("request body ended early: {e}")))?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(Error::ManifestTooLarge {
-                    size: (buf.len() + data.len()) as u64,
-                    limit,
-                });
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok(buf.freeze())
 }
 
 /// `PUT /v2/NAME/manifests/REFERENCE`.

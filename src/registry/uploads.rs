@@ -75,23 +75,25 @@ fn content_range(req: &Req<'_>) -> Result<Option<(u64, u64)>> {
     }
 }
 
-/// `POST /v2/NAME/blobs/uploads/`: mount, monolithic upload, or a new session.
+/// `POST /v2/NAME/blobs/uploads/`: mount, monolithic upload, or a new session. `lender` is
+/// the repository of `?from=` when the caller may pull it (the dispatcher decides); without
+/// one, a mount request gets a session as if the blob existed nowhere.
 pub async fn start(
     app: &App,
     repo: &RepoName,
     req: &Req<'_>,
     body: Incoming,
+    lender: Option<&RepoName>,
 ) -> Result<Response<Body>> {
-    if let (Some(mount), Some(from)) = (
-        query_param(req.query, "mount"),
-        query_param(req.query, "from"),
-    ) {
+    if let Some(mount) = query_param(req.query, "mount") {
         let digest = Digest::parse(&mount)?;
-        if let Some(size) = mountable(app, &from, &digest)? {
-            app.store.meta.link_blob(repo.as_str(), &digest, size)?;
-            app.store.meta.flush().await?;
-            tracing::debug!(%repo, %digest, %from, "blob mounted");
-            return Ok(created(repo, &digest));
+        if let Some(from) = lender {
+            if let Some(size) = app.store.meta.blob_link(from.as_str(), &digest)? {
+                app.store.meta.link_blob(repo.as_str(), &digest, size)?;
+                app.store.meta.flush().await?;
+                tracing::debug!(%repo, %digest, %from, "blob mounted");
+                return Ok(created(repo, &digest));
+            }
         }
     }
     if let Some(digest) = query_param(req.query, "digest") {
@@ -132,14 +134,6 @@ pub async fn start(
         &id,
         s.offset(),
     ))
-}
-
-/// Size of `digest` if the repository `from` may lend it (valid name, existing registry, linked).
-fn mountable(app: &App, from: &str, digest: &Digest) -> Result<Option<u64>> {
-    let Ok(from) = app.repo(from) else {
-        return Ok(None);
-    };
-    Ok(app.store.meta.blob_link(from.as_str(), digest)?)
 }
 
 async fn session(app: &App, repo: &RepoName, id: &str) -> Result<SessionRef> {

@@ -140,7 +140,14 @@ pub struct Meta {
     tags: sled::Tree,
     referrers: sled::Tree,
     pulls: sled::Tree,
+    /// Striped per-repository locks: the records of one push or one delete (artifact, tags,
+    /// referrer, catalog entry) change together, never interleaved with another writer of the
+    /// same repository, so a tag never points at an artifact that is gone.
+    repo_locks: Box<[std::sync::Mutex<()>]>,
 }
+
+/// Stripes of [`Meta`]'s repository locks.
+const REPO_LOCK_STRIPES: usize = 64;
 
 /// A metadata failure.
 pub type MetaResult<T> = Result<T, sled::Error>;
@@ -203,7 +210,22 @@ impl Meta {
             announced: Default::default(),
             durable: Default::default(),
             flusher: Default::default(),
+            repo_locks: (0..REPO_LOCK_STRIPES)
+                .map(|_| std::sync::Mutex::new(()))
+                .collect(),
         })
+    }
+
+    /// The write lock of a repository. Held only across sled calls (no I/O awaits); a panic
+    /// while it is held poisons nothing: the next writer takes it over.
+    fn lock_repo(&self, repo: &str) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        repo.hash(&mut h);
+        let stripe = (h.finish() % REPO_LOCK_STRIPES as u64) as usize;
+        self.repo_locks[stripe]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A tree of typed records owned by a behaviour (users, keys, webhooks, deliveries...).
@@ -386,6 +408,7 @@ impl Meta {
         tag: Option<&str>,
         referrer: Option<&Descriptor>,
     ) -> MetaResult<()> {
+        let _repo = self.lock_repo(repo);
         self.repos.insert(repo, &record.pushed_ms.to_be_bytes())?;
         let artifact_key = key(&[repo, digest.as_str()]);
         // Keep the first push time of an artifact pushed again (e.g. under a new tag).
@@ -413,6 +436,7 @@ impl Meta {
     /// Deletes an artifact, its tags and its referrer entry; returns the removed tags, or `None`
     /// if the artifact did not exist.
     pub fn delete_artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<Vec<String>>> {
+        let _repo = self.lock_repo(repo);
         let Some(record) = self.artifacts.remove(key(&[repo, digest.as_str()]))? else {
             return Ok(None);
         };
@@ -462,6 +486,7 @@ impl Meta {
 
     /// Removes a repository from the catalog (when its last artifact is gone).
     pub fn remove_repo_if_empty(&self, repo: &str) -> MetaResult<bool> {
+        let _repo = self.lock_repo(repo);
         if self.artifacts.scan_prefix(prefix(&[repo])).next().is_some() {
             return Ok(false);
         }
@@ -474,6 +499,17 @@ impl Meta {
             .tags
             .get(key(&[repo, tag]))?
             .and_then(|v| Digest::parse(&String::from_utf8_lossy(&v)).ok()))
+    }
+
+    /// Points an existing artifact's tag at it (creating or moving the tag); `false`, with
+    /// nothing changed, when the artifact is not there (deleted meanwhile).
+    pub fn tag_artifact(&self, repo: &str, digest: &Digest, tag: &str) -> MetaResult<bool> {
+        let _repo = self.lock_repo(repo);
+        if !self.artifacts.contains_key(key(&[repo, digest.as_str()]))? {
+            return Ok(false);
+        }
+        self.tags.insert(key(&[repo, tag]), digest.as_str())?;
+        Ok(true)
     }
 
     /// Removes a tag; returns the digest it pointed at.
@@ -553,6 +589,41 @@ mod tests {
             artifact_type: None,
             subject,
         }
+    }
+
+    #[test]
+    fn writers_of_one_repository_wait_for_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = std::sync::Arc::new(Meta::open(dir.path()).unwrap());
+        let d = Digest::sha256(b"m");
+        meta.put_artifact("r/a", &d, &rec(None), Some("v1"), None)
+            .unwrap();
+        let held = meta.lock_repo("r/a");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let (meta, d) = (meta.clone(), d.clone());
+            std::thread::spawn(move || {
+                let tags = meta.delete_artifact("r/a", &d).unwrap();
+                done_tx.send(tags).unwrap();
+            })
+        };
+        // While a push of the repository holds its lock, a delete cannot slip in between.
+        assert!(done_rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        assert!(meta.artifact("r/a", &d).unwrap().is_some());
+        drop(held);
+        assert_eq!(
+            done_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap(),
+            Some(vec!["v1".to_string()])
+        );
+        writer.join().unwrap();
+        assert!(
+            !meta.tag_artifact("r/a", &d, "v2").unwrap(),
+            "deleted: not tagged"
+        );
     }
 
     #[test]

@@ -1,0 +1,270 @@
+//! The one request path of `/v2/`: resolve the name a client wrote to what it addresses on this
+//! listener (an origin repository, or a cache registry and its upstream path, after `?ns=` and
+//! mirror routing), authorize the operation on *that*, then hand the request to `registry::` or
+//! `cache::`. Nothing about a registry is revealed before authorization has run: a registry that
+//! does not exist, one hidden from this listener and one the caller may not use all answer alike.
+
+use std::sync::Arc;
+
+use http::{Method, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::auth::{Action, Principal};
+use crate::cache::{CacheTarget, Target};
+use crate::error::{Error, Result};
+use crate::events::{EventKind, Happened};
+use crate::http::body::Body;
+use crate::http::req::{json_response, no_such_registry, Req};
+use crate::http::router::{query_param, Route};
+use crate::oci::reference::RepoName;
+use crate::registry::{blobs, lists, manifests, uploads};
+use crate::store::meta::RegistryRecord;
+use crate::App;
+
+/// What a repository operation is, independent of the name it acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Read and download.
+    Pull,
+    /// Upload, tag, mount into.
+    Push,
+    /// Remove.
+    Delete,
+}
+
+impl Op {
+    /// The authorization action of this operation on a repository.
+    pub fn on(self, repo: &str) -> Action<'_> {
+        match self {
+            Op::Pull => Action::Pull(repo),
+            Op::Push => Action::Push(repo),
+            Op::Delete => Action::Delete(repo),
+        }
+    }
+
+    fn of(route: &Route, method: &Method) -> Op {
+        match (route, method) {
+            (_, &Method::GET | &Method::HEAD) => Op::Pull,
+            (Route::Upload { .. } | Route::UploadStart { .. }, _) => Op::Push,
+            (_, &Method::DELETE) => Op::Delete,
+            _ => Op::Push,
+        }
+    }
+}
+
+/// What a repository name resolves to as seen through one listener.
+pub struct Resolution {
+    /// Where requests for it go; `None` when its registry does not exist or is hidden here.
+    pub target: Option<Target>,
+    /// The repository authorization is decided on: the resolved local name
+    /// (`CACHEREG/UPSTREAM-PATH` for cache registries), or the name as written when it resolves
+    /// to nothing.
+    pub repo: String,
+    /// The registry's record, when it exists and this listener shows it.
+    pub registry: Option<Arc<RegistryRecord>>,
+}
+
+/// Resolves a repository name the way every `/v2/` request and the token endpoint do: by
+/// `?ns=`, by registry prefix, or by the mirror. `public` says whether the listener is public
+/// (hidden registries then resolve to nothing). Errors only for malformed names.
+pub fn resolve(app: &App, public: bool, name: &str, query: Option<&str>) -> Result<Resolution> {
+    match app.cache.resolve(&app.store, name, query) {
+        Ok(target) => {
+            let repo = target.repo().as_str().to_string();
+            let registry = app
+                .store
+                .registry(target.repo().registry())
+                .filter(|r| !public || r.public_uri);
+            Ok(Resolution {
+                target: registry.as_ref().map(|_| target),
+                repo,
+                registry,
+            })
+        }
+        Err(Error::NameUnknown(_)) => Ok(Resolution {
+            target: None,
+            repo: name.to_string(),
+            registry: None,
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+impl Resolution {
+    /// Authorizes `op` on what the name resolved to (never on the name as written), then gives
+    /// the target, or the error of a registry that does not exist.
+    pub fn authorize(self, app: &App, principal: &Principal, op: Op) -> Result<Target> {
+        app.auth
+            .check_in(self.registry.as_deref(), principal, op.on(&self.repo))?;
+        self.target
+            .ok_or_else(|| no_such_registry(self.repo.split('/').next().unwrap_or(&self.repo)))
+    }
+}
+
+/// Runs a `/v2/` request.
+pub async fn v2(app: &App, route: Route, req: Req<'_>, body: Incoming) -> Result<Response<Body>> {
+    let m = req.method;
+    let name = match &route {
+        Route::Base if m == Method::GET || m == Method::HEAD => {
+            app.auth.check(&app.store, req.principal, Action::Ping)?;
+            return Ok(json_response(StatusCode::OK, "{}".into()));
+        }
+        Route::Catalog if m == Method::GET => return lists::catalog(app, &req),
+        Route::Blob { name, .. }
+        | Route::UploadStart { name }
+        | Route::Upload { name, .. }
+        | Route::Manifest { name, .. }
+        | Route::Tags { name }
+        | Route::Referrers { name, .. } => name,
+        _ => return Err(Error::MethodNotAllowed(m.to_string())),
+    };
+    let target = resolve(app, req.public, name, req.query)?.authorize(
+        app,
+        req.principal,
+        Op::of(&route, m),
+    )?;
+    match target {
+        Target::Origin(repo) => origin(app, route, &repo, req, body).await,
+        Target::Cache(t) => cached(app, route, &t, req).await,
+    }
+}
+
+/// `GET`/`POST /service/token`: scopes resolve by [`resolve`], as `/v2/` will resolve them on
+/// this listener.
+pub async fn token(
+    app: &Arc<App>,
+    req: Req<'_>,
+    body: Incoming,
+    client: std::net::IpAddr,
+) -> Result<Response<Body>> {
+    let public = req.public;
+    let resolver = |name: &str| {
+        let r = resolve(app, public, name, None).ok()?;
+        Some((r.repo, r.registry?))
+    };
+    crate::auth::endpoint::token(app, req, body, client, &resolver).await
+}
+
+/// The repository a cross-repository mount may take the blob from: `from` as it resolves on
+/// this listener, when the caller may pull it. Anything else is `None`, and the client gets an
+/// upload session exactly as for a blob that exists nowhere: the answer reveals nothing about
+/// other repositories.
+fn mount_source(app: &App, req: &Req<'_>) -> Option<RepoName> {
+    let from = query_param(req.query, "from")?;
+    query_param(req.query, "mount")?;
+    let resolution = resolve(app, req.public, &from, None).ok()?;
+    match resolution.authorize(app, req.principal, Op::Pull).ok()? {
+        Target::Origin(repo) => Some(repo),
+        Target::Cache(t) => Some(t.repo),
+    }
+}
+
+async fn origin(
+    app: &App,
+    route: Route,
+    repo: &RepoName,
+    req: Req<'_>,
+    body: Incoming,
+) -> Result<Response<Body>> {
+    let m = req.method;
+    match route {
+        Route::Blob { digest, .. } => match *m {
+            Method::GET => blobs::get(app, repo, &digest, &req, false),
+            Method::HEAD => blobs::get(app, repo, &digest, &req, true),
+            Method::DELETE => blobs::delete(app, repo, &digest).await,
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::UploadStart { .. } if m == Method::POST => {
+            let lender = mount_source(app, &req);
+            uploads::start(app, repo, &req, body, lender.as_ref()).await
+        }
+        Route::Upload { id, .. } => match *m {
+            Method::GET => uploads::status(app, repo, &id).await,
+            Method::PATCH => uploads::patch(app, repo, &id, &req, body).await,
+            Method::PUT => uploads::finish(app, repo, &id, &req, body).await,
+            Method::DELETE => uploads::cancel(app, repo, &id).await,
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::Manifest { reference, .. } => match *m {
+            Method::GET => {
+                let r = manifests::get(app, repo, &reference, false).await?;
+                publish_pull(app, repo, &reference, &r, req.principal);
+                Ok(r)
+            }
+            Method::HEAD => manifests::get(app, repo, &reference, true).await,
+            Method::PUT => manifests::put(app, repo, &reference, &req, body).await,
+            Method::DELETE => manifests::delete(app, repo, &reference, req.principal.name()).await,
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::Tags { .. } if m == Method::GET => lists::tags(app, repo, &req),
+        Route::Referrers { digest, .. } if m == Method::GET => {
+            lists::referrers(app, repo, &digest, &req)
+        }
+        _ => Err(Error::MethodNotAllowed(m.to_string())),
+    }
+}
+
+/// Cache registries: reads go through the cache; pushes, tag creation and signing are refused;
+/// deletes act on the local copy.
+async fn cached(app: &App, route: Route, t: &CacheTarget, req: Req<'_>) -> Result<Response<Body>> {
+    let m = req.method;
+    let denied = || {
+        Err(Error::Denied(format!(
+            "registry {:?} is a pull-through cache of {:?}: push, tagging and signing are not allowed",
+            t.repo.registry(),
+            t.source.name()
+        )))
+    };
+    match route {
+        Route::Blob { digest, .. } => match *m {
+            Method::GET => crate::cache::blob(app, t, &digest, &req, false).await,
+            Method::HEAD => crate::cache::blob(app, t, &digest, &req, true).await,
+            Method::DELETE => denied(),
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::UploadStart { .. } | Route::Upload { .. } => denied(),
+        Route::Manifest { reference, .. } => match *m {
+            Method::GET => {
+                let r = crate::cache::manifest(app, t, &reference, false).await?;
+                publish_pull(app, &t.repo, &reference, &r, req.principal);
+                Ok(r)
+            }
+            Method::HEAD => crate::cache::manifest(app, t, &reference, true).await,
+            Method::DELETE => {
+                manifests::delete(app, &t.repo, &reference, req.principal.name()).await
+            }
+            Method::PUT => denied(),
+            _ => Err(Error::MethodNotAllowed(m.to_string())),
+        },
+        Route::Tags { .. } if m == Method::GET => lists::tags(app, &t.repo, &req),
+        Route::Referrers { digest, .. } if m == Method::GET => {
+            lists::referrers(app, &t.repo, &digest, &req)
+        }
+        _ => Err(Error::MethodNotAllowed(m.to_string())),
+    }
+}
+
+/// Publishes PULL_ARTIFACT for a served manifest GET, from the response headers. The hot
+/// manifest GET pays one atomic load (and nothing else) while no policy subscribes to pulls.
+fn publish_pull(
+    app: &App,
+    repo: &RepoName,
+    reference: &str,
+    r: &Response<Body>,
+    principal: &Principal,
+) {
+    if !app.events.wants(EventKind::PullArtifact, repo.registry()) {
+        return;
+    }
+    let h = r.headers();
+    let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    app.events.emit(Happened {
+        kind: EventKind::PullArtifact,
+        operator: principal.name(),
+        repository: repo.as_str(),
+        tag: (!reference.contains(':')).then_some(reference),
+        digest: text("docker-content-digest"),
+        media_type: text("content-type"),
+        size: text("content-length").parse().unwrap_or(0),
+    });
+}
