@@ -424,3 +424,65 @@ async fn admin_commands_through_a_running_server() {
     let (ok, _, e) = remote(&["user", "delete", "root"]);
     assert!(!ok && e.contains("last admin"), "{e}");
 }
+
+/// The data directory is locked before anything in it is touched: a data-directory command
+/// next to a running server fails with a clear message and leaves the server's in-flight upload
+/// alone (before, `cache prune` emptied the temp directory first and broke the upload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_commands_next_to_a_running_server_touch_nothing() {
+    let s = common::server::TestServer::start("").await;
+    let data = s.dir.path().join("data");
+    let blob = vec![7u8; 256 * 1024];
+    let digest = sha256(&blob);
+    // A monolithic upload whose body arrives in two halves, the CLI running in between.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
+    let upload = s
+        .client
+        .post(s.url(&format!("/v2/library/app/blobs/uploads/?digest={digest}")))
+        .body(body)
+        .send();
+    let upload = tokio::spawn(upload);
+    tx.send(Ok(blob[..128 * 1024].to_vec())).await.unwrap();
+    // Wait until the server has written the first half into its temp directory.
+    let tmp = data.join("tmp");
+    assert!(
+        common::doubles::wait_until(std::time::Duration::from_secs(10), || {
+            std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_some())
+        })
+        .await,
+        "the upload never reached the temp directory"
+    );
+    for args in [
+        &["cache", "prune", "--dry-run"][..],
+        &["registry", "list"][..],
+        &["user", "list"][..],
+    ] {
+        let (ok, _, err) = berth(&data, args);
+        assert!(!ok, "{args:?} ran next to the server");
+        assert!(
+            err.contains("in use by another berth process"),
+            "{args:?}: {err}"
+        );
+    }
+    tx.send(Ok(blob[128 * 1024..].to_vec())).await.unwrap();
+    drop(tx);
+    let r = upload.await.unwrap().unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let got = s.get(&format!("/v2/library/app/blobs/{digest}")).await;
+    assert_eq!(got.bytes().await.unwrap().as_ref(), blob.as_slice());
+}
+
+/// A stream of body pieces from a channel.
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}

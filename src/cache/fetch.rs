@@ -170,6 +170,16 @@ impl Fetches {
         self.inflight.lock().unwrap().contains_key(digest)
     }
 
+    /// Whether a fetch of `digest` is in flight that will link it into `repo` when it commits
+    /// (the source was asked for it under that repository).
+    pub fn will_link(&self, digest: &Digest, repo: &str) -> bool {
+        self.inflight
+            .lock()
+            .unwrap()
+            .get(digest)
+            .is_some_and(|f| f.link_to.lock().unwrap().iter().any(|r| r == repo))
+    }
+
     /// Digests being fetched (garbage collection must leave them alone).
     pub fn inflight_digests(&self) -> Vec<Digest> {
         self.inflight.lock().unwrap().keys().cloned().collect()

@@ -256,7 +256,10 @@ pub async fn blob(
 ) -> Result<Response<Body>> {
     let d = Digest::parse(digest)?;
     let local = t.repo.as_str();
-    if app.store.meta.blob_link(local, &d)?.is_none() {
+    // A fetch for this very repository (still streaming, or committed and about to link it):
+    // the source already vouched for it here.
+    let ours = app.cache.fetches.will_link(&d, local);
+    if !ours && app.store.meta.blob_link(local, &d)?.is_none() {
         let held = app.store.blobs.stat(&d)?;
         if held.is_some() || app.cache.fetches.is_inflight(&d) {
             // Held (or being fetched) for another repository: the source must confirm this one
@@ -283,7 +286,7 @@ pub async fn blob(
         count_served(app, t, &r);
         return Ok(outcome(app, t, r, "hit"));
     }
-    if head {
+    if head && !ours {
         return head_at_source(app, t, &d).await;
     }
     let (fetch, joined) =
@@ -309,6 +312,10 @@ pub async fn blob(
             )));
         }
     };
+    if head {
+        let r = blobs::blob_response(Body::Empty, &d, size, None);
+        return Ok(outcome(app, t, r, "coalesced"));
+    }
     let range = blobs::parse_range(req.headers.get(header::RANGE), size)?;
     let (start, len) = range.map_or((0, size), |r| (r.start, r.len));
     let body = if len == 0 {

@@ -144,6 +144,8 @@ pub struct Meta {
     /// referrer, catalog entry) change together, never interleaved with another writer of the
     /// same repository, so a tag never points at an artifact that is gone.
     repo_locks: Box<[std::sync::Mutex<()>]>,
+    /// This process's hold on the data directory.
+    _lock: super::lock::DataDirLock,
 }
 
 /// Stripes of [`Meta`]'s repository locks.
@@ -193,6 +195,10 @@ pub fn now_ms() -> u64 {
 impl Meta {
     /// Opens (creating) `DATA/meta`.
     pub fn open(data_dir: &std::path::Path) -> MetaResult<Meta> {
+        // Before anything in the directory is read or changed (the blob store empties its temp
+        // directory when it opens, which must never happen under a running server).
+        let lock = super::lock::DataDirLock::acquire(data_dir)
+            .map_err(|e| sled::Error::Io(std::io::Error::other(e)))?;
         let db = sled::Config::new()
             .path(data_dir.join("meta"))
             .cache_capacity(64 * 1024 * 1024)
@@ -210,6 +216,7 @@ impl Meta {
             announced: Default::default(),
             durable: Default::default(),
             flusher: Default::default(),
+            _lock: lock,
             repo_locks: (0..REPO_LOCK_STRIPES)
                 .map(|_| std::sync::Mutex::new(()))
                 .collect(),

@@ -2,6 +2,7 @@
 
 pub mod blobs;
 pub mod fs;
+pub mod lock;
 pub mod meta;
 pub mod uploads;
 
@@ -91,9 +92,9 @@ pub fn manifest_key(repo: &str, reference: &str) -> String {
 impl Store {
     /// Opens the data directory.
     pub fn open(data_dir: &Path, config: &Config) -> Result<Store, crate::error::Error> {
-        std::fs::create_dir_all(data_dir)?;
-        let fs = Arc::new(fs::FsBlobStore::open(data_dir)?);
+        // Metadata first: it takes the data directory's lock.
         let meta = Meta::open(data_dir)?;
+        let fs = Arc::new(fs::FsBlobStore::open(data_dir)?);
         let registries = meta
             .registries()?
             .into_iter()
