@@ -2,10 +2,10 @@
 //!
 //! Data flows one way: listener → router → behaviour → store (DESIGN.md 3).
 
-pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod error;
@@ -112,25 +112,25 @@ pub fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> 
     Ok(())
 }
 
-impl Server {
-    /// Opens the store, creates configured registries, binds every listener and starts serving.
-    pub async fn start(config: Config) -> Result<Server, StartError> {
-        crate::metrics::init();
+impl App {
+    /// Opens a data directory with its configuration: store (taking the directory's lock),
+    /// image caches, users and keys, webhook policies; no listener, no background work. With
+    /// `apply`, registries and image caches declared in the config are created or updated first
+    /// (the server does; the CLI on a data directory does not).
+    pub fn open(config: Config, apply: bool) -> Result<App, StartError> {
         let store_err = |source| StartError::Store {
             dir: config.data_dir.clone(),
             source,
         };
         let store = Store::open(&config.data_dir, &config).map_err(store_err)?;
-        apply_config(&store, &config).map_err(store_err)?;
+        if apply {
+            apply_config(&store, &config).map_err(store_err)?;
+        }
         let cache = cache::Cache::open(&config, &store).map_err(StartError::Listen)?;
         let auth = auth::Auth::open(&store, &config.data_dir, &config.auth).map_err(store_err)?;
         let webhooks =
             events::webhooks::Webhooks::open(&store.meta, &config.webhooks).map_err(store_err)?;
-        let mut bound = Vec::new();
-        for l in &config.listen {
-            bound.push(http::server::bind(l).await.map_err(StartError::Listen)?);
-        }
-        let app = Arc::new(App {
+        Ok(App {
             config,
             store: Arc::new(store),
             cache,
@@ -138,7 +138,19 @@ impl Server {
             events: events::Events::new(webhooks),
             boot_id: rand_u32(),
             ready: AtomicBool::new(false),
-        });
+        })
+    }
+}
+
+impl Server {
+    /// Opens the store, creates configured registries, binds every listener and starts serving.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        crate::metrics::init();
+        let app = Arc::new(App::open(config, true)?);
+        let mut bound = Vec::new();
+        for l in &app.config.listen {
+            bound.push(http::server::bind(l).await.map_err(StartError::Listen)?);
+        }
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let addrs = bound.iter().map(|b| (b.addr, b.tls.is_some())).collect();

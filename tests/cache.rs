@@ -556,9 +556,9 @@ async fn prefetch_warms_all_platforms_or_one() {
     );
     let edge = TestServer::start(&cache_toml("registry", &upstream.base, "", "")).await;
     let bar = indicatif::ProgressBar::hidden();
-    let arm_only: berth::admin::prefetch::Platform = "linux/arm64".parse().unwrap();
+    let arm_only: berth::cli::prefetch::Platform = "linux/arm64".parse().unwrap();
     let r =
-        berth::admin::prefetch::prefetch(&edge.base, "hub/library/multi:v1", Some(&arm_only), &bar)
+        berth::cli::prefetch::prefetch(&edge.base, "hub/library/multi:v1", Some(&arm_only), &bar)
             .await
             .unwrap();
     assert_eq!(
@@ -576,7 +576,7 @@ async fn prefetch_warms_all_platforms_or_one() {
             .is_some()
     };
     assert!(!held(&amd_layer), "the other platform was not fetched");
-    let r = berth::admin::prefetch::prefetch(&edge.base, "hub/library/multi:v1", None, &bar)
+    let r = berth::cli::prefetch::prefetch(&edge.base, "hub/library/multi:v1", None, &bar)
         .await
         .unwrap();
     assert_eq!((r.manifests, r.blobs), (3, 4));
@@ -594,7 +594,7 @@ async fn prefetch_warms_all_platforms_or_one() {
             StatusCode::OK
         );
     }
-    let bad = berth::admin::prefetch::prefetch(
+    let bad = berth::cli::prefetch::prefetch(
         &edge.base,
         "hub/library/multi:v1",
         Some(&"linux/s390x".parse().unwrap()),

@@ -486,3 +486,43 @@ fn tokio_stream_from(
         rx.recv().await.map(|item| (item, rx))
     })
 }
+
+/// Data-directory mode runs the management API's own operations: deleting a registry there
+/// drops its webhook policies too (before, the data-directory path forgot them and a registry
+/// created later under the same name inherited the old webhooks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_registry_delete_is_the_api_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    assert!(berth(&data, &["registry", "create", "team"]).0);
+    let mut server = BerthProcess::start_in(dir.path(), "[webhooks]\nallowed_ports = []\n");
+    let client = reqwest::Client::new();
+    let hooks = format!("{}/api/v1/registries/team/webhooks", server.url());
+    let r = client
+        .post(&hooks)
+        .json(&serde_json::json!({"name": "ci", "events": ["PUSH_ARTIFACT"], "target": "http://127.0.0.1:9/hook", "kind": "http"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    assert!(server.terminate());
+    let (ok, out, e) = berth(&data, &["registry", "delete", "team"]);
+    assert!(ok && out.contains("deleted registry team"), "{out}{e}");
+    assert!(berth(&data, &["registry", "create", "team"]).0);
+    let server = BerthProcess::start_in(dir.path(), "[webhooks]\nallowed_ports = []\n");
+    let hooks = format!("{}/api/v1/registries/team/webhooks", server.url());
+    let v: serde_json::Value = client
+        .get(&hooks)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["total"], 0, "{v}");
+}

@@ -11,18 +11,22 @@ use serde::Deserialize;
 
 use super::page::{matches_q, Page};
 use super::{blocking, json, Ctx};
-use crate::admin;
 use crate::auth::Action;
-use crate::config::ImageCacheConfig;
+use crate::config::{Config, ImageCacheConfig};
 use crate::error::{Error, Result};
 use crate::http::body::Body;
+use crate::store::meta::Meta;
 use crate::App;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
 
 /// When changes to image caches apply.
 const APPLIES: &str = "at the next restart of the server";
 
 fn cache_json(app: &App, c: &ImageCacheConfig) -> serde_json::Value {
-    let mut v = admin::describe_image_cache(c);
+    let mut v = describe_image_cache(c);
     v["loaded"] = app.cache.source(&c.name).is_some().into();
     v
 }
@@ -72,8 +76,7 @@ async fn put(ctx: &Ctx<'_>, cache: ImageCacheConfig, replace: bool) -> Result<se
     let app = ctx.app.clone();
     let stored = cache.clone();
     blocking(move || {
-        admin::put_image_cache(&app.store.meta, &app.config, stored, replace)
-            .map_err(Error::BadRequest)
+        put_image_cache(&app.store.meta, &app.config, stored, replace).map_err(Error::BadRequest)
     })
     .await?;
     let mut v = cache_json(ctx.app, &cache);
@@ -94,8 +97,131 @@ pub async fn create(ctx: &Ctx<'_>, body: ImageCacheConfig) -> Result<Response<Bo
     json(StatusCode::CREATED, &put(ctx, body, false).await?)
 }
 
-/// Body of `PATCH /api/v1/image-caches/{name}`: only the fields given change.
-pub use crate::admin::CachePatch;
+/// A change to an image cache: only the fields given change. The body of the API's PATCH, and
+/// what `berth cache create|update` send.
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachePatch {
+    /// Source kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<crate::config::SourceKind>,
+    /// Source URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// User.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password or token (write-only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Credentials file on the server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// Fetch budget, e.g. `200s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_budget: Option<String>,
+    /// Revalidation TTL, e.g. `30s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revalidate_ttl: Option<String>,
+    /// ECR region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// ECR API endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ecr_endpoint: Option<String>,
+}
+
+impl CachePatch {
+    /// Applies the given fields; a duration that does not parse is refused with its field name.
+    pub fn apply(self, c: &mut ImageCacheConfig) -> Result<(), String> {
+        let duration = |field: &str, text: &str| {
+            humantime::parse_duration(text)
+                .map_err(|e| format!("{field}: {text:?} is not a duration: {e}"))
+        };
+        if let Some(k) = self.kind {
+            c.kind = k;
+        }
+        if let Some(u) = self.url {
+            c.url = u;
+        }
+        if let Some(u) = self.username {
+            c.username = Some(u);
+        }
+        if let Some(p) = self.password {
+            c.password = Some(p);
+        }
+        if let Some(f) = self.credentials_file {
+            c.credentials_file = Some(f);
+        }
+        if let Some(b) = self.fetch_budget {
+            c.fetch_budget = duration("fetch_budget", &b)?;
+        }
+        if let Some(t) = self.revalidate_ttl {
+            c.revalidate_ttl = duration("revalidate_ttl", &t)?;
+        }
+        if let Some(r) = self.region {
+            c.region = Some(r);
+        }
+        if let Some(e) = self.ecr_endpoint {
+            c.ecr_endpoint = Some(e);
+        }
+        Ok(())
+    }
+}
+
+/// One line describing an image cache; credentials are never shown, only whether they are set.
+pub fn describe_image_cache(c: &ImageCacheConfig) -> serde_json::Value {
+    let credentials = match (&c.credentials_file, &c.username, &c.password) {
+        (Some(f), _, _) => format!("file {}", f.display()),
+        (None, Some(u), Some(_)) => format!("user {u}, password set"),
+        (None, Some(u), None) => format!("user {u}"),
+        (None, None, Some(_)) => "password set".into(),
+        (None, None, None) => "anonymous".into(),
+    };
+    serde_json::json!({
+        "name": c.name,
+        "kind": c.kind.to_string(),
+        "url": c.url,
+        "credentials": credentials,
+        "fetch_budget": humantime::format_duration(c.fetch_budget).to_string(),
+        "revalidate_ttl": humantime::format_duration(c.revalidate_ttl).to_string(),
+    })
+}
+
+/// Creates or replaces an image cache, after checking it builds a usable source.
+pub fn put_image_cache(
+    meta: &Meta,
+    config: &Config,
+    cache: ImageCacheConfig,
+    replace: bool,
+) -> Result<(), String> {
+    crate::oci::reference::validate_registry_name(&cache.name).map_err(err)?;
+    let exists = meta.image_cache(&cache.name).map_err(err)?.is_some();
+    match (exists, replace) {
+        (true, false) => {
+            return Err(format!(
+                "image cache {:?} already exists (use `berth cache update`)",
+                cache.name
+            ))
+        }
+        (false, true) => return Err(format!("image cache {:?} does not exist", cache.name)),
+        _ => {}
+    }
+    crate::cache::upstream::Source::new(cache.clone(), &config.pull_through.allowed_ports)?;
+    meta.put_image_cache(&cache).map_err(err)?;
+    meta.flush_blocking().map_err(err)
+}
+
+/// Registries that serve an image cache.
+pub fn registries_using(meta: &Meta, name: &str) -> Result<Vec<String>, String> {
+    Ok(meta
+        .registries()
+        .map_err(err)?
+        .into_iter()
+        .filter(|r| r.cache.as_deref() == Some(name))
+        .map(|r| r.name)
+        .collect())
+}
 
 fn duration(field: &str, text: &str) -> Result<Duration> {
     humantime::parse_duration(text)
@@ -116,7 +242,7 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     existing(ctx.app, name)?;
     not_declared(ctx.app, name)?;
-    let users = admin::registries_using(&ctx.app.store.meta, name).map_err(Error::Internal)?;
+    let users = registries_using(&ctx.app.store.meta, name).map_err(Error::Internal)?;
     if !users.is_empty() {
         return Err(Error::Conflict(format!(
             "image cache {name:?} is used by registry {} (delete or change that registry first)",
@@ -196,4 +322,38 @@ pub fn prune_json(report: &crate::cache::sweep::SweepReport, dry_run: bool) -> s
         "blobs": blobs,
         "bytes": report.bytes(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SourceKind;
+
+    fn source(name: &str) -> ImageCacheConfig {
+        ImageCacheConfig {
+            username: Some("u".into()),
+            password: Some("s3cret".into()),
+            ..ImageCacheConfig::new(name, SourceKind::Registry, "https://registry.example")
+        }
+    }
+
+    #[test]
+    fn image_cache_definitions_are_checked_and_never_shown_with_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let meta = Meta::open(dir.path()).unwrap();
+        put_image_cache(&meta, &config, source("up"), false).unwrap();
+        assert!(put_image_cache(&meta, &config, source("up"), false).is_err());
+        assert!(put_image_cache(&meta, &config, source("nope"), true).is_err());
+        let shown = describe_image_cache(&meta.image_cache("up").unwrap().unwrap()).to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("user u, password set"), "{shown}");
+        let mut bad = source("bad");
+        bad.url = "not a url".into();
+        assert!(put_image_cache(&meta, &config, bad, false).is_err());
+        assert!(registries_using(&meta, "up").unwrap().is_empty());
+    }
 }

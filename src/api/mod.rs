@@ -11,13 +11,12 @@ pub mod users;
 use std::sync::Arc;
 
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 
 use crate::auth::Principal;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
-use crate::http::req::{json_response, Req};
+use crate::http::req::{json_response, Req, RequestBody};
 use crate::App;
 
 /// The OpenAPI 3.0 description of every route in [`ROUTES`].
@@ -127,7 +126,7 @@ pub async fn dispatch(
     app: &Arc<App>,
     path: &str,
     req: Req<'_>,
-    body: Incoming,
+    body: impl RequestBody,
 ) -> Result<Response<Body>> {
     let rest = path.strip_prefix("/api/v1").unwrap_or(path);
     let (route, params) = match_route(rest)?;
@@ -245,7 +244,7 @@ impl Ctx<'_> {
 
 /// Reads a JSON body; a malformed one is a 400 carrying serde's message. An empty body reads as
 /// `{}`, so endpoints whose fields are all optional accept a bare POST.
-pub async fn json_body<T: DeserializeOwned>(body: Incoming) -> Result<T> {
+pub async fn json_body<T: DeserializeOwned>(body: impl RequestBody) -> Result<T> {
     let bytes = crate::http::req::read_limited(body, MAX_BODY)
         .await
         .map_err(|e| match e {

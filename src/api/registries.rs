@@ -9,12 +9,16 @@ use crate::auth::Action;
 use crate::config::RegistryKind;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
-use crate::store::meta::RegistryRecord;
+use crate::store::meta::{Meta, RegistryRecord};
 use crate::App;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
 
 /// The JSON of a registry, with a note when its image cache is not loaded yet.
 pub fn registry_json(app: &App, r: &RegistryRecord) -> Result<serde_json::Value> {
-    let mut v = crate::admin::registry_json(&app.store.meta, r)?;
+    let mut v = stored_registry_json(&app.store.meta, r)?;
     if let Some(c) = &r.cache {
         if app.cache.source(c).is_none() {
             v["note"] = format!(
@@ -62,7 +66,38 @@ pub fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
 pub type NewRegistry = crate::config::RegistryConfig;
 
 fn check_kind(app: &App, kind: RegistryKind, cache: Option<&str>) -> Result<()> {
-    crate::admin::check_kind(&app.store.meta, kind, cache).map_err(Error::BadRequest)
+    kind_matches_cache(&app.store.meta, kind, cache).map_err(Error::BadRequest)
+}
+
+/// Checks a registry's type against the image cache it names .
+fn kind_matches_cache(meta: &Meta, kind: RegistryKind, cache: Option<&str>) -> Result<(), String> {
+    match (kind, cache) {
+        (RegistryKind::Cache, None) => Err(
+            "a registry of type cache needs the image cache it serves (--cache, or \"cache\" in the API)"
+                .into(),
+        ),
+        (RegistryKind::Normal, Some(_)) => {
+            Err("only registries of type cache name an image cache".into())
+        }
+        (RegistryKind::Cache, Some(c)) if meta.image_cache(c).map_err(err)?.is_none() => Err(
+            format!("image cache {c:?} does not exist (create it with `berth cache create {c} ...`)"),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The JSON of a registry (the management API's shape).
+fn stored_registry_json(meta: &Meta, r: &RegistryRecord) -> Result<serde_json::Value, sled::Error> {
+    let images = meta.repositories(Some(&r.name), None, usize::MAX)?.len();
+    Ok(serde_json::json!({
+        "name": r.name,
+        "type": r.kind,
+        "cache": r.cache,
+        "public_uri": r.public_uri,
+        "anonymous_pull": r.anonymous_pull,
+        "created": super::rfc3339(r.created_ms),
+        "image_count": images,
+    }))
 }
 
 /// `POST /api/v1/registries`.

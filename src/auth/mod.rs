@@ -67,6 +67,9 @@ pub enum Principal {
     User(Arc<UserRecord>),
     /// A bearer token issued by `/service/token`.
     Token(Arc<Claims>),
+    /// The operator at the data directory's console: the CLI without `--server`, which may do
+    /// anything there (whoever can write the data directory owns it anyway).
+    Operator,
 }
 
 impl Principal {
@@ -77,6 +80,7 @@ impl Principal {
             Principal::User(u) => &u.name,
             Principal::Token(c) if c.sub.is_empty() => "anonymous",
             Principal::Token(c) => &c.sub,
+            Principal::Operator => "operator",
         }
     }
 }
@@ -319,6 +323,7 @@ impl Auth {
         }
         let anonymous_pull = registry.is_some_and(|r| r.anonymous_pull);
         let allowed = match (principal, action) {
+            (Principal::Operator, _) => true,
             (_, Action::Pull(_)) if anonymous_pull => true,
             (Principal::Anonymous, _) => false,
             (Principal::User(user), action) => role_permits(user, action),
@@ -379,6 +384,7 @@ impl Auth {
                     || self.users.user(&c.sub).is_some_and(|u| u.covers(registry))
             }
             Principal::User(u) => u.covers(registry),
+            Principal::Operator => true,
             Principal::Anonymous => store.registry(registry).is_some_and(|r| r.anonymous_pull),
         }
     }

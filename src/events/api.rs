@@ -3,14 +3,13 @@
 use std::sync::Arc;
 
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 
 use super::webhooks::{WebhookPatch, WebhookSpec};
 use crate::auth::Action;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
-use crate::http::req::{empty, json_response, Req};
+use crate::http::req::{empty, json_response, Req, RequestBody};
 use crate::http::router::query_param;
 use crate::App;
 
@@ -20,7 +19,7 @@ const MAX_BODY: usize = 64 * 1024;
 /// Default and largest `limit` of the delivery log listing.
 const DEFAULT_LIMIT: usize = 50;
 
-async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T> {
+async fn read_json<T: DeserializeOwned>(body: impl RequestBody) -> Result<T> {
     let bytes = match crate::http::req::read_limited(body, MAX_BODY).await {
         Ok(b) => b,
         Err(Error::ManifestTooLarge { .. }) => {
@@ -45,7 +44,7 @@ pub async fn handle(
     registry: &str,
     rest: &[&str],
     req: Req<'_>,
-    body: Incoming,
+    body: impl RequestBody,
 ) -> Result<Response<Body>> {
     let m = req.method;
     let action = if m == Method::GET || m == Method::HEAD {

@@ -76,9 +76,24 @@ pub fn set(r: &mut Response<Body>, name: impl http::header::IntoHeaderName, valu
     }
 }
 
+/// A request body: hyper's `Incoming` from a connection, or bytes in memory (the CLI calls the
+/// management API in-process on a data directory).
+pub trait RequestBody: http_body::Body<Data = Bytes, Error = Self::Failure> + Unpin + Send {
+    /// The body's error.
+    type Failure: std::fmt::Display;
+}
+
+impl RequestBody for Incoming {
+    type Failure = hyper::Error;
+}
+
+impl RequestBody for http_body_util::Full<Bytes> {
+    type Failure = std::convert::Infallible;
+}
+
 /// Reads a whole request body of at most `limit` bytes (manifests, JSON, forms); a longer one
 /// is refused as soon as it passes the limit, without reading the rest.
-pub async fn read_limited(body: Incoming, limit: usize) -> Result<Bytes> {
+pub async fn read_limited(body: impl RequestBody, limit: usize) -> Result<Bytes> {
     let mut body = body;
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {

@@ -1,0 +1,304 @@
+//! `berth cache create|list|update|delete|prune` (the management API), and `stats` and
+//! `prefetch`, which always talk to a running server.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use http::Method;
+use serde_json::{json, Value};
+
+use super::remote::seg;
+use super::{err, print_json, text, Place};
+use crate::api::caches::CachePatch;
+use crate::config::{ImageCacheConfig, SourceKind};
+
+#[derive(Args)]
+pub struct SourceArgs {
+    /// Source URL (https://hub.docker.com, https://ACCOUNT.dkr.ecr.REGION.amazonaws.com, ...).
+    #[arg(long)]
+    url: Option<String>,
+    /// User (ECR: access key id; GCR: _json_key; Quay: account_name).
+    #[arg(long)]
+    username: Option<String>,
+    /// Read the password/secret from standard input (keeps it out of shell history).
+    #[arg(long)]
+    password_stdin: bool,
+    /// File with the credentials (JSON: username/password, GCR key, or Quay robot).
+    #[arg(long)]
+    credentials_file: Option<PathBuf>,
+    /// Budget of one caching blob fetch (e.g. 200s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    fetch_budget: Option<Duration>,
+    /// Serve a tag revalidated within this time without asking the source (e.g. 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    revalidate_ttl: Option<Duration>,
+    /// ECR region (default: from the URL).
+    #[arg(long)]
+    region: Option<String>,
+    /// ECR API endpoint (VPC interface endpoint).
+    #[arg(long)]
+    ecr_endpoint: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Define a source registry.
+    Create {
+        /// Name that cache registries refer to.
+        name: String,
+        /// dockerhub, ecr, acr, gcr, harbor, quay or registry.
+        #[arg(long)]
+        kind: SourceKind,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// List image caches (credentials are never printed).
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an image cache (restart the server to apply).
+    Update {
+        /// Name.
+        name: String,
+        /// New kind.
+        #[arg(long)]
+        kind: Option<SourceKind>,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// Delete an image cache (refused while a registry uses it).
+    Delete {
+        /// Name.
+        name: String,
+    },
+    /// Remove cached artifacts not pulled for a while and the blobs nothing references.
+    Prune {
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Age since the last pull (default: pull_through.cleanup_unpulled_after).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        unpulled_for: Option<Duration>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hit ratio and bytes saved since the server started (reads the /metrics of --server,
+    /// default: the first listener of the config).
+    Stats {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Warm the cache: pull CACHEREG/PATH:TAG (all platforms, or one) through a running server
+    /// (--server, default: the first listener of the config).
+    Prefetch {
+        /// References, e.g. docker/library/nginx:1.27.
+        #[arg(required = true)]
+        references: Vec<String>,
+        /// Only this platform of a multi-arch image (os/arch[/variant]).
+        #[arg(long)]
+        platform: Option<super::prefetch::Platform>,
+        /// Machine-readable output (no progress bar).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(place: &Place, cmd: CacheCommand) -> Result<(), String> {
+    match cmd {
+        CacheCommand::Create { name, kind, source } => {
+            let url = source.url.clone().ok_or("--url is required")?;
+            let mut c = ImageCacheConfig::new(&name, kind, &url);
+            patch(None, source)?.apply(&mut c)?;
+            let body = serde_json::to_value(&c).map_err(err)?;
+            place.call(Method::POST, "/image-caches", Some(body))?;
+            outln!(
+                "created image cache {name} ({kind}); serve it with `berth registry create NAME --type cache --cache {name}` (a running server loads it at its next restart)"
+            );
+        }
+        CacheCommand::Update { name, kind, source } => {
+            let body = serde_json::to_value(patch(kind, source)?).map_err(err)?;
+            let path = format!("/image-caches/{}", seg(&name));
+            place.call(Method::PATCH, &path, Some(body))?;
+            outln!("updated image cache {name} (restart berth to apply)");
+        }
+        CacheCommand::List { json } => print_caches(&place.list_all("/image-caches")?, json)?,
+        CacheCommand::Delete { name } => {
+            let path = format!("/image-caches/{}", seg(&name));
+            place.call(Method::DELETE, &path, None)?;
+            outln!("deleted image cache {name}");
+        }
+        CacheCommand::Prune {
+            dry_run,
+            unpulled_for,
+            json,
+        } => {
+            let mut body = json!({ "dry_run": dry_run });
+            if let Some(d) = unpulled_for {
+                body["unpulled_for"] = humantime::format_duration(d).to_string().into();
+            }
+            let report = place.call(Method::POST, "/cache/prune", Some(body))?;
+            print_prune(&report, json)?;
+        }
+        CacheCommand::Stats { json } => stats(place, json)?,
+        CacheCommand::Prefetch {
+            references,
+            platform,
+            json,
+        } => prefetch(place, &references, platform.as_ref(), json)?,
+    }
+    Ok(())
+}
+
+fn read_password_stdin() -> Result<String, String> {
+    let mut s = String::new();
+    std::io::stdin().read_line(&mut s).map_err(err)?;
+    Ok(s.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// The change the command line asks for (`cache create` and `cache update`).
+fn patch(kind: Option<SourceKind>, a: SourceArgs) -> Result<CachePatch, String> {
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    Ok(CachePatch {
+        kind,
+        url: a.url,
+        username: a.username,
+        password: if a.password_stdin {
+            Some(read_password_stdin()?)
+        } else {
+            None
+        },
+        credentials_file: a.credentials_file,
+        fetch_budget: a.fetch_budget.map(human),
+        revalidate_ttl: a.revalidate_ttl.map(human),
+        region: a.region,
+        ecr_endpoint: a.ecr_endpoint,
+    })
+}
+
+fn print_caches(caches: &[Value], json: bool) -> Result<(), String> {
+    if json {
+        return print_json(&caches);
+    }
+    outln!("{:<20} {:<10} {:<45} CREDENTIALS", "NAME", "KIND", "URL");
+    for c in caches {
+        outln!(
+            "{:<20} {:<10} {:<45} {}",
+            text(c, "name"),
+            text(c, "kind"),
+            text(c, "url"),
+            text(c, "credentials")
+        );
+    }
+    Ok(())
+}
+
+fn print_prune(report: &Value, json: bool) -> Result<(), String> {
+    if json {
+        return print_json(report);
+    }
+    let verb = if report["dry_run"] == true {
+        "would remove"
+    } else {
+        "removed"
+    };
+    let none = Vec::new();
+    let artifacts = report["artifacts"].as_array().unwrap_or(&none);
+    for a in artifacts {
+        outln!(
+            "{verb} {}@{} (last pulled {})",
+            text(a, "repository"),
+            text(a, "digest"),
+            text(a, "last_pull")
+        );
+    }
+    outln!(
+        "{verb} {} artifacts and {} blobs ({} bytes)",
+        artifacts.len(),
+        report["blobs"].as_array().map_or(0, Vec::len),
+        report["bytes"]
+    );
+    Ok(())
+}
+
+fn stats(place: &Place, json: bool) -> Result<(), String> {
+    let url = place.server_url();
+    let stats = place.rt.block_on(super::stats::fetch(&url))?;
+    if json {
+        return print_json(&json!({
+            "registries": stats.registries,
+            "upstream_bytes": stats.upstream_bytes,
+            "hit_ratio": stats.hit_ratio(),
+            "bytes_saved": stats.bytes_saved(),
+        }));
+    }
+    outln!("since the server at {url} started:");
+    for (name, r) in &stats.registries {
+        let outcomes: Vec<String> = r.outcomes.iter().map(|(o, n)| format!("{o}={n}")).collect();
+        outln!(
+            "  {name:<20} {}  served {} bytes",
+            outcomes.join(" "),
+            r.bytes_served
+        );
+    }
+    outln!(
+        "  hit ratio {:.1}%, fetched {} bytes from sources, saved {} bytes",
+        stats.hit_ratio() * 100.0,
+        stats.upstream_bytes,
+        stats.bytes_saved()
+    );
+    Ok(())
+}
+
+fn prefetch(
+    place: &Place,
+    references: &[String],
+    platform: Option<&super::prefetch::Platform>,
+    json: bool,
+) -> Result<(), String> {
+    let url = place.server_url();
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .map_err(err)?
+            .progress_chars("=> "),
+        )
+    };
+    let mut failed = 0;
+    for r in references {
+        bar.set_message(r.clone());
+        match place
+            .rt
+            .block_on(super::prefetch::prefetch(&url, r, platform, &bar))
+        {
+            Ok(rep) if json => outln!(
+                "{}",
+                json!({"reference": r, "manifests": rep.manifests, "blobs": rep.blobs, "bytes": rep.bytes})
+            ),
+            Ok(rep) => bar.println(format!(
+                "{r}: {} manifests, {} blobs, {} bytes",
+                rep.manifests, rep.blobs, rep.bytes
+            )),
+            Err(e) => {
+                failed += 1;
+                bar.println(format!("{r}: failed: {e}"));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if failed > 0 {
+        return Err(format!(
+            "{failed} of {} references failed",
+            references.len()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,323 @@
+//! The `berth` command: `serve`, `check-config`, and admin commands (one file per noun).
+//!
+//! Every admin command has one implementation: a call of the management API. With `--server`
+//! the call goes over HTTP to a running server; without it, to the same API handlers in this
+//! process, on the data directory (locked first) as its operator. Both modes run the same
+//! operation, so they cannot diverge.
+
+/// `println!` that ignores a closed stdout (`berth ... | head`) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+mod cache;
+mod key;
+pub mod prefetch;
+mod registry;
+pub mod remote;
+pub mod stats;
+mod user;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::{HeaderMap, Method};
+use http_body_util::BodyExt;
+use serde_json::Value;
+
+use crate::auth::Principal;
+use crate::config::Config;
+use crate::http::req::Req;
+use crate::App;
+use remote::Remote;
+
+#[derive(Parser)]
+#[command(name = "berth", version, about = "berth: an edge container registry")]
+struct Cli {
+    /// Config file (TOML); embedded defaults when absent.
+    #[arg(long, short, global = true, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides the config's data_dir).
+    #[arg(long, global = true, env = "BERTH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Act through this running server's management API (e.g. http://127.0.0.1:5000) instead
+    /// of the data directory; cache stats and prefetch read from it too.
+    #[arg(long, global = true)]
+    server: Option<String>,
+    /// Access Key ID for --server (Basic credentials).
+    #[arg(long, global = true, env = "BERTH_ACCESS_KEY")]
+    access_key: Option<String>,
+    /// Secret Key for --server.
+    #[arg(long, global = true, env = "BERTH_SECRET_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry server.
+    Serve,
+    /// Manage registries (namespaces): on the data directory (stop the server first), or
+    /// through a running server with --server.
+    #[command(subcommand)]
+    Registry(registry::RegistryCommand),
+    /// Manage image caches (source registries) and the cached content.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
+    /// Manage users (the first admin: `berth user create root --admin` on the data directory).
+    #[command(subcommand)]
+    User(user::UserCommand),
+    /// Manage users' access keys (the credentials of `docker login` and of --server).
+    #[command(subcommand)]
+    Key(key::KeyCommand),
+    /// Print the effective configuration (defaults merged with the file) and exit.
+    CheckConfig,
+}
+
+/// Where an admin command acts: the data directory (the API in this process), or a server's
+/// management API over HTTP.
+pub struct Place {
+    rt: tokio::runtime::Runtime,
+    target: Target,
+    config: Config,
+    server: Option<String>,
+}
+
+enum Target {
+    /// Not opened yet: commands that only talk to a server (stats, prefetch) never lock it.
+    Local(std::sync::OnceLock<Arc<App>>),
+    Remote(Remote),
+}
+
+impl Place {
+    fn of(
+        config: Config,
+        server: Option<String>,
+        key: Option<(String, String)>,
+    ) -> Result<Place, String> {
+        let target = match &server {
+            None => Target::Local(std::sync::OnceLock::new()),
+            Some(url) => Target::Remote(Remote::new(url, key)?),
+        };
+        Ok(Place {
+            rt: runtime()?,
+            target,
+            config,
+            server,
+        })
+    }
+
+    /// The data directory's server state, opened (and locked) on first use.
+    fn app(&self, cell: &std::sync::OnceLock<Arc<App>>) -> Result<Arc<App>, String> {
+        if let Some(app) = cell.get() {
+            return Ok(app.clone());
+        }
+        let app = Arc::new(App::open(self.config.clone(), false).map_err(|e| e.to_string())?);
+        Ok(cell.get_or_init(|| app).clone())
+    }
+
+    /// `METHOD /api/v1{path}` with an optional JSON body; the JSON answer, or the API's error.
+    pub fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+        match &self.target {
+            Target::Remote(r) => self.rt.block_on(r.call(method, path, body)),
+            Target::Local(cell) => {
+                let app = self.app(cell)?;
+                self.rt.block_on(local_call(&app, method, path, body))
+            }
+        }
+    }
+
+    /// Every item of a paginated list.
+    pub fn list_all(&self, path: &str) -> Result<Vec<Value>, String> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut items = Vec::new();
+        for page in 1.. {
+            let v = self.call(
+                Method::GET,
+                &format!("{path}{sep}page={page}&page_size=500"),
+                None,
+            )?;
+            let got = v["items"].as_array().cloned().unwrap_or_default();
+            let total = v["total"].as_u64().unwrap_or(0) as usize;
+            let done = got.is_empty();
+            items.extend(got);
+            if done || items.len() >= total {
+                break;
+            }
+        }
+        Ok(items)
+    }
+
+    /// Base URL of the server that stats and prefetch read: `--server`, else the config's
+    /// first listener.
+    fn server_url(&self) -> String {
+        self.server.clone().unwrap_or_else(|| {
+            let l = &self.config.listen[0];
+            let scheme = if l.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", l.addr)
+        })
+    }
+}
+
+/// Runs one management API request in this process, as the data directory's operator.
+async fn local_call(
+    app: &Arc<App>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let headers = HeaderMap::new();
+    let req = Req {
+        method: &method,
+        query,
+        headers: &headers,
+        principal: &Principal::Operator,
+        public: false,
+    };
+    let bytes = match body {
+        Some(v) => Bytes::from(serde_json::to_vec(&v).map_err(err)?),
+        None => Bytes::new(),
+    };
+    let full = format!("/api/v1{path}");
+    let response = crate::api::dispatch(app, &full, req, http_body_util::Full::new(bytes))
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(err)?
+        .to_bytes();
+    let value: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    if status.is_success() {
+        return Ok(value);
+    }
+    Err(value["errors"][0]["message"].as_str().map_or_else(
+        || format!("{method} {full}: {status}: {value}"),
+        str::to_string,
+    ))
+}
+
+/// The `berth` command line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(dir) = cli.data_dir {
+        config.data_dir = dir;
+    }
+    let key = match (cli.access_key, cli.secret_key) {
+        (Some(id), Some(secret)) => Some((id, secret)),
+        (None, None) => None,
+        _ => {
+            eprintln!("berth: --access-key and --secret-key go together");
+            return ExitCode::from(2);
+        }
+    };
+    let place = |config| Place::of(config, cli.server, key);
+    let result = match cli.command {
+        Command::Serve => serve(config),
+        Command::CheckConfig => {
+            outln!("{config:#?}");
+            Ok(())
+        }
+        Command::Registry(cmd) => place(config).and_then(|p| registry::run(&p, cmd)),
+        Command::Cache(cmd) => place(config).and_then(|p| cache::run(&p, cmd)),
+        Command::User(cmd) => place(config).and_then(|p| user::run(&p, cmd)),
+        Command::Key(cmd) => place(config).and_then(|p| key::run(&p, cmd)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("berth")
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn serve(config: Config) -> Result<(), String> {
+    init_logging(&config.log);
+    runtime()?.block_on(async move {
+        let data_dir = config.data_dir.clone();
+        let server = crate::Server::start(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (addr, tls) in server.local_addrs() {
+            let scheme = if *tls { "https" } else { "http" };
+            outln!("berth listening on {scheme}://{addr}");
+            tracing::info!(%addr, tls, data_dir = %data_dir.display(), "listening");
+        }
+        outln!("berth ready");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        wait_for_signal().await?;
+        tracing::info!("shutting down: no new connections, finishing open requests");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        server.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), String> {
+    outln!("{}", serde_json::to_string_pretty(v).map_err(err)?);
+    Ok(())
+}
+
+fn text<'a>(v: &'a Value, field: &str) -> &'a str {
+    v[field].as_str().unwrap_or("-")
+}
