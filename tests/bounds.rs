@@ -288,7 +288,7 @@ async fn request_bodies_that_stall_are_cut_at_the_body_idle_deadline() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_a_blob_is_cut_and_the_file_released() {
-    let s = TestServer::start("[limits]\nsend_stall_timeout = \"1s\"\n").await;
+    let s = TestServer::start("[limits]\nsend_stall_timeout = \"2s\"\n").await;
     let len = 48 << 20;
     let blob = data(len, 3);
     let d = s.push_blob("library/big", &blob).await;
@@ -312,8 +312,37 @@ async fn a_client_that_stops_reading_a_blob_is_cut_and_the_file_released() {
         "the connection was cut before the whole blob ({} of {len} bytes)",
         got.len()
     );
-    // The server goes on serving the same blob to a reader that reads.
+    // h2c: the client's stack keeps reading the socket but the application reads nothing, so
+    // flow control stops the stream (no write ever blocks): the reader task gives up the file.
+    let h2 = Client::builder().http2_prior_knowledge().build().unwrap();
+    let stalled = h2
+        .get(s.url(&format!("/v2/library/big/blobs/{d}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stalled.version(), reqwest::Version::HTTP_2);
+    eventually("the blob is opened for the h2 response", || {
+        fds_on(&path) > 0
+    })
+    .await;
+    eventually(
+        "the h2 stream that nobody reads releases the blob file",
+        || fds_on(&path) == 0,
+    )
+    .await;
+    let cut = stalled.bytes().await;
+    assert!(
+        cut.as_ref().map_or(true, |b| b.len() < len),
+        "the stalled h2 response was cut"
+    );
+    // The server goes on serving the same blob to a reader that reads, on h1 and h2.
     let r = s.get(&format!("/v2/library/big/blobs/{d}")).await;
+    assert_eq!(r.bytes().await.unwrap().len(), len);
+    let r = h2
+        .get(s.url(&format!("/v2/library/big/blobs/{d}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.bytes().await.unwrap().len(), len);
 }
 
