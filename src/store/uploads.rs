@@ -352,7 +352,12 @@ fn load(id: &str, dir: &Path) -> io::Result<Option<Session>> {
         Err(e) => return Err(e),
     };
     let path = dir.join("data");
-    let len = fs::metadata(&path)?.len();
+    let len = match fs::metadata(&path) {
+        Ok(m) => m.len(),
+        // Removed (expired, cancelled) between the state read and here.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let saved = hex::decode(&state.hasher)
         .ok()
         .and_then(|b| Verifier::restore(&b));
