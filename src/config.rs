@@ -366,6 +366,30 @@ pub struct Limits {
     /// Upload sessions untouched for this long are removed.
     #[serde(with = "humantime_serde_compat")]
     pub upload_expiry: Duration,
+    /// Open connections per listener; a connection over the cap is closed at once.
+    pub max_connections: usize,
+    /// How long a new connection may take to deliver its first complete request head
+    /// (TLS handshake included; h1 and h2 alike).
+    #[serde(with = "humantime_serde_compat")]
+    pub first_byte_timeout: Duration,
+    /// How long a connection with no request in flight stays open (h1 keep-alive, idle h2).
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Interval of HTTP/2 keep-alive pings; a ping unanswered for as long closes the connection.
+    #[serde(with = "humantime_serde_compat")]
+    pub h2_keep_alive: Duration,
+    /// Longest a client may send nothing in the middle of a request body.
+    #[serde(with = "humantime_serde_compat")]
+    pub body_idle_timeout: Duration,
+    /// Longest a response may wait for a client that does not read it.
+    #[serde(with = "humantime_serde_compat")]
+    pub send_stall_timeout: Duration,
+    /// Upload sessions open per repository.
+    pub max_uploads_per_repository: usize,
+    /// Upload sessions open in total.
+    pub max_uploads: usize,
+    /// Below this many free bytes on the data volume `/readyz` answers 503.
+    pub min_free_bytes: u64,
 }
 
 /// Sizes of the in-memory hot caches.
@@ -408,8 +432,55 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             default_page_size: 1000,
             max_page_size: 10_000,
-            upload_expiry: Duration::from_secs(24 * 3600),
+            upload_expiry: Duration::from_secs(3600),
+            max_connections: 4096,
+            first_byte_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            h2_keep_alive: Duration::from_secs(30),
+            body_idle_timeout: Duration::from_secs(30),
+            send_stall_timeout: Duration::from_secs(60),
+            max_uploads_per_repository: 64,
+            max_uploads: 1024,
+            min_free_bytes: 100 * 1024 * 1024,
         }
+    }
+}
+
+impl Limits {
+    /// Caps and deadlines must allow something: zero would refuse every connection or upload,
+    /// or cut every connection at once.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let counts = [
+            ("max_connections", self.max_connections),
+            ("max_uploads", self.max_uploads),
+            (
+                "max_uploads_per_repository",
+                self.max_uploads_per_repository,
+            ),
+        ];
+        for (name, value) in counts {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be at least 1"
+                )));
+            }
+        }
+        let deadlines = [
+            ("first_byte_timeout", self.first_byte_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("h2_keep_alive", self.h2_keep_alive),
+            ("body_idle_timeout", self.body_idle_timeout),
+            ("send_stall_timeout", self.send_stall_timeout),
+            ("upload_expiry", self.upload_expiry),
+        ];
+        for (name, value) in deadlines {
+            if value.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be longer than 0"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -493,6 +564,7 @@ impl Config {
                 )));
             }
         }
+        self.limits.validate()?;
         let mut seen = std::collections::HashSet::new();
         for r in &self.registry {
             crate::oci::reference::validate_registry_name(&r.name)

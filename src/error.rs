@@ -94,7 +94,10 @@ pub enum Error {
     },
     /// Storage or metadata failure.
     #[error("storage error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// The data volume is full (ENOSPC); the message names the path being written.
+    #[error("insufficient storage: {0}")]
+    StorageFull(String),
     /// Metadata store failure.
     #[error("metadata error: {0}")]
     Meta(#[from] sled::Error),
@@ -134,7 +137,11 @@ impl Error {
                 "UNSUPPORTED"
             }
             Error::TooManyRequests { .. } => "TOOMANYREQUESTS",
-            Error::Upstream(_) | Error::Io(_) | Error::Meta(_) | Error::Internal(_) => "UNKNOWN",
+            Error::Upstream(_)
+            | Error::Io(_)
+            | Error::StorageFull(_)
+            | Error::Meta(_)
+            | Error::Internal(_) => "UNKNOWN",
         }
     }
 
@@ -164,6 +171,7 @@ impl Error {
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Error::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::Io(_) | Error::Meta(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -228,6 +236,17 @@ impl From<crate::auth::users::UserError> for Error {
     }
 }
 
+/// A full disk is its own answer (507 naming the cause); every other I/O error is a 500.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            Error::StorageFull(e.to_string())
+        } else {
+            Error::Io(e)
+        }
+    }
+}
+
 impl From<ReferenceError> for Error {
     fn from(e: ReferenceError) -> Self {
         match e {
@@ -266,5 +285,16 @@ mod tests {
         assert_eq!(e.code(), "TAG_INVALID");
         let e = Error::ManifestTooLarge { size: 5, limit: 4 };
         assert_eq!((e.code(), e.status().as_u16()), ("MANIFEST_INVALID", 413));
+        let full = std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "no space left on device in the data directory /d",
+        );
+        let e: Error = full.into();
+        assert_eq!((e.code(), e.status().as_u16()), ("UNKNOWN", 507));
+        assert!(e
+            .body()
+            .contains("no space left on device in the data directory /d"));
+        let e: Error = std::io::Error::other("x").into();
+        assert_eq!(e.status().as_u16(), 500);
     }
 }

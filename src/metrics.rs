@@ -90,3 +90,23 @@ pub fn webhook_delivery(result: &'static str) {
 pub fn webhook_queue_depth(n: u64) {
     metrics::gauge!("berth_webhook_queue_depth").set(n as f64);
 }
+
+/// A connection accepted (gauge `berth_open_connections`).
+pub fn connection_opened() {
+    metrics::gauge!("berth_open_connections").increment(1.0);
+}
+
+/// A connection ended.
+pub fn connection_closed() {
+    metrics::gauge!("berth_open_connections").decrement(1.0);
+}
+
+/// A connection closed at once because its listener had `limits.max_connections` open.
+pub fn connection_over_limit() {
+    metrics::counter!("berth_connections_over_limit_total").increment(1);
+}
+
+/// Free bytes on the data directory's volume.
+pub fn storage_free_bytes(n: u64) {
+    metrics::gauge!("berth_storage_free_bytes").set(n as f64);
+}

@@ -3,7 +3,6 @@
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::Body;
@@ -96,9 +95,8 @@ impl RequestBody for http_body_util::Full<Bytes> {
 pub async fn read_limited(body: impl RequestBody, limit: usize) -> Result<Bytes> {
     let mut body = body;
     let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| Error::ManifestInvalid(format!("request body ended early: {e}")))?;
+    while let Some(frame) = crate::http::body::next_frame(&mut body).await {
+        let frame = frame.map_err(|e| Error::ManifestInvalid(e.to_string()))?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(Error::ManifestTooLarge {

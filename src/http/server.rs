@@ -2,8 +2,10 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -15,7 +17,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::body::Body;
+use super::body::{with_deadlines, Body, BodyDeadlines};
+use super::deadline::{ConnState, Deadlined, InFlight};
 use super::router::{route, Route};
 use crate::auth::Principal;
 use crate::config::{Exposure, Listen};
@@ -98,17 +101,33 @@ fn tls_acceptor(
 /// Accepts connections until `stop` flips, then lets open connections finish within `grace`.
 pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>, grace: Duration) {
     let graceful = GracefulShutdown::new();
+    let limits = &app.config.limits;
+    let conn_limits = super::deadline::Limits {
+        first_byte: limits.first_byte_timeout,
+        idle: limits.idle_timeout,
+        stall: limits.send_stall_timeout,
+    };
+    let body_deadlines = BodyDeadlines {
+        idle: limits.body_idle_timeout,
+        stall: limits.send_stall_timeout,
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header timer starts when h1 waits for a request head, idle time included: the
+    // deadline layer enforces the first-request and idle deadlines, this is only a backstop.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(app.config.limits.max_header_bytes.max(8192));
+        .header_read_timeout(limits.idle_timeout.max(limits.first_byte_timeout))
+        .max_buf_size(limits.max_header_bytes.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(app.config.limits.max_header_bytes as u32);
+        .keep_alive_interval(Some(limits.h2_keep_alive))
+        .keep_alive_timeout(limits.h2_keep_alive)
+        .max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut refusals = Refusals::default();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.changed() => break,
@@ -127,7 +146,18 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
             crate::metrics::connection_refused();
             continue;
         }
+        let Some(slot) = OpenConnection::take(&open, app.config.limits.max_connections) else {
+            // Closed at once rather than left waiting in accept: the accept loop keeps draining
+            // the kernel's queue (whose entries would time out unseen), the client learns at
+            // once and retries or falls back (a Docker daemon goes to its next mirror), and the
+            // refusal is counted. The deadlines free slots held by idle or silent clients.
+            drop(stream);
+            refusals.note(peer, bound.addr, app.config.limits.max_connections);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        let state = ConnState::new(conn_limits);
+        let stream = Deadlined::new(stream, state.clone());
         let app = app.clone();
         let conn = Conn {
             peer,
@@ -136,7 +166,14 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
         };
         let svc = service_fn(move |req| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(app, req, conn).await) }
+            let request = state.begin();
+            async move {
+                let response = with_deadlines(body_deadlines, handle(app, req, conn)).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked {
+                    body,
+                    _request: request,
+                }))
+            }
         });
         match &bound.tls {
             None => {
@@ -145,6 +182,7 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
@@ -155,17 +193,12 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(
-                        Duration::from_secs(30),
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            return tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    let _slot = slot;
+                    // The handshake reads through the deadline layer: a handshake that stalls
+                    // fails at the first-byte deadline.
+                    let tls = match acceptor.accept(stream).await {
+                        Ok(tls) => tls,
+                        Err(e) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     };
                     let conn = builder
                         .serve_connection(TokioIo::new(tls), svc)
@@ -184,6 +217,120 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
     {
         tracing::warn!(grace = ?grace, "shutdown grace expired with connections still open");
     }
+}
+
+/// One open connection of a listener, counted against `limits.max_connections` and in the
+/// `berth_open_connections` gauge until dropped.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<OpenConnection> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()?;
+        crate::metrics::connection_opened();
+        Some(OpenConnection(open.clone()))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        crate::metrics::connection_closed();
+    }
+}
+
+/// Refusals at the connection cap: each counted, logged at most every 10 s (a flood must not
+/// flood the log too).
+#[derive(Default)]
+struct Refusals {
+    since_log: u64,
+    logged: Option<Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, peer: SocketAddr, listener: SocketAddr, max: usize) {
+        crate::metrics::connection_over_limit();
+        self.since_log += 1;
+        if self
+            .logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(
+                %peer,
+                %listener,
+                max_connections = max,
+                refused = self.since_log,
+                "connection closed at once: the listener has limits.max_connections open"
+            );
+            self.since_log = 0;
+            self.logged = Some(Instant::now());
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight (no idle deadline on the
+/// connection) until hyper has sent it or dropped it.
+struct Tracked {
+    body: Body,
+    _request: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `/readyz`: started, and the data volume has at least `limits.min_free_bytes` free.
+async fn readiness(app: &App) -> Response<Body> {
+    if !app.ready.load(Ordering::Acquire) {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "starting\n");
+    }
+    let floor = app.config.limits.min_free_bytes;
+    match free_bytes(app).await {
+        Ok(free) if free >= floor => text(StatusCode::OK, "ready\n"),
+        Ok(free) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: {free} bytes free on the volume of the data directory {}, below limits.min_free_bytes ({floor})\n",
+                app.config.data_dir.display()
+            ),
+        ),
+        Err(e) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: cannot read the free space of the data directory {}: {e}\n",
+                app.config.data_dir.display()
+            ),
+        ),
+    }
+}
+
+/// Free bytes (for unprivileged users) of the data directory's volume; also sets the
+/// `berth_storage_free_bytes` gauge.
+async fn free_bytes(app: &App) -> std::io::Result<u64> {
+    let dir = app.config.data_dir.clone();
+    let free = tokio::task::spawn_blocking(move || crate::store::fs::free_bytes(&dir))
+        .await
+        .map_err(std::io::Error::other)??;
+    crate::metrics::storage_free_bytes(free);
+    Ok(free)
 }
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -206,12 +353,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Respon
     let result = match routed {
         Err(e) => Err(e),
         Ok(Route::Health) => Ok(text(StatusCode::OK, "ok\n")),
-        Ok(Route::Ready) => Ok(if app.ready.load(Ordering::Acquire) {
-            text(StatusCode::OK, "ready\n")
-        } else {
-            text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
-        }),
+        Ok(Route::Ready) => Ok(readiness(&app).await),
         Ok(Route::Metrics) => {
+            if let Err(e) = free_bytes(&app).await {
+                tracing::warn!(error = %e, "cannot read the data volume's free space");
+            }
             let mut r = text(StatusCode::OK, crate::metrics::render());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -1,29 +1,26 @@
 //! Streams a request body into a blob writer: large buffered writes on the blocking pool,
 //! hashing in the same pass, one write in flight while the next buffer fills.
 
-use std::time::Duration;
-
 use bytes::BytesMut;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::http::body::next_frame;
 use crate::store::blobs::BlobWriter;
 
 /// Bytes gathered before one write.
 const WRITE_CHUNK: usize = 2 << 20;
-/// Longest a client may send nothing in the middle of a body.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 type Pending = JoinHandle<(BlobWriter, std::io::Result<()>)>;
 
-async fn settle(pending: Pending) -> Result<BlobWriter> {
-    let (writer, outcome) = pending
-        .await
-        .map_err(|e| Error::Internal(format!("blob writer task: {e}")))?;
-    outcome?;
-    Ok(writer)
+/// Waits for the write in flight. A storage error comes back with the writer, which is still
+/// consistent (writes are all or nothing); only a panicked write task loses it.
+async fn settle(pending: Pending) -> (Option<BlobWriter>, Result<()>) {
+    match pending.await {
+        Ok((writer, outcome)) => (Some(writer), outcome.map_err(Error::from)),
+        Err(e) => (None, Err(Error::Internal(format!("blob writer task: {e}")))),
+    }
 }
 
 fn spawn_write(mut writer: BlobWriter, chunk: bytes::Bytes) -> Pending {
@@ -33,44 +30,40 @@ fn spawn_write(mut writer: BlobWriter, chunk: bytes::Bytes) -> Pending {
     })
 }
 
-/// Appends the whole body to `writer`. Every byte that arrived is written and hashed even when
-/// the body fails midway, so the writer's count and hash always agree (a session can resume).
-/// Returns the writer back and how the body ended. `None` writer means a storage failure lost it.
+/// Appends the body to `writer`, at most `max` bytes (the length the client announced, by
+/// `Content-Length` or `Content-Range`; bodies without one, chunked or HTTP/2, are read to their
+/// end). Bytes that arrived before a failure are written and hashed, so the writer's count and
+/// hash always agree; a body longer than `max` stops before the excess is written. The caller
+/// compares `writer.written` with what it expected. A body that sends nothing for
+/// `limits.body_idle_timeout` is cut. Returns the writer back (`None` only if a write task
+/// panicked) and how the body ended.
 pub async fn receive(
     mut body: Incoming,
     writer: BlobWriter,
-    limit: Option<u64>,
+    max: Option<u64>,
 ) -> (Option<BlobWriter>, Result<()>) {
     let mut buf = BytesMut::new();
+    // Exactly one of `idle` and `pending` holds the writer.
     let mut idle = Some(writer);
     let mut pending: Option<Pending> = None;
     let mut received: u64 = 0;
     let mut outcome = Ok(());
     loop {
-        let frame = match tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await {
-            Err(_) => {
-                outcome = Err(Error::BlobUploadInvalid(
-                    "client sent nothing for 120 s".into(),
-                ));
+        let frame = match next_frame(&mut body).await {
+            None => break,
+            Some(Err(e)) => {
+                outcome = Err(Error::BlobUploadInvalid(e.to_string()));
                 break;
             }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                outcome = Err(Error::BlobUploadInvalid(format!(
-                    "request body ended early: {e}"
-                )));
-                break;
-            }
-            Ok(Some(Ok(frame))) => frame,
+            Some(Ok(frame)) => frame,
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         received += data.len() as u64;
-        if limit.is_some_and(|l| received > l) {
+        if let Some(max) = max.filter(|&m| received > m) {
             outcome = Err(Error::SizeInvalid(format!(
-                "body is longer than the {} bytes announced",
-                limit.unwrap_or(0)
+                "body is longer than the {max} bytes announced"
             )));
             break;
         }
@@ -79,28 +72,32 @@ pub async fn receive(
         }
         buf.extend_from_slice(&data);
         if buf.len() >= WRITE_CHUNK {
-            let writer = match pending.take() {
-                Some(p) => match settle(p).await {
-                    Ok(w) => w,
-                    Err(e) => return (None, Err(e)),
-                },
-                None => idle.take().expect("writer is idle when nothing is pending"),
+            if let Some(p) = pending.take() {
+                match settle(p).await {
+                    (w, Ok(())) => idle = w,
+                    failed => return failed,
+                }
+            }
+            let Some(writer) = idle.take() else {
+                return (None, Err(Error::Internal("blob writer lost".into())));
             };
             pending = Some(spawn_write(writer, buf.split().freeze()));
         }
     }
-    let mut writer = match pending.take() {
-        Some(p) => match settle(p).await {
-            Ok(w) => w,
-            Err(e) => return (None, Err(e)),
-        },
-        None => idle.take().expect("writer is idle when nothing is pending"),
-    };
-    if !buf.is_empty() {
-        match settle(spawn_write(writer, buf.freeze())).await {
-            Ok(w) => writer = w,
-            Err(e) => return (None, Err(e)),
+    if let Some(p) = pending.take() {
+        match settle(p).await {
+            (w, Ok(())) => idle = w,
+            failed => return failed,
         }
     }
-    (Some(writer), outcome)
+    let Some(writer) = idle else {
+        return (None, Err(Error::Internal("blob writer lost".into())));
+    };
+    if buf.is_empty() {
+        return (Some(writer), outcome);
+    }
+    match settle(spawn_write(writer, buf.freeze())).await {
+        (w, Ok(())) => (w, outcome),
+        failed => failed,
+    }
 }

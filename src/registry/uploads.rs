@@ -1,6 +1,7 @@
 //! Blob uploads: monolithic, POST+PUT, chunked PATCH with `Content-Range`, status, cancel, mount.
 
 use http::{header, Response, StatusCode};
+use http_body::Body as _;
 use hyper::body::Incoming;
 
 use super::receive::receive;
@@ -10,7 +11,7 @@ use crate::http::body::Body;
 use crate::http::router::query_param;
 use crate::oci::digest::{Digest, Verifier};
 use crate::oci::reference::RepoName;
-use crate::store::uploads::{hash_file, SessionRef};
+use crate::store::uploads::{hash_file, Caps, CreateError, Session, SessionRef};
 use crate::App;
 
 fn location(repo: &RepoName, id: &str) -> String {
@@ -98,35 +99,65 @@ pub async fn start(
     }
     if let Some(digest) = query_param(req.query, "digest") {
         let digest = Digest::parse(&digest)?;
+        let length = content_length(req)?;
         let writer = app.store.blobs.writer(Verifier::new(digest.algorithm()))?;
-        let (writer, outcome) = receive(body, writer, content_length(req)?).await;
-        let writer = writer.ok_or_else(|| Error::Internal("blob writer lost".into()))?;
-        if let Err(e) = outcome {
-            let _ = std::fs::remove_file(&writer.path);
-            return Err(e);
-        }
+        let temp = writer.path.clone();
+        // Whatever goes wrong, the temp file goes at once (a full disk must not fill further).
+        let discard = |e: Error| {
+            if let Err(rm) = std::fs::remove_file(&temp) {
+                tracing::warn!(path = %temp.display(), error = %rm, "could not remove a failed upload's temp file");
+            }
+            e
+        };
+        let (writer, outcome) = receive(body, writer, length).await;
+        let writer = match (writer, outcome) {
+            (Some(w), Ok(())) => w,
+            (_, Err(e)) => return Err(discard(e)),
+            (None, Ok(())) => return Err(discard(Error::Internal("blob writer lost".into()))),
+        };
         let size = writer.written;
+        if let Some(length) = length.filter(|&l| l != size) {
+            return Err(discard(Error::SizeInvalid(format!(
+                "body has {size} bytes, Content-Length said {length}"
+            ))));
+        }
         let actual = writer.verifier.current();
         if actual != digest {
-            let _ = std::fs::remove_file(&writer.path);
-            return Err(Error::DigestInvalid(format!(
+            return Err(discard(Error::DigestInvalid(format!(
                 "uploaded content has digest {actual}, not {digest}"
-            )));
+            ))));
         }
         let blobs = app.store.blobs.clone();
         let d = digest.clone();
         tokio::task::spawn_blocking(move || blobs.commit(writer, &d))
             .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
+            .map_err(|e| discard(Error::Internal(e.to_string())))?
+            .map_err(|e| discard(e.into()))?;
         app.store.meta.link_blob(repo.as_str(), &digest, size)?;
         app.store.meta.flush().await?;
         return Ok(created(repo, &digest));
     }
-    let session = app.store.uploads.create(repo.as_str())?;
+    let limits = &app.config.limits;
+    let caps = Caps {
+        total: limits.max_uploads,
+        per_repository: limits.max_uploads_per_repository,
+        expiry: limits.upload_expiry,
+    };
+    let session = match app.store.uploads.create(repo.as_str(), caps) {
+        Ok(s) => s,
+        Err(CreateError::TooMany(message)) => {
+            tracing::warn!(%repo, reason = %message, "upload session refused");
+            return Err(Error::TooManyRequests {
+                message,
+                retry_after: None,
+            });
+        }
+        Err(CreateError::Io(e)) => return Err(e.into()),
+    };
     let mut s = session.lock().await;
     let id = s.id.clone();
-    if content_length(req)?.unwrap_or(0) > 0 {
-        append(app, &mut s, body, None).await?;
+    if !body.is_end_stream() {
+        append(app, &mut s, body, None, content_length(req)?).await?;
     }
     Ok(session_response(
         StatusCode::ACCEPTED,
@@ -142,7 +173,11 @@ async fn session(app: &App, repo: &RepoName, id: &str) -> Result<SessionRef> {
             "upload {id} does not exist in {repo}"
         )));
     };
-    if session.lock().await.repo != repo.as_str() {
+    let known = {
+        let s = session.lock().await;
+        s.repo == repo.as_str() && !s.is_gone()
+    };
+    if !known {
         return Err(Error::BlobUploadUnknown(format!(
             "upload {id} does not exist in {repo}"
         )));
@@ -150,15 +185,24 @@ async fn session(app: &App, repo: &RepoName, id: &str) -> Result<SessionRef> {
     Ok(session)
 }
 
-/// Appends a body to a locked session, enforcing `Content-Range` order, then saves its state.
+fn gone(s: &Session) -> Error {
+    Error::BlobUploadUnknown(format!("upload {} was completed or cancelled", s.id))
+}
+
+/// Appends a body to a locked session, then saves its state. A chunk with `Content-Range` must
+/// start at the session's offset (else 416) and is all or nothing: unless exactly the announced
+/// bytes arrive, the session returns to where it stood. A chunk without one keeps every byte
+/// that arrived. Either way a storage failure (a full disk) leaves the session at its last good
+/// offset, so the client can resume from there.
 async fn append(
     app: &App,
-    s: &mut crate::store::uploads::Session,
+    s: &mut Session,
     body: Incoming,
     range: Option<(u64, u64)>,
+    length: Option<u64>,
 ) -> Result<()> {
     let offset = s.offset();
-    let mut limit = None;
+    let mut expect = length;
     if let Some((start, end)) = range {
         if start != offset {
             return Err(Error::RangeNotSatisfiable {
@@ -166,23 +210,36 @@ async fn append(
                 header: (header::RANGE, range_value(offset)),
             });
         }
-        limit = Some(end - start + 1);
+        expect = Some(end - start + 1);
     }
-    let writer = s
-        .writer
-        .take()
-        .ok_or_else(|| Error::BlobUploadUnknown(format!("upload {} already completed", s.id)))?;
-    let (writer, outcome) = receive(body, writer, limit).await;
-    match writer {
-        Some(w) => {
-            s.writer = Some(w);
-            s.save()?;
+    let before = s.progress().cloned().ok_or_else(|| gone(s))?;
+    let writer = s.take_writer()?.ok_or_else(|| gone(s))?;
+    let (writer, outcome) = receive(body, writer, expect).await;
+    let Some(writer) = writer else {
+        // A write task panicked with the hasher state: the session cannot go on.
+        app.store.uploads.remove(s)?;
+        return outcome;
+    };
+    let got = writer.written - offset;
+    let outcome = match (outcome, range) {
+        (Ok(()), Some((start, end))) if Some(got) != expect => {
+            Err(Error::BlobUploadInvalid(format!(
+                "Content-Range {start}-{end} announced {} bytes but the body had {got}",
+                end - start + 1
+            )))
         }
-        None => {
-            let id = s.id.clone();
-            app.store.uploads.remove(&id)?;
-        }
+        (Err(Error::SizeInvalid(_)), Some((start, end))) => Err(Error::BlobUploadInvalid(format!(
+            "the body has more bytes than Content-Range {start}-{end} announced"
+        ))),
+        (outcome, _) => outcome,
+    };
+    if range.is_some() && outcome.is_err() {
+        s.roll_back(writer, before)?;
+        tracing::info!(upload = %s.id, offset, "chunk discarded, the upload stays at its offset");
+    } else {
+        s.put_back(writer);
     }
+    s.save()?;
     outcome
 }
 
@@ -196,7 +253,8 @@ pub async fn patch(
 ) -> Result<Response<Body>> {
     let session = session(app, repo, id).await?;
     let range = content_range(req)?;
-    if let (Some((start, end)), Some(len)) = (range, content_length(req)?) {
+    let length = content_length(req)?;
+    if let (Some((start, end)), Some(len)) = (range, length) {
         if len != end - start + 1 {
             return Err(Error::BlobUploadInvalid(format!(
                 "Content-Range {start}-{end} does not match Content-Length {len}"
@@ -204,11 +262,12 @@ pub async fn patch(
         }
     }
     let mut s = session.lock().await;
-    append(app, &mut s, body, range).await?;
+    append(app, &mut s, body, range, length).await?;
     Ok(session_response(StatusCode::ACCEPTED, repo, id, s.offset()))
 }
 
-/// `PUT /v2/NAME/blobs/uploads/ID?digest=`: last chunk (optional), verify, commit.
+/// `PUT /v2/NAME/blobs/uploads/ID?digest=`: last chunk (optional, with or without a length),
+/// verify, commit.
 pub async fn finish(
     app: &App,
     repo: &RepoName,
@@ -221,38 +280,47 @@ pub async fn finish(
     let digest = Digest::parse(&digest)?;
     let session = session(app, repo, id).await?;
     let mut s = session.lock().await;
-    let range = content_range(req)?;
-    if range.is_some() || content_length(req)?.unwrap_or(0) > 0 {
-        append(app, &mut s, body, range).await?;
+    if s.is_gone() {
+        return Err(gone(&s));
     }
-    let writer = s
-        .writer
-        .take()
-        .ok_or_else(|| Error::BlobUploadUnknown(format!("upload {} already completed", s.id)))?;
-    let size = writer.written;
-    let actual = if writer.verifier.algorithm() == digest.algorithm() {
-        writer.verifier.current()
+    let range = content_range(req)?;
+    if range.is_some() || !body.is_end_stream() {
+        append(app, &mut s, body, range, content_length(req)?).await?;
+    }
+    let progress = s.progress().cloned().ok_or_else(|| gone(&s))?;
+    let size = progress.written;
+    let actual = if progress.verifier.algorithm() == digest.algorithm() {
+        progress.verifier.current()
     } else {
         // Rare: a digest algorithm other than the session's; hash the file once more.
-        let path = writer.path.clone();
+        let path = s.data_path();
         let algo = digest.algorithm();
         tokio::task::spawn_blocking(move || hash_file(&path, algo).map(Verifier::finish))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??
     };
     if actual != digest {
-        drop(writer);
-        app.store.uploads.remove(id)?;
+        app.store.uploads.remove(&mut s)?;
         return Err(Error::DigestInvalid(format!(
             "uploaded content has digest {actual}, not {digest}; the upload was discarded"
         )));
     }
+    let writer = s.take_writer()?.ok_or_else(|| gone(&s))?;
     let fs = app.store.fs.clone();
     let d = digest.clone();
-    tokio::task::spawn_blocking(move || fs.commit_file(&writer.file, &writer.path, &d))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
-    app.store.uploads.remove(id)?;
+    let (writer, committed) = tokio::task::spawn_blocking(move || {
+        let r = fs.commit_file(&writer.file, &writer.path, &d);
+        (writer, r)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    if let Err(e) = committed {
+        // Not committed (a full disk at fsync): the session stays, complete, for another PUT.
+        s.put_back(writer);
+        return Err(e.into());
+    }
+    drop(writer);
+    app.store.uploads.remove(&mut s)?;
     app.store.meta.link_blob(repo.as_str(), &digest, size)?;
     app.store.meta.flush().await?;
     Ok(created(repo, &digest))
@@ -268,7 +336,10 @@ pub async fn status(app: &App, repo: &RepoName, id: &str) -> Result<Response<Bod
 /// `DELETE /v2/NAME/blobs/uploads/ID`.
 pub async fn cancel(app: &App, repo: &RepoName, id: &str) -> Result<Response<Body>> {
     let session = session(app, repo, id).await?;
-    let _held = session.lock().await;
-    app.store.uploads.remove(id)?;
+    let mut s = session.lock().await;
+    if s.is_gone() {
+        return Err(gone(&s));
+    }
+    app.store.uploads.remove(&mut s)?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

@@ -4,7 +4,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::blobs::{BlobStore, BlobWriter, OpenBlob};
+use super::blobs::{explain, BlobStore, BlobWriter, OpenBlob};
 use crate::oci::digest::{Algorithm, Digest, Verifier};
 
 /// Blob store on a local filesystem.
@@ -38,10 +38,10 @@ impl FsBlobStore {
 
     /// Moves a complete file into place and makes the rename durable.
     pub fn commit_file(&self, file: &File, from: &Path, digest: &Digest) -> io::Result<()> {
-        file.sync_data()?;
+        file.sync_data().map_err(|e| explain(e, from))?;
         let dest = self.path(digest);
         let dir = dest.parent().expect("blob path has a parent");
-        fs::create_dir_all(dir)?;
+        fs::create_dir_all(dir).map_err(|e| explain(e, dir))?;
         if dest.exists() {
             // Same content already committed (content addressing): drop ours.
             let _ = fs::remove_file(from);
@@ -50,6 +50,13 @@ impl FsBlobStore {
         fs::rename(from, &dest)?;
         File::open(dir)?.sync_all()
     }
+}
+
+/// Bytes an unprivileged writer may still use on the volume holding `dir` (statvfs
+/// `f_bavail * f_frsize`). Blocking.
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 impl BlobStore for FsBlobStore {
@@ -77,7 +84,8 @@ impl BlobStore for FsBlobStore {
         let file = OpenOptions::new()
             .create_new(true)
             .write(true)
-            .open(&path)?;
+            .open(&path)
+            .map_err(|e| explain(e, &path))?;
         Ok(BlobWriter {
             file,
             path,
@@ -95,8 +103,13 @@ impl BlobStore for FsBlobStore {
             return Ok(());
         }
         let mut w = self.writer(Verifier::new(digest.algorithm()))?;
-        w.write(bytes)?;
-        self.commit(w, digest)
+        let path = w.path.clone();
+        let done = w.write(bytes).and_then(|()| self.commit(w, digest));
+        if done.is_err() {
+            // Nothing half-written stays behind (a full disk must not fill up further).
+            let _ = fs::remove_file(path);
+        }
+        done
     }
 
     fn remove(&self, digest: &Digest) -> io::Result<bool> {
