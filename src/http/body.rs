@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 /// The deadlines of one request's bodies (`limits.body_idle_timeout`, `limits.send_stall_timeout`).
@@ -55,16 +54,18 @@ pub enum BodyError {
     Stalled(Duration),
     /// The connection failed or the body was malformed.
     #[error("request body ended early: {0}")]
-    Broken(hyper::Error),
+    Broken(String),
 }
 
 /// The next frame of a request body, failing when the client sends nothing for the request's
 /// idle deadline (a client that stalls mid-body must not hold a task, a buffer or a session).
-pub async fn next_frame(body: &mut Incoming) -> Option<Result<Frame<Bytes>, BodyError>> {
+pub async fn next_frame(
+    body: &mut impl super::req::RequestBody,
+) -> Option<Result<Frame<Bytes>, BodyError>> {
     let idle = deadlines().idle;
     match tokio::time::timeout(idle, body.frame()).await {
         Err(_) => Some(Err(BodyError::Stalled(idle))),
-        Ok(frame) => frame.map(|f| f.map_err(BodyError::Broken)),
+        Ok(frame) => frame.map(|f| f.map_err(|e| BodyError::Broken(e.to_string()))),
     }
 }
 
