@@ -1,6 +1,7 @@
 //! HTTP plumbing: listeners and TLS, routing, streaming bodies.
 
 pub mod body;
+pub mod egress;
 pub mod req;
 pub mod router;
 pub mod server;
