@@ -206,6 +206,8 @@ async fn an_endless_manifest_is_cut_at_max_manifest_bytes() {
 struct BlobSource {
     double: Double,
     bad: Arc<AtomicBool>,
+    /// The bad answer announces its 256 MiB in Content-Length.
+    announce: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
     layer: Vec<u8>,
     layer_digest: String,
@@ -218,6 +220,8 @@ fn blob_source() -> BlobSource {
     let manifest_digest = sha256(&manifest);
     let layer_digest = sha256(&layer);
     let (bad, sent) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
+    let announce = Arc::new(AtomicBool::new(false));
+    let a = announce.clone();
     let (b, s, l, ld) = (
         bad.clone(),
         sent.clone(),
@@ -240,7 +244,13 @@ fn blob_source() -> BlobSource {
         }
         if path.ends_with(&format!("/blobs/{ld}")) {
             if b.load(Ordering::SeqCst) {
-                return answer(200, &[], endless(256 * MIB, s.clone()));
+                let length = (256 * MIB).to_string();
+                let headers: &[(&str, &str)] = if a.load(Ordering::SeqCst) {
+                    &[("content-length", length.as_str())]
+                } else {
+                    &[]
+                };
+                return answer(200, headers, endless(256 * MIB, s.clone()));
             }
             return answer(200, &[], full_body(l.clone()));
         }
@@ -249,6 +259,7 @@ fn blob_source() -> BlobSource {
     BlobSource {
         double,
         bad,
+        announce,
         sent,
         layer,
         layer_digest,
@@ -302,6 +313,33 @@ async fn a_blob_longer_than_its_descriptor_is_stopped_and_nothing_is_committed()
         wait_until(Duration::from_secs(30), || committed(&e, &src.layer_digest)).await,
         "the good fetch was committed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_beyond_the_descriptor_does_not_buy_more_bytes() {
+    let src = blob_source();
+    src.announce.store(true, Ordering::SeqCst);
+    let e = edge(&src.double.url(), "", "").await;
+    let r = e.get("/v2/hub/app/manifests/v1").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = e
+        .get(&format!("/v2/hub/app/blobs/{}", src.layer_digest))
+        .await;
+    // The announced size may reach the client before the bytes do; the body then breaks off
+    // (never a complete-looking blob).
+    let complete = r.status() == StatusCode::OK && r.bytes().await.is_ok();
+    assert!(
+        !complete,
+        "a 256 MiB answer for a 1 MiB blob was served whole"
+    );
+    let n = src.sent.load(Ordering::SeqCst);
+    assert!(n < MIB + HANGUP_SLACK, "the source wrote {n} bytes");
+    assert!(
+        wait_until(Duration::from_secs(30), || partials(&e).is_empty()).await,
+        "partial discarded: {:?}",
+        partials(&e)
+    );
+    assert!(!committed(&e, &src.layer_digest));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
