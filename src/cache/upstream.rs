@@ -432,10 +432,14 @@ impl Source {
                 .and_then(|u| u.host_str().map(|h| h.eq_ignore_ascii_case(&realm_host)))
                 .unwrap_or(false);
         let checked = if own_host {
-            // The source's own host: its address is the operator's; only the scheme matters.
-            match url.scheme() {
-                "http" | "https" => Ok(()),
-                other => Err(egress::EgressError::Scheme(other.to_string())),
+            // The source's own host: its address is the operator's; scheme and port still
+            // matter.
+            match self
+                .policy
+                .check_url(&url, &self.allowed_ports, "pull_through.allowed_ports")
+            {
+                Err(egress::EgressError::Denied { .. }) => Ok(()),
+                other => other,
             }
         } else {
             self.policy
