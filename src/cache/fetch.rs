@@ -376,6 +376,7 @@ impl Job {
             Ok(()) => {
                 tracing::info!(digest = %self.fetch.digest, cache = %self.source.name(), bytes = fetched, "blob cached");
                 self.fetch.progress.send_modify(|p| p.phase = Phase::Done);
+                self.fetches.finish(&self.fetch.digest);
             }
             Err((why, not_found, keep_partial)) => {
                 if keep_partial {
@@ -384,13 +385,15 @@ impl Job {
                     self.discard();
                 }
                 tracing::warn!(digest = %self.fetch.digest, cache = %self.source.name(), error = %why, "blob fetch stopped");
+                // Leave the in-flight map before readers learn of the failure: a request that
+                // follows their error starts a fresh fetch instead of joining this failed one.
+                self.fetches.finish(&self.fetch.digest);
                 self.fetch.progress.send_modify(|p| {
                     p.phase = Phase::Failed(why.into());
                     p.not_found = not_found;
                 });
             }
         }
-        self.fetches.finish(&self.fetch.digest);
     }
 
     async fn attempt(&mut self, deadline: Instant) -> Ended {
