@@ -35,6 +35,41 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Webhook delivery.
     pub webhooks: WebhookConfig,
+    /// Where berth may connect on a source's or a user's say-so (redirects, token realms,
+    /// webhook targets).
+    pub egress: EgressConfig,
+}
+
+/// The destination policy for redirects, foreign token realms and webhook targets (`[egress]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Address ranges berth never connects to on someone else's say-so (checked on the resolved
+    /// address); the IP of every listener bound to a specific address is added.
+    pub denied_networks: Vec<ipnet::IpNet>,
+    /// Exceptions that win over `denied_networks` and the listener addresses (e.g. a webhook
+    /// receiver on this host).
+    pub allowed_networks: Vec<ipnet::IpNet>,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        let nets = [
+            "127.0.0.0/8",
+            "::1/128",
+            "0.0.0.0/8",
+            "::/128",
+            "169.254.0.0/16",
+            "fe80::/10",
+        ];
+        EgressConfig {
+            denied_networks: nets
+                .iter()
+                .map(|n| n.parse().expect("built-in network parses"))
+                .collect(),
+            allowed_networks: Vec::new(),
+        }
+    }
 }
 
 /// Whether requests must authenticate.
@@ -303,6 +338,9 @@ pub struct PullThrough {
     /// Deadline for a tag revalidation (HEAD) before the cached copy is served as stale.
     #[serde(with = "humantime_serde_compat")]
     pub revalidate_timeout: Duration,
+    /// Largest blob a source may send when neither its `Content-Length` nor a cached manifest
+    /// gives the size; a fetch that goes past it is stopped and discarded.
+    pub max_blob_bytes: u64,
 }
 
 impl Default for PullThrough {
@@ -314,6 +352,7 @@ impl Default for PullThrough {
             partial_max_age: Duration::from_secs(2 * 3600),
             gc_grace: Duration::from_secs(3600),
             revalidate_timeout: Duration::from_secs(10),
+            max_blob_bytes: 64 << 30,
         }
     }
 }
@@ -421,6 +460,7 @@ impl Default for Config {
             log: "info".to_string(),
             auth: AuthConfig::default(),
             webhooks: WebhookConfig::default(),
+            egress: EgressConfig::default(),
         }
     }
 }

@@ -128,8 +128,9 @@ impl App {
         }
         let cache = cache::Cache::open(&config, &store).map_err(StartError::Listen)?;
         let auth = auth::Auth::open(&store, &config.data_dir, &config.auth).map_err(store_err)?;
-        let webhooks =
-            events::webhooks::Webhooks::open(&store.meta, &config.webhooks).map_err(store_err)?;
+        let egress = Arc::new(http::egress::EgressPolicy::from_config(&config));
+        let webhooks = events::webhooks::Webhooks::open_with(&store.meta, &config.webhooks, egress)
+            .map_err(store_err)?;
         Ok(App {
             config,
             store: Arc::new(store),

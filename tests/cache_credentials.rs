@@ -274,8 +274,10 @@ async fn blob_redirects_are_followed_without_the_source_credentials() {
     let a = source.put_image("org/app", "v1", &[b"redirected layer"]);
     let front = BasicAuthFront::start(&source.url(), "user", "pw");
     front.redirect_blobs(true);
+    // The object store double is on loopback (another port than the source): the egress
+    // policy refuses that by default (tests/egress.rs), so this test allows loopback.
     let e = edge(&format!(
-        "kind = \"acr\"\nurl = \"{}\"\nusername = \"user\"\npassword = \"pw\"",
+        "kind = \"acr\"\nurl = \"{}\"\nusername = \"user\"\npassword = \"pw\"\n[egress]\nallowed_networks = [\"127.0.0.0/8\"]",
         front.url()
     ))
     .await;

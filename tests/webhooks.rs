@@ -17,8 +17,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 /// Any port (receivers listen on ephemeral ones) and short retries.
-const FAST: &str =
-    "[webhooks]\nallowed_ports = []\nretry_initial = \"50ms\"\nretry_max = \"400ms\"\n";
+/// Receivers run on loopback, which the egress policy refuses by default: these tests allow it
+/// (tests/egress.rs checks the refusal).
+const FAST: &str = "[egress]\nallowed_networks = [\"127.0.0.0/8\"]\n[webhooks]\nallowed_ports = []\nretry_initial = \"50ms\"\nretry_max = \"400ms\"\n";
 
 /// One request the receiver got, and what it answered.
 #[derive(Clone, Debug)]

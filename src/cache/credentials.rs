@@ -201,19 +201,29 @@ impl EcrKeys {
         for (k, v) in request.headers() {
             builder = builder.header(k.as_str(), v.as_bytes());
         }
-        let response = builder
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut response = builder
             .timeout(Duration::from_secs(30))
             .send()
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| fail(crate::http::egress::error_chain(&e.without_url())))?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| fail(e.to_string()))?;
         if !status.is_success() {
+            // A short, sanitised excerpt of the error answer; the rest is never read.
+            let raw = crate::http::egress::read_prefix(&mut response, 4096, deadline).await;
             return Err(fail(format!(
                 "{status}: {}",
-                text.chars().take(300).collect::<String>()
+                crate::http::egress::excerpt(&raw)
             )));
         }
+        let body = crate::http::egress::read_capped(
+            &mut response,
+            super::upstream::MAX_TOKEN_BYTES,
+            deadline,
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+        let text = String::from_utf8_lossy(&body);
         parse_token_response(&text).map_err(fail)
     }
 }

@@ -220,6 +220,8 @@ impl Fetches {
         drop(map);
         let job = Job {
             fetches: self.clone(),
+            described: None,
+            cap: 0,
             pending: None,
             store: store.clone(),
             source: source.clone(),
@@ -306,6 +308,11 @@ struct Piece {
 
 struct Job {
     fetches: Arc<Fetches>,
+    /// The blob's size as a cached manifest of a repository it is fetched for describes it.
+    described: Option<u64>,
+    /// Most bytes the blob may have in the current attempt (the smaller of the source's
+    /// announced size and the described size, else `pull_through.max_blob_bytes`).
+    cap: u64,
     pending: Option<Piece>,
     store: Arc<Store>,
     source: Arc<Source>,
@@ -325,6 +332,13 @@ enum Ended {
 
 impl Job {
     async fn run(mut self) {
+        let repos = self.fetch.link_to.lock().unwrap().clone();
+        let (store, digest) = (self.store.clone(), self.fetch.digest.clone());
+        self.described =
+            tokio::task::spawn_blocking(move || described_size(&store, &repos, &digest))
+                .await
+                .ok()
+                .flatten();
         let budget = self.source.config.fetch_budget;
         let deadline = Instant::now() + budget;
         let started_at = self.fetch.progress.borrow().written;
@@ -362,6 +376,7 @@ impl Job {
             Ok(()) => {
                 tracing::info!(digest = %self.fetch.digest, cache = %self.source.name(), bytes = fetched, "blob cached");
                 self.fetch.progress.send_modify(|p| p.phase = Phase::Done);
+                self.fetches.finish(&self.fetch.digest);
             }
             Err((why, not_found, keep_partial)) => {
                 if keep_partial {
@@ -370,13 +385,15 @@ impl Job {
                     self.discard();
                 }
                 tracing::warn!(digest = %self.fetch.digest, cache = %self.source.name(), error = %why, "blob fetch stopped");
+                // Leave the in-flight map before readers learn of the failure: a request that
+                // follows their error starts a fresh fetch instead of joining this failed one.
+                self.fetches.finish(&self.fetch.digest);
                 self.fetch.progress.send_modify(|p| {
                     p.phase = Phase::Failed(why.into());
                     p.not_found = not_found;
                 });
             }
         }
-        self.fetches.finish(&self.fetch.digest);
     }
 
     async fn attempt(&mut self, deadline: Instant) -> Ended {
@@ -423,6 +440,12 @@ impl Job {
             skip = offset;
             response.content_length()
         };
+        // The most the blob can have: the smaller of what the source announces and what a cached
+        // manifest describes; where neither is known, `pull_through.max_blob_bytes`.
+        self.cap = match (size, self.described) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or_else(|| self.source.max_blob_bytes()),
+        };
         if let Some(size) = size {
             self.fetch.progress.send_modify(|p| p.size = Some(size));
         }
@@ -436,6 +459,9 @@ impl Job {
         deadline: Instant,
     ) -> Ended {
         let mut buf = BytesMut::new();
+        // Bytes of the blob held once this chunk is in: a source that sends more than the blob
+        // can have is cut off at once, whatever its Content-Length said.
+        let mut received = self.fetch.progress.borrow().written;
         loop {
             let chunk = match tokio::time::timeout_at(deadline.into(), response.chunk()).await {
                 Err(_) => {
@@ -448,7 +474,7 @@ impl Job {
                     let flushed = self.flush(&mut buf).await;
                     return match flushed {
                         Ok(()) => Ended::Retry(UpstreamError::Unreachable(
-                            super::upstream::error_chain(&e),
+                            super::upstream::error_chain(&e.without_url()),
                         )),
                         Err(e) => Ended::Fatal(e, false),
                     };
@@ -468,6 +494,18 @@ impl Job {
                 chunk = chunk.slice(n..);
             }
             metrics::counter!("berth_upstream_fetch_bytes_total").increment(chunk.len() as u64);
+            received += chunk.len() as u64;
+            if received > self.cap {
+                let _ = self.settle().await;
+                metrics::counter!("berth_cache_oversized_fetches_total").increment(1);
+                return Ended::Fatal(
+                    format!(
+                        "source sent more than {} bytes for {}: stopped and discarded",
+                        self.cap, self.fetch.digest
+                    ),
+                    false,
+                );
+            }
             buf.extend_from_slice(&chunk);
             // Hand a piece to the writer and keep reading the source while it is written and
             // hashed; readers see it once it is in the file.
@@ -587,9 +625,71 @@ impl Job {
     }
 }
 
+/// Manifests of a repository scanned for a blob's described size (a cache repository holds a
+/// few tags' worth).
+const MAX_MANIFESTS_SCANNED: usize = 256;
+
+/// The size that a manifest held in one of `repos` gives for `digest` (as config, layer or
+/// artifact blob), if any.
+fn described_size(store: &Store, repos: &[String], digest: &Digest) -> Option<u64> {
+    for repo in repos {
+        let Ok(artifacts) = store.meta.artifacts(repo) else {
+            continue;
+        };
+        for (manifest, record) in artifacts.iter().take(MAX_MANIFESTS_SCANNED) {
+            if record.size > 4 << 20 {
+                continue;
+            }
+            if let Ok(Some(bytes)) = store.blobs.read_small(manifest, 4 << 20) {
+                if let Some(size) = descriptor_size(&bytes, digest) {
+                    return Some(size);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The size of `digest`'s descriptor in an image or artifact manifest.
+fn descriptor_size(manifest: &[u8], digest: &Digest) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Desc {
+        digest: Option<String>,
+        size: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        config: Option<Desc>,
+        #[serde(default)]
+        layers: Vec<Desc>,
+        #[serde(default)]
+        blobs: Vec<Desc>,
+    }
+    let m: Manifest = serde_json::from_slice(manifest).ok()?;
+    m.config
+        .into_iter()
+        .chain(m.layers)
+        .chain(m.blobs)
+        .find(|d| d.digest.as_deref() == Some(digest.as_str()))?
+        .size
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn described_sizes_come_from_config_layers_and_blobs() {
+        let layer = Digest::sha256(b"layer");
+        let config = Digest::sha256(b"config");
+        let m = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{config}","size":6}},"layers":[{{"digest":"{layer}","size":5}}]}}"#
+        );
+        assert_eq!(descriptor_size(m.as_bytes(), &layer), Some(5));
+        assert_eq!(descriptor_size(m.as_bytes(), &config), Some(6));
+        assert_eq!(descriptor_size(m.as_bytes(), &Digest::sha256(b"x")), None);
+        assert_eq!(descriptor_size(b"not json", &layer), None);
+    }
 
     #[test]
     fn stale_partials_are_removed_and_resumable_state_is_kept() {

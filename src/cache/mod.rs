@@ -77,8 +77,9 @@ impl Cache {
     /// Builds the sources of every image cache the store knows.
     pub fn open(config: &Config, store: &Store) -> std::result::Result<Cache, String> {
         let mut sources = HashMap::new();
+        let policy = Arc::new(crate::http::egress::EgressPolicy::from_config(config));
         for c in store.meta.image_caches().map_err(|e| e.to_string())? {
-            let source = Source::new(c, &config.pull_through.allowed_ports)?;
+            let source = Source::build(c, &config.pull_through, policy.clone())?;
             sources.insert(source.name().to_string(), Arc::new(source));
         }
         Ok(Cache {

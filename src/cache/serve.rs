@@ -216,7 +216,13 @@ async fn fetch_manifest(
         let chunk = tokio::time::timeout_at(deadline.into(), response.chunk())
             .await
             .map_err(|_| Error::Upstream("source manifest timed out".into()))?
-            .map_err(|e| Error::Upstream(format!("source manifest body: {e}")))?;
+            .map_err(|e| {
+                Error::Upstream(format!(
+                    "image cache {:?}: source manifest body: {}",
+                    t.source.name(),
+                    crate::http::egress::error_chain(&e.without_url())
+                ))
+            })?;
         let Some(chunk) = chunk else { break };
         if bytes.len() + chunk.len() > limit {
             return Err(Error::Upstream(format!(

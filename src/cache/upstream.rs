@@ -3,14 +3,26 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method, StatusCode};
+use reqwest::Url;
 use serde::Deserialize;
 
 use super::credentials::{static_credentials, Basic, CredentialError, EcrKeys};
-use crate::config::{ImageCacheConfig, SourceKind};
+use crate::config::{ImageCacheConfig, PullThrough, SourceKind};
+use crate::http::egress::{self, EgressPolicy, ReadError};
+
+/// Redirect hops followed per request before berth gives up (a loop, or a source that keeps
+/// sending it elsewhere).
+pub const MAX_REDIRECTS: usize = 5;
+
+/// Largest token answer read from a token realm (or ECR's API): real ones are a few KiB.
+pub const MAX_TOKEN_BYTES: usize = 1 << 20;
+
+/// Bytes of an error answer read to make its excerpt; the rest is never read.
+const MAX_ERROR_BODY_BYTES: usize = 4096;
 
 /// Hosts that all mean Docker Hub.
 const DOCKER_HUB_HOSTS: [&str; 4] = [
@@ -39,6 +51,10 @@ pub enum UpstreamError {
     /// Credentials missing, refused, or the credential exchange failed.
     #[error("source refused credentials: {0}")]
     Auth(String),
+    /// berth refused what the source asked for or sent: a redirect or token realm the egress
+    /// policy denies, too many redirects, an answer over its size cap.
+    #[error("source refused: {0}")]
+    Refused(String),
 }
 
 impl UpstreamError {
@@ -54,7 +70,7 @@ impl UpstreamError {
             UpstreamError::Status { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            UpstreamError::Auth(_) => false,
+            UpstreamError::Auth(_) | UpstreamError::Refused(_) => false,
         }
     }
 
@@ -91,6 +107,9 @@ pub struct Source {
     endpoint: String,
     hosts: Vec<String>,
     client: reqwest::Client,
+    policy: Arc<EgressPolicy>,
+    allowed_ports: Vec<u16>,
+    max_blob_bytes: u64,
     credentials: Option<Basic>,
     ecr: Option<EcrKeys>,
     ecr_password: tokio::sync::Mutex<Option<(Basic, Instant)>>,
@@ -145,14 +164,48 @@ pub fn parse_challenge(value: &str) -> Option<Challenge> {
     })
 }
 
+/// Scheme, lowercase host and port of a URL: credentials go only back to where they were meant.
+fn origin(u: &Url) -> (String, String, Option<u16>) {
+    (
+        u.scheme().to_string(),
+        u.host_str().unwrap_or_default().to_ascii_lowercase(),
+        u.port_or_known_default(),
+    )
+}
+
+/// `host[:port]` of a URL, for messages (never its user-info, path or query).
+fn host_port(u: &Url) -> String {
+    match (u.host_str(), u.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_string(),
+        _ => "(no host)".into(),
+    }
+}
+
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 impl Source {
-    /// Builds the client for an image cache; checks its URL, port and credentials.
+    /// Builds the client for an image cache with the default egress policy and blob cap;
+    /// checks its URL, port and credentials.
     pub fn new(config: ImageCacheConfig, allowed_ports: &[u16]) -> Result<Source, String> {
+        let settings = PullThrough {
+            allowed_ports: allowed_ports.to_vec(),
+            ..PullThrough::default()
+        };
+        Source::build(config, &settings, Arc::new(EgressPolicy::default()))
+    }
+
+    /// Builds the client for an image cache under `policy`, with the ports and blob cap of
+    /// `[pull_through]`; checks its URL, port and credentials.
+    pub fn build(
+        config: ImageCacheConfig,
+        settings: &PullThrough,
+        policy: Arc<EgressPolicy>,
+    ) -> Result<Source, String> {
+        let allowed_ports = settings.allowed_ports.as_slice();
         let url = reqwest::Url::parse(&config.url).map_err(|e| {
             format!(
                 "image cache {:?}: bad url {:?}: {e}",
@@ -193,9 +246,22 @@ impl Source {
             ),
             _ => None,
         };
+        // The operator's own hosts resolve unfiltered (sources on private or loopback addresses
+        // are configured on purpose); any other name goes through the egress policy.
+        let mut trusted = vec![host.clone()];
+        trusted.extend(
+            [Some(endpoint.as_str()), config.ecr_endpoint.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|u| Url::parse(u).ok()?.host_str().map(str::to_string)),
+        );
+        // Redirects are followed by hand (`request_following`): each hop is checked against the
+        // egress policy, and credentials never leave the origin they were meant for.
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(policy.resolver(trusted))
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| e.to_string())?;
@@ -204,6 +270,9 @@ impl Source {
             endpoint,
             hosts,
             client,
+            policy,
+            allowed_ports: allowed_ports.to_vec(),
+            max_blob_bytes: settings.max_blob_bytes,
             credentials,
             ecr,
             ecr_password: tokio::sync::Mutex::new(None),
@@ -215,6 +284,82 @@ impl Source {
     /// Name of the image cache.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Largest blob accepted when neither the source nor a cached manifest gives its size.
+    pub fn max_blob_bytes(&self) -> u64 {
+        self.max_blob_bytes
+    }
+
+    /// Sends `method url` and follows up to [`MAX_REDIRECTS`] redirects by hand. `auth` goes
+    /// only to the origin (scheme, host, port) of `url`; a hop to any other origin must pass
+    /// the egress policy (on its resolved address) and is sent without credentials.
+    async fn request_following(
+        &self,
+        method: &Method,
+        mut url: Url,
+        headers: &HeaderMap,
+        auth: Option<&str>,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let home = origin(&url);
+        let mut hops = 0;
+        loop {
+            let mut builder = self.client.request(method.clone(), url.clone());
+            for (k, v) in headers {
+                builder = builder.header(k, v);
+            }
+            if let Some(a) = auth.filter(|_| origin(&url) == home) {
+                builder = builder.header(reqwest::header::AUTHORIZATION, a);
+            }
+            let response = tokio::time::timeout_at(deadline.into(), builder.send())
+                .await
+                .map_err(|_| {
+                    UpstreamError::Unreachable(format!("timed out waiting for the {what}"))
+                })?
+                .map_err(|e| {
+                    UpstreamError::Unreachable(format!(
+                        "{what}: {}",
+                        egress::error_chain(&e.without_url())
+                    ))
+                })?;
+            let status = response.status();
+            if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+                return Ok(response);
+            }
+            let Some(location) = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+            else {
+                return Ok(response);
+            };
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                tracing::warn!(cache = %self.name(), what, "more than {MAX_REDIRECTS} redirects; giving up");
+                return Err(UpstreamError::Refused(format!(
+                    "the {what} redirected more than {MAX_REDIRECTS} times (a redirect loop?)"
+                )));
+            }
+            let next = url.join(location).map_err(|e| {
+                UpstreamError::Refused(format!("the {what} redirected to an invalid location: {e}"))
+            })?;
+            if origin(&next) != home {
+                if let Err(e) = self
+                    .policy
+                    .check_resolved(&next, &self.allowed_ports, "pull_through.allowed_ports")
+                    .await
+                {
+                    tracing::warn!(cache = %self.name(), what, target = %host_port(&next), error = %e, "redirect refused by the egress policy");
+                    return Err(UpstreamError::Refused(format!(
+                        "the {what} redirected to {}, which the egress policy refuses: {e}",
+                        host_port(&next)
+                    )));
+                }
+            }
+            url = next;
+        }
     }
 
     /// Whether this source serves registry host `ns` (containerd's `?ns=`).
@@ -273,8 +418,41 @@ impl Source {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let mut url = reqwest::Url::parse(realm)
-            .map_err(|e| UpstreamError::Auth(format!("bad realm {realm:?}: {e}")))?;
+        let mut url =
+            Url::parse(realm).map_err(|e| UpstreamError::Auth(format!("bad token realm: {e}")))?;
+        let realm_host = url.host_str().unwrap_or_default().to_string();
+        // A realm on the source's own host is the source's; any other host must pass the
+        // egress policy like a redirect target.
+        let own_host = self
+            .hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&realm_host))
+            || Url::parse(&self.endpoint)
+                .ok()
+                .and_then(|u| u.host_str().map(|h| h.eq_ignore_ascii_case(&realm_host)))
+                .unwrap_or(false);
+        let checked = if own_host {
+            // The source's own host: its address is the operator's; scheme and port still
+            // matter.
+            match self
+                .policy
+                .check_url(&url, &self.allowed_ports, "pull_through.allowed_ports")
+            {
+                Err(egress::EgressError::Denied { .. }) => Ok(()),
+                other => other,
+            }
+        } else {
+            self.policy
+                .check_resolved(&url, &self.allowed_ports, "pull_through.allowed_ports")
+                .await
+        };
+        if let Err(e) = checked {
+            tracing::warn!(cache = %self.name(), realm = %host_port(&url), error = %e, "token realm refused by the egress policy");
+            return Err(UpstreamError::Refused(format!(
+                "token realm on {} refused by the egress policy: {e}",
+                host_port(&url)
+            )));
+        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -282,31 +460,42 @@ impl Source {
             }
             q.append_pair("scope", scope);
         }
-        let mut req = self.client.get(url);
-        if let Some(basic) = self.basic().await? {
-            req = req.header(reqwest::header::AUTHORIZATION, basic.header());
-        }
-        let response = tokio::time::timeout_at(deadline.into(), req.send())
-            .await
-            .map_err(|_| UpstreamError::Unreachable("token endpoint timed out".into()))?
-            .map_err(|e| UpstreamError::Unreachable(format!("token endpoint: {e}")))?;
+        let realm_at = host_port(&url);
+        let basic = self.basic().await?.map(|b| b.header());
+        let mut response = self
+            .request_following(
+                &Method::GET,
+                url,
+                &HeaderMap::new(),
+                basic.as_deref(),
+                deadline,
+                "token endpoint",
+            )
+            .await?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(UpstreamError::Auth(format!(
-                "token endpoint {realm} answered {status}"
+                "token endpoint on {realm_at} answered {status}"
             )));
         }
         if !status.is_success() {
             return Err(UpstreamError::Status {
                 status,
                 retry_after: retry_after(response.headers()),
-                message: format!("token endpoint {realm}"),
+                message: format!("token endpoint on {realm_at}"),
             });
         }
-        let text = tokio::time::timeout_at(deadline.into(), response.bytes())
+        let text = egress::read_capped(&mut response, MAX_TOKEN_BYTES, deadline)
             .await
-            .map_err(|_| UpstreamError::Unreachable("token endpoint timed out".into()))?
-            .map_err(|e| UpstreamError::Unreachable(format!("token endpoint: {e}")))?;
+            .map_err(|e| match e {
+                ReadError::TooLarge(cap) => {
+                    tracing::warn!(cache = %self.name(), realm = %realm_at, "token answer over {cap} bytes; not read");
+                    UpstreamError::Refused(format!(
+                        "token endpoint on {realm_at} sent an answer over {cap} bytes"
+                    ))
+                }
+                other => UpstreamError::Unreachable(format!("token endpoint: {other}")),
+            })?;
         let body: TokenResponse = serde_json::from_slice(&text)
             .map_err(|e| UpstreamError::Auth(format!("token endpoint sent no token: {e}")))?;
         let token = body
@@ -333,18 +522,10 @@ impl Source {
         auth: Option<&str>,
         deadline: Instant,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = format!("{}/v2/{}", self.endpoint, req.path);
-        let mut builder = self.client.request(req.method.clone(), url);
-        for (k, v) in &req.headers {
-            builder = builder.header(k, v);
-        }
-        if let Some(a) = auth {
-            builder = builder.header(reqwest::header::AUTHORIZATION, a);
-        }
-        tokio::time::timeout_at(deadline.into(), builder.send())
+        let url = Url::parse(&format!("{}/v2/{}", self.endpoint, req.path))
+            .map_err(|e| UpstreamError::Refused(format!("bad source path {:?}: {e}", req.path)))?;
+        self.request_following(&req.method, url, &req.headers, auth, deadline, "source")
             .await
-            .map_err(|_| UpstreamError::Unreachable("timed out waiting for the source".into()))?
-            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))
     }
 
     /// One request with the challenge flow (at most one auth round trip), no retries.
@@ -412,14 +593,10 @@ impl Source {
             return Ok(response);
         }
         let retry = retry_after(response.headers());
-        let message = tokio::time::timeout_at(deadline.into(), response.text())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default()
-            .chars()
-            .take(300)
-            .collect();
+        // Only a short, sanitised excerpt of the source's error text is kept (and read).
+        let mut response = response;
+        let raw = egress::read_prefix(&mut response, MAX_ERROR_BODY_BYTES, deadline).await;
+        let message = egress::excerpt(&raw);
         Err(UpstreamError::Status {
             status,
             retry_after: retry,
@@ -452,17 +629,7 @@ impl Source {
     }
 }
 
-/// An error with its causes (reqwest hides the useful part in `source()`).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::http::egress::error_chain;
 
 #[cfg(test)]
 mod tests {

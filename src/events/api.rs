@@ -72,6 +72,7 @@ pub async fn handle(
         }
         (&Method::POST, []) => {
             let spec: WebhookSpec = read_json(body).await?;
+            w.check_destination(&spec.target).await?;
             let p = w.create(registry, spec)?;
             app.store.meta.flush().await?;
             Ok(json(StatusCode::CREATED, p.view()))
@@ -79,6 +80,9 @@ pub async fn handle(
         (&Method::GET, [id]) => Ok(json(StatusCode::OK, w.get(registry, id)?.view())),
         (&Method::PATCH, [id]) => {
             let patch: WebhookPatch = read_json(body).await?;
+            if let Some(target) = &patch.target {
+                w.check_destination(target).await?;
+            }
             let p = w.update(registry, id, patch)?;
             app.store.meta.flush().await?;
             Ok(json(StatusCode::OK, p.view()))

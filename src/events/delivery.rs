@@ -162,8 +162,9 @@ impl Webhooks {
             retry_after: None,
             permanent,
         };
-        // The allow list may have changed since the policy was created.
-        let url = match check_target(&policy.target, &self.config.allowed_ports) {
+        // The allow list and the egress policy may have changed since the policy was created;
+        // a host name is checked where it resolves now, by the client's resolver.
+        let url = match check_target(&policy.target, &self.config.allowed_ports, &self.egress) {
             Ok(u) => u,
             Err(e) => return fail(e.to_string(), true),
         };
@@ -215,7 +216,7 @@ impl Webhooks {
             Err(e) if e.is_timeout() => {
                 fail(format!("no answer within {:?}", self.config.timeout), false)
             }
-            Err(e) => fail(format!("{e}"), false),
+            Err(e) => fail(crate::http::egress::error_chain(&e), false),
         }
     }
 

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use super::{Event, EventKind};
 use crate::config::WebhookConfig;
 use crate::error::{Error, Result};
+use crate::http::egress::{EgressError, EgressPolicy};
 use crate::store::meta::{now_ms, Meta, Records};
 
 /// Payload format of a policy's target.
@@ -179,33 +180,43 @@ pub struct Webhooks {
     pub(super) log_len: Mutex<HashMap<String, (usize, usize)>>,
     pub(super) queue_depth: AtomicI64,
     pub(super) client: reqwest::Client,
+    /// Where targets may be (`[egress]`): checked at creation and again at each delivery,
+    /// where the client's resolver applies it to the resolved address.
+    pub(super) egress: Arc<EgressPolicy>,
 }
 
 pub(super) fn seq(id: u64) -> String {
     format!("{id:020}")
 }
 
-/// Checks a target URL: http(s), a host, and a port in `allowed` (empty allows any).
-pub(super) fn check_target(target: &str, allowed: &[u16]) -> Result<reqwest::Url> {
+/// Checks a target URL without DNS: http(s), a host, a port in `allowed` (empty allows any),
+/// and an IP-literal host (in any spelling) against the egress policy.
+pub(super) fn check_target(
+    target: &str,
+    allowed: &[u16],
+    policy: &EgressPolicy,
+) -> Result<reqwest::Url> {
     let url = reqwest::Url::parse(target)
         .map_err(|e| Error::BadRequest(format!("webhook target {target:?} is not a URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(Error::BadRequest(format!(
-            "webhook target {target:?} must be an http:// or https:// URL"
-        )));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(Error::BadRequest(format!(
-            "webhook target {target:?} has no host"
-        )));
-    }
-    let port = url.port_or_known_default().unwrap_or(443);
-    if !allowed.is_empty() && !allowed.contains(&port) {
-        return Err(Error::BadRequest(format!(
-            "webhook target port {port} is not allowed (webhooks.allowed_ports: {allowed:?})"
-        )));
-    }
+    policy
+        .check_url(&url, allowed, "webhooks.allowed_ports")
+        .map_err(|e| target_refused(target, e))?;
     Ok(url)
+}
+
+fn target_refused(target: &str, e: EgressError) -> Error {
+    Error::BadRequest(match e {
+        EgressError::Scheme(_) => {
+            format!("webhook target {target:?} must be an http:// or https:// URL")
+        }
+        EgressError::NoHost => format!("webhook target {target:?} has no host"),
+        EgressError::Port { port, allowed, .. } => format!(
+            "webhook target port {port} is not allowed (webhooks.allowed_ports: {allowed:?})"
+        ),
+        denied @ EgressError::Denied { .. } => {
+            format!("webhook target {target:?} is refused: {denied}")
+        }
+    })
 }
 
 fn check_header(value: &Option<String>) -> Result<()> {
@@ -233,10 +244,20 @@ fn non_empty(v: Option<String>) -> Option<String> {
 }
 
 impl Webhooks {
-    /// Opens the policy, log and outbox trees.
+    /// Opens the policy, log and outbox trees, with the default egress policy.
     pub fn open(meta: &Meta, config: &WebhookConfig) -> Result<Webhooks> {
+        Webhooks::open_with(meta, config, Arc::new(EgressPolicy::default()))
+    }
+
+    /// Opens the policy, log and outbox trees; targets must pass `egress`.
+    pub fn open_with(
+        meta: &Meta,
+        config: &WebhookConfig,
+        egress: Arc<EgressPolicy>,
+    ) -> Result<Webhooks> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(egress.resolver(Vec::new()))
             .connect_timeout(config.timeout)
             .user_agent(concat!("berth-webhooks/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -256,6 +277,7 @@ impl Webhooks {
             log_len: Mutex::new(HashMap::new()),
             queue_depth: AtomicI64::new(0),
             client,
+            egress,
         };
         w.refresh()?;
         Ok(w)
@@ -330,7 +352,7 @@ impl Webhooks {
             return Err(Error::BadRequest("webhook name must not be empty".into()));
         }
         check_events(&mut events)?;
-        check_target(&target, &self.config.allowed_ports)?;
+        check_target(&target, &self.config.allowed_ports, &self.egress)?;
         let auth_header = non_empty(auth_header);
         check_header(&auth_header)?;
         let _guard = self.changes.lock().unwrap();
@@ -354,6 +376,17 @@ impl Webhooks {
         self.policies.put(&[registry, &policy.id], &policy)?;
         self.refresh()?;
         Ok(policy)
+    }
+
+    /// Checks a target as [`create`](Self::create) and [`update`](Self::update) do, and also
+    /// where its host name resolves now (a name that resolves only to denied addresses is
+    /// refused; one that does not resolve yet is accepted, and checked again at delivery).
+    pub async fn check_destination(&self, target: &str) -> Result<()> {
+        let url = check_target(target, &self.config.allowed_ports, &self.egress)?;
+        self.egress
+            .check_resolved(&url, &self.config.allowed_ports, "webhooks.allowed_ports")
+            .await
+            .map_err(|e| target_refused(target, e))
     }
 
     /// Policies of a registry, by name.
@@ -396,7 +429,7 @@ impl Webhooks {
             p.events = events;
         }
         if let Some(target) = patch.target {
-            check_target(&target, &self.config.allowed_ports)?;
+            check_target(&target, &self.config.allowed_ports, &self.egress)?;
             p.target = target;
         }
         if let Some(kind) = patch.kind {

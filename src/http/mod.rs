@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod deadline;
+pub mod egress;
 pub mod req;
 pub mod router;
 pub mod server;
