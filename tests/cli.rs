@@ -487,6 +487,10 @@ fn tokio_stream_from(
     })
 }
 
+/// Webhook targets on loopback (refused by default) for a test receiver.
+const HOOKS_TO_LOOPBACK: &str =
+    "[webhooks]\nallowed_ports = []\n[egress]\nallowed_networks = [\"127.0.0.0/8\"]\n";
+
 /// Data-directory mode runs the management API's own operations: deleting a registry there
 /// drops its webhook policies too (before, the data-directory path forgot them and a registry
 /// created later under the same name inherited the old webhooks).
@@ -495,7 +499,7 @@ async fn data_dir_registry_delete_is_the_api_delete() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     assert!(berth(&data, &["registry", "create", "team"]).0);
-    let mut server = BerthProcess::start_in(dir.path(), "[webhooks]\nallowed_ports = []\n");
+    let mut server = BerthProcess::start_in(dir.path(), HOOKS_TO_LOOPBACK);
     let client = reqwest::Client::new();
     let hooks = format!("{}/api/v1/registries/team/webhooks", server.url());
     let r = client
@@ -514,7 +518,7 @@ async fn data_dir_registry_delete_is_the_api_delete() {
     let (ok, out, e) = berth(&data, &["registry", "delete", "team"]);
     assert!(ok && out.contains("deleted registry team"), "{out}{e}");
     assert!(berth(&data, &["registry", "create", "team"]).0);
-    let server = BerthProcess::start_in(dir.path(), "[webhooks]\nallowed_ports = []\n");
+    let server = BerthProcess::start_in(dir.path(), HOOKS_TO_LOOPBACK);
     let hooks = format!("{}/api/v1/registries/team/webhooks", server.url());
     let v: serde_json::Value = client
         .get(&hooks)
