@@ -538,13 +538,17 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config {path}: {source}")]
     Read {
+        /// The config file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
     /// The TOML is malformed or has unknown keys.
     #[error("invalid config {path}: {source}")]
     Parse {
+        /// The config file.
         path: PathBuf,
+        /// What the TOML parser said.
         source: toml::de::Error,
     },
     /// The values are inconsistent.

@@ -29,7 +29,12 @@ pub enum Error {
     ManifestInvalid(String),
     /// Manifest bigger than the limit.
     #[error("manifest of {size} bytes exceeds the limit of {limit} bytes")]
-    ManifestTooLarge { size: u64, limit: usize },
+    ManifestTooLarge {
+        /// Bytes received (or announced).
+        size: u64,
+        /// The limit.
+        limit: usize,
+    },
     /// Manifest (tag or digest) not found.
     #[error("manifest unknown: {0}")]
     ManifestUnknown(String),
@@ -51,6 +56,7 @@ pub enum Error {
     /// Chunk out of order or byte range not satisfiable; carries the header to send.
     #[error("requested range not satisfiable: {message}")]
     RangeNotSatisfiable {
+        /// What was asked and what there is.
         message: String,
         /// `Range` (uploads) or `Content-Range` (blob reads) header to return.
         header: (http::HeaderName, String),
@@ -62,6 +68,7 @@ pub enum Error {
     /// `WWW-Authenticate` challenge (built by the HTTP layer, which knows the host).
     #[error("{message}")]
     Unauthorized {
+        /// Why.
         message: String,
         /// Scope the challenge should ask for.
         scope: Option<String>,
@@ -89,7 +96,9 @@ pub enum Error {
     /// The source is rate limiting and nothing usable is cached.
     #[error("{message}")]
     TooManyRequests {
+        /// Why.
         message: String,
+        /// When to try again (`Retry-After`).
         retry_after: Option<std::time::Duration>,
     },
     /// Storage or metadata failure.

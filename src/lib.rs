@@ -1,6 +1,11 @@
 //! berth: an edge container registry: origin registry, pull-through cache and replication worker.
 //!
-//! Data flows one way: listener → router → behaviour → store (DESIGN.md 3).
+//! Data flows one way: listener → dispatch → behaviour → store (DESIGN.md 3).
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;
 pub mod auth;
@@ -52,7 +57,9 @@ pub enum StartError {
     /// Store could not be opened.
     #[error("cannot open data directory {dir}: {source}")]
     Store {
+        /// The data directory.
         dir: std::path::PathBuf,
+        /// Why it could not be opened.
         source: error::Error,
     },
     /// A listener, TLS file or image cache definition is unusable.

@@ -77,7 +77,12 @@ pub enum UserError {
     UnknownUser(String),
     /// No such key for that user.
     #[error("user {user:?} has no access key {id:?}")]
-    UnknownKey { user: String, id: String },
+    UnknownKey {
+        /// The user.
+        user: String,
+        /// The key asked for.
+        id: String,
+    },
     /// Key limit reached.
     #[error("user {0:?} already has {MAX_KEYS_PER_USER} access keys (revoke one first)")]
     TooManyKeys(String),

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -167,7 +169,7 @@ impl Fetches {
 
     /// Whether `digest` is being fetched.
     pub fn is_inflight(&self, digest: &Digest) -> bool {
-        self.inflight.lock().unwrap().contains_key(digest)
+        self.inflight.lock().contains_key(digest)
     }
 
     /// Whether a fetch of `digest` is in flight that will link it into `repo` when it commits
@@ -175,14 +177,13 @@ impl Fetches {
     pub fn will_link(&self, digest: &Digest, repo: &str) -> bool {
         self.inflight
             .lock()
-            .unwrap()
             .get(digest)
-            .is_some_and(|f| f.link_to.lock().unwrap().iter().any(|r| r == repo))
+            .is_some_and(|f| f.link_to.lock().iter().any(|r| r == repo))
     }
 
     /// Digests being fetched (garbage collection must leave them alone).
     pub fn inflight_digests(&self) -> Vec<Digest> {
-        self.inflight.lock().unwrap().keys().cloned().collect()
+        self.inflight.lock().keys().cloned().collect()
     }
 
     /// Joins the fetch of `digest` or starts one. Returns the fetch and whether it was joined.
@@ -194,9 +195,9 @@ impl Fetches {
         local_repo: &str,
         digest: &Digest,
     ) -> io::Result<(Arc<Fetch>, bool)> {
-        let mut map = self.inflight.lock().unwrap();
+        let mut map = self.inflight.lock();
         if let Some(f) = map.get(digest) {
-            f.link_to.lock().unwrap().push(local_repo.to_string());
+            f.link_to.lock().push(local_repo.to_string());
             return Ok((f.clone(), true));
         }
         let path = self.partial_dir.join(partial_name(digest));
@@ -235,7 +236,7 @@ impl Fetches {
     }
 
     fn finish(&self, digest: &Digest) {
-        let mut map = self.inflight.lock().unwrap();
+        let mut map = self.inflight.lock();
         map.remove(digest);
         metrics::gauge!("berth_inflight_fetches").set(map.len() as f64);
     }
@@ -332,7 +333,7 @@ enum Ended {
 
 impl Job {
     async fn run(mut self) {
-        let repos = self.fetch.link_to.lock().unwrap().clone();
+        let repos = self.fetch.link_to.lock().clone();
         let (store, digest) = (self.store.clone(), self.fetch.digest.clone());
         self.described =
             tokio::task::spawn_blocking(move || described_size(&store, &repos, &digest))
@@ -599,7 +600,7 @@ impl Job {
         self.fetch
             .progress
             .send_modify(|p| p.size = Some(p.written));
-        let repos = std::mem::take(&mut *self.fetch.link_to.lock().unwrap());
+        let repos = std::mem::take(&mut *self.fetch.link_to.lock());
         for repo in repos {
             self.store
                 .meta

@@ -39,7 +39,7 @@ pub struct Cache {
     /// One revalidation per tag at a time; the others wait and reuse its answer.
     revalidating: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
     /// Registry names interned for metric labels.
-    labels: std::sync::Mutex<HashMap<String, &'static str>>,
+    labels: parking_lot::Mutex<HashMap<String, &'static str>>,
     mirror: Option<String>,
 }
 
@@ -102,7 +102,7 @@ impl Cache {
 
     /// A `'static` label for a registry name (registries are few and long-lived).
     pub fn label(&self, registry: &str) -> &'static str {
-        let mut labels = self.labels.lock().unwrap();
+        let mut labels = self.labels.lock();
         if let Some(l) = labels.get(registry) {
             return l;
         }

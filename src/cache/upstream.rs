@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method, StatusCode};
@@ -400,7 +402,7 @@ impl Source {
     }
 
     fn cached_token(&self, scope: &str) -> Option<String> {
-        let tokens = self.tokens.lock().unwrap();
+        let tokens = self.tokens.lock();
         let t = tokens.get(scope)?;
         (Instant::now() < t.expires).then(|| t.header.clone())
     }
@@ -505,7 +507,7 @@ impl Source {
         // Docker's spec: 60 s when unspecified. Refresh a tenth early (at most a minute).
         let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
         let header = format!("Bearer {token}");
-        self.tokens.lock().unwrap().insert(
+        self.tokens.lock().insert(
             scope.to_string(),
             CachedToken {
                 header: header.clone(),
@@ -581,7 +583,7 @@ impl Source {
                 }
             }
             if response.status() == StatusCode::UNAUTHORIZED {
-                self.tokens.lock().unwrap().remove(&scope);
+                self.tokens.lock().remove(&scope);
                 return Err(UpstreamError::Auth(format!(
                     "credentials of image cache {:?} were refused",
                     self.name()

@@ -104,7 +104,7 @@ impl Webhooks {
         // pending (they cannot be trimmed), and the log holds at most 110% of `log_keep` plus
         // the pending ones.
         let slack = (keep / 10).max(1);
-        let mut lens = self.log_len.lock().unwrap();
+        let mut lens = self.log_len.lock();
         let (len, trim_at) = match lens.get_mut(&d.policy_id) {
             Some(entry) => {
                 entry.0 += 1;
@@ -440,7 +440,7 @@ pub(crate) async fn dispatch(
                 }
                 // Close the queues of deleted or disabled policies: their workers end once the
                 // queue is drained (and discard or fail what is left).
-                let active = w.active.read().unwrap().clone();
+                let active = w.active.read().clone();
                 let live: HashSet<&str> = active.values().flatten().map(|p| p.id.as_str()).collect();
                 workers.queues.retain(|id, _| live.contains(id.as_str()));
             }

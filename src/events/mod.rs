@@ -121,7 +121,7 @@ pub const BUS_CAPACITY: usize = 10_000;
 /// that consume it.
 pub struct Events {
     tx: tokio::sync::mpsc::Sender<Event>,
-    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
+    rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
     /// Webhook policies, their delivery log and delivery.
     pub webhooks: Arc<webhooks::Webhooks>,
 }
@@ -132,7 +132,7 @@ impl Events {
         let (tx, rx) = tokio::sync::mpsc::channel(BUS_CAPACITY);
         Events {
             tx,
-            rx: std::sync::Mutex::new(Some(rx)),
+            rx: parking_lot::Mutex::new(Some(rx)),
             webhooks: Arc::new(webhooks),
         }
     }
@@ -161,7 +161,7 @@ impl Events {
 
     /// The receiving end, taken once by the dispatcher.
     pub fn take_receiver(&self) -> Option<tokio::sync::mpsc::Receiver<Event>> {
-        self.rx.lock().unwrap().take()
+        self.rx.lock().take()
     }
 
     /// Starts the dispatcher (and the delivery workers) until `stop` turns true; `None` when

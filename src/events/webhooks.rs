@@ -9,7 +9,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -296,7 +298,7 @@ impl Webhooks {
                     .push(Arc::new(p));
             }
         }
-        *self.active.write().unwrap() = Arc::new(active);
+        *self.active.write() = Arc::new(active);
         self.any_pull.store(any_pull, Ordering::Release);
         self.changed.send_modify(|v| *v += 1);
         Ok(())
@@ -310,13 +312,12 @@ impl Webhooks {
         }
         self.active
             .read()
-            .unwrap()
             .get(registry)
             .is_some_and(|ps| ps.iter().any(|p| p.events.contains(&kind)))
     }
 
     pub(super) fn matching(&self, event: &Event) -> Vec<Arc<WebhookPolicy>> {
-        let active = self.active.read().unwrap().clone();
+        let active = self.active.read().clone();
         active
             .get(&event.registry)
             .map(|ps| {
@@ -355,7 +356,7 @@ impl Webhooks {
         check_target(&target, &self.config.allowed_ports, &self.egress)?;
         let auth_header = non_empty(auth_header);
         check_header(&auth_header)?;
-        let _guard = self.changes.lock().unwrap();
+        let _guard = self.changes.lock();
         if self.name_taken(registry, &name, None)? {
             return Err(Error::Conflict(format!(
                 "registry {registry:?} already has a webhook named {name:?}"
@@ -410,7 +411,7 @@ impl Webhooks {
 
     /// Changes a policy.
     pub fn update(&self, registry: &str, id: &str, patch: WebhookPatch) -> Result<WebhookPolicy> {
-        let _guard = self.changes.lock().unwrap();
+        let _guard = self.changes.lock();
         let mut p = self.get(registry, id)?;
         if let Some(name) = patch.name {
             let name = name.trim().to_string();
@@ -453,7 +454,7 @@ impl Webhooks {
 
     /// Deletes a policy with its delivery log; its queued deliveries are discarded.
     pub fn delete(&self, registry: &str, id: &str) -> Result<()> {
-        let _guard = self.changes.lock().unwrap();
+        let _guard = self.changes.lock();
         self.policies.remove(&[registry, id])?.ok_or_else(|| {
             Error::NotFound(format!("registry {registry:?} has no webhook {id:?}"))
         })?;
@@ -463,7 +464,7 @@ impl Webhooks {
 
     /// Deletes every policy of a registry (the registry is being deleted); returns how many.
     pub fn remove_registry(&self, registry: &str) -> Result<usize> {
-        let _guard = self.changes.lock().unwrap();
+        let _guard = self.changes.lock();
         let policies = self.policies.list(&[registry])?;
         for (id, _) in &policies {
             self.forget(id)?;
@@ -476,7 +477,7 @@ impl Webhooks {
     fn forget(&self, id: &str) -> Result<()> {
         self.log.remove_prefix(&[id])?;
         self.outbox.remove_prefix(&[id])?;
-        self.log_len.lock().unwrap().remove(id);
+        self.log_len.lock().remove(id);
         Ok(())
     }
 

@@ -10,17 +10,43 @@ pub enum Route {
     /// `/v2/_catalog`.
     Catalog,
     /// `/v2/NAME/blobs/DIGEST`.
-    Blob { name: String, digest: String },
+    Blob {
+        /// Repository name as written (`REGISTRY/IMAGE`, or a mirror path).
+        name: String,
+        /// Digest as written.
+        digest: String,
+    },
     /// `/v2/NAME/blobs/uploads/`.
-    UploadStart { name: String },
+    UploadStart {
+        /// Repository name as written (`REGISTRY/IMAGE`, or a mirror path).
+        name: String,
+    },
     /// `/v2/NAME/blobs/uploads/ID`.
-    Upload { name: String, id: String },
+    Upload {
+        /// Repository name as written (`REGISTRY/IMAGE`, or a mirror path).
+        name: String,
+        /// Upload session id.
+        id: String,
+    },
     /// `/v2/NAME/manifests/REFERENCE`.
-    Manifest { name: String, reference: String },
+    Manifest {
+        /// Repository name as written (`REGISTRY/IMAGE`, or a mirror path).
+        name: String,
+        /// Tag or digest as written.
+        reference: String,
+    },
     /// `/v2/NAME/tags/list`.
-    Tags { name: String },
+    Tags {
+        /// Repository name as written (`REGISTRY/IMAGE`, or a mirror path).
+        name: String,
+    },
     /// `/v2/NAME/referrers/DIGEST`.
-    Referrers { name: String, digest: String },
+    Referrers {
+        /// Repository name as written (`REGISTRY/IMAGE`, or a mirror path).
+        name: String,
+        /// Subject digest as written.
+        digest: String,
+    },
     /// `/healthz`.
     Health,
     /// `/readyz`.

@@ -108,7 +108,12 @@ pub enum ManifestError {
     MediaType(String),
     /// Content-Type and body disagree.
     #[error("Content-Type {header:?} does not match the manifest's mediaType {body:?}")]
-    MediaTypeMismatch { header: String, body: String },
+    MediaTypeMismatch {
+        /// The request's `Content-Type`.
+        header: String,
+        /// The body's `mediaType`.
+        body: String,
+    },
     /// Fields that do not belong to the media type.
     #[error("manifest of type {0} is missing {1}")]
     Shape(String, &'static str),

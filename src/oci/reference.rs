@@ -14,7 +14,12 @@ pub const MAX_TAG_LEN: usize = 128;
 pub enum ReferenceError {
     /// Name breaks the grammar.
     #[error("invalid repository name {name:?}: {why}")]
-    Name { name: String, why: &'static str },
+    Name {
+        /// The name.
+        name: String,
+        /// The rule it breaks.
+        why: &'static str,
+    },
     /// Tag breaks the grammar.
     #[error("invalid tag {0:?}: tags are [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}")]
     Tag(String),

@@ -143,7 +143,7 @@ pub struct Meta {
     /// Striped per-repository locks: the records of one push or one delete (artifact, tags,
     /// referrer, catalog entry) change together, never interleaved with another writer of the
     /// same repository, so a tag never points at an artifact that is gone.
-    repo_locks: Box<[std::sync::Mutex<()>]>,
+    repo_locks: Box<[parking_lot::Mutex<()>]>,
     /// This process's hold on the data directory.
     _lock: super::lock::DataDirLock,
 }
@@ -218,21 +218,19 @@ impl Meta {
             flusher: Default::default(),
             _lock: lock,
             repo_locks: (0..REPO_LOCK_STRIPES)
-                .map(|_| std::sync::Mutex::new(()))
+                .map(|_| parking_lot::Mutex::new(()))
                 .collect(),
         })
     }
 
     /// The write lock of a repository. Held only across sled calls (no I/O awaits); a panic
     /// while it is held poisons nothing: the next writer takes it over.
-    fn lock_repo(&self, repo: &str) -> std::sync::MutexGuard<'_, ()> {
+    fn lock_repo(&self, repo: &str) -> parking_lot::MutexGuard<'_, ()> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         repo.hash(&mut h);
         let stripe = (h.finish() % REPO_LOCK_STRIPES as u64) as usize;
-        self.repo_locks[stripe]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.repo_locks[stripe].lock()
     }
 
     /// A tree of typed records owned by a behaviour (users, keys, webhooks, deliveries...).
@@ -531,7 +529,9 @@ impl Meta {
     pub fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> MetaResult<Vec<String>> {
         let p = prefix(&[repo]);
         let mut end = p.clone();
-        *end.last_mut().unwrap() = 1;
+        if let Some(last) = end.last_mut() {
+            *last = 1;
+        }
         let start = match last {
             Some(l) => {
                 let mut s = key(&[repo, l]);

@@ -8,7 +8,9 @@ pub mod uploads;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -44,12 +46,12 @@ impl PullRecorder {
     /// Notes a pull now (cheap: an `Arc` clone and a map insert).
     pub fn record(&self, key: &Arc<str>) {
         let now = meta::now_ms();
-        self.pending.lock().unwrap().insert(key.clone(), now);
+        self.pending.lock().insert(key.clone(), now);
     }
 
     /// Writes what was gathered since the last call.
     pub fn flush(&self, meta: &Meta) -> Result<usize, sled::Error> {
-        let batch: Vec<(Arc<str>, u64)> = std::mem::take(&mut *self.pending.lock().unwrap())
+        let batch: Vec<(Arc<str>, u64)> = std::mem::take(&mut *self.pending.lock())
             .into_iter()
             .collect();
         if !batch.is_empty() {
@@ -121,7 +123,7 @@ impl Store {
 
     /// A registry by name (in memory; the server is the only writer while it runs).
     pub fn registry(&self, name: &str) -> Option<Arc<RegistryRecord>> {
-        self.registries.read().unwrap().get(name).cloned()
+        self.registries.read().get(name).cloned()
     }
 
     /// The first registry matching `pred` (under the read lock: no clones on a miss).
@@ -129,19 +131,13 @@ impl Store {
         &self,
         mut pred: impl FnMut(&RegistryRecord) -> bool,
     ) -> Option<Arc<RegistryRecord>> {
-        self.registries
-            .read()
-            .unwrap()
-            .values()
-            .find(|r| pred(r))
-            .cloned()
+        self.registries.read().values().find(|r| pred(r)).cloned()
     }
 
     /// All registries (in memory).
     pub fn registries(&self) -> Vec<RegistryRecord> {
         self.registries
             .read()
-            .unwrap()
             .values()
             .map(|r| RegistryRecord::clone(r))
             .collect()
@@ -152,7 +148,6 @@ impl Store {
         self.meta.put_registry(&record)?;
         self.registries
             .write()
-            .unwrap()
             .insert(record.name.clone(), Arc::new(record));
         Ok(())
     }
@@ -160,7 +155,7 @@ impl Store {
     /// Deletes a registry and everything recorded under it (sled and the in-memory map).
     pub fn remove_registry(&self, name: &str) -> Result<(), sled::Error> {
         self.meta.delete_registry(name)?;
-        self.registries.write().unwrap().remove(name);
+        self.registries.write().remove(name);
         Ok(())
     }
 
