@@ -18,6 +18,7 @@ use crate::http::req::{json_response, no_such_registry, Req};
 use crate::http::router::{query_param, Route};
 use crate::oci::reference::RepoName;
 use crate::registry::{blobs, lists, manifests, uploads};
+use crate::serve;
 use crate::store::meta::RegistryRecord;
 use crate::App;
 
@@ -169,8 +170,8 @@ async fn origin(
     let m = req.method;
     match route {
         Route::Blob { digest, .. } => match *m {
-            Method::GET => blobs::get(app, repo, &digest, &req, false),
-            Method::HEAD => blobs::get(app, repo, &digest, &req, true),
+            Method::GET => serve::blobs::get(app, repo, &digest, &req, false),
+            Method::HEAD => serve::blobs::get(app, repo, &digest, &req, true),
             Method::DELETE => blobs::delete(app, repo, &digest).await,
             _ => Err(Error::MethodNotAllowed(m.to_string())),
         },
@@ -187,11 +188,11 @@ async fn origin(
         },
         Route::Manifest { reference, .. } => match *m {
             Method::GET => {
-                let r = manifests::get(app, repo, &reference, false).await?;
+                let r = serve::manifests::get(app, repo, &reference, false).await?;
                 publish_pull(app, repo, &reference, &r, req.principal);
                 Ok(r)
             }
-            Method::HEAD => manifests::get(app, repo, &reference, true).await,
+            Method::HEAD => serve::manifests::get(app, repo, &reference, true).await,
             Method::PUT => manifests::put(app, repo, &reference, &req, body).await,
             Method::DELETE => manifests::delete(app, repo, &reference, req.principal.name()).await,
             _ => Err(Error::MethodNotAllowed(m.to_string())),

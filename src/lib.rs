@@ -19,6 +19,7 @@ pub mod http;
 pub mod metrics;
 pub mod oci;
 pub mod registry;
+pub mod serve;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct App {
     pub config: Config,
     /// Everything stored.
     pub store: Arc<Store>,
+    /// Hot manifests, kept current by the metadata's change notifications.
+    pub manifests: Arc<serve::manifests::ManifestCache>,
     /// Image caches and their fetches.
     pub cache: cache::Cache,
     /// Users, keys, tokens and the authorization check.
@@ -129,7 +132,7 @@ impl App {
             dir: config.data_dir.clone(),
             source,
         };
-        let store = Store::open(&config.data_dir, &config).map_err(store_err)?;
+        let store = Store::open(&config.data_dir).map_err(store_err)?;
         if apply {
             apply_config(&store, &config).map_err(store_err)?;
         }
@@ -138,8 +141,16 @@ impl App {
         let egress = Arc::new(http::egress::EgressPolicy::from_config(&config));
         let webhooks = events::webhooks::Webhooks::open_with(&store.meta, &config.webhooks, egress)
             .map_err(store_err)?;
+        let manifests = Arc::new(serve::manifests::ManifestCache::new(
+            config.memory.manifest_bytes,
+        ));
+        let subscriber = manifests.clone();
+        store
+            .meta
+            .subscribe(Box::new(move |change| subscriber.forget(change)));
         Ok(App {
             config,
+            manifests,
             store: Arc::new(store),
             cache,
             auth: Arc::new(auth),

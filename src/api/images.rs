@@ -167,7 +167,6 @@ pub async fn put_tag(
     if !meta.tag_artifact(repo.as_str(), &digest, &body.tag)? {
         return Err(unknown());
     }
-    ctx.app.store.invalidate_manifest(repo.as_str(), &body.tag);
     meta.flush().await?;
     ctx.app.events.emit(Happened {
         kind: EventKind::CreateTag,

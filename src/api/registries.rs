@@ -193,16 +193,9 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     let images = repos.len();
     let owned = name.to_string();
     blocking(move || {
-        // Drop hot manifests first: a registry created again under this name must not serve them.
+        // The metadata tells the hot manifest cache: a registry created again under this name
+        // never serves the old manifests.
         let meta = &app.store.meta;
-        for repo in &repos {
-            for t in meta.tags(repo, None, usize::MAX)? {
-                app.store.invalidate_manifest(repo, &t);
-            }
-            for (d, _) in meta.artifacts(repo)? {
-                app.store.invalidate_manifest(repo, d.as_str());
-            }
-        }
         app.store.remove_registry(&owned)?;
         let hooks = app.events.webhooks.remove_registry(&owned)?;
         if hooks > 0 {

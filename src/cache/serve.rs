@@ -14,8 +14,8 @@ use crate::http::req::{set, Req};
 use crate::oci::digest::Digest;
 use crate::oci::manifest;
 use crate::oci::reference::Reference;
-use crate::registry::{blobs, manifests};
-use crate::store::manifest_key;
+use crate::serve::manifests::manifest_key;
+use crate::serve::{blobs, manifests};
 use crate::App;
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -65,10 +65,7 @@ pub async fn manifest(
     let local = t.repo.as_str();
     match manifests::readable_reference(reference)? {
         Reference::Digest(d) => {
-            let hot = app
-                .store
-                .cached_manifest(&manifest_key(local, reference))
-                .is_some();
+            let hot = app.manifests.get(&manifest_key(local, reference)).is_some();
             if hot || app.store.meta.artifact(local, &d)?.is_some() {
                 let r = manifests::get(app, &t.repo, reference, head).await?;
                 return Ok(outcome(app, t, r, "hit"));
@@ -103,7 +100,7 @@ async fn manifest_by_tag(
     // A TTL longer than the machine's uptime has no earliest instant: anything validated counts.
     if !ttl.is_zero()
         && fresh(Instant::now().checked_sub(ttl))
-        && (app.store.cached_manifest(&key).is_some() || app.store.meta.tag(local, tag)?.is_some())
+        && (app.manifests.get(&key).is_some() || app.store.meta.tag(local, tag)?.is_some())
     {
         return serve_local("hit").await;
     }
@@ -155,7 +152,6 @@ async fn manifest_by_tag(
         Err(e) if e.is_not_found() => {
             // The source deleted it: stop serving the tag.
             if app.store.meta.delete_tag(local, tag)?.is_some() {
-                app.store.invalidate_manifest(local, tag);
                 app.store.meta.flush().await?;
             }
             Err(Error::ManifestUnknown(format!(

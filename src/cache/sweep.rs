@@ -95,12 +95,7 @@ pub fn sweep(
                 let tags = if dry_run {
                     Vec::new()
                 } else {
-                    let tags = meta.delete_artifact(&repo, &digest)?.unwrap_or_default();
-                    store.invalidate_manifest(&repo, digest.as_str());
-                    for t in &tags {
-                        store.invalidate_manifest(&repo, t);
-                    }
-                    tags
+                    meta.delete_artifact(&repo, &digest)?.unwrap_or_default()
                 };
                 report
                     .artifacts

@@ -1,9 +1,7 @@
-//! Manifests: `GET`/`HEAD` served from the hot cache, `PUT` with validation, `DELETE` by tag or digest.
+//! Manifests of origin registries: `PUT` with validation, `DELETE` by tag or digest (reads are
+//! served by `serve::manifests`).
 
-use std::sync::Arc;
-
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::{empty, set, Req};
@@ -12,110 +10,10 @@ use crate::events::{EventKind, Happened};
 use crate::http::body::Body;
 use crate::http::req::read_limited;
 use crate::oci::digest::Digest;
-use crate::oci::manifest::{self, Descriptor};
+use crate::oci::manifest;
 use crate::oci::reference::{Reference, RepoName};
-use crate::store::meta::{now_ms, ArtifactRecord, Meta};
-use crate::store::{manifest_key, ManifestEntry};
+use crate::store::meta::ArtifactRecord;
 use crate::App;
-
-/// `GET`/`HEAD /v2/NAME/manifests/REFERENCE`.
-pub async fn get(
-    app: &App,
-    repo: &RepoName,
-    reference: &str,
-    head: bool,
-) -> Result<Response<Body>> {
-    let key = manifest_key(repo.as_str(), reference);
-    let entry = match app.store.cached_manifest(&key) {
-        Some(e) => e,
-        None => {
-            let generation = app.store.generation();
-            let entry = load(app, repo, &readable_reference(reference)?).await?;
-            app.store.cache_manifest(generation, key, entry.clone());
-            entry
-        }
-    };
-    if !head {
-        app.store.pulls.record(&entry.pull_key);
-    }
-    Ok(manifest_response(&entry, head))
-}
-
-/// The reference of a manifest `GET`/`HEAD`. Something that is neither a tag nor a digest
-/// names no manifest: 404 `MANIFEST_UNKNOWN`, the only error the spec lists for a read (a `PUT`
-/// keeps 400 `TAG_INVALID`/`DIGEST_INVALID`).
-pub fn readable_reference(reference: &str) -> Result<Reference> {
-    Reference::parse(reference).map_err(|e| {
-        Error::ManifestUnknown(format!("{reference:?} is neither a tag nor a digest: {e}"))
-    })
-}
-
-/// Builds a manifest response from a cache entry: header clones only, no parsing.
-pub fn manifest_response(entry: &ManifestEntry, head: bool) -> Response<Body> {
-    let mut r = if head {
-        Response::new(Body::Empty)
-    } else {
-        Response::new(Body::Full(Some(entry.bytes.clone())))
-    };
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, entry.content_type.clone());
-    h.insert("docker-content-digest", entry.digest_header.clone());
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.bytes.len()));
-    h.insert(header::ETAG, entry.digest_header.clone());
-    if let Some(s) = &entry.subject_header {
-        h.insert("oci-subject", s.clone());
-    }
-    r
-}
-
-async fn load(app: &App, repo: &RepoName, reference: &Reference) -> Result<Arc<ManifestEntry>> {
-    let unknown = || Error::ManifestUnknown(format!("{reference} is not in {repo}"));
-    let digest = match reference {
-        Reference::Tag(t) => app.store.meta.tag(repo.as_str(), t)?.ok_or_else(unknown)?,
-        Reference::Digest(d) => d.clone(),
-    };
-    let record = app
-        .store
-        .meta
-        .artifact(repo.as_str(), &digest)?
-        .ok_or_else(unknown)?;
-    let blobs = app.store.blobs.clone();
-    let wanted = digest.clone();
-    // Manifests are bounded by the manifest limit when they are stored.
-    let bytes = tokio::task::spawn_blocking(move || blobs.read_small(&wanted, u64::MAX))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
-    let Some(bytes) = bytes else {
-        tracing::error!(%repo, %digest, "manifest recorded but its bytes are missing");
-        return Err(unknown());
-    };
-    Ok(Arc::new(entry(
-        repo,
-        digest,
-        bytes,
-        &record.media_type,
-        record.subject.as_ref(),
-    )))
-}
-
-fn entry(
-    repo: &RepoName,
-    digest: Digest,
-    bytes: Bytes,
-    media_type: &str,
-    subject: Option<&Digest>,
-) -> ManifestEntry {
-    ManifestEntry {
-        content_type: HeaderValue::from_str(media_type)
-            .unwrap_or(HeaderValue::from_static(manifest::OCI_MANIFEST)),
-        digest_header: HeaderValue::from_str(digest.as_str()).expect("digests are header-safe"),
-        subject_header: subject
-            .map(|s| HeaderValue::from_str(s.as_str()).expect("digests are header-safe")),
-        pull_key: Meta::pull_key(repo.as_str(), &digest),
-        digest,
-        bytes,
-    }
-}
 
 /// `PUT /v2/NAME/manifests/REFERENCE`.
 pub async fn put(
@@ -171,7 +69,7 @@ pub async fn put(
         Reference::Tag(t) => Some(&**t),
         Reference::Digest(_) => None,
     };
-    store(app, repo.as_str(), &digest, &bytes, &parsed, tag).await?;
+    crate::serve::manifests::store(app, repo.as_str(), &digest, &bytes, &parsed, tag).await?;
     let pushed = |kind, tag| Happened {
         kind,
         operator: req.principal.name(),
@@ -197,48 +95,6 @@ pub async fn put(
         set(&mut r, "oci-subject", subject.digest.as_str());
     }
     Ok(r)
-}
-
-/// Stores verified manifest bytes and records the artifact, its tag and its referrer entry;
-/// durable and visible (caches invalidated) when it returns.
-pub async fn store(
-    app: &App,
-    repo: &str,
-    digest: &Digest,
-    bytes: &Bytes,
-    parsed: &manifest::ParsedManifest,
-    tag: Option<&str>,
-) -> Result<()> {
-    let blobs = app.store.blobs.clone();
-    let (d, b) = (digest.clone(), bytes.clone());
-    tokio::task::spawn_blocking(move || blobs.put(&d, &b))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
-    let record = ArtifactRecord {
-        media_type: parsed.media_type.clone(),
-        size: bytes.len() as u64,
-        pushed_ms: now_ms(),
-        artifact_type: parsed.artifact_type.clone(),
-        subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
-    };
-    let referrer = Descriptor {
-        media_type: parsed.media_type.clone(),
-        digest: digest.clone(),
-        size: bytes.len() as u64,
-        artifact_type: parsed.artifact_type.clone(),
-        annotations: parsed.annotations.clone(),
-        platform: None,
-        urls: None,
-    };
-    app.store
-        .meta
-        .put_artifact(repo, digest, &record, tag, Some(&referrer))?;
-    app.store.meta.flush().await?;
-    if let Some(tag) = tag {
-        app.store.invalidate_manifest(repo, tag);
-    }
-    app.store.invalidate_manifest(repo, digest.as_str());
-    Ok(())
 }
 
 /// What a removal took away.
@@ -290,7 +146,6 @@ pub async fn remove(
     match reference {
         Reference::Tag(t) => {
             let digest = meta.delete_tag(repo.as_str(), t)?.ok_or_else(unknown)?;
-            app.store.invalidate_manifest(repo.as_str(), t);
             meta.flush().await?;
             if app.events.wants(EventKind::DeleteTag, registry) {
                 let record = meta.artifact(repo.as_str(), &digest)?;
@@ -307,10 +162,6 @@ pub async fn remove(
             let tags = meta
                 .delete_artifact(repo.as_str(), d)?
                 .ok_or_else(unknown)?;
-            app.store.invalidate_manifest(repo.as_str(), d.as_str());
-            for t in &tags {
-                app.store.invalidate_manifest(repo.as_str(), t);
-            }
             meta.remove_repo_if_empty(repo.as_str())?;
             meta.flush().await?;
             publish(EventKind::DeleteArtifact, None, d, &record);

@@ -146,7 +146,39 @@ pub struct Meta {
     repo_locks: Box<[parking_lot::Mutex<()>]>,
     /// This process's hold on the data directory.
     _lock: super::lock::DataDirLock,
+    /// Told of every change to registries, artifacts and tags.
+    subscribers: parking_lot::RwLock<Vec<Subscriber>>,
 }
+
+/// What changed in the metadata: in-memory caches above the store (hot manifests) subscribe
+/// with [`Meta::subscribe`] and drop what the change makes stale. Notified synchronously, after
+/// the write and before the writer returns, so a client that reads its own write never sees the
+/// old state from a cache.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// A tag was set, moved or removed.
+    Tag {
+        /// Repository.
+        repo: &'a str,
+        /// Tag.
+        tag: &'a str,
+    },
+    /// An artifact was recorded or removed.
+    Artifact {
+        /// Repository.
+        repo: &'a str,
+        /// Its digest.
+        digest: &'a Digest,
+    },
+    /// A registry and possibly everything under it changed.
+    Registry {
+        /// Its name.
+        name: &'a str,
+    },
+}
+
+/// A subscriber to metadata changes.
+pub type Subscriber = Box<dyn Fn(Change<'_>) + Send + Sync>;
 
 /// Stripes of [`Meta`]'s repository locks.
 const REPO_LOCK_STRIPES: usize = 64;
@@ -217,10 +249,22 @@ impl Meta {
             durable: Default::default(),
             flusher: Default::default(),
             _lock: lock,
+            subscribers: Default::default(),
             repo_locks: (0..REPO_LOCK_STRIPES)
                 .map(|_| parking_lot::Mutex::new(()))
                 .collect(),
         })
+    }
+
+    /// Adds a subscriber to every later change.
+    pub fn subscribe(&self, subscriber: Subscriber) {
+        self.subscribers.write().push(subscriber);
+    }
+
+    fn notify(&self, change: Change<'_>) {
+        for s in self.subscribers.read().iter() {
+            s(change);
+        }
     }
 
     /// The write lock of a repository. Held only across sled calls (no I/O awaits); a panic
@@ -308,6 +352,7 @@ impl Meta {
             }
         }
         self.registries.remove(name)?;
+        self.notify(Change::Registry { name });
         Ok(())
     }
 
@@ -427,6 +472,10 @@ impl Meta {
             self.referrers
                 .insert(key(&[repo, subject.as_str(), digest.as_str()]), json(desc))?;
         }
+        self.notify(Change::Artifact { repo, digest });
+        if let Some(tag) = tag {
+            self.notify(Change::Tag { repo, tag });
+        }
         Ok(())
     }
 
@@ -460,6 +509,10 @@ impl Meta {
                 .remove(key(&[repo, subject.as_str(), digest.as_str()]))?;
         }
         self.pulls.remove(key(&[repo, digest.as_str()]))?;
+        self.notify(Change::Artifact { repo, digest });
+        for tag in &removed {
+            self.notify(Change::Tag { repo, tag });
+        }
         Ok(Some(removed))
     }
 
@@ -514,15 +567,17 @@ impl Meta {
             return Ok(false);
         }
         self.tags.insert(key(&[repo, tag]), digest.as_str())?;
+        self.notify(Change::Tag { repo, tag });
         Ok(true)
     }
 
     /// Removes a tag; returns the digest it pointed at.
     pub fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
-        Ok(self
-            .tags
-            .remove(key(&[repo, tag]))?
-            .and_then(|v| Digest::parse(&String::from_utf8_lossy(&v)).ok()))
+        let removed = self.tags.remove(key(&[repo, tag]))?;
+        if removed.is_some() {
+            self.notify(Change::Tag { repo, tag });
+        }
+        Ok(removed.and_then(|v| Digest::parse(&String::from_utf8_lossy(&v)).ok()))
     }
 
     /// Tags of a repository, lexically after `last`, at most `n`.

@@ -1,4 +1,5 @@
-//! Bytes and records on this node: blob files, upload sessions, sled metadata and the hot caches.
+//! Bytes and records on this node: blob files, upload sessions, sled metadata, the registries
+//! map. No HTTP type and no configuration here.
 
 pub mod blobs;
 pub mod fs;
@@ -12,29 +13,8 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use bytes::Bytes;
-use http::HeaderValue;
-
-use crate::config::Config;
-use crate::oci::digest::Digest;
 use blobs::BlobStore;
 use meta::{Meta, RegistryRecord};
-
-/// A manifest ready to serve: everything a GET/HEAD response needs, prebuilt.
-pub struct ManifestEntry {
-    /// Digest of the bytes.
-    pub digest: Digest,
-    /// The manifest, byte-for-byte as pushed.
-    pub bytes: Bytes,
-    /// `Content-Type` value.
-    pub content_type: HeaderValue,
-    /// `Docker-Content-Digest` value.
-    pub digest_header: HeaderValue,
-    /// `OCI-Subject` value, if the manifest has a subject.
-    pub subject_header: Option<HeaderValue>,
-    /// Key under which its pulls are recorded.
-    pub pull_key: Arc<str>,
-}
 
 /// Last-pull times gathered in memory and written to sled in batches.
 #[derive(Default)]
@@ -73,27 +53,14 @@ pub struct Store {
     pub uploads: uploads::Uploads,
     /// Pull times waiting to be written.
     pub pulls: PullRecorder,
-    /// Hot manifests by `repo\0reference` (tag or digest); invalidated on every write.
-    manifests: moka::sync::Cache<String, Arc<ManifestEntry>>,
-    /// Bumped on every invalidation, so a load that raced with a write is not cached.
-    generation: std::sync::atomic::AtomicU64,
     /// Registries by name, shared: every `/v2/` request looks one up, and an `Arc` clone is
     /// cheaper than cloning the record's strings.
     registries: RwLock<HashMap<String, Arc<RegistryRecord>>>,
 }
 
-/// Cache key of a manifest reference.
-pub fn manifest_key(repo: &str, reference: &str) -> String {
-    let mut k = String::with_capacity(repo.len() + reference.len() + 1);
-    k.push_str(repo);
-    k.push('\0');
-    k.push_str(reference);
-    k
-}
-
 impl Store {
     /// Opens the data directory.
-    pub fn open(data_dir: &Path, config: &Config) -> Result<Store, crate::error::Error> {
+    pub fn open(data_dir: &Path) -> Result<Store, crate::error::Error> {
         // Metadata first: it takes the data directory's lock.
         let meta = Meta::open(data_dir)?;
         let fs = Arc::new(fs::FsBlobStore::open(data_dir)?);
@@ -108,15 +75,6 @@ impl Store {
             meta,
             uploads: uploads::Uploads::open(data_dir)?,
             pulls: PullRecorder::default(),
-            manifests: moka::sync::Cache::builder()
-                .max_capacity(config.memory.manifest_bytes)
-                .weigher(|k: &String, v: &Arc<ManifestEntry>| {
-                    (k.len() + v.bytes.len() + 256)
-                        .try_into()
-                        .unwrap_or(u32::MAX)
-                })
-                .build(),
-            generation: Default::default(),
             registries: RwLock::new(registries),
         })
     }
@@ -157,29 +115,5 @@ impl Store {
         self.meta.delete_registry(name)?;
         self.registries.write().remove(name);
         Ok(())
-    }
-
-    /// Cached manifest for `repo\0reference`.
-    pub fn cached_manifest(&self, key: &str) -> Option<Arc<ManifestEntry>> {
-        self.manifests.get(key)
-    }
-
-    /// The invalidation generation; read it before loading what [`Store::cache_manifest`] caches.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Caches a manifest loaded at `generation`, unless a write invalidated anything since.
-    pub fn cache_manifest(&self, generation: u64, key: String, entry: Arc<ManifestEntry>) {
-        if self.generation() == generation {
-            self.manifests.insert(key, entry);
-        }
-    }
-
-    /// Drops cached manifests of a reference.
-    pub fn invalidate_manifest(&self, repo: &str, reference: &str) {
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.manifests.invalidate(&manifest_key(repo, reference));
     }
 }
