@@ -72,8 +72,8 @@ async fn docker_hub_token_flow_caches_tokens_per_scope_and_refreshes_them() {
         1,
         "a token per scope"
     );
-    // After expiry (expires_in = 3 s) a new token is fetched: pull until one was, with a
-    // deadline, and only one.
+    // Near its expiry (expires_in = 3 s; the edge refreshes a tenth early) a new token is
+    // fetched: pull until one was, with a deadline, and only one.
     let deadline = Instant::now() + Duration::from_secs(15);
     while front.token_requests_for("repository:library/nginx:pull") < 2 {
         assert!(
