@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::metrics::metric_value;
 use common::server::{error_of, header, sha256, TestServer};
 use reqwest::{Client, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,13 +62,6 @@ fn blob_path(s: &TestServer, digest: &str) -> PathBuf {
         .join("data/blobs/sha256")
         .join(&hex[..2])
         .join(hex)
-}
-
-fn metric(name: &str, text: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0.0, |v| v.parse().unwrap())
 }
 
 async fn start_upload(s: &TestServer, repo: &str) -> String {
@@ -178,8 +172,7 @@ async fn connections_over_the_cap_are_closed_at_once_and_counted() {
     let s = TestServer::start("[limits]\nmax_connections = 2\n").await;
     // No pooled connection of the test's own may hold a slot.
     let fresh = || Client::builder().pool_max_idle_per_host(0).build().unwrap();
-    let before = metric(
-        "berth_connections_over_limit_total",
+    let before = metric_value(
         &fresh()
             .get(s.url("/metrics"))
             .send()
@@ -188,6 +181,8 @@ async fn connections_over_the_cap_are_closed_at_once_and_counted() {
             .text()
             .await
             .unwrap(),
+        "berth_connections_over_limit_total",
+        &[],
     );
     let deadline = Instant::now() + WITHIN;
     let mut held = Vec::new();
@@ -219,7 +214,7 @@ async fn connections_over_the_cap_are_closed_at_once_and_counted() {
         }
     }
     assert!(
-        metric("berth_connections_over_limit_total", &text) >= before + 1.0,
+        metric_value(&text, "berth_connections_over_limit_total", &[]) >= before + 1.0,
         "refusals are counted: {text}"
     );
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::doubles::{
     BasicAuthFront, EcrConfig, EcrDouble, HtpasswdRegistry, StaticImage, StaticRegistry,
@@ -72,9 +72,19 @@ async fn docker_hub_token_flow_caches_tokens_per_scope_and_refreshes_them() {
         1,
         "a token per scope"
     );
-    // After expiry a new token is fetched.
-    tokio::time::sleep(Duration::from_millis(3100)).await;
-    pull(&e, &a, &[b"nginx layer"]).await;
+    // Near its expiry (expires_in = 3 s; the edge refreshes a tenth early) a new token is
+    // fetched: pull until one was, with a deadline, and only one.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while front.token_requests_for("repository:library/nginx:pull") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no new token 15 s after one valid for 3 s"
+        );
+        pull(&e, &a, &[b"nginx layer"]).await;
+        if front.token_requests_for("repository:library/nginx:pull") < 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     assert_eq!(front.token_requests_for("repository:library/nginx:pull"), 2);
     // Wrong credentials: a clear error naming the image cache, and the stale copy is served.
     front.set_credentials(Some(("hubuser", "other")));

@@ -234,7 +234,24 @@ async fn sigterm_lets_an_inflight_download_finish() {
     hasher.extend_from_slice(&first);
     // Stop the server while the client still has ~32 MiB to read.
     berth.signal_term();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Shutdown has started once a new request gets no answer: poll for that with a deadline
+    // (the download above is still in flight meanwhile).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let probe = Client::new()
+            .get(format!("{base}/v2/"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await;
+        if probe.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new requests still served 10 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // No new connections once shutdown started.
     let fresh = Client::new()
         .get(format!("{base}/v2/"))

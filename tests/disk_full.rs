@@ -10,6 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::metrics::metric_sample;
 use common::server::{config_for, error_of, header, sha256};
 use reqwest::{Client, StatusCode};
 
@@ -37,13 +38,6 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
         .collect()
-}
-
-fn metric(name: &str, text: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(|v| v.parse().unwrap())
 }
 
 #[tokio::test]
@@ -110,7 +104,7 @@ async fn a_full_disk_answers_507_leaks_nothing_and_the_session_resumes() {
         .text()
         .await
         .unwrap();
-    let gauge = metric("berth_storage_free_bytes", &text).expect("gauge exported");
+    let gauge = metric_sample(&text, "berth_storage_free_bytes", &[]).expect("gauge exported");
     assert!(gauge < (4 << 20) as f64, "free bytes gauge {gauge}");
 
     // A monolithic push that does not fit: 507, the cause named, no temp file left.

@@ -19,6 +19,7 @@ mod common;
 use std::path::Path;
 
 use common::clients::{self, Containerd, DistributionRegistry, Dockerd};
+use common::metrics::metric_value;
 use common::oci_layout::{self, sha256_digest, MARKER};
 use common::process::BerthProcess;
 
@@ -101,15 +102,15 @@ fn tags_list(addr: &str, repo: &str) -> Vec<String> {
         .collect()
 }
 
-/// The `berth_cache_requests_total` lines of the edge's `/metrics` for `registry`.
-fn cache_metric_lines(addr: &str, registry: &str) -> Vec<String> {
+/// The sum of the edge's `berth_cache_requests_total` for `registry` (every outcome).
+fn cache_requests(addr: &str, registry: &str) -> f64 {
     let (status, body) = http_get(addr, "/metrics");
     assert_eq!(status, 200, "GET /metrics: {body}");
-    let label = format!("registry=\"{registry}\"");
-    body.lines()
-        .filter(|l| l.starts_with("berth_cache_requests_total") && l.contains(&label))
-        .map(str::to_string)
-        .collect()
+    metric_value(
+        &body,
+        "berth_cache_requests_total",
+        &[("registry", registry)],
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -305,6 +306,10 @@ fn containerd_pulls_two_source_hosts_through_the_edge_with_ns() {
     let name_a = "docker.io/library/app:v1";
     let name_b = format!("{b_addr}/library/other:v1");
 
+    let before: Vec<f64> = ["docker", "b"]
+        .iter()
+        .map(|r| cache_requests(&edge.addr, r))
+        .collect();
     let ctd = Containerd::start();
     eprintln!("containerd snapshotter: {}", ctd.snapshotter);
     assert_eq!(ctr_pull(&ctd, &hosts, name_a), img_a.manifest.digest);
@@ -322,12 +327,13 @@ fn containerd_pulls_two_source_hosts_through_the_edge_with_ns() {
         tags_list(&edge.addr, "b/library/other"),
         vec!["v1".to_string()]
     );
-    for registry in ["docker", "b"] {
-        let lines = cache_metric_lines(&edge.addr, registry);
-        eprintln!("edge metrics for {registry}: {lines:?}");
+    // Each pull went through its own registry: at least the manifest, the config and the two
+    // layers of its image are counted there.
+    for (registry, before) in ["docker", "b"].into_iter().zip(before) {
+        let counted = cache_requests(&edge.addr, registry) - before;
         assert!(
-            !lines.is_empty(),
-            "edge /metrics has no berth_cache_requests_total for registry {registry}"
+            counted >= 4.0,
+            "edge counted {counted} cache requests for registry {registry}"
         );
     }
     // The edge echoes the namespace (OCI "Registry Proxying").
@@ -385,6 +391,7 @@ fn docker_pulls_single_and_multiarch_through_edge_mirror_mode() {
     );
     let mirror = format!("http://{}", edge.addr);
     let docker = Dockerd::start_with(&[&mirror], &["127.0.0.0/8"]);
+    let counted_before = cache_requests(&edge.addr, "docker");
 
     // Single-platform image, as a Docker Hub official name.
     let pulled = docker.docker(&["pull", "app:v1"]);
@@ -458,8 +465,12 @@ fn docker_pulls_single_and_multiarch_through_edge_mirror_mode() {
         )))),
         host.manifest.digest
     );
-    let lines = cache_metric_lines(&edge.addr, "docker");
-    eprintln!("edge metrics for docker: {lines:?}");
-    assert!(!lines.is_empty(), "no cache requests counted for `docker`");
+    // Both pulls were counted in `docker`: at least the manifest, the config and the two layers
+    // of each image.
+    let counted = cache_requests(&edge.addr, "docker") - counted_before;
+    assert!(
+        counted >= 8.0,
+        "{counted} cache requests counted for `docker`"
+    );
     drop(origin);
 }

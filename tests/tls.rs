@@ -53,9 +53,64 @@ async fn https_listener_serves_h2_and_http1_beside_plain_http() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     // A client that does not trust the certificate is refused at the handshake, not served.
-    let r = reqwest::get(format!("https://localhost:{}/v2/", addrs[0].0.port())).await;
-    assert!(r.is_err());
+    let err = reqwest::get(format!("https://localhost:{}/v2/", addrs[0].0.port()))
+        .await
+        .expect_err("an untrusted certificate is not served");
+    assert!(
+        err.is_connect() && error_chain(&err).contains("UnknownIssuer"),
+        "{}",
+        error_chain(&err)
+    );
     server.shutdown().await;
+}
+
+/// Writes `cert_pem` and `key_pem` into `dir` and returns a config with one TLS listener on them.
+fn tls_config(dir: &std::path::Path, cert_pem: &str, key_pem: &str) -> Config {
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, cert_pem).unwrap();
+    std::fs::write(&key_path, key_pem).unwrap();
+    Config::from_toml(&format!(
+        "data_dir = {:?}\n[[listen]]\naddr = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\n[[registry]]\nname = \"library\"\n",
+        dir.join("data"),
+        cert_path,
+        key_path
+    ))
+    .unwrap()
+}
+
+/// A CA and a certificate for `localhost`/`127.0.0.1` that it signed: (CA PEM, cert chain PEM,
+/// key PEM of the certificate).
+fn ca_signed_certificate(ca_name: &str) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+    (ca.pem(), leaf.pem(), key.serialize_pem())
+}
+
+/// The whole error chain of a failed request, for what it says about the cause.
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut text = format!("{e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 #[tokio::test]
@@ -75,4 +130,83 @@ async fn a_missing_or_mismatched_certificate_fails_start_with_a_clear_message() 
             .contains("cannot read tls_cert /nonexistent/cert.pem"),
         "{err}"
     );
+
+    // A certificate with the key of another keypair: refused at start, the mismatch named.
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    assert_ne!(
+        rcgen::PublicKeyData::der_bytes(&other_key),
+        rcgen::PublicKeyData::der_bytes(&cert.signing_key)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = tls_config(dir.path(), &cert.cert.pem(), &other_key.serialize_pem());
+    let err = berth::Server::start(config)
+        .await
+        .err()
+        .expect("start fails with a key that does not match the certificate");
+    assert!(
+        err.to_string().contains("certificate and key do not match"),
+        "{err}"
+    );
+
+    // The same certificate with its own key starts: the refusal above was the mismatch.
+    let dir = tempfile::tempdir().unwrap();
+    let config = tls_config(
+        dir.path(),
+        &cert.cert.pem(),
+        &cert.signing_key.serialize_pem(),
+    );
+    let server = berth::Server::start(config)
+        .await
+        .expect("the matching key starts");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_with_the_ca_is_served_and_others_fail_the_handshake() {
+    let (ca, chain, key) = ca_signed_certificate("berth test CA");
+    let (other_ca, _, _) = ca_signed_certificate("another CA");
+    let dir = tempfile::tempdir().unwrap();
+    let server = berth::Server::start(tls_config(dir.path(), &chain, &key))
+        .await
+        .unwrap();
+    let url = format!("https://localhost:{}/v2/", server.local_addrs()[0].0.port());
+    let client = |root: Option<&str>| {
+        let mut b = reqwest::Client::builder();
+        if let Some(pem) = root {
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap());
+        }
+        b.build().unwrap()
+    };
+    // Neither a client with only the default roots nor one trusting another CA gets an answer:
+    // the handshake fails on the certificate.
+    for (who, c) in [
+        ("default roots", client(None)),
+        ("another CA", client(Some(&other_ca))),
+    ] {
+        let err = c.get(&url).send().await.expect_err(who);
+        assert!(err.is_connect(), "{who}: {err:?}");
+        let chain = error_chain(&err);
+        assert!(
+            chain.contains("certificate") && chain.contains("UnknownIssuer"),
+            "{who}: the handshake fails on the certificate: {chain}"
+        );
+    }
+    // A client that trusts the CA is served, over h2 and HTTP/1.1.
+    for http1_only in [false, true] {
+        let c = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap());
+        let c = if http1_only { c.http1_only() } else { c };
+        let r = c.build().unwrap().get(&url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            r.version(),
+            if http1_only {
+                reqwest::Version::HTTP_11
+            } else {
+                reqwest::Version::HTTP_2
+            }
+        );
+    }
+    server.shutdown().await;
 }

@@ -3,6 +3,7 @@
 
 pub mod clients;
 pub mod doubles;
+pub mod metrics;
 pub mod oci_layout;
 pub mod process;
 pub mod server;

@@ -60,6 +60,14 @@ impl TestServer {
         self.server.as_ref().unwrap().app().clone()
     }
 
+    /// The value of `name` (with `labels`) on this server's `/metrics`, 0 when absent; see
+    /// [`super::metrics::metric_value`]. The recorder is shared by the whole test binary:
+    /// compare a reading before an action with one after it.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        super::metrics::metric_value(&text, name, labels)
+    }
+
     /// `127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
         self.base.trim_start_matches("http://").to_string()
