@@ -38,6 +38,8 @@
 #   RELAY_DELAY [20]    relay: ms added to each direction (round trip + 2x, like netem delay on lo)
 #   COLD_RUNS [3]       cold single GETs per edge and setting (a fresh edge each; median reported)
 #   HERD_MB [256]  HERD_N [32]   blob size and number of concurrent cold GETs (the herd)
+#   IDLE_N [1000]       idle keep-alive connections held open while manifest GETs run (RSS, req/s)
+#   SLOW_N [500]  SLOW_RATE [256K]  slow readers of the parallel blob (RSS per stream), SLOW_SECS [8] long
 #   CACHE_TTL [30s]     berth's revalidate_ttl for the cached-manifest row (a ttl 0 row follows)
 set -euo pipefail
 shopt -s inherit_errexit
@@ -48,7 +50,7 @@ QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
   : "${BLOB_MB:=32}" "${PAR_MB:=4}" "${PAR_N:=4}" "${RSS_N:=8}" "${CHUNK_MB:=4}"
   : "${TAGS:=200}" "${TAGLIST_RUNS:=30}" "${GET_RUNS:=1}" "${WRK_DURATION:=2s}" "${TIMEOUT:=600}"
-  : "${COLD_RUNS:=1}" "${HERD_MB:=16}" "${HERD_N:=8}"
+  : "${COLD_RUNS:=1}" "${HERD_MB:=16}" "${HERD_N:=8}" "${IDLE_N:=200}" "${SLOW_N:=50}" "${SLOW_SECS:=4}"
 fi
 BLOB_MB=${BLOB_MB:-1024}
 PAR_MB=${PAR_MB:-64}
@@ -79,6 +81,12 @@ COLD_RUNS=${COLD_RUNS:-3}
 HERD_MB=${HERD_MB:-256}
 HERD_N=${HERD_N:-32}
 CACHE_TTL=${CACHE_TTL:-30s}
+IDLE_N=${IDLE_N:-1000}
+SLOW_N=${SLOW_N:-500}
+SLOW_RATE=${SLOW_RATE:-256K}
+SLOW_SECS=${SLOW_SECS:-8}
+# Servers and clients hold thousands of sockets in the idle and slow-reader rows.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 REPO=bench/app                  # image name in both registries (berth: registry "bench", image "app")
 ACCEPT='Accept: application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json'
@@ -305,6 +313,60 @@ rss_under_load() {
   { echo 5 >"/proc/$pid/clear_refs"; } 2>/dev/null || log "WARNING: cannot reset VmHWM of $pid (reported peak is since start)"
   get_parallel "$url" "$RSS_N" "$PAR_BYTES" "$RSS_RATE" >/dev/null
   awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status"
+}
+
+# idle_conns HOST:PORT N SECONDS: N keep-alive connections, each after one GET /v2/, held idle;
+# prints "ready" once all are open and answered, then holds them SECONDS (or until killed)
+idle_conns() {
+  exec python3 - "$@" <<'PY'
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+n, hold = int(sys.argv[2]), float(sys.argv[3])
+socks = []
+for _ in range(n):
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: bench\r\n\r\n")
+    socks.append(s)
+for s in socks:
+    s.settimeout(30)
+    if not s.recv(65536):
+        sys.exit("a connection closed before its answer")
+print("ready", flush=True)
+time.sleep(hold)
+PY
+}
+
+# idle_row SERVER: RSS with IDLE_N idle connections, and manifest GET req/s from wrk meanwhile
+idle_row() {
+  local s=$1 before fifo pid rps p50 p99 bad line
+  before=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/${PID[$s]}/status")
+  fifo="$D/idle.$s"; mkfifo "$fifo"
+  idle_conns "${URL[$s]#http://}" "$IDLE_N" 60 >"$fifo" & pid=$!
+  exec {fd}<"$fifo"
+  read -r -t 120 line <&"$fd" || die "$s: $IDLE_N idle connections did not open"
+  [[ $line == ready ]] || die "$s: idle connections: $line"
+  R[idle_rss.$s]=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/${PID[$s]}/status")
+  R[idle_kib.$s]=$(calc "(${R[idle_rss.$s]} - $before) * 1024 / $IDLE_N" 1)
+  read -r rps p50 p99 bad < <(wrk_run "${URL[$s]}/v2/$REPO/manifests/latest")
+  R[idle_rps.$s]=$rps; R[idle_p99.$s]=$p99
+  kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  exec {fd}<&-; rm -f "$fifo"
+  log "$s: $IDLE_N idle connections: RSS $before -> ${R[idle_rss.$s]} MiB (${R[idle_kib.$s]} KiB each); manifest GET meanwhile $rps req/s, p99 $p99 ms"
+}
+
+# slow_row SERVER: SLOW_N readers at SLOW_RATE for SLOW_SECS; peak RSS over the baseline, per stream
+slow_row() {
+  local s=$1 url=$2 before i
+  local -a p=()
+  before=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/${PID[$s]}/status")
+  { echo 5 >"/proc/${PID[$s]}/clear_refs"; } 2>/dev/null || true
+  for ((i = 0; i < SLOW_N; i++)); do
+    curl -s -o /dev/null --limit-rate "$SLOW_RATE" --max-time "$SLOW_SECS" "$url" & p+=($!)
+  done
+  for i in "${p[@]}"; do wait "$i" || true; done
+  R[slow_hwm.$s]=$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/${PID[$s]}/status")
+  R[slow_kib.$s]=$(calc "(${R[slow_hwm.$s]} - $before) * 1024 / $SLOW_N" 1)
+  log "$s: $SLOW_N slow readers at $SLOW_RATE/s: peak RSS ${R[slow_hwm.$s]} MiB (from $before: ${R[slow_kib.$s]} KiB per stream)"
 }
 
 push_tags() { # BASE COUNT: PUT the manifest under tagNNNNN, TAG_PAR at a time, one curl process
@@ -536,6 +598,12 @@ for s in "${SERVERS[@]}"; do
   R[rss.$s]=$(rss_under_load "${PID[$s]}" "$(blob_url "$s" par "$DG_PAR")")
   R[rss0.$s]=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/${PID[$s]}/status")
   log "$s: peak RSS under ${RSS_N}x${PAR_MB} MiB GETs ${R[rss.$s]} MiB (RSS after: ${R[rss0.$s]} MiB)"
+done
+
+# ---------------------------------------------------------------- idle connections, slow readers
+for s in "${SERVERS[@]}"; do
+  idle_row "$s"
+  slow_row "$s" "$(blob_url "$s" par "$DG_PAR")"
 done
 
 # ---------------------------------------------------------------- tag list
@@ -832,6 +900,11 @@ row "push ${BLOB_MB} MiB chunked ${CHUNK_MB} MiB PATCHes (MB/s)" "$(mbv push_chu
   "$(ratio push_chunk.berth push_chunk.registry)" "$(ratio push_chunk.berth push_chunk.limit)" ">=2x registry"
 row "  mean time per ${CHUNK_MB} MiB PATCH (ms)" "$(v patch_ms.berth)" "$(v patch_ms.registry)" - "$(ratio patch_ms.berth patch_ms.registry inv)" - ""
 row "peak RSS, ${RSS_N}x${PAR_MB} MiB GETs (MiB)" "$(v rss.berth)" "$(v rss.registry)" - "$(ratio rss.berth rss.registry inv)" - "<=128 MiB"
+row "$IDLE_N idle connections: server RSS (MiB)" "$(v idle_rss.berth)" "$(v idle_rss.registry)" - "$(ratio idle_rss.berth idle_rss.registry inv)" - ""
+row "  RSS per idle connection (KiB)" "$(v idle_kib.berth)" "$(v idle_kib.registry)" - "$(ratio idle_kib.berth idle_kib.registry inv)" - ""
+row "  manifest GET meanwhile, c=$WRK_CONNS (req/s)" "$(v idle_rps.berth)" "$(v idle_rps.registry)" - "$(ratio idle_rps.berth idle_rps.registry)" - ""
+row "$SLOW_N slow readers at $SLOW_RATE/s: peak RSS (MiB)" "$(v slow_hwm.berth)" "$(v slow_hwm.registry)" - "$(ratio slow_hwm.berth slow_hwm.registry inv)" - ""
+row "  peak RSS per slow stream (KiB)" "$(v slow_kib.berth)" "$(v slow_kib.registry)" - "$(ratio slow_kib.berth slow_kib.registry inv)" - "<=2048 KiB"
 row "tag push, $TAGS manifest PUTs, $TAG_PAR at once (tags/s)" "$(v tagpush.berth)" "$(v tagpush.registry)" - "$(ratio tagpush.berth tagpush.registry)" - ""
 row "tag list n=100 last=mid, median (ms)" "$(v tl.berth)" "$(v tl.registry)*" - - - "<=2 ms"
 row "  p99 (ms)" "$(v tl99.berth)" "$(v tl99.registry)*" - - - ""
