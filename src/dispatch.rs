@@ -14,7 +14,7 @@ use crate::cache::{CacheTarget, Target};
 use crate::error::{Error, Result};
 use crate::events::{EventKind, Happened};
 use crate::http::body::Body;
-use crate::http::req::{json_response, no_such_registry, Req};
+use crate::http::req::{json_response, no_such_registry, shown, Req};
 use crate::http::router::{query_param, Route};
 use crate::oci::reference::RepoName;
 use crate::registry::{blobs, lists, manifests, uploads};
@@ -54,51 +54,62 @@ impl Op {
 }
 
 /// What a repository name resolves to as seen through one listener.
-pub struct Resolution {
-    /// Where requests for it go; `None` when its registry does not exist or is hidden here.
-    pub target: Option<Target>,
-    /// The repository authorization is decided on: the resolved local name
-    /// (`CACHEREG/UPSTREAM-PATH` for cache registries), or the name as written when it resolves
-    /// to nothing.
-    pub repo: String,
+pub struct Resolution<'n> {
+    /// Where requests for it go, when it resolves at all (even to a hidden registry).
+    target: Option<Target>,
+    /// The name as written, for names that resolve to nothing.
+    written: &'n str,
     /// The registry's record, when it exists and this listener shows it.
     pub registry: Option<Arc<RegistryRecord>>,
 }
 
 /// Resolves a repository name the way every `/v2/` request and the token endpoint do: by
 /// `?ns=`, by registry prefix, or by the mirror. `public` says whether the listener is public
-/// (hidden registries then resolve to nothing). Errors only for malformed names.
-pub fn resolve(app: &App, public: bool, name: &str, query: Option<&str>) -> Result<Resolution> {
-    match app.cache.resolve(&app.store, name, query) {
-        Ok(target) => {
-            let repo = target.repo().as_str().to_string();
-            let registry = app
-                .store
-                .registry(target.repo().registry())
-                .filter(|r| !public || r.public_uri);
-            Ok(Resolution {
-                target: registry.as_ref().map(|_| target),
-                repo,
-                registry,
-            })
-        }
-        Err(Error::NameUnknown(_)) => Ok(Resolution {
-            target: None,
-            repo: name.to_string(),
-            registry: None,
-        }),
-        Err(e) => Err(e),
-    }
+/// (hidden registries then resolve to nothing visible). Errors only for malformed names.
+pub fn resolve<'n>(
+    app: &App,
+    public: bool,
+    name: &'n str,
+    query: Option<&str>,
+) -> Result<Resolution<'n>> {
+    let target = match app.cache.resolve(&app.store, name, query) {
+        Ok(target) => Some(target),
+        Err(Error::NameUnknown(_)) => None,
+        Err(e) => return Err(e),
+    };
+    let registry = target
+        .as_ref()
+        .and_then(|t| app.store.registry(t.repo().registry()))
+        .filter(|r| shown(public, r));
+    Ok(Resolution {
+        target,
+        written: name,
+        registry,
+    })
 }
 
-impl Resolution {
+impl Resolution<'_> {
+    /// The repository authorization is decided on: the resolved local name
+    /// (`CACHEREG/UPSTREAM-PATH` for cache registries), or the name as written when it resolves
+    /// to nothing.
+    pub fn repo(&self) -> &str {
+        self.target
+            .as_ref()
+            .map_or(self.written, |t| t.repo().as_str())
+    }
+
     /// Authorizes `op` on what the name resolved to (never on the name as written), then gives
-    /// the target, or the error of a registry that does not exist.
+    /// the target, or the error of a registry that does not exist (or is hidden here: the same).
     pub fn authorize(self, app: &App, principal: &Principal, op: Op) -> Result<Target> {
         app.auth
-            .check_in(self.registry.as_deref(), principal, op.on(&self.repo))?;
-        self.target
-            .ok_or_else(|| no_such_registry(self.repo.split('/').next().unwrap_or(&self.repo)))
+            .check_in(self.registry.as_deref(), principal, op.on(self.repo()))?;
+        match (self.target, self.registry) {
+            (Some(target), Some(_)) => Ok(target),
+            (target, _) => {
+                let repo = target.as_ref().map_or(self.written, |t| t.repo().as_str());
+                Err(no_such_registry(repo.split('/').next().unwrap_or(repo)))
+            }
+        }
     }
 }
 
@@ -141,7 +152,8 @@ pub async fn token(
     let public = req.public;
     let resolver = |name: &str| {
         let r = resolve(app, public, name, None).ok()?;
-        Some((r.repo, r.registry?))
+        let registry = r.registry.clone()?;
+        Some((r.repo().to_string(), registry))
     };
     crate::auth::endpoint::token(app, req, body, client, &resolver).await
 }

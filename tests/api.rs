@@ -11,21 +11,11 @@ use serde_json::{json, Value};
 
 /// Basic credentials of a new key of a new user.
 fn user(s: &TestServer, name: &str, role: Role, registries: &[&str]) -> String {
-    let app = s.app();
-    app.auth
-        .users
-        .create(
-            name,
-            role,
-            registries.iter().map(|r| r.to_string()).collect(),
-        )
-        .unwrap();
-    app.auth.refresh().unwrap();
-    let (key, secret) = app.auth.users.create_key(name).unwrap();
+    let (id, secret) = s.user(name, role, registries);
     use base64::Engine as _;
     format!(
         "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{}:{secret}", key.id))
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
     )
 }
 

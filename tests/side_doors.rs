@@ -10,22 +10,6 @@ use berth::auth::Role;
 use common::server::{cache_toml, error_of, sha256, TestServer, OCI_MANIFEST};
 use reqwest::{Method, StatusCode};
 
-/// Creates a user with one access key on a running server; returns `(key id, secret)`.
-fn user(s: &TestServer, name: &str, role: Role, registries: &[&str]) -> (String, String) {
-    let app = s.app();
-    app.auth
-        .users
-        .create(
-            name,
-            role,
-            registries.iter().map(|r| r.to_string()).collect(),
-        )
-        .unwrap();
-    let (k, secret) = app.auth.users.create_key(name).unwrap();
-    app.auth.refresh().unwrap();
-    (k.id, secret)
-}
-
 /// Claims of a JWT, read without checking it (the test looks at what was granted).
 fn claims_of(token: &str) -> serde_json::Value {
     use base64::Engine as _;
@@ -46,7 +30,7 @@ async fn a_mount_takes_nothing_from_a_repository_the_caller_may_not_pull() {
     let s = TestServer::start("[[registry]]\nname = \"team\"\n").await;
     let secret_blob = s.push_blob("team/secret", b"team's secret layer").await;
     let shared_blob = s.push_blob("library/base", b"a shared layer").await;
-    let (id, key) = user(&s, "ci", Role::ImageUploader, &["library"]);
+    let (id, key) = s.user("ci", Role::ImageUploader, &["library"]);
     let mount = |digest: &str, from: &str| {
         s.client
             .post(s.url(&format!(
@@ -82,18 +66,9 @@ async fn a_mount_takes_nothing_from_a_registry_hidden_on_this_listener() {
 [[registry]]\nname = \"internal\"\npublic_uri = false\n";
     let s = TestServer::start(extra).await;
     let private = listener(&s, 1);
-    let data = b"internal layer".to_vec();
-    let d = sha256(&data);
-    let r = s
-        .client
-        .post(format!(
-            "{private}/v2/internal/app/blobs/uploads/?digest={d}"
-        ))
-        .body(data)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
+    let d = s
+        .push_blob_via(&private, "internal/app", b"internal layer")
+        .await;
     // Through the public listener the hidden registry lends nothing.
     let r = s
         .client
@@ -124,7 +99,7 @@ async fn a_token_is_checked_against_what_ns_resolves_to() {
     upstream.push_image("library/app", "v1", "up").await;
     let edge = TestServer::start(&cache_toml("registry", &upstream.base, "", "")).await;
     edge.push_image("library/app", "v1", "edge").await;
-    let (id, key) = user(&edge, "libreader", Role::Viewer, &["library"]);
+    let (id, key) = edge.user("libreader", Role::Viewer, &["library"]);
     let r = edge
         .client
         .get(edge.url(
@@ -179,7 +154,7 @@ async fn the_token_endpoint_grants_the_name_a_scope_resolves_to() {
         "[mirror]\nregistry = \"hub\"\n",
     ))
     .await;
-    let (id, key) = user(&edge, "hubreader", Role::Viewer, &["hub"]);
+    let (id, key) = edge.user("hubreader", Role::Viewer, &["hub"]);
     let r = edge
         .client
         .get(edge.url(
@@ -217,18 +192,14 @@ async fn no_existence_oracle_for_hidden_closed_or_missing_registries() {
     let s = TestServer::start(extra).await;
     let private = listener(&s, 1);
     for reg in ["closed", "hidden", "hiddenopen"] {
-        let data = format!("{reg} layer").into_bytes();
-        let d = sha256(&data);
-        let r = s
-            .client
-            .post(format!("{private}/v2/{reg}/app/blobs/uploads/?digest={d}"))
-            .body(data)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
+        s.push_blob_via(
+            &private,
+            &format!("{reg}/app"),
+            format!("{reg} layer").as_bytes(),
+        )
+        .await;
     }
-    let (id, key) = user(&s, "libviewer", Role::Viewer, &["library"]);
+    let (id, key) = s.user("libviewer", Role::Viewer, &["library"]);
     let requests = [
         (Method::GET, "manifests/v1"),
         (Method::HEAD, "manifests/v1"),
@@ -340,7 +311,7 @@ async fn racing_push_and_delete_never_leave_a_dangling_tag() {
 #[tokio::test]
 async fn failed_logins_slow_the_failing_address_not_the_owner() {
     let s = TestServer::start("[auth]\nfailed_login_limit = 1\n").await;
-    let (id, key) = user(&s, "owner", Role::Viewer, &[]);
+    let (id, key) = s.user("owner", Role::Viewer, &[]);
     let from = |ip: [u8; 4]| {
         reqwest::Client::builder()
             .local_address(std::net::IpAddr::from(ip))
@@ -377,7 +348,7 @@ async fn failed_logins_slow_the_failing_address_not_the_owner() {
         started.elapsed()
     );
     // The failing address waits before any check, even with a correct secret of another key.
-    let (other, other_key) = user(&s, "other", Role::Viewer, &[]);
+    let (other, other_key) = s.user("other", Role::Viewer, &[]);
     let started = Instant::now();
     let r = attacker
         .get(s.url(path))

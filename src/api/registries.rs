@@ -47,7 +47,7 @@ pub fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
         .store
         .registries()
         .into_iter()
-        .filter(|r| !ctx.req.public || r.public_uri)
+        .filter(|r| ctx.req.shows(r))
         .filter(|r| app.auth.can_read(&app.store, ctx.req.principal, &r.name))
         .filter(|r| matches_q(&q, &r.name))
         .collect();

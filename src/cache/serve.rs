@@ -258,10 +258,11 @@ pub async fn blob(
 ) -> Result<Response<Body>> {
     let d = Digest::parse(digest)?;
     let local = t.repo.as_str();
-    // A fetch for this very repository (still streaming, or committed and about to link it):
-    // the source already vouched for it here.
-    let ours = app.cache.fetches.will_link(&d, local);
-    if !ours && app.store.meta.blob_link(local, &d)?.is_none() {
+    // Whether a fetch for this very repository is in flight (still streaming, or committed and
+    // about to link it): the source already vouched for it here. Asked only off the hit path.
+    let mut linked = app.store.meta.blob_link(local, &d)?.is_some();
+    let ours = !linked && app.cache.fetches.will_link(&d, local);
+    if !linked && !ours {
         let held = app.store.blobs.stat(&d)?;
         if held.is_some() || app.cache.fetches.is_inflight(&d) {
             // Held (or being fetched) for another repository: the source must confirm this one
@@ -280,10 +281,12 @@ pub async fn blob(
             }
             if let Some(size) = held {
                 app.store.meta.link_blob(local, &d, size)?;
+                linked = true;
             }
         }
     }
-    if app.store.meta.blob_link(local, &d)?.is_some() {
+    // A fetch that was ours may have committed and linked it meanwhile.
+    if linked || (ours && app.store.meta.blob_link(local, &d)?.is_some()) {
         let r = blobs::get(app, &t.repo, digest, req, head)?;
         count_served(app, t, &r);
         return Ok(outcome(app, t, r, "hit"));

@@ -69,27 +69,4 @@ impl Remote {
         };
         Err(format!("{method} {url}: {status}: {message}{hint}"))
     }
-
-    /// Every item of a paginated list, following pages until `total` is reached.
-    pub async fn list_all(&self, path: &str) -> Result<Vec<Value>, String> {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let mut items = Vec::new();
-        for page in 1.. {
-            let v = self
-                .call(
-                    Method::GET,
-                    &format!("{path}{sep}page={page}&page_size=500"),
-                    None,
-                )
-                .await?;
-            let got = v["items"].as_array().cloned().unwrap_or_default();
-            let total = v["total"].as_u64().unwrap_or(0) as usize;
-            let done = got.is_empty();
-            items.extend(got);
-            if done || items.len() >= total {
-                break;
-            }
-        }
-        Ok(items)
-    }
 }

@@ -36,8 +36,14 @@ impl Req<'_> {
 
     /// Whether this request's listener shows the registry.
     pub fn shows(&self, registry: &RegistryRecord) -> bool {
-        !self.public || registry.public_uri
+        shown(self.public, registry)
     }
+}
+
+/// Whether a listener (public or private) shows a registry: public listeners hide registries
+/// created with `public_uri = false`.
+pub fn shown(public: bool, registry: &RegistryRecord) -> bool {
+    !public || registry.public_uri
 }
 
 /// The error for a registry that does not exist, or is hidden from the caller's listener:

@@ -85,12 +85,39 @@ impl TestServer {
         self.client.get(self.url(path)).send().await.unwrap()
     }
 
+    /// Creates a user with one access key (auth turns on with the first user in `auto` mode);
+    /// returns (Access Key ID, Secret Key).
+    pub fn user(
+        &self,
+        name: &str,
+        role: berth::auth::Role,
+        registries: &[&str],
+    ) -> (String, String) {
+        let app = self.app();
+        app.auth
+            .users
+            .create(
+                name,
+                role,
+                registries.iter().map(|r| r.to_string()).collect(),
+            )
+            .unwrap();
+        app.auth.refresh().unwrap();
+        let (key, secret) = app.auth.users.create_key(name).unwrap();
+        (key.id, secret)
+    }
+
     /// Monolithic push of a blob; returns its digest.
     pub async fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        self.push_blob_via(&self.base, repo, data).await
+    }
+
+    /// Monolithic push of a blob through the listener at `base`; returns its digest.
+    pub async fn push_blob_via(&self, base: &str, repo: &str, data: &[u8]) -> String {
         let d = sha256(data);
         let r = self
             .client
-            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
             .body(data.to_vec())
             .send()
             .await
