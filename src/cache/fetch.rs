@@ -88,24 +88,88 @@ impl Fetch {
         }
     }
 
-    /// A response body of `len` bytes from `start`, read from the partial file as it grows.
-    pub fn body(self: &Arc<Self>, start: u64, len: u64) -> Body {
+    /// A response body of `len` bytes from `start`, read from the partial file as it grows;
+    /// with `direct` (the starter of the fetch, asking from byte 0), fed the bytes the fetch
+    /// holds in memory while it keeps up.
+    pub fn body(self: &Arc<Self>, start: u64, len: u64, direct: Option<Direct>) -> Body {
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(stream(self.clone(), start, len, tx));
+        let direct = direct.filter(|_| start == 0).map(|d| d.0);
+        tokio::spawn(stream(self.clone(), start, len, direct, tx));
         Body::File { rx, remaining: len }
+    }
+}
+
+/// The bytes of a new fetch as it writes them (hashed and in the partial file), for the
+/// client that started it: it reads them from memory instead of reading them back. A client
+/// that falls more than [`DIRECT_QUEUE`] writes behind is cut off the feed and goes on from
+/// the file.
+pub struct Direct(mpsc::Receiver<Pieces>);
+
+/// Writes (of about [`WRITE_PIECE`] bytes) queued for the direct reader.
+const DIRECT_QUEUE: usize = 2;
+
+/// Bytes a reader took from the fetch's memory instead of the partial file, counted once.
+struct FedFromMemory(u64);
+
+impl Drop for FedFromMemory {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            metrics::counter!("berth_cache_direct_bytes_total").increment(self.0);
+        }
     }
 }
 
 /// Longest a reader waits for the next bytes of a running fetch.
 const READER_STALL: Duration = Duration::from_secs(300);
 
-async fn stream(fetch: Arc<Fetch>, start: u64, len: u64, tx: mpsc::Sender<io::Result<Bytes>>) {
+async fn stream(
+    fetch: Arc<Fetch>,
+    start: u64,
+    len: u64,
+    mut direct: Option<mpsc::Receiver<Pieces>>,
+    tx: mpsc::Sender<io::Result<Bytes>>,
+) {
     let mut rx = fetch.subscribe();
     let end = start + len;
     let mut pos = start;
     // The file the fetch writes, once a read gave it: later bytes are read through it.
     let mut held: Option<FileRegion> = None;
+    let mut fed = FedFromMemory(0);
     while pos < end {
+        if let Some(feed) = &mut direct {
+            let pieces = match tokio::time::timeout(READER_STALL, feed.recv()).await {
+                Ok(Some(pieces)) => pieces,
+                // Fell behind, or the fetch ended: the file has the rest.
+                Ok(None) => {
+                    direct = None;
+                    continue;
+                }
+                Err(_) => {
+                    let why = "source sent nothing for 300 s";
+                    let _ = tx.send(Err(io::Error::other(why))).await;
+                    return;
+                }
+            };
+            for piece in pieces.as_slice() {
+                // The blob's last byte waits for the digest (below, from the file).
+                let piece = if pos + piece.len() as u64 >= end {
+                    direct = None;
+                    piece.slice(..(end - 1 - pos) as usize)
+                } else {
+                    piece.clone()
+                };
+                if piece.is_empty() {
+                    break;
+                }
+                let n = piece.len() as u64;
+                if tx.send(Ok(piece)).await.is_err() {
+                    return; // the client went away
+                }
+                pos += n;
+                fed.0 += n;
+            }
+            continue;
+        }
         let p = rx.borrow_and_update().clone();
         // The last byte is released only once the digest matched: a corrupt blob always ends
         // in an error, never in a complete-looking response. Durability (fsync, rename) is the
@@ -252,7 +316,8 @@ impl Fetches {
         self.inflight.lock().keys().cloned().collect()
     }
 
-    /// Joins the fetch of `digest` or starts one. Returns the fetch and whether it was joined.
+    /// Joins the fetch of `digest` or starts one. Returns the fetch, whether it was joined,
+    /// and for a fetch started here from byte 0, its bytes as they are written.
     pub async fn join_or_start(
         self: &Arc<Self>,
         store: &Arc<Store>,
@@ -260,11 +325,11 @@ impl Fetches {
         upstream_repo: &str,
         local_repo: &str,
         digest: &Digest,
-    ) -> io::Result<(Arc<Fetch>, bool)> {
+    ) -> io::Result<(Arc<Fetch>, bool, Option<Direct>)> {
         let join = |map: &HashMap<Digest, Arc<Fetch>>| {
             map.get(digest).map(|f| {
                 f.link_to.lock().push(local_repo.to_string());
-                (f.clone(), true)
+                (f.clone(), true, None)
             })
         };
         if let Some(joined) = join(&self.inflight.lock()) {
@@ -297,10 +362,18 @@ impl Fetches {
             map.insert(digest.clone(), fetch.clone());
             metrics::gauge!("berth_inflight_fetches").set(map.len() as f64);
         }
+        let (feed, direct) = if write.written() == 0 {
+            let (tx, rx) = mpsc::channel(DIRECT_QUEUE);
+            (Some(tx), Some(Direct(rx)))
+        } else {
+            (None, None)
+        };
         let job = Job {
             fetches: self.clone(),
             described: None,
             cap: 0,
+            feed,
+            in_flight: None,
             pipe: Pipeline::new(write),
             store: store.clone(),
             source: source.clone(),
@@ -308,7 +381,7 @@ impl Fetches {
             fetch: fetch.clone(),
         };
         tokio::spawn(job.run());
-        Ok((fetch, false))
+        Ok((fetch, false, direct))
     }
 
     fn finish(&self, digest: &Digest) {
@@ -370,6 +443,10 @@ struct Job {
     /// Most bytes the blob may have in the current attempt (the smaller of the source's
     /// announced size and the described size, else `pull_through.max_blob_bytes`).
     cap: u64,
+    /// The starter's direct feed, until it falls behind.
+    feed: Option<mpsc::Sender<Pieces>>,
+    /// The pieces of the write in flight (handed to the feed once written and hashed).
+    in_flight: Option<Pieces>,
     /// The partial blob, hashed as it is written, one piece in flight.
     pipe: Pipeline,
     store: Arc<Store>,
@@ -582,6 +659,12 @@ impl Job {
             .map_err(|e| format!("cannot write partial blob: {e}"))?;
         let written = self.pipe.get().map_or(0, HashingWrite::written);
         self.fetch.progress.send_modify(|p| p.written = written);
+        if let (Some(pieces), Some(feed)) = (self.in_flight.take(), &self.feed) {
+            if feed.try_send(pieces).is_err() {
+                // Behind by a whole queue, or gone: it reads the file from here on.
+                self.feed = None;
+            }
+        }
         Ok(())
     }
 
@@ -590,6 +673,9 @@ impl Job {
         self.settle().await?;
         if data.is_empty() {
             return Ok(());
+        }
+        if self.feed.is_some() {
+            self.in_flight = Some(data.clone());
         }
         self.pipe
             .submit(data)

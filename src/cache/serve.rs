@@ -294,7 +294,7 @@ pub async fn blob(
     if head && !ours {
         return head_at_source(app, t, &d).await;
     }
-    let (fetch, joined) = app
+    let (fetch, joined, direct) = app
         .cache
         .fetches
         .join_or_start(&app.store, &t.source, &t.upstream, local, &d)
@@ -327,7 +327,7 @@ pub async fn blob(
     let body = if len == 0 {
         Body::Empty
     } else {
-        fetch.body(start, len)
+        fetch.body(start, len, direct)
     };
     let r = blobs::blob_response(body, &d, size, range);
     count_served(app, t, &r);

@@ -1,13 +1,16 @@
-//! Zero-copy blob bodies on plain HTTP/1.1 (`http::h1`): byte-identical to the user-space path
-//! for every form of request, correct framing with keep-alive, pipelining and a hand-over to
-//! hyper on the same connection, and nothing held after a client goes away.
+//! The bytes' hot paths. Zero-copy blob bodies on plain HTTP/1.1 (`http::h1`): byte-identical
+//! to the user-space path for every form of request, correct framing with keep-alive,
+//! pipelining and a hand-over to hyper on the same connection, and nothing held after a client
+//! goes away. The cold path: the client that starts a fetch is fed from memory, and falls back
+//! to the partial file when it falls behind.
 
 mod common;
 
 use std::time::Duration;
 
+use common::doubles::StaticRegistry;
 use common::metrics::metric_value;
-use common::server::{sha256, TestServer};
+use common::server::{cache_toml, sha256, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -356,4 +359,65 @@ async fn shutdown_closes_connections_handed_to_hyper_and_frees_the_data_director
         assert!(rest.is_empty());
     }
     assert_eq!(s.get("/v2/").await.status(), 200);
+}
+
+/// A cache registry `hub` in front of a source holding one image whose layer has `len` bytes.
+async fn cold(len: usize) -> (StaticRegistry, TestServer, String, Vec<u8>) {
+    let source = StaticRegistry::start();
+    let layer = blob(len);
+    let image = source.put_image("library/app", "v1", &[&layer]);
+    let edge = TestServer::start(&cache_toml("registry", &source.url(), "", "")).await;
+    let path = format!("/v2/hub/library/app/blobs/{}", image.layer_digests[0]);
+    (source, edge, path, layer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_that_starts_a_fetch_is_fed_from_memory() {
+    let _serial = SERIAL.lock().await;
+    let (_source, edge, path, layer) = cold(6 << 20).await;
+    let before = edge.metric("berth_cache_direct_bytes_total", &[]).await;
+    let body = edge.get(&path).await.bytes().await.unwrap();
+    assert_eq!(sha256(&body), sha256(&layer));
+    let fed = edge.metric("berth_cache_direct_bytes_total", &[]).await - before;
+    // Every byte but the last, which waits for the digest and comes from the file.
+    assert_eq!(fed as usize, layer.len() - 1);
+    // A warm GET reads the committed blob.
+    let again = edge.get(&path).await.bytes().await.unwrap();
+    assert_eq!(again, body);
+    assert_eq!(
+        edge.metric("berth_cache_direct_bytes_total", &[]).await - before,
+        fed
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starter_that_falls_behind_goes_on_from_the_file() {
+    let _serial = SERIAL.lock().await;
+    let (_source, edge, path, layer) = cold(48 << 20).await;
+    let before = edge.metric("berth_cache_direct_bytes_total", &[]).await;
+    let mut response = edge.get(&path).await;
+    let first = response.chunk().await.unwrap().unwrap();
+    // The fetch runs on at loopback speed while this client reads nothing: its feed (two
+    // writes) fills and is cut; socket buffers hold a few MiB at most.
+    let committed = berth::oci::digest::Digest::parse(&sha256(&layer)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !edge.holds_blob(&committed) {
+        assert!(std::time::Instant::now() < deadline, "the fetch completes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut body = first.to_vec();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(body.len(), layer.len());
+    assert_eq!(
+        sha256(&body),
+        sha256(&layer),
+        "the file gave the rest, in order"
+    );
+    let fed = edge.metric("berth_cache_direct_bytes_total", &[]).await - before;
+    assert!(
+        fed > 0.0 && (fed as usize) < layer.len() / 2,
+        "fed from memory until it fell behind: {fed}"
+    );
 }
