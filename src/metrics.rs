@@ -61,6 +61,16 @@ pub fn blob_bytes_served(n: u64) {
     metrics::counter!("berth_blob_bytes_served_total").increment(n);
 }
 
+/// Counts response body bytes handed to connections.
+pub fn response_bytes(n: u64) {
+    metrics::counter!("berth_http_response_bytes_total").increment(n);
+}
+
+/// Counts a response body that ended before its last byte, by reason.
+pub fn response_aborted(reason: &'static str) {
+    metrics::counter!("berth_http_responses_aborted_total", "reason" => reason).increment(1);
+}
+
 /// Counts blob bytes sent with `sendfile` (a part of the bytes served).
 pub fn sendfile_bytes(n: u64) {
     metrics::counter!("berth_sendfile_bytes_total").increment(n);

@@ -421,3 +421,78 @@ async fn a_starter_that_falls_behind_goes_on_from_the_file() {
         "fed from memory until it fell behind: {fed}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_logged_and_counted_when_their_body_ends() {
+    let _serial = SERIAL.lock().await;
+    let (s, zero, copy) = server().await;
+    let data = blob(32 << 20);
+    let digest = s.push_blob("library/app", &data).await;
+    let path = format!("/v2/library/app/blobs/{digest}");
+    let blob_get = [("method", "GET"), ("route", "blob")];
+    for addr in [&zero, &copy] {
+        let duration = "berth_http_request_duration_seconds_sum";
+        let before = s.metric(duration, &blob_get).await;
+        let bytes_before = s.metric("berth_http_response_bytes_total", &[]).await;
+        // A client that takes its time: the request lasts until its last byte left.
+        let mut stream = TcpStream::connect(addr.as_str()).await.unwrap();
+        stream.write_all(get(&path, "").as_bytes()).await.unwrap();
+        let mut first = vec![0u8; 1 << 16];
+        stream.read_exact(&mut first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut buf = first;
+        let r = read_response(&mut stream, &mut buf, false).await;
+        assert_eq!(r.body.len(), data.len());
+        let counted = || async {
+            let text = reqwest::get(format!("http://{zero}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            (
+                metric_value(&text, duration, &blob_get) - before,
+                metric_value(&text, "berth_http_response_bytes_total", &[]) - bytes_before,
+            )
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (seconds, bytes) = loop {
+            let (seconds, bytes) = counted().await;
+            if bytes >= data.len() as f64 || std::time::Instant::now() > deadline {
+                break (seconds, bytes);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            seconds >= 0.4,
+            "{addr}: duration until the body ended: {seconds}"
+        );
+        assert!(
+            bytes >= data.len() as f64 && bytes < (data.len() + 100_000) as f64,
+            "{addr}: bytes really sent: {bytes}"
+        );
+    }
+    // A download cut short is counted as such.
+    let aborted = [("reason", "client_gone")];
+    let before = s
+        .metric("berth_http_responses_aborted_total", &aborted)
+        .await;
+    let mut stream = TcpStream::connect(&zero).await.unwrap();
+    stream.write_all(get(&path, "").as_bytes()).await.unwrap();
+    let mut first = vec![0u8; 1 << 16];
+    stream.read_exact(&mut first).await.unwrap();
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s
+        .metric("berth_http_responses_aborted_total", &aborted)
+        .await
+        - before
+        < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "aborted download counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -79,11 +79,6 @@ pub async fn next_frame(
 /// `sendfile` and never reads them here.
 pub const READ_CHUNK: usize = 256 * 1024;
 
-/// Marks a response whose body bytes count in `berth_blob_bytes_served_total`: the bytes
-/// really handed to the connection, counted once when the body ends.
-#[derive(Debug, Clone, Copy)]
-pub struct CountSent;
-
 /// A response body. An enum rather than a boxed stream so the hot paths stay explicit and a
 /// zero-copy variant can be added without touching handlers.
 pub enum Body {

@@ -32,8 +32,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, Re
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::body::{Body, CountSent};
+use super::body::Body;
 use super::deadline::{ConnState, Deadlined};
+use super::finish::{Abort, Finish};
 use crate::store::blobs::FileRegion;
 
 /// Most bytes one `sendfile` call may move, so one fast client cannot hold a worker thread for
@@ -62,7 +63,7 @@ pub async fn drive<H, F>(
 ) -> io::Result<Ended>
 where
     H: FnMut(Request<Full<Bytes>>) -> F,
-    F: Future<Output = Response<Body>>,
+    F: Future<Output = (Response<Body>, Finish)>,
 {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
@@ -96,9 +97,11 @@ where
         };
         let head_only = request.method() == Method::HEAD;
         let in_flight = state.begin();
-        let response = handle(request).await;
-        let intact = write_response(&mut io, response, head_only, keep_alive).await?;
+        let (response, mut finish) = handle(request).await;
+        let written = write_response(&mut io, response, &mut finish, head_only, keep_alive).await;
+        drop(finish);
         drop(in_flight);
+        let intact = written?;
         if !keep_alive || !intact {
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
@@ -222,76 +225,63 @@ fn head_bytes(parts: &http::response::Parts, len: u64, keep_alive: bool) -> Vec<
     head
 }
 
-/// Writes a response; whether the connection's framing is intact (a body that failed midway
-/// leaves it broken: the connection must close).
+/// Writes a response, noting in `finish` the bytes handed to the socket and why a body ended
+/// early; whether the connection's framing is intact (a body that failed midway leaves it
+/// broken: the connection must close).
 async fn write_response(
     io: &mut Deadlined<TcpStream>,
     response: Response<Body>,
+    finish: &mut Finish,
     head_only: bool,
     keep_alive: bool,
 ) -> io::Result<bool> {
     let (parts, mut body) = response.into_parts();
-    let counted = parts.extensions.get::<CountSent>().is_some();
     let len = body.len().unwrap_or(0);
     let mut head = head_bytes(&parts, len, keep_alive);
-    if head_only || bodiless(parts.status) {
-        io.write_all(&head).await?;
-        return Ok(true);
-    }
-    let mut sent = Sent {
-        bytes: 0,
-        counted,
-        zero_copy: false,
-    };
-    match body {
-        Body::Empty | Body::Full(None) => io.write_all(&head).await?,
-        Body::Full(Some(bytes)) => {
-            head.extend_from_slice(&bytes);
-            io.write_all(&head).await?;
-            sent.bytes += bytes.len() as u64;
+    let written = async {
+        if head_only || bodiless(parts.status) {
+            return io.write_all(&head).await.map(|()| true);
         }
-        Body::Region { region, stall } => {
-            io.write_all(&head).await?;
-            sent.zero_copy = true;
-            send_region(io.get_ref(), &region, stall, &mut sent).await?;
-        }
-        Body::File { .. } => {
-            io.write_all(&head).await?;
-            while let Some(frame) = body.frame().await {
-                let frame = match frame {
-                    Ok(frame) => frame,
-                    Err(e) => {
-                        tracing::warn!(error = %e, sent = sent.bytes, len, "response body failed; closing the connection");
-                        return Ok(false);
+        match body {
+            Body::Empty | Body::Full(None) => io.write_all(&head).await?,
+            Body::Full(Some(bytes)) => {
+                head.extend_from_slice(&bytes);
+                io.write_all(&head).await?;
+                finish.sent(bytes.len() as u64);
+            }
+            Body::Region { region, stall } => {
+                io.write_all(&head).await?;
+                send_region(io.get_ref(), &region, stall, finish).await?;
+            }
+            Body::File { .. } => {
+                io.write_all(&head).await?;
+                while let Some(frame) = body.frame().await {
+                    let frame = match frame {
+                        Ok(frame) => frame,
+                        Err(e) => {
+                            tracing::warn!(error = %e, sent = finish.sent, len, "response body failed; closing the connection");
+                            finish.abort(Abort::BodyError);
+                            return Ok(false);
+                        }
+                    };
+                    if let Ok(data) = frame.into_data() {
+                        io.write_all(&data).await?;
+                        finish.sent(data.len() as u64);
                     }
-                };
-                if let Ok(data) = frame.into_data() {
-                    io.write_all(&data).await?;
-                    sent.bytes += data.len() as u64;
                 }
             }
         }
+        Ok(true)
     }
-    Ok(true)
-}
-
-/// Bytes of a blob body handed to the kernel, counted once when the body ends however it
-/// ends (nothing per piece).
-struct Sent {
-    bytes: u64,
-    counted: bool,
-    zero_copy: bool,
-}
-
-impl Drop for Sent {
-    fn drop(&mut self) {
-        if self.counted && self.bytes > 0 {
-            crate::metrics::blob_bytes_served(self.bytes);
-        }
-        if self.zero_copy && self.bytes > 0 {
-            crate::metrics::sendfile_bytes(self.bytes);
-        }
+    .await;
+    if let Err(e) = &written {
+        finish.abort(if e.kind() == io::ErrorKind::TimedOut {
+            Abort::Stalled
+        } else {
+            Abort::ClientGone
+        });
     }
+    written
 }
 
 /// Sends a file region to the socket with `sendfile`, waiting for the socket to take more at
@@ -300,11 +290,15 @@ async fn send_region(
     socket: &TcpStream,
     region: &FileRegion,
     stall: Duration,
-    sent: &mut Sent,
+    finish: &mut Finish,
 ) -> io::Result<()> {
     let mut offset = region.offset();
     let end = offset + region.len();
-    while offset < end {
+    let mut moved_total = 0u64;
+    let outcome = loop {
+        if offset >= end {
+            break Ok(());
+        }
         let want = (end - offset).min(SENDFILE_MAX) as usize;
         let moved = socket.try_io(Interest::WRITABLE, || {
             rustix::fs::sendfile(socket, region.file(), Some(&mut offset), want)
@@ -312,37 +306,42 @@ async fn send_region(
         });
         match moved {
             Ok(0) => {
-                return Err(io::Error::new(
+                break Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "blob file shorter than its length",
                 ))
             }
             Ok(n) => {
-                sent.bytes += n as u64;
+                moved_total += n as u64;
                 // Let other tasks of this worker run between large moves.
                 tokio::task::consume_budget().await;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 match tokio::time::timeout(stall, socket.writable()).await {
-                    Ok(ready) => ready?,
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
                     Err(_) => {
                         tracing::info!(
-                            sent = sent.bytes,
+                            sent = moved_total,
                             len = region.len(),
                             stall_s = stall.as_secs(),
                             "response cut: the client stopped reading"
                         );
-                        return Err(io::Error::new(
+                        break Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "client read nothing for the send stall deadline",
                         ));
                     }
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => break Err(e),
         }
+    };
+    finish.sent(moved_total);
+    if moved_total > 0 {
+        crate::metrics::sendfile_bytes(moved_total);
     }
-    Ok(())
+    outcome
 }
 
 /// A connection whose first bytes were already read: they are read again first.

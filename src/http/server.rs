@@ -17,8 +17,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::body::{with_deadlines, Body, BodyDeadlines, CountSent};
+use super::body::{with_deadlines, Body, BodyDeadlines};
 use super::deadline::{ConnState, Deadlined, InFlight};
+use super::finish::{Abort, Finish};
 use super::router::{route, Route};
 use crate::auth::Principal;
 use crate::config::{Exposure, Listen};
@@ -301,26 +302,17 @@ impl Refusals {
 struct Tracked {
     body: Body,
     _request: InFlight,
-    /// Data bytes handed to hyper, when they count as blob bytes served (`CountSent`).
-    sent: Option<u64>,
+    /// Logged and counted when hyper drops the body (sent, or cut short).
+    finish: Finish,
 }
 
 impl Tracked {
-    fn new(response: Response<Body>, request: InFlight) -> Response<Tracked> {
-        let counted = response.extensions().get::<CountSent>().is_some();
+    fn new((response, finish): (Response<Body>, Finish), request: InFlight) -> Response<Tracked> {
         response.map(|body| Tracked {
             body,
             _request: request,
-            sent: counted.then_some(0),
+            finish,
         })
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if let Some(n) = self.sent.filter(|&n| n > 0) {
-            crate::metrics::blob_bytes_served(n);
-        }
     }
 }
 
@@ -334,8 +326,13 @@ impl http_body::Body for Tracked {
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let (Some(sent), Poll::Ready(Some(Ok(frame)))) = (&mut this.sent, &polled) {
-            *sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.finish
+                    .sent(frame.data_ref().map_or(0, |d| d.len() as u64));
+            }
+            Poll::Ready(Some(Err(_))) => this.finish.abort(Abort::BodyError),
+            _ => {}
         }
         polled
     }
@@ -387,8 +384,13 @@ async fn free_bytes(app: &App) -> std::io::Result<u64> {
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Serves one request: route, dispatch, map errors, add common headers, log and count it.
-pub async fn handle(app: Arc<App>, req: Request<impl RequestBody>, conn: Conn) -> Response<Body> {
+/// Serves one request: route, dispatch, map errors, add common headers. The request is logged
+/// and counted when the returned [`Finish`] is dropped, after its body ended.
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<impl RequestBody>,
+    conn: Conn,
+) -> (Response<Body>, Finish) {
     let peer = conn.peer;
     let started = Instant::now();
     let request_id = format!(
@@ -461,7 +463,6 @@ pub async fn handle(app: Arc<App>, req: Request<impl RequestBody>, conn: Conn) -
         }
     }
     let status = response.status();
-    let bytes = response.body().len().unwrap_or(0);
     let h = response.headers_mut();
     h.insert(
         "docker-distribution-api-version",
@@ -470,29 +471,33 @@ pub async fn handle(app: Arc<App>, req: Request<impl RequestBody>, conn: Conn) -
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         h.insert("x-request-id", v);
     }
-    let elapsed = started.elapsed();
-    crate::metrics::request(&parts.method, label, status, elapsed);
-    if label == "blob" && status.is_success() && bytes > 0 {
-        response.extensions_mut().insert(CountSent);
-    }
-    let ms = elapsed.as_secs_f64() * 1000.0;
-    let operator = principal.as_ref().map_or("", Principal::name);
-    let cache = response
-        .extensions()
-        .get::<crate::cache::Outcome>()
-        .map_or("", |o| o.outcome);
-    match &error {
-        Some(e) if e.is_server_fault() => tracing::error!(
-            request_id, %peer, user = operator, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, error = %e, "request failed"
-        ),
-        Some(e) => tracing::info!(
-            request_id, %peer, user = operator, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, error = %e, "request refused"
-        ),
-        None => tracing::info!(
-            request_id, %peer, user = operator, method = %parts.method, path, status = status.as_u16(), bytes, ms, cache, "request"
-        ),
-    }
-    response
+    let expected = if parts.method == http::Method::HEAD {
+        0
+    } else {
+        response.body().len().unwrap_or(0)
+    };
+    let finish = Finish {
+        request_id,
+        peer,
+        user: principal
+            .as_ref()
+            .map_or(String::new(), |p| p.name().to_string()),
+        label,
+        status,
+        cache: response
+            .extensions()
+            .get::<crate::cache::Outcome>()
+            .map_or("", |o| o.outcome),
+        error: error.map(|e| (e.to_string(), e.is_server_fault())),
+        started,
+        expected,
+        sent: 0,
+        blob: label == "blob" && status.is_success(),
+        aborted: None,
+        path: path.to_string(),
+        method: parts.method,
+    };
+    (response, finish)
 }
 
 /// Who sent the request. While auth is not enforced, credentials that do not check out (a CI
