@@ -432,3 +432,418 @@ pub struct KeyRevoked {
     /// Owner.
     pub user: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The view serializes to exactly the bytes of the `serde_json::json!` the handler built
+    /// before views existed (`old`, copied from that code), and reads back as itself.
+    fn same_bytes<T>(view: &T, old: serde_json::Value)
+    where
+        T: Serialize + for<'de> Deserialize<'de> + PartialEq + std::fmt::Debug,
+    {
+        let text = serde_json::to_string(view).unwrap();
+        assert_eq!(text, old.to_string());
+        assert_eq!(&serde_json::from_str::<T>(&text).unwrap(), view);
+    }
+
+    #[test]
+    fn views_keep_the_bytes_the_handlers_sent_before() {
+        let r = RegistryRecord {
+            name: "hub".into(),
+            kind: RegistryKind::Cache,
+            created_ms: 1_700_000_000_000,
+            cache: Some("up".into()),
+            public_uri: false,
+            anonymous_pull: true,
+        };
+        let old = |r: &RegistryRecord| {
+            json!({
+                "name": r.name, "type": r.kind, "cache": r.cache, "public_uri": r.public_uri,
+                "anonymous_pull": r.anonymous_pull, "created": rfc3339(r.created_ms),
+                "image_count": 3,
+            })
+        };
+        same_bytes(&RegistryView::of(&r, 3), old(&r));
+        let mut noted = RegistryView::of(&r, 3);
+        noted.note = Some("later".into());
+        let mut v = old(&r);
+        v["note"] = "later".into();
+        same_bytes(&noted, v);
+        let normal = RegistryRecord {
+            kind: RegistryKind::Normal,
+            cache: None,
+            ..r.clone()
+        };
+        same_bytes(&RegistryView::of(&normal, 3), old(&normal));
+        same_bytes(
+            &RegistryDeleted {
+                deleted_images: 2,
+                name: "hub".into(),
+            },
+            json!({ "name": "hub", "deleted_images": 2 }),
+        );
+
+        let mut c = ImageCacheConfig::new("up", crate::config::SourceKind::Quay, "https://q.io");
+        c.username = Some("bot".into());
+        c.password = Some("s3cret".into());
+        let mut view = ImageCacheView::of(&c, true);
+        view.applies = Some("at the next restart of the server".into());
+        same_bytes(
+            &view,
+            json!({
+                "name": "up", "kind": "quay", "url": "https://q.io",
+                "credentials": "user bot, password set", "fetch_budget": "3m 20s",
+                "revalidate_ttl": "0s", "loaded": true,
+                "applies": "at the next restart of the server",
+            }),
+        );
+        assert!(!serde_json::to_string(&view).unwrap().contains("s3cret"));
+        same_bytes(
+            &ImageCacheDeleted {
+                applies: "x".into(),
+                name: "up".into(),
+            },
+            json!({ "name": "up", "applies": "x" }),
+        );
+
+        let report = crate::cache::sweep::SweepReport {
+            artifacts: vec![(
+                "hub/a".into(),
+                "sha256:ab".into(),
+                vec!["v1".into()],
+                1_700_000_000_000,
+            )],
+            blobs: vec![("sha256:cd".into(), 7), ("sha256:ef".into(), 5)],
+        };
+        same_bytes(
+            &PruneReport::of(&report, true),
+            json!({
+                "dry_run": true,
+                "artifacts": [{ "repository": "hub/a", "digest": "sha256:ab", "tags": ["v1"],
+                    "last_pull": rfc3339(1_700_000_000_000) }],
+                "blobs": [{ "digest": "sha256:cd", "size": 7 }, { "digest": "sha256:ef", "size": 5 }],
+                "bytes": 12,
+            }),
+        );
+
+        same_bytes(
+            &ImageView {
+                artifact_count: 2,
+                last_push: None,
+                name: "app".into(),
+                repository: "lib/app".into(),
+                tag_count: 1,
+            },
+            json!({ "name": "app", "repository": "lib/app", "artifact_count": 2, "tag_count": 1,
+                "last_push": Option::<String>::None }),
+        );
+        same_bytes(
+            &ImageDeleted {
+                deleted_artifacts: 2,
+                deleted_tags: 3,
+                repository: "lib/app".into(),
+            },
+            json!({ "repository": "lib/app", "deleted_artifacts": 2, "deleted_tags": 3 }),
+        );
+        same_bytes(
+            &TagView {
+                digest: None,
+                name: "v1".into(),
+            },
+            json!({ "name": "v1", "digest": Option::<String>::None }),
+        );
+        same_bytes(
+            &TagSet {
+                digest: "sha256:ab".into(),
+                name: "v1".into(),
+                previous: None,
+            },
+            json!({ "name": "v1", "digest": "sha256:ab", "previous": Option::<String>::None }),
+        );
+        same_bytes(
+            &ArtifactView {
+                artifact_type: None,
+                digest: "sha256:ab".into(),
+                last_pull: Some("2023-11-14T22:13:20Z".into()),
+                manifest_size: 10,
+                media_type: "m".into(),
+                platforms: vec!["linux/amd64".into()],
+                pushed: "2023-11-14T22:13:20Z".into(),
+                signed: false,
+                size: 99,
+                subject: None,
+                tags: vec!["v1".into()],
+            },
+            json!({
+                "digest": "sha256:ab", "media_type": "m", "artifact_type": Option::<String>::None,
+                "tags": ["v1"], "size": 99, "manifest_size": 10, "pushed": "2023-11-14T22:13:20Z",
+                "last_pull": "2023-11-14T22:13:20Z", "platforms": ["linux/amd64"],
+                "signed": false, "subject": Option::<String>::None,
+            }),
+        );
+        same_bytes(
+            &ArtifactDeleted {
+                deleted_tags: vec!["v1".into()],
+                digest: "sha256:ab".into(),
+            },
+            json!({ "digest": "sha256:ab", "deleted_tags": ["v1"] }),
+        );
+
+        let u = UserRecord {
+            name: "ann".into(),
+            role: Role::ImageUploader,
+            registries: vec!["lib".into()],
+            created_ms: 1_700_000_000_000,
+        };
+        let k = KeyRecord {
+            id: "BK1".into(),
+            user: "ann".into(),
+            secret_hash: "$argon2id$x".into(),
+            created_ms: 1_700_000_000_000,
+        };
+        let old_key = json!({
+            "id": k.id, "user": k.user, "created": rfc3339(k.created_ms),
+            "age_days": k.age().as_secs() / 86_400, "rotation_due": k.is_old(),
+        });
+        let mut user = UserView::of(&u, 1);
+        let mut old_user = json!({
+            "name": u.name, "role": u.role, "registries": u.registries,
+            "created": rfc3339(u.created_ms), "key_count": 1,
+        });
+        same_bytes(&user, old_user.clone());
+        user.keys = Some(vec![KeyView::of(&k)]);
+        old_user["keys"] = json!([old_key.clone()]);
+        same_bytes(&user, old_user);
+        let mut created = KeyView::of(&k);
+        created.secret = Some("shown-once".into());
+        let mut old_created = old_key;
+        old_created["secret"] = "shown-once".into();
+        same_bytes(&created, old_created);
+        same_bytes(
+            &KeyRevoked {
+                id: "BK1".into(),
+                user: "ann".into(),
+            },
+            json!({ "id": "BK1", "user": "ann" }),
+        );
+        same_bytes(
+            &UserDeleted { name: "ann".into() },
+            json!({ "name": "ann" }),
+        );
+
+        same_bytes(
+            &Paged {
+                items: vec![TagView {
+                    digest: Some("sha256:ab".into()),
+                    name: "v1".into(),
+                }],
+                page: 2,
+                page_size: 1,
+                total: 5,
+            },
+            json!({
+                "items": [{ "name": "v1", "digest": "sha256:ab" }],
+                "total": 5, "page": 2, "page_size": 1,
+            }),
+        );
+    }
+
+    #[test]
+    fn webhook_views_keep_their_bytes_and_hide_credentials() {
+        use crate::events::webhooks::{Delivery, DeliveryStatus, WebhookKind, WebhookPolicy};
+        use crate::events::EventKind;
+        let p = WebhookPolicy {
+            id: "id1".into(),
+            registry: "lib".into(),
+            name: "n".into(),
+            events: vec![EventKind::PushArtifact],
+            target: "https://hooks.example/x".into(),
+            kind: WebhookKind::Slack,
+            auth_header: Some("Bearer hidden".into()),
+            secret: None,
+            enabled: true,
+            created_ms: 5,
+        };
+        same_bytes(
+            &p.view(),
+            json!({
+                "id": p.id, "registry": p.registry, "name": p.name, "events": p.events,
+                "target": p.target, "kind": p.kind, "auth_header_set": true,
+                "secret_set": false, "enabled": true, "created_ms": 5,
+            }),
+        );
+        assert!(!serde_json::to_string(&p.view()).unwrap().contains("hidden"));
+        let d = Delivery {
+            id: 9,
+            policy_id: "id1".into(),
+            event: EventKind::PushArtifact,
+            status: DeliveryStatus::Failed,
+            attempts: 3,
+            http_status: None,
+            last_error: Some("refused".into()),
+            created_ms: 1,
+            updated_ms: 2,
+        };
+        same_bytes(&DeliveryView::of(&d), serde_json::to_value(&d).unwrap());
+        same_bytes(
+            &DeliveryList {
+                items: vec![DeliveryView::of(&d)],
+            },
+            json!({ "items": [d] }),
+        );
+        same_bytes(
+            &WebhookList {
+                items: vec![p.view()],
+                total: 1,
+            },
+            json!({ "items": [p.view()], "total": 1 }),
+        );
+    }
+
+    /// The fields of a view's JSON.
+    fn keys<T: Serialize>(view: &T) -> Vec<String> {
+        let mut k: Vec<String> = serde_json::to_value(view)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn openapi_documents_every_field_of_every_view() {
+        let doc: serde_json::Value = serde_json::from_str(super::super::OPENAPI).unwrap();
+        let schema = |name: &str| -> Vec<String> {
+            let mut k: Vec<String> = doc["components"]["schemas"][name]["properties"]
+                .as_object()
+                .unwrap_or_else(|| panic!("openapi.json has no schema {name}"))
+                .keys()
+                .cloned()
+                .collect();
+            k.sort();
+            k
+        };
+        let r = RegistryRecord {
+            name: "r".into(),
+            kind: RegistryKind::Normal,
+            created_ms: 0,
+            cache: None,
+            public_uri: true,
+            anonymous_pull: false,
+        };
+        let mut registry = RegistryView::of(&r, 0);
+        registry.note = Some("n".into());
+        assert_eq!(keys(&registry), schema("Registry"));
+        let mut cache = ImageCacheView::of(
+            &ImageCacheConfig::new("c", crate::config::SourceKind::Registry, "https://r"),
+            false,
+        );
+        cache.applies = Some("a".into());
+        assert_eq!(keys(&cache), schema("ImageCache"));
+        let image = ImageView {
+            artifact_count: 0,
+            last_push: None,
+            name: "i".into(),
+            repository: "r/i".into(),
+            tag_count: 0,
+        };
+        assert_eq!(keys(&image), schema("Image"));
+        let artifact = ArtifactView {
+            artifact_type: None,
+            digest: "d".into(),
+            last_pull: None,
+            manifest_size: 0,
+            media_type: "m".into(),
+            platforms: vec![],
+            pushed: "p".into(),
+            signed: false,
+            size: 0,
+            subject: None,
+            tags: vec![],
+        };
+        assert_eq!(keys(&artifact), schema("Artifact"));
+        let tag = TagView {
+            digest: None,
+            name: "t".into(),
+        };
+        assert_eq!(keys(&tag), schema("Tag"));
+        let set = TagSet {
+            digest: "d".into(),
+            name: "t".into(),
+            previous: None,
+        };
+        assert_eq!(keys(&set), schema("TagChange"));
+        let report = PruneReport::of(&crate::cache::sweep::SweepReport::default(), false);
+        assert_eq!(keys(&report), schema("PruneReport"));
+        assert_eq!(
+            keys(&Prune {
+                dry_run: true,
+                unpulled_for: Some("1d".into())
+            }),
+            schema("Prune")
+        );
+        let paged = Paged::<TagView> {
+            items: vec![],
+            page: 1,
+            page_size: 1,
+            total: 0,
+        };
+        assert_eq!(keys(&paged), schema("Page"));
+        let u = UserRecord {
+            name: "u".into(),
+            role: Role::Viewer,
+            registries: vec![],
+            created_ms: 0,
+        };
+        let k = KeyRecord {
+            id: "k".into(),
+            user: "u".into(),
+            secret_hash: "h".into(),
+            created_ms: 0,
+        };
+        let mut user = UserView::of(&u, 1);
+        user.keys = Some(vec![KeyView::of(&k)]);
+        assert_eq!(keys(&user), schema("User"));
+        assert_eq!(keys(&KeyView::of(&k)), schema("Key"));
+        let p = crate::events::webhooks::WebhookPolicy {
+            id: "i".into(),
+            registry: "r".into(),
+            name: "n".into(),
+            events: vec![],
+            target: "https://t".into(),
+            kind: crate::events::webhooks::WebhookKind::Http,
+            auth_header: None,
+            secret: None,
+            enabled: true,
+            created_ms: 0,
+        };
+        assert_eq!(keys(&p.view()), schema("Webhook"));
+        let d = crate::events::webhooks::Delivery {
+            id: 1,
+            policy_id: "i".into(),
+            event: crate::events::EventKind::PushArtifact,
+            status: crate::events::webhooks::DeliveryStatus::Pending,
+            attempts: 0,
+            http_status: None,
+            last_error: None,
+            created_ms: 0,
+            updated_ms: 0,
+        };
+        assert_eq!(keys(&DeliveryView::of(&d)), schema("Delivery"));
+        let list = WebhookList {
+            items: vec![],
+            total: 0,
+        };
+        assert_eq!(keys(&list), schema("WebhookList"));
+        assert_eq!(
+            keys(&DeliveryList { items: vec![] }),
+            schema("DeliveryList")
+        );
+    }
+}

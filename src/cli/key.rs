@@ -39,11 +39,18 @@ pub fn run(place: &Place, cmd: KeyCommand) -> Result<(), String> {
         KeyCommand::Create { user, json } => {
             let path = format!("/users/{}/keys", seg(&user));
             let key: KeyView = place.call(Method::POST, &path)?;
+            // The one answer that carries the secret: without it the key is unusable.
+            let Some(secret) = &key.secret else {
+                return Err(format!(
+                    "the server created access key {} of {user} but sent no secret: revoke it (`berth key revoke {user} {}`)",
+                    key.id, key.id
+                ));
+            };
             if json {
                 print_json(&key)?;
             } else {
                 outln!("Access Key ID: {}", key.id);
-                outln!("Secret Key:    {}", super::text(&key.secret));
+                outln!("Secret Key:    {secret}");
             }
             eprintln!(
                 "berth: store the secret key now: it is not shown again (revoke the key and create another if it is lost)"
