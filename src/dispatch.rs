@@ -182,8 +182,8 @@ async fn origin(
     let m = req.method;
     match route {
         Route::Blob { digest, .. } => match *m {
-            Method::GET => serve::blobs::get(app, repo, &digest, &req, false),
-            Method::HEAD => serve::blobs::get(app, repo, &digest, &req, true),
+            Method::GET => serve::blobs::get(app, repo, &digest, &req, false).await,
+            Method::HEAD => serve::blobs::get(app, repo, &digest, &req, true).await,
             Method::DELETE => blobs::delete(app, repo, &digest).await,
             _ => Err(Error::MethodNotAllowed(m.to_string())),
         },

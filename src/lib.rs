@@ -129,12 +129,12 @@ impl App {
     /// image caches, users and keys, webhook policies; no listener, no background work. With
     /// `apply`, registries and image caches declared in the config are created or updated first
     /// (the server does; the CLI on a data directory does not).
-    pub fn open(config: Config, apply: bool) -> Result<App, StartError> {
+    pub async fn open(config: Config, apply: bool) -> Result<App, StartError> {
         let store_err = |source| StartError::Store {
             dir: config.data_dir.clone(),
             source,
         };
-        let store = Store::open(&config.data_dir).map_err(store_err)?;
+        let store = Store::open(&config.data_dir).await.map_err(store_err)?;
         if apply {
             apply_config(&store, &config).map_err(store_err)?;
         }
@@ -167,7 +167,7 @@ impl Server {
     /// Opens the store, creates configured registries, binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Server, StartError> {
         crate::metrics::init();
-        let app = Arc::new(App::open(config, true)?);
+        let app = Arc::new(App::open(config, true).await?);
         let mut bound = Vec::new();
         for l in &app.config.listen {
             bound.push(http::server::bind(l).await.map_err(StartError::Listen)?);
@@ -218,6 +218,19 @@ impl Server {
     }
 }
 
+/// Bytes of every committed blob, a page at a time.
+async fn stored_bytes(blobs: &dyn store::blobs::BlobStore) -> std::io::Result<u64> {
+    let (mut total, mut after) = (0, None);
+    loop {
+        let page = blobs.list(after.as_ref(), 1000).await?;
+        let Some((last, _)) = page.last() else {
+            return Ok(total);
+        };
+        after = Some(last.clone());
+        total += page.iter().map(|(_, i)| i.size).sum::<u64>();
+    }
+}
+
 /// Periodic work: batched last-pull writes (1 s); expired uploads, stale partial fetches and
 /// storage size (5 min); the cache cleanup sweep (`pull_through.cleanup_interval`).
 async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
@@ -232,54 +245,51 @@ async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             tracing::error!(error = %e, "could not write last-pull times");
         }
         if n.is_multiple_of(300) {
-            let app = app.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                match app.store.uploads.expire(app.config.limits.upload_expiry) {
-                    Ok(0) => {}
-                    Ok(k) => tracing::info!(removed = k, "expired upload sessions removed"),
-                    Err(e) => tracing::warn!(error = %e, "could not expire upload sessions"),
-                }
-                match app
-                    .cache
-                    .fetches
-                    .expire_partials(app.config.pull_through.partial_max_age)
-                {
-                    Ok(0) => {}
-                    Ok(bytes) => tracing::info!(bytes, "stale partial fetches removed"),
-                    Err(e) => tracing::warn!(error = %e, "could not expire partial fetches"),
-                }
-                if let Ok(blobs) = app.store.blobs.list() {
-                    crate::metrics::storage_bytes(blobs.iter().map(|(_, s)| s).sum());
-                }
-            })
-            .await;
+            match app
+                .store
+                .uploads
+                .expire(app.config.limits.upload_expiry)
+                .await
+            {
+                Ok(0) => {}
+                Ok(k) => tracing::info!(removed = k, "expired upload sessions removed"),
+                Err(e) => tracing::warn!(error = %e, "could not expire upload sessions"),
+            }
+            let max_age = app.config.pull_through.partial_max_age;
+            match app.cache.fetches.expire_partials(max_age).await {
+                Ok(0) => {}
+                Ok(bytes) => tracing::info!(bytes, "stale partial fetches removed"),
+                Err(e) => tracing::warn!(error = %e, "could not expire partial fetches"),
+            }
+            match stored_bytes(&*app.store.blobs).await {
+                Ok(bytes) => crate::metrics::storage_bytes(bytes),
+                Err(e) => tracing::warn!(error = %e, "could not list blobs for the storage size"),
+            }
         }
         let sweep_every = app.config.pull_through.cleanup_interval.as_secs().max(1);
         if n > 0 && n.is_multiple_of(sweep_every) {
-            let app = app.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let busy = app.cache.fetches.inflight_digests();
-                match cache::sweep::sweep(
-                    &app.store,
-                    app.config.pull_through.cleanup_unpulled_after,
-                    app.config.pull_through.gc_grace,
-                    &busy,
-                    false,
-                ) {
-                    Ok(r) if r.artifacts.is_empty() && r.blobs.is_empty() => {}
-                    Ok(r) => {
-                        tracing::info!(
-                            artifacts = r.artifacts.len(),
-                            blobs = r.blobs.len(),
-                            bytes = r.bytes(),
-                            "cache cleanup removed unpulled artifacts"
-                        );
-                        cache::sweep::announce(&app.events, &r);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cache cleanup failed"),
-                }
-            })
+            let busy = app.cache.fetches.inflight_digests();
+            let swept = cache::sweep::sweep(
+                &app.store,
+                app.config.pull_through.cleanup_unpulled_after,
+                app.config.pull_through.gc_grace,
+                &busy,
+                false,
+            )
             .await;
+            match swept {
+                Ok(r) if r.artifacts.is_empty() && r.blobs.is_empty() => {}
+                Ok(r) => {
+                    tracing::info!(
+                        artifacts = r.artifacts.len(),
+                        blobs = r.blobs.len(),
+                        bytes = r.bytes(),
+                        "cache cleanup removed unpulled artifacts"
+                    );
+                    cache::sweep::announce(&app.events, &r);
+                }
+                Err(e) => tracing::warn!(error = %e, "cache cleanup failed"),
+            }
         }
         n += 1;
     }

@@ -340,12 +340,7 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
     for d in [&config, &layer] {
         let d = berth::oci::digest::Digest::parse(d).unwrap();
         assert!(
-            wait_until(Duration::from_secs(10), || store
-                .blobs
-                .stat(&d)
-                .unwrap()
-                .is_some())
-            .await,
+            wait_until(Duration::from_secs(10), || edge.holds_blob(&d)).await,
             "fetched blob committed"
         );
     }
@@ -358,6 +353,7 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
         &[],
         false,
     )
+    .await
     .unwrap();
     assert!(r.artifacts.is_empty() && r.blobs.is_empty(), "{r:?}");
     // Dry run of a zero-age sweep lists, removes nothing.
@@ -368,6 +364,7 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
         &[],
         true,
     )
+    .await
     .unwrap();
     assert_eq!(r.artifacts.len(), 1);
     assert_eq!(r.blobs.len(), 3, "manifest, config, layer: {r:?}");
@@ -384,15 +381,12 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
         &[],
         false,
     )
+    .await
     .unwrap();
     assert_eq!(r.artifacts.len(), 1);
     assert_eq!(r.artifacts[0].2, vec!["v1".to_string()]);
     assert_eq!(r.blobs.len(), 3);
-    assert!(store
-        .blobs
-        .stat(&berth::oci::digest::Digest::parse(&layer).unwrap())
-        .unwrap()
-        .is_none());
+    assert!(!edge.holds_blob(&berth::oci::digest::Digest::parse(&layer).unwrap()));
     // The origin image is intact; the cached one comes back from the source on demand.
     assert_eq!(
         edge.get("/v2/library/keep/manifests/v1").await.status(),
@@ -567,14 +561,7 @@ async fn prefetch_warms_all_platforms_or_one() {
         "index + arm64 manifest, its config and layer"
     );
     let (_, amd_layer) = config_and_layer(&amd);
-    let app = edge.app();
-    let held = |d: &str| {
-        app.store
-            .blobs
-            .stat(&berth::oci::digest::Digest::parse(d).unwrap())
-            .unwrap()
-            .is_some()
-    };
+    let held = |d: &str| edge.holds_blob(&berth::oci::digest::Digest::parse(d).unwrap());
     assert!(!held(&amd_layer), "the other platform was not fetched");
     let r = berth::cli::prefetch::prefetch(&edge.base, "hub/library/multi:v1", None, &bar)
         .await

@@ -61,7 +61,7 @@ impl Setup {
 
     fn committed(&self) -> bool {
         let d = berth::oci::digest::Digest::parse(&self.layer_digest).unwrap();
-        self.edge.app().store.blobs.stat(&d).unwrap().is_some()
+        self.edge.holds_blob(&d)
     }
 }
 

@@ -277,7 +277,7 @@ fn partials(e: &TestServer) -> Vec<String> {
 
 fn committed(e: &TestServer, digest: &str) -> bool {
     let d = berth::oci::digest::Digest::parse(digest).unwrap();
-    e.app().store.blobs.stat(&d).unwrap().is_some()
+    e.holds_blob(&d)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use crate::store::Store;
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 fn read_json(store: &Store, digest: &Digest, limit: u64) -> Option<Value> {
-    let bytes = store.blobs.read_small(digest, limit).ok()??;
+    let bytes = crate::store::blobs::wait(store.blobs.read_small(digest, limit)).ok()??;
     serde_json::from_slice(&bytes).ok()
 }
 

@@ -258,19 +258,11 @@ pub async fn prune(ctx: &Ctx<'_>, body: Prune) -> Result<Response<Body>> {
         None => app.config.pull_through.cleanup_unpulled_after,
     };
     let dry_run = body.dry_run;
-    let report = blocking(move || {
-        // Pull times are batched in memory; a pull just now must count.
-        app.store.pulls.flush(&app.store.meta)?;
-        let busy = app.cache.fetches.inflight_digests();
-        crate::cache::sweep::sweep(
-            &app.store,
-            age,
-            app.config.pull_through.gc_grace,
-            &busy,
-            dry_run,
-        )
-    })
-    .await?;
+    // Pull times are batched in memory; a pull just now must count.
+    app.store.pulls.flush(&app.store.meta)?;
+    let busy = app.cache.fetches.inflight_digests();
+    let gc_grace = app.config.pull_through.gc_grace;
+    let report = crate::cache::sweep::sweep(&app.store, age, gc_grace, &busy, dry_run).await?;
     if !dry_run {
         crate::cache::sweep::announce(&ctx.app.events, &report);
     }

@@ -7,9 +7,7 @@
 //! stay; the next fetch asks the source for the rest with `Range`).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -22,6 +20,10 @@ use tokio::sync::{mpsc, watch};
 use super::upstream::{Source, UpstreamError, UpstreamRequest};
 use crate::http::body::{Body, READ_CHUNK};
 use crate::oci::digest::{Digest, Verifier};
+use crate::store::blobs::{
+    BlobRead, BlobStore, BlobWrite, Checkpoint, FileRegion, HashingWrite, Pending, PendingKind,
+    Pipeline,
+};
 use crate::store::Store;
 
 /// Where a fetch stands.
@@ -54,7 +56,7 @@ pub struct Progress {
 pub struct Fetch {
     /// The blob.
     pub digest: Digest,
-    file: Arc<File>,
+    blobs: Arc<dyn BlobStore>,
     progress: watch::Sender<Progress>,
     /// Repositories to link the blob into once committed.
     link_to: Mutex<Vec<String>>,
@@ -101,6 +103,8 @@ async fn stream(fetch: Arc<Fetch>, start: u64, len: u64, tx: mpsc::Sender<io::Re
     let mut rx = fetch.subscribe();
     let end = start + len;
     let mut pos = start;
+    // The file the fetch writes, once a read gave it: later bytes are read through it.
+    let mut held: Option<FileRegion> = None;
     while pos < end {
         let p = rx.borrow_and_update().clone();
         // The last byte is released only once the digest matched: a corrupt blob always ends
@@ -113,16 +117,18 @@ async fn stream(fetch: Arc<Fetch>, start: u64, len: u64, tx: mpsc::Sender<io::Re
             (_, None) => p.written,
         };
         if readable > pos {
-            let Ok(slot) = tx.reserve().await else { return };
-            let n = (readable.min(end) - pos).min(READ_CHUNK as u64) as usize;
-            let piece = crate::http::body::read_piece(fetch.file.clone(), pos, n).await;
-            match piece {
-                Ok(bytes) => {
-                    pos += bytes.len() as u64;
-                    slot.send(Ok(bytes));
+            let n = (readable.min(end) - pos).min(READ_CHUNK as u64);
+            let sent = match follow(&fetch, &mut held, pos, n, &tx).await {
+                Ok(sent) => sent,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
                 }
-                Err(e) => return slot.send(Err(e)),
+            };
+            if sent == 0 {
+                return; // the client went away
             }
+            pos += sent;
             continue;
         }
         let stop = match &p.phase {
@@ -146,25 +152,85 @@ async fn stream(fetch: Arc<Fetch>, start: u64, len: u64, tx: mpsc::Sender<io::Re
     }
 }
 
-/// Blob fetches of this node: the in-flight map and the partial files.
-pub struct Fetches {
-    partial_dir: PathBuf,
-    inflight: Mutex<HashMap<Digest, Arc<Fetch>>>,
+/// Sends bytes `[pos, pos + n)` of a running or finished fetch to a reader; how many were sent
+/// (0: the reader went away). Bytes come from the write in progress (through the file handle
+/// of the first read, when the backend gave one), or from the committed blob once the write is
+/// gone.
+async fn follow(
+    fetch: &Fetch,
+    held: &mut Option<FileRegion>,
+    pos: u64,
+    n: u64,
+    tx: &mpsc::Sender<io::Result<Bytes>>,
+) -> io::Result<u64> {
+    let read = match held {
+        Some(file) => BlobRead::Local(file.span(pos, n)),
+        None => {
+            let key = Pending::Fetch(fetch.digest.clone());
+            let pending = fetch.blobs.read_pending(&key, pos, Some(n)).await?;
+            let read = match pending {
+                Some(read) => read,
+                None => fetch
+                    .blobs
+                    .read(&fetch.digest, pos, Some(n))
+                    .await?
+                    .ok_or_else(|| io::Error::other("fetched blob is gone from the store"))?,
+            };
+            if let BlobRead::Local(region) = &read {
+                *held = Some(region.clone());
+            }
+            read
+        }
+    };
+    match read {
+        BlobRead::Local(region) => {
+            let Ok(slot) = tx.reserve().await else {
+                return Ok(0);
+            };
+            let piece = crate::http::body::read_piece(
+                region.file().clone(),
+                region.offset(),
+                region.len() as usize,
+            )
+            .await?;
+            let sent = piece.len() as u64;
+            slot.send(Ok(piece));
+            Ok(sent)
+        }
+        BlobRead::Stream { mut bytes, .. } => {
+            use futures_util::StreamExt;
+            let mut sent = 0;
+            while let Some(piece) = bytes.next().await {
+                let piece = piece?;
+                sent += piece.len() as u64;
+                if tx.send(Ok(piece)).await.is_err() {
+                    return Ok(0);
+                }
+            }
+            Ok(sent)
+        }
+        BlobRead::Redirect(_) => Err(io::Error::other("a fetch cannot be followed at a URL")),
+    }
 }
 
-fn partial_name(d: &Digest) -> String {
-    format!("{}-{}", d.algorithm().as_str(), d.hex())
+/// Blob fetches of this node: the in-flight map; their bytes are the blob store's writes
+/// `Pending::Fetch(digest)`.
+pub struct Fetches {
+    blobs: Arc<dyn BlobStore>,
+    inflight: Mutex<HashMap<Digest, Arc<Fetch>>>,
+    /// Held while a fetch is looked up, opened and entered into the map: two requests never
+    /// open the same write at once.
+    opening: tokio::sync::Mutex<()>,
 }
 
 impl Fetches {
-    /// Opens (creating) `DATA/partial`.
-    pub fn open(data_dir: &Path) -> io::Result<Fetches> {
-        let partial_dir = data_dir.join("partial");
-        std::fs::create_dir_all(&partial_dir)?;
-        Ok(Fetches {
-            partial_dir,
+    /// Fetches over `blobs`.
+    pub fn new(blobs: Arc<dyn BlobStore>) -> Fetches {
+        Fetches {
+            blobs,
             inflight: Mutex::new(HashMap::new()),
-        })
+            opening: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Whether `digest` is being fetched.
@@ -187,7 +253,7 @@ impl Fetches {
     }
 
     /// Joins the fetch of `digest` or starts one. Returns the fetch and whether it was joined.
-    pub fn join_or_start(
+    pub async fn join_or_start(
         self: &Arc<Self>,
         store: &Arc<Store>,
         source: &Arc<Source>,
@@ -195,41 +261,51 @@ impl Fetches {
         local_repo: &str,
         digest: &Digest,
     ) -> io::Result<(Arc<Fetch>, bool)> {
-        let mut map = self.inflight.lock();
-        if let Some(f) = map.get(digest) {
-            f.link_to.lock().push(local_repo.to_string());
-            return Ok((f.clone(), true));
+        let join = |map: &HashMap<Digest, Arc<Fetch>>| {
+            map.get(digest).map(|f| {
+                f.link_to.lock().push(local_repo.to_string());
+                (f.clone(), true)
+            })
+        };
+        if let Some(joined) = join(&self.inflight.lock()) {
+            return Ok(joined);
         }
-        let path = self.partial_dir.join(partial_name(digest));
-        let (file, resume) = open_partial(&path, digest)?;
-        let (written, verifier) = resume;
+        let _opening = self.opening.lock().await;
+        if let Some(joined) = join(&self.inflight.lock()) {
+            return Ok(joined);
+        }
+        let (write, checkpoint) = self
+            .blobs
+            .open_pending(&Pending::Fetch(digest.clone()))
+            .await?;
+        let write = resume(write, checkpoint, digest).await?;
         let (progress, _) = watch::channel(Progress {
             size: None,
-            written,
+            written: write.written(),
             phase: Phase::Running,
             not_found: false,
             verified: false,
         });
         let fetch = Arc::new(Fetch {
             digest: digest.clone(),
-            file: Arc::new(file),
+            blobs: self.blobs.clone(),
             progress,
             link_to: Mutex::new(vec![local_repo.to_string()]),
         });
-        map.insert(digest.clone(), fetch.clone());
-        metrics::gauge!("berth_inflight_fetches").set(map.len() as f64);
-        drop(map);
+        {
+            let mut map = self.inflight.lock();
+            map.insert(digest.clone(), fetch.clone());
+            metrics::gauge!("berth_inflight_fetches").set(map.len() as f64);
+        }
         let job = Job {
             fetches: self.clone(),
             described: None,
             cap: 0,
-            pending: None,
+            pipe: Pipeline::new(write),
             store: store.clone(),
             source: source.clone(),
             upstream_repo: upstream_repo.to_string(),
             fetch: fetch.clone(),
-            path,
-            verifier,
         };
         tokio::spawn(job.run());
         Ok((fetch, false))
@@ -241,71 +317,51 @@ impl Fetches {
         metrics::gauge!("berth_inflight_fetches").set(map.len() as f64);
     }
 
-    /// Removes partial files untouched for `max_age` (not those being fetched); returns bytes freed.
-    pub fn expire_partials(&self, max_age: Duration) -> io::Result<u64> {
-        let busy: Vec<String> = self.inflight_digests().iter().map(partial_name).collect();
+    /// Removes partial fetches untouched for `max_age` (not those being fetched); returns
+    /// bytes freed.
+    pub async fn expire_partials(&self, max_age: Duration) -> io::Result<u64> {
         let mut freed = 0;
-        for entry in std::fs::read_dir(&self.partial_dir)? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let stem = name.trim_end_matches(".state");
-            if busy.iter().any(|b| b == stem) {
+        let now = SystemTime::now();
+        for partial in self.blobs.list_pending(PendingKind::Fetch).await? {
+            let Pending::Fetch(digest) = &partial.key else {
+                continue;
+            };
+            if self.is_inflight(digest) {
                 continue;
             }
-            let meta = entry.metadata()?;
-            let age = SystemTime::now()
-                .duration_since(meta.modified()?)
+            let age = now
+                .duration_since(partial.info.modified)
                 .unwrap_or_default();
-            if age > max_age {
-                freed += meta.len();
-                std::fs::remove_file(entry.path())?;
+            if age > max_age && self.blobs.remove_pending(&partial.key).await? {
+                freed += partial.info.size;
             }
         }
         Ok(freed)
     }
 }
 
-/// Opens the partial file, resuming when its saved hasher state matches its length.
-fn open_partial(path: &Path, digest: &Digest) -> io::Result<(File, (u64, Verifier))> {
-    let state_path = path.with_extension("state");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(path)?;
-    let len = file.metadata()?.len();
-    if len > 0 {
-        if let Ok(state) = std::fs::read(&state_path) {
-            if let (Some(offset), Some(v)) = (
-                state
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes),
-                state.get(8..).and_then(Verifier::restore),
-            ) {
-                if offset <= len && v.algorithm() == digest.algorithm() {
-                    file.set_len(offset)?;
-                    return Ok((file, (offset, v)));
-                }
-            }
-        }
+/// Goes on from a partial fetch when its checkpoint holds a usable hasher state for at most
+/// the bytes it has (the bytes after it are cut); otherwise starts over from zero.
+async fn resume(
+    mut write: Box<dyn BlobWrite>,
+    checkpoint: Option<Checkpoint>,
+    digest: &Digest,
+) -> io::Result<HashingWrite> {
+    let usable = checkpoint.and_then(|c| {
+        let v = Verifier::restore(&c.state)?;
+        (c.offset <= write.written() && v.algorithm() == digest.algorithm())
+            .then_some((c.offset, v))
+    });
+    let (offset, verifier) = usable.unwrap_or((0, Verifier::new(digest.algorithm())));
+    if write.written() != offset {
+        write.truncate(offset).await?;
     }
-    file.set_len(0)?;
-    let _ = std::fs::remove_file(&state_path);
-    Ok((file, (0, Verifier::new(digest.algorithm()))))
+    Ok(HashingWrite::new(write, verifier))
 }
 
 /// Bytes handed to the source reader's writer: large enough to keep per-piece overhead low,
 /// small enough that readers see bytes promptly.
 const WRITE_PIECE: usize = 1 << 20;
-
-/// A piece being written and hashed.
-struct Piece {
-    hash: tokio::task::JoinHandle<Verifier>,
-    write: tokio::task::JoinHandle<io::Result<()>>,
-    len: u64,
-}
 
 struct Job {
     fetches: Arc<Fetches>,
@@ -314,13 +370,12 @@ struct Job {
     /// Most bytes the blob may have in the current attempt (the smaller of the source's
     /// announced size and the described size, else `pull_through.max_blob_bytes`).
     cap: u64,
-    pending: Option<Piece>,
+    /// The partial blob, hashed as it is written, one piece in flight.
+    pipe: Pipeline,
     store: Arc<Store>,
     source: Arc<Source>,
     upstream_repo: String,
     fetch: Arc<Fetch>,
-    path: PathBuf,
-    verifier: Verifier,
 }
 
 /// How a fetch attempt ended.
@@ -381,9 +436,9 @@ impl Job {
             }
             Err((why, not_found, keep_partial)) => {
                 if keep_partial {
-                    self.save_state();
+                    self.save_state().await;
                 } else {
-                    self.discard();
+                    self.discard().await;
                 }
                 tracing::warn!(digest = %self.fetch.digest, cache = %self.source.name(), error = %why, "blob fetch stopped");
                 // Leave the in-flight map before readers learn of the failure: a request that
@@ -518,18 +573,15 @@ impl Job {
         }
     }
 
-    /// Waits for the piece in flight (written and hashed, on two blocking tasks at once), then
-    /// publishes the new length.
+    /// Waits for the piece in flight (written and hashed at once), then publishes the new
+    /// length.
     async fn settle(&mut self) -> Result<(), String> {
-        let Some(piece) = self.pending.take() else {
-            return Ok(());
-        };
-        let (hashed, written) = tokio::join!(piece.hash, piece.write);
-        self.verifier = hashed.map_err(|e| e.to_string())?;
-        written
-            .map_err(|e| e.to_string())?
+        self.pipe
+            .settle()
+            .await
             .map_err(|e| format!("cannot write partial blob: {e}"))?;
-        self.fetch.progress.send_modify(|p| p.written += piece.len);
+        let written = self.pipe.get().map_or(0, HashingWrite::written);
+        self.fetch.progress.send_modify(|p| p.written = written);
         Ok(())
     }
 
@@ -539,26 +591,10 @@ impl Job {
         if data.is_empty() {
             return Ok(());
         }
-        let offset = self.fetch.progress.borrow().written;
-        let file = self.fetch.file.clone();
-        let mut verifier = std::mem::replace(
-            &mut self.verifier,
-            Verifier::new(self.fetch.digest.algorithm()),
-        );
-        let for_hash = data.clone();
-        let len = data.len() as u64;
-        self.pending = Some(Piece {
-            hash: tokio::task::spawn_blocking(move || {
-                verifier.update(&for_hash);
-                verifier
-            }),
-            write: tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                file.write_all_at(&data, offset)
-            }),
-            len,
-        });
-        Ok(())
+        self.pipe
+            .submit(data)
+            .await
+            .map_err(|e| format!("cannot write partial blob: {e}"))
     }
 
     /// Writes what is buffered and waits until everything is in the file.
@@ -571,13 +607,15 @@ impl Job {
         let p = self.fetch.progress.borrow().clone();
         if let Some(size) = p.size {
             if p.written != size {
-                self.discard();
+                self.discard().await;
                 return Err(format!("source sent {} bytes of {size}", p.written));
             }
         }
-        let actual = self.verifier.current();
+        let write = self.pipe.take().map_err(|e| e.to_string())?;
+        let actual = write.verifier.current();
         if actual != self.fetch.digest {
-            self.discard();
+            self.pipe = Pipeline::new(write);
+            self.discard().await;
             metrics::counter!("berth_cache_digest_mismatches_total").increment(1);
             return Err(format!(
                 "source sent content with digest {actual}, not {}: discarded",
@@ -585,17 +623,10 @@ impl Job {
             ));
         }
         self.fetch.progress.send_modify(|p| p.verified = true);
-        let (fs, file, path, digest) = (
-            self.store.fs.clone(),
-            self.fetch.file.clone(),
-            self.path.clone(),
-            self.fetch.digest.clone(),
-        );
-        tokio::task::spawn_blocking(move || fs.commit_file(&file, &path, &digest))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot commit blob: {e}"))?;
-        let _ = std::fs::remove_file(self.path.with_extension("state"));
+        if let Err(e) = write.inner.commit(&self.fetch.digest).await {
+            self.discard().await;
+            return Err(format!("cannot commit blob: {e}"));
+        }
         // Size known here even if the source never said it.
         self.fetch
             .progress
@@ -610,19 +641,35 @@ impl Job {
         self.store.meta.flush().await.map_err(|e| e.to_string())
     }
 
-    fn save_state(&self) {
-        let written = self.fetch.progress.borrow().written;
-        let mut state = written.to_be_bytes().to_vec();
-        state.extend(self.verifier.save());
-        let _ = self.fetch.file.sync_data();
-        if let Err(e) = std::fs::write(self.path.with_extension("state"), state) {
+    /// Keeps the partial blob and its hasher state for the next fetch to resume.
+    async fn save_state(&mut self) {
+        let Ok(mut write) = self.pipe.take() else {
+            return;
+        };
+        let state = write.verifier.save();
+        let saved = match write.inner.sync().await {
+            Ok(()) => write.inner.checkpoint(state).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = saved {
             tracing::warn!(error = %e, "cannot save partial fetch state; it will restart from zero");
         }
     }
 
-    fn discard(&self) {
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(self.path.with_extension("state"));
+    /// Removes the partial blob.
+    async fn discard(&mut self) {
+        let removed = match self.pipe.take() {
+            Ok(write) => write.inner.abort().await,
+            Err(_) => self
+                .fetch
+                .blobs
+                .remove_pending(&Pending::Fetch(self.fetch.digest.clone()))
+                .await
+                .map(drop),
+        };
+        if let Err(e) = removed {
+            tracing::warn!(digest = %self.fetch.digest, error = %e, "cannot remove a partial fetch");
+        }
     }
 }
 
@@ -641,7 +688,9 @@ fn described_size(store: &Store, repos: &[String], digest: &Digest) -> Option<u6
             if record.size > 4 << 20 {
                 continue;
             }
-            if let Ok(Some(bytes)) = store.blobs.read_small(manifest, 4 << 20) {
+            if let Ok(Some(bytes)) =
+                crate::store::blobs::wait(store.blobs.read_small(manifest, 4 << 20))
+            {
                 if let Some(size) = descriptor_size(&bytes, digest) {
                     return Some(size);
                 }
@@ -692,33 +741,45 @@ mod tests {
         assert_eq!(descriptor_size(b"not json", &layer), None);
     }
 
-    #[test]
-    fn stale_partials_are_removed_and_resumable_state_is_kept() {
+    #[tokio::test]
+    async fn stale_partials_are_removed_and_resumable_state_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let fetches = Fetches::open(dir.path()).unwrap();
+        let blobs: Arc<dyn BlobStore> =
+            Arc::new(crate::store::fs::FsBlobStore::open(dir.path()).unwrap());
+        let fetches = Fetches::new(blobs.clone());
         let d = Digest::sha256(b"whole blob");
-        let path = dir.path().join("partial").join(partial_name(&d));
-        // A partial with saved hasher state resumes where it stopped.
+        let key = Pending::Fetch(d.clone());
+        // A partial with saved hasher state resumes where it stopped; bytes past it are cut.
+        let (mut w, _) = blobs.open_pending(&key).await.unwrap();
         let mut v = Verifier::new(d.algorithm());
         v.update(b"whole");
-        std::fs::write(&path, b"whole").unwrap();
-        let mut state = 5u64.to_be_bytes().to_vec();
-        state.extend(v.save());
-        std::fs::write(path.with_extension("state"), state).unwrap();
-        let (_, (offset, mut resumed)) = open_partial(&path, &d).unwrap();
-        assert_eq!(offset, 5);
-        resumed.update(b" blob");
-        assert_eq!(resumed.finish(), d);
-        // Without state it starts over.
-        std::fs::remove_file(path.with_extension("state")).unwrap();
-        assert_eq!(open_partial(&path, &d).unwrap().1 .0, 0);
-        std::fs::write(&path, b"whole").unwrap();
+        w.write(Bytes::from_static(b"whole")).await.unwrap();
+        w.checkpoint(v.save()).await.unwrap();
+        w.write(Bytes::from_static(b" bl")).await.unwrap();
+        drop(w);
+        let (w, checkpoint) = blobs.open_pending(&key).await.unwrap();
+        let mut resumed = resume(w, checkpoint, &d).await.unwrap();
+        assert_eq!(resumed.written(), 5);
+        resumed.write(Bytes::from_static(b" blob")).await.unwrap();
+        assert_eq!(resumed.verifier.current(), d);
+        drop(resumed);
+        // Without usable state it starts over.
+        let (mut w, _) = blobs.open_pending(&key).await.unwrap();
+        w.checkpoint(b"not a hasher".to_vec()).await.unwrap();
+        let (w, checkpoint) = blobs.open_pending(&key).await.unwrap();
+        assert_eq!(resume(w, checkpoint, &d).await.unwrap().written(), 0);
+        let (mut w, _) = blobs.open_pending(&key).await.unwrap();
+        w.write(Bytes::from_static(b"whole")).await.unwrap();
+        drop(w);
         assert_eq!(
-            fetches.expire_partials(Duration::from_secs(3600)).unwrap(),
+            fetches
+                .expire_partials(Duration::from_secs(3600))
+                .await
+                .unwrap(),
             0,
             "young: kept"
         );
-        assert_eq!(fetches.expire_partials(Duration::ZERO).unwrap(), 5);
-        assert!(!path.exists());
+        assert_eq!(fetches.expire_partials(Duration::ZERO).await.unwrap(), 5);
+        assert!(blobs.stat_pending(&key).await.unwrap().is_none());
     }
 }

@@ -87,7 +87,7 @@ impl Cache {
         }
         Ok(Cache {
             sources,
-            fetches: Arc::new(Fetches::open(&config.data_dir).map_err(|e| e.to_string())?),
+            fetches: Arc::new(Fetches::new(store.blobs.clone())),
             validated: moka::sync::Cache::builder().max_capacity(100_000).build(),
             revalidating: moka::sync::Cache::builder()
                 .max_capacity(100_000)

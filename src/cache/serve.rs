@@ -263,7 +263,7 @@ pub async fn blob(
     let mut linked = app.store.meta.blob_link(local, &d)?.is_some();
     let ours = !linked && app.cache.fetches.will_link(&d, local);
     if !linked && !ours {
-        let held = app.store.blobs.stat(&d)?;
+        let held = app.store.blobs.stat(&d).await?.map(|i| i.size);
         if held.is_some() || app.cache.fetches.is_inflight(&d) {
             // Held (or being fetched) for another repository: the source must confirm this one
             // has it too, or a private repository's blob would be readable under any name. An
@@ -287,17 +287,18 @@ pub async fn blob(
     }
     // A fetch that was ours may have committed and linked it meanwhile.
     if linked || (ours && app.store.meta.blob_link(local, &d)?.is_some()) {
-        let r = blobs::get(app, &t.repo, digest, req, head)?;
+        let r = blobs::get(app, &t.repo, digest, req, head).await?;
         count_served(app, t, &r);
         return Ok(outcome(app, t, r, "hit"));
     }
     if head && !ours {
         return head_at_source(app, t, &d).await;
     }
-    let (fetch, joined) =
-        app.cache
-            .fetches
-            .join_or_start(&app.store, &t.source, &t.upstream, local, &d)?;
+    let (fetch, joined) = app
+        .cache
+        .fetches
+        .join_or_start(&app.store, &t.source, &t.upstream, local, &d)
+        .await?;
     let size = match fetch.size(Instant::now() + Duration::from_secs(60)).await {
         Ok(size) => size,
         Err(p) if p.not_found => {

@@ -26,9 +26,9 @@ impl SweepReport {
     }
 }
 
-fn manifest_refs(store: &Store, digest: &Digest) -> Vec<Digest> {
+async fn manifest_refs(store: &Store, digest: &Digest) -> Vec<Digest> {
     // Artifacts are manifests, bounded by the manifest limit when they were stored.
-    let Ok(Some(bytes)) = store.blobs.read_small(digest, u64::MAX) else {
+    let Ok(Some(bytes)) = store.blobs.read_small(digest, u64::MAX).await else {
         return Vec::new();
     };
     match manifest::parse(&bytes, None) {
@@ -65,7 +65,7 @@ pub fn announce(events: &crate::events::Events, report: &SweepReport) {
 /// `unpulled_for`, unlinks their blobs, and deletes blobs no repository references.
 /// `busy` are digests being fetched, never touched; blob files younger than `gc_grace` are kept
 /// too (an upload or fetch may be about to link them).
-pub fn sweep(
+pub async fn sweep(
     store: &Store,
     unpulled_for: Duration,
     gc_grace: Duration,
@@ -88,7 +88,7 @@ pub fn sweep(
             for (digest, record) in artifacts {
                 let last = meta.last_pull(&repo, &digest)?.unwrap_or(record.pushed_ms);
                 if last > cutoff {
-                    kept.extend(manifest_refs(store, &digest));
+                    kept.extend(manifest_refs(store, &digest).await);
                     kept.insert(digest);
                     continue;
                 }
@@ -113,25 +113,29 @@ pub fn sweep(
         }
     }
     let now = SystemTime::now();
-    for (digest, size) in store.blobs.list()? {
-        if referenced.contains(&digest) {
-            continue;
+    let mut after: Option<Digest> = None;
+    loop {
+        let page = store.blobs.list(after.as_ref(), 1000).await?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        after = Some(last.clone());
+        for (digest, info) in page {
+            if referenced.contains(&digest) {
+                continue;
+            }
+            let young = now.duration_since(info.modified).unwrap_or_default() < gc_grace;
+            if young {
+                continue;
+            }
+            if !dry_run {
+                store.blobs.delete(&digest).await?;
+            }
+            report.blobs.push((digest.to_string(), info.size));
         }
-        let path = store.fs.path(&digest);
-        let young = std::fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .map(|t| now.duration_since(t).unwrap_or_default() < gc_grace)
-            .unwrap_or(true);
-        if young {
-            continue;
-        }
-        if !dry_run {
-            store.blobs.remove(&digest)?;
-        }
-        report.blobs.push((digest.to_string(), size));
     }
     if !dry_run {
-        store.meta.flush_blocking()?;
+        store.meta.flush().await?;
     }
     Ok(report)
 }

@@ -121,7 +121,11 @@ impl Place {
         if let Some(app) = cell.get() {
             return Ok(app.clone());
         }
-        let app = Arc::new(App::open(self.config.clone(), false).map_err(|e| e.to_string())?);
+        let app = self
+            .rt
+            .block_on(App::open(self.config.clone(), false))
+            .map_err(|e| e.to_string())?;
+        let app = Arc::new(app);
         Ok(cell.get_or_init(|| app).clone())
     }
 

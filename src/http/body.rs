@@ -11,6 +11,8 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
+use crate::store::blobs::{ByteStream, FileRegion};
+
 /// The deadlines of one request's bodies (`limits.body_idle_timeout`, `limits.send_stall_timeout`).
 #[derive(Debug, Clone, Copy)]
 pub struct BodyDeadlines {
@@ -103,9 +105,9 @@ impl Body {
     /// the loop ends when the client goes away, or when it stops reading for the request's
     /// `send_stall_timeout`: then the file is closed and the body ends in an error, which makes
     /// hyper close the connection (h1) or reset the stream (h2).
-    pub fn file(file: std::fs::File, offset: u64, len: u64) -> Body {
+    pub fn file(region: FileRegion) -> Body {
         let (tx, rx) = mpsc::channel(1);
-        let file = std::sync::Arc::new(file);
+        let (file, offset, len) = (region.file().clone(), region.offset(), region.len());
         let stall = deadlines().stall;
         tokio::spawn(async move {
             let end = offset + len;
@@ -132,6 +134,40 @@ impl Body {
                     }
                     Err(e) => return slot.send(Err(e)),
                 }
+            }
+        });
+        Body::File { rx, remaining: len }
+    }
+
+    /// Streams `len` bytes from a backend's stream, one piece ahead of the client, with the
+    /// same stall deadline as [`Body::file`]. A stream that ends early or runs long ends the
+    /// body in an error (the client never takes a short blob for a whole one).
+    pub fn stream(mut bytes: ByteStream, len: u64) -> Body {
+        use futures_util::StreamExt;
+        let (tx, rx) = mpsc::channel(1);
+        let stall = deadlines().stall;
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            while sent < len {
+                let Ok(Ok(slot)) = tokio::time::timeout(stall, tx.reserve()).await else {
+                    return;
+                };
+                let piece = match bytes.next().await {
+                    Some(Ok(p)) if sent + p.len() as u64 <= len => p,
+                    Some(Ok(_)) => {
+                        return slot
+                            .send(Err(io::Error::other("blob stream longer than its length")))
+                    }
+                    Some(Err(e)) => return slot.send(Err(e)),
+                    None => {
+                        return slot.send(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "blob stream ended before its length",
+                        )))
+                    }
+                };
+                sent += piece.len() as u64;
+                slot.send(Ok(piece));
             }
         });
         Body::File { rx, remaining: len }

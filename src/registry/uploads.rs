@@ -11,7 +11,8 @@ use crate::http::body::Body;
 use crate::http::router::query_param;
 use crate::oci::digest::{Digest, Verifier};
 use crate::oci::reference::RepoName;
-use crate::store::uploads::{hash_file, Caps, CreateError, Session, SessionRef};
+use crate::store::blobs::{hash_read, HashingWrite, Pending};
+use crate::store::uploads::{Caps, CreateError, Session, SessionRef};
 use crate::App;
 
 fn location(repo: &RepoName, id: &str) -> String {
@@ -100,39 +101,34 @@ pub async fn start(
     if let Some(digest) = query_param(req.query, "digest") {
         let digest = Digest::parse(&digest)?;
         let length = content_length(req)?;
-        let writer = app.store.blobs.writer(Verifier::new(digest.algorithm()))?;
-        let temp = writer.path.clone();
-        // Whatever goes wrong, the temp file goes at once (a full disk must not fill further).
-        let discard = |e: Error| {
-            if let Err(rm) = std::fs::remove_file(&temp) {
-                tracing::warn!(path = %temp.display(), error = %rm, "could not remove a failed upload's temp file");
-            }
-            e
-        };
+        let (write, _) = app
+            .store
+            .blobs
+            .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
+            .await?;
+        let key = write.key().clone();
+        let writer = HashingWrite::new(write, Verifier::new(digest.algorithm()));
         let (writer, outcome) = receive(body, writer, length).await;
-        let writer = match (writer, outcome) {
-            (Some(w), Ok(())) => w,
-            (_, Err(e)) => return Err(discard(e)),
-            (None, Ok(())) => return Err(discard(Error::Internal("blob writer lost".into()))),
+        let checked = match (&writer, outcome) {
+            (Some(w), Ok(())) => check_monolithic(w, length, &digest),
+            (_, Err(e)) => Err(e),
+            (None, Ok(())) => Err(Error::Internal("blob writer lost".into())),
         };
-        let size = writer.written;
-        if let Some(length) = length.filter(|&l| l != size) {
-            return Err(discard(Error::SizeInvalid(format!(
-                "body has {size} bytes, Content-Length said {length}"
-            ))));
+        let writer = match (writer, checked) {
+            (Some(w), Ok(())) => w,
+            (writer, checked) => {
+                // Whatever went wrong, the bytes go at once (a full disk must not fill further).
+                discard(app, writer, &key).await;
+                return Err(checked
+                    .err()
+                    .unwrap_or_else(|| Error::Internal("blob writer lost".into())));
+            }
+        };
+        let size = writer.written();
+        if let Err(e) = writer.inner.commit(&digest).await {
+            discard(app, None, &key).await;
+            return Err(e.into());
         }
-        let actual = writer.verifier.current();
-        if actual != digest {
-            return Err(discard(Error::DigestInvalid(format!(
-                "uploaded content has digest {actual}, not {digest}"
-            ))));
-        }
-        let blobs = app.store.blobs.clone();
-        let d = digest.clone();
-        tokio::task::spawn_blocking(move || blobs.commit(writer, &d))
-            .await
-            .map_err(|e| discard(Error::Internal(e.to_string())))?
-            .map_err(|e| discard(e.into()))?;
         app.store.meta.link_blob(repo.as_str(), &digest, size)?;
         app.store.meta.flush().await?;
         return Ok(created(repo, &digest));
@@ -143,7 +139,7 @@ pub async fn start(
         per_repository: limits.max_uploads_per_repository,
         expiry: limits.upload_expiry,
     };
-    let session = match app.store.uploads.create(repo.as_str(), caps) {
+    let session = match app.store.uploads.create(repo.as_str(), caps).await {
         Ok(s) => s,
         Err(CreateError::TooMany(message)) => {
             tracing::warn!(%repo, reason = %message, "upload session refused");
@@ -167,8 +163,36 @@ pub async fn start(
     ))
 }
 
+/// Checks a monolithic body against its announced length and digest.
+fn check_monolithic(writer: &HashingWrite, length: Option<u64>, digest: &Digest) -> Result<()> {
+    let size = writer.written();
+    if let Some(length) = length.filter(|&l| l != size) {
+        return Err(Error::SizeInvalid(format!(
+            "body has {size} bytes, Content-Length said {length}"
+        )));
+    }
+    let actual = writer.verifier.current();
+    if actual != *digest {
+        return Err(Error::DigestInvalid(format!(
+            "uploaded content has digest {actual}, not {digest}"
+        )));
+    }
+    Ok(())
+}
+
+/// Removes a failed one-shot write's bytes.
+async fn discard(app: &App, writer: Option<HashingWrite>, key: &Pending) {
+    let removed = match writer {
+        Some(w) => w.inner.abort().await,
+        None => app.store.blobs.remove_pending(key).await.map(drop),
+    };
+    if let Err(e) = removed {
+        tracing::warn!(?key, error = %e, "could not remove a failed upload's bytes");
+    }
+}
+
 async fn session(app: &App, repo: &RepoName, id: &str) -> Result<SessionRef> {
-    let Some(session) = app.store.uploads.get(id)? else {
+    let Some(session) = app.store.uploads.get(id).await? else {
         return Err(Error::BlobUploadUnknown(format!(
             "upload {id} does not exist in {repo}"
         )));
@@ -213,14 +237,14 @@ async fn append(
         expect = Some(end - start + 1);
     }
     let before = s.progress().cloned().ok_or_else(|| gone(s))?;
-    let writer = s.take_writer()?.ok_or_else(|| gone(s))?;
+    let writer = s.take_writer().await?.ok_or_else(|| gone(s))?;
     let (writer, outcome) = receive(body, writer, expect).await;
     let Some(writer) = writer else {
         // A write task panicked with the hasher state: the session cannot go on.
-        app.store.uploads.remove(s)?;
+        app.store.uploads.remove(s).await?;
         return outcome;
     };
-    let got = writer.written - offset;
+    let got = writer.written() - offset;
     let outcome = match (outcome, range) {
         (Ok(()), Some((start, end))) if Some(got) != expect => {
             Err(Error::BlobUploadInvalid(format!(
@@ -234,12 +258,11 @@ async fn append(
         (outcome, _) => outcome,
     };
     if range.is_some() && outcome.is_err() {
-        s.roll_back(writer, before)?;
+        s.roll_back(writer, before).await?;
         tracing::info!(upload = %s.id, offset, "chunk discarded, the upload stays at its offset");
     } else {
-        s.put_back(writer);
+        s.put_back(writer).await?;
     }
-    s.save()?;
     outcome
 }
 
@@ -292,35 +315,25 @@ pub async fn finish(
     let actual = if progress.verifier.algorithm() == digest.algorithm() {
         progress.verifier.current()
     } else {
-        // Rare: a digest algorithm other than the session's; hash the file once more.
-        let path = s.data_path();
-        let algo = digest.algorithm();
-        tokio::task::spawn_blocking(move || hash_file(&path, algo).map(Verifier::finish))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??
+        // Rare: a digest algorithm other than the session's; hash the bytes once more.
+        let read = app
+            .store
+            .blobs
+            .read_pending(s.key(), 0, Some(size))
+            .await?
+            .ok_or_else(|| gone(&s))?;
+        hash_read(read, Verifier::new(digest.algorithm()))
+            .await?
+            .finish()
     };
     if actual != digest {
-        app.store.uploads.remove(&mut s)?;
+        app.store.uploads.remove(&mut s).await?;
         return Err(Error::DigestInvalid(format!(
             "uploaded content has digest {actual}, not {digest}; the upload was discarded"
         )));
     }
-    let writer = s.take_writer()?.ok_or_else(|| gone(&s))?;
-    let fs = app.store.fs.clone();
-    let d = digest.clone();
-    let (writer, committed) = tokio::task::spawn_blocking(move || {
-        let r = fs.commit_file(&writer.file, &writer.path, &d);
-        (writer, r)
-    })
-    .await
-    .map_err(|e| Error::Internal(e.to_string()))?;
-    if let Err(e) = committed {
-        // Not committed (a full disk at fsync): the session stays, complete, for another PUT.
-        s.put_back(writer);
-        return Err(e.into());
-    }
-    drop(writer);
-    app.store.uploads.remove(&mut s)?;
+    // Not committed (a full disk at fsync): the session stays, complete, for another PUT.
+    app.store.uploads.commit(&mut s, &digest).await?;
     app.store.meta.link_blob(repo.as_str(), &digest, size)?;
     app.store.meta.flush().await?;
     Ok(created(repo, &digest))
@@ -340,6 +353,6 @@ pub async fn cancel(app: &App, repo: &RepoName, id: &str) -> Result<Response<Bod
     if s.is_gone() {
         return Err(gone(&s));
     }
-    app.store.uploads.remove(&mut s)?;
+    app.store.uploads.remove(&mut s).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

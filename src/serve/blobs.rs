@@ -7,6 +7,7 @@ use crate::http::body::Body;
 use crate::http::req::{set, Req};
 use crate::oci::digest::Digest;
 use crate::oci::reference::RepoName;
+use crate::store::blobs::BlobRead;
 use crate::App;
 
 /// A byte range `[start, start+len)` asked for by a `Range` header.
@@ -68,7 +69,7 @@ pub fn parse_range(header: Option<&HeaderValue>, size: u64) -> Result<Option<Byt
 }
 
 /// `GET`/`HEAD /v2/NAME/blobs/DIGEST`.
-pub fn get(
+pub async fn get(
     app: &App,
     repo: &RepoName,
     digest: &str,
@@ -79,19 +80,48 @@ pub fn get(
     if app.store.meta.blob_link(repo.as_str(), &digest)?.is_none() {
         return Err(Error::BlobUnknown(format!("{digest} is not in {repo}")));
     }
-    let Some(blob) = app.store.blobs.open(&digest)? else {
+    let missing = || {
         tracing::error!(%repo, %digest, "blob linked but missing from the store");
-        return Err(Error::BlobUnknown(format!("{digest} is not in {repo}")));
+        Error::BlobUnknown(format!("{digest} is not in {repo}"))
     };
-    let size = blob.len;
+    let read = app
+        .store
+        .blobs
+        .read(&digest, 0, None)
+        .await?
+        .ok_or_else(missing)?;
+    let size = match &read {
+        BlobRead::Local(region) => region.len(),
+        BlobRead::Stream { len, .. } => *len,
+        BlobRead::Redirect(url) => return Ok(redirect(url, &digest)),
+    };
     let range = parse_range(req.headers.get(header::RANGE), size)?;
     let (start, len) = range.map_or((0, size), |r| (r.start, r.len));
     let body = if head || len == 0 {
         Body::Empty
     } else {
-        Body::file(blob.file, start, len)
+        match read {
+            BlobRead::Local(region) => Body::file(region.span(start, len)),
+            BlobRead::Stream { len: all, bytes } if len == all => Body::stream(bytes, len),
+            _ => match app.store.blobs.read(&digest, start, Some(len)).await? {
+                Some(BlobRead::Local(region)) => Body::file(region),
+                Some(BlobRead::Stream { bytes, .. }) => Body::stream(bytes, len),
+                Some(BlobRead::Redirect(url)) => return Ok(redirect(&url, &digest)),
+                None => return Err(missing()),
+            },
+        }
     };
     Ok(blob_response(body, &digest, size, range))
+}
+
+/// A blob the backend hands out at a URL of its own (a presigned object-storage URL): the
+/// client fetches it there, as distribution's redirect mode does.
+fn redirect(url: &str, digest: &Digest) -> Response<Body> {
+    let mut r = Response::new(Body::Empty);
+    *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    set(&mut r, header::LOCATION, url);
+    set(&mut r, "docker-content-digest", digest.as_str());
+    r
 }
 
 /// A blob response: status (200/206) and headers for `range` of a blob of `size` bytes.

@@ -162,12 +162,8 @@ async fn load(app: &App, repo: &RepoName, reference: &Reference) -> Result<Arc<M
         .meta
         .artifact(repo.as_str(), &digest)?
         .ok_or_else(unknown)?;
-    let blobs = app.store.blobs.clone();
-    let wanted = digest.clone();
     // Manifests are bounded by the manifest limit when they are stored.
-    let bytes = tokio::task::spawn_blocking(move || blobs.read_small(&wanted, u64::MAX))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+    let bytes = app.store.blobs.read_small(&digest, u64::MAX).await?;
     let Some(bytes) = bytes else {
         tracing::error!(%repo, %digest, "manifest recorded but its bytes are missing");
         return Err(unknown());
@@ -209,11 +205,7 @@ pub async fn store(
     parsed: &manifest::ParsedManifest,
     tag: Option<&str>,
 ) -> Result<()> {
-    let blobs = app.store.blobs.clone();
-    let (d, b) = (digest.clone(), bytes.clone());
-    tokio::task::spawn_blocking(move || blobs.put(&d, &b))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+    app.store.blobs.put(digest, bytes.clone()).await?;
     let record = ArtifactRecord {
         media_type: parsed.media_type.clone(),
         size: bytes.len() as u64,

@@ -1,116 +1,363 @@
-//! The blob-store seam: content-addressed bytes, visible only once complete and verified.
+//! The blob-store seam: content-addressed bytes, visible only once complete and verified, and
+//! the named writes in progress that become blobs (upload sessions, the cache's fetches).
+//!
+//! Every backend passes the suite in `store::conformance`. What a backend hands back never
+//! names a path: a read is a local file region (sendable without copying), a stream, or a
+//! redirect; a write is a [`BlobWrite`] that commits under a digest or goes away.
 
 use std::fs::File;
 use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{Stream, StreamExt};
 
 use crate::oci::digest::{Digest, Verifier};
 
-/// An open, committed blob ready for positioned reads.
-pub struct OpenBlob {
-    /// The file; read with `read_at` (pread), never seeked, so one handle serves any range.
-    pub file: File,
+/// Size and age of a blob or of a write in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobInfo {
     /// Length in bytes.
-    pub len: u64,
+    pub size: u64,
+    /// Last change (commit time of a blob, last write of a pending one).
+    pub modified: SystemTime,
 }
 
-/// Where blob bytes live. Backends must guarantee that `open` never returns a partially written
-/// blob: content becomes visible only through `commit`, after it matched its digest.
-pub trait BlobStore: Send + Sync + 'static {
-    /// Size of a committed blob.
-    fn stat(&self, digest: &Digest) -> io::Result<Option<u64>>;
-    /// Opens a committed blob.
-    fn open(&self, digest: &Digest) -> io::Result<Option<OpenBlob>>;
-    /// Starts writing a new blob into a private temp file.
-    fn writer(&self, verifier: Verifier) -> io::Result<BlobWriter>;
-    /// Makes a fully written blob visible under `digest`; the caller has checked the digest.
-    fn commit(&self, writer: BlobWriter, digest: &Digest) -> io::Result<()>;
-    /// Stores small content (manifests) directly; hashes are computed by the caller.
-    fn put(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()>;
-    /// Deletes a committed blob (garbage collection).
-    fn remove(&self, digest: &Digest) -> io::Result<bool>;
-    /// Every committed blob (garbage collection and storage accounting).
-    fn list(&self) -> io::Result<Vec<(Digest, u64)>>;
+/// A span of a local file holding blob bytes: an opaque handle for positioned reads, so the
+/// HTTP layer can send it without copying it through user space first.
+#[derive(Clone)]
+pub struct FileRegion {
+    file: Arc<File>,
+    offset: u64,
+    len: u64,
+}
 
-    /// The whole content of a small blob (a manifest or an image config), or `None` when it is
-    /// absent or longer than `limit`: blobs are streamed, only bounded ones are read whole.
-    /// Blocking.
-    fn read_small(&self, digest: &Digest, limit: u64) -> io::Result<Option<bytes::Bytes>> {
-        use std::os::unix::fs::FileExt;
-        let Some(blob) = self.open(digest)? else {
-            return Ok(None);
-        };
-        if blob.len > limit {
-            return Ok(None);
+impl FileRegion {
+    /// A region of `file`.
+    pub fn new(file: Arc<File>, offset: u64, len: u64) -> FileRegion {
+        FileRegion { file, offset, len }
+    }
+
+    /// The open file (positioned reads only: the handle is shared).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// First byte of the region in the file.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Length of the region.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the region is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Another span of the same file. A pending write's file keeps growing while the region
+    /// is held: followers of a fetch reach new bytes through the handle they already have.
+    pub fn span(&self, offset: u64, len: u64) -> FileRegion {
+        FileRegion {
+            file: self.file.clone(),
+            offset,
+            len,
         }
-        let mut bytes = bytes::BytesMut::zeroed(blob.len as usize);
-        blob.file.read_exact_at(&mut bytes, 0)?;
-        Ok(Some(bytes.freeze()))
+    }
+
+    /// Reads the whole region into memory (bounded by the caller). Blocking.
+    fn read_all(&self) -> io::Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = BytesMut::zeroed(usize::try_from(self.len).map_err(io::Error::other)?);
+        self.file.read_exact_at(&mut bytes, self.offset)?;
+        Ok(bytes.freeze())
     }
 }
 
-/// A blob being written: bytes go to a file and through the hasher in one pass.
-pub struct BlobWriter {
-    /// Destination (a temp file, or an upload session's data file).
-    pub file: File,
-    /// Path of `file`.
-    pub path: std::path::PathBuf,
-    /// Bytes written so far.
-    pub written: u64,
-    /// Hash of the bytes written so far.
+/// Bytes of a stream backend.
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+/// What a read gives: bytes [offset, offset + len) of a blob.
+pub enum BlobRead {
+    /// In a local file.
+    Local(FileRegion),
+    /// As a stream of exactly `len` bytes.
+    Stream {
+        /// Length of the stream.
+        len: u64,
+        /// The bytes.
+        bytes: ByteStream,
+    },
+    /// At a URL the client may fetch itself (a presigned object-storage URL).
+    Redirect(String),
+}
+
+impl BlobRead {
+    /// Collects the bytes (`None` for a redirect), at most `limit` of them.
+    pub async fn collect(self, limit: u64) -> io::Result<Option<Bytes>> {
+        match self {
+            BlobRead::Local(region) if region.len > limit => Err(too_long(limit)),
+            BlobRead::Local(region) => tokio::task::spawn_blocking(move || region.read_all())
+                .await
+                .map_err(io::Error::other)?
+                .map(Some),
+            BlobRead::Stream { len, .. } if len > limit => Err(too_long(limit)),
+            BlobRead::Stream { len, mut bytes } => {
+                let mut out = BytesMut::new();
+                while let Some(piece) = bytes.next().await {
+                    out.extend_from_slice(&piece?);
+                    if out.len() as u64 > len {
+                        return Err(io::Error::other("blob stream longer than announced"));
+                    }
+                }
+                Ok(Some(out.freeze()))
+            }
+            BlobRead::Redirect(_) => Ok(None),
+        }
+    }
+}
+
+fn too_long(limit: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("blob longer than the {limit} bytes allowed here"),
+    )
+}
+
+/// The name of a write in progress: what makes it resumable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Pending {
+    /// An upload session (its id).
+    Upload(uuid::Uuid),
+    /// The cache's fetch of a blob from its source.
+    Fetch(Digest),
+    /// A one-shot write (monolithic upload, manifest): never resumed, gone after a restart.
+    Temp(uuid::Uuid),
+}
+
+/// The kinds of [`Pending`] names, for listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingKind {
+    /// Upload sessions.
+    Upload,
+    /// Cache fetches.
+    Fetch,
+}
+
+/// Where a write stood at its last checkpoint: the offset and the caller's state (a hasher's,
+/// a session's record) saved with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Bytes durable at the checkpoint.
+    pub offset: u64,
+    /// The caller's state.
+    pub state: Vec<u8>,
+}
+
+/// A write in progress, as listed.
+#[derive(Debug, Clone)]
+pub struct PendingInfo {
+    /// Its name.
+    pub key: Pending,
+    /// Bytes held and last change.
+    pub info: BlobInfo,
+    /// Its last checkpoint, if any.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Where blob bytes live. Content becomes visible under a digest only through
+/// [`BlobWrite::commit`], after the caller matched the digest: a reader never sees a partly
+/// written blob, after any crash. Listings are in lexical order of the digest's text.
+#[async_trait::async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Size and age of a committed blob.
+    async fn stat(&self, digest: &Digest) -> io::Result<Option<BlobInfo>>;
+    /// Bytes `[offset, offset + len)` of a committed blob (`len: None`: to its end). An
+    /// `offset` past the end is an error.
+    async fn read(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+    ) -> io::Result<Option<BlobRead>>;
+    /// Stores small content (a manifest) whose digest the caller computed.
+    async fn put(&self, digest: &Digest, bytes: Bytes) -> io::Result<()>;
+    /// Deletes a committed blob; whether it existed.
+    async fn delete(&self, digest: &Digest) -> io::Result<bool>;
+    /// Up to `limit` committed blobs whose digests sort after `after`, in lexical order.
+    async fn list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> io::Result<Vec<(Digest, BlobInfo)>>;
+
+    /// Opens the write `key`, creating it empty when absent. The writer stands after the
+    /// bytes the write durably holds; its last checkpoint comes with it. The caller decides
+    /// whether to go on from there or to cut back to the checkpoint.
+    async fn open_pending(
+        &self,
+        key: &Pending,
+    ) -> io::Result<(Box<dyn BlobWrite>, Option<Checkpoint>)>;
+    /// Bytes `[offset, offset + len)` of a write in progress (a fetch's followers, a rehash).
+    async fn read_pending(
+        &self,
+        key: &Pending,
+        offset: u64,
+        len: Option<u64>,
+    ) -> io::Result<Option<BlobRead>>;
+    /// Writes in progress of one kind, with their last checkpoint.
+    async fn list_pending(&self, kind: PendingKind) -> io::Result<Vec<PendingInfo>>;
+    /// Size, age and last checkpoint of a write in progress, if it exists.
+    async fn stat_pending(&self, key: &Pending) -> io::Result<Option<PendingInfo>>;
+    /// Deletes a write in progress and its checkpoint; whether it existed.
+    async fn remove_pending(&self, key: &Pending) -> io::Result<bool>;
+
+    /// The whole content of a small blob (a manifest, an image config), or `None` when absent.
+    /// Blobs are streamed; only bounded ones are read whole: longer than `limit` is an error.
+    async fn read_small(&self, digest: &Digest, limit: u64) -> io::Result<Option<Bytes>> {
+        match self.read(digest, 0, None).await? {
+            Some(read) => read.collect(limit).await,
+            None => Ok(None),
+        }
+    }
+}
+
+/// A write in progress. Writes append and are all or nothing: after a failure (a full disk)
+/// the write still holds exactly the bytes before it and can go on from there.
+#[async_trait::async_trait]
+pub trait BlobWrite: Send + Sync {
+    /// Its name.
+    fn key(&self) -> &Pending;
+    /// Bytes it holds.
+    fn written(&self) -> u64;
+    /// Appends `bytes`.
+    async fn write(&mut self, bytes: Bytes) -> io::Result<()>;
+    /// Cuts back to `len` bytes (a chunk that did not match its range).
+    async fn truncate(&mut self, len: u64) -> io::Result<()>;
+    /// Makes the bytes written so far durable.
+    async fn sync(&mut self) -> io::Result<()>;
+    /// Saves `state` with the count of bytes written, replacing the last checkpoint. The
+    /// bytes themselves are durable only after [`BlobWrite::sync`]: after a crash without it,
+    /// the write may hold fewer bytes than its checkpoint says, and the caller must then not
+    /// trust the state (uploads rehash, fetches start over).
+    async fn checkpoint(&mut self, state: Vec<u8>) -> io::Result<()>;
+    /// Makes the bytes the blob `digest` (the caller verified them), durably; the write and
+    /// its checkpoint are gone. On an error the write stays as it was, to retry or remove.
+    async fn commit(self: Box<Self>, digest: &Digest) -> io::Result<()>;
+    /// Deletes the write and its checkpoint.
+    async fn abort(self: Box<Self>) -> io::Result<()>;
+}
+
+/// A write with the hash of its bytes, hashed on the blocking pool while the backend writes
+/// (SHA-256 and the copy into the page cache each take about as long).
+pub struct HashingWrite {
+    /// The write.
+    pub inner: Box<dyn BlobWrite>,
+    /// Hash of the bytes written.
     pub verifier: Verifier,
 }
 
-impl BlobWriter {
-    /// Appends bytes and hashes them; large pieces are hashed on a second thread while this
-    /// one writes (SHA-256 and the page-cache copy each take about as long).
-    ///
-    /// All or nothing: when the write fails (a full disk), the file is cut back to `written`
-    /// and the hasher restored, so count, file and hash still agree and the writer can go on
-    /// from its last good offset. A full disk is reported as `StorageFull` naming the file.
-    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        use std::io::Write;
-        let before = self.verifier.clone();
-        let outcome = if bytes.len() < 256 * 1024 {
-            self.file
-                .write_all(bytes)
-                .map(|()| self.verifier.update(bytes))
-        } else {
-            let (file, verifier) = (&mut self.file, &mut self.verifier);
-            std::thread::scope(|s| {
-                s.spawn(|| verifier.update(bytes));
-                file.write_all(bytes)
-            })
-        };
-        if let Err(e) = outcome {
-            self.verifier = before;
-            if let Err(cut) = self.rewind(self.written) {
-                // Bytes past `written` do not count: sessions cut them when they next open.
-                tracing::warn!(path = %self.path.display(), error = %cut, "could not cut a failed write back");
-            }
-            return Err(explain(e, &self.path));
+impl HashingWrite {
+    /// Pairs a write with the hash of what it holds.
+    pub fn new(inner: Box<dyn BlobWrite>, verifier: Verifier) -> HashingWrite {
+        HashingWrite { inner, verifier }
+    }
+
+    /// Bytes written.
+    pub fn written(&self) -> u64 {
+        self.inner.written()
+    }
+
+    /// Appends and hashes; on failure neither count nor hash moved.
+    pub async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
         }
-        self.written += bytes.len() as u64;
+        let mut verifier = self.verifier.clone();
+        let for_hash = bytes.clone();
+        let hashing = tokio::task::spawn_blocking(move || {
+            verifier.update(&for_hash);
+            verifier
+        });
+        let (written, hashed) = tokio::join!(self.inner.write(bytes), hashing);
+        let hashed = hashed.map_err(io::Error::other)?;
+        written?;
+        self.verifier = hashed;
         Ok(())
     }
 
-    /// Cuts the file back to `len` bytes and puts the write position there (append-mode files
-    /// write at the end anyway). The caller restores the matching hasher state and count.
-    pub fn rewind(&mut self, len: u64) -> io::Result<()> {
-        use std::io::{Seek, SeekFrom};
-        self.file.set_len(len)?;
-        self.file.seek(SeekFrom::Start(len))?;
+    /// Cuts back to `to` (its count and the hash of its bytes).
+    pub async fn rewind(&mut self, to: u64, verifier: Verifier) -> io::Result<()> {
+        self.inner.truncate(to).await?;
+        self.verifier = verifier;
         Ok(())
+    }
+}
+
+/// A [`HashingWrite`] with one write in flight while the caller gathers the next piece
+/// (request bodies, a source's blob).
+pub struct Pipeline {
+    idle: Option<HashingWrite>,
+    pending: Option<tokio::task::JoinHandle<(HashingWrite, io::Result<()>)>>,
+}
+
+impl Pipeline {
+    /// Starts with an idle write.
+    pub fn new(write: HashingWrite) -> Pipeline {
+        Pipeline {
+            idle: Some(write),
+            pending: None,
+        }
+    }
+
+    /// Waits for the write in flight. A storage error keeps the write, still consistent.
+    pub async fn settle(&mut self) -> io::Result<()> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let (write, outcome) = pending.await.map_err(|e| {
+            io::Error::other(format!("blob write task failed and took its writer: {e}"))
+        })?;
+        self.idle = Some(write);
+        outcome
+    }
+
+    /// Starts writing `bytes` once the write in flight has settled.
+    pub async fn submit(&mut self, bytes: Bytes) -> io::Result<()> {
+        self.settle().await?;
+        let mut write = self.take()?;
+        self.pending = Some(tokio::spawn(async move {
+            let r = write.write(bytes).await;
+            (write, r)
+        }));
+        Ok(())
+    }
+
+    /// The idle write, after [`Pipeline::settle`].
+    pub fn take(&mut self) -> io::Result<HashingWrite> {
+        self.idle
+            .take()
+            .ok_or_else(|| io::Error::other("blob writer lost to a failed write task"))
+    }
+
+    /// The idle write, if no write is in flight.
+    pub fn get(&self) -> Option<&HashingWrite> {
+        self.idle.as_ref()
     }
 }
 
 /// Rewords a full-disk error so that the client and the log see the cause and the place.
-pub fn explain(e: io::Error, path: &std::path::Path) -> io::Error {
+pub fn explain(e: io::Error, what: &dyn std::fmt::Display) -> io::Error {
     if e.kind() == io::ErrorKind::StorageFull {
         io::Error::new(
             io::ErrorKind::StorageFull,
             format!(
-                "no space left on device: the data directory's volume is full (writing {})",
-                path.display()
+                "no space left on device: the data directory's volume is full (writing {what})"
             ),
         )
     } else {
@@ -118,31 +365,41 @@ pub fn explain(e: io::Error, path: &std::path::Path) -> io::Error {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::oci::digest::Algorithm;
-
-    /// `/dev/full` fails every write with ENOSPC: the writer's count and hash stay at the last
-    /// good write and the error names the cause and the file.
-    #[test]
-    fn a_full_disk_leaves_the_writer_at_its_last_good_offset() {
-        let path = std::path::PathBuf::from("/dev/full");
-        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        let mut w = BlobWriter {
-            file,
-            path,
-            written: 5,
-            verifier: Verifier::new(Algorithm::Sha256),
-        };
-        w.verifier.update(b"hello");
-        for size in [10, 1 << 20] {
-            let e = w.write(&vec![1u8; size]).unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::StorageFull);
-            assert!(e.to_string().contains("no space left on device"), "{e}");
-            assert!(e.to_string().contains("/dev/full"), "{e}");
-            assert_eq!(w.written, 5);
-            assert_eq!(w.verifier.current(), Digest::sha256(b"hello"));
+/// Hashes what a read gives (an upload finished under another algorithm, a session whose
+/// checkpoint cannot be trusted).
+pub async fn hash_read(read: BlobRead, mut verifier: Verifier) -> io::Result<Verifier> {
+    match read {
+        BlobRead::Local(region) => tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; 1 << 20];
+            let (mut at, end) = (region.offset, region.offset + region.len);
+            while at < end {
+                let want = ((end - at) as usize).min(buf.len());
+                let n = region.file.read_at(&mut buf[..want], at)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "blob file shorter than its region",
+                    ));
+                }
+                verifier.update(&buf[..n]);
+                at += n as u64;
+            }
+            Ok(verifier)
+        })
+        .await
+        .map_err(io::Error::other)?,
+        BlobRead::Stream { mut bytes, .. } => {
+            while let Some(piece) = bytes.next().await {
+                verifier.update(&piece?);
+            }
+            Ok(verifier)
         }
+        BlobRead::Redirect(_) => Err(io::Error::other("cannot hash a redirect")),
     }
+}
+
+/// For scans already on the blocking pool (sweeps over metadata): waits for a blob-store call.
+pub fn wait<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Handle::current().block_on(f)
 }

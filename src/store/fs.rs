@@ -1,34 +1,43 @@
-//! Filesystem blob backend: `DATA/blobs/<algo>/<2 hex>/<hex>`, written to `DATA/tmp` then renamed.
+//! Filesystem blob backend.
+//!
+//! - blobs: `DATA/blobs/<algo>/<2 hex>/<hex>`, renamed into place after `fsync`, directory
+//!   synced after the rename;
+//! - upload sessions: `DATA/uploads/<uuid>/data` with their checkpoint in `state`;
+//! - the cache's fetches: `DATA/partial/<algo>-<hex>` with their checkpoint in `<…>.state`;
+//! - one-shot writes: `DATA/tmp/<uuid>`, emptied at open (never committed: a crash interrupted
+//!   them).
+//!
+//! A checkpoint file is the offset (8 bytes, big-endian) followed by the caller's state,
+//! replaced atomically (written aside, then renamed).
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
 
-use super::blobs::{explain, BlobStore, BlobWriter, OpenBlob};
-use crate::oci::digest::{Algorithm, Digest, Verifier};
+use bytes::Bytes;
+
+use super::blobs::{
+    explain, BlobInfo, BlobRead, BlobStore, BlobWrite, Checkpoint, FileRegion, Pending,
+    PendingInfo, PendingKind,
+};
+use crate::oci::digest::{Algorithm, Digest};
 
 /// Blob store on a local filesystem.
 pub struct FsBlobStore {
-    blobs: PathBuf,
-    tmp: PathBuf,
+    layout: Arc<Layout>,
 }
 
-impl FsBlobStore {
-    /// Opens (creating) the blob and temp directories under `data_dir`, emptying leftovers in tmp.
-    pub fn open(data_dir: &Path) -> io::Result<FsBlobStore> {
-        let blobs = data_dir.join("blobs");
-        let tmp = data_dir.join("tmp");
-        fs::create_dir_all(&blobs)?;
-        // Whatever sits in tmp was never committed: a crash interrupted it.
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
-        }
-        fs::create_dir_all(&tmp)?;
-        Ok(FsBlobStore { blobs, tmp })
-    }
+struct Layout {
+    blobs: PathBuf,
+    tmp: PathBuf,
+    uploads: PathBuf,
+    partial: PathBuf,
+}
 
-    /// Path of a committed blob.
-    pub fn path(&self, digest: &Digest) -> PathBuf {
+impl Layout {
+    fn blob(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.blobs
             .join(digest.algorithm().as_str())
@@ -36,19 +45,201 @@ impl FsBlobStore {
             .join(hex)
     }
 
-    /// Moves a complete file into place and makes the rename durable.
-    pub fn commit_file(&self, file: &File, from: &Path, digest: &Digest) -> io::Result<()> {
-        file.sync_data().map_err(|e| explain(e, from))?;
-        let dest = self.path(digest);
-        let dir = dest.parent().expect("blob path has a parent");
-        fs::create_dir_all(dir).map_err(|e| explain(e, dir))?;
-        if dest.exists() {
-            // Same content already committed (content addressing): drop ours.
-            let _ = fs::remove_file(from);
-            return Ok(());
+    /// The data file of a pending write and where its checkpoint goes.
+    fn pending(&self, key: &Pending) -> (PathBuf, PathBuf) {
+        match key {
+            Pending::Upload(id) => {
+                let dir = self.uploads.join(id.to_string());
+                (dir.join("data"), dir.join("state"))
+            }
+            Pending::Fetch(d) => {
+                let data = self.partial.join(partial_name(d));
+                let state = data.with_extension("state");
+                (data, state)
+            }
+            Pending::Temp(id) => {
+                let data = self.tmp.join(id.to_string());
+                let state = data.with_extension("state");
+                (data, state)
+            }
         }
-        fs::rename(from, &dest)?;
-        File::open(dir)?.sync_all()
+    }
+}
+
+fn partial_name(d: &Digest) -> String {
+    format!("{}-{}", d.algorithm().as_str(), d.hex())
+}
+
+fn not_found<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
+}
+
+fn info(meta: &fs::Metadata) -> BlobInfo {
+    BlobInfo {
+        size: meta.len(),
+        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+    }
+}
+
+/// The region `[offset, offset + len)` of an open file of `size` bytes.
+fn region(file: File, size: u64, offset: u64, len: Option<u64>) -> io::Result<BlobRead> {
+    if offset > size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("read at {offset} past the end of a blob of {size} bytes"),
+        ));
+    }
+    let len = len.map_or(size - offset, |l| l.min(size - offset));
+    Ok(BlobRead::Local(FileRegion::new(
+        Arc::new(file),
+        offset,
+        len,
+    )))
+}
+
+fn open_region(path: &Path, offset: u64, len: Option<u64>) -> io::Result<Option<BlobRead>> {
+    let Some(file) = not_found(File::open(path))? else {
+        return Ok(None);
+    };
+    let size = file.metadata()?.len();
+    region(file, size, offset, len).map(Some)
+}
+
+fn read_checkpoint(path: &Path) -> io::Result<Option<Checkpoint>> {
+    let Some(bytes) = not_found(fs::read(path))? else {
+        return Ok(None);
+    };
+    let offset = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes);
+    Ok(offset.map(|offset| Checkpoint {
+        offset,
+        state: bytes[8..].to_vec(),
+    }))
+}
+
+impl FsBlobStore {
+    /// Opens (creating) the directories under `data_dir`, emptying leftovers in tmp.
+    pub fn open(data_dir: &Path) -> io::Result<FsBlobStore> {
+        let layout = Layout {
+            blobs: data_dir.join("blobs"),
+            tmp: data_dir.join("tmp"),
+            uploads: data_dir.join("uploads"),
+            partial: data_dir.join("partial"),
+        };
+        // Whatever sits in tmp was never committed: a crash interrupted it.
+        if layout.tmp.exists() {
+            fs::remove_dir_all(&layout.tmp)?;
+        }
+        for dir in [&layout.blobs, &layout.tmp, &layout.uploads, &layout.partial] {
+            fs::create_dir_all(dir)?;
+        }
+        Ok(FsBlobStore {
+            layout: Arc::new(layout),
+        })
+    }
+
+    /// The data file of a pending write (the store's own unit tests look at it).
+    #[cfg(test)]
+    pub(crate) fn pending_path(&self, key: &Pending) -> PathBuf {
+        self.layout.pending(key).0
+    }
+
+    fn list_blobs(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> io::Result<Vec<(Digest, BlobInfo)>> {
+        let after = after.map(|d| d.as_str().to_string());
+        let mut out = Vec::new();
+        let mut algos = [Algorithm::Sha256, Algorithm::Sha512];
+        algos.sort_by_key(|a| a.as_str());
+        for algo in algos {
+            let Some(prefixes) = not_found(fs::read_dir(self.layout.blobs.join(algo.as_str())))?
+            else {
+                continue;
+            };
+            let mut prefixes: Vec<(String, PathBuf)> = prefixes
+                .filter_map(|e| e.ok())
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                .collect();
+            prefixes.sort();
+            for (prefix, dir) in prefixes {
+                // A whole directory sorts before `after`: skip it unread.
+                let last_possible = format!("{}:{prefix}\u{10FFFF}", algo.as_str());
+                if after
+                    .as_deref()
+                    .is_some_and(|a| last_possible.as_str() <= a)
+                {
+                    continue;
+                }
+                let mut names: Vec<(String, fs::DirEntry)> = fs::read_dir(&dir)?
+                    .filter_map(|e| e.ok())
+                    .map(|e| {
+                        (
+                            format!("{}:{}", algo.as_str(), e.file_name().to_string_lossy()),
+                            e,
+                        )
+                    })
+                    .filter(|(text, _)| after.as_deref().is_none_or(|a| text.as_str() > a))
+                    .collect();
+                names.sort_by(|a, b| a.0.cmp(&b.0));
+                for (text, entry) in names {
+                    let Ok(digest) = Digest::parse(&text) else {
+                        continue;
+                    };
+                    let Some(meta) = not_found(entry.metadata())? else {
+                        continue;
+                    };
+                    out.push((digest, info(&meta)));
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn list_pending_now(&self, kind: PendingKind) -> io::Result<Vec<PendingInfo>> {
+        let mut out = Vec::new();
+        let dir = match kind {
+            PendingKind::Upload => &self.layout.uploads,
+            PendingKind::Fetch => &self.layout.partial,
+        };
+        for entry in fs::read_dir(dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            let key = match kind {
+                PendingKind::Upload => match uuid::Uuid::parse_str(&name) {
+                    Ok(id) => Pending::Upload(id),
+                    Err(_) => continue,
+                },
+                PendingKind::Fetch => {
+                    let Some((algo, hex)) = name.split_once('-') else {
+                        continue;
+                    };
+                    match Digest::parse(&format!("{algo}:{hex}")) {
+                        Ok(d) => Pending::Fetch(d),
+                        Err(_) => continue,
+                    }
+                }
+            };
+            out.extend(stat_pending_files(&self.layout, key)?);
+        }
+        Ok(out)
     }
 }
 
@@ -59,112 +250,305 @@ pub fn free_bytes(dir: &Path) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+fn stat_pending_files(layout: &Layout, key: Pending) -> io::Result<Option<PendingInfo>> {
+    let (data, state) = layout.pending(&key);
+    let data_meta = not_found(fs::metadata(&data))?;
+    let state_meta = not_found(fs::metadata(&state))?;
+    let Some(data_meta) = data_meta else {
+        // A checkpoint without data (killed between the two removals): drop it.
+        if state_meta.is_some() {
+            let _ = fs::remove_file(&state);
+        }
+        return Ok(None);
+    };
+    let mut info = info(&data_meta);
+    if let Some(modified) = state_meta.and_then(|m| m.modified().ok()) {
+        info.modified = info.modified.max(modified);
+    }
+    Ok(Some(PendingInfo {
+        checkpoint: read_checkpoint(&state)?,
+        key,
+        info,
+    }))
+}
+
+fn remove_pending_files(layout: &Layout, key: &Pending) -> io::Result<bool> {
+    let (data, state) = layout.pending(key);
+    let existed = not_found(fs::remove_file(&data))?.is_some();
+    not_found(fs::remove_file(&state))?;
+    if let Pending::Upload(_) = key {
+        if let Some(dir) = data.parent() {
+            not_found(fs::remove_dir_all(dir))?;
+        }
+    }
+    Ok(existed)
+}
+
+#[async_trait::async_trait]
 impl BlobStore for FsBlobStore {
-    fn stat(&self, digest: &Digest) -> io::Result<Option<u64>> {
-        match fs::metadata(self.path(digest)) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+    async fn stat(&self, digest: &Digest) -> io::Result<Option<BlobInfo>> {
+        let path = self.layout.blob(digest);
+        blocking(move || Ok(not_found(fs::metadata(path))?.map(|m| info(&m)))).await
     }
 
-    fn open(&self, digest: &Digest) -> io::Result<Option<OpenBlob>> {
-        match File::open(self.path(digest)) {
-            Ok(file) => {
-                let len = file.metadata()?.len();
-                Ok(Some(OpenBlob { file, len }))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+    async fn read(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+    ) -> io::Result<Option<BlobRead>> {
+        let path = self.layout.blob(digest);
+        blocking(move || open_region(&path, offset, len)).await
     }
 
-    fn writer(&self, verifier: Verifier) -> io::Result<BlobWriter> {
-        let path = self.tmp.join(uuid::Uuid::new_v4().to_string());
-        let file = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| explain(e, &path))?;
-        Ok(BlobWriter {
-            file,
-            path,
-            written: 0,
-            verifier,
-        })
-    }
-
-    fn commit(&self, writer: BlobWriter, digest: &Digest) -> io::Result<()> {
-        self.commit_file(&writer.file, &writer.path, digest)
-    }
-
-    fn put(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
-        if self.stat(digest)?.is_some() {
+    async fn put(&self, digest: &Digest, bytes: Bytes) -> io::Result<()> {
+        if self.stat(digest).await?.is_some() {
             return Ok(());
         }
-        let mut w = self.writer(Verifier::new(digest.algorithm()))?;
-        let path = w.path.clone();
-        let done = w.write(bytes).and_then(|()| self.commit(w, digest));
-        if done.is_err() {
+        let (mut w, _) = self
+            .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
+            .await?;
+        if let Err(e) = w.write(bytes).await {
             // Nothing half-written stays behind (a full disk must not fill up further).
-            let _ = fs::remove_file(path);
+            let _ = w.abort().await;
+            return Err(e);
         }
-        done
+        w.commit(digest).await
     }
 
-    fn remove(&self, digest: &Digest) -> io::Result<bool> {
-        match fs::remove_file(self.path(digest)) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
+    async fn delete(&self, digest: &Digest) -> io::Result<bool> {
+        let path = self.layout.blob(digest);
+        blocking(move || Ok(not_found(fs::remove_file(path))?.is_some())).await
     }
 
-    fn list(&self) -> io::Result<Vec<(Digest, u64)>> {
-        let mut out = Vec::new();
-        for algo in [Algorithm::Sha256, Algorithm::Sha512] {
-            let dir = self.blobs.join(algo.as_str());
-            let Ok(prefixes) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for prefix in prefixes {
-                for entry in fs::read_dir(prefix?.path())? {
-                    let entry = entry?;
-                    let name = entry.file_name();
-                    let text = format!("{}:{}", algo.as_str(), name.to_string_lossy());
-                    if let Ok(d) = Digest::parse(&text) {
-                        out.push((d, entry.metadata()?.len()));
-                    }
-                }
+    async fn list(
+        &self,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> io::Result<Vec<(Digest, BlobInfo)>> {
+        let me = FsBlobStore {
+            layout: self.layout.clone(),
+        };
+        let after = after.cloned();
+        blocking(move || me.list_blobs(after.as_ref(), limit)).await
+    }
+
+    async fn open_pending(
+        &self,
+        key: &Pending,
+    ) -> io::Result<(Box<dyn BlobWrite>, Option<Checkpoint>)> {
+        let layout = self.layout.clone();
+        let key = key.clone();
+        blocking(move || {
+            let (data, state) = layout.pending(&key);
+            if let Some(dir) = data.parent() {
+                fs::create_dir_all(dir).map_err(|e| explain(e, &dir.display()))?;
             }
-        }
-        Ok(out)
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&data)
+                .map_err(|e| explain(e, &data.display()))?;
+            let written = file.metadata()?.len();
+            let checkpoint = read_checkpoint(&state)?;
+            let w: Box<dyn BlobWrite> = Box::new(FsWrite {
+                key,
+                file: Arc::new(file),
+                data,
+                state,
+                written,
+                layout,
+            });
+            Ok((w, checkpoint))
+        })
+        .await
+    }
+
+    async fn read_pending(
+        &self,
+        key: &Pending,
+        offset: u64,
+        len: Option<u64>,
+    ) -> io::Result<Option<BlobRead>> {
+        let (data, _) = self.layout.pending(key);
+        blocking(move || open_region(&data, offset, len)).await
+    }
+
+    async fn list_pending(&self, kind: PendingKind) -> io::Result<Vec<PendingInfo>> {
+        let me = FsBlobStore {
+            layout: self.layout.clone(),
+        };
+        blocking(move || me.list_pending_now(kind)).await
+    }
+
+    async fn stat_pending(&self, key: &Pending) -> io::Result<Option<PendingInfo>> {
+        let layout = self.layout.clone();
+        let key = key.clone();
+        blocking(move || stat_pending_files(&layout, key)).await
+    }
+
+    async fn remove_pending(&self, key: &Pending) -> io::Result<bool> {
+        let layout = self.layout.clone();
+        let key = key.clone();
+        blocking(move || remove_pending_files(&layout, &key)).await
+    }
+}
+
+/// A write in progress on the filesystem: positioned writes at `written`, so a failed write is
+/// cut back and the file, the count and the caller's hash stay in step.
+struct FsWrite {
+    key: Pending,
+    file: Arc<File>,
+    data: PathBuf,
+    state: PathBuf,
+    written: u64,
+    layout: Arc<Layout>,
+}
+
+#[async_trait::async_trait]
+impl BlobWrite for FsWrite {
+    fn key(&self) -> &Pending {
+        &self.key
+    }
+
+    fn written(&self) -> u64 {
+        self.written
+    }
+
+    async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
+        let (file, path, at) = (self.file.clone(), self.data.clone(), self.written);
+        let len = bytes.len() as u64;
+        blocking(move || {
+            use std::os::unix::fs::FileExt;
+            if let Err(e) = file.write_all_at(&bytes, at) {
+                if let Err(cut) = file.set_len(at) {
+                    // Bytes past `written` do not count: the next open cuts them.
+                    tracing::warn!(path = %path.display(), error = %cut, "could not cut a failed write back");
+                }
+                return Err(explain(e, &path.display()));
+            }
+            Ok(())
+        })
+        .await?;
+        self.written += len;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, len: u64) -> io::Result<()> {
+        let file = self.file.clone();
+        blocking(move || file.set_len(len)).await?;
+        self.written = self.written.min(len);
+        Ok(())
+    }
+
+    async fn sync(&mut self) -> io::Result<()> {
+        let (file, data) = (self.file.clone(), self.data.clone());
+        blocking(move || file.sync_data().map_err(|e| explain(e, &data.display()))).await
+    }
+
+    async fn checkpoint(&mut self, state: Vec<u8>) -> io::Result<()> {
+        let path = self.state.clone();
+        let mut saved = self.written.to_be_bytes().to_vec();
+        saved.extend(state);
+        blocking(move || {
+            let aside = path.with_extension("saving");
+            fs::write(&aside, saved).map_err(|e| explain(e, &aside.display()))?;
+            fs::rename(aside, path)
+        })
+        .await
+    }
+
+    async fn commit(self: Box<Self>, digest: &Digest) -> io::Result<()> {
+        let dest = self.layout.blob(digest);
+        blocking(move || {
+            let from = &self.data;
+            self.file
+                .sync_data()
+                .map_err(|e| explain(e, &from.display()))?;
+            let dir = dest
+                .parent()
+                .ok_or_else(|| io::Error::other("blob path without a parent"))?;
+            fs::create_dir_all(dir).map_err(|e| explain(e, &dir.display()))?;
+            if dest.exists() {
+                // Same content already committed (content addressing): drop ours.
+                remove_pending_files(&self.layout, &self.key)?;
+                return Ok(());
+            }
+            fs::rename(from, &dest)?;
+            File::open(dir)?.sync_all()?;
+            remove_pending_files(&self.layout, &self.key)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn abort(self: Box<Self>) -> io::Result<()> {
+        blocking(move || remove_pending_files(&self.layout, &self.key).map(drop)).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::digest::Verifier;
+    use crate::store::blobs::HashingWrite;
 
-    #[test]
-    fn commit_makes_visible_and_tmp_is_cleared_on_open() {
+    /// `/dev/full` fails every write with ENOSPC: the write's count and hash stay at the last
+    /// good write and the error names the cause and the file.
+    #[tokio::test]
+    async fn a_full_disk_leaves_the_write_at_its_last_good_offset() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsBlobStore::open(dir.path()).unwrap();
-        let d = Digest::sha256(b"abc");
-        let mut w = store.writer(Verifier::new(Algorithm::Sha256)).unwrap();
-        w.write(b"abc").unwrap();
-        assert!(store.open(&d).unwrap().is_none(), "visible before commit");
-        let tmp_path = w.path.clone();
-        assert_eq!(w.verifier.current(), d);
-        store.commit(w, &d).unwrap();
-        assert_eq!(store.stat(&d).unwrap(), Some(3));
-        assert!(!tmp_path.exists());
-        // A leftover temp file from a crash is removed at the next open.
-        let mut w = store.writer(Verifier::new(Algorithm::Sha256)).unwrap();
-        w.write(b"partial").unwrap();
-        drop(w);
+        let data = PathBuf::from("/dev/full");
+        let file = OpenOptions::new().write(true).open(&data).unwrap();
+        let inner = FsWrite {
+            key: Pending::Temp(uuid::Uuid::new_v4()),
+            file: Arc::new(file),
+            state: data.with_extension("state"),
+            data,
+            written: 5,
+            layout: store.layout.clone(),
+        };
+        let mut hello = Verifier::new(Algorithm::Sha256);
+        hello.update(b"hello");
+        let mut w = HashingWrite::new(Box::new(inner), hello);
+        for size in [10, 1 << 20] {
+            let e = w.write(Bytes::from(vec![1u8; size])).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+            assert!(e.to_string().contains("no space left on device"), "{e}");
+            assert!(e.to_string().contains("/dev/full"), "{e}");
+            assert_eq!(w.written(), 5);
+            assert_eq!(w.verifier.current(), Digest::sha256(b"hello"));
+        }
+    }
+
+    #[tokio::test]
+    async fn one_shot_writes_are_cleared_on_open_and_partials_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let (mut temp, _) = store
+            .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
+            .await
+            .unwrap();
+        temp.write(Bytes::from_static(b"partial")).await.unwrap();
+        let fetch = Pending::Fetch(Digest::sha256(b"x"));
+        let (mut w, _) = store.open_pending(&fetch).await.unwrap();
+        w.write(Bytes::from_static(b"x")).await.unwrap();
+        w.checkpoint(b"state".to_vec()).await.unwrap();
+        drop((temp, w));
         let store = FsBlobStore::open(dir.path()).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        assert_eq!(store.list().unwrap(), vec![(d, 3)]);
+        let kept = store.list_pending(PendingKind::Fetch).await.unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].key, fetch);
+        assert_eq!(
+            kept[0].checkpoint,
+            Some(Checkpoint {
+                offset: 1,
+                state: b"state".to_vec()
+            })
+        );
     }
 }

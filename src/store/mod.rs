@@ -2,6 +2,8 @@
 //! map. No HTTP type and no configuration here.
 
 pub mod blobs;
+#[cfg(test)]
+mod conformance;
 pub mod fs;
 pub mod lock;
 pub mod meta;
@@ -43,10 +45,8 @@ impl PullRecorder {
 
 /// Everything stored on this node.
 pub struct Store {
-    /// Blob bytes.
+    /// Blob bytes and writes in progress.
     pub blobs: Arc<dyn BlobStore>,
-    /// The filesystem backend (for commits of upload files in place).
-    pub fs: Arc<fs::FsBlobStore>,
     /// Metadata.
     pub meta: Meta,
     /// Upload sessions.
@@ -60,20 +60,19 @@ pub struct Store {
 
 impl Store {
     /// Opens the data directory.
-    pub fn open(data_dir: &Path) -> Result<Store, crate::error::Error> {
+    pub async fn open(data_dir: &Path) -> Result<Store, crate::error::Error> {
         // Metadata first: it takes the data directory's lock.
         let meta = Meta::open(data_dir)?;
-        let fs = Arc::new(fs::FsBlobStore::open(data_dir)?);
+        let blobs: Arc<dyn BlobStore> = Arc::new(fs::FsBlobStore::open(data_dir)?);
         let registries = meta
             .registries()?
             .into_iter()
             .map(|r| (r.name.clone(), Arc::new(r)))
             .collect();
         Ok(Store {
-            blobs: fs.clone(),
-            fs,
+            uploads: uploads::Uploads::open(blobs.clone()).await?,
+            blobs,
             meta,
-            uploads: uploads::Uploads::open(data_dir)?,
             pulls: PullRecorder::default(),
             registries: RwLock::new(registries),
         })

@@ -1,20 +1,19 @@
-//! Resumable upload sessions: `DATA/uploads/<uuid>/{data,state}`, with the hasher state saved so a
-//! session resumed after a restart keeps hashing instead of starting over.
+//! Resumable upload sessions over the blob store's named writes: each session is the write
+//! `Pending::Upload(id)`, its checkpoint holds the repository and the hasher state, so a session
+//! resumed after a restart keeps hashing instead of starting over.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::blobs::{explain, BlobWriter};
+use super::blobs::{hash_read, BlobStore, HashingWrite, Pending, PendingKind};
 use crate::oci::digest::{Algorithm, Verifier};
 
-/// One upload session; lock it to append. It holds no open file: a request opens the data
-/// file, appends, and closes it again, so idle sessions cost no file descriptor.
+/// One upload session; lock it to append. It holds no open file: a request opens the write,
+/// appends, and closes it again, so idle sessions cost no file descriptor.
 pub struct Session {
     /// Session id (the `<uuid>` of its URL).
     pub id: String,
@@ -25,7 +24,8 @@ pub struct Session {
     progress: Option<Progress>,
     /// Set when the session was removed while others waited for its lock.
     gone: bool,
-    dir: PathBuf,
+    key: Pending,
+    blobs: Arc<dyn BlobStore>,
 }
 
 /// Where an upload stands: bytes received and the hash of those bytes.
@@ -37,10 +37,10 @@ pub struct Progress {
     pub verifier: Verifier,
 }
 
+/// What a session's checkpoint holds besides its offset.
 #[derive(Serialize, Deserialize)]
 struct SavedState {
     repo: String,
-    offset: u64,
     hasher: String,
 }
 
@@ -61,71 +61,65 @@ impl Session {
         self.progress.as_ref()
     }
 
-    /// Path of the data file.
-    pub fn data_path(&self) -> PathBuf {
-        self.dir.join("data")
+    /// The blob store's name of the session's bytes.
+    pub fn key(&self) -> &Pending {
+        &self.key
     }
 
-    /// Opens the data file for this request and hands out a writer positioned at the offset;
-    /// give it back with [`Session::put_back`]. `None` when the session is gone or a writer is
-    /// already out. Blocking (one `open`).
-    pub fn take_writer(&mut self) -> io::Result<Option<BlobWriter>> {
+    /// Opens the session's write for this request, positioned at the offset; give it back with
+    /// [`Session::put_back`]. `None` when the session is gone or a writer is already out.
+    pub async fn take_writer(&mut self) -> io::Result<Option<HashingWrite>> {
         if self.gone {
             return Ok(None);
         }
         let Some(progress) = self.progress.take() else {
             return Ok(None);
         };
-        let path = self.data_path();
-        let file = match OpenOptions::new().append(true).open(&path) {
-            Ok(f) => f,
+        let opened = self.blobs.open_pending(&self.key).await;
+        let mut write = match opened {
+            Ok((w, _)) => w,
             Err(e) => {
                 self.progress = Some(progress);
-                return Err(explain(e, &path));
+                return Err(e);
             }
         };
         // A crash or a failed chunk may have left bytes past the offset: they do not count.
-        if file.metadata()?.len() != progress.written {
-            file.set_len(progress.written)?;
+        if write.written() != progress.written {
+            if let Err(e) = write.truncate(progress.written).await {
+                self.progress = Some(progress);
+                return Err(e);
+            }
         }
-        Ok(Some(BlobWriter {
-            file,
-            path,
-            written: progress.written,
-            verifier: progress.verifier,
-        }))
+        Ok(Some(HashingWrite::new(write, progress.verifier)))
     }
 
-    /// Takes a writer back: its count and hash become the session's; its file is closed.
-    pub fn put_back(&mut self, writer: BlobWriter) {
+    /// Takes a writer back: its count and hash become the session's, saved as its checkpoint;
+    /// the write is closed.
+    pub async fn put_back(&mut self, mut writer: HashingWrite) -> io::Result<()> {
+        let saved = self.checkpoint(&mut writer).await;
         self.progress = Some(Progress {
-            written: writer.written,
+            written: writer.written(),
             verifier: writer.verifier,
         });
+        saved
     }
 
-    /// Takes a writer back but returns to `to` (a chunk that did not match its range): the file
-    /// is cut back, the hasher state restored.
-    pub fn roll_back(&mut self, mut writer: BlobWriter, to: Progress) -> io::Result<()> {
-        let cut = writer.rewind(to.written);
+    /// Takes a writer back but returns to `to` (a chunk that did not match its range): the
+    /// write is cut back, the hasher state restored.
+    pub async fn roll_back(&mut self, mut writer: HashingWrite, to: Progress) -> io::Result<()> {
+        let cut = writer.rewind(to.written, to.verifier.clone()).await;
         self.progress = Some(to);
-        cut
+        cut?;
+        self.checkpoint(&mut writer).await
     }
 
-    /// Persists offset and hasher state (atomically replacing the previous state).
-    pub fn save(&self) -> io::Result<()> {
-        let Some(p) = &self.progress else {
-            return Ok(());
-        };
+    async fn checkpoint(&self, writer: &mut HashingWrite) -> io::Result<()> {
         let state = SavedState {
             repo: self.repo.clone(),
-            offset: p.written,
-            hasher: hex::encode(p.verifier.save()),
+            hasher: hex::encode(writer.verifier.save()),
         };
-        let tmp = self.dir.join("state.tmp");
-        fs::write(&tmp, serde_json::to_vec(&state).map_err(io::Error::other)?)
-            .map_err(|e| explain(e, &tmp))?;
-        fs::rename(tmp, self.dir.join("state"))
+        let state = serde_json::to_vec(&state).map_err(io::Error::other)?;
+        writer.inner.checkpoint(state).await
     }
 }
 
@@ -162,35 +156,31 @@ struct Entry {
 
 /// All upload sessions of this node.
 pub struct Uploads {
-    root: PathBuf,
+    blobs: Arc<dyn BlobStore>,
     sessions: Mutex<HashMap<String, Entry>>,
 }
 
 impl Uploads {
-    /// Opens (creating) `DATA/uploads` and indexes the sessions found there (for the caps).
-    pub fn open(data_dir: &Path) -> io::Result<Uploads> {
-        let root = data_dir.join("uploads");
-        fs::create_dir_all(&root)?;
+    /// Indexes the sessions the blob store holds (for the caps).
+    pub async fn open(blobs: Arc<dyn BlobStore>) -> io::Result<Uploads> {
         let mut sessions = HashMap::new();
-        for entry in fs::read_dir(&root)? {
-            let entry = entry?;
-            let id = entry.file_name().to_string_lossy().into_owned();
-            if uuid::Uuid::parse_str(&id).is_err() {
+        for pending in blobs.list_pending(PendingKind::Upload).await? {
+            let Pending::Upload(id) = pending.key else {
                 continue;
-            }
-            let state = fs::read(entry.path().join("state"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<SavedState>(&b).ok());
+            };
+            let state = pending
+                .checkpoint
+                .and_then(|c| serde_json::from_slice::<SavedState>(&c.state).ok());
             if let Some(state) = state {
                 let entry = Entry {
                     repo: state.repo,
                     loaded: None,
                 };
-                sessions.insert(id, entry);
+                sessions.insert(id.to_string(), entry);
             }
         }
         Ok(Uploads {
-            root,
+            blobs,
             sessions: Mutex::new(sessions),
         })
     }
@@ -226,9 +216,9 @@ impl Uploads {
 
     /// Starts a session for `repo`, within the caps. At a cap, sessions idle for longer than
     /// `caps.expiry` are expired first, so dead sessions never hold a cap.
-    pub fn create(&self, repo: &str, caps: Caps) -> Result<SessionRef, CreateError> {
+    pub async fn create(&self, repo: &str, caps: Caps) -> Result<SessionRef, CreateError> {
         if self.over(repo, caps).is_some() {
-            let removed = self.expire(caps.expiry)?;
+            let removed = self.expire(caps.expiry).await?;
             if removed > 0 {
                 tracing::info!(removed, "expired upload sessions removed at the cap");
             }
@@ -236,32 +226,24 @@ impl Uploads {
                 return Err(CreateError::TooMany(why));
             }
         }
-        let id = uuid::Uuid::new_v4().to_string();
-        let dir = self.root.join(&id);
-        fs::create_dir(&dir).map_err(|e| explain(e, &dir))?;
-        let path = dir.join("data");
-        let created = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| explain(e, &path));
-        let session = Session {
-            id: id.clone(),
+        let id = uuid::Uuid::new_v4();
+        let mut session = Session {
+            id: id.to_string(),
             repo: repo.to_string(),
-            progress: Some(Progress {
-                written: 0,
-                verifier: Verifier::new(Algorithm::Sha256),
-            }),
+            progress: None,
             gone: false,
-            dir,
+            key: Pending::Upload(id),
+            blobs: self.blobs.clone(),
         };
-        if let Err(e) = created.and_then(|_| session.save()) {
-            let _ = fs::remove_dir_all(&session.dir);
+        let (write, _) = self.blobs.open_pending(&session.key).await?;
+        let write = HashingWrite::new(write, Verifier::new(Algorithm::Sha256));
+        if let Err(e) = session.put_back(write).await {
+            let _ = self.blobs.remove_pending(&session.key).await;
             return Err(e.into());
         }
         let session = Arc::new(tokio::sync::Mutex::new(session));
         self.sessions().insert(
-            id,
+            id.to_string(),
             Entry {
                 repo: repo.to_string(),
                 loaded: Some(session.clone()),
@@ -270,16 +252,16 @@ impl Uploads {
         Ok(session)
     }
 
-    /// Finds a session, loading it from disk after a restart. `None` if unknown or malformed.
-    pub fn get(&self, id: &str) -> io::Result<Option<SessionRef>> {
-        if uuid::Uuid::parse_str(id).is_err() {
+    /// Finds a session, loading it from the store after a restart. `None` if unknown or
+    /// malformed.
+    pub async fn get(&self, id: &str) -> io::Result<Option<SessionRef>> {
+        let Ok(uuid) = uuid::Uuid::parse_str(id) else {
             return Ok(None);
-        }
+        };
         if let Some(s) = self.sessions().get(id).and_then(|e| e.loaded.clone()) {
             return Ok(Some(s));
         }
-        let dir = self.root.join(id);
-        let Some(session) = load(id, &dir)? else {
+        let Some(session) = self.load(uuid).await? else {
             return Ok(None);
         };
         let repo = session.repo.clone();
@@ -291,30 +273,95 @@ impl Uploads {
         Ok(Some(entry.loaded.get_or_insert(session).clone()))
     }
 
-    /// Ends a locked session and deletes its files (after commit or cancel); requests waiting
+    /// Rebuilds a session from the store. When the checkpoint's offset matches the bytes held,
+    /// its hasher state is used; otherwise (killed between a write and the checkpoint) the
+    /// bytes are hashed again.
+    async fn load(&self, id: uuid::Uuid) -> io::Result<Option<Session>> {
+        let key = Pending::Upload(id);
+        let Some(pending) = self.blobs.stat_pending(&key).await? else {
+            return Ok(None);
+        };
+        let Some(checkpoint) = pending.checkpoint else {
+            return Ok(None);
+        };
+        let Ok(state) = serde_json::from_slice::<SavedState>(&checkpoint.state) else {
+            return Ok(None);
+        };
+        let len = pending.info.size;
+        let saved = hex::decode(&state.hasher)
+            .ok()
+            .and_then(|b| Verifier::restore(&b));
+        let verifier = match saved {
+            Some(v) if checkpoint.offset == len => v,
+            _ => {
+                let Some(read) = self.blobs.read_pending(&key, 0, Some(len)).await? else {
+                    // Removed (expired, cancelled) since the stat.
+                    return Ok(None);
+                };
+                hash_read(read, Verifier::new(Algorithm::Sha256)).await?
+            }
+        };
+        Ok(Some(Session {
+            id: id.to_string(),
+            repo: state.repo,
+            progress: Some(Progress {
+                written: len,
+                verifier,
+            }),
+            gone: false,
+            key,
+            blobs: self.blobs.clone(),
+        }))
+    }
+
+    /// Ends a locked session and deletes its bytes (after commit or cancel); requests waiting
     /// for its lock then find it gone.
-    pub fn remove(&self, session: &mut Session) -> io::Result<()> {
+    pub async fn remove(&self, session: &mut Session) -> io::Result<()> {
         session.gone = true;
         session.progress = None;
         self.sessions().remove(&session.id);
-        match fs::remove_dir_all(&session.dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        self.blobs.remove_pending(&session.key).await.map(drop)
     }
 
-    /// Removes sessions whose state was not touched for `max_age` and that no request is using;
-    /// returns how many. Blocking.
-    pub fn expire(&self, max_age: Duration) -> io::Result<usize> {
+    /// Commits a locked session's bytes as the blob `digest` (the caller verified them) and
+    /// ends the session. When the commit fails (a full disk at `fsync`), the session stays,
+    /// complete, for another attempt.
+    pub async fn commit(
+        &self,
+        session: &mut Session,
+        digest: &crate::oci::digest::Digest,
+    ) -> io::Result<()> {
+        let before = session.progress.clone();
+        let Some(writer) = session.take_writer().await? else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("upload {} was completed or cancelled", session.id),
+            ));
+        };
+        if let Err(e) = writer.inner.commit(digest).await {
+            session.progress = before;
+            return Err(e);
+        }
+        session.gone = true;
+        session.progress = None;
+        self.sessions().remove(&session.id);
+        Ok(())
+    }
+
+    /// Removes sessions untouched for `max_age` that no request is using; returns how many.
+    pub async fn expire(&self, max_age: Duration) -> io::Result<usize> {
         let mut removed = 0;
         let now = SystemTime::now();
-        for entry in fs::read_dir(&self.root)? {
-            let entry = entry?;
-            let id = entry.file_name().to_string_lossy().into_owned();
-            let touched = fs::metadata(entry.path().join("state"))
-                .and_then(|m| m.modified())
-                .or_else(|_| entry.metadata().and_then(|m| m.modified()))?;
-            if now.duration_since(touched).unwrap_or_default() <= max_age {
+        for pending in self.blobs.list_pending(PendingKind::Upload).await? {
+            let Pending::Upload(uuid) = pending.key else {
+                continue;
+            };
+            let id = uuid.to_string();
+            if now
+                .duration_since(pending.info.modified)
+                .unwrap_or_default()
+                <= max_age
+            {
                 continue;
             }
             let loaded = self.sessions().get(&id).and_then(|e| e.loaded.clone());
@@ -324,14 +371,11 @@ impl Uploads {
                     let Ok(mut s) = session.try_lock() else {
                         continue;
                     };
-                    self.remove(&mut s)?;
+                    self.remove(&mut s).await?;
                 }
                 None => {
                     self.sessions().remove(&id);
-                    match fs::remove_dir_all(entry.path()) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                        _ => {}
-                    }
+                    self.blobs.remove_pending(&pending.key).await?;
                 }
             }
             removed += 1;
@@ -340,61 +384,14 @@ impl Uploads {
     }
 }
 
-/// Rebuilds a session from disk. When the saved offset matches the data file the saved hasher
-/// state is used; otherwise (killed between a write and the state save) the file is rehashed.
-fn load(id: &str, dir: &Path) -> io::Result<Option<Session>> {
-    let state: SavedState = match fs::read(dir.join("state")) {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
-            Ok(s) => s,
-            Err(_) => return Ok(None),
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let path = dir.join("data");
-    let len = match fs::metadata(&path) {
-        Ok(m) => m.len(),
-        // Removed (expired, cancelled) between the state read and here.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let saved = hex::decode(&state.hasher)
-        .ok()
-        .and_then(|b| Verifier::restore(&b));
-    let verifier = match saved {
-        Some(v) if state.offset == len => v,
-        _ => hash_file(&path, Algorithm::Sha256)?,
-    };
-    Ok(Some(Session {
-        id: id.to_string(),
-        repo: state.repo,
-        progress: Some(Progress {
-            written: len,
-            verifier,
-        }),
-        gone: false,
-        dir: dir.to_path_buf(),
-    }))
-}
-
-/// Hashes a whole file (an upload resumed without usable state, or finished with another algorithm).
-pub fn hash_file(path: &Path, algorithm: Algorithm) -> io::Result<Verifier> {
-    let mut v = Verifier::new(algorithm);
-    let mut f = File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(v);
-        }
-        v.update(&buf[..n]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::oci::digest::Digest;
+    use crate::store::fs::FsBlobStore;
+    use bytes::Bytes;
+    use std::fs;
+    use std::path::{Path, PathBuf};
 
     const CAPS: Caps = Caps {
         total: 8,
@@ -402,10 +399,24 @@ mod tests {
         expiry: Duration::from_secs(3600),
     };
 
-    fn append(s: &mut Session, bytes: &[u8]) {
-        let mut w = s.take_writer().unwrap().unwrap();
-        w.write(bytes).unwrap();
-        s.put_back(w);
+    fn store(dir: &Path) -> (Arc<FsBlobStore>, Arc<dyn BlobStore>) {
+        let fs = Arc::new(FsBlobStore::open(dir).unwrap());
+        (fs.clone(), fs)
+    }
+
+    async fn uploads(dir: &Path) -> (Arc<FsBlobStore>, Uploads) {
+        let (fs, blobs) = store(dir);
+        (fs, Uploads::open(blobs).await.unwrap())
+    }
+
+    async fn append(s: &mut Session, bytes: &'static [u8]) {
+        let mut w = s.take_writer().await.unwrap().unwrap();
+        w.write(Bytes::from_static(bytes)).await.unwrap();
+        s.put_back(w).await.unwrap();
+    }
+
+    fn data_path(fs: &FsBlobStore, s: &Session) -> PathBuf {
+        fs.pending_path(s.key())
     }
 
     fn open_fds_on(path: &Path) -> usize {
@@ -419,26 +430,25 @@ mod tests {
     #[tokio::test]
     async fn session_survives_restart_with_hasher_state() {
         let dir = tempfile::tempdir().unwrap();
-        let uploads = Uploads::open(dir.path()).unwrap();
-        let s = uploads.create("r/a", CAPS).unwrap();
+        let (_, uploads) = self::uploads(dir.path()).await;
+        let s = uploads.create("r/a", CAPS).await.unwrap();
         let id = {
             let mut s = s.lock().await;
-            append(&mut s, b"hello ");
-            s.save().unwrap();
+            append(&mut s, b"hello ").await;
             s.id.clone()
         };
         drop(uploads);
-        let uploads = Uploads::open(dir.path()).unwrap();
+        let (_, uploads) = self::uploads(dir.path()).await;
         assert_eq!(
             uploads.count("r/a"),
             (1, 1),
             "sessions on disk count after a restart"
         );
-        let s = uploads.get(&id).unwrap().unwrap();
+        let s = uploads.get(&id).await.unwrap().unwrap();
         let mut s = s.lock().await;
         assert_eq!(s.offset(), 6);
         assert_eq!(s.repo, "r/a");
-        append(&mut s, b"world");
+        append(&mut s, b"world").await;
         assert_eq!(
             s.progress().unwrap().verifier.current(),
             Digest::sha256(b"hello world")
@@ -448,39 +458,46 @@ mod tests {
     #[tokio::test]
     async fn bytes_written_after_the_last_save_are_rehashed() {
         let dir = tempfile::tempdir().unwrap();
-        let uploads = Uploads::open(dir.path()).unwrap();
-        let s = uploads.create("r/a", CAPS).unwrap();
+        let (fs, uploads) = self::uploads(dir.path()).await;
+        let s = uploads.create("r/a", CAPS).await.unwrap();
         let id = {
             let mut s = s.lock().await;
-            append(&mut s, b"abc");
-            s.save().unwrap();
-            append(&mut s, b"def"); // killed before save
+            append(&mut s, b"abc").await;
+            // Killed after writing more bytes but before the checkpoint.
+            let data = data_path(&fs, &s);
+            let mut f = fs::OpenOptions::new().append(true).open(data).unwrap();
+            std::io::Write::write_all(&mut f, b"def").unwrap();
             s.id.clone()
         };
         drop((s, uploads));
-        let uploads = Uploads::open(dir.path()).unwrap();
-        let s = uploads.get(&id).unwrap().unwrap();
+        let (_, uploads) = self::uploads(dir.path()).await;
+        let s = uploads.get(&id).await.unwrap().unwrap();
         let s = s.lock().await;
         assert_eq!(s.offset(), 6);
         assert_eq!(
             s.progress().unwrap().verifier.current(),
             Digest::sha256(b"abcdef")
         );
-        assert!(uploads.get("not-a-uuid").unwrap().is_none());
+        assert!(uploads.get("not-a-uuid").await.unwrap().is_none());
+        assert!(uploads
+            .get(&uuid::Uuid::new_v4().to_string())
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]
     async fn an_idle_session_holds_no_file_descriptor() {
         let dir = tempfile::tempdir().unwrap();
-        let uploads = Uploads::open(dir.path()).unwrap();
-        let s = uploads.create("r/a", CAPS).unwrap();
+        let (fs, uploads) = self::uploads(dir.path()).await;
+        let s = uploads.create("r/a", CAPS).await.unwrap();
         let mut s = s.lock().await;
-        let data = s.data_path();
+        let data = data_path(&fs, &s);
         assert_eq!(open_fds_on(&data), 0, "a new session keeps its file closed");
-        let mut w = s.take_writer().unwrap().unwrap();
+        let mut w = s.take_writer().await.unwrap().unwrap();
         assert_eq!(open_fds_on(&data), 1, "a request's writer opens it");
-        w.write(b"abc").unwrap();
-        s.put_back(w);
+        w.write(Bytes::from_static(b"abc")).await.unwrap();
+        s.put_back(w).await.unwrap();
         assert_eq!(open_fds_on(&data), 0, "and closes it when handed back");
         assert_eq!(s.offset(), 3);
     }
@@ -488,57 +505,69 @@ mod tests {
     #[tokio::test]
     async fn a_rolled_back_chunk_leaves_the_last_good_offset_and_hash() {
         let dir = tempfile::tempdir().unwrap();
-        let uploads = Uploads::open(dir.path()).unwrap();
-        let s = uploads.create("r/a", CAPS).unwrap();
+        let (fs, uploads) = self::uploads(dir.path()).await;
+        let s = uploads.create("r/a", CAPS).await.unwrap();
         let mut s = s.lock().await;
-        append(&mut s, b"good ");
+        append(&mut s, b"good ").await;
         let good = s.progress().unwrap().clone();
-        let mut w = s.take_writer().unwrap().unwrap();
-        w.write(b"half a chunk").unwrap();
-        s.roll_back(w, good).unwrap();
+        let mut w = s.take_writer().await.unwrap().unwrap();
+        w.write(Bytes::from_static(b"half a chunk")).await.unwrap();
+        s.roll_back(w, good).await.unwrap();
         assert_eq!(s.offset(), 5);
-        assert_eq!(fs::metadata(s.data_path()).unwrap().len(), 5);
-        append(&mut s, b"rest");
-        assert_eq!(fs::read(s.data_path()).unwrap(), b"good rest");
+        assert_eq!(fs::metadata(data_path(&fs, &s)).unwrap().len(), 5);
+        append(&mut s, b"rest").await;
+        assert_eq!(fs::read(data_path(&fs, &s)).unwrap(), b"good rest");
         assert_eq!(
             s.progress().unwrap().verifier.current(),
             Digest::sha256(b"good rest")
+        );
+        let d = Digest::sha256(b"good rest");
+        uploads.commit(&mut s, &d).await.unwrap();
+        assert!(s.is_gone());
+        assert_eq!(uploads.count("r/a"), (0, 0));
+        assert!(!data_path(&fs, &s).exists(), "the session's files are gone");
+        let blobs: Arc<dyn BlobStore> = fs;
+        assert_eq!(
+            blobs.read_small(&d, 100).await.unwrap().unwrap(),
+            &b"good rest"[..]
         );
     }
 
     #[tokio::test]
     async fn caps_refuse_live_sessions_and_expire_dead_ones_first() {
         let dir = tempfile::tempdir().unwrap();
-        let uploads = Uploads::open(dir.path()).unwrap();
-        let a = uploads.create("r/a", CAPS).unwrap();
-        let _b = uploads.create("r/a", CAPS).unwrap();
-        match uploads.create("r/a", CAPS) {
+        let (fs, uploads) = self::uploads(dir.path()).await;
+        let a = uploads.create("r/a", CAPS).await.unwrap();
+        let _b = uploads.create("r/a", CAPS).await.unwrap();
+        match uploads.create("r/a", CAPS).await {
             Err(CreateError::TooMany(why)) => assert!(why.contains("r/a"), "{why}"),
             other => panic!("third session in r/a: {:?}", other.map(|_| ())),
         }
         // Another repository still has room.
-        let other = uploads.create("r/b", CAPS).unwrap();
+        let other = uploads.create("r/b", CAPS).await.unwrap();
         // A session in use is never expired, even when its state is old.
         let old = SystemTime::now() - Duration::from_secs(7200);
         for s in [&a, &other] {
-            let dir = s.lock().await.dir.clone();
-            File::options()
-                .write(true)
-                .open(dir.join("state"))
-                .unwrap()
-                .set_modified(old)
-                .unwrap();
+            let data = data_path(&fs, &*s.lock().await);
+            for f in [data.clone(), data.with_file_name("state")] {
+                fs::File::options()
+                    .write(true)
+                    .open(f)
+                    .unwrap()
+                    .set_modified(old)
+                    .unwrap();
+            }
         }
         let held = a.lock().await;
         assert_eq!(
-            uploads.expire(CAPS.expiry).unwrap(),
+            uploads.expire(CAPS.expiry).await.unwrap(),
             1,
             "only r/b's idle one"
         );
         drop(held);
         assert!(other.lock().await.is_gone());
         // At the cap, the now idle and old session of r/a is expired to make room.
-        let c = uploads.create("r/a", CAPS).unwrap();
+        let c = uploads.create("r/a", CAPS).await.unwrap();
         assert!(a.lock().await.is_gone());
         assert_eq!(uploads.count("r/a"), (2, 2));
         drop(c);

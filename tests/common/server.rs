@@ -56,6 +56,20 @@ impl TestServer {
     }
 
     /// The running server's shared state.
+    /// Whether the store holds `digest` as a committed blob (the filesystem backend's layout:
+    /// `DATA/blobs/<algo>/<2 hex>/<hex>`), checked without a runtime.
+    pub fn holds_blob(&self, digest: &berth::oci::digest::Digest) -> bool {
+        let hex = digest.hex();
+        self.dir
+            .path()
+            .join("data")
+            .join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+            .exists()
+    }
+
     pub fn app(&self) -> std::sync::Arc<berth::App> {
         self.server.as_ref().unwrap().app().clone()
     }
