@@ -477,6 +477,7 @@ impl Meta {
     /// [`ImageCacheRecord`] and a [`CredentialRecord`], each pair in one transaction; records
     /// already in the current shape are left alone, so running it again changes nothing.
     fn migrate_image_caches(&self) -> MetaResult<()> {
+        let mut migrated = 0;
         for item in self.image_caches.iter() {
             let (key, value) = item?;
             if serde_json::from_slice::<ImageCacheRecord>(&value).is_ok() {
@@ -494,8 +495,11 @@ impl Meta {
                 image_cache = %String::from_utf8_lossy(&key),
                 "image cache record migrated: its credentials are now a record of their own"
             );
+            migrated += 1;
         }
-        self.db.flush()?;
+        if migrated > 0 {
+            self.db.flush()?;
+        }
         Ok(())
     }
 
