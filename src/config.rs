@@ -743,6 +743,40 @@ mod tests {
     }
 
     #[test]
+    fn image_caches_convert_to_store_records_and_back_and_debug_hides_the_password() {
+        let mut c = ImageCacheConfig::new("up", SourceKind::Ecr, "https://x.example");
+        c.username = Some("AKID".into());
+        c.password = Some("s3cret".into());
+        c.revalidate_ttl = Duration::from_secs(30);
+        c.region = Some("eu-west-1".into());
+        let (record, credentials) = c.to_records();
+        assert_eq!(record.endpoint, "https://x.example");
+        assert_eq!(credentials.password.as_deref(), Some("s3cret"));
+        let back = ImageCacheConfig::from_records(record, Some(credentials));
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&c).unwrap()
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("AKID"),
+            "{shown}"
+        );
+        let r = RegistryRecord::from(&RegistryConfig {
+            name: "hub".into(),
+            kind: RegistryKind::Cache,
+            cache: Some("up".into()),
+            public_uri: false,
+            anonymous_pull: true,
+        });
+        assert_eq!(
+            (r.kind, r.cache.as_deref()),
+            (RegistryKind::Cache, Some("up"))
+        );
+        assert!(!r.public_uri && r.anonymous_pull);
+    }
+
+    #[test]
     fn rejects_unknown_keys_and_bad_values() {
         assert!(Config::from_toml("lisen = []").is_err());
         let c = Config::from_toml("[[registry]]\nname = \"Bad\"").unwrap();

@@ -634,3 +634,30 @@ async fn answers_that_are_not_the_api_views_are_errors() {
     assert!(!ok && !out.contains("Secret Key"), "printed {out}");
     assert!(e.contains("BKX") && e.contains("no secret"), "{e}");
 }
+
+/// `berth check-config` prints the effective configuration, never an image cache's password
+/// (before, `Debug` of the image cache definition printed it).
+#[test]
+fn check_config_never_prints_a_source_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("berth.toml");
+    std::fs::write(
+        &file,
+        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"https://registry.example\"\nusername = \"bot\"\npassword = \"cfg-pw-77a1\"\n",
+    )
+    .unwrap();
+    let out = Command::new(berth_bin())
+        .arg("--config")
+        .arg(&file)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("registry.example") && text.contains("bot"),
+        "{text}"
+    );
+    assert!(text.contains("<redacted>"), "{text}");
+    assert!(!text.contains("cfg-pw-77a1"), "{text}");
+}
