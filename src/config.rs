@@ -180,6 +180,10 @@ pub struct Listen {
     /// Private listeners: client networks allowed to connect (CIDR); empty allows any.
     #[serde(default)]
     pub allow: Vec<ipnet::IpNet>,
+    /// Plain listeners: blob bodies go from the file to the socket with `sendfile` on HTTP/1.1
+    /// connections (TLS and HTTP/2 always copy through user space).
+    #[serde(default = "yes")]
+    pub sendfile: bool,
 }
 
 /// Who a listener serves.
@@ -458,6 +462,7 @@ impl Default for Config {
                 tls_key: None,
                 exposure: Exposure::Public,
                 allow: Vec::new(),
+                sendfile: true,
             }],
             registry: Vec::new(),
             limits: Limits::default(),

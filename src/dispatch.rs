@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
+use crate::http::req::RequestBody;
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::auth::{Action, Principal};
 use crate::cache::{CacheTarget, Target};
@@ -114,7 +114,12 @@ impl Resolution<'_> {
 }
 
 /// Runs a `/v2/` request.
-pub async fn v2(app: &App, route: Route, req: Req<'_>, body: Incoming) -> Result<Response<Body>> {
+pub async fn v2(
+    app: &App,
+    route: Route,
+    req: Req<'_>,
+    body: impl RequestBody,
+) -> Result<Response<Body>> {
     let m = req.method;
     let name = match &route {
         Route::Base if m == Method::GET || m == Method::HEAD => {
@@ -146,7 +151,7 @@ pub async fn v2(app: &App, route: Route, req: Req<'_>, body: Incoming) -> Result
 pub async fn token(
     app: &Arc<App>,
     req: Req<'_>,
-    body: Incoming,
+    body: impl RequestBody,
     client: std::net::IpAddr,
 ) -> Result<Response<Body>> {
     let public = req.public;
@@ -177,7 +182,7 @@ async fn origin(
     route: Route,
     repo: &RepoName,
     req: Req<'_>,
-    body: Incoming,
+    body: impl RequestBody,
 ) -> Result<Response<Body>> {
     let m = req.method;
     match route {

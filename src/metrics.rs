@@ -61,6 +61,11 @@ pub fn blob_bytes_served(n: u64) {
     metrics::counter!("berth_blob_bytes_served_total").increment(n);
 }
 
+/// Counts blob bytes sent with `sendfile` (a part of the bytes served).
+pub fn sendfile_bytes(n: u64) {
+    metrics::counter!("berth_sendfile_bytes_total").increment(n);
+}
+
 /// Sets the bytes held by the blob store.
 pub fn storage_bytes(n: u64) {
     metrics::gauge!("berth_storage_bytes").set(n as f64);

@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::http::req::RequestBody;
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::token::Access;
 use super::{Action, Principal};
@@ -39,7 +39,7 @@ pub type Resolver<'a> = &'a (dyn Fn(&str) -> Option<(String, Arc<RegistryRecord>
 pub async fn token(
     app: &Arc<App>,
     req: Req<'_>,
-    body: Incoming,
+    body: impl RequestBody,
     client: IpAddr,
     resolve: Resolver<'_>,
 ) -> Result<Response<Body>> {

@@ -77,6 +77,11 @@ pub async fn next_frame(
 /// ran at 1.5-2.0 GB/s on loopback (DESIGN.md 10 suggests ~1 MiB; memory decided).
 pub const READ_CHUNK: usize = 256 * 1024;
 
+/// Marks a response whose body bytes count in `berth_blob_bytes_served_total`: the bytes
+/// really handed to the connection, counted once when the body ends.
+#[derive(Debug, Clone, Copy)]
+pub struct CountSent;
+
 /// A response body. An enum rather than a boxed stream so the hot paths stay explicit and a
 /// zero-copy variant can be added without touching handlers.
 pub enum Body {
@@ -84,6 +89,15 @@ pub enum Body {
     Empty,
     /// Bytes in memory (manifests, JSON).
     Full(Option<Bytes>),
+    /// A region of a local file not read yet: a plain HTTP/1.1 connection sends it with
+    /// `sendfile` (`http::h1`); hyper's connections read it in pieces (it becomes `File` at the
+    /// first poll).
+    Region {
+        /// The bytes.
+        region: FileRegion,
+        /// The request's `send_stall_timeout`.
+        stall: Duration,
+    },
     /// Pieces of a file read ahead by a blocking task; `remaining` is exact.
     File {
         /// Pieces, at most one queued (back-pressure bounds memory per stream).
@@ -99,16 +113,23 @@ impl Body {
         Body::Full(Some(bytes.into()))
     }
 
-    /// Streams `len` bytes of `file` from `offset`: positioned reads (`pread`) of 256 KiB into
-    /// fresh buffers on the blocking pool, one piece ahead of the client. The channel slot is
-    /// reserved before each read, so a slow client holds neither memory nor a blocking thread;
-    /// the loop ends when the client goes away, or when it stops reading for the request's
-    /// `send_stall_timeout`: then the file is closed and the body ends in an error, which makes
-    /// hyper close the connection (h1) or reset the stream (h2).
+    /// The bytes of a file region, with the request's stall deadline.
     pub fn file(region: FileRegion) -> Body {
+        Body::Region {
+            region,
+            stall: deadlines().stall,
+        }
+    }
+
+    /// Streams a region: positioned reads (`pread`) of 256 KiB into fresh buffers on the
+    /// blocking pool, one piece ahead of the client. The channel slot is reserved before each
+    /// read, so a slow client holds neither memory nor a blocking thread; the loop ends when the
+    /// client goes away, or when it stops reading for `stall`: then the file is closed and the
+    /// body ends in an error, which makes hyper close the connection (h1) or reset the stream
+    /// (h2).
+    fn read_ahead(region: FileRegion, stall: Duration) -> Body {
         let (tx, rx) = mpsc::channel(1);
         let (file, offset, len) = (region.file().clone(), region.offset(), region.len());
-        let stall = deadlines().stall;
         tokio::spawn(async move {
             let end = offset + len;
             let mut pos = offset;
@@ -178,6 +199,7 @@ impl Body {
         match self {
             Body::Empty => Some(0),
             Body::Full(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Region { region, .. } => Some(region.len()),
             Body::File { remaining, .. } => Some(*remaining),
         }
     }
@@ -227,8 +249,15 @@ impl http_body::Body for Body {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        match self.get_mut() {
-            Body::Empty => Poll::Ready(None),
+        let this = self.get_mut();
+        if let Body::Region { region, stall } = this {
+            if region.is_empty() {
+                return Poll::Ready(None);
+            }
+            *this = Body::read_ahead(region.clone(), *stall);
+        }
+        match this {
+            Body::Empty | Body::Region { .. } => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::File { rx, remaining } => {
                 if *remaining == 0 {
@@ -254,6 +283,7 @@ impl http_body::Body for Body {
         match self {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
+            Body::Region { region, .. } => region.is_empty(),
             Body::File { remaining, .. } => *remaining == 0,
         }
     }

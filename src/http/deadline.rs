@@ -134,6 +134,11 @@ impl<S> Deadlined<S> {
         }
     }
 
+    /// The socket itself (for `sendfile`, which the driver bounds with its own stall wait).
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// After a write-side poll: arm the stall timer on the first `Pending`, fail once it fires,
     /// disarm on progress.
     fn write_outcome<T>(

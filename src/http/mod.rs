@@ -3,6 +3,7 @@
 pub mod body;
 pub mod deadline;
 pub mod egress;
+pub mod h1;
 pub mod req;
 pub mod router;
 pub mod server;

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
+
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -17,13 +17,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::body::{with_deadlines, Body, BodyDeadlines};
+use super::body::{with_deadlines, Body, BodyDeadlines, CountSent};
 use super::deadline::{ConnState, Deadlined, InFlight};
 use super::router::{route, Route};
 use crate::auth::Principal;
 use crate::config::{Exposure, Listen};
 use crate::error::Error;
-use crate::http::req::Req;
+use crate::http::req::{Req, RequestBody};
 use crate::App;
 
 /// A bound listener.
@@ -38,6 +38,9 @@ pub struct Bound {
     pub exposure: Exposure,
     /// Private listeners: networks allowed to connect (empty: any).
     pub allow: Vec<ipnet::IpNet>,
+    /// Plain listener: HTTP/1.1 requests without a body are driven by `h1` (blob bodies with
+    /// `sendfile`).
+    pub sendfile: bool,
 }
 
 /// What a request's connection tells about it.
@@ -67,6 +70,7 @@ pub async fn bind(l: &Listen) -> Result<Bound, String> {
         tls,
         exposure: l.exposure,
         allow: l.allow.clone(),
+        sendfile: l.sendfile,
     })
 }
 
@@ -126,6 +130,9 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
         .keep_alive_timeout(limits.h2_keep_alive)
         .max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
+    let max_head = limits.max_header_bytes.max(8192);
+    // Connections driven by `h1` (hyper's graceful shutdown only knows its own).
+    let driven = tokio_util::task::TaskTracker::new();
     let open = Arc::new(AtomicUsize::new(0));
     let mut refusals = Refusals::default();
     loop {
@@ -164,18 +171,34 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
             exposure: bound.exposure,
             tls: bound.tls.is_some(),
         };
-        let svc = service_fn(move |req| {
-            let app = app.clone();
-            let request = state.begin();
-            async move {
-                let response = with_deadlines(body_deadlines, handle(app, req, conn)).await;
-                Ok::<_, Infallible>(response.map(|body| Tracked {
-                    body,
-                    _request: request,
-                }))
-            }
-        });
+        let svc = {
+            let (app, state) = (app.clone(), state.clone());
+            service_fn(move |req| {
+                let app = app.clone();
+                let request = state.begin();
+                async move {
+                    let response = with_deadlines(body_deadlines, handle(app, req, conn)).await;
+                    Ok::<_, Infallible>(Tracked::new(response, request))
+                }
+            })
+        };
         match &bound.tls {
+            None if bound.sendfile => {
+                let (builder, watcher, stop) = (builder.clone(), graceful.watcher(), stop.clone());
+                driven.spawn(async move {
+                    let _slot = slot;
+                    let handler = |req| with_deadlines(body_deadlines, handle(app.clone(), req, conn));
+                    let io = match super::h1::drive(stream, &state, max_head, stop, handler).await {
+                        Ok(super::h1::Ended::Closed) => return,
+                        Ok(super::h1::Ended::Handover(io)) => io,
+                        Err(e) => return tracing::debug!(%peer, error = %e, "connection ended with an error"),
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
             None => {
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), svc)
@@ -211,10 +234,14 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
         }
     }
     drop(bound.listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    driven.close();
+    let drained = async {
+        // Driven connections close between requests once `stop` flips; those handed to hyper
+        // meanwhile are in `graceful`.
+        driven.wait().await;
+        graceful.shutdown().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(grace = ?grace, "shutdown grace expired with connections still open");
     }
 }
@@ -275,6 +302,27 @@ impl Refusals {
 struct Tracked {
     body: Body,
     _request: InFlight,
+    /// Data bytes handed to hyper, when they count as blob bytes served (`CountSent`).
+    sent: Option<u64>,
+}
+
+impl Tracked {
+    fn new(response: Response<Body>, request: InFlight) -> Response<Tracked> {
+        let counted = response.extensions().get::<CountSent>().is_some();
+        response.map(|body| Tracked {
+            body,
+            _request: request,
+            sent: counted.then_some(0),
+        })
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(n) = self.sent.filter(|&n| n > 0) {
+            crate::metrics::blob_bytes_served(n);
+        }
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -285,7 +333,12 @@ impl http_body::Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let (Some(sent), Poll::Ready(Some(Ok(frame)))) = (&mut this.sent, &polled) {
+            *sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -336,7 +389,7 @@ async fn free_bytes(app: &App) -> std::io::Result<u64> {
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Serves one request: route, dispatch, map errors, add common headers, log and count it.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+pub async fn handle(app: Arc<App>, req: Request<impl RequestBody>, conn: Conn) -> Response<Body> {
     let peer = conn.peer;
     let started = Instant::now();
     let request_id = format!(
@@ -421,7 +474,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, conn: Conn) -> Respon
     let elapsed = started.elapsed();
     crate::metrics::request(&parts.method, label, status, elapsed);
     if label == "blob" && status.is_success() && bytes > 0 {
-        crate::metrics::blob_bytes_served(bytes);
+        response.extensions_mut().insert(CountSent);
     }
     let ms = elapsed.as_secs_f64() * 1000.0;
     let operator = principal.as_ref().map_or("", Principal::name);

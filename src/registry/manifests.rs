@@ -1,8 +1,8 @@
 //! Manifests of origin registries: `PUT` with validation, `DELETE` by tag or digest (reads are
 //! served by `serve::manifests`).
 
+use crate::http::req::RequestBody;
 use http::{header, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::{empty, set, Req};
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ pub async fn put(
     repo: &RepoName,
     reference: &str,
     req: &Req<'_>,
-    body: Incoming,
+    body: impl RequestBody,
 ) -> Result<Response<Body>> {
     let reference = Reference::parse(reference)?;
     let limit = app.config.limits.max_manifest_bytes;

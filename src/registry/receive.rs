@@ -1,8 +1,8 @@
 //! Streams a request body into a blob write: large writes, hashed in the same pass, one write
 //! in flight while the next buffer fills.
 
+use crate::http::req::RequestBody;
 use bytes::BytesMut;
-use hyper::body::Incoming;
 
 use crate::error::{Error, Result};
 use crate::http::body::next_frame;
@@ -19,7 +19,7 @@ const WRITE_CHUNK: usize = 2 << 20;
 /// `limits.body_idle_timeout` is cut. Returns the writer back (`None` only if a write task
 /// panicked) and how the body ended.
 pub async fn receive(
-    mut body: Incoming,
+    mut body: impl RequestBody,
     writer: HashingWrite,
     max: Option<u64>,
 ) -> (Option<HashingWrite>, Result<()>) {

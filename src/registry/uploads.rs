@@ -1,8 +1,7 @@
 //! Blob uploads: monolithic, POST+PUT, chunked PATCH with `Content-Range`, status, cancel, mount.
 
+use crate::http::req::RequestBody;
 use http::{header, Response, StatusCode};
-use http_body::Body as _;
-use hyper::body::Incoming;
 
 use super::receive::receive;
 use super::{empty, set, Req};
@@ -84,7 +83,7 @@ pub async fn start(
     app: &App,
     repo: &RepoName,
     req: &Req<'_>,
-    body: Incoming,
+    body: impl RequestBody,
     lender: Option<&RepoName>,
 ) -> Result<Response<Body>> {
     if let Some(mount) = query_param(req.query, "mount") {
@@ -221,7 +220,7 @@ fn gone(s: &Session) -> Error {
 async fn append(
     app: &App,
     s: &mut Session,
-    body: Incoming,
+    body: impl RequestBody,
     range: Option<(u64, u64)>,
     length: Option<u64>,
 ) -> Result<()> {
@@ -272,7 +271,7 @@ pub async fn patch(
     repo: &RepoName,
     id: &str,
     req: &Req<'_>,
-    body: Incoming,
+    body: impl RequestBody,
 ) -> Result<Response<Body>> {
     let session = session(app, repo, id).await?;
     let range = content_range(req)?;
@@ -296,7 +295,7 @@ pub async fn finish(
     repo: &RepoName,
     id: &str,
     req: &Req<'_>,
-    body: Incoming,
+    body: impl RequestBody,
 ) -> Result<Response<Body>> {
     let digest = query_param(req.query, "digest")
         .ok_or_else(|| Error::DigestInvalid("PUT to an upload needs ?digest=".into()))?;

@@ -1,0 +1,485 @@
+//! Plain HTTP/1.1 connections driven by berth itself, so that a blob body goes from its file
+//! to the socket with `sendfile(2)` instead of through user space (nginx's and distribution's
+//! way; hyper cannot hand its connection to the kernel in the middle of a response).
+//!
+//! The driver reads request heads (parsed by `httparse`, the parser hyper itself uses) and
+//! answers every request that has no body, GET and HEAD, through the same handler as hyper's
+//! connections: the same routing, authorization, logging and metrics. A response whose body is
+//! a local file region is sent with `sendfile`; any other body is written as it comes. The
+//! first request it does not take (one with a body, an upgrade, `Expect`, HTTP/2's preface,
+//! anything it cannot parse) hands the connection to hyper for the rest of its life, with the
+//! bytes already read replayed first: pushes, the API and h2c keep hyper's implementation.
+//!
+//! Framing: every response carries `Content-Length` (all of berth's bodies have an exact
+//! length); a body that fails midway closes the connection, so a client never takes a short
+//! body for a whole one. Pipelined requests are read from the bytes after the head and
+//! answered in order. Deadlines: reads go through the connection's deadline layer (first
+//! request, keep-alive idle); writes too (stall), and `sendfile` waits for the socket at most
+//! `send_stall_timeout`.
+
+use std::future::Future;
+use std::io::{self, Write as _};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{Uri, Version};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::body::{Body, CountSent};
+use super::deadline::{ConnState, Deadlined};
+use crate::store::blobs::FileRegion;
+
+/// Most bytes one `sendfile` call may move, so one fast client cannot hold a worker thread for
+/// long (the socket's buffer usually stops it well before).
+const SENDFILE_MAX: u64 = 4 << 20;
+
+/// Most headers in a request head the driver parses; more hand the request to hyper.
+const MAX_HEADERS: usize = 64;
+
+/// How a driven connection ended.
+pub enum Ended {
+    /// Closed (by the client, a deadline, `Connection: close`, shutdown or a failed body).
+    Closed,
+    /// A request the driver does not take: hyper serves the connection from here on.
+    Handover(Rewind<Deadlined<TcpStream>>),
+}
+
+/// Serves requests on a plain connection until it closes or must go to hyper. `handle`
+/// answers one request (the same handler as hyper's connections).
+pub async fn drive<H, F>(
+    mut io: Deadlined<TcpStream>,
+    state: &Arc<ConnState>,
+    max_head: usize,
+    mut stop: watch::Receiver<bool>,
+    mut handle: H,
+) -> io::Result<Ended>
+where
+    H: FnMut(Request<Full<Bytes>>) -> F,
+    F: Future<Output = Response<Body>>,
+{
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let (request, keep_alive) = loop {
+            if !buf.is_empty() {
+                match parse(&buf) {
+                    Parsed::Partial if buf.len() < max_head => {}
+                    Parsed::Partial | Parsed::Foreign => {
+                        return Ok(Ended::Handover(Rewind::new(buf.freeze(), io)))
+                    }
+                    Parsed::Request {
+                        request,
+                        len,
+                        keep_alive,
+                    } => {
+                        buf.advance(len);
+                        break (*request, keep_alive);
+                    }
+                }
+            } else if *stop.borrow() {
+                return Ok(Ended::Closed);
+            }
+            let read = tokio::select! {
+                biased;
+                _ = stop.changed(), if buf.is_empty() => return Ok(Ended::Closed),
+                read = io.read_buf(&mut buf) => read?,
+            };
+            if read == 0 {
+                return Ok(Ended::Closed);
+            }
+        };
+        let head_only = request.method() == Method::HEAD;
+        let in_flight = state.begin();
+        let response = handle(request).await;
+        let intact = write_response(&mut io, response, head_only, keep_alive).await?;
+        drop(in_flight);
+        if !keep_alive || !intact {
+            let _ = io.shutdown().await;
+            return Ok(Ended::Closed);
+        }
+    }
+}
+
+enum Parsed {
+    /// The head is not complete yet.
+    Partial,
+    /// Not a request the driver takes: hyper's.
+    Foreign,
+    /// A GET or HEAD without a body; `len` bytes of head.
+    Request {
+        request: Box<Request<Full<Bytes>>>,
+        len: usize,
+        keep_alive: bool,
+    },
+}
+
+fn parse(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut headers);
+    let len = match head.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Foreign,
+    };
+    let method = match head.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Parsed::Foreign,
+    };
+    let (version, mut keep_alive) = match head.version {
+        Some(1) => (Version::HTTP_11, true),
+        Some(0) => (Version::HTTP_10, false),
+        _ => return Parsed::Foreign,
+    };
+    let Some(uri) = head.path.and_then(|p| Uri::try_from(p).ok()) else {
+        return Parsed::Foreign;
+    };
+    let mut map = HeaderMap::with_capacity(head.headers.len());
+    for h in head.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parsed::Foreign;
+        };
+        if name == header::CONTENT_LENGTH {
+            if value.as_bytes() != b"0" {
+                return Parsed::Foreign;
+            }
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+        {
+            return Parsed::Foreign;
+        } else if name == header::CONNECTION {
+            for token in value.to_str().unwrap_or("").split(',') {
+                let token = token.trim();
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                } else if token.eq_ignore_ascii_case("upgrade") {
+                    return Parsed::Foreign;
+                }
+            }
+        }
+        map.append(name, value);
+    }
+    let mut request = Request::new(Full::new(Bytes::new()));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = map;
+    Parsed::Request {
+        request: Box::new(request),
+        len,
+        keep_alive,
+    }
+}
+
+/// Whether a response of this status has no body and no length (RFC 9110).
+fn bodiless(status: StatusCode) -> bool {
+    status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
+/// The status line and headers, with `Content-Length`, `Date` and, when the connection ends
+/// after this response, `Connection: close`.
+fn head_bytes(parts: &http::response::Parts, len: u64, keep_alive: bool) -> Vec<u8> {
+    let mut head = Vec::with_capacity(512);
+    let status = parts.status;
+    let _ = write!(
+        head,
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in &parts.headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if !bodiless(status) && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        let _ = write!(head, "content-length: {len}\r\n");
+    }
+    let _ = write!(
+        head,
+        "date: {}\r\n",
+        httpdate::fmt_http_date(SystemTime::now())
+    );
+    if !keep_alive {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// Writes a response; whether the connection's framing is intact (a body that failed midway
+/// leaves it broken: the connection must close).
+async fn write_response(
+    io: &mut Deadlined<TcpStream>,
+    response: Response<Body>,
+    head_only: bool,
+    keep_alive: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = response.into_parts();
+    let counted = parts.extensions.get::<CountSent>().is_some();
+    let len = body.len().unwrap_or(0);
+    let mut head = head_bytes(&parts, len, keep_alive);
+    if head_only || bodiless(parts.status) {
+        io.write_all(&head).await?;
+        return Ok(true);
+    }
+    let mut sent = Sent {
+        bytes: 0,
+        counted,
+        zero_copy: false,
+    };
+    match body {
+        Body::Empty | Body::Full(None) => io.write_all(&head).await?,
+        Body::Full(Some(bytes)) => {
+            head.extend_from_slice(&bytes);
+            io.write_all(&head).await?;
+            sent.bytes += bytes.len() as u64;
+        }
+        Body::Region { region, stall } => {
+            io.write_all(&head).await?;
+            sent.zero_copy = true;
+            send_region(io.get_ref(), &region, stall, &mut sent).await?;
+        }
+        Body::File { .. } => {
+            io.write_all(&head).await?;
+            while let Some(frame) = body.frame().await {
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        tracing::warn!(error = %e, sent = sent.bytes, len, "response body failed; closing the connection");
+                        return Ok(false);
+                    }
+                };
+                if let Ok(data) = frame.into_data() {
+                    io.write_all(&data).await?;
+                    sent.bytes += data.len() as u64;
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Bytes of a blob body handed to the kernel, counted once when the body ends however it
+/// ends (nothing per piece).
+struct Sent {
+    bytes: u64,
+    counted: bool,
+    zero_copy: bool,
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        if self.counted && self.bytes > 0 {
+            crate::metrics::blob_bytes_served(self.bytes);
+        }
+        if self.zero_copy && self.bytes > 0 {
+            crate::metrics::sendfile_bytes(self.bytes);
+        }
+    }
+}
+
+/// Sends a file region to the socket with `sendfile`, waiting for the socket to take more at
+/// most `stall` at a time.
+async fn send_region(
+    socket: &TcpStream,
+    region: &FileRegion,
+    stall: Duration,
+    sent: &mut Sent,
+) -> io::Result<()> {
+    let mut offset = region.offset();
+    let end = offset + region.len();
+    while offset < end {
+        let want = (end - offset).min(SENDFILE_MAX) as usize;
+        let moved = socket.try_io(Interest::WRITABLE, || {
+            rustix::fs::sendfile(socket, region.file(), Some(&mut offset), want)
+                .map_err(io::Error::from)
+        });
+        match moved {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file shorter than its length",
+                ))
+            }
+            Ok(n) => {
+                sent.bytes += n as u64;
+                // Let other tasks of this worker run between large moves.
+                tokio::task::consume_budget().await;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(stall, socket.writable()).await {
+                    Ok(ready) => ready?,
+                    Err(_) => {
+                        tracing::info!(
+                            sent = sent.bytes,
+                            len = region.len(),
+                            stall_s = stall.as_secs(),
+                            "response cut: the client stopped reading"
+                        );
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "client read nothing for the send stall deadline",
+                        ));
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A connection whose first bytes were already read: they are read again first.
+pub struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    fn new(prefix: Bytes, inner: S) -> Rewind<S> {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(text: &str) -> (Request<Full<Bytes>>, usize, bool) {
+        match parse(text.as_bytes()) {
+            Parsed::Request {
+                request,
+                len,
+                keep_alive,
+            } => (*request, len, keep_alive),
+            Parsed::Partial => panic!("partial: {text:?}"),
+            Parsed::Foreign => panic!("foreign: {text:?}"),
+        }
+    }
+
+    fn foreign(text: &str) -> bool {
+        matches!(parse(text.as_bytes()), Parsed::Foreign)
+    }
+
+    #[test]
+    fn bodiless_gets_and_heads_are_taken_the_rest_goes_to_hyper() {
+        let head = "GET /v2/a/blobs/x?n=1 HTTP/1.1\r\nHost: h\r\nRange: bytes=0-1\r\n\r\n";
+        let (r, len, keep) = request(&format!("{head}GET /next"));
+        assert_eq!(
+            (r.method(), r.uri().path(), r.uri().query()),
+            (&Method::GET, "/v2/a/blobs/x", Some("n=1"))
+        );
+        assert_eq!(r.headers()["range"], "bytes=0-1");
+        assert_eq!(
+            len,
+            head.len(),
+            "the head ends before the pipelined request"
+        );
+        assert!(keep);
+        let (_, _, keep) = request("HEAD / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(!keep);
+        let (_, _, keep) = request("GET / HTTP/1.0\r\n\r\n");
+        assert!(!keep, "HTTP/1.0 closes unless asked");
+        let (_, _, keep) = request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+        assert!(keep);
+        assert!(request("GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").2);
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\nHost: h\r\n"),
+            Parsed::Partial
+        ));
+        for other in [
+            "POST /v2/a/blobs/uploads/ HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            "GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "garbage\r\n\r\n",
+        ] {
+            assert!(foreign(other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn heads_carry_length_date_and_close() {
+        let mut r = Response::new(());
+        r.headers_mut().insert("x-a", HeaderValue::from_static("b"));
+        let (parts, ()) = r.into_parts();
+        let text = String::from_utf8(head_bytes(&parts, 12, false)).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\nx-a: b\r\ncontent-length: 12\r\ndate: "),
+            "{text}"
+        );
+        assert!(text.ends_with("connection: close\r\n\r\n"), "{text}");
+        let mut r = Response::new(());
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        let (parts, ()) = r.into_parts();
+        let text = String::from_utf8(head_bytes(&parts, 0, true)).unwrap();
+        assert!(
+            !text.contains("content-length") && !text.contains("connection"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,326 @@
+//! Zero-copy blob bodies on plain HTTP/1.1 (`http::h1`): byte-identical to the user-space path
+//! for every form of request, correct framing with keep-alive, pipelining and a hand-over to
+//! hyper on the same connection, and nothing held after a client goes away.
+
+mod common;
+
+use std::time::Duration;
+
+use common::metrics::metric_value;
+use common::server::{sha256, TestServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The metrics recorder is shared by every test of this binary: the tests here check byte
+/// counts they cause, so they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The server's first listener sends with `sendfile`; the second copies through user space.
+async fn server() -> (TestServer, String, String) {
+    let s = TestServer::start("[[listen]]\naddr = \"127.0.0.1:0\"\nsendfile = false\n").await;
+    let addrs = s.server.as_ref().unwrap().local_addrs().to_vec();
+    (s, addrs[0].0.to_string(), addrs[1].0.to_string())
+}
+
+fn blob(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// One raw response: status, headers (lowercased names) and body.
+#[derive(Debug, PartialEq)]
+struct Raw {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Headers that do not change between two answers to the same request.
+    fn stable(&self) -> Vec<(String, String)> {
+        let mut h: Vec<_> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n != "date" && n != "x-request-id")
+            .cloned()
+            .collect();
+        h.sort();
+        h
+    }
+}
+
+/// Reads one response from `stream` (with what was already read in `buf`); `head_only` for
+/// a HEAD request (no body follows whatever the length says).
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> Raw {
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 65536];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+    buf.drain(..end);
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (n, v) = l.split_once(':').unwrap();
+            (n.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap());
+    let len = if head_only || status == 204 || status == 304 {
+        0
+    } else {
+        len
+    };
+    while buf.len() < len {
+        let mut chunk = vec![0u8; 1 << 20];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed in the middle of a body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf.drain(..len).collect();
+    Raw {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn exchange(addr: &str, request: &str) -> Raw {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_response(&mut stream, &mut Vec::new(), request.starts_with("HEAD")).await
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: berth\r\n{extra}\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_copy_answers_are_byte_identical_to_user_space_ones() {
+    let _serial = SERIAL.lock().await;
+    let (s, zero, copy) = server().await;
+    let data = blob((3 << 20) + 12345);
+    let digest = s.push_blob("library/app", &data).await;
+    let path = format!("/v2/library/app/blobs/{digest}");
+    let sent_before = s.metric("berth_sendfile_bytes_total", &[]).await;
+    let mut zero_copied = 0usize;
+    let size = data.len();
+    let forms = [
+        ("", 200, data.clone()),
+        ("Range: bytes=0-9\r\n", 206, data[..10].to_vec()),
+        ("Range: bytes=1000-\r\n", 206, data[1000..].to_vec()),
+        ("Range: bytes=-5\r\n", 206, data[size - 5..].to_vec()),
+        ("Range: bytes=5-1\r\n", 200, data.clone()),
+        ("Range: bytes=0-1,5-6\r\n", 200, data.clone()),
+        (&format!("Range: bytes={size}-\r\n"), 416, Vec::new()),
+        ("Range: bytes=-0\r\n", 416, Vec::new()),
+    ];
+    for (range, status, want) in &forms {
+        let a = exchange(&zero, &get(&path, range)).await;
+        let b = exchange(&copy, &get(&path, range)).await;
+        assert_eq!(a.status, *status, "{range:?}");
+        if *status != 416 {
+            assert_eq!(a.body, *want, "{range:?}: the bytes asked for");
+            zero_copied += want.len();
+        }
+        assert_eq!((a.status, &a.body), (b.status, &b.body), "{range:?}");
+        assert_eq!(a.stable(), b.stable(), "{range:?}: same headers");
+        assert!(a.header("date").is_some(), "{range:?}: a Date header");
+    }
+    // HEAD: the same head, no body, on both paths.
+    let head = format!("HEAD {path} HTTP/1.1\r\nHost: berth\r\n\r\n");
+    let (a, b) = (exchange(&zero, &head).await, exchange(&copy, &head).await);
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("content-length"), Some(size.to_string().as_str()));
+    assert_eq!(a.stable(), b.stable());
+    // Errors and other routes answer the same too.
+    for p in ["/v2/", "/v2/library/app/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000", "/v2/library/app/tags/list", "/nothing"] {
+        let (a, b) = (exchange(&zero, &get(p, "")).await, exchange(&copy, &get(p, "")).await);
+        assert_eq!((a.status, &a.body), (b.status, &b.body), "{p}");
+        assert_eq!(a.stable(), b.stable(), "{p}");
+    }
+    // The zero-copy listener really moved the blob bytes with sendfile, exactly those.
+    let sent = s.metric("berth_sendfile_bytes_total", &[]).await - sent_before;
+    assert_eq!(sent as usize, zero_copied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_pipelining_and_hand_over_share_one_connection() {
+    let _serial = SERIAL.lock().await;
+    let (s, zero, _) = server().await;
+    let data = blob(1 << 20);
+    let digest = s.push_blob("library/app", &data).await;
+    let path = format!("/v2/library/app/blobs/{digest}");
+    let mut stream = TcpStream::connect(&zero).await.unwrap();
+    let mut buf = Vec::new();
+    // Keep-alive: one request after another.
+    for _ in 0..3 {
+        stream.write_all(get(&path, "").as_bytes()).await.unwrap();
+        let r = read_response(&mut stream, &mut buf, false).await;
+        assert_eq!((r.status, r.body.len()), (200, data.len()));
+        assert_eq!(sha256(&r.body), digest);
+    }
+    // Pipelined: three requests in one write, three answers in order.
+    let pipelined = format!(
+        "{}HEAD {path} HTTP/1.1\r\nHost: b\r\n\r\n{}",
+        get(&path, "Range: bytes=10-19\r\n"),
+        get("/v2/", "")
+    );
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    let r = read_response(&mut stream, &mut buf, false).await;
+    assert_eq!((r.status, r.body.as_slice()), (206, &data[10..20]));
+    let r = read_response(&mut stream, &mut buf, true).await;
+    assert_eq!(
+        (r.status, r.header("content-length")),
+        (200, Some("1048576"))
+    );
+    let r = read_response(&mut stream, &mut buf, false).await;
+    assert_eq!(r.status, 200);
+    // A request with a body hands the connection to hyper; later requests still work there.
+    let other = blob(1000);
+    let other_digest = sha256(&other);
+    let post = format!(
+        "POST /v2/library/app/blobs/uploads/?digest={other_digest} HTTP/1.1\r\nHost: b\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\n\r\n",
+        other.len()
+    );
+    stream.write_all(post.as_bytes()).await.unwrap();
+    stream.write_all(&other).await.unwrap();
+    let r = read_response(&mut stream, &mut buf, false).await;
+    assert_eq!(r.status, 201, "pushed through hyper on the same connection");
+    stream
+        .write_all(get(&format!("/v2/library/app/blobs/{other_digest}"), "").as_bytes())
+        .await
+        .unwrap();
+    let r = read_response(&mut stream, &mut buf, false).await;
+    assert_eq!((r.status, r.body), (200, other));
+    // Connection: close ends the connection after the answer.
+    stream
+        .write_all(get(&path, "Range: bytes=0-0\r\nConnection: close\r\n").as_bytes())
+        .await
+        .unwrap();
+    let r = read_response(&mut stream, &mut buf, false).await;
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert!(
+        buf.is_empty() && rest.is_empty(),
+        "nothing after the last answer"
+    );
+}
+
+/// Open descriptors of this process on `path` (the server runs in the test process).
+fn open_fds_on(path: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target == path)
+        .count()
+}
+
+fn blob_file(s: &TestServer, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    s.dir
+        .path()
+        .join("data/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_mid_body_releases_the_file_and_counts_what_was_sent() {
+    let _serial = SERIAL.lock().await;
+    let (s, zero, _) = server().await;
+    let data = blob(64 << 20);
+    let digest = s.push_blob("library/app", &data).await;
+    let file = blob_file(&s, &digest);
+    let served_before = s.metric("berth_blob_bytes_served_total", &[]).await;
+    let mut stream = TcpStream::connect(&zero).await.unwrap();
+    stream
+        .write_all(get(&format!("/v2/library/app/blobs/{digest}"), "").as_bytes())
+        .await
+        .unwrap();
+    let mut first = vec![0u8; 1 << 20];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(
+        open_fds_on(&file),
+        1,
+        "the body holds its file while it is sent"
+    );
+    drop(stream);
+    eventually("the file is closed once the client is gone", || {
+        open_fds_on(&file) == 0
+    })
+    .await;
+    let text = reqwest::get(format!("http://{zero}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let served = metric_value(&text, "berth_blob_bytes_served_total", &[]) - served_before;
+    assert!(
+        served >= (1 << 20) as f64 && served < data.len() as f64,
+        "bytes really sent are counted, not the length announced: {served}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_deleted_while_it_is_sent_arrives_whole() {
+    let _serial = SERIAL.lock().await;
+    let (s, zero, _) = server().await;
+    let data = blob(48 << 20);
+    let digest = s.push_blob("library/app", &data).await;
+    let mut stream = TcpStream::connect(&zero).await.unwrap();
+    stream
+        .write_all(get(&format!("/v2/library/app/blobs/{digest}"), "").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // The head and the first bytes are on their way: then the blob goes from the store.
+    let mut chunk = vec![0u8; 1 << 16];
+    let n = stream.read(&mut chunk).await.unwrap();
+    buf.extend_from_slice(&chunk[..n]);
+    let d = berth::oci::digest::Digest::parse(&digest).unwrap();
+    assert!(s.app().store.blobs.delete(&d).await.unwrap());
+    assert!(!s.holds_blob(&d));
+    let r = read_response(&mut stream, &mut buf, false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), data.len());
+    assert_eq!(
+        sha256(&r.body),
+        digest,
+        "the open file still had every byte"
+    );
+}
