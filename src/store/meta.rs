@@ -485,10 +485,15 @@ impl Meta {
             }
             let legacy: LegacyImageCache = from_json(&value)?;
             let (record, credentials) = legacy.split()?;
-            let (record, credentials) = (json(&record), json(&credentials));
+            // An anonymous source gets no credential record (as `put_image_cache` stores it).
+            let credentials = (!credentials.is_empty()).then(|| json(&credentials));
+            let record = json(&record);
             self.image_cache_transaction(|caches, creds| {
                 caches.insert(key.clone(), record.clone())?;
-                creds.insert(key.clone(), credentials.clone())?;
+                match &credentials {
+                    Some(c) => creds.insert(key.clone(), c.clone())?,
+                    None => creds.remove(key.clone())?,
+                };
                 Ok(())
             })?;
             tracing::info!(
@@ -991,8 +996,7 @@ mod tests {
                 !shown.contains("s3cret") && shown.contains("redacted"),
                 "{shown}"
             );
-            let anon = m.credentials("anon").unwrap().unwrap_or_default();
-            assert!(anon.is_empty(), "{anon:?}");
+            assert_eq!(m.credentials("anon").unwrap(), None, "anonymous: no record");
             // The definition itself holds no secret any more.
             let raw = m.image_caches.get("ecr").unwrap().unwrap();
             assert!(!String::from_utf8_lossy(&raw).contains("s3cret"));
