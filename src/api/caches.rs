@@ -100,77 +100,7 @@ pub async fn create(ctx: &Ctx<'_>, body: ImageCacheConfig) -> Result<Response<Bo
     json(StatusCode::CREATED, &put(ctx, body, false).await?)
 }
 
-/// A change to an image cache: only the fields given change. The body of the API's PATCH, and
-/// what `berth cache create|update` send.
-#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CachePatch {
-    /// Source kind.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kind: Option<crate::config::SourceKind>,
-    /// Source URL.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    /// User.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    /// Password or token (write-only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub password: Option<String>,
-    /// Credentials file on the server.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub credentials_file: Option<std::path::PathBuf>,
-    /// Fetch budget, e.g. `200s`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fetch_budget: Option<String>,
-    /// Revalidation TTL, e.g. `30s`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub revalidate_ttl: Option<String>,
-    /// ECR region.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub region: Option<String>,
-    /// ECR API endpoint.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ecr_endpoint: Option<String>,
-}
-
-impl CachePatch {
-    /// Applies the given fields; a duration that does not parse is refused with its field name.
-    pub fn apply(self, c: &mut ImageCacheConfig) -> Result<(), String> {
-        let duration = |field: &str, text: &str| {
-            humantime::parse_duration(text)
-                .map_err(|e| format!("{field}: {text:?} is not a duration: {e}"))
-        };
-        if let Some(k) = self.kind {
-            c.kind = k;
-        }
-        if let Some(u) = self.url {
-            c.url = u;
-        }
-        if let Some(u) = self.username {
-            c.username = Some(u);
-        }
-        if let Some(p) = self.password {
-            c.password = Some(p);
-        }
-        if let Some(f) = self.credentials_file {
-            c.credentials_file = Some(f);
-        }
-        if let Some(b) = self.fetch_budget {
-            c.fetch_budget = duration("fetch_budget", &b)?;
-        }
-        if let Some(t) = self.revalidate_ttl {
-            c.revalidate_ttl = duration("revalidate_ttl", &t)?;
-        }
-        if let Some(r) = self.region {
-            c.region = Some(r);
-        }
-        if let Some(e) = self.ecr_endpoint {
-            c.ecr_endpoint = Some(e);
-        }
-        Ok(())
-    }
-}
+pub use super::views::CachePatch;
 
 /// Creates or replaces an image cache, after checking it builds a usable source.
 pub fn put_image_cache(

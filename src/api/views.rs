@@ -172,6 +172,94 @@ pub struct ImageCacheDeleted {
     pub name: String,
 }
 
+/// A change to an image cache: only the fields given change. The body of the API's PATCH, and
+/// what `berth cache create|update` send. `Debug` never shows the password.
+#[derive(Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachePatch {
+    /// Source kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<crate::config::SourceKind>,
+    /// Source URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// User.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password or token (write-only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Credentials file on the server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// Fetch budget, e.g. `200s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_budget: Option<String>,
+    /// Revalidation TTL, e.g. `30s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revalidate_ttl: Option<String>,
+    /// ECR region.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// ECR API endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ecr_endpoint: Option<String>,
+}
+
+impl std::fmt::Debug for CachePatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachePatch")
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("credentials_file", &self.credentials_file)
+            .field("fetch_budget", &self.fetch_budget)
+            .field("revalidate_ttl", &self.revalidate_ttl)
+            .field("region", &self.region)
+            .field("ecr_endpoint", &self.ecr_endpoint)
+            .finish()
+    }
+}
+
+impl CachePatch {
+    /// Applies the given fields; a duration that does not parse is refused with its field name.
+    pub fn apply(self, c: &mut ImageCacheConfig) -> Result<(), String> {
+        let duration = |field: &str, text: &str| {
+            humantime::parse_duration(text)
+                .map_err(|e| format!("{field}: {text:?} is not a duration: {e}"))
+        };
+        if let Some(k) = self.kind {
+            c.kind = k;
+        }
+        if let Some(u) = self.url {
+            c.url = u;
+        }
+        if let Some(u) = self.username {
+            c.username = Some(u);
+        }
+        if let Some(p) = self.password {
+            c.password = Some(p);
+        }
+        if let Some(f) = self.credentials_file {
+            c.credentials_file = Some(f);
+        }
+        if let Some(b) = self.fetch_budget {
+            c.fetch_budget = duration("fetch_budget", &b)?;
+        }
+        if let Some(t) = self.revalidate_ttl {
+            c.revalidate_ttl = duration("revalidate_ttl", &t)?;
+        }
+        if let Some(r) = self.region {
+            c.region = Some(r);
+        }
+        if let Some(e) = self.ecr_endpoint {
+            c.ecr_endpoint = Some(e);
+        }
+        Ok(())
+    }
+}
+
 /// Body of `POST /cache/prune`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -392,8 +480,8 @@ pub struct UserDeleted {
 }
 
 /// An access key: id, age and whether it is due for rotation; the secret only in the answer
-/// that creates it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// that creates it (and never in `Debug`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyView {
     /// Whole days since its creation.
     pub age_days: u64,
@@ -408,6 +496,19 @@ pub struct KeyView {
     pub secret: Option<String>,
     /// Owner.
     pub user: String,
+}
+
+impl std::fmt::Debug for KeyView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyView")
+            .field("age_days", &self.age_days)
+            .field("created", &self.created)
+            .field("id", &self.id)
+            .field("rotation_due", &self.rotation_due)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("user", &self.user)
+            .finish()
+    }
 }
 
 impl KeyView {
@@ -622,6 +723,12 @@ mod tests {
         let mut old_created = old_key;
         old_created["secret"] = "shown-once".into();
         same_bytes(&created, old_created);
+        assert!(!format!("{created:?}").contains("shown-once"));
+        let patch = CachePatch {
+            password: Some("patch-secret".into()),
+            ..CachePatch::default()
+        };
+        assert!(!format!("{patch:?}").contains("patch-secret"));
         same_bytes(
             &KeyRevoked {
                 id: "BK1".into(),

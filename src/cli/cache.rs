@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use super::remote::seg;
 use super::{err, print_json, Place};
-use crate::api::caches::CachePatch;
-use crate::api::views::{ImageCacheDeleted, ImageCacheView, Prune, PruneReport};
+use crate::api::views::{CachePatch, ImageCacheDeleted, ImageCacheView, Prune, PruneReport};
 use crate::config::{ImageCacheConfig, SourceKind};
 use clap::{Args, Subcommand};
 use http::Method;
