@@ -324,3 +324,36 @@ async fn a_blob_deleted_while_it_is_sent_arrives_whole() {
         "the open file still had every byte"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_connections_handed_to_hyper_and_frees_the_data_directory() {
+    let _serial = SERIAL.lock().await;
+    let (mut s, zero, _) = server().await;
+    // One connection idle in the driver, one handed to hyper by a push and left idle.
+    let idle = TcpStream::connect(&zero).await.unwrap();
+    let mut pushed = TcpStream::connect(&zero).await.unwrap();
+    let data = blob(100);
+    let post = format!(
+        "POST /v2/library/app/blobs/uploads/?digest={} HTTP/1.1\r\nHost: b\r\nContent-Length: 100\r\n\r\n",
+        sha256(&data)
+    );
+    pushed.write_all(post.as_bytes()).await.unwrap();
+    pushed.write_all(&data).await.unwrap();
+    let r = read_response(&mut pushed, &mut Vec::new(), false).await;
+    assert_eq!(r.status, 201);
+    // Both close at once (well inside the 2 s grace) and the data directory's lock is free
+    // for the next server: the restart would fail otherwise.
+    let started = std::time::Instant::now();
+    s.restart().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    for mut c in [idle, pushed] {
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+    assert_eq!(s.get("/v2/").await.status(), 200);
+}

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::{mpsc, watch};
 
@@ -22,7 +22,7 @@ use crate::http::body::{Body, READ_CHUNK};
 use crate::oci::digest::{Digest, Verifier};
 use crate::store::blobs::{
     BlobRead, BlobStore, BlobWrite, Checkpoint, FileRegion, HashingWrite, Pending, PendingKind,
-    Pipeline,
+    Pieces, Pipeline,
 };
 use crate::store::Store;
 
@@ -514,7 +514,7 @@ impl Job {
         mut skip: u64,
         deadline: Instant,
     ) -> Ended {
-        let mut buf = BytesMut::new();
+        let mut buf = Pieces::default();
         // Bytes of the blob held once this chunk is in: a source that sends more than the blob
         // can have is cut off at once, whatever its Content-Length said.
         let mut received = self.fetch.progress.borrow().written;
@@ -562,11 +562,11 @@ impl Job {
                     false,
                 );
             }
-            buf.extend_from_slice(&chunk);
+            buf.push(chunk);
             // Hand a piece to the writer and keep reading the source while it is written and
             // hashed; readers see it once it is in the file.
             if buf.len() >= WRITE_PIECE {
-                if let Err(e) = self.submit(buf.split().freeze()).await {
+                if let Err(e) = self.submit(buf.take()).await {
                     return Ended::Fatal(e, false);
                 }
             }
@@ -586,7 +586,7 @@ impl Job {
     }
 
     /// Starts writing and hashing `data` after the piece in flight has settled.
-    async fn submit(&mut self, data: Bytes) -> Result<(), String> {
+    async fn submit(&mut self, data: Pieces) -> Result<(), String> {
         self.settle().await?;
         if data.is_empty() {
             return Ok(());
@@ -598,8 +598,8 @@ impl Job {
     }
 
     /// Writes what is buffered and waits until everything is in the file.
-    async fn flush(&mut self, buf: &mut BytesMut) -> Result<(), String> {
-        self.submit(buf.split().freeze()).await?;
+    async fn flush(&mut self, buf: &mut Pieces) -> Result<(), String> {
+        self.submit(buf.take()).await?;
         self.settle().await
     }
 
@@ -753,9 +753,9 @@ mod tests {
         let (mut w, _) = blobs.open_pending(&key).await.unwrap();
         let mut v = Verifier::new(d.algorithm());
         v.update(b"whole");
-        w.write(Bytes::from_static(b"whole")).await.unwrap();
+        w.write(Bytes::from_static(b"whole").into()).await.unwrap();
         w.checkpoint(v.save()).await.unwrap();
-        w.write(Bytes::from_static(b" bl")).await.unwrap();
+        w.write(Bytes::from_static(b" bl").into()).await.unwrap();
         drop(w);
         let (w, checkpoint) = blobs.open_pending(&key).await.unwrap();
         let mut resumed = resume(w, checkpoint, &d).await.unwrap();
@@ -769,7 +769,7 @@ mod tests {
         let (w, checkpoint) = blobs.open_pending(&key).await.unwrap();
         assert_eq!(resume(w, checkpoint, &d).await.unwrap().written(), 0);
         let (mut w, _) = blobs.open_pending(&key).await.unwrap();
-        w.write(Bytes::from_static(b"whole")).await.unwrap();
+        w.write(Bytes::from_static(b"whole").into()).await.unwrap();
         drop(w);
         assert_eq!(
             fetches

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
@@ -71,10 +71,12 @@ pub async fn next_frame(
     }
 }
 
-/// Size of one positioned read of a blob file. With one piece in hyper's write buffer and one
-/// being read, a stream holds about 512 KiB: 64 concurrent 64 MiB streams peaked at 46 MiB RSS
-/// (68 MiB with 20 MB/s clients) against 110/142 MiB with 512 KiB pieces, while one stream still
-/// ran at 1.5-2.0 GB/s on loopback (DESIGN.md 10 suggests ~1 MiB; memory decided).
+/// Size of one positioned read of a blob file (and of a pooled buffer). With one piece in
+/// hyper's write buffer and one being read, a stream holds about 512 KiB: 64 concurrent 64 MiB
+/// streams peaked at 46 MiB RSS (68 MiB with 20 MB/s clients) against 110/142 MiB with 512 KiB
+/// pieces on fresh allocations, while one stream still ran at 1.5-2.0 GB/s on loopback
+/// (DESIGN.md 10 suggests ~1 MiB; memory decided). Plain HTTP/1.1 sends blob files with
+/// `sendfile` and never reads them here.
 pub const READ_CHUNK: usize = 256 * 1024;
 
 /// Marks a response whose body bytes count in `berth_blob_bytes_served_total`: the bytes
@@ -210,18 +212,21 @@ impl Body {
     }
 }
 
-/// One positioned read of up to `want` bytes at `at`, on the blocking pool.
+/// One positioned read of up to `want` bytes (at most [`READ_CHUNK`]) at `at`, on the blocking
+/// pool, into a buffer from the pool (no fresh allocation and no page faults per piece once
+/// the pool is warm; the buffer goes back when the last `Bytes` of it is dropped).
 pub async fn read_piece(
     file: std::sync::Arc<std::fs::File>,
     at: u64,
     want: usize,
 ) -> io::Result<Bytes> {
+    let want = want.min(READ_CHUNK);
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
-        let mut buf = BytesMut::zeroed(want);
+        let mut buf = pool::take();
         let mut filled = 0;
         while filled < want {
-            match file.read_at(&mut buf[filled..], at + filled as u64) {
+            match file.read_at(&mut buf.bytes[filled..want], at + filled as u64) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -234,11 +239,74 @@ pub async fn read_piece(
                 "blob file shorter than recorded",
             ));
         }
-        buf.truncate(filled);
-        Ok(buf.freeze())
+        buf.len = filled;
+        Ok(Bytes::from_owner(buf))
     })
     .await
     .unwrap_or_else(|e| Err(io::Error::other(e)))
+}
+
+/// Read buffers of [`READ_CHUNK`] bytes, reused across streams.
+mod pool {
+    use parking_lot::Mutex;
+
+    use super::READ_CHUNK;
+
+    /// Free buffers kept for reuse (beyond them, returned buffers are freed): enough for the
+    /// streams of a busy node without holding memory after a burst.
+    const KEEP: usize = 32;
+
+    static FREE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+
+    /// A buffer from the pool; `len` bytes of it are valid.
+    pub struct Pooled {
+        pub bytes: Box<[u8]>,
+        pub len: usize,
+    }
+
+    /// A free buffer, or a new one when none is free.
+    pub fn take() -> Pooled {
+        let bytes = FREE
+            .lock()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; READ_CHUNK].into_boxed_slice());
+        Pooled { bytes, len: 0 }
+    }
+
+    impl AsRef<[u8]> for Pooled {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes[..self.len]
+        }
+    }
+
+    impl Drop for Pooled {
+        fn drop(&mut self) {
+            let mut free = FREE.lock();
+            if free.len() < KEEP {
+                free.push(std::mem::take(&mut self.bytes));
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn buffers_come_back_when_their_bytes_are_dropped() {
+            let mut a = take();
+            a.bytes[0] = 42;
+            a.len = 1;
+            let ptr = a.bytes.as_ptr();
+            let bytes = bytes::Bytes::from_owner(a);
+            let slice = bytes.slice(0..1);
+            drop(bytes);
+            assert_eq!(&slice[..], &[42], "a slice keeps the buffer alive");
+            drop(slice);
+            // Tests of this binary share the pool: ours is among the free buffers now.
+            assert!(FREE.lock().iter().any(|b| b.as_ptr() == ptr));
+        }
+    }
 }
 
 impl http_body::Body for Body {

@@ -235,11 +235,10 @@ pub async fn serve(app: Arc<App>, bound: Bound, mut stop: watch::Receiver<bool>,
     }
     drop(bound.listener);
     driven.close();
+    // Driven connections close between requests once `stop` flips; those handed to hyper live
+    // in driven tasks and need hyper's signal: both at once.
     let drained = async {
-        // Driven connections close between requests once `stop` flips; those handed to hyper
-        // meanwhile are in `graceful`.
-        driven.wait().await;
-        graceful.shutdown().await;
+        tokio::join!(driven.wait(), graceful.shutdown());
     };
     if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(grace = ?grace, "shutdown grace expired with connections still open");

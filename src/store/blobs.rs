@@ -235,8 +235,8 @@ pub trait BlobWrite: Send + Sync {
     fn key(&self) -> &Pending;
     /// Bytes it holds.
     fn written(&self) -> u64;
-    /// Appends `bytes`.
-    async fn write(&mut self, bytes: Bytes) -> io::Result<()>;
+    /// Appends `pieces`, in order (one large write: the pieces are not copied together first).
+    async fn write(&mut self, pieces: Pieces) -> io::Result<()>;
     /// Cuts back to `len` bytes (a chunk that did not match its range).
     async fn truncate(&mut self, len: u64) -> io::Result<()>;
     /// Makes the bytes written so far durable.
@@ -251,6 +251,52 @@ pub trait BlobWrite: Send + Sync {
     async fn commit(self: Box<Self>, digest: &Digest) -> io::Result<()>;
     /// Deletes the write and its checkpoint.
     async fn abort(self: Box<Self>) -> io::Result<()>;
+}
+
+/// Pieces of bytes gathered for one large write, as they arrived (request body frames, a
+/// source's chunks): never copied into one buffer.
+#[derive(Debug, Clone, Default)]
+pub struct Pieces {
+    pieces: Vec<Bytes>,
+    len: usize,
+}
+
+impl Pieces {
+    /// Adds a piece (empty ones are dropped).
+    pub fn push(&mut self, piece: Bytes) {
+        if !piece.is_empty() {
+            self.len += piece.len();
+            self.pieces.push(piece);
+        }
+    }
+
+    /// Bytes gathered.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was gathered.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces.
+    pub fn as_slice(&self) -> &[Bytes] {
+        &self.pieces
+    }
+
+    /// Takes what was gathered, leaving this empty.
+    pub fn take(&mut self) -> Pieces {
+        std::mem::take(self)
+    }
+}
+
+impl From<Bytes> for Pieces {
+    fn from(piece: Bytes) -> Pieces {
+        let mut p = Pieces::default();
+        p.push(piece);
+        p
+    }
 }
 
 /// A write with the hash of its bytes, hashed on the blocking pool while the backend writes
@@ -274,17 +320,20 @@ impl HashingWrite {
     }
 
     /// Appends and hashes; on failure neither count nor hash moved.
-    pub async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
-        if bytes.is_empty() {
+    pub async fn write(&mut self, pieces: impl Into<Pieces>) -> io::Result<()> {
+        let pieces = pieces.into();
+        if pieces.is_empty() {
             return Ok(());
         }
         let mut verifier = self.verifier.clone();
-        let for_hash = bytes.clone();
+        let for_hash = pieces.clone();
         let hashing = tokio::task::spawn_blocking(move || {
-            verifier.update(&for_hash);
+            for piece in for_hash.as_slice() {
+                verifier.update(piece);
+            }
             verifier
         });
-        let (written, hashed) = tokio::join!(self.inner.write(bytes), hashing);
+        let (written, hashed) = tokio::join!(self.inner.write(pieces), hashing);
         let hashed = hashed.map_err(io::Error::other)?;
         written?;
         self.verifier = hashed;
@@ -327,12 +376,13 @@ impl Pipeline {
         outcome
     }
 
-    /// Starts writing `bytes` once the write in flight has settled.
-    pub async fn submit(&mut self, bytes: Bytes) -> io::Result<()> {
+    /// Starts writing `pieces` once the write in flight has settled.
+    pub async fn submit(&mut self, pieces: impl Into<Pieces>) -> io::Result<()> {
+        let pieces = pieces.into();
         self.settle().await?;
         let mut write = self.take()?;
         self.pending = Some(tokio::spawn(async move {
-            let r = write.write(bytes).await;
+            let r = write.write(pieces).await;
             (write, r)
         }));
         Ok(())

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::blobs::{BlobRead, BlobStore, Checkpoint, HashingWrite, Pending, PendingKind, Pipeline};
+use super::blobs::{
+    BlobRead, BlobStore, Checkpoint, HashingWrite, Pending, PendingKind, Pieces, Pipeline,
+};
 use crate::oci::digest::{Algorithm, Digest, Verifier};
 
 async fn bytes_of(read: Option<BlobRead>) -> Vec<u8> {
@@ -26,6 +28,34 @@ pub async fn blob_store(store: Arc<dyn BlobStore>) {
     a_growing_write_can_be_followed(&*store).await;
     listings_page_in_lexical_order(&*store).await;
     large_writes_hash_while_they_write(&*store).await;
+    many_pieces_make_one_write(&*store).await;
+}
+
+async fn many_pieces_make_one_write(store: &dyn BlobStore) {
+    // More pieces than one vectored write takes (IOV_MAX is 1024 on Linux), of uneven sizes.
+    let mut pieces = Pieces::default();
+    let mut whole = Vec::new();
+    for i in 0..3000usize {
+        let piece: Vec<u8> = (0..(i % 97 + 1)).map(|j| (i + j) as u8).collect();
+        whole.extend_from_slice(&piece);
+        pieces.push(Bytes::from(piece));
+    }
+    pieces.push(Bytes::new()); // dropped
+    assert_eq!(pieces.len(), whole.len());
+    let d = Digest::sha256(&whole);
+    let (mut w, _) = store
+        .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
+        .await
+        .unwrap();
+    w.write(Bytes::from_static(b"").into()).await.unwrap();
+    w.write(pieces).await.unwrap();
+    assert_eq!(w.written(), whole.len() as u64);
+    w.commit(&d).await.unwrap();
+    assert_eq!(
+        bytes_of(store.read(&d, 0, None).await.unwrap()).await,
+        whole
+    );
+    assert!(store.delete(&d).await.unwrap());
 }
 
 async fn reads_of_committed_blobs(store: &dyn BlobStore) {
@@ -75,8 +105,8 @@ async fn writes_are_invisible_until_committed(store: &dyn BlobStore) {
     let (mut w, checkpoint) = store.open_pending(&key).await.unwrap();
     assert_eq!((w.written(), checkpoint), (0, None), "a new write is empty");
     assert_eq!(w.key(), &key);
-    w.write(Bytes::from_static(b"hello ")).await.unwrap();
-    w.write(Bytes::from_static(b"world")).await.unwrap();
+    w.write(Bytes::from_static(b"hello ").into()).await.unwrap();
+    w.write(Bytes::from_static(b"world").into()).await.unwrap();
     assert_eq!(w.written(), 11);
     assert!(
         store.stat(&d).await.unwrap().is_none(),
@@ -99,7 +129,7 @@ async fn writes_are_invisible_until_committed(store: &dyn BlobStore) {
         .await
         .unwrap();
     again
-        .write(Bytes::from_static(b"hello world"))
+        .write(Bytes::from_static(b"hello world").into())
         .await
         .unwrap();
     let again_key = again.key().clone();
@@ -113,7 +143,7 @@ async fn writes_are_invisible_until_committed(store: &dyn BlobStore) {
         .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
         .await
         .unwrap();
-    w.write(Bytes::from_static(b"never")).await.unwrap();
+    w.write(Bytes::from_static(b"never").into()).await.unwrap();
     let key = w.key().clone();
     w.abort().await.unwrap();
     assert!(store.stat_pending(&key).await.unwrap().is_none());
@@ -124,10 +154,10 @@ async fn writes_are_invisible_until_committed(store: &dyn BlobStore) {
 async fn writes_resume_from_their_checkpoint(store: &dyn BlobStore) {
     let key = Pending::Upload(uuid::Uuid::new_v4());
     let (mut w, _) = store.open_pending(&key).await.unwrap();
-    w.write(Bytes::from_static(b"abc")).await.unwrap();
+    w.write(Bytes::from_static(b"abc").into()).await.unwrap();
     w.sync().await.unwrap();
     w.checkpoint(b"state at 3".to_vec()).await.unwrap();
-    w.write(Bytes::from_static(b"def")).await.unwrap();
+    w.write(Bytes::from_static(b"def").into()).await.unwrap();
     drop(w);
 
     let listed = store.list_pending(PendingKind::Upload).await.unwrap();
@@ -155,7 +185,7 @@ async fn writes_resume_from_their_checkpoint(store: &dyn BlobStore) {
     );
     w.truncate(3).await.unwrap();
     assert_eq!(w.written(), 3);
-    w.write(Bytes::from_static(b"XYZ")).await.unwrap();
+    w.write(Bytes::from_static(b"XYZ").into()).await.unwrap();
     assert_eq!(
         bytes_of(store.read_pending(&key, 0, None).await.unwrap()).await,
         b"abcXYZ"
@@ -184,11 +214,11 @@ async fn a_growing_write_can_be_followed(store: &dyn BlobStore) {
     let d = Digest::sha256(b"first second");
     let key = Pending::Fetch(d.clone());
     let (mut w, _) = store.open_pending(&key).await.unwrap();
-    w.write(Bytes::from_static(b"first ")).await.unwrap();
+    w.write(Bytes::from_static(b"first ").into()).await.unwrap();
     // A follower reads what is there, then what arrives later.
     let seen = store.read_pending(&key, 0, None).await.unwrap();
     assert_eq!(bytes_of(seen).await, b"first ");
-    w.write(Bytes::from_static(b"second")).await.unwrap();
+    w.write(Bytes::from_static(b"second").into()).await.unwrap();
     let rest = store.read_pending(&key, 6, None).await.unwrap();
     assert_eq!(bytes_of(rest).await, b"second");
     let listed = store.list_pending(PendingKind::Fetch).await.unwrap();

@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 use super::blobs::{
     explain, BlobInfo, BlobRead, BlobStore, BlobWrite, Checkpoint, FileRegion, Pending,
-    PendingInfo, PendingKind,
+    PendingInfo, PendingKind, Pieces,
 };
 use crate::oci::digest::{Algorithm, Digest};
 
@@ -308,7 +308,7 @@ impl BlobStore for FsBlobStore {
         let (mut w, _) = self
             .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
             .await?;
-        if let Err(e) = w.write(bytes).await {
+        if let Err(e) = w.write(bytes.into()).await {
             // Nothing half-written stays behind (a full disk must not fill up further).
             let _ = w.abort().await;
             return Err(e);
@@ -396,6 +396,37 @@ impl BlobStore for FsBlobStore {
     }
 }
 
+/// Writes `pieces` at `at` with as few `pwritev` calls as the kernel allows (no copy into one
+/// buffer first).
+fn write_all_at(file: &File, pieces: &[Bytes], mut at: u64) -> io::Result<()> {
+    let (mut index, mut skip) = (0, 0);
+    while index < pieces.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&pieces[index][skip..])
+            .chain(pieces[index + 1..].iter().map(|p| &p[..]))
+            .take(1024)
+            .map(io::IoSlice::new)
+            .collect();
+        let mut n = match rustix::io::pwritev(file, &slices, at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += n as u64;
+        while n > 0 {
+            let left = pieces[index].len() - skip;
+            if n >= left {
+                n -= left;
+                (index, skip) = (index + 1, 0);
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A write in progress on the filesystem: positioned writes at `written`, so a failed write is
 /// cut back and the file, the count and the caller's hash stay in step.
 struct FsWrite {
@@ -417,12 +448,11 @@ impl BlobWrite for FsWrite {
         self.written
     }
 
-    async fn write(&mut self, bytes: Bytes) -> io::Result<()> {
+    async fn write(&mut self, pieces: Pieces) -> io::Result<()> {
         let (file, path, at) = (self.file.clone(), self.data.clone(), self.written);
-        let len = bytes.len() as u64;
+        let len = pieces.len() as u64;
         blocking(move || {
-            use std::os::unix::fs::FileExt;
-            if let Err(e) = file.write_all_at(&bytes, at) {
+            if let Err(e) = write_all_at(&file, pieces.as_slice(), at) {
                 if let Err(cut) = file.set_len(at) {
                     // Bytes past `written` do not count: the next open cuts them.
                     tracing::warn!(path = %path.display(), error = %cut, "could not cut a failed write back");
@@ -532,10 +562,12 @@ mod tests {
             .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
             .await
             .unwrap();
-        temp.write(Bytes::from_static(b"partial")).await.unwrap();
+        temp.write(Bytes::from_static(b"partial").into())
+            .await
+            .unwrap();
         let fetch = Pending::Fetch(Digest::sha256(b"x"));
         let (mut w, _) = store.open_pending(&fetch).await.unwrap();
-        w.write(Bytes::from_static(b"x")).await.unwrap();
+        w.write(Bytes::from_static(b"x").into()).await.unwrap();
         w.checkpoint(b"state".to_vec()).await.unwrap();
         drop((temp, w));
         let store = FsBlobStore::open(dir.path()).unwrap();
