@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::meta::{
+    now_ms, CredentialRecord, ImageCacheRecord, ImageCacheSettings, RegistryRecord,
+};
+pub use crate::store::meta::{RegistryKind, SourceKind};
+
 /// Whole server configuration; every field has a default so `berth serve` runs with no file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -212,51 +217,29 @@ pub struct RegistryConfig {
     pub anonymous_pull: bool,
 }
 
+impl From<&RegistryConfig> for RegistryRecord {
+    /// A new registry record (created now) with the settings of a `[[registry]]` table.
+    fn from(settings: &RegistryConfig) -> RegistryRecord {
+        RegistryRecord {
+            name: settings.name.clone(),
+            kind: settings.kind,
+            created_ms: now_ms(),
+            cache: settings.cache.clone(),
+            public_uri: settings.public_uri,
+            anonymous_pull: settings.anonymous_pull,
+        }
+    }
+}
+
 /// serde default for flags that are on unless turned off.
 pub(crate) fn yes() -> bool {
     true
 }
 
-/// Kind of a source registry (decides the endpoint and the credential flow).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    /// Docker Hub (`hub.docker.com` → `registry-1.docker.io`, tokens from `auth.docker.io`).
-    Dockerhub,
-    /// Amazon ECR (SigV4 `GetAuthorizationToken`, then basic auth).
-    Ecr,
-    /// Azure Container Registry.
-    Acr,
-    /// Google Container Registry / Artifact Registry (`_json_key`).
-    Gcr,
-    /// Harbor.
-    Harbor,
-    /// Quay (`account_name` / `docker_cli_password`).
-    Quay,
-    /// Any OCI Distribution registry.
-    Registry,
-}
-
-impl std::fmt::Display for SourceKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).ok();
-        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("registry"))
-    }
-}
-
-impl std::str::FromStr for SourceKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
-            format!(
-                "unknown image cache kind {s:?} (dockerhub, ecr, acr, gcr, harbor, quay, registry)"
-            )
-        })
-    }
-}
-
-/// A source registry definition (`[[image_cache]]`, or `berth cache create`).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+/// A source registry definition (`[[image_cache]]`, or `berth cache create`). Stored as an
+/// [`ImageCacheRecord`] and a [`CredentialRecord`] ([`ImageCacheConfig::to_records`]); `Debug`
+/// never shows the password.
+#[derive(Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageCacheConfig {
     /// Name that cache registries refer to.
@@ -305,6 +288,65 @@ impl ImageCacheConfig {
             region: None,
             ecr_endpoint: None,
         }
+    }
+
+    /// The store's records of this definition: the image cache and its credentials.
+    pub fn to_records(&self) -> (ImageCacheRecord, CredentialRecord) {
+        (
+            ImageCacheRecord {
+                name: self.name.clone(),
+                kind: self.kind,
+                endpoint: self.url.clone(),
+                settings: ImageCacheSettings {
+                    fetch_budget_ms: self.fetch_budget,
+                    revalidate_ttl_ms: self.revalidate_ttl,
+                    region: self.region.clone(),
+                    ecr_endpoint: self.ecr_endpoint.clone(),
+                },
+            },
+            CredentialRecord {
+                username: self.username.clone(),
+                password: self.password.clone(),
+                credentials_file: self.credentials_file.clone(),
+            },
+        )
+    }
+
+    /// The definition of a stored image cache and its credentials (`None`: anonymous).
+    pub fn from_records(
+        record: ImageCacheRecord,
+        credentials: Option<CredentialRecord>,
+    ) -> ImageCacheConfig {
+        let credentials = credentials.unwrap_or_default();
+        ImageCacheConfig {
+            name: record.name,
+            kind: record.kind,
+            url: record.endpoint,
+            username: credentials.username,
+            password: credentials.password,
+            credentials_file: credentials.credentials_file,
+            fetch_budget: record.settings.fetch_budget_ms,
+            revalidate_ttl: record.settings.revalidate_ttl_ms,
+            region: record.settings.region,
+            ecr_endpoint: record.settings.ecr_endpoint,
+        }
+    }
+}
+
+impl std::fmt::Debug for ImageCacheConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageCacheConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("credentials_file", &self.credentials_file)
+            .field("fetch_budget", &self.fetch_budget)
+            .field("revalidate_ttl", &self.revalidate_ttl)
+            .field("region", &self.region)
+            .field("ecr_endpoint", &self.ecr_endpoint)
+            .finish()
     }
 }
 
@@ -357,39 +399,6 @@ impl Default for PullThrough {
             gc_grace: Duration::from_secs(3600),
             revalidate_timeout: Duration::from_secs(10),
             max_blob_bytes: 64 << 30,
-        }
-    }
-}
-
-/// Type of a registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RegistryKind {
-    /// Push and pull.
-    #[default]
-    Normal,
-    /// Pull-through cache of a source registry; push refused.
-    Cache,
-}
-
-impl std::fmt::Display for RegistryKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RegistryKind::Normal => "normal",
-            RegistryKind::Cache => "cache",
-        })
-    }
-}
-
-impl std::str::FromStr for RegistryKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "normal" => Ok(RegistryKind::Normal),
-            "cache" => Ok(RegistryKind::Cache),
-            other => Err(format!(
-                "unknown registry type {other:?} (expected normal or cache)"
-            )),
         }
     }
 }
@@ -736,6 +745,40 @@ mod tests {
         example.validate().unwrap();
         // The example shows every default; both render the same once parsed.
         assert_eq!(format!("{example:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn image_caches_convert_to_store_records_and_back_and_debug_hides_the_password() {
+        let mut c = ImageCacheConfig::new("up", SourceKind::Ecr, "https://x.example");
+        c.username = Some("AKID".into());
+        c.password = Some("s3cret".into());
+        c.revalidate_ttl = Duration::from_secs(30);
+        c.region = Some("eu-west-1".into());
+        let (record, credentials) = c.to_records();
+        assert_eq!(record.endpoint, "https://x.example");
+        assert_eq!(credentials.password.as_deref(), Some("s3cret"));
+        let back = ImageCacheConfig::from_records(record, Some(credentials));
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&c).unwrap()
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("AKID"),
+            "{shown}"
+        );
+        let r = RegistryRecord::from(&RegistryConfig {
+            name: "hub".into(),
+            kind: RegistryKind::Cache,
+            cache: Some("up".into()),
+            public_uri: false,
+            anonymous_pull: true,
+        });
+        assert_eq!(
+            (r.kind, r.cache.as_deref()),
+            (RegistryKind::Cache, Some("up"))
+        );
+        assert!(!r.public_uri && r.anonymous_pull);
     }
 
     #[test]

@@ -82,18 +82,20 @@ pub struct Server {
 /// stored), and checks that every cache registry names a known image cache.
 pub fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> {
     for c in &config.image_cache {
-        store.meta.put_image_cache(c)?;
+        let (record, credentials) = c.to_records();
+        store.meta.put_image_cache(&record, Some(&credentials))?;
     }
     for r in &config.registry {
+        let declared = RegistryRecord::from(r);
         match store.registry(&r.name) {
-            Some(existing) if existing.matches(r) => {}
+            Some(existing) if existing.same_settings(&declared) => {}
             existing => {
                 if let Some(e) = &existing {
                     tracing::warn!(registry = %r.name, from = %e.kind, to = %r.kind, "registry changed by config");
                 }
                 store.put_registry(RegistryRecord {
                     created_ms: existing.map_or_else(now_ms, |e| e.created_ms),
-                    ..RegistryRecord::new(r)
+                    ..declared
                 })?;
             }
         }

@@ -1134,3 +1134,365 @@ async fn every_documented_path_is_served_and_nothing_else() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert!(r.message().starts_with("no such endpoint"));
 }
+
+/// Follows a `$ref` of the OpenAPI document.
+fn resolved<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema["$ref"].as_str() {
+        Some(r) => {
+            let name = r.trim_start_matches("#/components/schemas/");
+            let target = &doc["components"]["schemas"][name];
+            assert!(target.is_object(), "dangling $ref {r}");
+            resolved(doc, target)
+        }
+        None => schema,
+    }
+}
+
+/// Properties, required fields, type, nullability and enum of a schema, `allOf` merged (later
+/// parts refine earlier ones, as `Page` + typed `items` do).
+#[derive(Default)]
+struct Flat {
+    properties: serde_json::Map<String, Value>,
+    required: Vec<String>,
+    kind: Option<String>,
+    nullable: bool,
+    one_of: Option<Vec<Value>>,
+    items: Option<Value>,
+}
+
+fn flatten(doc: &Value, schema: &Value, into: &mut Flat) {
+    let schema = resolved(doc, schema);
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        flatten(doc, part, into);
+    }
+    if let Some(p) = schema["properties"].as_object() {
+        for (k, v) in p {
+            into.properties.insert(k.clone(), v.clone());
+        }
+    }
+    for r in schema["required"].as_array().into_iter().flatten() {
+        into.required.push(r.as_str().unwrap().to_string());
+    }
+    if let Some(t) = schema["type"].as_str() {
+        into.kind = Some(t.to_string());
+    }
+    into.nullable |= schema["nullable"] == true;
+    if let Some(e) = schema["enum"].as_array() {
+        into.one_of = Some(e.clone());
+    }
+    if !schema["items"].is_null() {
+        into.items = Some(schema["items"].clone());
+    }
+}
+
+/// Everything in `value` that its schema does not document (or contradicts), with its path.
+fn undocumented(doc: &Value, schema: &Value, value: &Value, at: &str, problems: &mut Vec<String>) {
+    let mut s = Flat::default();
+    flatten(doc, schema, &mut s);
+    if value.is_null() {
+        if !s.nullable && s.kind.is_some() {
+            problems.push(format!("{at}: null, but not nullable"));
+        }
+        return;
+    }
+    let fits = match s.kind.as_deref() {
+        None => true,
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        Some("array") => value.is_array(),
+        Some("object") => value.is_object(),
+        Some(other) => panic!("{at}: unknown schema type {other}"),
+    };
+    if !fits {
+        problems.push(format!("{at}: {value} is not a {:?}", s.kind));
+        return;
+    }
+    if let Some(allowed) = &s.one_of {
+        if !allowed.contains(value) {
+            problems.push(format!("{at}: {value} is not one of {allowed:?}"));
+        }
+    }
+    if let (Some(items), Some(values)) = (&s.items, value.as_array()) {
+        for (i, v) in values.iter().enumerate() {
+            undocumented(doc, items, v, &format!("{at}[{i}]"), problems);
+        }
+    }
+    if let Some(object) = value.as_object() {
+        for r in &s.required {
+            if !object.contains_key(r) {
+                problems.push(format!("{at}: required field {r} missing"));
+            }
+        }
+        // A schema without properties (`Deleted`, the document itself) leaves fields open.
+        if !s.properties.is_empty() {
+            for (k, v) in object {
+                match s.properties.get(k) {
+                    Some(p) => undocumented(doc, p, v, &format!("{at}.{k}"), problems),
+                    None => problems.push(format!("{at}: field {k} is not documented")),
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_answer_is_what_openapi_documents() {
+    use common::doubles::{empty_body, LoopbackServer};
+    // A webhook receiver on loopback (allowed here; tests/egress.rs checks the refusal).
+    let receiver = LoopbackServer::start(|_req| async move {
+        http::Response::builder()
+            .status(200)
+            .body(empty_body())
+            .unwrap()
+    });
+    let s = admin_server(
+        "[egress]\nallowed_networks = [\"127.0.0.0/8\"]\n[webhooks]\nallowed_ports = []\n",
+    )
+    .await;
+    let doc: Value = serde_json::from_str(berth::api::OPENAPI).unwrap();
+    let mut problems = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    // Calls `method path` (path below /api/v1; `template` names its route) and checks the answer
+    // against the response the document gives for its status.
+    macro_rules! call {
+        ($method:expr, $template:expr, $path:expr, $body:expr) => {{
+            let path: String = $path;
+            let a = api(&s, $method, &format!("/api/v1{path}"), $body).await;
+            assert!(
+                a.status.is_success(),
+                "{} {path}: {} {:?}",
+                $method,
+                a.status,
+                a.body
+            );
+            let method = $method.as_str().to_ascii_lowercase();
+            let response = &doc["paths"][format!("/api/v1{}", $template)][&method]["responses"]
+                [a.status.as_str()];
+            let at = format!("{} {} {}", $method, $template, a.status.as_str());
+            if response.is_null() {
+                problems.push(format!("{at}: status not documented"));
+            } else {
+                match response["content"]["application/json"].get("schema") {
+                    Some(schema) => undocumented(&doc, schema, &a.body, &at, &mut problems),
+                    None if a.body == Value::String(String::new()) => {}
+                    None => problems.push(format!("{at}: a body, but none is documented")),
+                }
+            }
+            seen.insert(format!("{method} /api/v1{}", $template));
+            a
+        }};
+    }
+
+    let reg = "/registries/{registry}";
+    call!(
+        Method::POST,
+        "/registries",
+        "/registries".into(),
+        Some(json!({"name": "shop"}))
+    );
+    call!(Method::GET, "/registries", "/registries".into(), None);
+    call!(Method::GET, reg, "/registries/shop".into(), None);
+    call!(
+        Method::PATCH,
+        reg,
+        "/registries/shop".into(),
+        Some(json!({"anonymous_pull": true}))
+    );
+    let (digest, _) = push_platform_image(&s, "shop/team/app", "v1", "arm64").await;
+    push_platform_image(&s, "shop/other", "v1", "amd64").await;
+    let image = format!("{reg}/images/{{image}}");
+    let app = "/registries/shop/images/team%2Fapp";
+    call!(
+        Method::GET,
+        format!("{reg}/images"),
+        "/registries/shop/images".into(),
+        None
+    );
+    call!(
+        Method::GET,
+        format!("{image}/artifacts"),
+        format!("{app}/artifacts"),
+        None
+    );
+    call!(
+        Method::GET,
+        format!("{image}/artifacts/{{digest}}"),
+        format!("{app}/artifacts/{digest}"),
+        None
+    );
+    call!(
+        Method::GET,
+        format!("{image}/tags"),
+        format!("{app}/tags"),
+        None
+    );
+    let new_tag = json!({"tag": "v2", "digest": digest});
+    call!(
+        Method::POST,
+        format!("{image}/tags"),
+        format!("{app}/tags"),
+        Some(new_tag.clone())
+    );
+    let moved = call!(
+        Method::POST,
+        format!("{image}/tags"),
+        format!("{app}/tags"),
+        Some(new_tag)
+    );
+    assert_eq!(moved.status, StatusCode::OK, "a move");
+    call!(
+        Method::DELETE,
+        format!("{image}/tags/{{tag}}"),
+        format!("{app}/tags/v2"),
+        None
+    );
+
+    let cache = json!({"name": "up", "kind": "registry", "url": "https://registry.example",
+        "username": "u", "password": "p"});
+    call!(
+        Method::POST,
+        "/image-caches",
+        "/image-caches".into(),
+        Some(cache)
+    );
+    call!(Method::GET, "/image-caches", "/image-caches".into(), None);
+    call!(
+        Method::GET,
+        "/image-caches/{name}",
+        "/image-caches/up".into(),
+        None
+    );
+    call!(
+        Method::PATCH,
+        "/image-caches/{name}",
+        "/image-caches/up".into(),
+        Some(json!({"revalidate_ttl": "30s"}))
+    );
+    call!(
+        Method::POST,
+        "/cache/prune",
+        "/cache/prune".into(),
+        Some(json!({"dry_run": true}))
+    );
+
+    call!(
+        Method::POST,
+        "/users",
+        "/users".into(),
+        Some(json!({"name": "ann", "role": "viewer"}))
+    );
+    call!(Method::GET, "/users", "/users".into(), None);
+    call!(
+        Method::PATCH,
+        "/users/{name}",
+        "/users/ann".into(),
+        Some(json!({"role": "image_uploader"}))
+    );
+    let key = call!(
+        Method::POST,
+        "/users/{name}/keys",
+        "/users/ann/keys".into(),
+        None
+    );
+    call!(Method::GET, "/users/{name}", "/users/ann".into(), None);
+    call!(
+        Method::GET,
+        "/users/{name}/keys",
+        "/users/ann/keys".into(),
+        None
+    );
+    let id = key.body["id"].as_str().unwrap().to_string();
+    call!(
+        Method::DELETE,
+        "/users/{name}/keys/{id}",
+        format!("/users/ann/keys/{id}"),
+        None
+    );
+
+    let hooks = format!("{reg}/webhooks");
+    let hook = format!("{hooks}/{{id}}");
+    let spec = json!({"name": "h", "events": ["PUSH_ARTIFACT"],
+        "target": format!("{}/hook", receiver.url()), "secret": "k"});
+    let created = call!(
+        Method::POST,
+        &hooks,
+        "/registries/shop/webhooks".into(),
+        Some(spec)
+    );
+    let id = created.body["id"].as_str().unwrap().to_string();
+    let one = format!("/registries/shop/webhooks/{id}");
+    call!(
+        Method::GET,
+        &hooks,
+        "/registries/shop/webhooks".into(),
+        None
+    );
+    call!(Method::GET, &hook, one.clone(), None);
+    call!(
+        Method::PATCH,
+        &hook,
+        one.clone(),
+        Some(json!({"enabled": true}))
+    );
+    call!(
+        Method::POST,
+        format!("{hook}/test"),
+        format!("{one}/test"),
+        None
+    );
+    call!(
+        Method::GET,
+        format!("{hook}/deliveries"),
+        format!("{one}/deliveries"),
+        None
+    );
+    call!(Method::DELETE, &hook, one, None);
+
+    call!(
+        Method::DELETE,
+        format!("{image}/artifacts/{{digest}}"),
+        format!("{app}/artifacts/{digest}"),
+        None
+    );
+    call!(
+        Method::DELETE,
+        image,
+        "/registries/shop/images/other".into(),
+        None
+    );
+    call!(
+        Method::DELETE,
+        "/image-caches/{name}",
+        "/image-caches/up".into(),
+        None
+    );
+    call!(Method::DELETE, "/users/{name}", "/users/ann".into(), None);
+    call!(
+        Method::DELETE,
+        reg,
+        "/registries/shop?force=true".into(),
+        None
+    );
+    // Every documented operation was called (but the document itself).
+    let documented: std::collections::BTreeSet<String> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|m| ["get", "post", "patch", "delete", "put"].contains(&m.as_str()))
+                .map(move |m| format!("{m} {path}"))
+        })
+        .filter(|op| op != "get /api/v1/openapi.json")
+        .collect();
+    assert_eq!(seen, documented);
+    assert!(
+        problems.is_empty(),
+        "openapi.json and the answers disagree:\n{}",
+        problems.join("\n")
+    );
+}

@@ -302,3 +302,97 @@ async fn blob_redirects_are_followed_without_the_source_credentials() {
         "Authorization was not forwarded across hosts"
     );
 }
+
+/// A data directory written before image-cache credentials were a record of their own (the
+/// whole definition, password inline, in the `image_caches` tree) still opens: its cache
+/// registry keeps pulling from a source that demands those credentials, the API shows them as
+/// set, and afterwards the definition no longer holds the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_data_dir_keeps_its_image_caches_and_their_credentials() {
+    let source = StaticRegistry::start();
+    let image = source.put_image("org/app", "v1", &[b"legacy layer"]);
+    let front = BasicAuthFront::start(&source.url(), "bot", "legacy-pw-61c2");
+    let dir = tempfile::tempdir().unwrap();
+    let meta_dir = dir.path().join("data").join("meta");
+    {
+        // What berth wrote before: `ImageCacheConfig` as JSON, and a cache registry using it.
+        let db = sled::open(&meta_dir).unwrap();
+        let legacy = format!(
+            r#"{{"name":"up","kind":"registry","url":"{}","username":"bot","password":"legacy-pw-61c2","fetch_budget":"3m 20s","revalidate_ttl":"0s"}}"#,
+            front.url()
+        );
+        db.open_tree("image_caches")
+            .unwrap()
+            .insert("up", legacy.as_bytes())
+            .unwrap();
+        db.open_tree("registries")
+            .unwrap()
+            .insert(
+                "hub",
+                &br#"{"name":"hub","kind":"cache","created_ms":1700000000000,"cache":"up","public_uri":true,"anonymous_pull":false}"#[..],
+            )
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let config = config_for(dir.path(), "");
+    let server = berth::Server::start(config).await.unwrap();
+    let base = format!("http://{}", server.local_addrs()[0].0);
+    let client = reqwest::Client::new();
+    let r = client
+        .get(format!("{base}/v2/hub/org/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    assert_eq!(header(&r, "docker-content-digest"), image.manifest_digest);
+    let r = client
+        .get(format!(
+            "{base}/v2/hub/org/app/blobs/{}",
+            image.layer_digests[0]
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(&r.bytes().await.unwrap()[..], b"legacy layer");
+    // The front answers 401 to anything without bot/legacy-pw-61c2: it let the pulls through.
+    assert!(front.accepted() >= 2, "{} accepted", front.accepted());
+    let v: serde_json::Value = client
+        .get(format!("{base}/api/v1/image-caches/up"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["credentials"], "user bot, password set", "{v}");
+    assert_eq!(v["loaded"], true, "{v}");
+    assert_eq!(v["fetch_budget"], "3m 20s", "{v}");
+    server.shutdown().await;
+    // The last holders of the store let go of it as their tasks end: open it once they have.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let db = loop {
+        match sled::open(&meta_dir) {
+            Ok(db) => break db,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "metadata still locked: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let definition = db
+        .open_tree("image_caches")
+        .unwrap()
+        .get("up")
+        .unwrap()
+        .unwrap();
+    let definition = String::from_utf8_lossy(&definition);
+    assert!(!definition.contains("legacy-pw-61c2"), "{definition}");
+    let credentials = db
+        .open_tree("credentials")
+        .unwrap()
+        .get("up")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&credentials).contains("legacy-pw-61c2"));
+}

@@ -530,3 +530,134 @@ async fn data_dir_registry_delete_is_the_api_delete() {
         .unwrap();
     assert_eq!(v["total"], 0, "{v}");
 }
+
+/// Which trees of a data directory's metadata hold `needle` (read with the server stopped).
+fn trees_holding(data: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let db = sled::open(data.join("meta")).unwrap();
+    let mut found = Vec::new();
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name).unwrap();
+        if tree
+            .iter()
+            .values()
+            .any(|v| v.unwrap().windows(needle.len()).any(|w| w == needle))
+        {
+            found.push(String::from_utf8_lossy(&name).into_owned());
+        }
+    }
+    found
+}
+
+/// An image cache's secret is a record of its own (the `credentials` tree): the definition that
+/// listing and showing image caches read holds none. Before, the whole definition with its
+/// password was one record in `image_caches`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_cache_secrets_are_a_record_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut create = Command::new(berth_bin())
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "cache",
+            "create",
+            "up",
+            "--kind",
+            "registry",
+            "--url",
+            "https://registry.example",
+            "--username",
+            "bot",
+            "--password-stdin",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    create
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"pw-8d1f2c\n")
+        .unwrap();
+    assert!(create.wait().unwrap().success());
+    assert_eq!(trees_holding(&data, b"pw-8d1f2c"), ["credentials"]);
+    assert!(trees_holding(&data, b"registry.example").contains(&"image_caches".to_string()));
+    // Changing the definition keeps the credentials; the server still reads both.
+    let (ok, _, e) = berth(&data, &["cache", "update", "up", "--revalidate-ttl", "30s"]);
+    assert!(ok, "{e}");
+    assert_eq!(trees_holding(&data, b"pw-8d1f2c"), ["credentials"]);
+    let (ok, out, e) = berth(&data, &["cache", "list", "--json"]);
+    assert!(ok, "{e}");
+    let v = json_of(&out);
+    assert_eq!(v[0]["credentials"], "user bot, password set", "{out}");
+    assert_eq!(v[0]["revalidate_ttl"], "30s", "{out}");
+    assert!(!out.contains("pw-8d1f2c"));
+    let (ok, _, e) = berth(&data, &["cache", "delete", "up"]);
+    assert!(ok, "{e}");
+    assert!(
+        trees_holding(&data, b"pw-8d1f2c").is_empty(),
+        "deleted with its image cache"
+    );
+}
+
+/// The CLI reads what the API answers through the API's own view types: an answer of another
+/// shape (another program on that port, a server of another version) is an error naming the
+/// call, never a table of `-` or an access key printed without its secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_are_not_the_api_views_are_errors() {
+    use common::doubles::{full_body, LoopbackServer};
+    let other = LoopbackServer::start(|req| async move {
+        let body = if req.uri().path().ends_with("/keys") {
+            r#"{"id":"BKX","user":"ann","created":"2026-01-01T00:00:00Z","age_days":0,"rotation_due":false}"#
+        } else {
+            r#"{"items":[{"nom":"shop"}],"total":1,"page":1,"page_size":500}"#
+        };
+        http::Response::builder()
+            .header("content-type", "application/json")
+            .body(full_body(body))
+            .unwrap()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = other.url();
+    let (ok, out, e) = berth(&data, &["--server", &server, "registry", "list"]);
+    assert!(!ok, "printed {out}");
+    assert!(
+        e.contains("/api/v1/registries")
+            && e.contains("unexpected answer")
+            && e.contains("missing field"),
+        "{e}"
+    );
+    let (ok, out, e) = berth(&data, &["--server", &server, "key", "create", "ann"]);
+    assert!(!ok && !out.contains("Secret Key"), "printed {out}");
+    assert!(e.contains("BKX") && e.contains("no secret"), "{e}");
+}
+
+/// `berth check-config` prints the effective configuration, never an image cache's password
+/// (before, `Debug` of the image cache definition printed it).
+#[test]
+fn check_config_never_prints_a_source_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("berth.toml");
+    std::fs::write(
+        &file,
+        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"https://registry.example\"\nusername = \"bot\"\npassword = \"cfg-pw-77a1\"\n",
+    )
+    .unwrap();
+    let out = Command::new(berth_bin())
+        .arg("--config")
+        .arg(&file)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("registry.example") && text.contains("bot"),
+        "{text}"
+    );
+    assert!(text.contains("<redacted>"), "{text}");
+    assert!(!text.contains("cfg-pw-77a1"), "{text}");
+}

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::images::existing_repo;
 use super::page::Page;
+use super::views::{ArtifactDeleted, ArtifactView};
 use super::{blocking, json, rfc3339, Ctx};
 use crate::auth::Action;
 use crate::error::{Error, Result};
@@ -94,32 +95,32 @@ pub fn cosign_tag(digest: &Digest) -> String {
     format!("{}.sig", digest.as_str().replacen(':', "-", 1))
 }
 
-/// The JSON of one artifact.
-pub fn artifact_json(
+/// The view of one artifact.
+pub fn artifact_view(
     store: &Store,
     repo: &str,
     digest: &Digest,
     record: &ArtifactRecord,
     tags: &[String],
     all_tags: &HashSet<String>,
-) -> Result<Value> {
+) -> Result<ArtifactView> {
     let (size, platforms) = size_and_platforms(store, repo, record, digest);
     let signed =
         all_tags.contains(&cosign_tag(digest)) || !store.meta.referrers(repo, digest)?.is_empty();
     let last_pull = store.meta.last_pull(repo, digest)?;
-    Ok(serde_json::json!({
-        "digest": digest.to_string(),
-        "media_type": record.media_type,
-        "artifact_type": record.artifact_type,
-        "tags": tags,
-        "size": size,
-        "manifest_size": record.size,
-        "pushed": rfc3339(record.pushed_ms),
-        "last_pull": last_pull.map(rfc3339),
-        "platforms": platforms,
-        "signed": signed,
-        "subject": record.subject.as_ref().map(|s| s.to_string()),
-    }))
+    Ok(ArtifactView {
+        artifact_type: record.artifact_type.clone(),
+        digest: digest.to_string(),
+        last_pull: last_pull.map(rfc3339),
+        manifest_size: record.size,
+        media_type: record.media_type.clone(),
+        platforms,
+        pushed: rfc3339(record.pushed_ms),
+        signed,
+        size,
+        subject: record.subject.as_ref().map(|s| s.to_string()),
+        tags: tags.to_vec(),
+    })
 }
 
 /// Tags grouped by the digest they point at.
@@ -172,7 +173,7 @@ pub async fn list(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response
             .iter()
             .map(|(d, a)| {
                 let tags = by_digest.get(d).map(Vec::as_slice).unwrap_or(&[]);
-                artifact_json(store, repo.as_str(), d, a, tags, &all_tags)
+                artifact_view(store, repo.as_str(), d, a, tags, &all_tags)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((artifacts.len(), shown))
@@ -200,7 +201,7 @@ pub async fn get(
             .ok_or_else(|| Error::ManifestUnknown(format!("artifact {digest} is not in {repo}")))?;
         let (by_digest, all_tags) = tag_map(store, repo.as_str())?;
         let tags = by_digest.get(&digest).map(Vec::as_slice).unwrap_or(&[]);
-        artifact_json(store, repo.as_str(), &digest, &record, tags, &all_tags)
+        artifact_view(store, repo.as_str(), &digest, &record, tags, &all_tags)
     })
     .await?;
     json(StatusCode::OK, &v)
@@ -226,6 +227,9 @@ pub async fn delete(
     let tags = removed.tags;
     json(
         StatusCode::OK,
-        &serde_json::json!({ "digest": digest.to_string(), "deleted_tags": tags }),
+        &ArtifactDeleted {
+            deleted_tags: tags,
+            digest: digest.to_string(),
+        },
     )
 }

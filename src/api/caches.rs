@@ -7,15 +7,15 @@
 use std::time::Duration;
 
 use http::{Response, StatusCode};
-use serde::Deserialize;
 
 use super::page::{matches_q, Page};
+use super::views::{ImageCacheDeleted, ImageCacheView, PruneReport};
 use super::{blocking, json, Ctx};
 use crate::auth::Action;
 use crate::config::{Config, ImageCacheConfig};
 use crate::error::{Error, Result};
 use crate::http::body::Body;
-use crate::store::meta::Meta;
+use crate::store::meta::{ImageCacheRecord, Meta};
 use crate::App;
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -25,17 +25,22 @@ fn err(e: impl std::fmt::Display) -> String {
 /// When changes to image caches apply.
 const APPLIES: &str = "at the next restart of the server";
 
-fn cache_json(app: &App, c: &ImageCacheConfig) -> serde_json::Value {
-    let mut v = describe_image_cache(c);
-    v["loaded"] = app.cache.source(&c.name).is_some().into();
-    v
+fn cache_view(app: &App, c: &ImageCacheConfig) -> ImageCacheView {
+    ImageCacheView::of(c, app.cache.source(&c.name).is_some())
+}
+
+/// A stored image cache with its credentials, as a definition.
+pub fn stored(meta: &Meta, record: ImageCacheRecord) -> Result<ImageCacheConfig> {
+    let credentials = meta.credentials(&record.name)?;
+    Ok(ImageCacheConfig::from_records(record, credentials))
 }
 
 fn existing(app: &App, name: &str) -> Result<ImageCacheConfig> {
-    app.store
-        .meta
+    let meta = &app.store.meta;
+    let record = meta
         .image_cache(name)?
-        .ok_or_else(|| Error::NotFound(format!("image cache {name:?} does not exist")))
+        .ok_or_else(|| Error::NotFound(format!("image cache {name:?} does not exist")))?;
+    stored(meta, record)
 }
 
 fn not_declared(app: &App, name: &str) -> Result<()> {
@@ -51,15 +56,13 @@ fn not_declared(app: &App, name: &str) -> Result<()> {
 pub fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
     ctx.check(Action::Read(None))?;
     let q = ctx.query("q");
-    let caches: Vec<ImageCacheConfig> = ctx
-        .app
-        .store
-        .meta
+    let meta = &ctx.app.store.meta;
+    let caches: Vec<ImageCacheRecord> = meta
         .image_caches()?
         .into_iter()
         .filter(|c| matches_q(&q, &c.name))
         .collect();
-    Page::of(ctx)?.respond(ctx, caches, |c| Ok(cache_json(ctx.app, &c)))
+    Page::of(ctx)?.respond(ctx, caches, |c| Ok(cache_view(ctx.app, &stored(meta, c)?)))
 }
 
 /// `GET /api/v1/image-caches/{name}`.
@@ -67,20 +70,20 @@ pub fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Read(None))?;
     json(
         StatusCode::OK,
-        &cache_json(ctx.app, &existing(ctx.app, name)?),
+        &cache_view(ctx.app, &existing(ctx.app, name)?),
     )
 }
 
 /// Validates and stores a definition (the checks of `berth cache create/update`).
-async fn put(ctx: &Ctx<'_>, cache: ImageCacheConfig, replace: bool) -> Result<serde_json::Value> {
+async fn put(ctx: &Ctx<'_>, cache: ImageCacheConfig, replace: bool) -> Result<ImageCacheView> {
     let app = ctx.app.clone();
     let stored = cache.clone();
     blocking(move || {
         put_image_cache(&app.store.meta, &app.config, stored, replace).map_err(Error::BadRequest)
     })
     .await?;
-    let mut v = cache_json(ctx.app, &cache);
-    v["applies"] = APPLIES.into();
+    let mut v = cache_view(ctx.app, &cache);
+    v.applies = Some(APPLIES.into());
     Ok(v)
 }
 
@@ -97,96 +100,7 @@ pub async fn create(ctx: &Ctx<'_>, body: ImageCacheConfig) -> Result<Response<Bo
     json(StatusCode::CREATED, &put(ctx, body, false).await?)
 }
 
-/// A change to an image cache: only the fields given change. The body of the API's PATCH, and
-/// what `berth cache create|update` send.
-#[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CachePatch {
-    /// Source kind.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kind: Option<crate::config::SourceKind>,
-    /// Source URL.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    /// User.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    /// Password or token (write-only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub password: Option<String>,
-    /// Credentials file on the server.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub credentials_file: Option<std::path::PathBuf>,
-    /// Fetch budget, e.g. `200s`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fetch_budget: Option<String>,
-    /// Revalidation TTL, e.g. `30s`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub revalidate_ttl: Option<String>,
-    /// ECR region.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub region: Option<String>,
-    /// ECR API endpoint.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ecr_endpoint: Option<String>,
-}
-
-impl CachePatch {
-    /// Applies the given fields; a duration that does not parse is refused with its field name.
-    pub fn apply(self, c: &mut ImageCacheConfig) -> Result<(), String> {
-        let duration = |field: &str, text: &str| {
-            humantime::parse_duration(text)
-                .map_err(|e| format!("{field}: {text:?} is not a duration: {e}"))
-        };
-        if let Some(k) = self.kind {
-            c.kind = k;
-        }
-        if let Some(u) = self.url {
-            c.url = u;
-        }
-        if let Some(u) = self.username {
-            c.username = Some(u);
-        }
-        if let Some(p) = self.password {
-            c.password = Some(p);
-        }
-        if let Some(f) = self.credentials_file {
-            c.credentials_file = Some(f);
-        }
-        if let Some(b) = self.fetch_budget {
-            c.fetch_budget = duration("fetch_budget", &b)?;
-        }
-        if let Some(t) = self.revalidate_ttl {
-            c.revalidate_ttl = duration("revalidate_ttl", &t)?;
-        }
-        if let Some(r) = self.region {
-            c.region = Some(r);
-        }
-        if let Some(e) = self.ecr_endpoint {
-            c.ecr_endpoint = Some(e);
-        }
-        Ok(())
-    }
-}
-
-/// One line describing an image cache; credentials are never shown, only whether they are set.
-pub fn describe_image_cache(c: &ImageCacheConfig) -> serde_json::Value {
-    let credentials = match (&c.credentials_file, &c.username, &c.password) {
-        (Some(f), _, _) => format!("file {}", f.display()),
-        (None, Some(u), Some(_)) => format!("user {u}, password set"),
-        (None, Some(u), None) => format!("user {u}"),
-        (None, None, Some(_)) => "password set".into(),
-        (None, None, None) => "anonymous".into(),
-    };
-    serde_json::json!({
-        "name": c.name,
-        "kind": c.kind.to_string(),
-        "url": c.url,
-        "credentials": credentials,
-        "fetch_budget": humantime::format_duration(c.fetch_budget).to_string(),
-        "revalidate_ttl": humantime::format_duration(c.revalidate_ttl).to_string(),
-    })
-}
+pub use super::views::CachePatch;
 
 /// Creates or replaces an image cache, after checking it builds a usable source.
 pub fn put_image_cache(
@@ -208,7 +122,9 @@ pub fn put_image_cache(
         _ => {}
     }
     crate::cache::upstream::Source::new(cache.clone(), &config.pull_through.allowed_ports)?;
-    meta.put_image_cache(&cache).map_err(err)?;
+    let (record, credentials) = cache.to_records();
+    meta.put_image_cache(&record, Some(&credentials))
+        .map_err(err)?;
     meta.flush_blocking().map_err(err)
 }
 
@@ -253,20 +169,14 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.app.store.meta.flush().await?;
     json(
         StatusCode::OK,
-        &serde_json::json!({ "name": name, "applies": APPLIES }),
+        &ImageCacheDeleted {
+            applies: APPLIES.into(),
+            name: name.to_string(),
+        },
     )
 }
 
-/// Body of `POST /api/v1/cache/prune`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Prune {
-    /// Report only.
-    #[serde(default)]
-    pub dry_run: bool,
-    /// Age since the last pull, e.g. `7d` (default: `pull_through.cleanup_unpulled_after`).
-    pub unpulled_for: Option<String>,
-}
+pub use super::views::Prune;
 
 /// `POST /api/v1/cache/prune`: cache-registry artifacts not pulled for a while, then blobs
 /// nothing references (fetches in flight are left alone).
@@ -286,34 +196,7 @@ pub async fn prune(ctx: &Ctx<'_>, body: Prune) -> Result<Response<Body>> {
     if !dry_run {
         crate::cache::sweep::announce(&ctx.app.events, &report);
     }
-    json(StatusCode::OK, &prune_json(&report, dry_run))
-}
-
-/// The JSON of a sweep report (also printed by `berth cache prune --json` on the data dir).
-pub fn prune_json(report: &crate::cache::sweep::SweepReport, dry_run: bool) -> serde_json::Value {
-    let artifacts: Vec<_> = report
-        .artifacts
-        .iter()
-        .map(|(repo, digest, tags, last)| {
-            serde_json::json!({
-                "repository": repo,
-                "digest": digest,
-                "tags": tags,
-                "last_pull": super::rfc3339(*last),
-            })
-        })
-        .collect();
-    let blobs: Vec<_> = report
-        .blobs
-        .iter()
-        .map(|(d, s)| serde_json::json!({ "digest": d, "size": s }))
-        .collect();
-    serde_json::json!({
-        "dry_run": dry_run,
-        "artifacts": artifacts,
-        "blobs": blobs,
-        "bytes": report.bytes(),
-    })
+    json(StatusCode::OK, &PruneReport::of(&report, dry_run))
 }
 
 #[cfg(test)]
@@ -340,7 +223,8 @@ mod tests {
         put_image_cache(&meta, &config, source("up"), false).unwrap();
         assert!(put_image_cache(&meta, &config, source("up"), false).is_err());
         assert!(put_image_cache(&meta, &config, source("nope"), true).is_err());
-        let shown = describe_image_cache(&meta.image_cache("up").unwrap().unwrap()).to_string();
+        let up = stored(&meta, meta.image_cache("up").unwrap().unwrap()).unwrap();
+        let shown = serde_json::to_string(&ImageCacheView::of(&up, false)).unwrap();
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("user u, password set"), "{shown}");
         let mut bad = source("bad");

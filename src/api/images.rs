@@ -1,10 +1,10 @@
 //! Images and tags of a registry: `/api/v1/registries/{registry}/images[/{image}[/tags...]]`.
 
 use http::{Response, StatusCode};
-use serde::Deserialize;
 
 use super::page::{matches_q, Page};
 use super::registries::visible;
+use super::views::{ImageDeleted, ImageView, TagSet, TagView};
 use super::{json, rfc3339, Ctx};
 use crate::auth::Action;
 use crate::config::RegistryKind;
@@ -60,13 +60,13 @@ pub fn list(ctx: &Ctx<'_>, registry: &str) -> Result<Response<Body>> {
         let artifacts = meta.artifacts(&repo)?;
         let tags = meta.tags(&repo, None, usize::MAX)?.len();
         let last_push = artifacts.iter().map(|(_, a)| a.pushed_ms).max();
-        Ok(serde_json::json!({
-            "name": image,
-            "repository": repo,
-            "artifact_count": artifacts.len(),
-            "tag_count": tags,
-            "last_push": last_push.map(rfc3339),
-        }))
+        Ok(ImageView {
+            artifact_count: artifacts.len(),
+            last_push: last_push.map(rfc3339),
+            name: image,
+            repository: repo,
+            tag_count: tags,
+        })
     })
 }
 
@@ -96,11 +96,11 @@ pub async fn delete(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Respon
     meta.flush().await?;
     json(
         StatusCode::OK,
-        &serde_json::json!({
-            "repository": repo.as_str(),
-            "deleted_artifacts": artifacts,
-            "deleted_tags": tags,
-        }),
+        &ImageDeleted {
+            deleted_artifacts: artifacts,
+            deleted_tags: tags,
+            repository: repo.to_string(),
+        },
     )
 }
 
@@ -128,19 +128,14 @@ pub fn tags(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response<Body>
         .collect();
     Page::of(ctx)?.respond(ctx, tags, |t| {
         let digest = meta.tag(repo.as_str(), &t)?;
-        Ok(serde_json::json!({ "name": t, "digest": digest.map(|d| d.to_string()) }))
+        Ok(TagView {
+            digest: digest.map(|d| d.to_string()),
+            name: t,
+        })
     })
 }
 
-/// Body of `POST .../tags`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewTag {
-    /// Tag name.
-    pub tag: String,
-    /// Digest of an artifact already in the image.
-    pub digest: String,
-}
+pub use super::views::NewTag;
 
 /// `POST /api/v1/registries/{registry}/images/{image}/tags`: creates or moves a tag onto an
 /// existing artifact; refused in cache registries, whose tags mirror the source.
@@ -184,11 +179,11 @@ pub async fn put_tag(
     };
     json(
         status,
-        &serde_json::json!({
-            "name": body.tag,
-            "digest": digest.to_string(),
-            "previous": previous.map(|d| d.to_string()),
-        }),
+        &TagSet {
+            digest: digest.to_string(),
+            name: body.tag,
+            previous: previous.map(|d| d.to_string()),
+        },
     )
 }
 
@@ -212,6 +207,9 @@ pub async fn delete_tag(
     .digest;
     json(
         StatusCode::OK,
-        &serde_json::json!({ "name": tag, "digest": digest.to_string() }),
+        &TagView {
+            digest: Some(digest.to_string()),
+            name: tag.to_string(),
+        },
     )
 }

@@ -7,6 +7,7 @@ pub mod images;
 pub mod page;
 pub mod registries;
 pub mod users;
+pub mod views;
 
 use std::sync::Arc;
 

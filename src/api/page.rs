@@ -3,6 +3,7 @@
 
 use http::{header, Response, StatusCode};
 
+use super::views::Paged;
 use super::Ctx;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
@@ -49,14 +50,14 @@ impl Page {
         start..start.saturating_add(self.size).min(total)
     }
 
-    /// Selects this page of `items`, turns each into JSON with `show`, and answers with the
+    /// Selects this page of `items`, turns each into its view with `show`, and answers with the
     /// envelope (plus `Link` when more pages follow). `show` runs only for the page's items,
     /// so expensive details are computed for at most one page.
-    pub fn respond<T>(
+    pub fn respond<T, V: serde::Serialize>(
         &self,
         ctx: &Ctx<'_>,
         items: Vec<T>,
-        show: impl FnMut(T) -> Result<serde_json::Value>,
+        show: impl FnMut(T) -> Result<V>,
     ) -> Result<Response<Body>> {
         let total = items.len();
         let window = self.window(total);
@@ -70,21 +71,21 @@ impl Page {
     }
 
     /// The envelope of this page's already-rendered items out of `total`.
-    pub fn envelope(
+    pub fn envelope<V: serde::Serialize>(
         &self,
         ctx: &Ctx<'_>,
         total: usize,
-        shown: Vec<serde_json::Value>,
+        shown: Vec<V>,
     ) -> Result<Response<Body>> {
         let end = self.window(total).end;
         let mut r = super::json(
             StatusCode::OK,
-            &serde_json::json!({
-                "items": shown,
-                "total": total,
-                "page": self.page,
-                "page_size": self.size,
-            }),
+            &Paged {
+                items: shown,
+                page: self.page,
+                page_size: self.size,
+                total,
+            },
         )?;
         if end < total {
             set(&mut r, header::LINK, &self.next_link(ctx));

@@ -4,6 +4,7 @@ use http::{Response, StatusCode};
 use serde::Deserialize;
 
 use super::page::{matches_q, Page};
+use super::views::{RegistryDeleted, RegistryView};
 use super::{blocking, json, Ctx};
 use crate::auth::Action;
 use crate::config::RegistryKind;
@@ -16,15 +17,19 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// The JSON of a registry, with a note when its image cache is not loaded yet.
-pub fn registry_json(app: &App, r: &RegistryRecord) -> Result<serde_json::Value> {
-    let mut v = stored_registry_json(&app.store.meta, r)?;
+/// The view of a registry, with a note when its image cache is not loaded yet.
+pub fn registry_view(app: &App, r: &RegistryRecord) -> Result<RegistryView> {
+    let images = app
+        .store
+        .meta
+        .repositories(Some(&r.name), None, usize::MAX)?
+        .len();
+    let mut v = RegistryView::of(r, images);
     if let Some(c) = &r.cache {
         if app.cache.source(c).is_none() {
-            v["note"] = format!(
+            v.note = Some(format!(
                 "image cache {c:?} was defined after the server started: this registry serves from a restart on"
-            )
-            .into();
+            ));
         }
     }
     Ok(v)
@@ -52,18 +57,17 @@ pub fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
         .filter(|r| matches_q(&q, &r.name))
         .collect();
     regs.sort_by(|a, b| a.name.cmp(&b.name));
-    Page::of(ctx)?.respond(ctx, regs, |r| registry_json(app, &r))
+    Page::of(ctx)?.respond(ctx, regs, |r| registry_view(app, &r))
 }
 
 /// `GET /api/v1/registries/{registry}`.
 pub fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Read(Some(name)))?;
     let r = visible(ctx, name)?;
-    json(StatusCode::OK, &registry_json(ctx.app, &r)?)
+    json(StatusCode::OK, &registry_view(ctx.app, &r)?)
 }
 
-/// Body of `POST /api/v1/registries`: the fields of a `[[registry]]` table, with its defaults.
-pub type NewRegistry = crate::config::RegistryConfig;
+pub use super::views::NewRegistry;
 
 fn check_kind(app: &App, kind: RegistryKind, cache: Option<&str>) -> Result<()> {
     kind_matches_cache(&app.store.meta, kind, cache).map_err(Error::BadRequest)
@@ -86,20 +90,6 @@ fn kind_matches_cache(meta: &Meta, kind: RegistryKind, cache: Option<&str>) -> R
     }
 }
 
-/// The JSON of a registry (the management API's shape).
-fn stored_registry_json(meta: &Meta, r: &RegistryRecord) -> Result<serde_json::Value, sled::Error> {
-    let images = meta.repositories(Some(&r.name), None, usize::MAX)?.len();
-    Ok(serde_json::json!({
-        "name": r.name,
-        "type": r.kind,
-        "cache": r.cache,
-        "public_uri": r.public_uri,
-        "anonymous_pull": r.anonymous_pull,
-        "created": super::rfc3339(r.created_ms),
-        "image_count": images,
-    }))
-}
-
 /// `POST /api/v1/registries`.
 pub async fn create(ctx: &Ctx<'_>, body: NewRegistry) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
@@ -112,10 +102,10 @@ pub async fn create(ctx: &Ctx<'_>, body: NewRegistry) -> Result<Response<Body>> 
         )));
     }
     check_kind(app, body.kind, body.cache.as_deref())?;
-    let record = RegistryRecord::new(&body);
+    let record = body.record();
     app.store.put_registry(record.clone())?;
     app.store.meta.flush().await?;
-    json(StatusCode::CREATED, &registry_json(app, &record)?)
+    json(StatusCode::CREATED, &registry_view(app, &record)?)
 }
 
 /// Body of `PATCH /api/v1/registries/{registry}`: only the fields given change.
@@ -164,7 +154,7 @@ pub async fn patch(ctx: &Ctx<'_>, name: &str, body: RegistryPatch) -> Result<Res
     }
     app.store.put_registry(r.clone())?;
     app.store.meta.flush().await?;
-    json(StatusCode::OK, &registry_json(app, &r)?)
+    json(StatusCode::OK, &registry_view(app, &r)?)
 }
 
 fn declared_in_config(app: &App, name: &str) -> bool {
@@ -207,6 +197,9 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     .await?;
     json(
         StatusCode::OK,
-        &serde_json::json!({ "name": name, "deleted_images": images }),
+        &RegistryDeleted {
+            deleted_images: images,
+            name: name.to_string(),
+        },
     )
 }

@@ -5,32 +5,16 @@ use http::{Response, StatusCode};
 use serde::Deserialize;
 
 use super::page::{matches_q, Page};
-use super::{blocking, json, rfc3339, Ctx};
-use crate::auth::users::{KeyRecord, UserRecord, Users};
+use super::views::{KeyRevoked, KeyView, UserDeleted, UserView};
+use super::{blocking, json, Ctx};
+use crate::auth::users::{UserRecord, Users};
 use crate::auth::{Action, Role};
 use crate::error::Result;
 use crate::http::body::Body;
 
-/// The JSON of a user (keys counted, never shown here).
-pub fn user_json(users: &Users, u: &UserRecord) -> Result<serde_json::Value> {
-    Ok(serde_json::json!({
-        "name": u.name,
-        "role": u.role,
-        "registries": u.registries,
-        "created": rfc3339(u.created_ms),
-        "key_count": users.keys_of(&u.name)?.len(),
-    }))
-}
-
-/// The JSON of an access key: id, age and whether it is due for rotation; never the secret.
-pub fn key_json(k: &KeyRecord) -> serde_json::Value {
-    serde_json::json!({
-        "id": k.id,
-        "user": k.user,
-        "created": rfc3339(k.created_ms),
-        "age_days": k.age().as_secs() / 86_400,
-        "rotation_due": k.is_old(),
-    })
+/// The view of a user (keys counted, not listed).
+pub fn user_view(users: &Users, u: &UserRecord) -> Result<UserView> {
+    Ok(UserView::of(u, users.keys_of(&u.name)?.len()))
 }
 
 fn check_registries(registries: &[String]) -> Result<()> {
@@ -50,21 +34,10 @@ pub fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
         .into_iter()
         .filter(|u| matches_q(&q, &u.name))
         .collect();
-    Page::of(ctx)?.respond(ctx, all, |u| user_json(users, &u))
+    Page::of(ctx)?.respond(ctx, all, |u| user_view(users, &u))
 }
 
-/// Body of `POST /api/v1/users`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewUser {
-    /// Login name.
-    pub name: String,
-    /// admin, viewer or image_uploader.
-    pub role: Role,
-    /// Registries the role covers; empty or absent: all.
-    #[serde(default)]
-    pub registries: Vec<String>,
-}
+pub use super::views::NewUser;
 
 /// `POST /api/v1/users`.
 pub async fn create(ctx: &Ctx<'_>, body: NewUser) -> Result<Response<Body>> {
@@ -74,15 +47,16 @@ pub async fn create(ctx: &Ctx<'_>, body: NewUser) -> Result<Response<Body>> {
     let user = auth.users.create(&body.name, body.role, body.registries)?;
     auth.refresh()?;
     ctx.app.store.meta.flush().await?;
-    json(StatusCode::CREATED, &user_json(&auth.users, &user)?)
+    json(StatusCode::CREATED, &user_view(&auth.users, &user)?)
 }
 
 /// `GET /api/v1/users/{name}`, with the user's keys.
 pub fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     let users = &ctx.app.auth.users;
-    let mut v = user_json(users, &users.get(name)?)?;
-    v["keys"] = users.keys_of(name)?.iter().map(key_json).collect();
+    let keys: Vec<KeyView> = users.keys_of(name)?.iter().map(KeyView::of).collect();
+    let mut v = UserView::of(&users.get(name)?, keys.len());
+    v.keys = Some(keys);
     json(StatusCode::OK, &v)
 }
 
@@ -105,7 +79,7 @@ pub async fn patch(ctx: &Ctx<'_>, name: &str, body: UserPatch) -> Result<Respons
     check_registries(&registries)?;
     let user = users.update(name, body.role.unwrap_or(current.role), registries)?;
     ctx.app.store.meta.flush().await?;
-    json(StatusCode::OK, &user_json(users, &user)?)
+    json(StatusCode::OK, &user_view(users, &user)?)
 }
 
 /// `DELETE /api/v1/users/{name}` and their keys; the last admin of every registry stays (409).
@@ -115,7 +89,12 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     auth.users.delete(name)?;
     auth.refresh()?;
     ctx.app.store.meta.flush().await?;
-    json(StatusCode::OK, &serde_json::json!({ "name": name }))
+    json(
+        StatusCode::OK,
+        &UserDeleted {
+            name: name.to_string(),
+        },
+    )
 }
 
 /// `GET /api/v1/users/{name}/keys`.
@@ -124,7 +103,7 @@ pub fn keys(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     let users = &ctx.app.auth.users;
     users.get(name)?;
     let keys = users.keys_of(name)?;
-    Page::of(ctx)?.respond(ctx, keys, |k| Ok(key_json(&k)))
+    Page::of(ctx)?.respond(ctx, keys, |k| Ok(KeyView::of(&k)))
 }
 
 /// `POST /api/v1/users/{name}/keys`: `{"id","secret"}`, the only time the secret is shown.
@@ -135,8 +114,8 @@ pub async fn create_key(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     // argon2 hashing takes tens of milliseconds: keep it off the async workers.
     let (key, secret) = blocking(move || Ok(app.auth.users.create_key(&user)?)).await?;
     ctx.app.store.meta.flush().await?;
-    let mut v = key_json(&key);
-    v["secret"] = secret.into();
+    let mut v = KeyView::of(&key);
+    v.secret = Some(secret);
     json(StatusCode::CREATED, &v)
 }
 
@@ -147,13 +126,17 @@ pub async fn revoke_key(ctx: &Ctx<'_>, name: &str, id: &str) -> Result<Response<
     ctx.app.store.meta.flush().await?;
     json(
         StatusCode::OK,
-        &serde_json::json!({ "id": id, "user": name }),
+        &KeyRevoked {
+            id: id.to_string(),
+            user: name.to_string(),
+        },
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::users::KeyRecord;
 
     #[test]
     fn keys_show_age_and_rotation_never_the_secret() {
@@ -164,14 +147,14 @@ mod tests {
             secret_hash: "$argon2id$hash".into(),
             created_ms: crate::store::meta::now_ms() - 91 * day,
         };
-        let v = key_json(&k);
-        assert_eq!(v["age_days"], 91);
-        assert_eq!(v["rotation_due"], true);
-        assert!(!v.to_string().contains("argon2"));
+        let v = KeyView::of(&k);
+        assert_eq!(v.age_days, 91);
+        assert!(v.rotation_due);
+        assert!(!serde_json::to_string(&v).unwrap().contains("argon2"));
         let fresh = KeyRecord {
             created_ms: crate::store::meta::now_ms() - 89 * day,
             ..k
         };
-        assert_eq!(key_json(&fresh)["rotation_due"], false);
+        assert!(!KeyView::of(&fresh).rotation_due);
     }
 }

@@ -78,7 +78,10 @@ impl Cache {
     pub fn open(config: &Config, store: &Store) -> std::result::Result<Cache, String> {
         let mut sources = HashMap::new();
         let policy = Arc::new(crate::http::egress::EgressPolicy::from_config(config));
-        for c in store.meta.image_caches().map_err(|e| e.to_string())? {
+        let meta = &store.meta;
+        for record in meta.image_caches().map_err(|e| e.to_string())? {
+            let credentials = meta.credentials(&record.name).map_err(|e| e.to_string())?;
+            let c = crate::config::ImageCacheConfig::from_records(record, credentials);
             let source = Source::build(c, &config.pull_through, policy.clone())?;
             sources.insert(source.name().to_string(), Arc::new(source));
         }

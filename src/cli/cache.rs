@@ -4,14 +4,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::remote::seg;
+use super::{err, print_json, Place};
+use crate::api::views::{CachePatch, ImageCacheDeleted, ImageCacheView, Prune, PruneReport};
+use crate::config::{ImageCacheConfig, SourceKind};
 use clap::{Args, Subcommand};
 use http::Method;
-use serde_json::{json, Value};
-
-use super::remote::seg;
-use super::{err, print_json, text, Place};
-use crate::api::caches::CachePatch;
-use crate::config::{ImageCacheConfig, SourceKind};
 
 #[derive(Args)]
 pub struct SourceArgs {
@@ -114,22 +112,21 @@ pub fn run(place: &Place, cmd: CacheCommand) -> Result<(), String> {
             let url = source.url.clone().ok_or("--url is required")?;
             let mut c = ImageCacheConfig::new(&name, kind, &url);
             patch(None, source)?.apply(&mut c)?;
-            let body = serde_json::to_value(&c).map_err(err)?;
-            place.call(Method::POST, "/image-caches", Some(body))?;
+            let _: ImageCacheView = place.send(Method::POST, "/image-caches", &c)?;
             outln!(
                 "created image cache {name} ({kind}); serve it with `berth registry create NAME --type cache --cache {name}` (a running server loads it at its next restart)"
             );
         }
         CacheCommand::Update { name, kind, source } => {
-            let body = serde_json::to_value(patch(kind, source)?).map_err(err)?;
+            let body = patch(kind, source)?;
             let path = format!("/image-caches/{}", seg(&name));
-            place.call(Method::PATCH, &path, Some(body))?;
+            let _: ImageCacheView = place.send(Method::PATCH, &path, &body)?;
             outln!("updated image cache {name} (restart berth to apply)");
         }
         CacheCommand::List { json } => print_caches(&place.list_all("/image-caches")?, json)?,
         CacheCommand::Delete { name } => {
             let path = format!("/image-caches/{}", seg(&name));
-            place.call(Method::DELETE, &path, None)?;
+            let _: ImageCacheDeleted = place.call(Method::DELETE, &path)?;
             outln!("deleted image cache {name}");
         }
         CacheCommand::Prune {
@@ -137,11 +134,11 @@ pub fn run(place: &Place, cmd: CacheCommand) -> Result<(), String> {
             unpulled_for,
             json,
         } => {
-            let mut body = json!({ "dry_run": dry_run });
-            if let Some(d) = unpulled_for {
-                body["unpulled_for"] = humantime::format_duration(d).to_string().into();
-            }
-            let report = place.call(Method::POST, "/cache/prune", Some(body))?;
+            let body = Prune {
+                dry_run,
+                unpulled_for: unpulled_for.map(|d| humantime::format_duration(d).to_string()),
+            };
+            let report: PruneReport = place.send(Method::POST, "/cache/prune", &body)?;
             print_prune(&report, json)?;
         }
         CacheCommand::Stats { json } => stats(place, json)?,
@@ -180,7 +177,7 @@ fn patch(kind: Option<SourceKind>, a: SourceArgs) -> Result<CachePatch, String> 
     })
 }
 
-fn print_caches(caches: &[Value], json: bool) -> Result<(), String> {
+fn print_caches(caches: &[ImageCacheView], json: bool) -> Result<(), String> {
     if json {
         return print_json(&caches);
     }
@@ -188,39 +185,37 @@ fn print_caches(caches: &[Value], json: bool) -> Result<(), String> {
     for c in caches {
         outln!(
             "{:<20} {:<10} {:<45} {}",
-            text(c, "name"),
-            text(c, "kind"),
-            text(c, "url"),
-            text(c, "credentials")
+            c.name,
+            c.kind,
+            c.url,
+            c.credentials
         );
     }
     Ok(())
 }
 
-fn print_prune(report: &Value, json: bool) -> Result<(), String> {
+fn print_prune(report: &PruneReport, json: bool) -> Result<(), String> {
     if json {
         return print_json(report);
     }
-    let verb = if report["dry_run"] == true {
+    let verb = if report.dry_run {
         "would remove"
     } else {
         "removed"
     };
-    let none = Vec::new();
-    let artifacts = report["artifacts"].as_array().unwrap_or(&none);
-    for a in artifacts {
+    for a in &report.artifacts {
         outln!(
             "{verb} {}@{} (last pulled {})",
-            text(a, "repository"),
-            text(a, "digest"),
-            text(a, "last_pull")
+            a.repository,
+            a.digest,
+            a.last_pull
         );
     }
     outln!(
         "{verb} {} artifacts and {} blobs ({} bytes)",
-        artifacts.len(),
-        report["blobs"].as_array().map_or(0, Vec::len),
-        report["bytes"]
+        report.artifacts.len(),
+        report.blobs.len(),
+        report.bytes
     );
     Ok(())
 }
@@ -229,12 +224,7 @@ fn stats(place: &Place, json: bool) -> Result<(), String> {
     let url = place.server_url();
     let stats = place.rt.block_on(super::stats::fetch(&url))?;
     if json {
-        return print_json(&json!({
-            "registries": stats.registries,
-            "upstream_bytes": stats.upstream_bytes,
-            "hit_ratio": stats.hit_ratio(),
-            "bytes_saved": stats.bytes_saved(),
-        }));
+        return print_json(&super::stats::StatsView::of(&stats));
     }
     outln!("since the server at {url} started:");
     for (name, r) in &stats.registries {
@@ -281,7 +271,7 @@ fn prefetch(
         {
             Ok(rep) if json => outln!(
                 "{}",
-                json!({"reference": r, "manifests": rep.manifests, "blobs": rep.blobs, "bytes": rep.bytes})
+                serde_json::to_string(&super::prefetch::ReportLine::of(r, &rep)).map_err(err)?
             ),
             Ok(rep) => bar.println(format!(
                 "{r}: {} manifests, {} blobs, {} bytes",

@@ -4,7 +4,8 @@ use clap::Subcommand;
 use http::Method;
 
 use super::remote::seg;
-use super::{print_json, text, Place};
+use super::{print_json, Place};
+use crate::api::views::{KeyRevoked, KeyView};
 
 #[derive(Subcommand)]
 pub enum KeyCommand {
@@ -37,19 +38,26 @@ pub fn run(place: &Place, cmd: KeyCommand) -> Result<(), String> {
     match cmd {
         KeyCommand::Create { user, json } => {
             let path = format!("/users/{}/keys", seg(&user));
-            let key = place.call(Method::POST, &path, None)?;
+            let key: KeyView = place.call(Method::POST, &path)?;
+            // The one answer that carries the secret: without it the key is unusable.
+            let Some(secret) = &key.secret else {
+                return Err(format!(
+                    "the server created access key {} of {user} but sent no secret: revoke it (`berth key revoke {user} {}`)",
+                    key.id, key.id
+                ));
+            };
             if json {
                 print_json(&key)?;
             } else {
-                outln!("Access Key ID: {}", text(&key, "id"));
-                outln!("Secret Key:    {}", text(&key, "secret"));
+                outln!("Access Key ID: {}", key.id);
+                outln!("Secret Key:    {secret}");
             }
             eprintln!(
                 "berth: store the secret key now: it is not shown again (revoke the key and create another if it is lost)"
             );
         }
         KeyCommand::List { user, json } => {
-            let keys = place.list_all(&format!("/users/{}/keys", seg(&user)))?;
+            let keys: Vec<KeyView> = place.list_all(&format!("/users/{}/keys", seg(&user)))?;
             if json {
                 return print_json(&keys);
             }
@@ -60,22 +68,22 @@ pub fn run(place: &Place, cmd: KeyCommand) -> Result<(), String> {
                 "AGE"
             );
             for k in &keys {
-                let rotate = if k["rotation_due"] == true {
+                let rotate = if k.rotation_due {
                     "yes: older than 90 days"
                 } else {
                     "no"
                 };
                 outln!(
                     "{:<22} {:<22} {:>7}d  {rotate}",
-                    text(k, "id"),
-                    text(k, "created"),
-                    k["age_days"].to_string()
+                    k.id,
+                    k.created,
+                    k.age_days.to_string()
                 );
             }
         }
         KeyCommand::Revoke { user, id } => {
             let path = format!("/users/{}/keys/{}", seg(&user), seg(&id));
-            place.call(Method::DELETE, &path, None)?;
+            let _: KeyRevoked = place.call(Method::DELETE, &path)?;
             outln!("revoked access key {id} of {user}");
         }
     }

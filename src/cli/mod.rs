@@ -29,8 +29,10 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http::{HeaderMap, Method};
 use http_body_util::BodyExt;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
+use crate::api::views::Paged;
 use crate::auth::Principal;
 use crate::config::Config;
 use crate::http::req::Req;
@@ -127,32 +129,58 @@ impl Place {
         Ok(cell.get_or_init(|| app).clone())
     }
 
-    /// `METHOD /api/v1{path}` with an optional JSON body; the JSON answer, or the API's error.
-    pub fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
-        match &self.target {
-            Target::Remote(r) => self.rt.block_on(r.call(method, path, body)),
+    /// `METHOD /api/v1{path}` without a body; the API's answer as its view, or the API's error.
+    pub fn call<T: DeserializeOwned>(&self, method: Method, path: &str) -> Result<T, String> {
+        self.exchange(method, path, None)
+    }
+
+    /// `METHOD /api/v1{path}` with a JSON body (one of the API's request views).
+    pub fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, String> {
+        let body = serde_json::to_vec(body).map_err(err)?;
+        self.exchange(method, path, Some(Bytes::from(body)))
+    }
+
+    fn exchange<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<T, String> {
+        let (what, answer) = match &self.target {
+            Target::Remote(r) => (
+                r.url(path),
+                self.rt.block_on(r.call(method.clone(), path, body))?,
+            ),
             Target::Local(cell) => {
                 let app = self.app(cell)?;
-                self.rt.block_on(local_call(&app, method, path, body))
+                (
+                    format!("/api/v1{path}"),
+                    self.rt
+                        .block_on(local_call(&app, method.clone(), path, body))?,
+                )
             }
-        }
+        };
+        serde_json::from_slice(&answer)
+            .map_err(|e| format!("{method} {what}: unexpected answer: {e}"))
     }
 
     /// Every item of a paginated list.
-    pub fn list_all(&self, path: &str) -> Result<Vec<Value>, String> {
+    pub fn list_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, String> {
         let sep = if path.contains('?') { '&' } else { '?' };
         let mut items = Vec::new();
         for page in 1.. {
-            let v = self.call(
+            let v: Paged<T> = self.call(
                 Method::GET,
                 &format!("{path}{sep}page={page}&page_size=500"),
-                None,
             )?;
-            let got = v["items"].as_array().cloned().unwrap_or_default();
-            let total = v["total"].as_u64().unwrap_or(0) as usize;
-            let done = got.is_empty();
-            items.extend(got);
-            if done || items.len() >= total {
+            let done = v.items.is_empty();
+            items.extend(v.items);
+            if done || items.len() >= v.total {
                 break;
             }
         }
@@ -174,13 +202,14 @@ impl Place {
     }
 }
 
-/// Runs one management API request in this process, as the data directory's operator.
+/// Runs one management API request in this process, as the data directory's operator; the
+/// bytes of a successful answer, or the API's error message.
 async fn local_call(
     app: &Arc<App>,
     method: Method,
     path: &str,
-    body: Option<Value>,
-) -> Result<Value, String> {
+    body: Option<Bytes>,
+) -> Result<Bytes, String> {
     let (path, query) = match path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path, None),
@@ -193,10 +222,7 @@ async fn local_call(
         principal: &Principal::Operator,
         public: false,
     };
-    let bytes = match body {
-        Some(v) => Bytes::from(serde_json::to_vec(&v).map_err(err)?),
-        None => Bytes::new(),
-    };
+    let bytes = body.unwrap_or_default();
     let full = format!("/api/v1{path}");
     let response = crate::api::dispatch(app, &full, req, http_body_util::Full::new(bytes))
         .await
@@ -208,15 +234,12 @@ async fn local_call(
         .await
         .map_err(err)?
         .to_bytes();
-    let value: Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     if status.is_success() {
-        return Ok(value);
+        return Ok(bytes);
     }
-    Err(value["errors"][0]["message"].as_str().map_or_else(
-        || format!("{method} {full}: {status}: {value}"),
-        str::to_string,
-    ))
+    // An OCI error reads as its message alone (the local operator knows what they called).
+    Err(remote::error_message(&bytes)
+        .unwrap_or_else(|| format!("{method} {full}: {status}: {}", remote::error_text(&bytes))))
 }
 
 /// The `berth` command line.
@@ -322,6 +345,7 @@ fn print_json(v: &impl serde::Serialize) -> Result<(), String> {
     Ok(())
 }
 
-fn text<'a>(v: &'a Value, field: &str) -> &'a str {
-    v[field].as_str().unwrap_or("-")
+/// An optional text field of a view, `-` when absent.
+fn text(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or("-")
 }

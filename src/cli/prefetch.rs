@@ -37,6 +37,31 @@ impl std::str::FromStr for Platform {
     }
 }
 
+/// The platform of an index entry (fields a manifest leaves out, or sends as something other
+/// than text, match no filter).
+#[derive(Debug, Default, Deserialize)]
+struct PlatformSpec {
+    #[serde(default, deserialize_with = "text_or_none")]
+    os: Option<String>,
+    #[serde(default, deserialize_with = "text_or_none")]
+    architecture: Option<String>,
+    #[serde(default, deserialize_with = "text_or_none")]
+    variant: Option<String>,
+}
+
+fn text_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TextOrOther {
+        Text(String),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match TextOrOther::deserialize(d)? {
+        TextOrOther::Text(t) => Some(t),
+        TextOrOther::Other(_) => None,
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Descriptor {
@@ -44,7 +69,7 @@ struct Descriptor {
     #[serde(default)]
     size: u64,
     #[serde(default)]
-    platform: Option<serde_json::Value>,
+    platform: Option<PlatformSpec>,
 }
 
 #[derive(Deserialize)]
@@ -58,12 +83,11 @@ struct Manifest {
 }
 
 impl Platform {
-    fn matches(&self, p: &Option<serde_json::Value>) -> bool {
+    fn matches(&self, p: &Option<PlatformSpec>) -> bool {
         let Some(p) = p else { return false };
-        let get = |k: &str| p.get(k).and_then(|v| v.as_str());
-        get("os") == Some(&self.os)
-            && get("architecture") == Some(&self.arch)
-            && (self.variant.is_none() || get("variant") == self.variant.as_deref())
+        p.os.as_deref() == Some(self.os.as_str())
+            && p.architecture.as_deref() == Some(self.arch.as_str())
+            && (self.variant.is_none() || p.variant == self.variant)
     }
 }
 
@@ -76,6 +100,31 @@ pub struct Report {
     pub blobs: usize,
     /// Blob bytes.
     pub bytes: u64,
+}
+
+/// One line of `berth cache prefetch --json`: a reference and what its prefetch did.
+#[derive(Debug, serde::Serialize)]
+pub struct ReportLine<'a> {
+    /// Blobs fetched.
+    pub blobs: usize,
+    /// Blob bytes.
+    pub bytes: u64,
+    /// Manifests fetched (indexes included).
+    pub manifests: usize,
+    /// The reference as given.
+    pub reference: &'a str,
+}
+
+impl<'a> ReportLine<'a> {
+    /// The line of `reference`'s report.
+    pub fn of(reference: &'a str, report: &Report) -> ReportLine<'a> {
+        ReportLine {
+            blobs: report.blobs,
+            bytes: report.bytes,
+            manifests: report.manifests,
+            reference,
+        }
+    }
 }
 
 /// Splits `REPO:TAG` or `REPO@DIGEST`.
@@ -194,12 +243,13 @@ mod tests {
             ("hub/a", "sha256:x")
         );
         let p: Platform = "linux/arm64/v8".parse().unwrap();
-        assert!(p.matches(&Some(
-            serde_json::json!({"os":"linux","architecture":"arm64","variant":"v8"})
+        let spec = |text: &str| Some(serde_json::from_str::<PlatformSpec>(text).unwrap());
+        assert!(p.matches(&spec(
+            r#"{"os":"linux","architecture":"arm64","variant":"v8"}"#
         )));
-        assert!(!p.matches(&Some(
-            serde_json::json!({"os":"linux","architecture":"amd64"})
-        )));
+        assert!(!p.matches(&spec(r#"{"os":"linux","architecture":"amd64"}"#)));
+        assert!(!p.matches(&spec(r#"{"os":7,"architecture":"arm64","variant":"v8"}"#)));
+        assert!(!p.matches(&None));
         assert!("linux".parse::<Platform>().is_err());
     }
 }

@@ -1,12 +1,11 @@
 //! `berth registry create|list|delete`.
 
-use clap::Subcommand;
-use http::Method;
-use serde_json::{json, Value};
-
 use super::remote::seg;
 use super::{print_json, text, Place};
+use crate::api::views::{NewRegistry, RegistryDeleted, RegistryView};
 use crate::config::RegistryKind;
+use clap::Subcommand;
+use http::Method;
 
 #[derive(Subcommand)]
 pub enum RegistryCommand {
@@ -52,25 +51,30 @@ pub fn run(place: &Place, cmd: RegistryCommand) -> Result<(), String> {
             private,
             anonymous_pull,
         } => {
-            let body = json!({"name": name, "type": kind, "cache": cache,
-                "public_uri": !private, "anonymous_pull": anonymous_pull});
-            let r = place.call(Method::POST, "/registries", Some(body))?;
+            let body = NewRegistry {
+                name: name.clone(),
+                kind,
+                cache,
+                public_uri: !private,
+                anonymous_pull,
+            };
+            let r: RegistryView = place.send(Method::POST, "/registries", &body)?;
             outln!("created registry {name} ({kind})");
-            if let Some(note) = r["note"].as_str() {
+            if let Some(note) = r.note {
                 eprintln!("berth: note: {note}");
             }
         }
         RegistryCommand::List { json } => print(&place.list_all("/registries")?, json)?,
         RegistryCommand::Delete { name, force } => {
             let path = format!("/registries/{}?force={force}", seg(&name));
-            place.call(Method::DELETE, &path, None)?;
+            let _: RegistryDeleted = place.call(Method::DELETE, &path)?;
             outln!("deleted registry {name}");
         }
     }
     Ok(())
 }
 
-fn print(regs: &[Value], json: bool) -> Result<(), String> {
+fn print(regs: &[RegistryView], json: bool) -> Result<(), String> {
     if json {
         return print_json(&regs);
     }
@@ -85,12 +89,12 @@ fn print(regs: &[Value], json: bool) -> Result<(), String> {
     for r in regs {
         outln!(
             "{:<32} {:<8} {:<20} {:<8} {:<10} {}",
-            text(r, "name"),
-            text(r, "type"),
-            text(r, "cache"),
-            r["public_uri"].to_string(),
-            r["anonymous_pull"].to_string(),
-            r["image_count"]
+            r.name,
+            r.kind.to_string(),
+            text(&r.cache),
+            r.public_uri.to_string(),
+            r.anonymous_pull.to_string(),
+            r.image_count
         );
     }
     Ok(())

@@ -1,9 +1,9 @@
 //! The CLI's remote mode: admin commands as calls to a running server's management API,
 //! authenticated with an access key as Basic credentials.
 
+use bytes::Bytes;
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use reqwest::Method;
-use serde_json::Value;
 
 /// A management API client.
 pub struct Remote {
@@ -15,6 +15,29 @@ pub struct Remote {
 /// One path segment, percent-encoded (image names carry `/`).
 pub fn seg(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+}
+
+/// What an error answer says: the message of an OCI error (`{"errors":[{"message":…}]}`), else
+/// the answer as JSON text (a body that is not JSON as a JSON string).
+pub fn error_text(body: &[u8]) -> String {
+    error_message(body).unwrap_or_else(|| match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) => v.to_string(),
+        Err(_) => serde_json::Value::String(String::from_utf8_lossy(body).into_owned()).to_string(),
+    })
+}
+
+/// The message of an OCI error answer, if it is one.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<Message>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Message {
+        message: String,
+    }
+    let e: Errors = serde_json::from_slice(body).ok()?;
+    e.errors.into_iter().next().map(|m| m.message)
 }
 
 impl Remote {
@@ -32,36 +55,39 @@ impl Remote {
         })
     }
 
-    /// Calls `METHOD /api/v1{path}` with an optional JSON body; returns the JSON answer, or the
-    /// API's error message.
+    /// The URL of `/api/v1{path}` on this server.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    /// Calls `METHOD /api/v1{path}` with an optional JSON body; returns the bytes of a
+    /// successful answer, or the API's error message.
     pub async fn call(
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, String> {
-        let url = format!("{}/api/v1{path}", self.base);
+        body: Option<Bytes>,
+    ) -> Result<Bytes, String> {
+        let url = self.url(path);
         let mut req = self.client.request(method.clone(), &url);
         if let Some((id, secret)) = &self.key {
             req = req.basic_auth(id, Some(secret));
         }
         if let Some(b) = body {
-            req = req.json(&b);
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
         }
         let r = req
             .send()
             .await
             .map_err(|e| format!("cannot reach {}: {e}", self.base))?;
         let status = r.status();
-        let text = r.text().await.map_err(|e| e.to_string())?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let bytes = r.bytes().await.map_err(|e| e.to_string())?;
         if status.is_success() {
-            return Ok(value);
+            return Ok(bytes);
         }
-        let message = value["errors"][0]["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| value.to_string());
+        let message = error_text(&bytes);
         let hint = if status == reqwest::StatusCode::UNAUTHORIZED && self.key.is_none() {
             " (give --access-key and --secret-key, or BERTH_ACCESS_KEY and BERTH_SECRET_KEY)"
         } else {

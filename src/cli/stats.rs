@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 
-/// Per-registry figures since the server started.
-#[derive(Debug, Default, serde::Serialize, PartialEq)]
+/// Per-registry figures since the server started (fields in alphabetical order, as printed).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct RegistryStats {
-    /// Requests by outcome.
-    pub outcomes: BTreeMap<String, u64>,
     /// Blob bytes served to clients.
     pub bytes_served: u64,
+    /// Requests by outcome.
+    pub outcomes: BTreeMap<String, u64>,
 }
 
 /// Whole-node figures.
@@ -18,6 +18,31 @@ pub struct CacheStats {
     pub registries: BTreeMap<String, RegistryStats>,
     /// Bytes fetched from sources.
     pub upstream_bytes: u64,
+}
+
+/// What `berth cache stats --json` prints.
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct StatsView {
+    /// Bytes clients received that the sources did not have to send.
+    pub bytes_saved: u64,
+    /// Share of requests answered without a full fetch.
+    pub hit_ratio: f64,
+    /// Per cache registry.
+    pub registries: BTreeMap<String, RegistryStats>,
+    /// Bytes fetched from sources.
+    pub upstream_bytes: u64,
+}
+
+impl StatsView {
+    /// The view of parsed figures.
+    pub fn of(stats: &CacheStats) -> StatsView {
+        StatsView {
+            bytes_saved: stats.bytes_saved(),
+            hit_ratio: stats.hit_ratio(),
+            registries: stats.registries.clone(),
+            upstream_bytes: stats.upstream_bytes,
+        }
+    }
 }
 
 impl CacheStats {

@@ -1,12 +1,11 @@
 //! `berth user create|list|delete`.
 
+use super::remote::seg;
+use super::{print_json, Place};
+use crate::api::views::{NewUser, UserDeleted, UserView};
+use crate::auth::Role;
 use clap::Subcommand;
 use http::Method;
-use serde_json::{json, Value};
-
-use super::remote::seg;
-use super::{print_json, text, Place};
-use crate::auth::Role;
 
 #[derive(Subcommand)]
 pub enum UserCommand {
@@ -51,20 +50,24 @@ pub fn run(place: &Place, cmd: UserCommand) -> Result<(), String> {
             } else {
                 role.unwrap_or(Role::Viewer)
             };
-            let body = json!({"name": name, "role": role, "registries": registries});
-            place.call(Method::POST, "/users", Some(body))?;
+            let body = NewUser {
+                name: name.clone(),
+                role,
+                registries,
+            };
+            let _: UserView = place.send(Method::POST, "/users", &body)?;
             outln!("created user {name} ({role}); give them a key with `berth key create {name}`");
         }
         UserCommand::List { json } => print(&place.list_all("/users")?, json)?,
         UserCommand::Delete { name } => {
-            place.call(Method::DELETE, &format!("/users/{}", seg(&name)), None)?;
+            let _: UserDeleted = place.call(Method::DELETE, &format!("/users/{}", seg(&name)))?;
             outln!("deleted user {name} and their keys");
         }
     }
     Ok(())
 }
 
-fn print(users: &[Value], json: bool) -> Result<(), String> {
+fn print(users: &[UserView], json: bool) -> Result<(), String> {
     if json {
         return print_json(&users);
     }
@@ -76,22 +79,18 @@ fn print(users: &[Value], json: bool) -> Result<(), String> {
         "KEYS"
     );
     for u in users {
-        let regs: Vec<&str> = u["registries"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let regs = if regs.is_empty() {
+        let regs = if u.registries.is_empty() {
             "(all)".to_string()
         } else {
-            regs.join(",")
+            u.registries.join(",")
         };
         outln!(
             "{:<24} {:<16} {:<30} {:<5} {}",
-            text(u, "name"),
-            text(u, "role"),
+            u.name,
+            u.role.to_string(),
             regs,
-            u["key_count"].to_string(),
-            text(u, "created")
+            u.key_count.to_string(),
+            u.created
         );
     }
     Ok(())

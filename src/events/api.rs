@@ -5,6 +5,7 @@ use std::sync::Arc;
 use http::{Method, Response, StatusCode};
 use serde::de::DeserializeOwned;
 
+use super::views::{DeliveryList, DeliveryView, WebhookList};
 use super::webhooks::{WebhookPatch, WebhookSpec};
 use crate::auth::Action;
 use crate::error::{Error, Result};
@@ -33,8 +34,9 @@ async fn read_json<T: DeserializeOwned>(body: impl RequestBody) -> Result<T> {
     serde_json::from_slice(&bytes).map_err(|e| Error::BadRequest(format!("invalid JSON: {e}")))
 }
 
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
-    json_response(status, value.to_string())
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Result<Response<Body>> {
+    let body = serde_json::to_string(value).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(json_response(status, body))
 }
 
 /// Serves a request under `/api/v1/registries/{registry}/webhooks`; `rest` is the path after
@@ -65,19 +67,16 @@ pub async fn handle(
         (&Method::GET, []) => {
             let items: Vec<_> = w.list(registry)?.iter().map(|p| p.view()).collect();
             let total = items.len();
-            Ok(json(
-                StatusCode::OK,
-                serde_json::json!({ "items": items, "total": total }),
-            ))
+            json(StatusCode::OK, &WebhookList { items, total })
         }
         (&Method::POST, []) => {
             let spec: WebhookSpec = read_json(body).await?;
             w.check_destination(&spec.target).await?;
             let p = w.create(registry, spec)?;
             app.store.meta.flush().await?;
-            Ok(json(StatusCode::CREATED, p.view()))
+            json(StatusCode::CREATED, &p.view())
         }
-        (&Method::GET, [id]) => Ok(json(StatusCode::OK, w.get(registry, id)?.view())),
+        (&Method::GET, [id]) => json(StatusCode::OK, &w.get(registry, id)?.view()),
         (&Method::PATCH, [id]) => {
             let patch: WebhookPatch = read_json(body).await?;
             if let Some(target) = &patch.target {
@@ -85,7 +84,7 @@ pub async fn handle(
             }
             let p = w.update(registry, id, patch)?;
             app.store.meta.flush().await?;
-            Ok(json(StatusCode::OK, p.view()))
+            json(StatusCode::OK, &p.view())
         }
         (&Method::DELETE, [id]) => {
             w.delete(registry, id)?;
@@ -94,10 +93,7 @@ pub async fn handle(
         }
         (&Method::POST, [id, "test"]) => {
             let d = w.test(registry, id, req.principal.name()).await?;
-            Ok(json(
-                StatusCode::OK,
-                serde_json::to_value(d).map_err(|e| Error::Internal(e.to_string()))?,
-            ))
+            json(StatusCode::OK, &DeliveryView::of(&d))
         }
         (&Method::GET, [id, "deliveries"]) => {
             let limit = match query_param(req.query, "limit") {
@@ -107,7 +103,8 @@ pub async fn handle(
                 })?,
             };
             let items = w.deliveries(registry, id, limit)?;
-            Ok(json(StatusCode::OK, serde_json::json!({ "items": items })))
+            let items = items.iter().map(DeliveryView::of).collect();
+            json(StatusCode::OK, &DeliveryList { items })
         }
         (_, [] | [_] | [_, "test" | "deliveries"]) => Err(Error::MethodNotAllowed(m.to_string())),
         _ => Err(Error::NotFound(format!(

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod delivery;
 pub mod payload;
+pub mod views;
 pub mod webhooks;
 
 use std::sync::Arc;

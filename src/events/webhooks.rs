@@ -60,19 +60,8 @@ pub struct WebhookPolicy {
 
 impl WebhookPolicy {
     /// The policy as the API shows it: credentials are reduced to whether they are set.
-    pub fn view(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id,
-            "registry": self.registry,
-            "name": self.name,
-            "events": self.events,
-            "target": self.target,
-            "kind": self.kind,
-            "auth_header_set": self.auth_header.is_some(),
-            "secret_set": self.secret.is_some(),
-            "enabled": self.enabled,
-            "created_ms": self.created_ms,
-        })
+    pub fn view(&self) -> super::views::WebhookView {
+        super::views::WebhookView::of(self)
     }
 }
 
@@ -537,12 +526,12 @@ mod tests {
             .create("lib", spec("a", "https://hooks.example/x"))
             .unwrap();
         assert_eq!(p.events, [EventKind::PushArtifact], "duplicates removed");
-        let view = p.view().to_string();
+        let view = serde_json::to_string(&p.view()).unwrap();
         assert!(
             !view.contains("s3cret") && !view.contains("Bearer x"),
             "{view}"
         );
-        assert_eq!(p.view()["secret_set"], true);
+        assert!(p.view().secret_set);
         assert!(matches!(
             w.create("lib", spec("a", "https://hooks.example/y")),
             Err(Error::Conflict(_))

@@ -3,13 +3,91 @@
 //! Keys are `repo \0 …`: names and tags cannot contain NUL, so a prefix scan of `repo\0` is
 //! exactly one repository and byte order is lexical order (what tag lists and the catalog need).
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ImageCacheConfig, RegistryConfig, RegistryKind};
 use crate::oci::digest::Digest;
 use crate::oci::manifest::Descriptor;
 
-/// A registry (namespace) record.
+/// Type of a registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistryKind {
+    /// Push and pull.
+    #[default]
+    Normal,
+    /// Pull-through cache of a source registry; push refused.
+    Cache,
+}
+
+impl std::fmt::Display for RegistryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RegistryKind::Normal => "normal",
+            RegistryKind::Cache => "cache",
+        })
+    }
+}
+
+impl std::str::FromStr for RegistryKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "normal" => Ok(RegistryKind::Normal),
+            "cache" => Ok(RegistryKind::Cache),
+            other => Err(format!(
+                "unknown registry type {other:?} (expected normal or cache)"
+            )),
+        }
+    }
+}
+
+/// Kind of a source registry (decides the endpoint and the credential flow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Docker Hub (`hub.docker.com` → `registry-1.docker.io`, tokens from `auth.docker.io`).
+    Dockerhub,
+    /// Amazon ECR (SigV4 `GetAuthorizationToken`, then basic auth).
+    Ecr,
+    /// Azure Container Registry.
+    Acr,
+    /// Google Container Registry / Artifact Registry (`_json_key`).
+    Gcr,
+    /// Harbor.
+    Harbor,
+    /// Quay (`account_name` / `docker_cli_password`).
+    Quay,
+    /// Any OCI Distribution registry.
+    Registry,
+}
+
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("registry"))
+    }
+}
+
+impl std::str::FromStr for SourceKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            format!(
+                "unknown image cache kind {s:?} (dockerhub, ecr, acr, gcr, harbor, quay, registry)"
+            )
+        })
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A registry (namespace) record. Built by its caller (the config's `[[registry]]` tables, the
+/// management API): the store knows no configuration type.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegistryRecord {
     /// Name (first path segment).
@@ -22,7 +100,7 @@ pub struct RegistryRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
     /// Reachable on public listeners.
-    #[serde(default = "crate::config::yes")]
+    #[serde(default = "yes")]
     pub public_uri: bool,
     /// Anyone may pull without credentials.
     #[serde(default)]
@@ -30,24 +108,158 @@ pub struct RegistryRecord {
 }
 
 impl RegistryRecord {
-    /// A new registry with the settings of a `[[registry]]` table (or an API/CLI create).
-    pub fn new(settings: &RegistryConfig) -> RegistryRecord {
-        RegistryRecord {
-            name: settings.name.clone(),
-            kind: settings.kind,
-            created_ms: now_ms(),
-            cache: settings.cache.clone(),
-            public_uri: settings.public_uri,
-            anonymous_pull: settings.anonymous_pull,
-        }
+    /// Whether both records have the same settings (everything but name and creation time).
+    pub fn same_settings(&self, other: &RegistryRecord) -> bool {
+        self.kind == other.kind
+            && self.cache == other.cache
+            && self.public_uri == other.public_uri
+            && self.anonymous_pull == other.anonymous_pull
+    }
+}
+
+/// An image cache (a source registry that cache registries pull through). Its credentials
+/// are a record of their own ([`CredentialRecord`], in the `credentials` tree under the same
+/// name), so that listing or showing image caches never reads a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageCacheRecord {
+    /// Name that cache registries refer to; also the key of its credential record.
+    pub name: String,
+    /// Source kind.
+    pub kind: SourceKind,
+    /// Source URL as the user knows it (`https://hub.docker.com`, ...).
+    pub endpoint: String,
+    /// How it is fetched from.
+    pub settings: ImageCacheSettings,
+}
+
+/// Settings of an image cache other than its identity and its credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageCacheSettings {
+    /// How long one caching blob fetch may run before it stops and resumes later.
+    #[serde(with = "millis")]
+    pub fetch_budget_ms: Duration,
+    /// A tag revalidated within this time is served without asking the source.
+    #[serde(with = "millis")]
+    pub revalidate_ttl_ms: Duration,
+    /// ECR: region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// ECR: API endpoint for GetAuthorizationToken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecr_endpoint: Option<String>,
+}
+
+/// The credentials of an image cache, kept apart from its definition. `Debug` never shows the
+/// password.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    /// User (ECR: access key id; GCR: `_json_key`; Quay: account_name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password or token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// File holding the credentials instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+}
+
+impl CredentialRecord {
+    /// Whether it holds nothing (an anonymous source needs no record).
+    pub fn is_empty(&self) -> bool {
+        self.username.is_none() && self.password.is_none() && self.credentials_file.is_none()
+    }
+}
+
+impl std::fmt::Debug for CredentialRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialRecord")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("credentials_file", &self.credentials_file)
+            .finish()
+    }
+}
+
+/// Durations as whole milliseconds in records.
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
-    /// Whether the record already has these settings.
-    pub fn matches(&self, settings: &RegistryConfig) -> bool {
-        self.kind == settings.kind
-            && self.cache == settings.cache
-            && self.public_uri == settings.public_uri
-            && self.anonymous_pull == settings.anonymous_pull
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// The shape image caches had in the `image_caches` tree before credentials became a record of
+/// their own (one JSON object with the credentials inline, durations as humantime text). Read
+/// once, at open, by [`Meta::migrate_image_caches`].
+#[derive(Deserialize)]
+struct LegacyImageCache {
+    name: String,
+    kind: SourceKind,
+    url: String,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    credentials_file: Option<PathBuf>,
+    #[serde(default)]
+    fetch_budget: Option<String>,
+    #[serde(default)]
+    revalidate_ttl: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    ecr_endpoint: Option<String>,
+}
+
+/// What the legacy shape defaulted `fetch_budget` to.
+const LEGACY_FETCH_BUDGET: Duration = Duration::from_secs(200);
+
+impl LegacyImageCache {
+    fn split(self) -> MetaResult<(ImageCacheRecord, CredentialRecord)> {
+        let duration = |field: &str, text: Option<String>, default: Duration| match text {
+            None => Ok(default),
+            Some(t) => humantime::parse_duration(&t).map_err(|e| {
+                sled::Error::Unsupported(format!(
+                    "image cache {:?}: stored {field} {t:?} is not a duration: {e}",
+                    self.name
+                ))
+            }),
+        };
+        let settings = ImageCacheSettings {
+            fetch_budget_ms: duration(
+                "fetch_budget",
+                self.fetch_budget.clone(),
+                LEGACY_FETCH_BUDGET,
+            )?,
+            revalidate_ttl_ms: duration(
+                "revalidate_ttl",
+                self.revalidate_ttl.clone(),
+                Duration::ZERO,
+            )?,
+            region: self.region,
+            ecr_endpoint: self.ecr_endpoint,
+        };
+        Ok((
+            ImageCacheRecord {
+                name: self.name,
+                kind: self.kind,
+                endpoint: self.url,
+                settings,
+            },
+            CredentialRecord {
+                username: self.username,
+                password: self.password,
+                credentials_file: self.credentials_file,
+            },
+        ))
     }
 }
 
@@ -134,6 +346,8 @@ pub struct Meta {
     flusher: tokio::sync::Mutex<()>,
     registries: sled::Tree,
     image_caches: sled::Tree,
+    /// Credentials of image caches, keyed by image cache name.
+    credentials: sled::Tree,
     repos: sled::Tree,
     blob_links: sled::Tree,
     artifacts: sled::Tree,
@@ -235,9 +449,10 @@ impl Meta {
             .path(data_dir.join("meta"))
             .cache_capacity(64 * 1024 * 1024)
             .open()?;
-        Ok(Meta {
+        let meta = Meta {
             registries: db.open_tree("registries")?,
             image_caches: db.open_tree("image_caches")?,
+            credentials: db.open_tree("credentials")?,
             repos: db.open_tree("repos")?,
             blob_links: db.open_tree("blob_links")?,
             artifacts: db.open_tree("artifacts")?,
@@ -253,7 +468,44 @@ impl Meta {
             repo_locks: (0..REPO_LOCK_STRIPES)
                 .map(|_| parking_lot::Mutex::new(()))
                 .collect(),
-        })
+        };
+        meta.migrate_image_caches()?;
+        Ok(meta)
+    }
+
+    /// Rewrites image caches stored in the legacy shape (credentials inline) as an
+    /// [`ImageCacheRecord`] and a [`CredentialRecord`], each pair in one transaction; records
+    /// already in the current shape are left alone, so running it again changes nothing.
+    fn migrate_image_caches(&self) -> MetaResult<()> {
+        let mut migrated = 0;
+        for item in self.image_caches.iter() {
+            let (key, value) = item?;
+            if serde_json::from_slice::<ImageCacheRecord>(&value).is_ok() {
+                continue;
+            }
+            let legacy: LegacyImageCache = from_json(&value)?;
+            let (record, credentials) = legacy.split()?;
+            // An anonymous source gets no credential record (as `put_image_cache` stores it).
+            let credentials = (!credentials.is_empty()).then(|| json(&credentials));
+            let record = json(&record);
+            self.image_cache_transaction(|caches, creds| {
+                caches.insert(key.clone(), record.clone())?;
+                match &credentials {
+                    Some(c) => creds.insert(key.clone(), c.clone())?,
+                    None => creds.remove(key.clone())?,
+                };
+                Ok(())
+            })?;
+            tracing::info!(
+                image_cache = %String::from_utf8_lossy(&key),
+                "image cache record migrated: its credentials are now a record of their own"
+            );
+            migrated += 1;
+        }
+        if migrated > 0 {
+            self.db.flush()?;
+        }
+        Ok(())
     }
 
     /// Adds a subscriber to every later change.
@@ -358,14 +610,45 @@ impl Meta {
 
     // --- image caches ---
 
-    /// Creates or replaces an image cache definition.
-    pub fn put_image_cache(&self, c: &ImageCacheConfig) -> MetaResult<()> {
-        self.image_caches.insert(c.name.as_bytes(), json(c))?;
-        Ok(())
+    /// Creates or replaces an image cache with its credentials (none: an anonymous source),
+    /// both in one transaction.
+    pub fn put_image_cache(
+        &self,
+        c: &ImageCacheRecord,
+        credentials: Option<&CredentialRecord>,
+    ) -> MetaResult<()> {
+        let record = json(c);
+        let credentials = credentials.filter(|c| !c.is_empty()).map(json);
+        self.image_cache_transaction(|caches, creds| {
+            caches.insert(c.name.as_bytes(), record.clone())?;
+            match &credentials {
+                Some(v) => creds.insert(c.name.as_bytes(), v.clone())?,
+                None => creds.remove(c.name.as_bytes())?,
+            };
+            Ok(())
+        })
+    }
+
+    /// Runs `f` as one sled transaction over the image cache and credential trees (retried by
+    /// sled on conflict, so `f` must be repeatable).
+    fn image_cache_transaction<A>(
+        &self,
+        f: impl Fn(
+            &sled::transaction::TransactionalTree,
+            &sled::transaction::TransactionalTree,
+        ) -> sled::transaction::ConflictableTransactionResult<A, sled::Error>,
+    ) -> MetaResult<A> {
+        use sled::transaction::TransactionError;
+        use sled::Transactional;
+        (&self.image_caches, &self.credentials)
+            .transaction(|(caches, creds)| f(caches, creds))
+            .map_err(|e| match e {
+                TransactionError::Abort(e) | TransactionError::Storage(e) => e,
+            })
     }
 
     /// All image caches, by name.
-    pub fn image_caches(&self) -> MetaResult<Vec<ImageCacheConfig>> {
+    pub fn image_caches(&self) -> MetaResult<Vec<ImageCacheRecord>> {
         self.image_caches
             .iter()
             .values()
@@ -374,16 +657,27 @@ impl Meta {
     }
 
     /// One image cache.
-    pub fn image_cache(&self, name: &str) -> MetaResult<Option<ImageCacheConfig>> {
+    pub fn image_cache(&self, name: &str) -> MetaResult<Option<ImageCacheRecord>> {
         self.image_caches
             .get(name)?
             .map(|v| from_json(&v))
             .transpose()
     }
 
-    /// Deletes an image cache definition.
+    /// The credentials of an image cache (`None`: anonymous, or no such image cache).
+    pub fn credentials(&self, image_cache: &str) -> MetaResult<Option<CredentialRecord>> {
+        self.credentials
+            .get(image_cache)?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    /// Deletes an image cache and its credentials.
     pub fn delete_image_cache(&self, name: &str) -> MetaResult<bool> {
-        Ok(self.image_caches.remove(name)?.is_some())
+        self.image_cache_transaction(|caches, creds| {
+            creds.remove(name.as_bytes())?;
+            Ok(caches.remove(name.as_bytes())?.is_some())
+        })
     }
 
     // --- repositories ---
@@ -651,6 +945,98 @@ mod tests {
             artifact_type: None,
             subject,
         }
+    }
+
+    /// What `Meta::put_image_cache` stored before credentials were a record of their own: the
+    /// whole `ImageCacheConfig` as JSON (durations as humantime text, absent options omitted).
+    fn legacy_image_cache(name: &str, password: &str) -> String {
+        format!(
+            r#"{{"name":"{name}","kind":"ecr","url":"https://1.dkr.ecr.eu-west-1.amazonaws.com","username":"AKID","password":"{password}","fetch_budget":"3m 20s","revalidate_ttl":"30s","region":"eu-west-1"}}"#
+        )
+    }
+
+    #[test]
+    fn legacy_image_caches_open_with_their_credentials_as_a_record_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("meta")).unwrap();
+            let caches = db.open_tree("image_caches").unwrap();
+            caches
+                .insert("ecr", legacy_image_cache("ecr", "s3cret").as_bytes())
+                .unwrap();
+            caches
+                .insert(
+                    "anon",
+                    &br#"{"name":"anon","kind":"registry","url":"https://r.example","fetch_budget":"200s","revalidate_ttl":"0s"}"#[..],
+                )
+                .unwrap();
+            db.flush().unwrap();
+        }
+        for round in 0..2 {
+            // Opened twice: the migration runs once and changes nothing the second time.
+            let m = Meta::open(dir.path()).unwrap();
+            let names: Vec<String> = m
+                .image_caches()
+                .unwrap()
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
+            assert_eq!(names, ["anon", "ecr"], "round {round}");
+            let ecr = m.image_cache("ecr").unwrap().unwrap();
+            assert_eq!(ecr.kind, SourceKind::Ecr);
+            assert_eq!(ecr.endpoint, "https://1.dkr.ecr.eu-west-1.amazonaws.com");
+            assert_eq!(ecr.settings.fetch_budget_ms, Duration::from_secs(200));
+            assert_eq!(ecr.settings.revalidate_ttl_ms, Duration::from_secs(30));
+            assert_eq!(ecr.settings.region.as_deref(), Some("eu-west-1"));
+            let creds = m.credentials("ecr").unwrap().unwrap();
+            assert_eq!(creds.username.as_deref(), Some("AKID"));
+            assert_eq!(creds.password.as_deref(), Some("s3cret"));
+            let shown = format!("{creds:?}");
+            assert!(
+                !shown.contains("s3cret") && shown.contains("redacted"),
+                "{shown}"
+            );
+            assert_eq!(m.credentials("anon").unwrap(), None, "anonymous: no record");
+            // The definition itself holds no secret any more.
+            let raw = m.image_caches.get("ecr").unwrap().unwrap();
+            assert!(!String::from_utf8_lossy(&raw).contains("s3cret"));
+        }
+        let m = Meta::open(dir.path()).unwrap();
+        assert!(m.delete_image_cache("anon").unwrap());
+        assert!(m.delete_image_cache("ecr").unwrap());
+        assert!(
+            m.credentials("ecr").unwrap().is_none(),
+            "deleted with its image cache"
+        );
+    }
+
+    #[test]
+    fn putting_an_image_cache_replaces_its_credentials_in_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Meta::open(dir.path()).unwrap();
+        let record = ImageCacheRecord {
+            name: "up".into(),
+            kind: SourceKind::Registry,
+            endpoint: "https://r.example".into(),
+            settings: ImageCacheSettings {
+                fetch_budget_ms: Duration::from_secs(200),
+                revalidate_ttl_ms: Duration::ZERO,
+                region: None,
+                ecr_endpoint: None,
+            },
+        };
+        let creds = CredentialRecord {
+            username: Some("u".into()),
+            password: Some("p".into()),
+            credentials_file: None,
+        };
+        m.put_image_cache(&record, Some(&creds)).unwrap();
+        assert_eq!(m.credentials("up").unwrap(), Some(creds));
+        // Anonymous now: the old credentials do not linger.
+        m.put_image_cache(&record, Some(&CredentialRecord::default()))
+            .unwrap();
+        assert_eq!(m.credentials("up").unwrap(), None);
+        assert_eq!(m.image_cache("up").unwrap(), Some(record));
     }
 
     #[test]
