@@ -334,8 +334,18 @@ async fn a_legacy_data_dir_keeps_its_image_caches_and_their_credentials() {
             .unwrap();
         db.flush().unwrap();
     }
-    let config = config_for(dir.path(), "");
-    let server = berth::Server::start(config).await.unwrap();
+    // sled's flusher thread lets go of the database's file lock a moment after the last
+    // handle is dropped: start once it has.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let server = loop {
+        match berth::Server::start(config_for(dir.path(), "")).await {
+            Ok(server) => break server,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let base = format!("http://{}", server.local_addrs()[0].0);
     let client = reqwest::Client::new();
     let r = client
