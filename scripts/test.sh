@@ -9,7 +9,7 @@ need() { # need COMMAND-OR-PATH PACKAGE
   if [[ "$1" == /* ]]; then [[ -e "$1" ]] || packages+=("$2"); else command -v "$1" >/dev/null 2>&1 || packages+=("$2"); fi
 }
 need skopeo skopeo
-need /usr/bin/dockerd docker.io
+need /usr/sbin/dockerd docker.io   # where Debian installs it (not /usr/bin)
 need /usr/bin/docker docker.io
 need containerd containerd
 need ctr containerd
