@@ -82,22 +82,21 @@ fn auth(c: &mut Criterion) {
     c.bench_function("token_issue", |b| {
         b.iter(|| keys.issue("ci", access.clone(), std::time::Duration::from_secs(900)))
     });
-    let meta = berth::store::meta::Meta::open(dir.path()).unwrap();
-    let users = berth::auth::users::Users::open(&meta).unwrap();
-    users
-        .create("ci", berth::auth::Role::ImageUploader, vec![])
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let meta = berth::store::meta::open(dir.path()).unwrap();
+    let users = rt.block_on(berth::auth::users::Users::open(&meta)).unwrap();
+    rt.block_on(users.create("ci", berth::auth::Role::ImageUploader, vec![]))
         .unwrap();
-    let (key, secret) = users.create_key("ci").unwrap();
+    let (key, secret) = rt.block_on(users.create_key("ci")).unwrap();
     c.bench_function("access_key_verify_argon2", |b| {
         b.iter(|| {
             // A fresh Users each time would reopen sled; instead check a wrong secret, which
             // is never memoized and costs the same argon2 run as a first good login.
-            users
-                .verify(&key.id, "wrong-secret-wrong-secret")
+            rt.block_on(users.verify(&key.id, "wrong-secret-wrong-secret"))
                 .unwrap_err()
         })
     });
-    users.verify(&key.id, &secret).unwrap();
+    rt.block_on(users.verify(&key.id, &secret)).unwrap();
     c.bench_function("access_key_verify_cached", |b| {
         b.iter(|| users.verified(&key.id, &secret).unwrap())
     });

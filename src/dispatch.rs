@@ -126,7 +126,7 @@ pub async fn v2(
             app.auth.check(&app.store, req.principal, Action::Ping)?;
             return Ok(json_response(StatusCode::OK, "{}".into()));
         }
-        Route::Catalog if m == Method::GET => return lists::catalog(app, &req),
+        Route::Catalog if m == Method::GET => return lists::catalog(app, &req).await,
         Route::Blob { name, .. }
         | Route::UploadStart { name }
         | Route::Upload { name, .. }
@@ -214,9 +214,9 @@ async fn origin(
             Method::DELETE => manifests::delete(app, repo, &reference, req.principal.name()).await,
             _ => Err(Error::MethodNotAllowed(m.to_string())),
         },
-        Route::Tags { .. } if m == Method::GET => lists::tags(app, repo, &req),
+        Route::Tags { .. } if m == Method::GET => lists::tags(app, repo, &req).await,
         Route::Referrers { digest, .. } if m == Method::GET => {
-            lists::referrers(app, repo, &digest, &req)
+            lists::referrers(app, repo, &digest, &req).await
         }
         _ => Err(Error::MethodNotAllowed(m.to_string())),
     }
@@ -254,9 +254,9 @@ async fn cached(app: &App, route: Route, t: &CacheTarget, req: Req<'_>) -> Resul
             Method::PUT => denied(),
             _ => Err(Error::MethodNotAllowed(m.to_string())),
         },
-        Route::Tags { .. } if m == Method::GET => lists::tags(app, &t.repo, &req),
+        Route::Tags { .. } if m == Method::GET => lists::tags(app, &t.repo, &req).await,
         Route::Referrers { digest, .. } if m == Method::GET => {
-            lists::referrers(app, &t.repo, &digest, &req)
+            lists::referrers(app, &t.repo, &digest, &req).await
         }
         _ => Err(Error::MethodNotAllowed(m.to_string())),
     }

@@ -109,7 +109,7 @@ pub enum Error {
     StorageFull(String),
     /// Metadata store failure.
     #[error("metadata error: {0}")]
-    Meta(#[from] sled::Error),
+    Meta(#[from] crate::store::meta::MetaError),
     /// A broken invariant that is berth's fault.
     #[error("internal error: {0}")]
     Internal(String),

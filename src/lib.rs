@@ -80,10 +80,13 @@ pub struct Server {
 
 /// Creates image caches and registries declared in the config (the config wins over what is
 /// stored), and checks that every cache registry names a known image cache.
-pub fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> {
+pub async fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> {
     for c in &config.image_cache {
         let (record, credentials) = c.to_records();
-        store.meta.put_image_cache(&record, Some(&credentials))?;
+        store
+            .meta
+            .put_image_cache(&record, Some(&credentials))
+            .await?;
     }
     for r in &config.registry {
         let declared = RegistryRecord::from(r);
@@ -93,16 +96,18 @@ pub fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> 
                 if let Some(e) = &existing {
                     tracing::warn!(registry = %r.name, from = %e.kind, to = %r.kind, "registry changed by config");
                 }
-                store.put_registry(RegistryRecord {
-                    created_ms: existing.map_or_else(now_ms, |e| e.created_ms),
-                    ..declared
-                })?;
+                store
+                    .put_registry(RegistryRecord {
+                        created_ms: existing.map_or_else(now_ms, |e| e.created_ms),
+                        ..declared
+                    })
+                    .await?;
             }
         }
     }
     for r in store.registries() {
         if let Some(c) = &r.cache {
-            if store.meta.image_cache(c)?.is_none() {
+            if store.meta.image_cache(c).await?.is_none() {
                 return Err(error::Error::Internal(format!(
                     "cache registry {:?} names image cache {c:?}, which does not exist",
                     r.name
@@ -120,7 +125,7 @@ pub fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> 
             }
         }
     }
-    store.meta.flush_blocking()?;
+    store.meta.flush().await?;
     Ok(())
 }
 
@@ -136,12 +141,17 @@ impl App {
         };
         let store = Store::open(&config.data_dir).await.map_err(store_err)?;
         if apply {
-            apply_config(&store, &config).map_err(store_err)?;
+            apply_config(&store, &config).await.map_err(store_err)?;
         }
-        let cache = cache::Cache::open(&config, &store).map_err(StartError::Listen)?;
-        let auth = auth::Auth::open(&store, &config.data_dir, &config.auth).map_err(store_err)?;
+        let cache = cache::Cache::open(&config, &store)
+            .await
+            .map_err(StartError::Listen)?;
+        let auth = auth::Auth::open(&store, &config.data_dir, &config.auth)
+            .await
+            .map_err(store_err)?;
         let egress = Arc::new(http::egress::EgressPolicy::from_config(&config));
         let webhooks = events::webhooks::Webhooks::open_with(&store.meta, &config.webhooks, egress)
+            .await
             .map_err(store_err)?;
         let manifests = Arc::new(serve::manifests::ManifestCache::new(
             config.memory.manifest_bytes,
@@ -207,7 +217,7 @@ impl Server {
         self.app.ready.store(false, Ordering::Release);
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
-        if let Err(e) = self.app.store.pulls.flush(&self.app.store.meta) {
+        if let Err(e) = self.app.store.pulls.flush(&*self.app.store.meta).await {
             tracing::error!(error = %e, "could not write last-pull times");
         }
         match tokio::time::timeout(Duration::from_secs(10), self.app.store.meta.flush()).await {
@@ -241,7 +251,7 @@ async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = app.store.pulls.flush(&app.store.meta) {
+        if let Err(e) = app.store.pulls.flush(&*app.store.meta).await {
             tracing::error!(error = %e, "could not write last-pull times");
         }
         if n.is_multiple_of(300) {

@@ -881,6 +881,7 @@ async fn prune_removes_unpulled_cache_artifacts() {
     app.store
         .meta
         .put_artifact("hub/library/old", &old, &record, Some("v1"), None)
+        .await
         .unwrap();
     let r = api(
         &s,
@@ -894,6 +895,7 @@ async fn prune_removes_unpulled_cache_artifacts() {
         .store
         .meta
         .artifact("hub/library/old", &old)
+        .await
         .unwrap()
         .is_some());
     let r = api(
@@ -908,6 +910,7 @@ async fn prune_removes_unpulled_cache_artifacts() {
         .store
         .meta
         .artifact("hub/library/old", &old)
+        .await
         .unwrap()
         .is_none());
     let viewer = user(&s, "viewer", Role::Viewer, &[]);

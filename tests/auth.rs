@@ -54,22 +54,20 @@ async fn fixture() -> Fixture {
         "a data directory without users is open (auth.mode = auto)"
     );
     let key = |name: &str, role: Role, registries: &[&str]| {
-        app.auth
-            .users
-            .create(
-                name,
-                role,
-                registries.iter().map(|r| r.to_string()).collect(),
-            )
-            .unwrap();
-        let (k, secret) = app.auth.users.create_key(name).unwrap();
+        common::block(app.auth.users.create(
+            name,
+            role,
+            registries.iter().map(|r| r.to_string()).collect(),
+        ))
+        .unwrap();
+        let (k, secret) = common::block(app.auth.users.create_key(name)).unwrap();
         Cred::Basic(k.id, secret)
     };
     let admin = key("admin", Role::Admin, &[]);
     let viewer = key("viewer", Role::Viewer, &[]);
     let uploader = key("uploader", Role::ImageUploader, &[]);
     let team_admin = key("teamadmin", Role::Admin, &["team"]);
-    app.auth.refresh().unwrap();
+    app.auth.refresh().await.unwrap();
     assert!(app.auth.enforced());
     Fixture {
         s,
@@ -697,8 +695,12 @@ async fn auth_off_and_auth_on_modes() {
     // mode = "off": users exist, nobody is asked.
     let s = TestServer::start("[auth]\nmode = \"off\"\n").await;
     let app: Arc<berth::App> = s.app();
-    app.auth.users.create("root", Role::Admin, vec![]).unwrap();
-    app.auth.refresh().unwrap();
+    app.auth
+        .users
+        .create("root", Role::Admin, vec![])
+        .await
+        .unwrap();
+    app.auth.refresh().await.unwrap();
     s.push_image("library/app", "v1", "o").await;
     // Credentials that do not check out are ignored while auth is off (CI jobs that always log
     // in keep working), and the token endpoint still says they are wrong.

@@ -344,7 +344,7 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
             "fetched blob committed"
         );
     }
-    app.store.pulls.flush(&store.meta).unwrap();
+    app.store.pulls.flush(&*store.meta).await.unwrap();
     // Recently pulled: a 1-hour sweep keeps everything.
     let r = berth::cache::sweep::sweep(
         store,
@@ -372,7 +372,7 @@ async fn cleanup_sweep_removes_unpulled_artifacts_and_their_blobs() {
         edge.get("/v2/hub/library/app/manifests/v1").await.status(),
         StatusCode::OK
     );
-    app.store.pulls.flush(&store.meta).unwrap();
+    app.store.pulls.flush(&*store.meta).await.unwrap();
     // The real one.
     let r = berth::cache::sweep::sweep(
         store,
@@ -505,6 +505,7 @@ async fn a_blob_held_for_another_repository_is_not_served_while_the_source_is_do
         app.store
             .meta
             .blob_link("hub/library/private", &digest)
+            .await
             .unwrap(),
         None
     );

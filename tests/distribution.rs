@@ -891,11 +891,16 @@ async fn pull_and_push_times_are_recorded() {
         .store
         .meta
         .artifact("library/app", &digest)
+        .await
         .unwrap()
         .unwrap();
     assert!(record.pushed_ms > 0);
     assert_eq!(
-        app.store.meta.last_pull("library/app", &digest).unwrap(),
+        app.store
+            .meta
+            .last_pull("library/app", &digest)
+            .await
+            .unwrap(),
         None
     );
     // HEAD is not a pull; GET is.
@@ -904,15 +909,25 @@ async fn pull_and_push_times_are_recorded() {
         .send()
         .await
         .unwrap();
-    app.store.pulls.flush(&app.store.meta).unwrap();
+    app.store.pulls.flush(&*app.store.meta).await.unwrap();
     assert_eq!(
-        app.store.meta.last_pull("library/app", &digest).unwrap(),
+        app.store
+            .meta
+            .last_pull("library/app", &digest)
+            .await
+            .unwrap(),
         None
     );
     s.get("/v2/library/app/manifests/v1").await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        if let Some(t) = app.store.meta.last_pull("library/app", &digest).unwrap() {
+        if let Some(t) = app
+            .store
+            .meta
+            .last_pull("library/app", &digest)
+            .await
+            .unwrap()
+        {
             assert!(t >= record.pushed_ms);
             break;
         }

@@ -623,7 +623,7 @@ async fn a_webhook_target_is_checked_again_where_it_resolves_at_delivery() {
     use berth::events::EventKind;
     use berth::http::egress::EgressPolicy;
     let dir = tempfile::tempdir().unwrap();
-    let meta = berth::store::meta::Meta::open(dir.path()).unwrap();
+    let meta = berth::store::meta::open(dir.path()).unwrap();
     let config = berth::config::WebhookConfig {
         allowed_ports: vec![],
         ..Default::default()
@@ -644,6 +644,7 @@ async fn a_webhook_target_is_checked_again_where_it_resolves_at_delivery() {
             &config,
             Arc::new(EgressPolicy::from_config(&allowing)),
         )
+        .await
         .unwrap();
         w.check_destination(&target).await.unwrap();
         w.create(
@@ -658,12 +659,13 @@ async fn a_webhook_target_is_checked_again_where_it_resolves_at_delivery() {
                 enabled: true,
             },
         )
+        .await
         .unwrap()
         .id
     };
     // The same policy under the default egress policy: the delivery is refused where the name
     // resolves, and nothing connects.
-    let w = Webhooks::open(&meta, &config).unwrap();
+    let w = Webhooks::open(&meta, &config).await.unwrap();
     let d = w.test("library", &id, "tester").await.unwrap();
     assert_eq!(d.status, DeliveryStatus::Failed);
     let error = d.last_error.unwrap_or_default();

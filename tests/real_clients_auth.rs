@@ -10,7 +10,6 @@ use std::path::Path;
 
 use berth::auth::users::Users;
 use berth::auth::Role;
-use berth::store::meta::Meta;
 use common::clients::{self, Containerd, Dockerd};
 use common::oci_layout::{self, sha256_digest, MARKER};
 use common::process::BerthProcess;
@@ -24,17 +23,22 @@ struct Keys {
 }
 
 fn seed_users(dir: &Path) -> Keys {
-    let meta = Meta::open(&dir.join("data")).unwrap();
-    let users = Users::open(&meta).unwrap();
-    users.create("root", Role::Admin, vec![]).unwrap();
-    users.create("ci", Role::ImageUploader, vec![]).unwrap();
-    users.create("node", Role::Viewer, vec![]).unwrap();
-    let (k, s) = users.create_key("ci").unwrap();
-    let uploader = (k.id, s);
-    let (k, s) = users.create_key("node").unwrap();
-    let viewer = (k.id, s);
-    meta.flush_blocking().unwrap();
-    Keys { uploader, viewer }
+    common::block(async {
+        let meta = berth::store::meta::open(&dir.join("data")).unwrap();
+        let users = Users::open(&meta).await.unwrap();
+        users.create("root", Role::Admin, vec![]).await.unwrap();
+        users
+            .create("ci", Role::ImageUploader, vec![])
+            .await
+            .unwrap();
+        users.create("node", Role::Viewer, vec![]).await.unwrap();
+        let (k, s) = users.create_key("ci").await.unwrap();
+        let uploader = (k.id, s);
+        let (k, s) = users.create_key("node").await.unwrap();
+        let viewer = (k.id, s);
+        meta.flush().await.unwrap();
+        Keys { uploader, viewer }
+    })
 }
 
 fn start() -> (tempfile::TempDir, BerthProcess, Keys) {

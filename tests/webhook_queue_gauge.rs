@@ -62,13 +62,16 @@ async fn the_queue_depth_gauge_shows_the_queued_deliveries() {
                 enabled: true,
             },
         )
+        .await
         .unwrap();
     let log = || {
-        s.app()
-            .events
-            .webhooks
-            .deliveries(&policy.registry, &policy.id, 1000)
-            .unwrap()
+        common::block(
+            s.app()
+                .events
+                .webhooks
+                .deliveries(&policy.registry, &policy.id, 1000),
+        )
+        .unwrap()
     };
     assert_eq!(s.metric(GAUGE, &[]).await, 0.0, "nothing queued yet");
     rx.stop();

@@ -120,15 +120,11 @@ fn spec(name: &str, target: &str, events: &[EventKind]) -> WebhookSpec {
 }
 
 fn create(s: &TestServer, registry: &str, spec: WebhookSpec) -> WebhookPolicy {
-    s.app().events.webhooks.create(registry, spec).unwrap()
+    common::block(s.app().events.webhooks.create(registry, spec)).unwrap()
 }
 
 fn log(s: &TestServer, p: &WebhookPolicy) -> Vec<Delivery> {
-    s.app()
-        .events
-        .webhooks
-        .deliveries(&p.registry, &p.id, 1000)
-        .unwrap()
+    common::block(s.app().events.webhooks.deliveries(&p.registry, &p.id, 1000)).unwrap()
 }
 
 async fn wait(what: &str, cond: impl FnMut() -> bool) {
@@ -808,14 +804,16 @@ async fn operator_is_the_authenticated_user_and_viewers_cannot_manage() {
     app.auth
         .users
         .create("alice", Role::Admin, Vec::new())
+        .await
         .unwrap();
-    let (key, secret) = app.auth.users.create_key("alice").unwrap();
+    let (key, secret) = app.auth.users.create_key("alice").await.unwrap();
     app.auth
         .users
         .create("victor", Role::Viewer, Vec::new())
+        .await
         .unwrap();
-    let (viewer_key, viewer_secret) = app.auth.users.create_key("victor").unwrap();
-    app.auth.refresh().unwrap();
+    let (viewer_key, viewer_secret) = app.auth.users.create_key("victor").await.unwrap();
+    app.auth.refresh().await.unwrap();
     assert!(app.auth.enforced());
     let r = s
         .client
@@ -855,7 +853,10 @@ async fn operator_is_the_authenticated_user_and_viewers_cannot_manage() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    assert_eq!(s.app().events.webhooks.list("library").unwrap().len(), 1);
+    assert_eq!(
+        s.app().events.webhooks.list("library").await.unwrap().len(),
+        1
+    );
 }
 
 /// `/api/v1/registries/{registry}/webhooks{rest}` on the test server.

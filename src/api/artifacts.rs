@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::images::existing_repo;
 use super::page::Page;
 use super::views::{ArtifactDeleted, ArtifactView};
-use super::{blocking, json, rfc3339, Ctx};
+use super::{json, rfc3339, Ctx};
 use crate::auth::Action;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
@@ -20,8 +20,8 @@ use crate::store::Store;
 /// Config blobs larger than this are not read for their platform (real ones are a few KiB).
 const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
-fn read_json(store: &Store, digest: &Digest, limit: u64) -> Option<Value> {
-    let bytes = crate::store::blobs::wait(store.blobs.read_small(digest, limit)).ok()??;
+async fn read_json(store: &Store, digest: &Digest, limit: u64) -> Option<Value> {
+    let bytes = store.blobs.read_small(digest, limit).await.ok()??;
     serde_json::from_slice(&bytes).ok()
 }
 
@@ -47,7 +47,7 @@ fn blobs_size(manifest: &Value) -> u64 {
 }
 
 /// Total size (manifest and what it references) and platforms of an artifact.
-fn size_and_platforms(
+async fn size_and_platforms(
     store: &Store,
     repo: &str,
     record: &ArtifactRecord,
@@ -55,7 +55,7 @@ fn size_and_platforms(
 ) -> (u64, Vec<String>) {
     // Manifests were bounded by limits.max_manifest_bytes when pushed.
     let limit = u64::MAX;
-    let Some(manifest) = read_json(store, digest, limit) else {
+    let Some(manifest) = read_json(store, digest, limit).await else {
         return (record.size, Vec::new());
     };
     if let Some(children) = manifest["manifests"].as_array() {
@@ -67,11 +67,11 @@ fn size_and_platforms(
                 continue;
             };
             // The stored record's size, not the descriptor's claim (pushes do not check it).
-            size += match store.meta.artifact(repo, &d).ok().flatten() {
+            size += match store.meta.artifact(repo, &d).await.ok().flatten() {
                 Some(r) => r.size,
                 None => descriptor_size(child),
             };
-            if let Some(child_manifest) = read_json(store, &d, limit) {
+            if let Some(child_manifest) = read_json(store, &d, limit).await {
                 size += blobs_size(&child_manifest);
             }
             if let Some(p) = platform_text(&child["platform"]) {
@@ -80,10 +80,14 @@ fn size_and_platforms(
         }
         return (size, platforms);
     }
-    let platforms = manifest["config"]["digest"]
+    let config = match manifest["config"]["digest"]
         .as_str()
         .and_then(|d| Digest::parse(d).ok())
-        .and_then(|d| read_json(store, &d, MAX_CONFIG_BYTES))
+    {
+        Some(d) => read_json(store, &d, MAX_CONFIG_BYTES).await,
+        None => None,
+    };
+    let platforms = config
         .and_then(|config| platform_text(&config))
         .into_iter()
         .collect();
@@ -96,7 +100,7 @@ pub fn cosign_tag(digest: &Digest) -> String {
 }
 
 /// The view of one artifact.
-pub fn artifact_view(
+pub async fn artifact_view(
     store: &Store,
     repo: &str,
     digest: &Digest,
@@ -104,10 +108,14 @@ pub fn artifact_view(
     tags: &[String],
     all_tags: &HashSet<String>,
 ) -> Result<ArtifactView> {
-    let (size, platforms) = size_and_platforms(store, repo, record, digest);
-    let signed =
-        all_tags.contains(&cosign_tag(digest)) || !store.meta.referrers(repo, digest)?.is_empty();
-    let last_pull = store.meta.last_pull(repo, digest)?;
+    let (size, platforms) = size_and_platforms(store, repo, record, digest).await;
+    let signed = all_tags.contains(&cosign_tag(digest))
+        || !store
+            .meta
+            .referrers(repo, digest, None, 1)
+            .await?
+            .is_empty();
+    let last_pull = store.meta.last_pull(repo, digest).await?;
     Ok(ArtifactView {
         artifact_type: record.artifact_type.clone(),
         digest: digest.to_string(),
@@ -127,11 +135,11 @@ pub fn artifact_view(
 type TagsByDigest = HashMap<Digest, Vec<String>>;
 
 /// Tags of a repository grouped by the digest they point at, and the set of all its tags.
-fn tag_map(store: &Store, repo: &str) -> Result<(TagsByDigest, HashSet<String>)> {
+async fn tag_map(store: &Store, repo: &str) -> Result<(TagsByDigest, HashSet<String>)> {
     let mut by_digest: HashMap<Digest, Vec<String>> = HashMap::new();
     let mut all = HashSet::new();
-    for t in store.meta.tags(repo, None, usize::MAX)? {
-        if let Some(d) = store.meta.tag(repo, &t)? {
+    for t in store.meta.tags(repo, None, usize::MAX).await? {
+        if let Some(d) = store.meta.tag(repo, &t).await? {
             by_digest.entry(d).or_default().push(t.clone());
         }
         all.insert(t);
@@ -141,7 +149,7 @@ fn tag_map(store: &Store, repo: &str) -> Result<(TagsByDigest, HashSet<String>)>
 
 /// `GET .../artifacts?media_type=&tagged=true|false`, newest push first.
 pub async fn list(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response<Body>> {
-    let (_, repo) = existing_repo(ctx, registry, image, Action::Read(Some(registry)))?;
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Read(Some(registry))).await?;
     let page = Page::of(ctx)?;
     let media_type = ctx.query("media_type").filter(|m| !m.is_empty());
     let tagged = match ctx.query("tagged").as_deref() {
@@ -154,31 +162,25 @@ pub async fn list(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response
             )))
         }
     };
-    let app = ctx.app.clone();
-    let (total, shown) = blocking(move || {
-        let store = &app.store;
-        // Pulls are batched in memory; write them so last_pull is current.
-        store.pulls.flush(&store.meta)?;
-        let (by_digest, all_tags) = tag_map(store, repo.as_str())?;
-        let mut artifacts: Vec<(Digest, ArtifactRecord)> = store
-            .meta
-            .artifacts(repo.as_str())?
-            .into_iter()
-            .filter(|(_, a)| media_type.as_ref().is_none_or(|m| *m == a.media_type))
-            .filter(|(d, _)| tagged.is_none_or(|t| by_digest.contains_key(d) == t))
-            .collect();
-        artifacts.sort_by(|a, b| b.1.pushed_ms.cmp(&a.1.pushed_ms).then(a.0.cmp(&b.0)));
-        let window = page.window(artifacts.len());
-        let shown = artifacts[window]
-            .iter()
-            .map(|(d, a)| {
-                let tags = by_digest.get(d).map(Vec::as_slice).unwrap_or(&[]);
-                artifact_view(store, repo.as_str(), d, a, tags, &all_tags)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((artifacts.len(), shown))
-    })
-    .await?;
+    let store = &ctx.app.store;
+    // Pulls are batched in memory; write them so last_pull is current.
+    store.pulls.flush(&*store.meta).await?;
+    let (by_digest, all_tags) = tag_map(store, repo.as_str()).await?;
+    let mut artifacts: Vec<(Digest, ArtifactRecord)> = store
+        .meta
+        .artifacts(repo.as_str(), None, usize::MAX)
+        .await?
+        .into_iter()
+        .filter(|(_, a)| media_type.as_ref().is_none_or(|m| *m == a.media_type))
+        .filter(|(d, _)| tagged.is_none_or(|t| by_digest.contains_key(d) == t))
+        .collect();
+    artifacts.sort_by(|a, b| b.1.pushed_ms.cmp(&a.1.pushed_ms).then(a.0.cmp(&b.0)));
+    let (total, artifacts) = page.slice(artifacts);
+    let mut shown = Vec::with_capacity(artifacts.len());
+    for (d, a) in &artifacts {
+        let tags = by_digest.get(d).map(Vec::as_slice).unwrap_or(&[]);
+        shown.push(artifact_view(store, repo.as_str(), d, a, tags, &all_tags).await?);
+    }
     page.envelope(ctx, total, shown)
 }
 
@@ -189,21 +191,18 @@ pub async fn get(
     image: &str,
     digest: &str,
 ) -> Result<Response<Body>> {
-    let (_, repo) = existing_repo(ctx, registry, image, Action::Read(Some(registry)))?;
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Read(Some(registry))).await?;
     let digest = Digest::parse(digest)?;
-    let app = ctx.app.clone();
-    let v = blocking(move || {
-        let store = &app.store;
-        store.pulls.flush(&store.meta)?;
-        let record = store
-            .meta
-            .artifact(repo.as_str(), &digest)?
-            .ok_or_else(|| Error::ManifestUnknown(format!("artifact {digest} is not in {repo}")))?;
-        let (by_digest, all_tags) = tag_map(store, repo.as_str())?;
-        let tags = by_digest.get(&digest).map(Vec::as_slice).unwrap_or(&[]);
-        artifact_view(store, repo.as_str(), &digest, &record, tags, &all_tags)
-    })
-    .await?;
+    let store = &ctx.app.store;
+    store.pulls.flush(&*store.meta).await?;
+    let record = store
+        .meta
+        .artifact(repo.as_str(), &digest)
+        .await?
+        .ok_or_else(|| Error::ManifestUnknown(format!("artifact {digest} is not in {repo}")))?;
+    let (by_digest, all_tags) = tag_map(store, repo.as_str()).await?;
+    let tags = by_digest.get(&digest).map(Vec::as_slice).unwrap_or(&[]);
+    let v = artifact_view(store, repo.as_str(), &digest, &record, tags, &all_tags).await?;
     json(StatusCode::OK, &v)
 }
 
@@ -215,7 +214,7 @@ pub async fn delete(
     digest: &str,
 ) -> Result<Response<Body>> {
     let full = format!("{registry}/{image}");
-    let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full))?;
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full)).await?;
     let digest = Digest::parse(digest)?;
     let removed = crate::registry::manifests::remove(
         ctx.app,

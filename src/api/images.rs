@@ -29,55 +29,60 @@ pub fn repo(
 }
 
 /// Like [`repo`], and the repository must hold artifacts.
-pub fn existing_repo(
+pub async fn existing_repo(
     ctx: &Ctx<'_>,
     registry: &str,
     image: &str,
     action: Action<'_>,
 ) -> Result<(RegistryRecord, RepoName)> {
     let (r, repo) = repo(ctx, registry, image, action)?;
-    if !ctx.app.store.meta.repo_exists(repo.as_str())? {
+    if !ctx.app.store.meta.repo_exists(repo.as_str()).await? {
         return Err(Error::NameUnknown(format!("image {repo} does not exist")));
     }
     Ok((r, repo))
 }
 
 /// `GET /api/v1/registries/{registry}/images?q=`: name, artifact and tag counts, last push.
-pub fn list(ctx: &Ctx<'_>, registry: &str) -> Result<Response<Body>> {
+pub async fn list(ctx: &Ctx<'_>, registry: &str) -> Result<Response<Body>> {
     ctx.check(Action::Read(Some(registry)))?;
     visible(ctx, registry)?;
     let q = ctx.query("q");
     let meta = &ctx.app.store.meta;
     let prefix = format!("{registry}/");
     let images: Vec<String> = meta
-        .repositories(Some(registry), None, usize::MAX)?
+        .repositories(Some(registry), None, usize::MAX)
+        .await?
         .into_iter()
         .filter_map(|repo| repo.strip_prefix(&prefix).map(str::to_string))
         .filter(|image| matches_q(&q, image))
         .collect();
-    Page::of(ctx)?.respond(ctx, images, |image| {
+    let page = Page::of(ctx)?;
+    let (total, images) = page.slice(images);
+    let mut shown = Vec::with_capacity(images.len());
+    for image in images {
         let repo = format!("{prefix}{image}");
-        let artifacts = meta.artifacts(&repo)?;
-        let tags = meta.tags(&repo, None, usize::MAX)?.len();
+        let artifacts = meta.artifacts(&repo, None, usize::MAX).await?;
+        let tags = meta.tags(&repo, None, usize::MAX).await?.len();
         let last_push = artifacts.iter().map(|(_, a)| a.pushed_ms).max();
-        Ok(ImageView {
+        shown.push(ImageView {
             artifact_count: artifacts.len(),
             last_push: last_push.map(rfc3339),
             name: image,
             repository: repo,
             tag_count: tags,
-        })
-    })
+        });
+    }
+    page.envelope(ctx, total, shown)
 }
 
 /// `DELETE /api/v1/registries/{registry}/images/{image}`: every artifact and tag of the image,
 /// and its blob links (so garbage collection can reclaim blobs no other image uses).
 pub async fn delete(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response<Body>> {
     let full = format!("{registry}/{image}");
-    let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full))?;
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full)).await?;
     let meta = &ctx.app.store.meta;
     let (mut artifacts, mut tags) = (0, 0);
-    for (digest, _) in meta.artifacts(repo.as_str())? {
+    for (digest, _) in meta.artifacts(repo.as_str(), None, usize::MAX).await? {
         let removed = crate::registry::manifests::remove(
             ctx.app,
             &repo,
@@ -89,10 +94,10 @@ pub async fn delete(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Respon
         tags += removed.tags.len();
     }
     // Unlinked blobs become garbage for the collector unless another image links them.
-    for blob in meta.linked_blobs(repo.as_str())? {
-        meta.unlink_blob(repo.as_str(), &blob)?;
+    for blob in meta.linked_blobs(repo.as_str(), None, usize::MAX).await? {
+        meta.unlink_blob(repo.as_str(), &blob).await?;
     }
-    meta.remove_repo_if_empty(repo.as_str())?;
+    meta.remove_repo_if_empty(repo.as_str()).await?;
     meta.flush().await?;
     json(
         StatusCode::OK,
@@ -114,25 +119,30 @@ pub fn glob(pattern: &str) -> Result<globset::GlobMatcher> {
 }
 
 /// `GET /api/v1/registries/{registry}/images/{image}/tags?pattern=GLOB`.
-pub fn tags(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response<Body>> {
-    let (_, repo) = existing_repo(ctx, registry, image, Action::Read(Some(registry)))?;
+pub async fn tags(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response<Body>> {
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Read(Some(registry))).await?;
     let matcher = match ctx.query("pattern").filter(|p| !p.is_empty()) {
         Some(p) => Some(glob(&p)?),
         None => None,
     };
     let meta = &ctx.app.store.meta;
     let tags: Vec<String> = meta
-        .tags(repo.as_str(), None, usize::MAX)?
+        .tags(repo.as_str(), None, usize::MAX)
+        .await?
         .into_iter()
         .filter(|t| matcher.as_ref().is_none_or(|m| m.is_match(t)))
         .collect();
-    Page::of(ctx)?.respond(ctx, tags, |t| {
-        let digest = meta.tag(repo.as_str(), &t)?;
-        Ok(TagView {
+    let page = Page::of(ctx)?;
+    let (total, tags) = page.slice(tags);
+    let mut shown = Vec::with_capacity(tags.len());
+    for t in tags {
+        let digest = meta.tag(repo.as_str(), &t).await?;
+        shown.push(TagView {
             digest: digest.map(|d| d.to_string()),
             name: t,
-        })
-    })
+        });
+    }
+    page.envelope(ctx, total, shown)
 }
 
 pub use super::views::NewTag;
@@ -156,10 +166,13 @@ pub async fn put_tag(
     let digest = Digest::parse(&body.digest)?;
     let meta = &ctx.app.store.meta;
     let unknown = || Error::ManifestUnknown(format!("artifact {digest} is not in {repo}"));
-    let record = meta.artifact(repo.as_str(), &digest)?.ok_or_else(unknown)?;
-    let previous = meta.tag(repo.as_str(), &body.tag)?;
+    let record = meta
+        .artifact(repo.as_str(), &digest)
+        .await?
+        .ok_or_else(unknown)?;
+    let previous = meta.tag(repo.as_str(), &body.tag).await?;
     // Checked again under the repository's lock: a delete racing this request wins cleanly.
-    if !meta.tag_artifact(repo.as_str(), &digest, &body.tag)? {
+    if !meta.tag_artifact(repo.as_str(), &digest, &body.tag).await? {
         return Err(unknown());
     }
     meta.flush().await?;
@@ -195,7 +208,7 @@ pub async fn delete_tag(
     tag: &str,
 ) -> Result<Response<Body>> {
     let full = format!("{registry}/{image}");
-    let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full))?;
+    let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full)).await?;
     validate_tag(tag)?;
     let digest = crate::registry::manifests::remove(
         ctx.app,

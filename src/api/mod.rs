@@ -167,14 +167,14 @@ pub async fn dispatch(
     let ctx = Ctx { app, req, path };
     match (route.template, m.clone()) {
         ("/openapi.json", Method::GET) => Ok(json_response(StatusCode::OK, OPENAPI.into())),
-        ("/registries", Method::GET) => registries::list(&ctx),
+        ("/registries", Method::GET) => registries::list(&ctx).await,
         ("/registries", Method::POST) => registries::create(&ctx, json_body(body).await?).await,
-        ("/registries/{registry}", Method::GET) => registries::get(&ctx, p(0)),
+        ("/registries/{registry}", Method::GET) => registries::get(&ctx, p(0)).await,
         ("/registries/{registry}", Method::PATCH) => {
             registries::patch(&ctx, p(0), json_body(body).await?).await
         }
         ("/registries/{registry}", Method::DELETE) => registries::delete(&ctx, p(0)).await,
-        ("/registries/{registry}/images", Method::GET) => images::list(&ctx, p(0)),
+        ("/registries/{registry}/images", Method::GET) => images::list(&ctx, p(0)).await,
         ("/registries/{registry}/images/{image}", Method::DELETE) => {
             images::delete(&ctx, p(0), p(1)).await
         }
@@ -188,7 +188,7 @@ pub async fn dispatch(
             artifacts::delete(&ctx, p(0), p(1), p(2)).await
         }
         ("/registries/{registry}/images/{image}/tags", Method::GET) => {
-            images::tags(&ctx, p(0), p(1))
+            images::tags(&ctx, p(0), p(1)).await
         }
         ("/registries/{registry}/images/{image}/tags", Method::POST) => {
             images::put_tag(&ctx, p(0), p(1), json_body(body).await?).await
@@ -196,20 +196,20 @@ pub async fn dispatch(
         ("/registries/{registry}/images/{image}/tags/{tag}", Method::DELETE) => {
             images::delete_tag(&ctx, p(0), p(1), p(2)).await
         }
-        ("/image-caches", Method::GET) => caches::list(&ctx),
+        ("/image-caches", Method::GET) => caches::list(&ctx).await,
         ("/image-caches", Method::POST) => caches::create(&ctx, json_body(body).await?).await,
-        ("/image-caches/{name}", Method::GET) => caches::get(&ctx, p(0)),
+        ("/image-caches/{name}", Method::GET) => caches::get(&ctx, p(0)).await,
         ("/image-caches/{name}", Method::PATCH) => {
             caches::patch(&ctx, p(0), json_body(body).await?).await
         }
         ("/image-caches/{name}", Method::DELETE) => caches::delete(&ctx, p(0)).await,
         ("/cache/prune", Method::POST) => caches::prune(&ctx, json_body(body).await?).await,
-        ("/users", Method::GET) => users::list(&ctx),
+        ("/users", Method::GET) => users::list(&ctx).await,
         ("/users", Method::POST) => users::create(&ctx, json_body(body).await?).await,
-        ("/users/{name}", Method::GET) => users::get(&ctx, p(0)),
+        ("/users/{name}", Method::GET) => users::get(&ctx, p(0)).await,
         ("/users/{name}", Method::PATCH) => users::patch(&ctx, p(0), json_body(body).await?).await,
         ("/users/{name}", Method::DELETE) => users::delete(&ctx, p(0)).await,
-        ("/users/{name}/keys", Method::GET) => users::keys(&ctx, p(0)),
+        ("/users/{name}/keys", Method::GET) => users::keys(&ctx, p(0)).await,
         ("/users/{name}/keys", Method::POST) => users::create_key(&ctx, p(0)).await,
         ("/users/{name}/keys/{id}", Method::DELETE) => users::revoke_key(&ctx, p(0), p(1)).await,
         _ => Err(Error::Internal(format!(
@@ -272,15 +272,6 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Result<Respon
 pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
         .to_string()
-}
-
-/// Runs blocking work (sled scans, argon2, fsync) off the async workers.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Internal(format!("api task: {e}")))?
 }
 
 #[cfg(test)]

@@ -70,6 +70,19 @@ impl Page {
         self.envelope(ctx, total, shown)
     }
 
+    /// The count of `items` and this page of them (to render with async work, then answer
+    /// with [`Page::envelope`]).
+    pub fn slice<T>(&self, items: Vec<T>) -> (usize, Vec<T>) {
+        let total = items.len();
+        let window = self.window(total);
+        let page = items
+            .into_iter()
+            .skip(window.start)
+            .take(window.len())
+            .collect();
+        (total, page)
+    }
+
     /// The envelope of this page's already-rendered items out of `total`.
     pub fn envelope<V: serde::Serialize>(
         &self,

@@ -5,12 +5,12 @@ use serde::Deserialize;
 
 use super::page::{matches_q, Page};
 use super::views::{RegistryDeleted, RegistryView};
-use super::{blocking, json, Ctx};
+use super::{json, Ctx};
 use crate::auth::Action;
 use crate::config::RegistryKind;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
-use crate::store::meta::{Meta, RegistryRecord};
+use crate::store::meta::{MetaStore, RegistryRecord};
 use crate::App;
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -18,11 +18,12 @@ fn err(e: impl std::fmt::Display) -> String {
 }
 
 /// The view of a registry, with a note when its image cache is not loaded yet.
-pub fn registry_view(app: &App, r: &RegistryRecord) -> Result<RegistryView> {
+pub async fn registry_view(app: &App, r: &RegistryRecord) -> Result<RegistryView> {
     let images = app
         .store
         .meta
-        .repositories(Some(&r.name), None, usize::MAX)?
+        .repositories(Some(&r.name), None, usize::MAX)
+        .await?
         .len();
     let mut v = RegistryView::of(r, images);
     if let Some(c) = &r.cache {
@@ -44,7 +45,7 @@ pub fn visible(ctx: &Ctx<'_>, name: &str) -> Result<RegistryRecord> {
 }
 
 /// `GET /api/v1/registries?q=&page=&page_size=`.
-pub fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
+pub async fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
     ctx.check(Action::Read(None))?;
     let q = ctx.query("q");
     let app = ctx.app;
@@ -57,24 +58,40 @@ pub fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
         .filter(|r| matches_q(&q, &r.name))
         .collect();
     regs.sort_by(|a, b| a.name.cmp(&b.name));
-    Page::of(ctx)?.respond(ctx, regs, |r| registry_view(app, &r))
+    let page = Page::of(ctx)?;
+    let (total, regs) = page.slice(regs);
+    let mut shown = Vec::with_capacity(regs.len());
+    for r in regs {
+        shown.push(registry_view(app, &r).await?);
+    }
+    page.envelope(ctx, total, shown)
 }
 
 /// `GET /api/v1/registries/{registry}`.
-pub fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
+pub async fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Read(Some(name)))?;
     let r = visible(ctx, name)?;
-    json(StatusCode::OK, &registry_view(ctx.app, &r)?)
+    json(StatusCode::OK, &registry_view(ctx.app, &r).await?)
 }
 
 pub use super::views::NewRegistry;
 
-fn check_kind(app: &App, kind: RegistryKind, cache: Option<&str>) -> Result<()> {
-    kind_matches_cache(&app.store.meta, kind, cache).map_err(Error::BadRequest)
+async fn check_kind(app: &App, kind: RegistryKind, cache: Option<&str>) -> Result<()> {
+    kind_matches_cache(&*app.store.meta, kind, cache)
+        .await
+        .map_err(Error::BadRequest)
 }
 
 /// Checks a registry's type against the image cache it names .
-fn kind_matches_cache(meta: &Meta, kind: RegistryKind, cache: Option<&str>) -> Result<(), String> {
+async fn kind_matches_cache(
+    meta: &dyn MetaStore,
+    kind: RegistryKind,
+    cache: Option<&str>,
+) -> Result<(), String> {
+    let exists = match (kind, cache) {
+        (RegistryKind::Cache, Some(c)) => meta.image_cache(c).await.map_err(err)?.is_some(),
+        _ => true,
+    };
     match (kind, cache) {
         (RegistryKind::Cache, None) => Err(
             "a registry of type cache needs the image cache it serves (--cache, or \"cache\" in the API)"
@@ -83,7 +100,7 @@ fn kind_matches_cache(meta: &Meta, kind: RegistryKind, cache: Option<&str>) -> R
         (RegistryKind::Normal, Some(_)) => {
             Err("only registries of type cache name an image cache".into())
         }
-        (RegistryKind::Cache, Some(c)) if meta.image_cache(c).map_err(err)?.is_none() => Err(
+        (RegistryKind::Cache, Some(c)) if !exists => Err(
             format!("image cache {c:?} does not exist (create it with `berth cache create {c} ...`)"),
         ),
         _ => Ok(()),
@@ -101,11 +118,11 @@ pub async fn create(ctx: &Ctx<'_>, body: NewRegistry) -> Result<Response<Body>> 
             body.name
         )));
     }
-    check_kind(app, body.kind, body.cache.as_deref())?;
+    check_kind(app, body.kind, body.cache.as_deref()).await?;
     let record = body.record();
-    app.store.put_registry(record.clone())?;
+    app.store.put_registry(record.clone()).await?;
     app.store.meta.flush().await?;
-    json(StatusCode::CREATED, &registry_view(app, &record)?)
+    json(StatusCode::CREATED, &registry_view(app, &record).await?)
 }
 
 /// Body of `PATCH /api/v1/registries/{registry}`: only the fields given change.
@@ -145,16 +162,16 @@ pub async fn patch(ctx: &Ctx<'_>, name: &str, body: RegistryPatch) -> Result<Res
     if let Some(c) = body.cache {
         r.cache = Some(c);
     }
-    check_kind(app, r.kind, r.cache.as_deref())?;
+    check_kind(app, r.kind, r.cache.as_deref()).await?;
     if let Some(p) = body.public_uri {
         r.public_uri = p;
     }
     if let Some(a) = body.anonymous_pull {
         r.anonymous_pull = a;
     }
-    app.store.put_registry(r.clone())?;
+    app.store.put_registry(r.clone()).await?;
     app.store.meta.flush().await?;
-    json(StatusCode::OK, &registry_view(app, &r)?)
+    json(StatusCode::OK, &registry_view(app, &r).await?)
 }
 
 fn declared_in_config(app: &App, name: &str) -> bool {
@@ -172,7 +189,11 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
         )));
     }
     let force = ctx.query("force").is_some_and(|v| v == "true" || v == "1");
-    let repos = app.store.meta.repositories(Some(name), None, usize::MAX)?;
+    let repos = app
+        .store
+        .meta
+        .repositories(Some(name), None, usize::MAX)
+        .await?;
     if !repos.is_empty() && !force {
         return Err(Error::Conflict(format!(
             "registry {name:?} still holds {} images (e.g. {}); delete with ?force=true to remove them too",
@@ -182,19 +203,20 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     }
     let images = repos.len();
     let owned = name.to_string();
-    blocking(move || {
-        // The metadata tells the hot manifest cache: a registry created again under this name
-        // never serves the old manifests.
-        let meta = &app.store.meta;
-        app.store.remove_registry(&owned)?;
-        let hooks = app.events.webhooks.remove_registry(&owned)?;
+    // A task of its own: a client that goes away does not stop the deletion halfway.
+    tokio::spawn(async move {
+        // The metadata tells the hot manifest cache and the registries map: a registry
+        // created again under this name never serves the old manifests.
+        app.store.remove_registry(&owned).await?;
+        let hooks = app.events.webhooks.remove_registry(&owned).await?;
         if hooks > 0 {
             tracing::info!(registry = %owned, policies = hooks, "webhook policies of the deleted registry removed");
         }
-        meta.flush_blocking()?;
-        Ok(())
+        app.store.meta.flush().await?;
+        Ok::<_, Error>(())
     })
-    .await?;
+    .await
+    .map_err(|e| Error::Internal(format!("registry deletion task: {e}")))??;
     json(
         StatusCode::OK,
         &RegistryDeleted {

@@ -6,15 +6,15 @@ use serde::Deserialize;
 
 use super::page::{matches_q, Page};
 use super::views::{KeyRevoked, KeyView, UserDeleted, UserView};
-use super::{blocking, json, Ctx};
+use super::{json, Ctx};
 use crate::auth::users::{UserRecord, Users};
 use crate::auth::{Action, Role};
 use crate::error::Result;
 use crate::http::body::Body;
 
 /// The view of a user (keys counted, not listed).
-pub fn user_view(users: &Users, u: &UserRecord) -> Result<UserView> {
-    Ok(UserView::of(u, users.keys_of(&u.name)?.len()))
+pub async fn user_view(users: &Users, u: &UserRecord) -> Result<UserView> {
+    Ok(UserView::of(u, users.keys_of(&u.name).await?.len()))
 }
 
 fn check_registries(registries: &[String]) -> Result<()> {
@@ -25,16 +25,23 @@ fn check_registries(registries: &[String]) -> Result<()> {
 }
 
 /// `GET /api/v1/users?q=`.
-pub fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
+pub async fn list(ctx: &Ctx<'_>) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     let q = ctx.query("q");
     let users = &ctx.app.auth.users;
     let all: Vec<UserRecord> = users
-        .list()?
+        .list()
+        .await?
         .into_iter()
         .filter(|u| matches_q(&q, &u.name))
         .collect();
-    Page::of(ctx)?.respond(ctx, all, |u| user_view(users, &u))
+    let page = Page::of(ctx)?;
+    let (total, all) = page.slice(all);
+    let mut shown = Vec::with_capacity(all.len());
+    for u in all {
+        shown.push(user_view(users, &u).await?);
+    }
+    page.envelope(ctx, total, shown)
 }
 
 pub use super::views::NewUser;
@@ -44,18 +51,21 @@ pub async fn create(ctx: &Ctx<'_>, body: NewUser) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     check_registries(&body.registries)?;
     let auth = &ctx.app.auth;
-    let user = auth.users.create(&body.name, body.role, body.registries)?;
-    auth.refresh()?;
+    let user = auth
+        .users
+        .create(&body.name, body.role, body.registries)
+        .await?;
+    auth.refresh().await?;
     ctx.app.store.meta.flush().await?;
-    json(StatusCode::CREATED, &user_view(&auth.users, &user)?)
+    json(StatusCode::CREATED, &user_view(&auth.users, &user).await?)
 }
 
 /// `GET /api/v1/users/{name}`, with the user's keys.
-pub fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
+pub async fn get(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     let users = &ctx.app.auth.users;
-    let keys: Vec<KeyView> = users.keys_of(name)?.iter().map(KeyView::of).collect();
-    let mut v = UserView::of(&users.get(name)?, keys.len());
+    let keys: Vec<KeyView> = users.keys_of(name).await?.iter().map(KeyView::of).collect();
+    let mut v = UserView::of(&users.get(name).await?, keys.len());
     v.keys = Some(keys);
     json(StatusCode::OK, &v)
 }
@@ -74,20 +84,22 @@ pub struct UserPatch {
 pub async fn patch(ctx: &Ctx<'_>, name: &str, body: UserPatch) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     let users = &ctx.app.auth.users;
-    let current = users.get(name)?;
+    let current = users.get(name).await?;
     let registries = body.registries.unwrap_or(current.registries);
     check_registries(&registries)?;
-    let user = users.update(name, body.role.unwrap_or(current.role), registries)?;
+    let user = users
+        .update(name, body.role.unwrap_or(current.role), registries)
+        .await?;
     ctx.app.store.meta.flush().await?;
-    json(StatusCode::OK, &user_view(users, &user)?)
+    json(StatusCode::OK, &user_view(users, &user).await?)
 }
 
 /// `DELETE /api/v1/users/{name}` and their keys; the last admin of every registry stays (409).
 pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     let auth = &ctx.app.auth;
-    auth.users.delete(name)?;
-    auth.refresh()?;
+    auth.users.delete(name).await?;
+    auth.refresh().await?;
     ctx.app.store.meta.flush().await?;
     json(
         StatusCode::OK,
@@ -98,21 +110,19 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
 }
 
 /// `GET /api/v1/users/{name}/keys`.
-pub fn keys(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
+pub async fn keys(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     let users = &ctx.app.auth.users;
-    users.get(name)?;
-    let keys = users.keys_of(name)?;
+    users.get(name).await?;
+    let keys = users.keys_of(name).await?;
     Page::of(ctx)?.respond(ctx, keys, |k| Ok(KeyView::of(&k)))
 }
 
 /// `POST /api/v1/users/{name}/keys`: `{"id","secret"}`, the only time the secret is shown.
 pub async fn create_key(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
-    let app = ctx.app.clone();
-    let user = name.to_string();
-    // argon2 hashing takes tens of milliseconds: keep it off the async workers.
-    let (key, secret) = blocking(move || Ok(app.auth.users.create_key(&user)?)).await?;
+    // argon2 hashing takes tens of milliseconds: `create_key` does it on the blocking pool.
+    let (key, secret) = ctx.app.auth.users.create_key(name).await?;
     ctx.app.store.meta.flush().await?;
     let mut v = KeyView::of(&key);
     v.secret = Some(secret);
@@ -122,7 +132,7 @@ pub async fn create_key(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
 /// `DELETE /api/v1/users/{name}/keys/{id}`.
 pub async fn revoke_key(ctx: &Ctx<'_>, name: &str, id: &str) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
-    ctx.app.auth.users.revoke_key(name, id)?;
+    ctx.app.auth.users.revoke_key(name, id).await?;
     ctx.app.store.meta.flush().await?;
     json(
         StatusCode::OK,

@@ -159,8 +159,12 @@ const LOGIN_QUEUE_WAIT: Duration = Duration::from_secs(10);
 
 impl Auth {
     /// Opens users, keys and the token key of a data directory.
-    pub fn open(store: &Store, data_dir: &std::path::Path, config: &AuthConfig) -> Result<Auth> {
-        let users = Users::open(&store.meta)?;
+    pub async fn open(
+        store: &Store,
+        data_dir: &std::path::Path,
+        config: &AuthConfig,
+    ) -> Result<Auth> {
+        let users = Users::open(&store.meta).await?;
         let keys = TokenKeys::open(data_dir, &config.service)?;
         let auth = Auth {
             users,
@@ -177,16 +181,16 @@ impl Auth {
                 .build(),
             verifying: tokio::sync::Semaphore::new(config.max_concurrent_logins.max(1)),
         };
-        auth.refresh()?;
+        auth.refresh().await?;
         Ok(auth)
     }
 
     /// Recomputes whether auth is enforced (after users are created or deleted).
-    pub fn refresh(&self) -> Result<()> {
+    pub async fn refresh(&self) -> Result<()> {
         let on = match self.config.mode {
             AuthMode::On => true,
             AuthMode::Off => false,
-            AuthMode::Auto => self.users.any()?,
+            AuthMode::Auto => self.users.any().await?,
         };
         self.enforced.store(on, Ordering::Release);
         Ok(())
@@ -267,11 +271,7 @@ impl Auth {
                     retry_after: Some(Duration::from_secs(1)),
                 }
             })?;
-        let this = self.clone();
-        let (key_id, key_secret) = (id.to_string(), secret.to_string());
-        let verdict = tokio::task::spawn_blocking(move || this.users.verify(&key_id, &key_secret))
-            .await
-            .map_err(|e| Error::Internal(format!("login task: {e}")))?;
+        let verdict = self.users.verify(id, secret).await;
         drop(turn);
         match verdict {
             Ok(user) => {

@@ -9,7 +9,15 @@ use argon2::Argon2;
 use serde::{Deserialize, Serialize};
 
 use super::Role;
-use crate::store::meta::{now_ms, Meta, Records};
+use crate::store::meta::{now_ms, Change, MetaError, MetaStore, Records};
+
+/// The tree of users.
+const USERS: &str = "users";
+/// The tree of access keys.
+const KEYS: &str = "access_keys";
+
+/// Users by name.
+type UserMap = Arc<parking_lot::RwLock<std::collections::HashMap<String, Arc<UserRecord>>>>;
 
 /// At most this many access keys per user (DESIGN.md 1).
 pub const MAX_KEYS_PER_USER: usize = 5;
@@ -93,7 +101,7 @@ pub enum UserError {
     LastAdmin(String),
     /// Metadata failure.
     #[error("metadata error: {0}")]
-    Meta(#[from] sled::Error),
+    Meta(#[from] crate::store::meta::MetaError),
     /// Hashing failure.
     #[error("cannot hash secret: {0}")]
     Hash(String),
@@ -114,6 +122,10 @@ pub enum LoginFailure {
 pub struct Users {
     users: Records<UserRecord>,
     keys: Records<KeyRecord>,
+    /// Every user by name: a copy that follows the user records through the metadata's change
+    /// notifications, whoever changes them (a token names its user on every management
+    /// request, and authorization does not wait for storage).
+    by_name: UserMap,
     /// Recently verified (key id, SHA-256 of secret) → user: argon2 costs tens of ms, and
     /// clients that send Basic credentials do so on every request.
     verified: moka::sync::Cache<(String, [u8; 32]), Arc<UserRecord>>,
@@ -151,24 +163,59 @@ fn secret_digest(secret: &str) -> [u8; 32] {
 
 impl Users {
     /// Opens the user and key trees.
-    pub fn open(meta: &Meta) -> Result<Users, sled::Error> {
-        Ok(Users {
-            users: meta.records("users")?,
-            keys: meta.records("access_keys")?,
+    pub async fn open(meta: &Arc<dyn MetaStore>) -> Result<Users, MetaError> {
+        let users = Users {
+            users: Records::new(meta.clone(), USERS),
+            keys: Records::new(meta.clone(), KEYS),
+            by_name: UserMap::default(),
             verified: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
-        })
+        };
+        // Subscribed before the first read: no change falls between the two.
+        let (by_name, verified) = (users.by_name.clone(), users.verified.clone());
+        meta.subscribe(Box::new(move |change| {
+            let Change::Record { tree, key, value } = change else {
+                return;
+            };
+            if tree == USERS {
+                let mut map = by_name.write();
+                match value.map(serde_json::from_slice::<UserRecord>) {
+                    Some(Ok(user)) => {
+                        map.insert(key.to_string(), Arc::new(user));
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(user = key, error = %e, "unreadable user record ignored");
+                        map.remove(key);
+                    }
+                    None => {
+                        map.remove(key);
+                    }
+                }
+            }
+            // A user changed or a key went away: what was verified may no longer hold.
+            if tree == USERS || (tree == KEYS && value.is_none()) {
+                verified.invalidate_all();
+            }
+        }));
+        let loaded = users.users.list(&[]).await?;
+        {
+            let mut map = users.by_name.write();
+            for (name, user) in loaded {
+                map.entry(name).or_insert_with(|| Arc::new(user));
+            }
+        }
+        Ok(users)
     }
 
     /// Whether any user exists (turns `auth.mode = "auto"` on).
-    pub fn any(&self) -> Result<bool, sled::Error> {
-        Ok(!self.users.list(&[])?.is_empty())
+    pub async fn any(&self) -> Result<bool, MetaError> {
+        Ok(!self.users.list_page(&[], None, 1).await?.is_empty())
     }
 
     /// Creates a user.
-    pub fn create(
+    pub async fn create(
         &self,
         name: &str,
         role: Role,
@@ -177,7 +224,7 @@ impl Users {
         if !valid_user_name(name) {
             return Err(UserError::InvalidName(name.into()));
         }
-        if self.users.get(&[name])?.is_some() {
+        if self.users.get(&[name]).await?.is_some() {
             return Err(UserError::Exists(name.into()));
         }
         let user = UserRecord {
@@ -186,70 +233,80 @@ impl Users {
             registries,
             created_ms: now_ms(),
         };
-        self.users.put(&[name], &user)?;
+        self.users.put(&[name], &user).await?;
         Ok(user)
     }
 
     /// Changes a user's role and registries.
-    pub fn update(
+    pub async fn update(
         &self,
         name: &str,
         role: Role,
         registries: Vec<String>,
     ) -> Result<UserRecord, UserError> {
-        let mut user = self.get(name)?;
+        let mut user = self.get(name).await?;
         if user.role == Role::Admin
             && user.registries.is_empty()
             && (role != Role::Admin || !registries.is_empty())
-            && self.full_admins()? <= 1
+            && self.full_admins().await? <= 1
         {
             return Err(UserError::LastAdmin(name.into()));
         }
         user.role = role;
         user.registries = registries;
-        self.users.put(&[name], &user)?;
+        self.users.put(&[name], &user).await?;
         self.verified.invalidate_all();
         Ok(user)
     }
 
     /// One user.
-    pub fn get(&self, name: &str) -> Result<UserRecord, UserError> {
+    pub async fn get(&self, name: &str) -> Result<UserRecord, UserError> {
         self.users
-            .get(&[name])?
+            .get(&[name])
+            .await?
             .ok_or_else(|| UserError::UnknownUser(name.into()))
     }
 
     /// All users by name.
-    pub fn list(&self) -> Result<Vec<UserRecord>, UserError> {
-        Ok(self.users.list(&[])?.into_iter().map(|(_, u)| u).collect())
+    pub async fn list(&self) -> Result<Vec<UserRecord>, UserError> {
+        Ok(self
+            .users
+            .list(&[])
+            .await?
+            .into_iter()
+            .map(|(_, u)| u)
+            .collect())
     }
 
-    fn full_admins(&self) -> Result<usize, UserError> {
+    async fn full_admins(&self) -> Result<usize, UserError> {
         Ok(self
-            .list()?
+            .list()
+            .await?
             .iter()
             .filter(|u| u.role == Role::Admin && u.registries.is_empty())
             .count())
     }
 
     /// Deletes a user and their keys; the last full admin cannot be deleted.
-    pub fn delete(&self, name: &str) -> Result<(), UserError> {
-        let user = self.get(name)?;
-        if user.role == Role::Admin && user.registries.is_empty() && self.full_admins()? <= 1 {
+    pub async fn delete(&self, name: &str) -> Result<(), UserError> {
+        let user = self.get(name).await?;
+        if user.role == Role::Admin && user.registries.is_empty() && self.full_admins().await? <= 1
+        {
             return Err(UserError::LastAdmin(name.into()));
         }
-        for k in self.keys_of(name)? {
-            self.keys.remove(&[&k.id])?;
+        for k in self.keys_of(name).await? {
+            self.keys.remove(&[&k.id]).await?;
         }
-        self.users.remove(&[name])?;
+        self.users.remove(&[name]).await?;
         self.verified.invalidate_all();
         Ok(())
     }
 
     /// Creates an access key; returns it with its secret, which is not stored and never shown again.
-    pub fn create_key(&self, user: &str) -> Result<(KeyRecord, String), UserError> {
-        self.get(user)?;
-        if self.keys_of(user)?.len() >= MAX_KEYS_PER_USER {
+    /// The secret is hashed on the blocking pool (argon2).
+    pub async fn create_key(&self, user: &str) -> Result<(KeyRecord, String), UserError> {
+        self.get(user).await?;
+        if self.keys_of(user).await?.len() >= MAX_KEYS_PER_USER {
             return Err(UserError::TooManyKeys(user.into()));
         }
         let id = format!("BK{}", random_text(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 18));
@@ -257,26 +314,32 @@ impl Users {
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
             40,
         );
-        let salt = SaltString::generate(&mut OsRng);
-        let secret_hash = Argon2::default()
-            .hash_password(secret.as_bytes(), &salt)
-            .map_err(|e| UserError::Hash(e.to_string()))?
-            .to_string();
+        let plain = secret.clone();
+        let secret_hash = tokio::task::spawn_blocking(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default()
+                .hash_password(plain.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| UserError::Hash(e.to_string()))
+        })
+        .await
+        .map_err(|e| UserError::Hash(format!("hashing task: {e}")))??;
         let key = KeyRecord {
             id,
             user: user.into(),
             secret_hash,
             created_ms: now_ms(),
         };
-        self.keys.put(&[&key.id], &key)?;
+        self.keys.put(&[&key.id], &key).await?;
         Ok((key, secret))
     }
 
     /// Keys of a user, oldest first.
-    pub fn keys_of(&self, user: &str) -> Result<Vec<KeyRecord>, UserError> {
+    pub async fn keys_of(&self, user: &str) -> Result<Vec<KeyRecord>, UserError> {
         let mut keys: Vec<KeyRecord> = self
             .keys
-            .list(&[])?
+            .list(&[])
+            .await?
             .into_iter()
             .map(|(_, k)| k)
             .filter(|k| k.user == user)
@@ -286,10 +349,10 @@ impl Users {
     }
 
     /// Revokes a key of a user.
-    pub fn revoke_key(&self, user: &str, id: &str) -> Result<(), UserError> {
-        match self.keys.get(&[id])? {
+    pub async fn revoke_key(&self, user: &str, id: &str) -> Result<(), UserError> {
+        match self.keys.get(&[id]).await? {
             Some(k) if k.user == user => {
-                self.keys.remove(&[id])?;
+                self.keys.remove(&[id]).await?;
                 self.verified.invalidate_all();
                 Ok(())
             }
@@ -300,9 +363,10 @@ impl Users {
         }
     }
 
-    /// Checks an Access Key ID and Secret Key; returns the key's user. Blocking (argon2):
-    /// call it on the blocking pool unless [`Users::verified`] answered.
-    pub fn verify(&self, id: &str, secret: &str) -> Result<Arc<UserRecord>, LoginFailure> {
+    /// Checks an Access Key ID and Secret Key; returns the key's user. The secret is checked
+    /// on the blocking pool (argon2 costs tens of ms of CPU) unless [`Users::verified`]
+    /// answers.
+    pub async fn verify(&self, id: &str, secret: &str) -> Result<Arc<UserRecord>, LoginFailure> {
         let memo = (id.to_string(), secret_digest(secret));
         if let Some(user) = self.verified.get(&memo) {
             return Ok(user);
@@ -310,16 +374,18 @@ impl Users {
         let key = self
             .keys
             .get(&[id])
+            .await
             .ok()
             .flatten()
             .ok_or(LoginFailure::UnknownKey)?;
-        let hash = PasswordHash::new(&key.secret_hash).map_err(|_| LoginFailure::WrongSecret)?;
-        Argon2::default()
-            .verify_password(secret.as_bytes(), &hash)
-            .map_err(|_| LoginFailure::WrongSecret)?;
+        let (hash, plain) = (key.secret_hash.clone(), secret.to_string());
+        tokio::task::spawn_blocking(move || check_secret(&hash, &plain))
+            .await
+            .map_err(|_| LoginFailure::WrongSecret)??;
         let user = Arc::new(
             self.users
                 .get(&[&key.user])
+                .await
                 .ok()
                 .flatten()
                 .ok_or(LoginFailure::UnknownUser)?,
@@ -335,61 +401,72 @@ impl Users {
 
     /// A user by name, for tokens (whose subject is a user name).
     pub fn user(&self, name: &str) -> Option<UserRecord> {
-        self.users.get(&[name]).ok().flatten()
+        self.by_name.read().get(name).map(|u| UserRecord::clone(u))
     }
+}
+
+/// Whether `secret` matches the stored argon2 `hash`. Blocking (argon2).
+pub fn check_secret(hash: &str, secret: &str) -> Result<(), LoginFailure> {
+    let hash = PasswordHash::new(hash).map_err(|_| LoginFailure::WrongSecret)?;
+    Argon2::default()
+        .verify_password(secret.as_bytes(), &hash)
+        .map_err(|_| LoginFailure::WrongSecret)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_verify_and_limits_hold() {
+    #[tokio::test]
+    async fn keys_verify_and_limits_hold() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
-        let users = Users::open(&meta).unwrap();
-        assert!(!users.any().unwrap());
-        users.create("root", Role::Admin, vec![]).unwrap();
+        let meta = crate::store::meta::open(dir.path()).unwrap();
+        let users = Users::open(&meta).await.unwrap();
+        assert!(!users.any().await.unwrap());
+        users.create("root", Role::Admin, vec![]).await.unwrap();
         assert!(matches!(
-            users.create("root", Role::Viewer, vec![]),
+            users.create("root", Role::Viewer, vec![]).await,
             Err(UserError::Exists(_))
         ));
         assert!(matches!(
-            users.create("Bad Name", Role::Viewer, vec![]),
+            users.create("Bad Name", Role::Viewer, vec![]).await,
             Err(UserError::InvalidName(_))
         ));
-        let (key, secret) = users.create_key("root").unwrap();
+        let (key, secret) = users.create_key("root").await.unwrap();
         assert!(key.id.starts_with("BK") && key.id.len() == 20);
         assert_eq!(secret.len(), 40);
         assert!(!key.secret_hash.contains(&secret));
-        assert_eq!(users.verify(&key.id, &secret).unwrap().name, "root");
+        assert_eq!(users.verify(&key.id, &secret).await.unwrap().name, "root");
         assert!(users.verified(&key.id, &secret).is_some());
         assert_eq!(
-            users.verify(&key.id, "wrong").unwrap_err(),
+            users.verify(&key.id, "wrong").await.unwrap_err(),
             LoginFailure::WrongSecret
         );
         assert_eq!(
-            users.verify("BKNOPE", &secret).unwrap_err(),
+            users.verify("BKNOPE", &secret).await.unwrap_err(),
             LoginFailure::UnknownKey
         );
         for _ in 1..MAX_KEYS_PER_USER {
-            users.create_key("root").unwrap();
+            users.create_key("root").await.unwrap();
         }
         assert!(matches!(
-            users.create_key("root"),
+            users.create_key("root").await,
             Err(UserError::TooManyKeys(_))
         ));
-        users.revoke_key("root", &key.id).unwrap();
+        users.revoke_key("root", &key.id).await.unwrap();
         assert_eq!(
-            users.verify(&key.id, &secret).unwrap_err(),
+            users.verify(&key.id, &secret).await.unwrap_err(),
             LoginFailure::UnknownKey
         );
-        assert!(matches!(users.delete("root"), Err(UserError::LastAdmin(_))));
-        users.create("ops", Role::Admin, vec![]).unwrap();
-        users.delete("root").unwrap();
-        assert!(users.keys_of("root").unwrap().is_empty());
         assert!(matches!(
-            users.update("ops", Role::Viewer, vec![]),
+            users.delete("root").await,
+            Err(UserError::LastAdmin(_))
+        ));
+        users.create("ops", Role::Admin, vec![]).await.unwrap();
+        users.delete("root").await.unwrap();
+        assert!(users.keys_of("root").await.unwrap().is_empty());
+        assert!(matches!(
+            users.update("ops", Role::Viewer, vec![]).await,
             Err(UserError::LastAdmin(_))
         ));
     }

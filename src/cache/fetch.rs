@@ -466,12 +466,7 @@ enum Ended {
 impl Job {
     async fn run(mut self) {
         let repos = self.fetch.link_to.lock().clone();
-        let (store, digest) = (self.store.clone(), self.fetch.digest.clone());
-        self.described =
-            tokio::task::spawn_blocking(move || described_size(&store, &repos, &digest))
-                .await
-                .ok()
-                .flatten();
+        self.described = described_size(&self.store, &repos, &self.fetch.digest).await;
         let budget = self.source.config.fetch_budget;
         let deadline = Instant::now() + budget;
         let started_at = self.fetch.progress.borrow().written;
@@ -722,6 +717,7 @@ impl Job {
             self.store
                 .meta
                 .link_blob(&repo, &self.fetch.digest, p.written)
+                .await
                 .map_err(|e| e.to_string())?;
         }
         self.store.meta.flush().await.map_err(|e| e.to_string())
@@ -765,18 +761,20 @@ const MAX_MANIFESTS_SCANNED: usize = 256;
 
 /// The size that a manifest held in one of `repos` gives for `digest` (as config, layer or
 /// artifact blob), if any.
-fn described_size(store: &Store, repos: &[String], digest: &Digest) -> Option<u64> {
+async fn described_size(store: &Store, repos: &[String], digest: &Digest) -> Option<u64> {
     for repo in repos {
-        let Ok(artifacts) = store.meta.artifacts(repo) else {
+        let Ok(artifacts) = store
+            .meta
+            .artifacts(repo, None, MAX_MANIFESTS_SCANNED)
+            .await
+        else {
             continue;
         };
-        for (manifest, record) in artifacts.iter().take(MAX_MANIFESTS_SCANNED) {
+        for (manifest, record) in &artifacts {
             if record.size > 4 << 20 {
                 continue;
             }
-            if let Ok(Some(bytes)) =
-                crate::store::blobs::wait(store.blobs.read_small(manifest, 4 << 20))
-            {
+            if let Ok(Some(bytes)) = store.blobs.read_small(manifest, 4 << 20).await {
                 if let Some(size) = descriptor_size(&bytes, digest) {
                     return Some(size);
                 }

@@ -75,12 +75,15 @@ pub struct CacheTarget {
 
 impl Cache {
     /// Builds the sources of every image cache the store knows.
-    pub fn open(config: &Config, store: &Store) -> std::result::Result<Cache, String> {
+    pub async fn open(config: &Config, store: &Store) -> std::result::Result<Cache, String> {
         let mut sources = HashMap::new();
         let policy = Arc::new(crate::http::egress::EgressPolicy::from_config(config));
         let meta = &store.meta;
-        for record in meta.image_caches().map_err(|e| e.to_string())? {
-            let credentials = meta.credentials(&record.name).map_err(|e| e.to_string())?;
+        for record in meta.image_caches().await.map_err(|e| e.to_string())? {
+            let credentials = meta
+                .credentials(&record.name)
+                .await
+                .map_err(|e| e.to_string())?;
             let c = crate::config::ImageCacheConfig::from_records(record, credentials);
             let source = Source::build(c, &config.pull_through, policy.clone())?;
             sources.insert(source.name().to_string(), Arc::new(source));

@@ -66,7 +66,7 @@ pub async fn manifest(
     match manifests::readable_reference(reference)? {
         Reference::Digest(d) => {
             let hot = app.manifests.get(&manifest_key(local, reference)).is_some();
-            if hot || app.store.meta.artifact(local, &d)?.is_some() {
+            if hot || app.store.meta.artifact(local, &d).await?.is_some() {
                 let r = manifests::get(app, &t.repo, reference, head).await?;
                 return Ok(outcome(app, t, r, "hit"));
             }
@@ -100,7 +100,7 @@ async fn manifest_by_tag(
     // A TTL longer than the machine's uptime has no earliest instant: anything validated counts.
     if !ttl.is_zero()
         && fresh(Instant::now().checked_sub(ttl))
-        && (app.manifests.get(&key).is_some() || app.store.meta.tag(local, tag)?.is_some())
+        && (app.manifests.get(&key).is_some() || app.store.meta.tag(local, tag).await?.is_some())
     {
         return serve_local("hit").await;
     }
@@ -110,7 +110,7 @@ async fn manifest_by_tag(
         .revalidating
         .get_with(key.clone(), Default::default);
     let _turn = lock.lock().await;
-    let local_digest = app.store.meta.tag(local, tag)?;
+    let local_digest = app.store.meta.tag(local, tag).await?;
     if fresh(Some(asked_at)) && local_digest.is_some() {
         return serve_local("coalesced").await;
     }
@@ -151,7 +151,7 @@ async fn manifest_by_tag(
         }
         Err(e) if e.is_not_found() => {
             // The source deleted it: stop serving the tag.
-            if app.store.meta.delete_tag(local, tag)?.is_some() {
+            if app.store.meta.delete_tag(local, tag).await?.is_some() {
                 app.store.meta.flush().await?;
             }
             Err(Error::ManifestUnknown(format!(
@@ -260,7 +260,7 @@ pub async fn blob(
     let local = t.repo.as_str();
     // Whether a fetch for this very repository is in flight (still streaming, or committed and
     // about to link it): the source already vouched for it here. Asked only off the hit path.
-    let mut linked = app.store.meta.blob_link(local, &d)?.is_some();
+    let mut linked = app.store.meta.blob_link(local, &d).await?.is_some();
     let ours = !linked && app.cache.fetches.will_link(&d, local);
     if !linked && !ours {
         let held = app.store.blobs.stat(&d).await?.map(|i| i.size);
@@ -280,13 +280,13 @@ pub async fn blob(
                 Err(e) => return Err(upstream_error(t, e)),
             }
             if let Some(size) = held {
-                app.store.meta.link_blob(local, &d, size)?;
+                app.store.meta.link_blob(local, &d, size).await?;
                 linked = true;
             }
         }
     }
     // A fetch that was ours may have committed and linked it meanwhile.
-    if linked || (ours && app.store.meta.blob_link(local, &d)?.is_some()) {
+    if linked || (ours && app.store.meta.blob_link(local, &d).await?.is_some()) {
         let r = blobs::get(app, &t.repo, digest, req, head).await?;
         count_served(app, t, &r);
         return Ok(outcome(app, t, r, "hit"));

@@ -76,17 +76,23 @@ pub async fn sweep(
     let cutoff = now_ms().saturating_sub(unpulled_for.as_millis() as u64);
     let mut report = SweepReport::default();
     let mut referenced: HashSet<Digest> = busy.iter().cloned().collect();
-    for registry in meta.registries()? {
-        for repo in meta.repositories(Some(&registry.name), None, usize::MAX)? {
-            let artifacts = meta.artifacts(&repo)?;
+    for registry in meta.registries().await? {
+        for repo in meta
+            .repositories(Some(&registry.name), None, usize::MAX)
+            .await?
+        {
+            let artifacts = meta.artifacts(&repo, None, usize::MAX).await?;
             if registry.kind == RegistryKind::Normal {
                 referenced.extend(artifacts.into_iter().map(|(d, _)| d));
-                referenced.extend(meta.linked_blobs(&repo)?);
+                referenced.extend(meta.linked_blobs(&repo, None, usize::MAX).await?);
                 continue;
             }
             let mut kept = HashSet::new();
             for (digest, record) in artifacts {
-                let last = meta.last_pull(&repo, &digest)?.unwrap_or(record.pushed_ms);
+                let last = meta
+                    .last_pull(&repo, &digest)
+                    .await?
+                    .unwrap_or(record.pushed_ms);
                 if last > cutoff {
                     kept.extend(manifest_refs(store, &digest).await);
                     kept.insert(digest);
@@ -95,19 +101,21 @@ pub async fn sweep(
                 let tags = if dry_run {
                     Vec::new()
                 } else {
-                    meta.delete_artifact(&repo, &digest)?.unwrap_or_default()
+                    meta.delete_artifact(&repo, &digest)
+                        .await?
+                        .unwrap_or_default()
                 };
                 report
                     .artifacts
                     .push((repo.clone(), digest.to_string(), tags, last));
             }
             if !dry_run {
-                for blob in meta.linked_blobs(&repo)? {
+                for blob in meta.linked_blobs(&repo, None, usize::MAX).await? {
                     if !kept.contains(&blob) {
-                        meta.unlink_blob(&repo, &blob)?;
+                        meta.unlink_blob(&repo, &blob).await?;
                     }
                 }
-                meta.remove_repo_if_empty(&repo)?;
+                meta.remove_repo_if_empty(&repo).await?;
             }
             referenced.extend(kept);
         }

@@ -65,29 +65,29 @@ pub async fn handle(
     let rest: Vec<&str> = rest.iter().copied().filter(|s| !s.is_empty()).collect();
     match (m, rest.as_slice()) {
         (&Method::GET, []) => {
-            let items: Vec<_> = w.list(registry)?.iter().map(|p| p.view()).collect();
+            let items: Vec<_> = w.list(registry).await?.iter().map(|p| p.view()).collect();
             let total = items.len();
             json(StatusCode::OK, &WebhookList { items, total })
         }
         (&Method::POST, []) => {
             let spec: WebhookSpec = read_json(body).await?;
             w.check_destination(&spec.target).await?;
-            let p = w.create(registry, spec)?;
+            let p = w.create(registry, spec).await?;
             app.store.meta.flush().await?;
             json(StatusCode::CREATED, &p.view())
         }
-        (&Method::GET, [id]) => json(StatusCode::OK, &w.get(registry, id)?.view()),
+        (&Method::GET, [id]) => json(StatusCode::OK, &w.get(registry, id).await?.view()),
         (&Method::PATCH, [id]) => {
             let patch: WebhookPatch = read_json(body).await?;
             if let Some(target) = &patch.target {
                 w.check_destination(target).await?;
             }
-            let p = w.update(registry, id, patch)?;
+            let p = w.update(registry, id, patch).await?;
             app.store.meta.flush().await?;
             json(StatusCode::OK, &p.view())
         }
         (&Method::DELETE, [id]) => {
-            w.delete(registry, id)?;
+            w.delete(registry, id).await?;
             app.store.meta.flush().await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
@@ -102,7 +102,7 @@ pub async fn handle(
                     Error::BadRequest(format!("limit must be a non-negative integer, not {l:?}"))
                 })?,
             };
-            let items = w.deliveries(registry, id, limit)?;
+            let items = w.deliveries(registry, id, limit).await?;
             let items = items.iter().map(DeliveryView::of).collect();
             json(StatusCode::OK, &DeliveryList { items })
         }

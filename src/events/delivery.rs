@@ -49,7 +49,7 @@ impl Webhooks {
     /// Sends a sample event of the policy's first kind right away (once, no retry), logs the
     /// delivery and returns it. Works on disabled policies too: that is how one checks them.
     pub async fn test(&self, registry: &str, id: &str, operator: &str) -> Result<Delivery> {
-        let policy = self.get(registry, id)?;
+        let policy = self.get(registry, id).await?;
         let kind = policy
             .events
             .first()
@@ -75,7 +75,7 @@ impl Webhooks {
         d.http_status = a.http_status;
         d.last_error = a.error;
         d.updated_ms = now_ms();
-        self.append(&d)?;
+        self.append(&d).await?;
         Ok(d)
     }
 
@@ -96,29 +96,30 @@ impl Webhooks {
 
     /// Adds a new entry to a policy's log and trims the log to about `log_keep` entries
     /// (pending ones are kept: their worker still writes them).
-    pub(super) fn append(&self, d: &Delivery) -> Result<()> {
-        self.log.put(&[&d.policy_id, &seq(d.id)], d)?;
+    pub(super) async fn append(&self, d: &Delivery) -> Result<()> {
+        self.log.put(&[&d.policy_id, &seq(d.id)], d).await?;
         let keep = self.config.log_keep;
         // Trimming lists the log: it runs once the log has grown a tenth of `log_keep` past the
         // last trim, so the cost per delivery stays constant, also while many deliveries are
         // pending (they cannot be trimmed), and the log holds at most 110% of `log_keep` plus
         // the pending ones.
         let slack = (keep / 10).max(1);
-        let mut lens = self.log_len.lock();
-        let (len, trim_at) = match lens.get_mut(&d.policy_id) {
-            Some(entry) => {
-                entry.0 += 1;
-                *entry
-            }
+        // The counts' lock is never held across a store call.
+        let known = self.log_len.lock().get_mut(&d.policy_id).map(|entry| {
+            entry.0 += 1;
+            *entry
+        });
+        let (len, trim_at) = match known {
+            Some(entry) => entry,
             None => {
-                let n = self.log.list(&[&d.policy_id])?.len();
+                let n = self.log.list(&[&d.policy_id]).await?.len();
                 let entry = (n, keep + slack);
-                lens.insert(d.policy_id.clone(), entry);
+                self.log_len.lock().insert(d.policy_id.clone(), entry);
                 entry
             }
         };
         if len >= trim_at {
-            let all = self.log.list(&[&d.policy_id])?;
+            let all = self.log.list(&[&d.policy_id]).await?;
             let mut excess = all.len().saturating_sub(keep);
             let mut left = all.len();
             for (k, old) in &all {
@@ -126,22 +127,26 @@ impl Webhooks {
                     break;
                 }
                 if old.status != DeliveryStatus::Pending {
-                    self.log.remove(&[&d.policy_id, k])?;
+                    self.log.remove(&[&d.policy_id, k]).await?;
                     excess -= 1;
                     left -= 1;
                 }
             }
-            lens.insert(d.policy_id.clone(), (left, left.max(keep) + slack));
+            self.log_len
+                .lock()
+                .insert(d.policy_id.clone(), (left, left.max(keep) + slack));
         }
         Ok(())
     }
 
-    fn finish(&self, d: &Delivery) {
-        if let Err(e) = self
-            .log
-            .put(&[&d.policy_id, &seq(d.id)], d)
-            .and_then(|_| self.outbox.remove(&[&d.policy_id, &seq(d.id)]).map(|_| ()))
-        {
+    async fn finish(&self, d: &Delivery) {
+        let id = seq(d.id);
+        let key = [d.policy_id.as_str(), id.as_str()];
+        let recorded = match self.log.put(&key, d).await {
+            Ok(()) => self.outbox.remove(&key).await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = recorded {
             tracing::error!(error = %e, delivery = d.id, "could not record webhook delivery");
         }
         let result = match d.status {
@@ -238,13 +243,13 @@ impl Webhooks {
             event,
         } = job;
         loop {
-            let policy = match self.policies.get(&[registry, &d.policy_id]) {
+            let policy = match self.policies.get(&[registry, &d.policy_id]).await {
                 Ok(Some(p)) if p.enabled => p,
                 Ok(Some(_)) => {
                     d.status = DeliveryStatus::Failed;
                     d.last_error = Some("policy disabled before delivery".into());
                     d.updated_ms = now_ms();
-                    return self.finish(&d);
+                    return self.finish(&d).await;
                 }
                 // Deleted with its log: nothing to record.
                 Ok(None) => return,
@@ -252,7 +257,7 @@ impl Webhooks {
                     d.status = DeliveryStatus::Failed;
                     d.last_error = Some(format!("cannot read policy: {e}"));
                     d.updated_ms = now_ms();
-                    return self.finish(&d);
+                    return self.finish(&d).await;
                 }
             };
             d.attempts += 1;
@@ -265,15 +270,15 @@ impl Webhooks {
             d.updated_ms = now_ms();
             if a.ok {
                 d.status = DeliveryStatus::Delivered;
-                return self.finish(&d);
+                return self.finish(&d).await;
             }
             if a.permanent || d.attempts >= self.config.max_attempts {
                 d.status = DeliveryStatus::Failed;
                 tracing::warn!(policy = %policy.id, target = %policy.target, delivery = d.id, attempts = d.attempts, error = ?d.last_error, "webhook delivery failed");
-                return self.finish(&d);
+                return self.finish(&d).await;
             }
             crate::metrics::webhook_delivery("retried");
-            if let Err(e) = self.log.put(&[&d.policy_id, &seq(d.id)], &d) {
+            if let Err(e) = self.log.put(&[&d.policy_id, &seq(d.id)], &d).await {
                 tracing::error!(error = %e, delivery = d.id, "could not record webhook retry");
             }
             let delay = self
@@ -287,7 +292,7 @@ impl Webhooks {
     }
 
     /// Records a new delivery for `policy` and queues it; a full queue records it as dropped.
-    fn enqueue(&self, policy: &WebhookPolicy, event: &Event, tx: &mpsc::Sender<Job>) {
+    async fn enqueue(&self, policy: &WebhookPolicy, event: &Event, tx: &mpsc::Sender<Job>) {
         let mut d = self.new_delivery(&policy.id, event.kind);
         let permit = match tx.try_reserve() {
             Ok(p) => p,
@@ -298,16 +303,21 @@ impl Webhooks {
                     self.config.queue_size
                 ));
                 tracing::warn!(policy = %policy.id, registry = %policy.registry, kind = %event.kind, "webhook queue full: delivery dropped");
-                if let Err(e) = self.append(&d) {
+                if let Err(e) = self.append(&d).await {
                     tracing::error!(error = %e, "could not record dropped webhook delivery");
                 }
                 crate::metrics::webhook_delivery("dropped");
                 return;
             }
         };
-        let stored = self
-            .append(&d)
-            .and_then(|_| Ok(self.outbox.put(&[&policy.id, &seq(d.id)], event)?));
+        let stored = match self.append(&d).await {
+            Ok(()) => self
+                .outbox
+                .put(&[&policy.id, &seq(d.id)], event)
+                .await
+                .map_err(crate::error::Error::from),
+            Err(e) => Err(e),
+        };
         if let Err(e) = stored {
             tracing::error!(error = %e, "could not record webhook delivery; sending it anyway");
         }
@@ -319,23 +329,24 @@ impl Webhooks {
     }
 
     /// Pending deliveries left by the previous run, oldest first per policy.
-    fn recover(&self) -> Result<Vec<(WebhookPolicy, Job)>> {
+    async fn recover(&self) -> Result<Vec<(WebhookPolicy, Job)>> {
         let mut jobs = Vec::new();
         let policies: HashMap<String, WebhookPolicy> = self
             .policies
-            .list(&[])?
+            .list(&[])
+            .await?
             .into_iter()
             .map(|(_, p)| (p.id.clone(), p))
             .collect();
-        for (key, event) in self.outbox.list(&[])? {
+        for (key, event) in self.outbox.list(&[]).await? {
             let Some((policy_id, id)) = key.split_once('\0') else {
                 continue;
             };
             let Some(policy) = policies.get(policy_id) else {
-                self.outbox.remove(&[policy_id, id])?;
+                self.outbox.remove(&[policy_id, id]).await?;
                 continue;
             };
-            let delivery = match self.log.get(&[policy_id, id])? {
+            let delivery = match self.log.get(&[policy_id, id]).await? {
                 Some(d) => d,
                 None => {
                     let Ok(n) = id.parse::<u64>() else { continue };
@@ -410,7 +421,7 @@ pub(crate) async fn dispatch(
         queues: HashMap::new(),
         tasks: JoinSet::new(),
     };
-    match w.recover() {
+    match w.recover().await {
         Ok(jobs) => {
             if !jobs.is_empty() {
                 tracing::info!(
@@ -430,7 +441,7 @@ pub(crate) async fn dispatch(
         }
         Err(e) => tracing::error!(error = %e, "could not read pending webhook deliveries"),
     }
-    let mut changed = w.changed.subscribe();
+    let mut changed = w.snapshot.changed.subscribe();
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -440,7 +451,7 @@ pub(crate) async fn dispatch(
                 }
                 // Close the queues of deleted or disabled policies: their workers end once the
                 // queue is drained (and discard or fail what is left).
-                let active = w.active.read().clone();
+                let active = w.snapshot.active.read().clone();
                 let live: HashSet<&str> = active.values().flatten().map(|p| p.id.as_str()).collect();
                 workers.queues.retain(|id, _| live.contains(id.as_str()));
             }
@@ -448,7 +459,7 @@ pub(crate) async fn dispatch(
                 let Some(event) = event else { break };
                 for policy in w.matching(&event) {
                     let tx = workers.queue(&w, &policy, &stop);
-                    w.enqueue(&policy, &event, &tx);
+                    w.enqueue(&policy, &event, &tx).await;
                 }
             }
             Some(_) = workers.tasks.join_next(), if !workers.tasks.is_empty() => {}

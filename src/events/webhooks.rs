@@ -7,7 +7,7 @@
 //! Every delivery is in the persisted log; a pending one also has its event in the outbox tree,
 //! so a restart re-enqueues it instead of losing it. Payloads are built in `payload.rs`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -20,7 +20,10 @@ use super::{Event, EventKind};
 use crate::config::WebhookConfig;
 use crate::error::{Error, Result};
 use crate::http::egress::{EgressError, EgressPolicy};
-use crate::store::meta::{now_ms, Meta, Records};
+use crate::store::meta::{now_ms, Change, MetaStore, Records};
+
+/// The tree of webhook policies.
+const POLICIES: &str = "webhook_policies";
 
 /// Payload format of a policy's target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -150,6 +153,72 @@ pub struct Delivery {
 /// Enabled policies per registry, shared read-only by the dispatcher and `wants`.
 type Active = HashMap<String, Vec<Arc<WebhookPolicy>>>;
 
+/// The in-memory copy of the policies: it follows every change of the policy records through
+/// the metadata's change notifications (this node's API, the CLI, or another node), never
+/// only the changes this process made.
+pub(super) struct Snapshot {
+    /// Every policy by record key (`registry \0 id`).
+    all: Mutex<BTreeMap<String, Arc<WebhookPolicy>>>,
+    pub(super) active: RwLock<Arc<Active>>,
+    /// Fast path of `wants(PullArtifact)`: false while no enabled policy subscribes to pulls.
+    pub(super) any_pull: AtomicBool,
+    /// Bumped on every policy change; the dispatcher drops queues of deleted policies.
+    pub(super) changed: watch::Sender<u64>,
+}
+
+impl Snapshot {
+    fn new() -> Snapshot {
+        Snapshot {
+            all: Mutex::new(BTreeMap::new()),
+            active: RwLock::new(Arc::new(HashMap::new())),
+            any_pull: AtomicBool::new(false),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// A policy record changed (`value`: its new bytes, `None`: removed).
+    fn apply(&self, key: &str, value: Option<&[u8]>) {
+        let mut all = self.all.lock();
+        match value.map(serde_json::from_slice::<WebhookPolicy>) {
+            Some(Ok(p)) => {
+                all.insert(key.to_string(), Arc::new(p));
+            }
+            Some(Err(e)) => {
+                tracing::error!(key = %key.replace('\0', "/"), error = %e, "unreadable webhook policy record ignored");
+                all.remove(key);
+            }
+            None => {
+                all.remove(key);
+            }
+        }
+        self.publish(&all);
+    }
+
+    /// Policies read at open (changes notified meanwhile win).
+    fn load(&self, loaded: Vec<(String, WebhookPolicy)>) {
+        let mut all = self.all.lock();
+        for (key, p) in loaded {
+            all.entry(key).or_insert_with(|| Arc::new(p));
+        }
+        self.publish(&all);
+    }
+
+    fn publish(&self, all: &BTreeMap<String, Arc<WebhookPolicy>>) {
+        let mut active: Active = HashMap::new();
+        let mut any_pull = false;
+        for p in all.values().filter(|p| p.enabled) {
+            any_pull |= p.events.contains(&EventKind::PullArtifact);
+            active
+                .entry(p.registry.clone())
+                .or_default()
+                .push(p.clone());
+        }
+        *self.active.write() = Arc::new(active);
+        self.any_pull.store(any_pull, Ordering::Release);
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
 /// Webhook policies, their delivery log and their delivery.
 pub struct Webhooks {
     pub(super) config: WebhookConfig,
@@ -160,13 +229,10 @@ pub struct Webhooks {
     /// Events of pending deliveries, same keys as `log`.
     pub(super) outbox: Records<Event>,
     pub(super) next_id: AtomicU64,
-    pub(super) active: RwLock<Arc<Active>>,
-    /// Fast path of `wants(PullArtifact)`: false while no enabled policy subscribes to pulls.
-    pub(super) any_pull: AtomicBool,
-    /// Serializes policy changes (name uniqueness, snapshot refresh).
-    pub(super) changes: Mutex<()>,
-    /// Bumped on every policy change; the dispatcher drops queues of deleted policies.
-    pub(super) changed: watch::Sender<u64>,
+    /// Enabled policies, following the store.
+    pub(super) snapshot: Arc<Snapshot>,
+    /// Serializes policy changes made here (name uniqueness).
+    pub(super) changes: tokio::sync::Mutex<()>,
     /// Log length per policy and the length at which to trim it next.
     pub(super) log_len: Mutex<HashMap<String, (usize, usize)>>,
     pub(super) queue_depth: AtomicI64,
@@ -236,13 +302,13 @@ fn non_empty(v: Option<String>) -> Option<String> {
 
 impl Webhooks {
     /// Opens the policy, log and outbox trees, with the default egress policy.
-    pub fn open(meta: &Meta, config: &WebhookConfig) -> Result<Webhooks> {
-        Webhooks::open_with(meta, config, Arc::new(EgressPolicy::default()))
+    pub async fn open(meta: &Arc<dyn MetaStore>, config: &WebhookConfig) -> Result<Webhooks> {
+        Webhooks::open_with(meta, config, Arc::new(EgressPolicy::default())).await
     }
 
     /// Opens the policy, log and outbox trees; targets must pass `egress`.
-    pub fn open_with(
-        meta: &Meta,
+    pub async fn open_with(
+        meta: &Arc<dyn MetaStore>,
         config: &WebhookConfig,
         egress: Arc<EgressPolicy>,
     ) -> Result<Webhooks> {
@@ -253,60 +319,52 @@ impl Webhooks {
             .user_agent(concat!("berth-webhooks/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::Internal(format!("webhook HTTP client: {e}")))?;
-        let log: Records<Delivery> = meta.records("webhook_deliveries")?;
-        let last = log.list(&[])?.into_iter().map(|(_, d)| d.id).max();
+        let log: Records<Delivery> = Records::new(meta.clone(), "webhook_deliveries");
+        let last = log.list(&[]).await?.into_iter().map(|(_, d)| d.id).max();
         let w = Webhooks {
             config: config.clone(),
-            policies: meta.records("webhook_policies")?,
+            policies: Records::new(meta.clone(), POLICIES),
             log,
-            outbox: meta.records("webhook_outbox")?,
+            outbox: Records::new(meta.clone(), "webhook_outbox"),
             next_id: AtomicU64::new(last.map_or(1, |l| l + 1)),
-            active: RwLock::new(Arc::new(HashMap::new())),
-            any_pull: AtomicBool::new(false),
-            changes: Mutex::new(()),
-            changed: watch::channel(0).0,
+            snapshot: Arc::new(Snapshot::new()),
+            changes: tokio::sync::Mutex::new(()),
             log_len: Mutex::new(HashMap::new()),
             queue_depth: AtomicI64::new(0),
             client,
             egress,
         };
-        w.refresh()?;
-        Ok(w)
-    }
-
-    /// Rebuilds the snapshot of enabled policies from the store.
-    fn refresh(&self) -> Result<()> {
-        let mut active: Active = HashMap::new();
-        let mut any_pull = false;
-        for (_, p) in self.policies.list(&[])? {
-            if p.enabled {
-                any_pull |= p.events.contains(&EventKind::PullArtifact);
-                active
-                    .entry(p.registry.clone())
-                    .or_default()
-                    .push(Arc::new(p));
+        // Subscribed before the first read: no change falls between the two. The subscriber
+        // holds the snapshot weakly: a dropped `Webhooks` leaves nothing behind that matters.
+        let snapshot = Arc::downgrade(&w.snapshot);
+        meta.subscribe(Box::new(move |change| {
+            if let Change::Record { tree, key, value } = change {
+                if tree == POLICIES {
+                    if let Some(s) = snapshot.upgrade() {
+                        s.apply(key, value);
+                    }
+                }
             }
-        }
-        *self.active.write() = Arc::new(active);
-        self.any_pull.store(any_pull, Ordering::Release);
-        self.changed.send_modify(|v| *v += 1);
-        Ok(())
+        }));
+        w.snapshot.load(w.policies.list(&[]).await?);
+        Ok(w)
     }
 
     /// Whether an enabled policy of `registry` subscribes to `kind`. Pull checks cost one
     /// atomic load while no policy anywhere subscribes to pulls.
     pub fn wants(&self, kind: EventKind, registry: &str) -> bool {
-        if kind == EventKind::PullArtifact && !self.any_pull.load(Ordering::Acquire) {
+        if kind == EventKind::PullArtifact && !self.snapshot.any_pull.load(Ordering::Acquire) {
             return false;
         }
-        self.active
+        self.snapshot
+            .active
             .read()
             .get(registry)
             .is_some_and(|ps| ps.iter().any(|p| p.events.contains(&kind)))
     }
 
     pub(super) fn matching(&self, event: &Event) -> Vec<Arc<WebhookPolicy>> {
-        let active = self.active.read().clone();
+        let active = self.snapshot.active.read().clone();
         active
             .get(&event.registry)
             .map(|ps| {
@@ -318,16 +376,17 @@ impl Webhooks {
             .unwrap_or_default()
     }
 
-    fn name_taken(&self, registry: &str, name: &str, except: Option<&str>) -> Result<bool> {
+    async fn name_taken(&self, registry: &str, name: &str, except: Option<&str>) -> Result<bool> {
         Ok(self
             .policies
-            .list(&[registry])?
+            .list(&[registry])
+            .await?
             .iter()
             .any(|(_, p)| p.name == name && Some(p.id.as_str()) != except))
     }
 
     /// Creates a policy.
-    pub fn create(&self, registry: &str, spec: WebhookSpec) -> Result<WebhookPolicy> {
+    pub async fn create(&self, registry: &str, spec: WebhookSpec) -> Result<WebhookPolicy> {
         let WebhookSpec {
             name,
             mut events,
@@ -345,8 +404,8 @@ impl Webhooks {
         check_target(&target, &self.config.allowed_ports, &self.egress)?;
         let auth_header = non_empty(auth_header);
         check_header(&auth_header)?;
-        let _guard = self.changes.lock();
-        if self.name_taken(registry, &name, None)? {
+        let _guard = self.changes.lock().await;
+        if self.name_taken(registry, &name, None).await? {
             return Err(Error::Conflict(format!(
                 "registry {registry:?} already has a webhook named {name:?}"
             )));
@@ -363,8 +422,8 @@ impl Webhooks {
             enabled,
             created_ms: now_ms(),
         };
-        self.policies.put(&[registry, &policy.id], &policy)?;
-        self.refresh()?;
+        // The snapshot follows through the change notification.
+        self.policies.put(&[registry, &policy.id], &policy).await?;
         Ok(policy)
     }
 
@@ -380,10 +439,11 @@ impl Webhooks {
     }
 
     /// Policies of a registry, by name.
-    pub fn list(&self, registry: &str) -> Result<Vec<WebhookPolicy>> {
+    pub async fn list(&self, registry: &str) -> Result<Vec<WebhookPolicy>> {
         let mut all: Vec<WebhookPolicy> = self
             .policies
-            .list(&[registry])?
+            .list(&[registry])
+            .await?
             .into_iter()
             .map(|(_, p)| p)
             .collect();
@@ -392,22 +452,28 @@ impl Webhooks {
     }
 
     /// One policy.
-    pub fn get(&self, registry: &str, id: &str) -> Result<WebhookPolicy> {
+    pub async fn get(&self, registry: &str, id: &str) -> Result<WebhookPolicy> {
         self.policies
-            .get(&[registry, id])?
+            .get(&[registry, id])
+            .await?
             .ok_or_else(|| Error::NotFound(format!("registry {registry:?} has no webhook {id:?}")))
     }
 
     /// Changes a policy.
-    pub fn update(&self, registry: &str, id: &str, patch: WebhookPatch) -> Result<WebhookPolicy> {
-        let _guard = self.changes.lock();
-        let mut p = self.get(registry, id)?;
+    pub async fn update(
+        &self,
+        registry: &str,
+        id: &str,
+        patch: WebhookPatch,
+    ) -> Result<WebhookPolicy> {
+        let _guard = self.changes.lock().await;
+        let mut p = self.get(registry, id).await?;
         if let Some(name) = patch.name {
             let name = name.trim().to_string();
             if name.is_empty() {
                 return Err(Error::BadRequest("webhook name must not be empty".into()));
             }
-            if self.name_taken(registry, &name, Some(id))? {
+            if self.name_taken(registry, &name, Some(id)).await? {
                 return Err(Error::Conflict(format!(
                     "registry {registry:?} already has a webhook named {name:?}"
                 )));
@@ -436,44 +502,55 @@ impl Webhooks {
         if let Some(enabled) = patch.enabled {
             p.enabled = enabled;
         }
-        self.policies.put(&[registry, id], &p)?;
-        self.refresh()?;
+        self.policies.put(&[registry, id], &p).await?;
         Ok(p)
     }
 
     /// Deletes a policy with its delivery log; its queued deliveries are discarded.
-    pub fn delete(&self, registry: &str, id: &str) -> Result<()> {
-        let _guard = self.changes.lock();
-        self.policies.remove(&[registry, id])?.ok_or_else(|| {
-            Error::NotFound(format!("registry {registry:?} has no webhook {id:?}"))
-        })?;
-        self.forget(id)?;
-        self.refresh()
+    pub async fn delete(&self, registry: &str, id: &str) -> Result<()> {
+        let _guard = self.changes.lock().await;
+        self.policies
+            .remove(&[registry, id])
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!("registry {registry:?} has no webhook {id:?}"))
+            })?;
+        self.forget(id).await
     }
 
     /// Deletes every policy of a registry (the registry is being deleted); returns how many.
-    pub fn remove_registry(&self, registry: &str) -> Result<usize> {
-        let _guard = self.changes.lock();
-        let policies = self.policies.list(&[registry])?;
+    pub async fn remove_registry(&self, registry: &str) -> Result<usize> {
+        let _guard = self.changes.lock().await;
+        let policies = self.policies.list(&[registry]).await?;
         for (id, _) in &policies {
-            self.forget(id)?;
+            self.forget(id).await?;
         }
-        self.policies.remove_prefix(&[registry])?;
-        self.refresh()?;
+        self.policies.remove_prefix(&[registry]).await?;
         Ok(policies.len())
     }
 
-    fn forget(&self, id: &str) -> Result<()> {
-        self.log.remove_prefix(&[id])?;
-        self.outbox.remove_prefix(&[id])?;
+    async fn forget(&self, id: &str) -> Result<()> {
+        self.log.remove_prefix(&[id]).await?;
+        self.outbox.remove_prefix(&[id]).await?;
         self.log_len.lock().remove(id);
         Ok(())
     }
 
     /// The newest `limit` deliveries of a policy, newest first.
-    pub fn deliveries(&self, registry: &str, id: &str, limit: usize) -> Result<Vec<Delivery>> {
-        self.get(registry, id)?;
-        let mut all: Vec<Delivery> = self.log.list(&[id])?.into_iter().map(|(_, d)| d).collect();
+    pub async fn deliveries(
+        &self,
+        registry: &str,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        self.get(registry, id).await?;
+        let mut all: Vec<Delivery> = self
+            .log
+            .list(&[id])
+            .await?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
         all.reverse();
         all.truncate(limit.min(self.config.log_keep));
         Ok(all)
@@ -508,22 +585,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn events_backoff_doubles_up_to_the_maximum() {
+    #[tokio::test]
+    async fn events_backoff_doubles_up_to_the_maximum() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
-        let w = Webhooks::open(&meta, &config()).unwrap();
+        let meta = crate::store::meta::open(dir.path()).unwrap();
+        let w = Webhooks::open(&meta, &config()).await.unwrap();
         let delays: Vec<u64> = (1..=5).map(|n| w.backoff(n).as_millis() as u64).collect();
         assert_eq!(delays, [100, 200, 400, 700, 700]);
     }
 
-    #[test]
-    fn events_policy_validation_and_view() {
+    #[tokio::test]
+    async fn events_policy_validation_and_view() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
-        let w = Webhooks::open(&meta, &config()).unwrap();
+        let meta = crate::store::meta::open(dir.path()).unwrap();
+        let w = Webhooks::open(&meta, &config()).await.unwrap();
         let p = w
             .create("lib", spec("a", "https://hooks.example/x"))
+            .await
             .unwrap();
         assert_eq!(p.events, [EventKind::PushArtifact], "duplicates removed");
         let view = serde_json::to_string(&p.view()).unwrap();
@@ -533,11 +611,12 @@ mod tests {
         );
         assert!(p.view().secret_set);
         assert!(matches!(
-            w.create("lib", spec("a", "https://hooks.example/y")),
+            w.create("lib", spec("a", "https://hooks.example/y")).await,
             Err(Error::Conflict(_))
         ));
         let e = w
             .create("lib", spec("b", "http://hooks.example:9000/"))
+            .await
             .unwrap_err();
         assert!(
             matches!(&e, Error::BadRequest(m) if m.contains("9000") && m.contains("[80, 88, 443, 8443]")),
@@ -545,13 +624,16 @@ mod tests {
         );
         for bad in ["ftp://x/", "not a url", "file:///etc/passwd", "http://:80/"] {
             assert!(matches!(
-                w.create("lib", spec("c", bad)),
+                w.create("lib", spec("c", bad)).await,
                 Err(Error::BadRequest(_))
             ));
         }
         let mut none = spec("d", "https://hooks.example/");
         none.events.clear();
-        assert!(matches!(w.create("lib", none), Err(Error::BadRequest(_))));
+        assert!(matches!(
+            w.create("lib", none).await,
+            Err(Error::BadRequest(_))
+        ));
         assert!(w.wants(EventKind::PushArtifact, "lib"));
         assert!(!w.wants(EventKind::PullArtifact, "lib"));
         assert!(!w.wants(EventKind::PushArtifact, "other"));
@@ -565,37 +647,97 @@ mod tests {
                     ..Default::default()
                 },
             )
+            .await
             .unwrap();
         assert!(!p.enabled && p.secret.is_none());
         assert!(!w.wants(EventKind::PushArtifact, "lib"));
-        assert_eq!(w.remove_registry("lib").unwrap(), 1);
-        assert!(w.list("lib").unwrap().is_empty());
+        assert_eq!(w.remove_registry("lib").await.unwrap(), 1);
+        assert!(w.list("lib").await.unwrap().is_empty());
     }
 
-    #[test]
-    fn events_log_is_trimmed_and_ids_survive_reopen() {
+    #[tokio::test]
+    async fn events_log_is_trimmed_and_ids_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(dir.path()).unwrap();
+        let meta = crate::store::meta::open(dir.path()).unwrap();
         let cfg = WebhookConfig {
             log_keep: 5,
             ..config()
         };
-        let w = Webhooks::open(&meta, &cfg).unwrap();
+        let w = Webhooks::open(&meta, &cfg).await.unwrap();
         let p = w
             .create("lib", spec("a", "https://hooks.example/"))
+            .await
             .unwrap();
         for _ in 0..20 {
             let mut d = w.new_delivery(&p.id, EventKind::PushArtifact);
             d.status = DeliveryStatus::Delivered;
-            w.append(&d).unwrap();
+            w.append(&d).await.unwrap();
         }
-        let log = w.deliveries("lib", &p.id, 100).unwrap();
+        let log = w.deliveries("lib", &p.id, 100).await.unwrap();
         assert_eq!(log.len(), 5);
         assert_eq!(log[0].id, 20, "newest first");
-        assert!(w.log.list(&[&p.id]).unwrap().len() <= 6);
+        assert!(w.log.list(&[&p.id]).await.unwrap().len() <= 6);
         drop(w);
-        let w = Webhooks::open(&meta, &cfg).unwrap();
+        let w = Webhooks::open(&meta, &cfg).await.unwrap();
         assert_eq!(w.new_delivery(&p.id, EventKind::PushArtifact).id, 21);
+    }
+
+    #[tokio::test]
+    async fn events_snapshot_follows_policy_changes_made_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = crate::store::meta::open(dir.path()).unwrap();
+        let w = Webhooks::open(&meta, &config()).await.unwrap();
+        let changed = w.snapshot.changed.subscribe();
+        let p = w
+            .create("lib", spec("a", "https://hooks.example/x"))
+            .await
+            .unwrap();
+        assert!(w.wants(EventKind::PushArtifact, "lib"));
+        assert!(changed.has_changed().unwrap(), "the dispatcher is told");
+        // The same record changed in the store by someone else (the CLI, another node): the
+        // snapshot follows without this `Webhooks` doing anything.
+        let mut pulls = p.clone();
+        pulls.events = vec![EventKind::PullArtifact];
+        meta.record_put(
+            POLICIES,
+            &format!("lib\0{}", p.id),
+            serde_json::to_vec(&pulls).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert!(!w.wants(EventKind::PushArtifact, "lib"));
+        assert!(w.wants(EventKind::PullArtifact, "lib"));
+        let other = WebhookPolicy {
+            id: "other".into(),
+            registry: "team".into(),
+            ..pulls.clone()
+        };
+        meta.record_put(POLICIES, "team\0other", serde_json::to_vec(&other).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            w.matching(&Event::now(&crate::events::Happened {
+                kind: EventKind::PullArtifact,
+                operator: "x",
+                repository: "team/app",
+                tag: None,
+                digest: "sha256:ab",
+                media_type: "m",
+                size: 1,
+            }))
+            .len(),
+            1
+        );
+        meta.record_remove(POLICIES, &format!("lib\0{}", p.id))
+            .await
+            .unwrap();
+        assert!(!w.wants(EventKind::PullArtifact, "lib"));
+        assert!(w.wants(EventKind::PullArtifact, "team"));
+        // A reopened `Webhooks` reads what is stored.
+        drop(w);
+        let w = Webhooks::open(&meta, &config()).await.unwrap();
+        assert!(w.wants(EventKind::PullArtifact, "team"));
+        assert!(!w.wants(EventKind::PullArtifact, "lib"));
     }
 
     #[test]

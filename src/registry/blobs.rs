@@ -13,7 +13,7 @@ use crate::App;
 /// links any more are removed by garbage collection.
 pub async fn delete(app: &App, repo: &RepoName, digest: &str) -> Result<Response<Body>> {
     let digest = Digest::parse(digest)?;
-    if !app.store.meta.unlink_blob(repo.as_str(), &digest)? {
+    if !app.store.meta.unlink_blob(repo.as_str(), &digest).await? {
         return Err(Error::BlobUnknown(format!("{digest} is not in {repo}")));
     }
     app.store.meta.flush().await?;

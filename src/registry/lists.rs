@@ -35,16 +35,18 @@ fn link_next(r: &mut Response<Body>, path: &str, n: usize, last: &str) {
 }
 
 /// `GET /v2/NAME/tags/list`.
-pub fn tags(app: &App, repo: &RepoName, req: &Req<'_>) -> Result<Response<Body>> {
+pub async fn tags(app: &App, repo: &RepoName, req: &Req<'_>) -> Result<Response<Body>> {
     let n = page_size(app, req)?;
     let last = query_param(req.query, "last");
     let meta = &app.store.meta;
-    if !meta.repo_exists(repo.as_str())? {
+    if !meta.repo_exists(repo.as_str()).await? {
         return Err(Error::NameUnknown(format!(
             "repository {repo} has no artifacts"
         )));
     }
-    let mut tags = meta.tags(repo.as_str(), last.as_deref(), n.saturating_add(1))?;
+    let mut tags = meta
+        .tags(repo.as_str(), last.as_deref(), n.saturating_add(1))
+        .await?;
     let more = tags.len() > n;
     tags.truncate(n);
     let body = serde_json::json!({ "name": repo.as_str(), "tags": tags }).to_string();
@@ -58,7 +60,7 @@ pub fn tags(app: &App, repo: &RepoName, req: &Req<'_>) -> Result<Response<Body>>
 }
 
 /// `GET /v2/_catalog`.
-pub fn catalog(app: &App, req: &Req<'_>) -> Result<Response<Body>> {
+pub async fn catalog(app: &App, req: &Req<'_>) -> Result<Response<Body>> {
     app.auth
         .check(&app.store, req.principal, crate::auth::Action::Catalog)?;
     let n = page_size(app, req)?;
@@ -79,7 +81,8 @@ pub fn catalog(app: &App, req: &Req<'_>) -> Result<Response<Body>> {
         let page = app
             .store
             .meta
-            .repositories(None, last.as_deref(), want.max(100))?;
+            .repositories(None, last.as_deref(), want.max(100))
+            .await?;
         let exhausted = page.len() < want.max(100);
         last = page.last().cloned();
         repos.extend(page.into_iter().filter(|r| visible(r)));
@@ -102,7 +105,7 @@ pub fn catalog(app: &App, req: &Req<'_>) -> Result<Response<Body>> {
 
 /// `GET /v2/NAME/referrers/DIGEST[?artifactType=]`: an OCI index of the manifests whose
 /// `subject` is DIGEST (empty, not 404, when there are none).
-pub fn referrers(
+pub async fn referrers(
     app: &App,
     repo: &RepoName,
     digest: &str,
@@ -110,7 +113,11 @@ pub fn referrers(
 ) -> Result<Response<Body>> {
     let subject = Digest::parse(digest)?;
     let filter = query_param(req.query, "artifactType");
-    let mut manifests = app.store.meta.referrers(repo.as_str(), &subject)?;
+    let mut manifests = app
+        .store
+        .meta
+        .referrers(repo.as_str(), &subject, None, usize::MAX)
+        .await?;
     if let Some(t) = &filter {
         manifests.retain(|d| d.artifact_type.as_deref() == Some(t.as_str()));
     }

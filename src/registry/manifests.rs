@@ -56,12 +56,12 @@ pub async fn put(
     };
     let meta = &app.store.meta;
     for blob in &parsed.blobs {
-        if meta.blob_link(repo.as_str(), blob)?.is_none() {
+        if meta.blob_link(repo.as_str(), blob).await?.is_none() {
             return Err(Error::ManifestBlobUnknown(blob.to_string()));
         }
     }
     for child in &parsed.children {
-        if meta.artifact(repo.as_str(), &child.digest)?.is_none() {
+        if meta.artifact(repo.as_str(), &child.digest).await?.is_none() {
             return Err(Error::ManifestBlobUnknown(child.digest.to_string()));
         }
     }
@@ -145,10 +145,13 @@ pub async fn remove(
     };
     match reference {
         Reference::Tag(t) => {
-            let digest = meta.delete_tag(repo.as_str(), t)?.ok_or_else(unknown)?;
+            let digest = meta
+                .delete_tag(repo.as_str(), t)
+                .await?
+                .ok_or_else(unknown)?;
             meta.flush().await?;
             if app.events.wants(EventKind::DeleteTag, registry) {
-                let record = meta.artifact(repo.as_str(), &digest)?;
+                let record = meta.artifact(repo.as_str(), &digest).await?;
                 publish(EventKind::DeleteTag, Some(t), &digest, &record);
             }
             Ok(Removed {
@@ -158,11 +161,12 @@ pub async fn remove(
         }
         Reference::Digest(d) => {
             // Read before deleting: the events carry the media type and size.
-            let record = meta.artifact(repo.as_str(), d)?;
+            let record = meta.artifact(repo.as_str(), d).await?;
             let tags = meta
-                .delete_artifact(repo.as_str(), d)?
+                .delete_artifact(repo.as_str(), d)
+                .await?
                 .ok_or_else(unknown)?;
-            meta.remove_repo_if_empty(repo.as_str())?;
+            meta.remove_repo_if_empty(repo.as_str()).await?;
             meta.flush().await?;
             publish(EventKind::DeleteArtifact, None, d, &record);
             // The artifact's tags went with it.

@@ -89,8 +89,11 @@ pub async fn start(
     if let Some(mount) = query_param(req.query, "mount") {
         let digest = Digest::parse(&mount)?;
         if let Some(from) = lender {
-            if let Some(size) = app.store.meta.blob_link(from.as_str(), &digest)? {
-                app.store.meta.link_blob(repo.as_str(), &digest, size)?;
+            if let Some(size) = app.store.meta.blob_link(from.as_str(), &digest).await? {
+                app.store
+                    .meta
+                    .link_blob(repo.as_str(), &digest, size)
+                    .await?;
                 app.store.meta.flush().await?;
                 tracing::debug!(%repo, %digest, %from, "blob mounted");
                 return Ok(created(repo, &digest));
@@ -128,7 +131,10 @@ pub async fn start(
             discard(app, None, &key).await;
             return Err(e.into());
         }
-        app.store.meta.link_blob(repo.as_str(), &digest, size)?;
+        app.store
+            .meta
+            .link_blob(repo.as_str(), &digest, size)
+            .await?;
         app.store.meta.flush().await?;
         return Ok(created(repo, &digest));
     }
@@ -333,7 +339,10 @@ pub async fn finish(
     }
     // Not committed (a full disk at fsync): the session stays, complete, for another PUT.
     app.store.uploads.commit(&mut s, &digest).await?;
-    app.store.meta.link_blob(repo.as_str(), &digest, size)?;
+    app.store
+        .meta
+        .link_blob(repo.as_str(), &digest, size)
+        .await?;
     app.store.meta.flush().await?;
     Ok(created(repo, &digest))
 }

@@ -77,7 +77,13 @@ pub async fn get(
     head: bool,
 ) -> Result<Response<Body>> {
     let digest = Digest::parse(digest)?;
-    if app.store.meta.blob_link(repo.as_str(), &digest)?.is_none() {
+    if app
+        .store
+        .meta
+        .blob_link(repo.as_str(), &digest)
+        .await?
+        .is_none()
+    {
         return Err(Error::BlobUnknown(format!("{digest} is not in {repo}")));
     }
     let missing = || {

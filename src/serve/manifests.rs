@@ -13,7 +13,7 @@ use crate::oci::digest::Digest;
 use crate::oci::manifest;
 use crate::oci::manifest::Descriptor;
 use crate::oci::reference::{Reference, RepoName};
-use crate::store::meta::{now_ms, ArtifactRecord, Change, Meta};
+use crate::store::meta::{now_ms, pull_key, ArtifactRecord, Change};
 use crate::App;
 
 /// A manifest ready to serve: everything a GET/HEAD response needs, prebuilt.
@@ -85,6 +85,17 @@ impl ManifestCache {
 
     /// Drops what a metadata change makes stale.
     pub fn forget(&self, change: Change<'_>) {
+        // Records of other behaviours and a registry's settings say nothing about manifests.
+        if matches!(
+            change,
+            Change::Record { .. }
+                | Change::Registry {
+                    record: Some(_),
+                    ..
+                }
+        ) {
+            return;
+        }
         self.generation.fetch_add(1, Ordering::AcqRel);
         match change {
             Change::Tag { repo, tag } => self.entries.invalidate(&manifest_key(repo, tag)),
@@ -92,6 +103,7 @@ impl ManifestCache {
                 .entries
                 .invalidate(&manifest_key(repo, digest.as_str())),
             Change::Registry { .. } => self.entries.invalidate_all(),
+            Change::Record { .. } => {}
         }
     }
 }
@@ -154,13 +166,19 @@ pub fn manifest_response(entry: &ManifestEntry, head: bool) -> Response<Body> {
 async fn load(app: &App, repo: &RepoName, reference: &Reference) -> Result<Arc<ManifestEntry>> {
     let unknown = || Error::ManifestUnknown(format!("{reference} is not in {repo}"));
     let digest = match reference {
-        Reference::Tag(t) => app.store.meta.tag(repo.as_str(), t)?.ok_or_else(unknown)?,
+        Reference::Tag(t) => app
+            .store
+            .meta
+            .tag(repo.as_str(), t)
+            .await?
+            .ok_or_else(unknown)?,
         Reference::Digest(d) => d.clone(),
     };
     let record = app
         .store
         .meta
-        .artifact(repo.as_str(), &digest)?
+        .artifact(repo.as_str(), &digest)
+        .await?
         .ok_or_else(unknown)?;
     // Manifests are bounded by the manifest limit when they are stored.
     let bytes = app.store.blobs.read_small(&digest, u64::MAX).await?;
@@ -189,7 +207,7 @@ fn entry(
             .unwrap_or(HeaderValue::from_static(manifest::OCI_MANIFEST)),
         digest_header: digest_header(&digest),
         subject_header: subject.map(digest_header),
-        pull_key: Meta::pull_key(repo.as_str(), &digest),
+        pull_key: pull_key(repo.as_str(), &digest),
         digest,
         bytes,
     }
@@ -224,7 +242,8 @@ pub async fn store(
     };
     app.store
         .meta
-        .put_artifact(repo, digest, &record, tag, Some(&referrer))?;
+        .put_artifact(repo, digest, &record, tag, Some(&referrer))
+        .await?;
     app.store.meta.flush().await?;
     Ok(())
 }

@@ -448,8 +448,3 @@ pub async fn hash_read(read: BlobRead, mut verifier: Verifier) -> io::Result<Ver
         BlobRead::Redirect(_) => Err(io::Error::other("cannot hash a redirect")),
     }
 }
-
-/// For scans already on the blocking pool (sweeps over metadata): waits for a blob-store call.
-pub fn wait<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Handle::current().block_on(f)
-}

@@ -1,5 +1,5 @@
-//! Bytes and records on this node: blob files, upload sessions, sled metadata, the registries
-//! map. No HTTP type and no configuration here.
+//! Bytes and records on this node: the blob seam, upload sessions, the metadata seam, the
+//! registries map. No HTTP type and no configuration here.
 
 pub mod blobs;
 #[cfg(test)]
@@ -16,9 +16,12 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use blobs::BlobStore;
-use meta::{Meta, RegistryRecord};
+use meta::{Change, MetaResult, MetaStore, RegistryRecord};
 
-/// Last-pull times gathered in memory and written to sled in batches.
+/// The registries map: every `/v2/` request looks one up.
+type RegistryMap = Arc<RwLock<HashMap<String, Arc<RegistryRecord>>>>;
+
+/// Last-pull times gathered in memory and written to the metadata store in batches.
 #[derive(Default)]
 pub struct PullRecorder {
     pending: Mutex<HashMap<Arc<str>, u64>>,
@@ -32,12 +35,12 @@ impl PullRecorder {
     }
 
     /// Writes what was gathered since the last call.
-    pub fn flush(&self, meta: &Meta) -> Result<usize, sled::Error> {
+    pub async fn flush(&self, meta: &dyn MetaStore) -> MetaResult<usize> {
         let batch: Vec<(Arc<str>, u64)> = std::mem::take(&mut *self.pending.lock())
             .into_iter()
             .collect();
         if !batch.is_empty() {
-            meta.record_pulls(&batch)?;
+            meta.record_pulls(&batch).await?;
         }
         Ok(batch.len())
     }
@@ -48,37 +51,52 @@ pub struct Store {
     /// Blob bytes and writes in progress.
     pub blobs: Arc<dyn BlobStore>,
     /// Metadata.
-    pub meta: Meta,
+    pub meta: Arc<dyn MetaStore>,
     /// Upload sessions.
     pub uploads: uploads::Uploads,
     /// Pull times waiting to be written.
     pub pulls: PullRecorder,
     /// Registries by name, shared: every `/v2/` request looks one up, and an `Arc` clone is
-    /// cheaper than cloning the record's strings.
-    registries: RwLock<HashMap<String, Arc<RegistryRecord>>>,
+    /// cheaper than cloning the record's strings. A copy of the metadata that follows its
+    /// changes ([`Change::Registry`]), whoever makes them.
+    registries: RegistryMap,
 }
 
 impl Store {
     /// Opens the data directory.
     pub async fn open(data_dir: &Path) -> Result<Store, crate::error::Error> {
         // Metadata first: it takes the data directory's lock.
-        let meta = Meta::open(data_dir)?;
+        let meta = meta::open(data_dir)?;
+        Store::with_meta(data_dir, meta).await
+    }
+
+    /// Opens the blobs of a data directory over a metadata store already open (the data
+    /// directory's lock taken).
+    pub async fn with_meta(
+        data_dir: &Path,
+        meta: Arc<dyn MetaStore>,
+    ) -> Result<Store, crate::error::Error> {
         let blobs: Arc<dyn BlobStore> = Arc::new(fs::FsBlobStore::open(data_dir)?);
-        let registries = meta
-            .registries()?
-            .into_iter()
-            .map(|r| (r.name.clone(), Arc::new(r)))
-            .collect();
+        let registries = RegistryMap::default();
+        // Subscribed before the first read: no change falls between the two.
+        meta.subscribe(follow_registries(&registries));
+        let loaded = meta.registries().await?;
+        {
+            let mut map = registries.write();
+            for r in loaded {
+                map.entry(r.name.clone()).or_insert_with(|| Arc::new(r));
+            }
+        }
         Ok(Store {
             uploads: uploads::Uploads::open(blobs.clone()).await?,
             blobs,
             meta,
             pulls: PullRecorder::default(),
-            registries: RwLock::new(registries),
+            registries,
         })
     }
 
-    /// A registry by name (in memory; the server is the only writer while it runs).
+    /// A registry by name (in memory, following every change of the metadata).
     pub fn registry(&self, name: &str) -> Option<Arc<RegistryRecord>> {
         self.registries.read().get(name).cloned()
     }
@@ -100,19 +118,60 @@ impl Store {
             .collect()
     }
 
-    /// Creates or updates a registry.
-    pub fn put_registry(&self, record: RegistryRecord) -> Result<(), sled::Error> {
-        self.meta.put_registry(&record)?;
-        self.registries
-            .write()
-            .insert(record.name.clone(), Arc::new(record));
-        Ok(())
+    /// Creates or updates a registry (the map follows through the change notification).
+    pub async fn put_registry(&self, record: RegistryRecord) -> MetaResult<()> {
+        self.meta.put_registry(&record).await
     }
 
-    /// Deletes a registry and everything recorded under it (sled and the in-memory map).
-    pub fn remove_registry(&self, name: &str) -> Result<(), sled::Error> {
-        self.meta.delete_registry(name)?;
-        self.registries.write().remove(name);
-        Ok(())
+    /// Deletes a registry and everything recorded under it (the map follows).
+    pub async fn remove_registry(&self, name: &str) -> MetaResult<()> {
+        self.meta.delete_registry(name).await
+    }
+}
+
+/// A subscriber that keeps `map` equal to the registries of the metadata.
+fn follow_registries(map: &RegistryMap) -> meta::Subscriber {
+    let map = map.clone();
+    Box::new(move |change| {
+        if let Change::Registry { name, record } = change {
+            let mut map = map.write();
+            match record {
+                Some(r) => {
+                    map.insert(name.to_owned(), Arc::new(r.clone()));
+                }
+                None => {
+                    map.remove(name);
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_registries_map_follows_changes_made_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let record = RegistryRecord {
+            name: "lib".into(),
+            kind: meta::RegistryKind::Normal,
+            created_ms: 1,
+            cache: None,
+            public_uri: true,
+            anonymous_pull: false,
+        };
+        // Written through the metadata seam, as another node's change would arrive.
+        store.meta.put_registry(&record).await.unwrap();
+        assert!(!store.registry("lib").unwrap().anonymous_pull);
+        let mut open = record.clone();
+        open.anonymous_pull = true;
+        store.meta.put_registry(&open).await.unwrap();
+        assert!(store.registry("lib").unwrap().anonymous_pull);
+        store.meta.delete_registry("lib").await.unwrap();
+        assert!(store.registry("lib").is_none());
+        assert!(store.registries().is_empty());
     }
 }

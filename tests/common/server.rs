@@ -108,16 +108,14 @@ impl TestServer {
         registries: &[&str],
     ) -> (String, String) {
         let app = self.app();
-        app.auth
-            .users
-            .create(
-                name,
-                role,
-                registries.iter().map(|r| r.to_string()).collect(),
-            )
-            .unwrap();
-        app.auth.refresh().unwrap();
-        let (key, secret) = app.auth.users.create_key(name).unwrap();
+        super::block(app.auth.users.create(
+            name,
+            role,
+            registries.iter().map(|r| r.to_string()).collect(),
+        ))
+        .unwrap();
+        super::block(app.auth.refresh()).unwrap();
+        let (key, secret) = super::block(app.auth.users.create_key(name)).unwrap();
         (key.id, secret)
     }
 

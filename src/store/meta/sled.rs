@@ -1,0 +1,1190 @@
+//! The sled backend of the metadata seam: one sled tree per kind of record under
+//! `DATA/meta`. Every call runs on tokio's blocking pool (sled blocks on I/O and on its own
+//! locks), never on a worker; flushes share one group commit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    from_json, json, key, prefix, tail_str, ArtifactRecord, Change, CredentialRecord,
+    ImageCacheRecord, ImageCacheSettings, MetaError, MetaResult, MetaStore, RegistryRecord,
+    SourceKind, Subscriber,
+};
+use crate::oci::digest::Digest;
+use crate::oci::manifest::Descriptor;
+
+impl From<sled::Error> for MetaError {
+    fn from(e: sled::Error) -> MetaError {
+        match e {
+            sled::Error::Io(e) => MetaError::Io(e),
+            e @ sled::Error::Corruption { .. } => MetaError::Corrupt(e.to_string()),
+            other => MetaError::Backend(other.to_string()),
+        }
+    }
+}
+
+/// The shape image caches had in the `image_caches` tree before credentials became a record of
+/// their own (one JSON object with the credentials inline, durations as humantime text). Read
+/// once, at open, by `Trees::migrate_image_caches`.
+#[derive(Deserialize)]
+struct LegacyImageCache {
+    name: String,
+    kind: SourceKind,
+    url: String,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    credentials_file: Option<PathBuf>,
+    #[serde(default)]
+    fetch_budget: Option<String>,
+    #[serde(default)]
+    revalidate_ttl: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    ecr_endpoint: Option<String>,
+}
+
+/// What the legacy shape defaulted `fetch_budget` to.
+const LEGACY_FETCH_BUDGET: Duration = Duration::from_secs(200);
+
+impl LegacyImageCache {
+    fn split(self) -> MetaResult<(ImageCacheRecord, CredentialRecord)> {
+        let duration = |field: &str, text: Option<String>, default: Duration| match text {
+            None => Ok(default),
+            Some(t) => humantime::parse_duration(&t).map_err(|e| {
+                MetaError::Corrupt(format!(
+                    "image cache {:?}: stored {field} {t:?} is not a duration: {e}",
+                    self.name
+                ))
+            }),
+        };
+        let settings = ImageCacheSettings {
+            fetch_budget_ms: duration(
+                "fetch_budget",
+                self.fetch_budget.clone(),
+                LEGACY_FETCH_BUDGET,
+            )?,
+            revalidate_ttl_ms: duration(
+                "revalidate_ttl",
+                self.revalidate_ttl.clone(),
+                Duration::ZERO,
+            )?,
+            region: self.region,
+            ecr_endpoint: self.ecr_endpoint,
+        };
+        Ok((
+            ImageCacheRecord {
+                name: self.name,
+                kind: self.kind,
+                endpoint: self.url,
+                settings,
+            },
+            CredentialRecord {
+                username: self.username,
+                password: self.password,
+                credentials_file: self.credentials_file,
+            },
+        ))
+    }
+}
+
+/// The sled backend of [`MetaStore`]: it holds the data directory's lock while open.
+pub struct SledMeta {
+    inner: Arc<Trees>,
+}
+
+/// The sled database and its trees, with synchronous (blocking) operations.
+struct Trees {
+    db: sled::Db,
+    /// Group commit: writes announced, writes known durable, one flusher at a time.
+    announced: std::sync::atomic::AtomicU64,
+    durable: std::sync::atomic::AtomicU64,
+    flusher: tokio::sync::Mutex<()>,
+    registries: sled::Tree,
+    image_caches: sled::Tree,
+    /// Credentials of image caches, keyed by image cache name.
+    credentials: sled::Tree,
+    repos: sled::Tree,
+    blob_links: sled::Tree,
+    artifacts: sled::Tree,
+    tags: sled::Tree,
+    referrers: sled::Tree,
+    pulls: sled::Tree,
+    /// Striped per-repository locks: the records of one push or one delete (artifact, tags,
+    /// referrer, catalog entry) change together, never interleaved with another writer of the
+    /// same repository, so a tag never points at an artifact that is gone.
+    repo_locks: Box<[parking_lot::Mutex<()>]>,
+    /// This process's hold on the data directory.
+    _lock: crate::store::lock::DataDirLock,
+    /// Told of every change to registries, artifacts and tags.
+    subscribers: parking_lot::RwLock<Vec<Subscriber>>,
+}
+
+/// Stripes of the repository locks.
+const REPO_LOCK_STRIPES: usize = 64;
+
+impl SledMeta {
+    /// Opens (creating) `DATA/meta`, after taking the data directory's lock.
+    pub fn open(data_dir: &std::path::Path) -> MetaResult<SledMeta> {
+        Ok(SledMeta {
+            inner: Arc::new(Trees::open(data_dir)?),
+        })
+    }
+
+    /// Runs `f` on the blocking pool.
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Trees) -> MetaResult<R> + Send + 'static,
+    ) -> MetaResult<R> {
+        let trees = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&trees))
+            .await
+            .map_err(|e| MetaError::Backend(format!("metadata task: {e}")))?
+    }
+}
+
+impl Trees {
+    /// Opens (creating) `DATA/meta`.
+    fn open(data_dir: &std::path::Path) -> MetaResult<Trees> {
+        // Before anything in the directory is read or changed (the blob store empties its temp
+        // directory when it opens, which must never happen under a running server).
+        let lock = crate::store::lock::DataDirLock::acquire(data_dir)?;
+        let db = sled::Config::new()
+            .path(data_dir.join("meta"))
+            .cache_capacity(64 * 1024 * 1024)
+            .open()?;
+        let meta = Trees {
+            registries: db.open_tree("registries")?,
+            image_caches: db.open_tree("image_caches")?,
+            credentials: db.open_tree("credentials")?,
+            repos: db.open_tree("repos")?,
+            blob_links: db.open_tree("blob_links")?,
+            artifacts: db.open_tree("artifacts")?,
+            tags: db.open_tree("tags")?,
+            referrers: db.open_tree("referrers")?,
+            pulls: db.open_tree("pulls")?,
+            db,
+            announced: Default::default(),
+            durable: Default::default(),
+            flusher: Default::default(),
+            _lock: lock,
+            subscribers: Default::default(),
+            repo_locks: (0..REPO_LOCK_STRIPES)
+                .map(|_| parking_lot::Mutex::new(()))
+                .collect(),
+        };
+        meta.migrate_image_caches()?;
+        Ok(meta)
+    }
+
+    /// Rewrites image caches stored in the legacy shape (credentials inline) as an
+    /// [`ImageCacheRecord`] and a [`CredentialRecord`], each pair in one transaction; records
+    /// already in the current shape are left alone, so running it again changes nothing.
+    fn migrate_image_caches(&self) -> MetaResult<()> {
+        let mut migrated = 0;
+        for item in self.image_caches.iter() {
+            let (key, value) = item?;
+            if serde_json::from_slice::<ImageCacheRecord>(&value).is_ok() {
+                continue;
+            }
+            let legacy: LegacyImageCache = from_json(&value)?;
+            let (record, credentials) = legacy.split()?;
+            // An anonymous source gets no credential record (as `put_image_cache` stores it).
+            let credentials = (!credentials.is_empty()).then(|| json(&credentials));
+            let record = json(&record);
+            self.image_cache_transaction(|caches, creds| {
+                caches.insert(key.clone(), record.clone())?;
+                match &credentials {
+                    Some(c) => creds.insert(key.clone(), c.clone())?,
+                    None => creds.remove(key.clone())?,
+                };
+                Ok(())
+            })?;
+            tracing::info!(
+                image_cache = %String::from_utf8_lossy(&key),
+                "image cache record migrated: its credentials are now a record of their own"
+            );
+            migrated += 1;
+        }
+        if migrated > 0 {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    fn notify(&self, change: Change<'_>) {
+        for s in self.subscribers.read().iter() {
+            s(change);
+        }
+    }
+
+    /// The write lock of a repository. Held only across sled calls on the blocking pool (no
+    /// awaits); a panic while it is held poisons nothing: the next writer takes it over.
+    fn lock_repo(&self, repo: &str) -> parking_lot::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        repo.hash(&mut h);
+        let stripe = (h.finish() % REPO_LOCK_STRIPES as u64) as usize;
+        self.repo_locks[stripe].lock()
+    }
+
+    // --- registries ---
+
+    fn put_registry(&self, r: &RegistryRecord) -> MetaResult<()> {
+        self.registries.insert(r.name.as_bytes(), json(r))?;
+        self.notify(Change::Registry {
+            name: &r.name,
+            record: Some(r),
+        });
+        Ok(())
+    }
+
+    fn registries(&self) -> MetaResult<Vec<RegistryRecord>> {
+        self.registries
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
+    }
+
+    fn registry(&self, name: &str) -> MetaResult<Option<RegistryRecord>> {
+        self.registries
+            .get(name)?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    fn delete_registry(&self, name: &str) -> MetaResult<()> {
+        let p = format!("{name}/");
+        for tree in [
+            &self.repos,
+            &self.blob_links,
+            &self.artifacts,
+            &self.tags,
+            &self.referrers,
+            &self.pulls,
+        ] {
+            for k in tree.scan_prefix(p.as_bytes()).keys() {
+                tree.remove(k?)?;
+            }
+        }
+        self.registries.remove(name)?;
+        self.notify(Change::Registry { name, record: None });
+        Ok(())
+    }
+
+    // --- image caches ---
+
+    fn put_image_cache(
+        &self,
+        c: &ImageCacheRecord,
+        credentials: Option<&CredentialRecord>,
+    ) -> MetaResult<()> {
+        let record = json(c);
+        let credentials = credentials.filter(|c| !c.is_empty()).map(json);
+        self.image_cache_transaction(|caches, creds| {
+            caches.insert(c.name.as_bytes(), record.clone())?;
+            match &credentials {
+                Some(v) => creds.insert(c.name.as_bytes(), v.clone())?,
+                None => creds.remove(c.name.as_bytes())?,
+            };
+            Ok(())
+        })
+    }
+
+    /// Runs `f` as one sled transaction over the image cache and credential trees (retried by
+    /// sled on conflict, so `f` must be repeatable).
+    fn image_cache_transaction<A>(
+        &self,
+        f: impl Fn(
+            &sled::transaction::TransactionalTree,
+            &sled::transaction::TransactionalTree,
+        ) -> sled::transaction::ConflictableTransactionResult<A, sled::Error>,
+    ) -> MetaResult<A> {
+        use sled::Transactional;
+        (&self.image_caches, &self.credentials)
+            .transaction(|(caches, creds)| f(caches, creds))
+            .map_err(transaction_error)
+    }
+
+    fn image_caches(&self) -> MetaResult<Vec<ImageCacheRecord>> {
+        self.image_caches
+            .iter()
+            .values()
+            .map(|v| from_json(&v?))
+            .collect()
+    }
+
+    fn image_cache(&self, name: &str) -> MetaResult<Option<ImageCacheRecord>> {
+        self.image_caches
+            .get(name)?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    fn credentials(&self, image_cache: &str) -> MetaResult<Option<CredentialRecord>> {
+        self.credentials
+            .get(image_cache)?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    fn delete_image_cache(&self, name: &str) -> MetaResult<bool> {
+        self.image_cache_transaction(|caches, creds| {
+            creds.remove(name.as_bytes())?;
+            Ok(caches.remove(name.as_bytes())?.is_some())
+        })
+    }
+
+    // --- repositories ---
+
+    fn repositories(
+        &self,
+        registry: Option<&str>,
+        last: Option<&str>,
+        n: usize,
+    ) -> MetaResult<Vec<String>> {
+        let registry_prefix = registry.map(|r| format!("{r}/"));
+        let mut lower = registry_prefix.clone().unwrap_or_default().into_bytes();
+        if let Some(l) = last {
+            let mut after = l.as_bytes().to_vec();
+            after.push(0);
+            lower = lower.max(after);
+        }
+        let mut out = Vec::new();
+        for k in self.repos.range(lower..).keys() {
+            let name = tail_str(&k?, 0);
+            if out.len() == n
+                || registry_prefix
+                    .as_ref()
+                    .is_some_and(|p| !name.starts_with(p))
+            {
+                break;
+            }
+            out.push(name);
+        }
+        Ok(out)
+    }
+
+    fn repo_exists(&self, repo: &str) -> MetaResult<bool> {
+        Ok(self.repos.contains_key(repo)?)
+    }
+
+    fn remove_repo_if_empty(&self, repo: &str) -> MetaResult<bool> {
+        let _repo = self.lock_repo(repo);
+        if self.artifacts.scan_prefix(prefix(&[repo])).next().is_some() {
+            return Ok(false);
+        }
+        Ok(self.repos.remove(repo)?.is_some())
+    }
+
+    // --- blob links ---
+
+    fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> MetaResult<()> {
+        self.blob_links
+            .insert(key(&[repo, digest.as_str()]), &size.to_be_bytes())?;
+        Ok(())
+    }
+
+    fn blob_link(&self, repo: &str, digest: &Digest) -> MetaResult<Option<u64>> {
+        Ok(self
+            .blob_links
+            .get(key(&[repo, digest.as_str()]))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
+        Ok(self
+            .blob_links
+            .remove(key(&[repo, digest.as_str()]))?
+            .is_some())
+    }
+
+    fn linked_blobs(
+        &self,
+        repo: &str,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<Digest>> {
+        let p = prefix(&[repo]);
+        let mut out = Vec::new();
+        for k in page(&self.blob_links, &p, after.map(Digest::as_str)).keys() {
+            if out.len() >= limit {
+                break;
+            }
+            if let Ok(d) = Digest::parse(&tail_str(&k?, p.len())) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    // --- artifacts and tags ---
+
+    fn put_artifact(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        record: &ArtifactRecord,
+        tag: Option<&str>,
+        referrer: Option<&Descriptor>,
+    ) -> MetaResult<()> {
+        use sled::transaction::ConflictableTransactionResult;
+        use sled::Transactional;
+        let _repo = self.lock_repo(repo);
+        let pushed = record.pushed_ms.to_be_bytes();
+        let artifact_key = key(&[repo, digest.as_str()]);
+        let artifact = json(record);
+        let tag_key = tag.map(|t| key(&[repo, t]));
+        let referrer_entry = match (&record.subject, referrer) {
+            (Some(subject), Some(desc)) => {
+                Some((key(&[repo, subject.as_str(), digest.as_str()]), json(desc)))
+            }
+            _ => None,
+        };
+        // One transaction: a reader sees all of the push or none of it.
+        (&self.repos, &self.artifacts, &self.tags, &self.referrers)
+            .transaction(
+                |(repos, artifacts, tags, referrers)| -> ConflictableTransactionResult<(), sled::Error> {
+                    repos.insert(repo.as_bytes(), &pushed[..])?;
+                    // Keep the first push time of an artifact pushed again (e.g. under a new tag).
+                    if artifacts.get(&artifact_key)?.is_none() {
+                        artifacts.insert(artifact_key.as_slice(), artifact.as_slice())?;
+                    }
+                    if let Some(k) = &tag_key {
+                        tags.insert(k.as_slice(), digest.as_str().as_bytes())?;
+                    }
+                    if let Some((k, v)) = &referrer_entry {
+                        referrers.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    Ok(())
+                },
+            )
+            .map_err(transaction_error)?;
+        self.notify(Change::Artifact { repo, digest });
+        if let Some(tag) = tag {
+            self.notify(Change::Tag { repo, tag });
+        }
+        Ok(())
+    }
+
+    fn artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ArtifactRecord>> {
+        self.artifacts
+            .get(key(&[repo, digest.as_str()]))?
+            .map(|v| from_json(&v))
+            .transpose()
+    }
+
+    fn delete_artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<Vec<String>>> {
+        use sled::transaction::ConflictableTransactionResult;
+        use sled::Transactional;
+        // Other writers of the repository wait: the tags found here are all the artifact has.
+        let _repo = self.lock_repo(repo);
+        let artifact_key = key(&[repo, digest.as_str()]);
+        let Some(record) = self.artifacts.get(&artifact_key)? else {
+            return Ok(None);
+        };
+        let record: ArtifactRecord = from_json(&record)?;
+        let mut removed = Vec::new();
+        let mut tag_keys = Vec::new();
+        let p = prefix(&[repo]);
+        for item in self.tags.scan_prefix(&p) {
+            let (k, v) = item?;
+            if v.as_ref() == digest.as_str().as_bytes() {
+                removed.push(tail_str(&k, p.len()));
+                tag_keys.push(k);
+            }
+        }
+        let referrer_key = record
+            .subject
+            .as_ref()
+            .map(|subject| key(&[repo, subject.as_str(), digest.as_str()]));
+        // One transaction: a reader never sees a tag of the artifact without the artifact.
+        (&self.artifacts, &self.tags, &self.referrers, &self.pulls)
+            .transaction(
+                |(artifacts, tags, referrers, pulls)| -> ConflictableTransactionResult<(), sled::Error> {
+                    artifacts.remove(artifact_key.as_slice())?;
+                    for k in &tag_keys {
+                        tags.remove(k.clone())?;
+                    }
+                    if let Some(k) = &referrer_key {
+                        referrers.remove(k.as_slice())?;
+                    }
+                    pulls.remove(artifact_key.as_slice())?;
+                    Ok(())
+                },
+            )
+            .map_err(transaction_error)?;
+        self.notify(Change::Artifact { repo, digest });
+        for tag in &removed {
+            self.notify(Change::Tag { repo, tag });
+        }
+        Ok(Some(removed))
+    }
+
+    fn artifacts(
+        &self,
+        repo: &str,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<(Digest, ArtifactRecord)>> {
+        let p = prefix(&[repo]);
+        let mut out = Vec::new();
+        for item in page(&self.artifacts, &p, after.map(Digest::as_str)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            if let Ok(d) = Digest::parse(&tail_str(&k, p.len())) {
+                out.push((d, from_json(&v)?));
+            }
+        }
+        Ok(out)
+    }
+
+    fn tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
+        Ok(self
+            .tags
+            .get(key(&[repo, tag]))?
+            .and_then(|v| Digest::parse(&String::from_utf8_lossy(&v)).ok()))
+    }
+
+    fn tag_artifact(&self, repo: &str, digest: &Digest, tag: &str) -> MetaResult<bool> {
+        let _repo = self.lock_repo(repo);
+        if !self.artifacts.contains_key(key(&[repo, digest.as_str()]))? {
+            return Ok(false);
+        }
+        self.tags.insert(key(&[repo, tag]), digest.as_str())?;
+        self.notify(Change::Tag { repo, tag });
+        Ok(true)
+    }
+
+    fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
+        let _repo = self.lock_repo(repo);
+        let removed = self.tags.remove(key(&[repo, tag]))?;
+        if removed.is_some() {
+            self.notify(Change::Tag { repo, tag });
+        }
+        Ok(removed.and_then(|v| Digest::parse(&String::from_utf8_lossy(&v)).ok()))
+    }
+
+    fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> MetaResult<Vec<String>> {
+        let p = prefix(&[repo]);
+        let mut out = Vec::new();
+        for k in page(&self.tags, &p, last).keys() {
+            if out.len() >= n {
+                break;
+            }
+            out.push(tail_str(&k?, p.len()));
+        }
+        Ok(out)
+    }
+
+    fn referrers(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<Descriptor>> {
+        let p = prefix(&[repo, subject.as_str()]);
+        let mut out = Vec::new();
+        for v in page(&self.referrers, &p, after.map(Digest::as_str)).values() {
+            if out.len() >= limit {
+                break;
+            }
+            out.push(from_json(&v?)?);
+        }
+        Ok(out)
+    }
+
+    // --- pull times ---
+
+    fn record_pulls(&self, batch: &[(Arc<str>, u64)]) -> MetaResult<()> {
+        let mut b = sled::Batch::default();
+        for (k, t) in batch {
+            b.insert(k.as_bytes(), &t.to_be_bytes());
+        }
+        Ok(self.pulls.apply_batch(b)?)
+    }
+
+    fn last_pull(&self, repo: &str, digest: &Digest) -> MetaResult<Option<u64>> {
+        Ok(self
+            .pulls
+            .get(key(&[repo, digest.as_str()]))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    // --- typed records ---
+
+    fn record_put(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<()> {
+        self.db.open_tree(tree)?.insert(key, value.as_slice())?;
+        self.notify(Change::Record {
+            tree,
+            key,
+            value: Some(value.as_slice()),
+        });
+        Ok(())
+    }
+
+    fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
+        Ok(self.db.open_tree(tree)?.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn record_remove(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
+        let removed = self.db.open_tree(tree)?.remove(key)?;
+        if removed.is_some() {
+            self.notify(Change::Record {
+                tree,
+                key,
+                value: None,
+            });
+        }
+        Ok(removed.map(|v| v.to_vec()))
+    }
+
+    fn record_list(
+        &self,
+        tree: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<(String, Vec<u8>)>> {
+        let t = self.db.open_tree(tree)?;
+        let mut out = Vec::new();
+        for item in page(&t, prefix.as_bytes(), after) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            out.push((tail_str(&k, prefix.len()), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn record_remove_prefix(&self, tree: &str, prefix: &str) -> MetaResult<usize> {
+        let t = self.db.open_tree(tree)?;
+        let mut n = 0;
+        for k in t.scan_prefix(prefix).keys() {
+            let k = k?;
+            if t.remove(&k)?.is_some() {
+                n += 1;
+                self.notify(Change::Record {
+                    tree,
+                    key: &String::from_utf8_lossy(&k),
+                    value: None,
+                });
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Entries of `tree` under `prefix` whose rest of key sorts after `after` (all of them for
+/// `None`), in key order.
+fn page(tree: &sled::Tree, prefix: &[u8], after: Option<&str>) -> sled::Iter {
+    use std::ops::Bound;
+    let lower = match after {
+        Some(a) => {
+            let mut k = prefix.to_vec();
+            k.extend_from_slice(a.as_bytes());
+            Bound::Excluded(k)
+        }
+        None => Bound::Included(prefix.to_vec()),
+    };
+    let upper = match prefix_end(prefix) {
+        Some(end) => Bound::Excluded(end),
+        None => Bound::Unbounded,
+    };
+    tree.range::<Vec<u8>, _>((lower, upper))
+}
+
+/// The first key after every key starting with `prefix` (`None`: no such key).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn transaction_error(e: sled::transaction::TransactionError<sled::Error>) -> MetaError {
+    use sled::transaction::TransactionError;
+    match e {
+        TransactionError::Abort(e) | TransactionError::Storage(e) => e.into(),
+    }
+}
+
+#[async_trait::async_trait]
+impl MetaStore for SledMeta {
+    fn subscribe(&self, subscriber: Subscriber) {
+        self.inner.subscribers.write().push(subscriber);
+    }
+
+    /// Group commit: concurrent callers share one fsync. sled's own `flush_async` is not used:
+    /// it deadlocks under concurrent writers (sled issue 1308); a blocking flush on the
+    /// blocking pool does not.
+    async fn flush(&self) -> MetaResult<()> {
+        use std::sync::atomic::Ordering;
+        let trees = &self.inner;
+        let mine = trees.announced.fetch_add(1, Ordering::AcqRel) + 1;
+        let _turn = trees.flusher.lock().await;
+        if trees.durable.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        let target = trees.announced.load(Ordering::Acquire);
+        self.run(|t| Ok(t.db.flush()?)).await?;
+        trees.durable.store(target, Ordering::Release);
+        Ok(())
+    }
+
+    async fn put_registry(&self, record: &RegistryRecord) -> MetaResult<()> {
+        let record = record.clone();
+        self.run(move |t| t.put_registry(&record)).await
+    }
+
+    async fn registries(&self) -> MetaResult<Vec<RegistryRecord>> {
+        self.run(|t| t.registries()).await
+    }
+
+    async fn registry(&self, name: &str) -> MetaResult<Option<RegistryRecord>> {
+        let name = name.to_owned();
+        self.run(move |t| t.registry(&name)).await
+    }
+
+    async fn delete_registry(&self, name: &str) -> MetaResult<()> {
+        let name = name.to_owned();
+        self.run(move |t| t.delete_registry(&name)).await
+    }
+
+    async fn put_image_cache(
+        &self,
+        record: &ImageCacheRecord,
+        credentials: Option<&CredentialRecord>,
+    ) -> MetaResult<()> {
+        let (record, credentials) = (record.clone(), credentials.cloned());
+        self.run(move |t| t.put_image_cache(&record, credentials.as_ref()))
+            .await
+    }
+
+    async fn image_caches(&self) -> MetaResult<Vec<ImageCacheRecord>> {
+        self.run(|t| t.image_caches()).await
+    }
+
+    async fn image_cache(&self, name: &str) -> MetaResult<Option<ImageCacheRecord>> {
+        let name = name.to_owned();
+        self.run(move |t| t.image_cache(&name)).await
+    }
+
+    async fn credentials(&self, image_cache: &str) -> MetaResult<Option<CredentialRecord>> {
+        let name = image_cache.to_owned();
+        self.run(move |t| t.credentials(&name)).await
+    }
+
+    async fn delete_image_cache(&self, name: &str) -> MetaResult<bool> {
+        let name = name.to_owned();
+        self.run(move |t| t.delete_image_cache(&name)).await
+    }
+
+    async fn repositories(
+        &self,
+        registry: Option<&str>,
+        last: Option<&str>,
+        n: usize,
+    ) -> MetaResult<Vec<String>> {
+        let (registry, last) = (registry.map(str::to_owned), last.map(str::to_owned));
+        self.run(move |t| t.repositories(registry.as_deref(), last.as_deref(), n))
+            .await
+    }
+
+    async fn repo_exists(&self, repo: &str) -> MetaResult<bool> {
+        let repo = repo.to_owned();
+        self.run(move |t| t.repo_exists(&repo)).await
+    }
+
+    async fn remove_repo_if_empty(&self, repo: &str) -> MetaResult<bool> {
+        let repo = repo.to_owned();
+        self.run(move |t| t.remove_repo_if_empty(&repo)).await
+    }
+
+    async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> MetaResult<()> {
+        let (repo, digest) = (repo.to_owned(), digest.clone());
+        self.run(move |t| t.link_blob(&repo, &digest, size)).await
+    }
+
+    async fn blob_link(&self, repo: &str, digest: &Digest) -> MetaResult<Option<u64>> {
+        let (repo, digest) = (repo.to_owned(), digest.clone());
+        self.run(move |t| t.blob_link(&repo, &digest)).await
+    }
+
+    async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
+        let (repo, digest) = (repo.to_owned(), digest.clone());
+        self.run(move |t| t.unlink_blob(&repo, &digest)).await
+    }
+
+    async fn linked_blobs(
+        &self,
+        repo: &str,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<Digest>> {
+        let (repo, after) = (repo.to_owned(), after.cloned());
+        self.run(move |t| t.linked_blobs(&repo, after.as_ref(), limit))
+            .await
+    }
+
+    async fn put_artifact(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        record: &ArtifactRecord,
+        tag: Option<&str>,
+        referrer: Option<&Descriptor>,
+    ) -> MetaResult<()> {
+        let (repo, digest, record) = (repo.to_owned(), digest.clone(), record.clone());
+        let (tag, referrer) = (tag.map(str::to_owned), referrer.cloned());
+        self.run(move |t| {
+            t.put_artifact(&repo, &digest, &record, tag.as_deref(), referrer.as_ref())
+        })
+        .await
+    }
+
+    async fn artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ArtifactRecord>> {
+        let (repo, digest) = (repo.to_owned(), digest.clone());
+        self.run(move |t| t.artifact(&repo, &digest)).await
+    }
+
+    async fn delete_artifact(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> MetaResult<Option<Vec<String>>> {
+        let (repo, digest) = (repo.to_owned(), digest.clone());
+        self.run(move |t| t.delete_artifact(&repo, &digest)).await
+    }
+
+    async fn artifacts(
+        &self,
+        repo: &str,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<(Digest, ArtifactRecord)>> {
+        let (repo, after) = (repo.to_owned(), after.cloned());
+        self.run(move |t| t.artifacts(&repo, after.as_ref(), limit))
+            .await
+    }
+
+    async fn tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
+        let (repo, tag) = (repo.to_owned(), tag.to_owned());
+        self.run(move |t| t.tag(&repo, &tag)).await
+    }
+
+    async fn tag_artifact(&self, repo: &str, digest: &Digest, tag: &str) -> MetaResult<bool> {
+        let (repo, digest, tag) = (repo.to_owned(), digest.clone(), tag.to_owned());
+        self.run(move |t| t.tag_artifact(&repo, &digest, &tag))
+            .await
+    }
+
+    async fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
+        let (repo, tag) = (repo.to_owned(), tag.to_owned());
+        self.run(move |t| t.delete_tag(&repo, &tag)).await
+    }
+
+    async fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> MetaResult<Vec<String>> {
+        let (repo, last) = (repo.to_owned(), last.map(str::to_owned));
+        self.run(move |t| t.tags(&repo, last.as_deref(), n)).await
+    }
+
+    async fn referrers(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        after: Option<&Digest>,
+        limit: usize,
+    ) -> MetaResult<Vec<Descriptor>> {
+        let (repo, subject, after) = (repo.to_owned(), subject.clone(), after.cloned());
+        self.run(move |t| t.referrers(&repo, &subject, after.as_ref(), limit))
+            .await
+    }
+
+    async fn record_pulls(&self, batch: &[(Arc<str>, u64)]) -> MetaResult<()> {
+        let batch = batch.to_vec();
+        self.run(move |t| t.record_pulls(&batch)).await
+    }
+
+    async fn last_pull(&self, repo: &str, digest: &Digest) -> MetaResult<Option<u64>> {
+        let (repo, digest) = (repo.to_owned(), digest.clone());
+        self.run(move |t| t.last_pull(&repo, &digest)).await
+    }
+
+    async fn record_put(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<()> {
+        let (tree, key) = (tree.to_owned(), key.to_owned());
+        self.run(move |t| t.record_put(&tree, &key, value)).await
+    }
+
+    async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
+        let (tree, key) = (tree.to_owned(), key.to_owned());
+        self.run(move |t| t.record_get(&tree, &key)).await
+    }
+
+    async fn record_remove(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
+        let (tree, key) = (tree.to_owned(), key.to_owned());
+        self.run(move |t| t.record_remove(&tree, &key)).await
+    }
+
+    async fn record_list(
+        &self,
+        tree: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> MetaResult<Vec<(String, Vec<u8>)>> {
+        let (tree, prefix, after) = (tree.to_owned(), prefix.to_owned(), after.map(str::to_owned));
+        self.run(move |t| t.record_list(&tree, &prefix, after.as_deref(), limit))
+            .await
+    }
+
+    async fn record_remove_prefix(&self, tree: &str, prefix: &str) -> MetaResult<usize> {
+        let (tree, prefix) = (tree.to_owned(), prefix.to_owned());
+        self.run(move |t| t.record_remove_prefix(&tree, &prefix))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::meta::now_ms;
+
+    fn rec(subject: Option<Digest>) -> ArtifactRecord {
+        ArtifactRecord {
+            media_type: "m".into(),
+            size: 1,
+            pushed_ms: now_ms(),
+            artifact_type: None,
+            subject,
+        }
+    }
+
+    /// What `Meta::put_image_cache` stored before credentials were a record of their own: the
+    /// whole `ImageCacheConfig` as JSON (durations as humantime text, absent options omitted).
+    fn legacy_image_cache(name: &str, password: &str) -> String {
+        format!(
+            r#"{{"name":"{name}","kind":"ecr","url":"https://1.dkr.ecr.eu-west-1.amazonaws.com","username":"AKID","password":"{password}","fetch_budget":"3m 20s","revalidate_ttl":"30s","region":"eu-west-1"}}"#
+        )
+    }
+
+    #[test]
+    fn legacy_image_caches_open_with_their_credentials_as_a_record_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("meta")).unwrap();
+            let caches = db.open_tree("image_caches").unwrap();
+            caches
+                .insert("ecr", legacy_image_cache("ecr", "s3cret").as_bytes())
+                .unwrap();
+            caches
+                .insert(
+                    "anon",
+                    &br#"{"name":"anon","kind":"registry","url":"https://r.example","fetch_budget":"200s","revalidate_ttl":"0s"}"#[..],
+                )
+                .unwrap();
+            db.flush().unwrap();
+        }
+        for round in 0..2 {
+            // Opened twice: the migration runs once and changes nothing the second time.
+            let m = Trees::open(dir.path()).unwrap();
+            let names: Vec<String> = m
+                .image_caches()
+                .unwrap()
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
+            assert_eq!(names, ["anon", "ecr"], "round {round}");
+            let ecr = m.image_cache("ecr").unwrap().unwrap();
+            assert_eq!(ecr.kind, SourceKind::Ecr);
+            assert_eq!(ecr.endpoint, "https://1.dkr.ecr.eu-west-1.amazonaws.com");
+            assert_eq!(ecr.settings.fetch_budget_ms, Duration::from_secs(200));
+            assert_eq!(ecr.settings.revalidate_ttl_ms, Duration::from_secs(30));
+            assert_eq!(ecr.settings.region.as_deref(), Some("eu-west-1"));
+            let creds = m.credentials("ecr").unwrap().unwrap();
+            assert_eq!(creds.username.as_deref(), Some("AKID"));
+            assert_eq!(creds.password.as_deref(), Some("s3cret"));
+            let shown = format!("{creds:?}");
+            assert!(
+                !shown.contains("s3cret") && shown.contains("redacted"),
+                "{shown}"
+            );
+            assert_eq!(m.credentials("anon").unwrap(), None, "anonymous: no record");
+            // The definition itself holds no secret any more.
+            let raw = m.image_caches.get("ecr").unwrap().unwrap();
+            assert!(!String::from_utf8_lossy(&raw).contains("s3cret"));
+        }
+        let m = Trees::open(dir.path()).unwrap();
+        assert!(m.delete_image_cache("anon").unwrap());
+        assert!(m.delete_image_cache("ecr").unwrap());
+        assert!(
+            m.credentials("ecr").unwrap().is_none(),
+            "deleted with its image cache"
+        );
+    }
+
+    #[test]
+    fn putting_an_image_cache_replaces_its_credentials_in_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Trees::open(dir.path()).unwrap();
+        let record = ImageCacheRecord {
+            name: "up".into(),
+            kind: SourceKind::Registry,
+            endpoint: "https://r.example".into(),
+            settings: ImageCacheSettings {
+                fetch_budget_ms: Duration::from_secs(200),
+                revalidate_ttl_ms: Duration::ZERO,
+                region: None,
+                ecr_endpoint: None,
+            },
+        };
+        let creds = CredentialRecord {
+            username: Some("u".into()),
+            password: Some("p".into()),
+            credentials_file: None,
+        };
+        m.put_image_cache(&record, Some(&creds)).unwrap();
+        assert_eq!(m.credentials("up").unwrap(), Some(creds));
+        // Anonymous now: the old credentials do not linger.
+        m.put_image_cache(&record, Some(&CredentialRecord::default()))
+            .unwrap();
+        assert_eq!(m.credentials("up").unwrap(), None);
+        assert_eq!(m.image_cache("up").unwrap(), Some(record));
+    }
+
+    #[test]
+    fn writers_of_one_repository_wait_for_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = std::sync::Arc::new(Trees::open(dir.path()).unwrap());
+        let d = Digest::sha256(b"m");
+        meta.put_artifact("r/a", &d, &rec(None), Some("v1"), None)
+            .unwrap();
+        let held = meta.lock_repo("r/a");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let (meta, d) = (meta.clone(), d.clone());
+            std::thread::spawn(move || {
+                let tags = meta.delete_artifact("r/a", &d).unwrap();
+                done_tx.send(tags).unwrap();
+            })
+        };
+        // While a push of the repository holds its lock, a delete cannot slip in between.
+        assert!(done_rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        assert!(meta.artifact("r/a", &d).unwrap().is_some());
+        drop(held);
+        assert_eq!(
+            done_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .unwrap(),
+            Some(vec!["v1".to_string()])
+        );
+        writer.join().unwrap();
+        assert!(
+            !meta.tag_artifact("r/a", &d, "v2").unwrap(),
+            "deleted: not tagged"
+        );
+    }
+
+    #[test]
+    fn tags_page_lexically_and_stay_inside_the_repo() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Trees::open(dir.path()).unwrap();
+        let d = Digest::sha256(b"m");
+        for t in ["b", "a", "c"] {
+            m.put_artifact("r/x", &d, &rec(None), Some(t), None)
+                .unwrap();
+        }
+        m.put_artifact("r/x2", &d, &rec(None), Some("zz"), None)
+            .unwrap();
+        m.put_artifact("r/x/y", &d, &rec(None), Some("yy"), None)
+            .unwrap();
+        assert_eq!(m.tags("r/x", None, 10).unwrap(), ["a", "b", "c"]);
+        assert_eq!(m.tags("r/x", Some("a"), 1).unwrap(), ["b"]);
+        assert_eq!(m.tags("r/x", Some("c"), 10).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            m.repositories(None, None, 10).unwrap(),
+            ["r/x", "r/x/y", "r/x2"]
+        );
+        assert_eq!(m.repositories(None, Some("r/x"), 1).unwrap(), ["r/x/y"]);
+        assert_eq!(m.repositories(Some("r"), None, 10).unwrap().len(), 3);
+        assert_eq!(m.delete_artifact("r/x", &d).unwrap().unwrap().len(), 3);
+        assert!(m.tags("r/x", None, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn referrers_follow_their_artifact() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Trees::open(dir.path()).unwrap();
+        let subject = Digest::sha256(b"s");
+        let referrer = Digest::sha256(b"r");
+        let desc = Descriptor {
+            media_type: "m".into(),
+            digest: referrer.clone(),
+            size: 1,
+            artifact_type: Some("t".into()),
+            annotations: None,
+            platform: None,
+            urls: None,
+        };
+        m.put_artifact(
+            "r/x",
+            &referrer,
+            &rec(Some(subject.clone())),
+            None,
+            Some(&desc),
+        )
+        .unwrap();
+        assert_eq!(
+            m.referrers("r/x", &subject, None, usize::MAX).unwrap(),
+            vec![desc]
+        );
+        m.delete_artifact("r/x", &referrer).unwrap();
+        assert!(m
+            .referrers("r/x", &subject, None, usize::MAX)
+            .unwrap()
+            .is_empty());
+        m.delete_registry("r").unwrap();
+    }
+
+    #[tokio::test]
+    async fn calls_run_on_the_blocking_pool_not_on_the_callers_thread() {
+        // A current-thread runtime: its one worker is this thread. Subscribers are called on
+        // the thread that wrote, so they tell where the sled calls ran.
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SledMeta::open(dir.path()).unwrap();
+        let threads = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = threads.clone();
+        meta.subscribe(Box::new(move |_| {
+            sink.lock().push(std::thread::current().id())
+        }));
+        let d = Digest::sha256(b"m");
+        meta.put_artifact("r/a", &d, &rec(None), Some("v1"), None)
+            .await
+            .unwrap();
+        meta.delete_artifact("r/a", &d).await.unwrap();
+        let here = std::thread::current().id();
+        let seen = threads.lock().clone();
+        assert_eq!(seen.len(), 4, "artifact and tag, twice");
+        assert!(
+            seen.iter().all(|t| *t != here),
+            "a sled call ran on the async worker"
+        );
+    }
+}
