@@ -21,13 +21,188 @@ pub fn init() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
         }
+        describe();
+        metrics::gauge!("berth_build_info", "version" => VERSION, "commit" => COMMIT).set(1.0);
+        metrics::gauge!("berth_process_start_time_seconds").set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
         handle
     })
 }
 
-/// The text exposition.
+/// berth's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit berth was built from (`unknown` outside a checkout).
+pub const COMMIT: &str = env!("BERTH_GIT_COMMIT");
+
+/// `# HELP` (and unit) of every metric berth exports.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "berth_build_info",
+        "Always 1; labels: version and git commit of the binary"
+    );
+    describe_gauge!(
+        "berth_process_start_time_seconds",
+        Unit::Seconds,
+        "Start of the process, Unix time"
+    );
+    describe_counter!(
+        "berth_process_cpu_seconds_total",
+        Unit::Seconds,
+        "CPU time of the process (user + system)"
+    );
+    describe_gauge!(
+        "berth_process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory of the process"
+    );
+    describe_gauge!(
+        "berth_process_open_fds",
+        "Open file descriptors of the process"
+    );
+    describe_counter!(
+        "berth_http_requests_total",
+        "Requests answered, by method, route and status (counted when the body ends)"
+    );
+    describe_histogram!(
+        "berth_http_request_duration_seconds",
+        Unit::Seconds,
+        "From the request's arrival to the end of its response body"
+    );
+    describe_counter!(
+        "berth_http_response_bytes_total",
+        Unit::Bytes,
+        "Response body bytes handed to connections"
+    );
+    describe_counter!("berth_http_responses_aborted_total", "Response bodies that ended before their last byte, by reason (client_gone, stalled, body_error)");
+    describe_counter!(
+        "berth_blob_bytes_served_total",
+        Unit::Bytes,
+        "Blob body bytes sent (origin and cache registries)"
+    );
+    describe_counter!(
+        "berth_sendfile_bytes_total",
+        Unit::Bytes,
+        "Blob body bytes sent with sendfile (zero-copy), a part of the blob bytes served"
+    );
+    describe_gauge!("berth_open_connections", "Client connections open");
+    describe_counter!(
+        "berth_connections_over_limit_total",
+        "Connections closed at once because limits.max_connections were open"
+    );
+    describe_counter!(
+        "berth_connections_refused_total",
+        "Connections from addresses outside a private listener's allow list"
+    );
+    describe_gauge!("berth_upload_sessions", "Blob upload sessions open");
+    describe_gauge!(
+        "berth_storage_bytes",
+        Unit::Bytes,
+        "Bytes of the committed blobs (updated every 5 minutes)"
+    );
+    describe_gauge!(
+        "berth_storage_free_bytes",
+        Unit::Bytes,
+        "Free bytes on the data directory's volume"
+    );
+    describe_counter!(
+        "berth_auth_failed_logins_total",
+        "Failed logins (wrong secret, unknown key, throttled)"
+    );
+    describe_counter!(
+        "berth_auth_tokens_issued_total",
+        "Bearer tokens issued by the token endpoint"
+    );
+    describe_counter!(
+        "berth_cache_requests_total",
+        "Cache registry requests by registry, kind and outcome (hit, miss, coalesced, stale, ...)"
+    );
+    describe_counter!(
+        "berth_cache_blob_bytes_served_total",
+        Unit::Bytes,
+        "Blob bytes a cache registry served, by registry"
+    );
+    describe_counter!(
+        "berth_cache_direct_bytes_total",
+        Unit::Bytes,
+        "Cold blob bytes fed to the client that started the fetch from memory"
+    );
+    describe_counter!(
+        "berth_cache_budget_expiries_total",
+        "Source fetches stopped by their fetch budget (resumed by the next request)"
+    );
+    describe_counter!(
+        "berth_cache_digest_mismatches_total",
+        "Blobs a source sent with another digest than asked (discarded)"
+    );
+    describe_counter!(
+        "berth_cache_oversized_fetches_total",
+        "Source fetches stopped because the source sent more bytes than the blob can have"
+    );
+    describe_gauge!(
+        "berth_inflight_fetches",
+        "Blob fetches from sources in flight"
+    );
+    describe_counter!(
+        "berth_upstream_fetch_bytes_total",
+        Unit::Bytes,
+        "Blob bytes received from sources"
+    );
+    describe_counter!(
+        "berth_upstream_token_requests_total",
+        "Token requests berth made to sources"
+    );
+    describe_counter!(
+        "berth_events_dropped_total",
+        "Events dropped because the event queue was full"
+    );
+    describe_counter!(
+        "berth_webhook_deliveries_total",
+        "Webhook delivery attempts, by outcome"
+    );
+    describe_gauge!("berth_webhook_queue_depth", "Webhook deliveries waiting");
+}
+
+/// The text exposition, with the process's own figures read now.
 pub fn render() -> String {
+    process();
     init().render()
+}
+
+/// CPU time, resident memory and open descriptors of this process (Linux `/proc/self`).
+fn process() {
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may hold spaces): utime is the 12th, stime 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let ticks: Option<u64> = fields
+            .get(11)
+            .zip(fields.get(12))
+            .and_then(|(u, s)| Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?));
+        if let Some(ticks) = ticks {
+            let hz = rustix::param::clock_ticks_per_second();
+            metrics::counter!("berth_process_cpu_seconds_total").absolute(ticks / hz.max(1));
+        }
+        let rss_pages = fields.get(21).and_then(|p| p.parse::<u64>().ok());
+        if let Some(pages) = rss_pages {
+            let page = rustix::param::page_size() as u64;
+            metrics::gauge!("berth_process_resident_memory_bytes").set((pages * page) as f64);
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("berth_process_open_fds").set(fds.count() as f64);
+    }
+}
+
+/// Sets the number of open upload sessions.
+pub fn upload_sessions(n: usize) {
+    metrics::gauge!("berth_upload_sessions").set(n as f64);
 }
 
 fn method_label(m: &http::Method) -> &'static str {

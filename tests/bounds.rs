@@ -567,3 +567,51 @@ async fn content_range_is_enforced_against_the_bytes_that_arrived() {
         .await;
     assert_eq!(got.bytes().await.unwrap(), blob[..]);
 }
+
+/// Every metric family on `/metrics` says what it is (`# HELP`), the build is identified, and
+/// the process's own figures are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_has_help_and_the_build_and_process_are_described() {
+    let s = TestServer::start("").await;
+    s.push_image("library/app", "v1", "metrics").await;
+    let text = s.get("/metrics").await.text().await.unwrap();
+    let families: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("berth_"))
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .map(|name| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name)
+        })
+        .collect();
+    assert!(families.len() >= 10, "{families:?}");
+    let undescribed: Vec<&&str> = families
+        .iter()
+        .filter(|f| !text.contains(&format!("# HELP {f} ")))
+        .collect();
+    assert!(undescribed.is_empty(), "without # HELP: {undescribed:?}");
+    let build = text
+        .lines()
+        .find(|l| l.starts_with("berth_build_info{"))
+        .unwrap_or_default();
+    assert!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && build.contains("commit=\"")
+            && build.ends_with(" 1"),
+        "{build:?}"
+    );
+    for name in [
+        "berth_process_resident_memory_bytes",
+        "berth_process_open_fds",
+        "berth_process_start_time_seconds",
+        "berth_upload_sessions",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} is exported"
+        );
+    }
+    assert!(common::metrics::metric_value(&text, "berth_process_open_fds", &[]) > 0.0);
+}

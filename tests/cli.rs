@@ -661,3 +661,45 @@ fn check_config_never_prints_a_source_password() {
     assert!(text.contains("<redacted>"), "{text}");
     assert!(!text.contains("cfg-pw-77a1"), "{text}");
 }
+
+/// `berth version` names the build; `berth completions SHELL` prints a script; neither needs a
+/// usable config or data directory.
+#[test]
+fn version_and_completions_need_nothing_but_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "this is = not [valid").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(berth_bin())
+            .env("BERTH_CONFIG", &broken)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = run(&["version"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.starts_with(&format!("berth {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    let (ok, json) = run(&["version", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(ok);
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    for key in ["commit", "target", "profile"] {
+        assert!(v[key].as_str().is_some_and(|s| !s.is_empty()), "{json}");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, script) = run(&["completions", shell]);
+        assert!(
+            ok && script.contains("berth") && script.contains("check-config"),
+            "{shell}"
+        );
+    }
+    let (ok, _) = run(&["completions", "tcsh"]);
+    assert!(!ok, "an unknown shell is refused");
+}

@@ -220,6 +220,7 @@ async fn keep_alive_pipelining_and_hand_over_share_one_connection() {
     let r = read_response(&mut stream, &mut buf, false).await;
     assert_eq!((r.status, r.body), (200, other));
     // Connection: close ends the connection after the answer.
+    // (HTTP/1.0 with keep-alive is kept and told so, as ab -k needs; checked below.)
     stream
         .write_all(get(&path, "Range: bytes=0-0\r\nConnection: close\r\n").as_bytes())
         .await
@@ -494,5 +495,36 @@ async fn requests_are_logged_and_counted_when_their_body_ends() {
             "aborted download counted"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_keeps_a_connection_only_when_asked_and_says_so() {
+    let _serial = SERIAL.lock().await;
+    let (s, zero, copy) = server().await;
+    let digest = s.push_blob("library/app", &blob(1000)).await;
+    let path = format!("/v2/library/app/blobs/{digest}");
+    for addr in [&zero, &copy] {
+        // ab -k -i: HEAD over HTTP/1.0 with keep-alive, several on one connection.
+        let mut stream = TcpStream::connect(addr.as_str()).await.unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..3 {
+            let head = format!("HEAD {path} HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let r = read_response(&mut stream, &mut buf, true).await;
+            assert_eq!(r.status, 200, "{addr}");
+            let connection = r.header("connection").map(str::to_ascii_lowercase);
+            assert_eq!(connection.as_deref(), Some("keep-alive"), "{addr}");
+        }
+        // Without it, the answer ends the connection.
+        let mut stream = TcpStream::connect(addr.as_str()).await.unwrap();
+        let get = format!("GET {path} HTTP/1.0\r\n\r\n");
+        stream.write_all(get.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).await.unwrap();
+        assert!(
+            all.ends_with(&blob(1000)),
+            "{addr}: the body, then the close"
+        );
     }
 }

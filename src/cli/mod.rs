@@ -81,7 +81,34 @@ enum Command {
     Key(key::KeyCommand),
     /// Print the effective configuration (defaults merged with the file) and exit.
     CheckConfig,
+    /// Print version, git commit, target and build profile.
+    Version {
+        /// As one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
+
+/// What `berth version` prints.
+#[derive(Serialize)]
+struct VersionInfo {
+    version: &'static str,
+    commit: &'static str,
+    target: &'static str,
+    profile: &'static str,
+}
+
+const VERSION_INFO: VersionInfo = VersionInfo {
+    version: crate::metrics::VERSION,
+    commit: crate::metrics::COMMIT,
+    target: env!("BERTH_TARGET"),
+    profile: env!("BERTH_PROFILE"),
+};
 
 /// Where an admin command acts: the data directory (the API in this process), or a server's
 /// management API over HTTP.
@@ -245,6 +272,33 @@ async fn local_call(
 /// The `berth` command line.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that need no configuration work whatever the config says.
+    match &cli.command {
+        Command::Version { json } => {
+            let v = &VERSION_INFO;
+            if *json {
+                outln!("{}", serde_json::to_string(v).unwrap_or_default());
+            } else {
+                outln!(
+                    "berth {} (commit {}, {}, {} build)",
+                    v.version,
+                    v.commit,
+                    v.target,
+                    v.profile
+                );
+            }
+            return ExitCode::SUCCESS;
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "berth", &mut script);
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -274,6 +328,7 @@ pub fn main() -> ExitCode {
         Command::Cache(cmd) => place(config).and_then(|p| cache::run(&p, cmd)),
         Command::User(cmd) => place(config).and_then(|p| user::run(&p, cmd)),
         Command::Key(cmd) => place(config).and_then(|p| key::run(&p, cmd)),
+        Command::Version { .. } | Command::Completions { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -96,9 +96,15 @@ where
             }
         };
         let head_only = request.method() == Method::HEAD;
+        // HTTP/1.0 keeps a connection only when the answer says so (ab -k, old proxies).
+        let persist = match (keep_alive, request.version() == Version::HTTP_10) {
+            (false, _) => Persist::Close,
+            (true, false) => Persist::Keep,
+            (true, true) => Persist::KeepAnnounced,
+        };
         let in_flight = state.begin();
         let (response, mut finish) = handle(request).await;
-        let written = write_response(&mut io, response, &mut finish, head_only, keep_alive).await;
+        let written = write_response(&mut io, response, &mut finish, head_only, persist).await;
         drop(finish);
         drop(in_flight);
         let intact = written?;
@@ -186,6 +192,17 @@ fn parse(buf: &[u8]) -> Parsed {
     }
 }
 
+/// What the connection does after a response, and what the response says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Persist {
+    /// Closed after it: `Connection: close`.
+    Close,
+    /// Kept (HTTP/1.1's default: nothing to say).
+    Keep,
+    /// Kept, and said so: `Connection: keep-alive` (HTTP/1.0 asked for it).
+    KeepAnnounced,
+}
+
 /// Whether a response of this status has no body and no length (RFC 9110).
 fn bodiless(status: StatusCode) -> bool {
     status.is_informational()
@@ -195,7 +212,7 @@ fn bodiless(status: StatusCode) -> bool {
 
 /// The status line and headers, with `Content-Length`, `Date` and, when the connection ends
 /// after this response, `Connection: close`.
-fn head_bytes(parts: &http::response::Parts, len: u64, keep_alive: bool) -> Vec<u8> {
+fn head_bytes(parts: &http::response::Parts, len: u64, persist: Persist) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
     let status = parts.status;
     let _ = write!(
@@ -218,8 +235,10 @@ fn head_bytes(parts: &http::response::Parts, len: u64, keep_alive: bool) -> Vec<
         "date: {}\r\n",
         httpdate::fmt_http_date(SystemTime::now())
     );
-    if !keep_alive {
-        head.extend_from_slice(b"connection: close\r\n");
+    match persist {
+        Persist::Close => head.extend_from_slice(b"connection: close\r\n"),
+        Persist::KeepAnnounced => head.extend_from_slice(b"connection: keep-alive\r\n"),
+        Persist::Keep => {}
     }
     head.extend_from_slice(b"\r\n");
     head
@@ -233,11 +252,11 @@ async fn write_response(
     response: Response<Body>,
     finish: &mut Finish,
     head_only: bool,
-    keep_alive: bool,
+    persist: Persist,
 ) -> io::Result<bool> {
     let (parts, mut body) = response.into_parts();
     let len = body.len().unwrap_or(0);
-    let mut head = head_bytes(&parts, len, keep_alive);
+    let mut head = head_bytes(&parts, len, persist);
     let written = async {
         if head_only || bodiless(parts.status) {
             return io.write_all(&head).await.map(|()| true);
@@ -466,7 +485,7 @@ mod tests {
         let mut r = Response::new(());
         r.headers_mut().insert("x-a", HeaderValue::from_static("b"));
         let (parts, ()) = r.into_parts();
-        let text = String::from_utf8(head_bytes(&parts, 12, false)).unwrap();
+        let text = String::from_utf8(head_bytes(&parts, 12, Persist::Close)).unwrap();
         assert!(
             text.starts_with("HTTP/1.1 200 OK\r\nx-a: b\r\ncontent-length: 12\r\ndate: "),
             "{text}"
@@ -475,10 +494,12 @@ mod tests {
         let mut r = Response::new(());
         *r.status_mut() = StatusCode::NO_CONTENT;
         let (parts, ()) = r.into_parts();
-        let text = String::from_utf8(head_bytes(&parts, 0, true)).unwrap();
+        let text = String::from_utf8(head_bytes(&parts, 0, Persist::Keep)).unwrap();
         assert!(
             !text.contains("content-length") && !text.contains("connection"),
             "{text}"
         );
+        let text = String::from_utf8(head_bytes(&parts, 0, Persist::KeepAnnounced)).unwrap();
+        assert!(text.ends_with("connection: keep-alive\r\n\r\n"), "{text}");
     }
 }

@@ -412,6 +412,7 @@ pub async fn handle(
             if let Err(e) = free_bytes(&app).await {
                 tracing::warn!(error = %e, "cannot read the data volume's free space");
             }
+            crate::metrics::upload_sessions(app.store.uploads.count("").0);
             let mut r = text(StatusCode::OK, crate::metrics::render());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
