@@ -524,7 +524,7 @@ async fn every_change_is_notified(meta: &dyn MetaStore) {
 async fn racing_put_and_delete_leave_no_tag_on_a_missing_artifact(meta: &Arc<dyn MetaStore>) {
     let repo = "race/app";
     let m = d("raced");
-    for round in 0..50 {
+    for round in 0..200 {
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..8 {
             let meta = meta.clone();
