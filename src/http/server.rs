@@ -496,6 +496,13 @@ pub async fn handle(
         blob: label == "blob" && status.is_success(),
         aborted: None,
         path: path.to_string(),
+        ns: crate::http::router::query_param(parts.uri.query(), "ns").unwrap_or_default(),
+        user_agent: parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
         method: parts.method,
     };
     (response, finish)
