@@ -36,6 +36,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
     pub log: String,
+    /// `text` (one line per event, for people) or `json` (one JSON object per event, for log
+    /// collectors).
+    pub log_format: LogFormat,
     /// Users, access keys and Docker token auth.
     pub auth: AuthConfig,
     /// Webhook delivery.
@@ -161,6 +164,17 @@ impl Default for WebhookConfig {
             log_keep: 200,
         }
     }
+}
+
+/// How log events are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event.
+    #[default]
+    Text,
+    /// One JSON object per event, its fields as keys.
+    Json,
 }
 
 /// One listening socket.
@@ -472,6 +486,7 @@ impl Default for Config {
             pull_through: PullThrough::default(),
             shutdown_grace: Duration::from_secs(30),
             log: "info".to_string(),
+            log_format: LogFormat::Text,
             auth: AuthConfig::default(),
             webhooks: WebhookConfig::default(),
             egress: EgressConfig::default(),

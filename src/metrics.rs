@@ -118,7 +118,7 @@ fn describe() {
     );
     describe_counter!(
         "berth_cache_requests_total",
-        "Cache registry requests by registry, kind and outcome (hit, miss, coalesced, stale, ...)"
+        "Cache registry requests by registry and outcome (hit, miss, coalesced, stale, ...)"
     );
     describe_counter!(
         "berth_cache_blob_bytes_served_total",
@@ -161,7 +161,7 @@ fn describe() {
     );
     describe_counter!(
         "berth_webhook_deliveries_total",
-        "Webhook delivery attempts, by outcome"
+        "Webhook delivery attempts, by result"
     );
     describe_gauge!("berth_webhook_queue_depth", "Webhook deliveries waiting");
 }

@@ -703,3 +703,79 @@ fn version_and_completions_need_nothing_but_the_binary() {
     let (ok, _) = run(&["completions", "tcsh"]);
     assert!(!ok, "an unknown shell is refused");
 }
+
+/// `log_format = "json"`: every line berth writes to stderr is one JSON object, and a request's
+/// line carries its fields (method, path, status, bytes, user agent, `ns`...).
+#[test]
+fn json_logs_are_one_object_per_line_with_the_request_fields() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlog = \"info\"\nlog_format = \"json\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(berth_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut addr = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("berth listening on http://") {
+            addr.get_or_insert(rest.trim().to_string());
+        }
+        if line.trim() == "berth ready" {
+            break;
+        }
+    }
+    let addr = addr.expect("a plain listener");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!(
+                "http://{addr}/v2/library/app/tags/list?ns=docker.io"
+            ))
+            .header("user-agent", "json-log-test/1.0")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    // SIGTERM: berth shuts down and its stderr ends.
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let _ = child.wait();
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let request = events
+        .iter()
+        .find(|e| e["user_agent"] == "json-log-test/1.0")
+        .unwrap_or_else(|| panic!("no request line in {stderr}"));
+    assert_eq!(request["method"], "GET");
+    assert_eq!(request["path"], "/v2/library/app/tags/list");
+    assert_eq!(request["ns"], "docker.io");
+    assert_eq!(request["status"], status.as_u16());
+    assert!(request["request_id"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert!(
+        request["ms"].is_number() && request["bytes"].is_number(),
+        "{request}"
+    );
+    assert!(
+        request["timestamp"].is_string() && request["level"].is_string(),
+        "{request}"
+    );
+}

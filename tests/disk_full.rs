@@ -194,3 +194,40 @@ async fn a_full_disk_answers_507_leaks_nothing_and_the_session_resumes() {
     assert_eq!(r.status(), StatusCode::CREATED);
     server.shutdown().await;
 }
+
+/// `/readyz` says not ready while the blob store takes no writes (here its temp directory is
+/// covered by a read-only tmpfs, which refuses root too), and ready again once it does.
+#[tokio::test]
+async fn readyz_is_not_ready_while_the_blob_store_takes_no_writes() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = berth::Server::start(config_for(dir.path(), "[limits]\nmin_free_bytes = 0\n"))
+        .await
+        .unwrap();
+    let ready = format!("http://{}/readyz", server.local_addrs()[0].0);
+    let client = Client::new();
+    let readyz = || async { client.get(&ready).send().await.unwrap() };
+    assert_eq!(readyz().await.status(), StatusCode::OK);
+    let tmp = dir.path().join("data").join("tmp");
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(&tmp)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "mount a read-only tmpfs on {}",
+        tmp.display()
+    );
+    let mounted = Mounted(tmp.clone());
+    let r = readyz().await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let why = r.text().await.unwrap();
+    assert!(why.contains("takes no writes"), "{why}");
+    drop(mounted);
+    assert_eq!(readyz().await.status(), StatusCode::OK);
+    server.shutdown().await;
+}

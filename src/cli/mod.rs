@@ -339,14 +339,22 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        crate::config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -358,7 +366,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn serve(config: Config) -> Result<(), String> {
-    init_logging(&config.log);
+    init_logging(&config.log, config.log_format);
     runtime()?.block_on(async move {
         let data_dir = config.data_dir.clone();
         let server = crate::Server::start(config)

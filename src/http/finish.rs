@@ -40,6 +40,10 @@ pub struct Finish {
     pub method: Method,
     /// Path (no query).
     pub path: String,
+    /// The `ns` query parameter (the registry a mirror request named), or empty.
+    pub ns: String,
+    /// The client's `User-Agent`, or empty.
+    pub user_agent: String,
     /// Route label.
     pub label: &'static str,
     /// Status sent.
@@ -95,19 +99,20 @@ impl Drop for Finish {
             (&self.request_id, self.peer, &self.user, &self.method);
         let (path, status, bytes, cache) =
             (&self.path, self.status.as_u16(), self.sent, self.cache);
+        let (ns, user_agent) = (&self.ns, &self.user_agent);
         let aborted = aborted.unwrap_or("");
         match &self.error {
             Some((e, true)) => tracing::error!(
-                request_id, %peer, user, %method, path, status, bytes, ms, cache, aborted, error = %e, "request failed"
+                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, ms, cache, aborted, error = %e, "request failed"
             ),
             Some((e, false)) => tracing::info!(
-                request_id, %peer, user, %method, path, status, bytes, ms, cache, aborted, error = %e, "request refused"
+                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, ms, cache, aborted, error = %e, "request refused"
             ),
             None if !aborted.is_empty() => tracing::info!(
-                request_id, %peer, user, %method, path, status, bytes, ms, cache, aborted, "request cut short"
+                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, ms, cache, aborted, "request cut short"
             ),
             None => tracing::info!(
-                request_id, %peer, user, %method, path, status, bytes, ms, cache, "request"
+                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, ms, cache, "request"
             ),
         }
     }

@@ -351,6 +351,15 @@ async fn readiness(app: &App) -> Response<Body> {
     if !app.ready.load(Ordering::Acquire) {
         return text(StatusCode::SERVICE_UNAVAILABLE, "starting\n");
     }
+    if let Err(e) = writable(app).await {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: the blob store of {} takes no writes: {e}\n",
+                app.config.data_dir.display()
+            ),
+        );
+    }
     let floor = app.config.limits.min_free_bytes;
     match free_bytes(app).await {
         Ok(free) if free >= floor => text(StatusCode::OK, "ready\n"),
@@ -369,6 +378,20 @@ async fn readiness(app: &App) -> Response<Body> {
             ),
         ),
     }
+}
+
+/// Whether the blob store takes a write: one byte written to a one-shot write, then dropped (a
+/// read-only or failing volume is caught before a push is).
+async fn writable(app: &App) -> std::io::Result<()> {
+    use crate::store::blobs::Pending;
+    let (mut probe, _) = app
+        .store
+        .blobs
+        .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
+        .await?;
+    let written = probe.write(bytes::Bytes::from_static(b"r").into()).await;
+    let removed = probe.abort().await;
+    written.and(removed)
 }
 
 /// Free bytes (for unprivileged users) of the data directory's volume; also sets the
@@ -496,6 +519,13 @@ pub async fn handle(
         blob: label == "blob" && status.is_success(),
         aborted: None,
         path: path.to_string(),
+        ns: crate::http::router::query_param(parts.uri.query(), "ns").unwrap_or_default(),
+        user_agent: parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
         method: parts.method,
     };
     (response, finish)
