@@ -355,8 +355,9 @@ pub fn open(data_dir: &std::path::Path) -> MetaResult<Arc<dyn MetaStore>> {
 
 /// Where metadata lives. Listings are in lexical (byte) order of their keys; those that can
 /// grow without bound take a page (`after`: the last key of the previous page, `limit`).
-/// Writes that change several records (put and delete of an artifact) are atomic per
-/// repository: a reader or another writer never sees half of them.
+/// Writes that change several records (put and delete of an artifact) run one at a time per
+/// repository, in an order that never shows a tag without its artifact (to a reader, or
+/// after a crash between two writes).
 #[async_trait::async_trait]
 pub trait MetaStore: Send + Sync + 'static {
     /// Adds a subscriber to every later change.
@@ -427,8 +428,9 @@ pub trait MetaStore: Send + Sync + 'static {
 
     // --- artifacts, tags, referrers ---
 
-    /// Records a pushed manifest, atomically: catalog entry, artifact (the first push time
-    /// of an artifact pushed again is kept), optional tag, referrer entry.
+    /// Records a pushed manifest, one writer of the repository at a time: catalog entry,
+    /// artifact (the first push time of an artifact pushed again is kept), referrer entry,
+    /// then the optional tag.
     async fn put_artifact(
         &self,
         repo: &str,
@@ -439,8 +441,9 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> MetaResult<()>;
     /// An artifact record.
     async fn artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ArtifactRecord>>;
-    /// Deletes an artifact with its tags, referrer entry and pull time, atomically; returns
-    /// the removed tags, or `None` if the artifact did not exist.
+    /// Deletes an artifact with its tags (first), referrer entry and pull time, one writer of
+    /// the repository at a time; returns the removed tags, or `None` if the artifact did not
+    /// exist.
     async fn delete_artifact(&self, repo: &str, digest: &Digest)
         -> MetaResult<Option<Vec<String>>>;
     /// Artifacts of a repository with their digests, lexically after `after`, at most `limit`.
