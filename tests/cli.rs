@@ -533,7 +533,18 @@ async fn data_dir_registry_delete_is_the_api_delete() {
 
 /// Which trees of a data directory's metadata hold `needle` (read with the server stopped).
 fn trees_holding(data: &std::path::Path, needle: &[u8]) -> Vec<String> {
-    let db = sled::open(data.join("meta")).unwrap();
+    // sled's flusher thread lets go of the file lock a moment after the last handle (of the
+    // previous call, or of berth) is dropped: open once it has.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let db = loop {
+        match sled::open(data.join("meta")) {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     let mut found = Vec::new();
     for name in db.tree_names() {
         let tree = db.open_tree(&name).unwrap();
