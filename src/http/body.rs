@@ -355,3 +355,44 @@ impl http_body::Body for Body {
         self.len().map(SizeHint::with_exact).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+
+    async fn collect(body: Body) -> Result<Vec<u8>, io::Error> {
+        let mut out = Vec::new();
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(out)
+    }
+
+    fn pieces(parts: &[&'static [u8]]) -> ByteStream {
+        let items: Vec<io::Result<Bytes>> =
+            parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        Box::pin(stream::iter(items))
+    }
+
+    /// A backend's stream is passed on when it has exactly its length, and ends the body in an
+    /// error when it is shorter or longer (a client never takes it for the whole blob).
+    #[tokio::test]
+    async fn a_stream_body_is_exactly_its_length_or_an_error() {
+        let whole = collect(Body::stream(pieces(&[b"hel", b"lo"]), 5))
+            .await
+            .unwrap();
+        assert_eq!(whole, b"hello");
+        let short = collect(Body::stream(pieces(&[b"hel"]), 5))
+            .await
+            .unwrap_err();
+        assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
+        let long = collect(Body::stream(pieces(&[b"hel", b"lo!"]), 5))
+            .await
+            .unwrap_err();
+        assert!(long.to_string().contains("longer"), "{long}");
+    }
+}

@@ -272,10 +272,19 @@ fn stat_pending_files(layout: &Layout, key: Pending) -> io::Result<Option<Pendin
     }))
 }
 
+/// Where a checkpoint is written before it replaces the last one (left behind only by a
+/// crash in between).
+fn aside(state: &Path) -> PathBuf {
+    state.with_extension("saving")
+}
+
 fn remove_pending_files(layout: &Layout, key: &Pending) -> io::Result<bool> {
     let (data, state) = layout.pending(key);
     let existed = not_found(fs::remove_file(&data))?.is_some();
     not_found(fs::remove_file(&state))?;
+    // A partial fetch's checkpoint sits beside other fetches' files, not in a directory of
+    // its own: a crash's half-written one would stay forever.
+    not_found(fs::remove_file(aside(&state)))?;
     if let Pending::Upload(_) = key {
         if let Some(dir) = data.parent() {
             not_found(fs::remove_dir_all(dir))?;
@@ -483,7 +492,7 @@ impl BlobWrite for FsWrite {
         let mut saved = self.written.to_be_bytes().to_vec();
         saved.extend(state);
         blocking(move || {
-            let aside = path.with_extension("saving");
+            let aside = aside(&path);
             fs::write(&aside, saved).map_err(|e| explain(e, &aside.display()))?;
             fs::rename(aside, path)
         })
@@ -552,6 +561,20 @@ mod tests {
             assert_eq!(w.written(), 5);
             assert_eq!(w.verifier.current(), Digest::sha256(b"hello"));
         }
+    }
+
+    #[tokio::test]
+    async fn removing_a_partial_fetch_removes_a_checkpoint_a_crash_left_half_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let key = Pending::Fetch(Digest::sha256(b"x"));
+        let (mut w, _) = store.open_pending(&key).await.unwrap();
+        w.write(Bytes::from_static(b"x").into()).await.unwrap();
+        drop(w);
+        let (_, state) = store.layout.pending(&key);
+        fs::write(aside(&state), b"half").unwrap();
+        assert!(store.remove_pending(&key).await.unwrap());
+        assert_eq!(fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
     }
 
     #[tokio::test]

@@ -246,18 +246,11 @@ impl Trees {
     }
 
     fn registries(&self) -> MetaResult<Vec<RegistryRecord>> {
-        self.registries
-            .iter()
-            .values()
-            .map(|v| from_json(&v?))
-            .collect()
+        all_json(&self.registries)
     }
 
     fn registry(&self, name: &str) -> MetaResult<Option<RegistryRecord>> {
-        self.registries
-            .get(name)?
-            .map(|v| from_json(&v))
-            .transpose()
+        get_json(&self.registries, name)
     }
 
     fn delete_registry(&self, name: &str) -> MetaResult<()> {
@@ -314,25 +307,15 @@ impl Trees {
     }
 
     fn image_caches(&self) -> MetaResult<Vec<ImageCacheRecord>> {
-        self.image_caches
-            .iter()
-            .values()
-            .map(|v| from_json(&v?))
-            .collect()
+        all_json(&self.image_caches)
     }
 
     fn image_cache(&self, name: &str) -> MetaResult<Option<ImageCacheRecord>> {
-        self.image_caches
-            .get(name)?
-            .map(|v| from_json(&v))
-            .transpose()
+        get_json(&self.image_caches, name)
     }
 
     fn credentials(&self, image_cache: &str) -> MetaResult<Option<CredentialRecord>> {
-        self.credentials
-            .get(image_cache)?
-            .map(|v| from_json(&v))
-            .transpose()
+        get_json(&self.credentials, image_cache)
     }
 
     fn delete_image_cache(&self, name: &str) -> MetaResult<bool> {
@@ -469,10 +452,7 @@ impl Trees {
     }
 
     fn artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ArtifactRecord>> {
-        self.artifacts
-            .get(key(&[repo, digest.as_str()]))?
-            .map(|v| from_json(&v))
-            .transpose()
+        get_json(&self.artifacts, key(&[repo, digest.as_str()]))
     }
 
     fn delete_artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<Vec<String>>> {
@@ -674,6 +654,19 @@ impl Trees {
 
 /// Entries of `tree` under `prefix` whose rest of key sorts after `after` (all of them for
 /// `None`), in key order.
+/// One JSON record of a tree.
+fn get_json<T: for<'de> serde::Deserialize<'de>>(
+    tree: &sled::Tree,
+    key: impl AsRef<[u8]>,
+) -> MetaResult<Option<T>> {
+    tree.get(key)?.map(|v| from_json(&v)).transpose()
+}
+
+/// Every JSON record of a tree, in key order.
+fn all_json<T: for<'de> serde::Deserialize<'de>>(tree: &sled::Tree) -> MetaResult<Vec<T>> {
+    tree.iter().values().map(|v| from_json(&v?)).collect()
+}
+
 fn page(tree: &sled::Tree, prefix: &[u8], after: Option<&str>) -> sled::Iter {
     use std::ops::Bound;
     let lower = match after {
