@@ -4,6 +4,7 @@
 mod common;
 
 use berth::auth::Role;
+use berth::store::meta::Refers;
 use common::server::{image_manifest, sha256, TestServer, OCI_INDEX, OCI_MANIFEST};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::{Client, Method, StatusCode};
@@ -880,8 +881,16 @@ async fn prune_removes_unpulled_cache_artifacts() {
     let old = berth::oci::digest::Digest::sha256(b"old manifest");
     app.store
         .meta
-        .put_artifact("hub/library/old", &old, &record, Some("v1"), None)
+        .put_artifact(
+            "hub/library/old",
+            &old,
+            &record,
+            Some("v1"),
+            None,
+            &Refers::default(),
+        )
         .await
+        .unwrap()
         .unwrap();
     let r = api(
         &s,

@@ -16,6 +16,7 @@ use crate::oci::manifest;
 use crate::oci::reference::Reference;
 use crate::serve::manifests::manifest_key;
 use crate::serve::{blobs, manifests};
+use crate::store::meta::Refers;
 use crate::App;
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -243,7 +244,9 @@ async fn fetch_manifest(
     let content_type = content_type.filter(|c| manifest::is_manifest_media_type(c));
     let parsed = manifest::parse(&bytes, content_type.as_deref())
         .map_err(|e| Error::Upstream(format!("source sent a manifest berth cannot store: {e}")))?;
-    manifests::store(app, t.repo.as_str(), &digest, &bytes, &parsed, tag).await?;
+    // A cached manifest's blobs come from the source when asked for: nothing to require.
+    let refers = Refers::default();
+    manifests::store(app, t.repo.as_str(), &digest, &bytes, &parsed, tag, &refers).await?;
     tracing::debug!(repo = %t.repo, %digest, tag, "manifest cached");
     Ok(())
 }

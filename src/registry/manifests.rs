@@ -12,7 +12,7 @@ use crate::http::req::read_limited;
 use crate::oci::digest::Digest;
 use crate::oci::manifest;
 use crate::oci::reference::{Reference, RepoName};
-use crate::store::meta::ArtifactRecord;
+use crate::store::meta::{ArtifactRecord, Refers};
 use crate::App;
 
 /// `PUT /v2/NAME/manifests/REFERENCE`.
@@ -54,22 +54,18 @@ pub async fn put(
         }
         Reference::Tag(_) => Digest::sha256(&bytes),
     };
-    let meta = &app.store.meta;
-    for blob in &parsed.blobs {
-        if meta.blob_link(repo.as_str(), blob).await?.is_none() {
-            return Err(Error::ManifestBlobUnknown(blob.to_string()));
-        }
-    }
-    for child in &parsed.children {
-        if meta.artifact(repo.as_str(), &child.digest).await?.is_none() {
-            return Err(Error::ManifestBlobUnknown(child.digest.to_string()));
-        }
-    }
     let tag = match &reference {
         Reference::Tag(t) => Some(&**t),
         Reference::Digest(_) => None,
     };
-    crate::serve::manifests::store(app, repo.as_str(), &digest, &bytes, &parsed, tag).await?;
+    // The repository must hold every blob and child manifest, checked where the artifact is
+    // recorded (one metadata step, so nothing removed meanwhile is referred to).
+    let refers = Refers {
+        blobs: parsed.blobs.clone(),
+        manifests: parsed.children.iter().map(|c| c.digest.clone()).collect(),
+    };
+    crate::serve::manifests::store(app, repo.as_str(), &digest, &bytes, &parsed, tag, &refers)
+        .await?;
     let pushed = |kind, tag| Happened {
         kind,
         operator: req.principal.name(),

@@ -13,7 +13,7 @@ use crate::oci::digest::Digest;
 use crate::oci::manifest;
 use crate::oci::manifest::Descriptor;
 use crate::oci::reference::{Reference, RepoName};
-use crate::store::meta::{now_ms, pull_key, ArtifactRecord, Change};
+use crate::store::meta::{now_ms, pull_key, ArtifactRecord, Change, Missing, Refers};
 use crate::App;
 
 /// A manifest ready to serve: everything a GET/HEAD response needs, prebuilt.
@@ -222,6 +222,7 @@ pub async fn store(
     bytes: &Bytes,
     parsed: &manifest::ParsedManifest,
     tag: Option<&str>,
+    refers: &Refers,
 ) -> Result<()> {
     app.store.blobs.put(digest, bytes.clone()).await?;
     let record = ArtifactRecord {
@@ -242,8 +243,13 @@ pub async fn store(
     };
     app.store
         .meta
-        .put_artifact(repo, digest, &record, tag, Some(&referrer))
-        .await?;
+        .put_artifact(repo, digest, &record, tag, Some(&referrer), refers)
+        .await?
+        .map_err(|missing| {
+            // The manifest's bytes stay behind unreferenced, as any orphan the sweep collects.
+            let (Missing::Blob(d) | Missing::Manifest(d)) = missing;
+            Error::ManifestBlobUnknown(d.to_string())
+        })?;
     app.store.meta.flush().await?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 
 use super::{
     pull_key, ArtifactRecord, Change, CredentialRecord, ImageCacheRecord, ImageCacheSettings,
-    MetaStore, Records, RegistryKind, RegistryRecord, SourceKind,
+    MetaStore, Missing, Records, Refers, RegistryKind, RegistryRecord, SourceKind,
 };
 use crate::oci::digest::Digest;
 use crate::oci::manifest::Descriptor;
@@ -19,6 +19,7 @@ pub async fn meta_store(meta: Arc<dyn MetaStore>) {
     repositories_page_in_lexical_order(&*meta).await;
     blob_links_are_per_repository_and_page(&*meta).await;
     artifacts_carry_their_tags_and_referrers(&*meta).await;
+    an_artifact_is_recorded_only_with_what_it_refers_to(&*meta).await;
     tags_page_with_last_and_n(&*meta).await;
     records_put_get_list_and_remove(&meta).await;
     pull_times_are_kept_per_artifact(&*meta).await;
@@ -88,15 +89,31 @@ async fn registries_and_image_caches_with_credentials(meta: &dyn MetaStore) {
     // Deleting a registry takes what is recorded under it, and nothing of a registry whose
     // name only starts the same.
     let m = d("zeta manifest");
-    meta.put_artifact("zeta/app", &m, &artifact(1, None), Some("v1"), None)
-        .await
-        .unwrap();
+    meta.put_artifact(
+        "zeta/app",
+        &m,
+        &artifact(1, None),
+        Some("v1"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     meta.link_blob("zeta/app", &d("zeta blob"), 3)
         .await
         .unwrap();
-    meta.put_artifact("zetas/app", &m, &artifact(1, None), Some("v1"), None)
-        .await
-        .unwrap();
+    meta.put_artifact(
+        "zetas/app",
+        &m,
+        &artifact(1, None),
+        Some("v1"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     meta.delete_registry("zeta").await.unwrap();
     assert!(meta.registry("zeta").await.unwrap().is_none());
     assert!(!meta.repo_exists("zeta/app").await.unwrap());
@@ -159,8 +176,9 @@ async fn registries_and_image_caches_with_credentials(meta: &dyn MetaStore) {
 async fn repositories_page_in_lexical_order(meta: &dyn MetaStore) {
     let m = d("catalog manifest");
     for repo in ["cat/b", "cat/a/x", "cat/a", "dog/a", "cat2/a"] {
-        meta.put_artifact(repo, &m, &artifact(1, None), None, None)
+        meta.put_artifact(repo, &m, &artifact(1, None), None, None, &Refers::default())
             .await
+            .unwrap()
             .unwrap();
     }
     assert_eq!(
@@ -242,13 +260,29 @@ async fn artifacts_carry_their_tags_and_referrers(meta: &dyn MetaStore) {
     let repo = "art/app";
     let subject = d("subject");
     let image = d("image");
-    meta.put_artifact(repo, &subject, &artifact(5, None), Some("latest"), None)
-        .await
-        .unwrap();
+    meta.put_artifact(
+        repo,
+        &subject,
+        &artifact(5, None),
+        Some("latest"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     // Pushed again under another tag: the first push time stays.
-    meta.put_artifact(repo, &subject, &artifact(9, None), Some("v1"), None)
-        .await
-        .unwrap();
+    meta.put_artifact(
+        repo,
+        &subject,
+        &artifact(9, None),
+        Some("v1"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(
         meta.artifact(repo, &subject)
             .await
@@ -257,9 +291,17 @@ async fn artifacts_carry_their_tags_and_referrers(meta: &dyn MetaStore) {
             .pushed_ms,
         5
     );
-    meta.put_artifact(repo, &image, &artifact(6, None), Some("other"), None)
-        .await
-        .unwrap();
+    meta.put_artifact(
+        repo,
+        &image,
+        &artifact(6, None),
+        Some("other"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let mut referrers: Vec<Digest> = (0..3).map(|i| d(&format!("signature {i}"))).collect();
     for r in &referrers {
         meta.put_artifact(
@@ -268,8 +310,10 @@ async fn artifacts_carry_their_tags_and_referrers(meta: &dyn MetaStore) {
             &artifact(7, Some(subject.clone())),
             None,
             Some(&descriptor(r)),
+            &Refers::default(),
         )
         .await
+        .unwrap()
         .unwrap();
     }
     referrers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
@@ -352,19 +396,79 @@ async fn artifacts_carry_their_tags_and_referrers(meta: &dyn MetaStore) {
     assert!(meta.remove_repo_if_empty(repo).await.unwrap());
 }
 
+async fn an_artifact_is_recorded_only_with_what_it_refers_to(meta: &dyn MetaStore) {
+    let repo = "refers/app";
+    let (config, layer, child) = (d("refers config"), d("refers layer"), d("refers child"));
+    let m = d("refers manifest");
+    meta.link_blob(repo, &config, 1).await.unwrap();
+    // Linked by another repository only: not this one's.
+    meta.link_blob("refers/other", &layer, 1).await.unwrap();
+    let image = Refers {
+        blobs: vec![config.clone(), layer.clone()],
+        manifests: vec![],
+    };
+    let m = &m;
+    let put = |refers: Refers| async move {
+        meta.put_artifact(repo, m, &artifact(1, None), Some("v1"), None, &refers)
+            .await
+            .unwrap()
+    };
+    assert_eq!(put(image.clone()).await, Err(Missing::Blob(layer.clone())));
+    assert!(meta.artifact(repo, m).await.unwrap().is_none(), "nothing written");
+    assert_eq!(meta.tag(repo, "v1").await.unwrap(), None);
+    assert!(!meta.repo_exists(repo).await.unwrap(), "no catalog entry either");
+    meta.link_blob(repo, &layer, 1).await.unwrap();
+    assert_eq!(put(image).await, Ok(()));
+    assert_eq!(meta.tag(repo, "v1").await.unwrap().as_ref(), Some(m));
+    let index = Refers {
+        blobs: vec![],
+        manifests: vec![m.clone(), child.clone()],
+    };
+    assert_eq!(put(index).await, Err(Missing::Manifest(child)));
+    meta.delete_artifact(repo, m).await.unwrap();
+    meta.unlink_blob(repo, &config).await.unwrap();
+    meta.unlink_blob(repo, &layer).await.unwrap();
+    meta.unlink_blob("refers/other", &layer).await.unwrap();
+    meta.remove_repo_if_empty(repo).await.unwrap();
+}
+
 async fn tags_page_with_last_and_n(meta: &dyn MetaStore) {
     let m = d("tagged");
     for t in ["b", "a", "c", "a.1", "B"] {
-        meta.put_artifact("tags/x", &m, &artifact(1, None), Some(t), None)
-            .await
-            .unwrap();
+        meta.put_artifact(
+            "tags/x",
+            &m,
+            &artifact(1, None),
+            Some(t),
+            None,
+            &Refers::default(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
     }
-    meta.put_artifact("tags/x2", &m, &artifact(1, None), Some("zz"), None)
-        .await
-        .unwrap();
-    meta.put_artifact("tags/x/y", &m, &artifact(1, None), Some("yy"), None)
-        .await
-        .unwrap();
+    meta.put_artifact(
+        "tags/x2",
+        &m,
+        &artifact(1, None),
+        Some("zz"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    meta.put_artifact(
+        "tags/x/y",
+        &m,
+        &artifact(1, None),
+        Some("yy"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(
         meta.tags("tags/x", None, 100).await.unwrap(),
         ["B", "a", "a.1", "b", "c"],
@@ -434,9 +538,17 @@ async fn records_put_get_list_and_remove(meta: &Arc<dyn MetaStore>) {
 
 async fn pull_times_are_kept_per_artifact(meta: &dyn MetaStore) {
     let m = d("pulled");
-    meta.put_artifact("pulls/a", &m, &artifact(1, None), Some("v1"), None)
-        .await
-        .unwrap();
+    meta.put_artifact(
+        "pulls/a",
+        &m,
+        &artifact(1, None),
+        Some("v1"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(meta.last_pull("pulls/a", &m).await.unwrap(), None);
     meta.record_pulls(&[(pull_key("pulls/a", &m), 42)])
         .await
@@ -482,9 +594,17 @@ async fn every_change_is_notified(meta: &dyn MetaStore) {
         .await
         .unwrap();
     assert_eq!(take(), ["registry note anonymous_pull=false"]);
-    meta.put_artifact("note/app", &m, &artifact(1, None), Some("v1"), None)
-        .await
-        .unwrap();
+    meta.put_artifact(
+        "note/app",
+        &m,
+        &artifact(1, None),
+        Some("v1"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(
         take(),
         [format!("artifact note/app {m}"), "tag note/app v1".into()]
@@ -532,9 +652,17 @@ async fn racing_put_and_delete_leave_no_tag_on_a_missing_artifact(meta: &Arc<dyn
             tasks.spawn(async move {
                 if i % 2 == 0 {
                     let tag = format!("t{round}-{i}");
-                    meta.put_artifact(repo, &m, &artifact(1, None), Some(&tag), None)
-                        .await
-                        .unwrap();
+                    meta.put_artifact(
+                        repo,
+                        &m,
+                        &artifact(1, None),
+                        Some(&tag),
+                        None,
+                        &Refers::default(),
+                    )
+                    .await
+                    .unwrap()
+                    .unwrap();
                 } else {
                     meta.delete_artifact(repo, &m).await.unwrap();
                 }

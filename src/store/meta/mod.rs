@@ -344,6 +344,24 @@ pub fn pull_key(repo: &str, digest: &Digest) -> Arc<str> {
 
 pub use self::sled::SledMeta;
 
+/// What a manifest refers to: a repository records the manifest only while it holds all of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Refers {
+    /// Blobs the repository must link (config and layers).
+    pub blobs: Vec<Digest>,
+    /// Manifests the repository must hold as artifacts (index children).
+    pub manifests: Vec<Digest>,
+}
+
+/// Something a manifest refers to that its repository does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Missing {
+    /// A blob not linked by the repository.
+    Blob(Digest),
+    /// A manifest that is not an artifact of the repository.
+    Manifest(Digest),
+}
+
 /// The metadata backend of a data directory (today: sled under `DATA/meta`), opened after the
 /// data directory's lock is taken.
 pub type Meta = SledMeta;
@@ -428,9 +446,11 @@ pub trait MetaStore: Send + Sync + 'static {
 
     // --- artifacts, tags, referrers ---
 
-    /// Records a pushed manifest, one writer of the repository at a time: catalog entry,
-    /// artifact (the first push time of an artifact pushed again is kept), referrer entry,
-    /// then the optional tag.
+    /// Records a pushed manifest, one writer of the repository at a time: checks that the
+    /// repository holds everything in `refers` (answering the first thing missing and writing
+    /// nothing), then writes the catalog entry, the artifact (the first push time of an
+    /// artifact pushed again is kept), the referrer entry and last the optional tag. The check
+    /// and the writes are one step so that nothing removed meanwhile is referred to.
     async fn put_artifact(
         &self,
         repo: &str,
@@ -438,7 +458,8 @@ pub trait MetaStore: Send + Sync + 'static {
         record: &ArtifactRecord,
         tag: Option<&str>,
         referrer: Option<&Descriptor>,
-    ) -> MetaResult<()>;
+        refers: &Refers,
+    ) -> MetaResult<Result<(), Missing>>;
     /// An artifact record.
     async fn artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ArtifactRecord>>;
     /// Deletes an artifact with its tags (first), referrer entry and pull time, one writer of

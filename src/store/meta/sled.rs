@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::{
     from_json, json, key, prefix, tail_str, ArtifactRecord, Change, CredentialRecord,
-    ImageCacheRecord, ImageCacheSettings, MetaError, MetaResult, MetaStore, RegistryRecord,
-    SourceKind, Subscriber,
+    ImageCacheRecord, ImageCacheSettings, MetaError, MetaResult, MetaStore, Missing, Refers,
+    RegistryRecord, SourceKind, Subscriber,
 };
 use crate::oci::digest::Digest;
 use crate::oci::manifest::Descriptor;
@@ -417,8 +417,24 @@ impl Trees {
         record: &ArtifactRecord,
         tag: Option<&str>,
         referrer: Option<&Descriptor>,
-    ) -> MetaResult<()> {
+        refers: &Refers,
+    ) -> MetaResult<Result<(), Missing>> {
         let _repo = self.lock_repo(repo);
+        // Checked under the lock with the writes (one trip to the blocking pool, not one per
+        // reference).
+        for blob in &refers.blobs {
+            if !self.blob_links.contains_key(key(&[repo, blob.as_str()]))? {
+                return Ok(Err(Missing::Blob(blob.clone())));
+            }
+        }
+        for manifest in &refers.manifests {
+            if !self
+                .artifacts
+                .contains_key(key(&[repo, manifest.as_str()]))?
+            {
+                return Ok(Err(Missing::Manifest(manifest.clone())));
+            }
+        }
         let pushed = record.pushed_ms.to_be_bytes();
         let artifact_key = key(&[repo, digest.as_str()]);
         let artifact = json(record);
@@ -448,7 +464,7 @@ impl Trees {
         if let Some(tag) = tag {
             self.notify(Change::Tag { repo, tag });
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     fn artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ArtifactRecord>> {
@@ -828,11 +844,19 @@ impl MetaStore for SledMeta {
         record: &ArtifactRecord,
         tag: Option<&str>,
         referrer: Option<&Descriptor>,
-    ) -> MetaResult<()> {
+        refers: &Refers,
+    ) -> MetaResult<Result<(), Missing>> {
         let (repo, digest, record) = (repo.to_owned(), digest.clone(), record.clone());
-        let (tag, referrer) = (tag.map(str::to_owned), referrer.cloned());
+        let (tag, referrer, refers) = (tag.map(str::to_owned), referrer.cloned(), refers.clone());
         self.run(move |t| {
-            t.put_artifact(&repo, &digest, &record, tag.as_deref(), referrer.as_ref())
+            t.put_artifact(
+                &repo,
+                &digest,
+                &record,
+                tag.as_deref(),
+                referrer.as_ref(),
+                &refers,
+            )
         })
         .await
     }
@@ -1051,7 +1075,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = std::sync::Arc::new(Trees::open(dir.path()).unwrap());
         let d = Digest::sha256(b"m");
-        meta.put_artifact("r/a", &d, &rec(None), Some("v1"), None)
+        meta.put_artifact("r/a", &d, &rec(None), Some("v1"), None, &Refers::default())
+            .unwrap()
             .unwrap();
         let held = meta.lock_repo("r/a");
         let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -1087,13 +1112,23 @@ mod tests {
         let m = Trees::open(dir.path()).unwrap();
         let d = Digest::sha256(b"m");
         for t in ["b", "a", "c"] {
-            m.put_artifact("r/x", &d, &rec(None), Some(t), None)
+            m.put_artifact("r/x", &d, &rec(None), Some(t), None, &Refers::default())
+                .unwrap()
                 .unwrap();
         }
-        m.put_artifact("r/x2", &d, &rec(None), Some("zz"), None)
+        m.put_artifact("r/x2", &d, &rec(None), Some("zz"), None, &Refers::default())
+            .unwrap()
             .unwrap();
-        m.put_artifact("r/x/y", &d, &rec(None), Some("yy"), None)
-            .unwrap();
+        m.put_artifact(
+            "r/x/y",
+            &d,
+            &rec(None),
+            Some("yy"),
+            None,
+            &Refers::default(),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(m.tags("r/x", None, 10).unwrap(), ["a", "b", "c"]);
         assert_eq!(m.tags("r/x", Some("a"), 1).unwrap(), ["b"]);
         assert_eq!(m.tags("r/x", Some("c"), 10).unwrap(), Vec::<String>::new());
@@ -1128,7 +1163,9 @@ mod tests {
             &rec(Some(subject.clone())),
             None,
             Some(&desc),
+            &Refers::default(),
         )
+        .unwrap()
         .unwrap();
         assert_eq!(
             m.referrers("r/x", &subject, None, usize::MAX).unwrap(),
@@ -1154,8 +1191,9 @@ mod tests {
             sink.lock().push(std::thread::current().id())
         }));
         let d = Digest::sha256(b"m");
-        meta.put_artifact("r/a", &d, &rec(None), Some("v1"), None)
+        meta.put_artifact("r/a", &d, &rec(None), Some("v1"), None, &Refers::default())
             .await
+            .unwrap()
             .unwrap();
         meta.delete_artifact("r/a", &d).await.unwrap();
         let here = std::thread::current().id();
