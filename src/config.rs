@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::store::meta::{
     now_ms, CredentialRecord, ImageCacheRecord, ImageCacheSettings, RegistryRecord,
@@ -12,7 +12,7 @@ use crate::store::meta::{
 pub use crate::store::meta::{RegistryKind, SourceKind};
 
 /// Whole server configuration; every field has a default so `berth serve` runs with no file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where blobs, uploads and metadata live.
@@ -49,7 +49,7 @@ pub struct Config {
 }
 
 /// The destination policy for redirects, foreign token realms and webhook targets (`[egress]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConfig {
     /// Address ranges berth never connects to on someone else's say-so (checked on the resolved
@@ -81,7 +81,7 @@ impl Default for EgressConfig {
 }
 
 /// Whether requests must authenticate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// On as soon as one user exists (a fresh data directory is open until the first admin).
@@ -94,7 +94,7 @@ pub enum AuthMode {
 }
 
 /// Users, access keys and Docker token auth (`[auth]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// `auto`, `on` or `off`.
@@ -130,7 +130,7 @@ impl Default for AuthConfig {
 }
 
 /// Webhook delivery (`[webhooks]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookConfig {
     /// Ports webhook targets may use; empty allows any.
@@ -167,7 +167,7 @@ impl Default for WebhookConfig {
 }
 
 /// How log events are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One line per event.
@@ -178,7 +178,7 @@ pub enum LogFormat {
 }
 
 /// One listening socket.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     /// Address and port, e.g. `0.0.0.0:5000`; port 0 picks a free port.
@@ -201,7 +201,7 @@ pub struct Listen {
 }
 
 /// Who a listener serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Exposure {
     /// Internet-facing: hides registries with `public_uri = false`.
@@ -212,7 +212,7 @@ pub enum Exposure {
 }
 
 /// A registry (namespace) declared in the config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// First path segment of every image in it.
@@ -226,23 +226,10 @@ pub struct RegistryConfig {
     /// Reachable on public listeners (false: only on private ones).
     #[serde(default = "yes")]
     pub public_uri: bool,
-    /// Anyone may pull without credentials (edge sites).
-    #[serde(default)]
-    pub anonymous_pull: bool,
-}
-
-impl From<&RegistryConfig> for RegistryRecord {
-    /// A new registry record (created now) with the settings of a `[[registry]]` table.
-    fn from(settings: &RegistryConfig) -> RegistryRecord {
-        RegistryRecord {
-            name: settings.name.clone(),
-            kind: settings.kind,
-            created_ms: now_ms(),
-            cache: settings.cache.clone(),
-            public_uri: settings.public_uri,
-            anonymous_pull: settings.anonymous_pull,
-        }
-    }
+    /// Anyone may pull without credentials (edge sites). Unset: on for the registry named in
+    /// `[mirror]` (Docker daemons do not log in to a mirror), off for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_pull: Option<bool>,
 }
 
 /// serde default for flags that are on unless turned off.
@@ -253,7 +240,7 @@ pub(crate) fn yes() -> bool {
 /// A source registry definition (`[[image_cache]]`, or `berth cache create`). Stored as an
 /// [`ImageCacheRecord`] and a [`CredentialRecord`] ([`ImageCacheConfig::to_records`]); `Debug`
 /// never shows the password.
-#[derive(Clone, Deserialize, serde::Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageCacheConfig {
     /// Name that cache registries refer to.
@@ -369,7 +356,7 @@ fn default_fetch_budget() -> Duration {
 }
 
 /// Docker daemon mirror mode.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MirrorConfig {
     /// Cache registry that serves requests whose first path segment is not a registry
@@ -378,7 +365,7 @@ pub struct MirrorConfig {
 }
 
 /// Settings shared by every image cache.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PullThrough {
     /// Source ports berth may connect to; empty allows any.
@@ -418,7 +405,7 @@ impl Default for PullThrough {
 }
 
 /// Request and resource limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest manifest accepted on push, in bytes (OCI recommends 4 MiB).
@@ -459,7 +446,7 @@ pub struct Limits {
 }
 
 /// Sizes of the in-memory hot caches.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryCache {
     /// Memory bound for cached manifests (bytes of manifest bodies).
@@ -518,7 +505,7 @@ impl Default for Limits {
 impl Limits {
     /// Caps and deadlines must allow something: zero would refuse every connection or upload,
     /// or cut every connection at once.
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn problems(&self, say: &mut impl FnMut(String)) {
         let counts = [
             ("max_connections", self.max_connections),
             ("max_uploads", self.max_uploads),
@@ -529,9 +516,7 @@ impl Limits {
         ];
         for (name, value) in counts {
             if value == 0 {
-                return Err(ConfigError::Invalid(format!(
-                    "limits.{name} must be at least 1"
-                )));
+                say(format!("limits.{name} must be at least 1"));
             }
         }
         let deadlines = [
@@ -544,12 +529,9 @@ impl Limits {
         ];
         for (name, value) in deadlines {
             if value.is_zero() {
-                return Err(ConfigError::Invalid(format!(
-                    "limits.{name} must be longer than 0"
-                )));
+                say(format!("limits.{name} must be longer than 0"));
             }
         }
-        Ok(())
     }
 }
 
@@ -588,7 +570,14 @@ pub enum ConfigError {
 impl Config {
     /// Loads a config file, or the embedded defaults when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let config = match path {
+        let config = Config::read(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a config file (or the embedded defaults) without checking its values.
+    pub fn read(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Ok(match path {
             None => Config::default(),
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -603,9 +592,7 @@ impl Config {
                     other => other,
                 })?
             }
-        };
-        config.validate()?;
-        Ok(config)
+        })
     }
 
     /// Parses TOML text (without validation).
@@ -616,93 +603,198 @@ impl Config {
         })
     }
 
-    /// Checks the values that serde cannot.
+    /// Checks the values that serde cannot; the error lists every problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.listen.is_empty() {
-            return Err(ConfigError::Invalid(
-                "at least one [[listen]] is required".into(),
-            ));
+        let problems = self.problems();
+        if problems.is_empty() {
+            return Ok(());
         }
+        Err(ConfigError::Invalid(problems.join("; ")))
+    }
+
+    /// Every value serde cannot check that is wrong, each said with how to fix it.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut say = |p: String| problems.push(p);
+        if self.listen.is_empty() {
+            say("at least one [[listen]] is required".into());
+        }
+        let mut addrs = std::collections::HashSet::new();
         for l in &self.listen {
+            // Port 0 asks the kernel for a free port: never the same twice.
+            if l.addr.port() != 0 && !addrs.insert(l.addr) {
+                say(format!(
+                    "listen {}: the same address is declared twice",
+                    l.addr
+                ));
+            }
             if l.exposure == Exposure::Public && !l.allow.is_empty() {
-                return Err(ConfigError::Invalid(format!(
+                say(format!(
                     "listen {}: `allow` is only for exposure = \"private\" listeners",
                     l.addr
-                )));
+                ));
             }
             if l.tls_cert.is_some() != l.tls_key.is_some() {
-                return Err(ConfigError::Invalid(format!(
+                say(format!(
                     "listen {}: tls_cert and tls_key must be given together",
                     l.addr
-                )));
+                ));
             }
         }
-        self.limits.validate()?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            say(format!("log = {:?} is not a log filter: {e}", self.log));
+        }
+        self.limits.problems(&mut say);
         let mut seen = std::collections::HashSet::new();
         for r in &self.registry {
-            crate::oci::reference::validate_registry_name(&r.name)
-                .map_err(|e| ConfigError::Invalid(format!("registry {:?}: {e}", r.name)))?;
+            if let Err(e) = crate::oci::reference::validate_registry_name(&r.name) {
+                say(format!("registry {:?}: {e}", r.name));
+            }
             if !seen.insert(&r.name) {
-                return Err(ConfigError::Invalid(format!(
-                    "registry {:?} declared twice",
+                say(format!("registry {:?} declared twice", r.name));
+            }
+            match (r.kind, &r.cache) {
+                (RegistryKind::Cache, None) => say(format!(
+                    "registry {:?} has type = \"cache\" but no `cache = \"<image_cache name>\"`",
                     r.name
-                )));
+                )),
+                (RegistryKind::Normal, Some(_)) => say(format!(
+                    "registry {:?}: `cache` is only for type = \"cache\"",
+                    r.name
+                )),
+                _ => {}
             }
         }
         let mut caches = std::collections::HashSet::new();
         for c in &self.image_cache {
-            crate::oci::reference::validate_registry_name(&c.name)
-                .map_err(|e| ConfigError::Invalid(format!("image_cache {:?}: {e}", c.name)))?;
+            if let Err(e) = crate::oci::reference::validate_registry_name(&c.name) {
+                say(format!("image_cache {:?}: {e}", c.name));
+            }
             if !caches.insert(&c.name) {
-                return Err(ConfigError::Invalid(format!(
-                    "image_cache {:?} declared twice",
-                    c.name
-                )));
-            }
-        }
-        for r in &self.registry {
-            match (r.kind, &r.cache) {
-                (RegistryKind::Cache, None) => {
-                    return Err(ConfigError::Invalid(format!(
-                    "registry {:?} has type = \"cache\" but no `cache = \"<image_cache name>\"`",
-                    r.name
-                )))
-                }
-                (RegistryKind::Normal, Some(_)) => {
-                    return Err(ConfigError::Invalid(format!(
-                        "registry {:?}: `cache` is only for type = \"cache\"",
-                        r.name
-                    )))
-                }
-                _ => {}
-            }
-        }
-        if let Some(m) = &self.mirror.registry {
-            let declared = self.registry.iter().find(|r| &r.name == m);
-            if declared.is_some_and(|r| r.kind != RegistryKind::Cache) {
-                return Err(ConfigError::Invalid(format!(
-                    "mirror.registry {m:?} must be a cache registry"
-                )));
+                say(format!("image_cache {:?} declared twice", c.name));
             }
         }
         if self.auth.token_lifetime > MAX_TOKEN_LIFETIME || self.auth.token_lifetime.is_zero() {
-            return Err(ConfigError::Invalid(format!(
+            say(format!(
                 "auth.token_lifetime must be between 1s and 12h, not {}",
                 humantime::format_duration(self.auth.token_lifetime)
-            )));
+            ));
         }
         if self.webhooks.queue_size == 0 || self.webhooks.max_attempts == 0 {
-            return Err(ConfigError::Invalid(
-                "webhooks.queue_size and webhooks.max_attempts must be positive".into(),
-            ));
+            say("webhooks.queue_size and webhooks.max_attempts must be positive".into());
         }
         if self.limits.max_manifest_bytes == 0 || self.limits.default_page_size == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.max_manifest_bytes and limits.default_page_size must be positive".into(),
+            say("limits.max_manifest_bytes and limits.default_page_size must be positive".into());
+        }
+        problems
+    }
+
+    /// The stored record of a `[[registry]]` table (created now).
+    pub fn registry_record(&self, r: &RegistryConfig) -> RegistryRecord {
+        RegistryRecord {
+            name: r.name.clone(),
+            kind: r.kind,
+            created_ms: now_ms(),
+            cache: r.cache.clone(),
+            public_uri: r.public_uri,
+            anonymous_pull: r
+                .anonymous_pull
+                .unwrap_or(self.mirror.registry.as_deref() == Some(r.name.as_str())),
+        }
+    }
+
+    /// What is wrong with the registries and image caches this config leads to: `stored` is
+    /// what the data directory holds (`None` when it cannot be read, as for `check-config`
+    /// while the server runs: references this file does not resolve are then warnings).
+    pub fn plan_problems(&self, stored: Option<&Stored>) -> Problems {
+        let mut registries: std::collections::BTreeMap<&str, (RegistryKind, Option<&str>)> =
+            Default::default();
+        let mut caches: std::collections::BTreeSet<&str> = Default::default();
+        if let Some(stored) = stored {
+            for r in &stored.registries {
+                registries.insert(&r.name, (r.kind, r.cache.as_deref()));
+            }
+            caches.extend(stored.image_caches.iter().map(String::as_str));
+        }
+        for r in &self.registry {
+            registries.insert(&r.name, (r.kind, r.cache.as_deref()));
+        }
+        caches.extend(self.image_cache.iter().map(|c| c.name.as_str()));
+        let mut out = Problems::default();
+        let unless_stored = " unless the data directory holds it (berth checks that at start)";
+        for (name, (_, cache)) in &registries {
+            let Some(cache) = cache else { continue };
+            if !caches.contains(cache) {
+                let p = format!(
+                    "registry {name:?} serves image cache {cache:?}, which does not exist: declare it in [[image_cache]] or create it (`berth cache create {cache} ...`)"
+                );
+                match stored {
+                    Some(_) => out.errors.push(p),
+                    None => out.warnings.push(format!("{p}{unless_stored}")),
+                }
+            }
+        }
+        let Some(mirror) = self.mirror.registry.as_deref() else {
+            return out;
+        };
+        match registries.get(mirror) {
+            Some((RegistryKind::Cache, _)) => {}
+            Some(_) => out.errors.push(format!(
+                "mirror.registry {mirror:?} is a normal registry: it must be a cache registry (type = \"cache\") whose image cache is Docker Hub"
+            )),
+            None => {
+                let p = format!(
+                    "mirror.registry {mirror:?} is not a registry: declare [[registry]] name = {mirror:?}, type = \"cache\", cache = \"<the Docker Hub image cache>\""
+                );
+                match stored {
+                    Some(_) => out.errors.push(p),
+                    None => out.warnings.push(format!("{p}{unless_stored}")),
+                }
+            }
+        }
+        if mirror != SHADOWING_NAMESPACE && registries.contains_key(SHADOWING_NAMESPACE) {
+            out.errors.push(format!(
+                "registry {SHADOWING_NAMESPACE:?} shadows the mirror: a Docker daemon asks its mirror for every official image as library/NAME (`docker pull busybox` sends /v2/library/busybox/...), which would reach registry {SHADOWING_NAMESPACE:?} instead of mirror registry {mirror:?}, and the daemon would fall back to Docker Hub without a word. Rename that registry (move its images, then `berth registry delete {SHADOWING_NAMESPACE}`) or remove [mirror]"
             ));
         }
-        Ok(())
+        out
     }
+
+    /// The config as TOML, secrets replaced by `<redacted>` (for `check-config`).
+    pub fn to_redacted_toml(&self) -> Result<String, String> {
+        let mut shown = self.clone();
+        for r in &mut shown.registry {
+            r.anonymous_pull = Some(self.registry_record(r).anonymous_pull);
+        }
+        for c in &mut shown.image_cache {
+            if c.password.is_some() {
+                c.password = Some("<redacted>".into());
+            }
+        }
+        toml::to_string(&shown).map_err(|e| e.to_string())
+    }
+}
+
+/// The Docker Hub namespace of every official image: a registry of this name would capture
+/// what a Docker daemon asks its mirror for.
+pub const SHADOWING_NAMESPACE: &str = "library";
+
+/// What a data directory holds, for [`Config::plan_problems`].
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// Its registries.
+    pub registries: Vec<RegistryRecord>,
+    /// Names of its image caches.
+    pub image_caches: Vec<String>,
+}
+
+/// Problems found in a config: errors refuse a start, warnings do not.
+#[derive(Debug, Default)]
+pub struct Problems {
+    /// What `serve` refuses.
+    pub errors: Vec<String>,
+    /// What may be wrong, depending on what the data directory holds.
+    pub warnings: Vec<String>,
 }
 
 /// Longest lifetime of an issued token.
@@ -782,12 +874,12 @@ mod tests {
             !shown.contains("s3cret") && shown.contains("AKID"),
             "{shown}"
         );
-        let r = RegistryRecord::from(&RegistryConfig {
+        let r = Config::default().registry_record(&RegistryConfig {
             name: "hub".into(),
             kind: RegistryKind::Cache,
             cache: Some("up".into()),
             public_uri: false,
-            anonymous_pull: true,
+            anonymous_pull: Some(true),
         });
         assert_eq!(
             (r.kind, r.cache.as_deref()),

@@ -135,14 +135,65 @@ pub async fn v2(
         | Route::Referrers { name, .. } => name,
         _ => return Err(Error::MethodNotAllowed(m.to_string())),
     };
-    let target = resolve(app, req.public, name, req.query)?.authorize(
-        app,
-        req.principal,
-        Op::of(&route, m),
-    )?;
-    match target {
-        Target::Origin(repo) => origin(app, route, &repo, req, body).await,
-        Target::Cache(t) => cached(app, route, &t, req).await,
+    let resolution = resolve(app, req.public, name, req.query)?;
+    // Mirror mode only: the name is kept for the WARN line.
+    let asked = MirrorAsk::of(app, &resolution, &req).map(|a| (a, name.to_string()));
+    let answer = match resolution.authorize(app, req.principal, Op::of(&route, m)) {
+        Ok(Target::Origin(repo)) => origin(app, route, &repo, req, body).await,
+        Ok(Target::Cache(t)) => cached(app, route, &t, req).await,
+        Err(e) => Err(e),
+    };
+    if let (Some((asked, name)), Err(e)) = (&asked, &answer) {
+        asked.refused(name, e);
+    }
+    answer
+}
+
+/// A request a Docker daemon may have sent to its mirror: refusals of these are invisible to
+/// the daemon's user (it falls back to Docker Hub), so each gets a WARN line and a count.
+enum MirrorAsk {
+    /// Routed to the mirror's cache registry (no registry prefix).
+    Mirror,
+    /// From a Docker daemon, to a normal registry whose name may shadow a Docker Hub
+    /// namespace (mirror mode on).
+    Shadowed(String),
+}
+
+impl MirrorAsk {
+    fn of(app: &App, resolution: &Resolution<'_>, req: &Req<'_>) -> Option<MirrorAsk> {
+        app.config.mirror.registry.as_ref()?;
+        match &resolution.target {
+            Some(Target::Cache(t)) if t.via_mirror => Some(MirrorAsk::Mirror),
+            Some(Target::Origin(repo)) => {
+                let daemon = req
+                    .headers
+                    .get(http::header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|ua| ua.starts_with("docker/"));
+                daemon.then(|| MirrorAsk::Shadowed(repo.registry().to_string()))
+            }
+            _ => None,
+        }
+    }
+
+    fn refused(&self, name: &str, e: &Error) {
+        let status = e.status();
+        let label = match status.as_u16() {
+            401 => "401",
+            403 => "403",
+            404 => "404",
+            _ => return,
+        };
+        match self {
+            MirrorAsk::Mirror => {
+                tracing::warn!(repo = name, %status, code = e.code(), error = %e, "mirror request refused: a Docker daemon falls back to Docker Hub without telling its user");
+                metrics::counter!("berth_mirror_refused_total", "status" => label, "reason" => "mirror").increment(1);
+            }
+            MirrorAsk::Shadowed(registry) => {
+                tracing::warn!(repo = name, %status, code = e.code(), registry = %registry, "a Docker daemon was refused by a normal registry while mirror mode is on: if it asked its mirror for a Docker Hub image, registry {registry:?} shadows that Docker Hub namespace and the daemon fell back to Docker Hub");
+                metrics::counter!("berth_mirror_refused_total", "status" => label, "reason" => "shadowed").increment(1);
+            }
+        }
     }
 }
 

@@ -68,6 +68,9 @@ pub enum StartError {
     /// A listener, TLS file or image cache definition is unusable.
     #[error("{0}")]
     Listen(String),
+    /// The config leads to a state `serve` refuses (nothing was written).
+    #[error("refusing to start, nothing was changed in the data directory:\n  - {}", .0.join("\n  - "))]
+    Config(Vec<String>),
 }
 
 /// A running server.
@@ -79,17 +82,43 @@ pub struct Server {
 }
 
 /// Creates image caches and registries declared in the config (the config wins over what is
-/// stored), and checks that every cache registry names a known image cache.
-pub async fn apply_config(store: &Store, config: &Config) -> Result<(), error::Error> {
+/// stored), after checking the state this leads to: a refused config changes nothing stored.
+pub async fn apply_config(store: &Store, config: &Config) -> Result<(), StartError> {
+    let store_err = |source: error::Error| StartError::Store {
+        dir: config.data_dir.clone(),
+        source,
+    };
+    let stored = config::Stored {
+        registries: store.registries().iter().map(|r| (*r).clone()).collect(),
+        image_caches: store
+            .meta
+            .image_caches()
+            .await
+            .map_err(|e| store_err(e.into()))?
+            .into_iter()
+            .map(|c| c.name)
+            .collect(),
+    };
+    let mut problems = config.plan_problems(Some(&stored)).errors;
+    for c in &config.image_cache {
+        if let Err(e) = cache::upstream::Source::new(c.clone(), &config.pull_through.allowed_ports)
+        {
+            problems.push(e);
+        }
+    }
+    if !problems.is_empty() {
+        return Err(StartError::Config(problems));
+    }
     for c in &config.image_cache {
         let (record, credentials) = c.to_records();
         store
             .meta
             .put_image_cache(&record, Some(&credentials))
-            .await?;
+            .await
+            .map_err(|e| store_err(e.into()))?;
     }
     for r in &config.registry {
-        let declared = RegistryRecord::from(r);
+        let declared = config.registry_record(r);
         match store.registry(&r.name) {
             Some(existing) if existing.same_settings(&declared) => {}
             existing => {
@@ -101,31 +130,22 @@ pub async fn apply_config(store: &Store, config: &Config) -> Result<(), error::E
                         created_ms: existing.map_or_else(now_ms, |e| e.created_ms),
                         ..declared
                     })
-                    .await?;
+                    .await
+                    .map_err(|e| store_err(e.into()))?;
             }
         }
     }
-    for r in store.registries() {
-        if let Some(c) = &r.cache {
-            if store.meta.image_cache(c).await?.is_none() {
-                return Err(error::Error::Internal(format!(
-                    "cache registry {:?} names image cache {c:?}, which does not exist",
-                    r.name
-                )));
-            }
+    if let Some(m) = config
+        .mirror
+        .registry
+        .as_deref()
+        .and_then(|m| store.registry(m))
+    {
+        if !m.anonymous_pull && config.auth.mode != config::AuthMode::Off {
+            tracing::warn!(registry = %m.name, "the mirror registry does not allow anonymous pull: Docker daemons that do not log in to their mirror fall back to Docker Hub without a word");
         }
     }
-    if let Some(m) = &config.mirror.registry {
-        match store.registry(m) {
-            Some(r) if r.cache.is_some() => {}
-            _ => {
-                return Err(error::Error::Internal(format!(
-                    "mirror.registry {m:?} is not a cache registry"
-                )))
-            }
-        }
-    }
-    store.meta.flush().await?;
+    store.meta.flush().await.map_err(|e| store_err(e.into()))?;
     Ok(())
 }
 
@@ -141,7 +161,7 @@ impl App {
         };
         let store = Store::open(&config.data_dir).await.map_err(store_err)?;
         if apply {
-            apply_config(&store, &config).await.map_err(store_err)?;
+            apply_config(&store, &config).await?;
         }
         let cache = cache::Cache::open(&config, &store)
             .await

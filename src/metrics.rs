@@ -77,6 +77,10 @@ fn describe() {
         Unit::Bytes,
         "Response body bytes handed to connections"
     );
+    describe_counter!(
+        "berth_mirror_refused_total",
+        "Requests a Docker daemon may have sent to its mirror that were refused or not found (a daemon then falls back to Docker Hub without a word), by status (401, 403, 404) and reason (mirror: routed to the [mirror] registry; shadowed: a normal registry answered a Docker daemon)"
+    );
     describe_counter!("berth_http_responses_aborted_total", "Response bodies that ended before their last byte, by reason (client_gone, stalled, body_error)");
     describe_counter!(
         "berth_blob_bytes_served_total",

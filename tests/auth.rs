@@ -926,11 +926,12 @@ async fn role_matrix_on_the_management_api() {
 async fn edge_cache_with_anonymous_pull_behind_auth() {
     let upstream = TestServer::start("[[registry]]\nname = \"team\"\n").await;
     let (_, digest) = upstream.push_image("team/app", "v1", "edge").await;
-    let edge = TestServer::start(&common::server::cache_toml(
+    // Mirror mode refuses a registry named `library`: the edge's own registry is `edge`.
+    let edge = TestServer::start_bare(&common::server::cache_toml(
         "registry",
         &upstream.base,
         "",
-        "anonymous_pull = true\n[mirror]\nregistry = \"hub\"\n[auth]\nmode = \"on\"\n",
+        "anonymous_pull = true\n[[registry]]\nname = \"edge\"\n[mirror]\nregistry = \"hub\"\n[auth]\nmode = \"on\"\n",
     ))
     .await;
     let send = |cred: Cred, method: Method, path: &str| {
@@ -986,6 +987,6 @@ async fn edge_cache_with_anonymous_pull_behind_auth() {
     // Still no anonymous push, and the edge's own registry is closed.
     let r = send(Cred::None, Method::POST, "/v2/hub/team/app/blobs/uploads/").await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = send(bearer, Method::GET, "/v2/library/x/tags/list").await;
+    let r = send(bearer, Method::GET, "/v2/edge/x/tags/list").await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }

@@ -247,21 +247,35 @@ async fn cache_registries_refuse_push_and_tagging() {
 
 #[tokio::test]
 async fn docker_mirror_mode_and_containerd_ns_routing() {
-    let (upstream, edge, manifest, digest) = pair_with(
-        "[[registry]]\nname = \"team\"\n",
-        "[mirror]\nregistry = \"hub\"\n",
-    )
+    let upstream = TestServer::start("[[registry]]\nname = \"team\"\n").await;
+    let (manifest, digest) = upstream.push_image("library/app", "v1", "one").await;
+    // Mirror mode refuses a `library` registry (it would capture every official image), so
+    // this edge has none.
+    let edge = TestServer::start_bare(&cache_toml(
+        "registry",
+        &upstream.base,
+        "",
+        "[[registry]]\nname = \"edge\"\n[mirror]\nregistry = \"hub\"\n",
+    ))
     .await;
     let (_, layer) = config_and_layer(&manifest);
-    // Docker daemon: unprefixed path, first segment is not a registry.
+    // Docker daemon: unprefixed path, first segment is not a registry: the mirror serves it.
     let r = edge
         .req(Method::HEAD, "/v2/library/app/manifests/v1")
         .await
         .send()
-        .await;
-    // "library" IS a registry on the edge (TestServer creates it): unprefixed Docker Hub names
-    // route to the mirror only when their first segment is not a registry.
-    assert_eq!(r.unwrap().status(), StatusCode::NOT_FOUND);
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), digest);
+    // A name whose first segment is a registry of the edge goes to that registry.
+    let r = edge
+        .req(Method::HEAD, "/v2/edge/app/manifests/v1")
+        .await
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
     upstream.push_image("team/app", "v1", "t").await;
     let r = edge
         .req(Method::HEAD, "/v2/team/app/manifests/v1")
@@ -290,8 +304,9 @@ async fn docker_mirror_mode_and_containerd_ns_routing() {
         .await
         .unwrap();
     assert_eq!(v["tags"], serde_json::json!(["v1"]));
-    // An ns that matches no image cache is ignored, never a 400.
-    let r = edge.get("/v2/library/app/manifests/v1?ns=quay.io").await;
+    // An ns that matches no image cache is ignored (the name routes as without it), never a
+    // 400.
+    let r = edge.get("/v2/edge/app/manifests/v1?ns=quay.io").await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
 }
@@ -300,7 +315,7 @@ async fn docker_mirror_mode_and_containerd_ns_routing() {
 async fn docker_hub_names_get_library_prefix() {
     let upstream = TestServer::start("").await;
     let (_, digest) = upstream.push_image("library/nginx", "1.27", "n").await;
-    let edge = TestServer::start(&format!(
+    let edge = TestServer::start_bare(&format!(
         "[[image_cache]]\nname = \"dh\"\nkind = \"dockerhub\"\nurl = \"{}\"\n[[registry]]\nname = \"docker\"\ntype = \"cache\"\ncache = \"dh\"\n[mirror]\nregistry = \"docker\"\n",
         upstream.base
     ))

@@ -147,18 +147,18 @@ async fn a_token_is_checked_against_what_ns_resolves_to() {
 #[tokio::test]
 async fn the_token_endpoint_grants_the_name_a_scope_resolves_to() {
     let upstream = TestServer::start("").await;
-    let edge = TestServer::start(&cache_toml(
+    let edge = TestServer::start_bare(&cache_toml(
         "registry",
         &upstream.base,
         "",
-        "[mirror]\nregistry = \"hub\"\n",
+        "[[registry]]\nname = \"closed\"\n[mirror]\nregistry = \"hub\"\n",
     ))
     .await;
     let (id, key) = edge.user("hubreader", Role::Viewer, &["hub"]);
     let r = edge
         .client
         .get(edge.url(
-            "/service/token?service=berth&scope=repository:team/app:pull&scope=repository:library/app:pull&scope=repository:ghost/x:pull",
+            "/service/token?service=berth&scope=repository:team/app:pull&scope=repository:closed/app:pull&scope=repository:ghost/x:pull",
         ))
         .basic_auth(&id, Some(&key))
         .send()
@@ -175,8 +175,8 @@ async fn the_token_endpoint_grants_the_name_a_scope_resolves_to() {
         .iter()
         .map(|a| a["name"].as_str().unwrap())
         .collect();
-    // team/app resolves by the mirror to hub/team/app; library/app is the origin registry
-    // `library`, which the user may not read; ghost/x does not exist (the mirror takes it).
+    // team/app resolves by the mirror to hub/team/app; closed/app is the origin registry
+    // `closed`, which the user may not read; ghost/x does not exist (the mirror takes it).
     assert_eq!(names, ["hub/team/app", "hub/ghost/x"]);
 }
 

@@ -1,8 +1,8 @@
 //! Image caches (`/api/v1/image-caches[/{name}]`) and the cache prune (`/api/v1/cache/prune`).
 //!
-//! Image cache definitions are stored at once but the running server builds its source clients
-//! at start: creating, changing or deleting one takes effect at the next restart (responses say
-//! so). Prune runs the same sweep as the periodic cleanup, live.
+//! Creating, changing or deleting an image cache stores it and rebuilds (or drops) its source
+//! client before the response: the next request through a cache registry uses it. Prune runs
+//! the same sweep as the periodic cleanup, live.
 
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ fn err(e: impl std::fmt::Display) -> String {
 }
 
 /// When changes to image caches apply.
-const APPLIES: &str = "at the next restart of the server";
+const APPLIES: &str = "immediately";
 
 fn cache_view(app: &App, c: &ImageCacheConfig) -> ImageCacheView {
     ImageCacheView::of(c, app.cache.source(&c.name).is_some())
@@ -92,6 +92,11 @@ async fn put(ctx: &Ctx<'_>, cache: ImageCacheConfig, replace: bool) -> Result<Im
     )
     .await
     .map_err(Error::BadRequest)?;
+    ctx.app
+        .cache
+        .load(&*ctx.app.store.meta, &cache.name)
+        .await
+        .map_err(Error::Internal)?;
     let mut v = cache_view(ctx.app, &cache);
     v.applies = Some(APPLIES.into());
     Ok(v)
@@ -181,6 +186,11 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     }
     ctx.app.store.meta.delete_image_cache(name).await?;
     ctx.app.store.meta.flush().await?;
+    ctx.app
+        .cache
+        .load(&*ctx.app.store.meta, name)
+        .await
+        .map_err(Error::Internal)?;
     json(
         StatusCode::OK,
         &ImageCacheDeleted {

@@ -29,7 +29,7 @@ pub async fn registry_view(app: &App, r: &RegistryRecord) -> Result<RegistryView
     if let Some(c) = &r.cache {
         if app.cache.source(c).is_none() {
             v.note = Some(format!(
-                "image cache {c:?} was defined after the server started: this registry serves from a restart on"
+                "image cache {c:?} is not loaded (its source could not be built: see the server log): this registry answers errors until it is fixed"
             ));
         }
     }
@@ -119,6 +119,15 @@ pub async fn create(ctx: &Ctx<'_>, body: NewRegistry) -> Result<Response<Body>> 
         )));
     }
     check_kind(app, body.kind, body.cache.as_deref()).await?;
+    let mirror = app.config.mirror.registry.as_deref();
+    if mirror.is_some_and(|m| m != body.name) && body.name == crate::config::SHADOWING_NAMESPACE {
+        return Err(Error::Conflict(format!(
+            "registry {:?} would shadow the mirror: Docker daemons ask their mirror for every official image as {}/NAME, which would reach this registry instead of mirror registry {:?}, and the daemons would fall back to Docker Hub without a word; choose another name",
+            body.name,
+            crate::config::SHADOWING_NAMESPACE,
+            mirror.unwrap_or_default()
+        )));
+    }
     let record = body.record();
     app.store.put_registry(record.clone()).await?;
     app.store.meta.flush().await?;

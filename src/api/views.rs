@@ -129,7 +129,7 @@ pub struct ImageCacheView {
     pub fetch_budget: String,
     /// Source kind.
     pub kind: String,
-    /// Whether the running server has built its source (else: from the next restart on).
+    /// Whether the running server has built its source (false: it could not, the log says why).
     pub loaded: bool,
     /// Name.
     pub name: String,
@@ -591,14 +591,14 @@ mod tests {
         c.username = Some("bot".into());
         c.password = Some("s3cret".into());
         let mut view = ImageCacheView::of(&c, true);
-        view.applies = Some("at the next restart of the server".into());
+        view.applies = Some("immediately".into());
         same_bytes(
             &view,
             json!({
                 "name": "up", "kind": "quay", "url": "https://q.io",
                 "credentials": "user bot, password set", "fetch_budget": "3m 20s",
                 "revalidate_ttl": "0s", "loaded": true,
-                "applies": "at the next restart of the server",
+                "applies": "immediately",
             }),
         );
         assert!(!serde_json::to_string(&view).unwrap().contains("s3cret"));

@@ -15,7 +15,7 @@ use crate::config::{Config, RegistryKind};
 use crate::error::{Error, Result};
 use crate::http::router::query_param;
 use crate::oci::reference::RepoName;
-use crate::store::meta::RegistryRecord;
+use crate::store::meta::{MetaStore, RegistryRecord};
 use crate::store::Store;
 use fetch::Fetches;
 use upstream::Source;
@@ -31,7 +31,11 @@ pub struct Outcome {
 
 /// State of all image caches on this node.
 pub struct Cache {
-    sources: HashMap<String, Arc<Source>>,
+    /// The source of each image cache, rebuilt when one is created, changed or deleted.
+    sources: parking_lot::RwLock<HashMap<String, Arc<Source>>>,
+    /// What every source is built with.
+    pull_through: crate::config::PullThrough,
+    egress: Arc<crate::http::egress::EgressPolicy>,
     /// Blob fetches in flight and partial files.
     pub fetches: Arc<Fetches>,
     /// When each `repo\0tag` was last revalidated against its source.
@@ -71,25 +75,18 @@ pub struct CacheTarget {
     pub source: Arc<Source>,
     /// containerd's `ns`, echoed as `OCI-Namespace`.
     pub ns: Option<String>,
+    /// Reached through `[mirror]` (the name has no registry prefix): what a Docker daemon asks
+    /// its mirror, which falls back to Docker Hub without a word when refused.
+    pub via_mirror: bool,
 }
 
 impl Cache {
     /// Builds the sources of every image cache the store knows.
     pub async fn open(config: &Config, store: &Store) -> std::result::Result<Cache, String> {
-        let mut sources = HashMap::new();
-        let policy = Arc::new(crate::http::egress::EgressPolicy::from_config(config));
-        let meta = &store.meta;
-        for record in meta.image_caches().await.map_err(|e| e.to_string())? {
-            let credentials = meta
-                .credentials(&record.name)
-                .await
-                .map_err(|e| e.to_string())?;
-            let c = crate::config::ImageCacheConfig::from_records(record, credentials);
-            let source = Source::build(c, &config.pull_through, policy.clone())?;
-            sources.insert(source.name().to_string(), Arc::new(source));
-        }
-        Ok(Cache {
-            sources,
+        let cache = Cache {
+            sources: Default::default(),
+            pull_through: config.pull_through.clone(),
+            egress: Arc::new(crate::http::egress::EgressPolicy::from_config(config)),
             fetches: Arc::new(Fetches::new(store.blobs.clone())),
             validated: moka::sync::Cache::builder().max_capacity(100_000).build(),
             revalidating: moka::sync::Cache::builder()
@@ -98,12 +95,32 @@ impl Cache {
                 .build(),
             labels: Default::default(),
             mirror: config.mirror.registry.clone(),
-        })
+        };
+        for record in store.meta.image_caches().await.map_err(|e| e.to_string())? {
+            cache.load(&*store.meta, &record.name).await?;
+        }
+        Ok(cache)
+    }
+
+    /// (Re)builds the source of an image cache from what is stored, or forgets it when it is
+    /// gone: a cache created, changed or deleted at run time applies to the next request.
+    pub async fn load(&self, meta: &dyn MetaStore, name: &str) -> std::result::Result<(), String> {
+        let Some(record) = meta.image_cache(name).await.map_err(|e| e.to_string())? else {
+            self.sources.write().remove(name);
+            return Ok(());
+        };
+        let credentials = meta.credentials(name).await.map_err(|e| e.to_string())?;
+        let c = crate::config::ImageCacheConfig::from_records(record, credentials);
+        let source = Source::build(c, &self.pull_through, self.egress.clone())?;
+        self.sources
+            .write()
+            .insert(name.to_string(), Arc::new(source));
+        Ok(())
     }
 
     /// The source of an image cache.
-    pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
-        self.sources.get(name)
+    pub fn source(&self, name: &str) -> Option<Arc<Source>> {
+        self.sources.read().get(name).cloned()
     }
 
     /// A `'static` label for a registry name (registries are few and long-lived).
@@ -120,16 +137,18 @@ impl Cache {
     /// Resolves a request's repository name: by `?ns=`, by registry prefix, or by the mirror.
     pub fn resolve(&self, store: &Store, name: &str, query: Option<&str>) -> Result<Target> {
         if let Some(ns) = query_param(query, "ns") {
+            let sources = self.sources.read();
             let serves = |r: &RegistryRecord| {
                 r.cache
                     .as_deref()
-                    .and_then(|c| self.sources.get(c))
+                    .and_then(|c| sources.get(c))
                     .is_some_and(|s| s.serves_host(&ns))
             };
             let by_ns = store.find_registry(serves).and_then(|r| {
-                let source = self.sources.get(r.cache.as_deref()?)?.clone();
+                let source = sources.get(r.cache.as_deref()?)?.clone();
                 Some((r.name.clone(), source))
             });
+            drop(sources);
             if let Some((registry, source)) = by_ns {
                 return cache_target(&registry, source, name, Some(ns));
             }
@@ -151,7 +170,11 @@ impl Cache {
         if let Some(mirror) = &self.mirror {
             if let Some(r) = store.registry(mirror) {
                 let source = self.registry_source(&r.name, r.cache.as_deref())?;
-                return cache_target(&r.name, source, name, None);
+                let mut target = cache_target(&r.name, source, name, None)?;
+                if let Target::Cache(t) = &mut target {
+                    t.via_mirror = true;
+                }
+                return Ok(target);
             }
         }
         // Neither a registry nor a mirror path: validate, then report the missing registry.
@@ -160,14 +183,11 @@ impl Cache {
     }
 
     fn registry_source(&self, registry: &str, cache: Option<&str>) -> Result<Arc<Source>> {
-        cache
-            .and_then(|c| self.sources.get(c))
-            .cloned()
-            .ok_or_else(|| {
-                Error::Internal(format!(
-                    "cache registry {registry:?} names no known image cache"
-                ))
-            })
+        cache.and_then(|c| self.source(c)).ok_or_else(|| {
+            Error::Internal(format!(
+                "cache registry {registry:?} names no known image cache"
+            ))
+        })
     }
 }
 
@@ -184,6 +204,7 @@ fn cache_target(
         upstream,
         source,
         ns,
+        via_mirror: false,
     }))
 }
 

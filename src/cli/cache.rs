@@ -57,7 +57,7 @@ pub enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Change an image cache (restart the server to apply).
+    /// Change an image cache (a running server applies it at once).
     Update {
         /// Name.
         name: String,
@@ -114,14 +114,14 @@ pub fn run(place: &Place, cmd: CacheCommand) -> Result<(), String> {
             patch(None, source)?.apply(&mut c)?;
             let _: ImageCacheView = place.send(Method::POST, "/image-caches", &c)?;
             outln!(
-                "created image cache {name} ({kind}); serve it with `berth registry create NAME --type cache --cache {name}` (a running server loads it at its next restart)"
+                "created image cache {name} ({kind}); serve it with `berth registry create NAME --type cache --cache {name}`"
             );
         }
         CacheCommand::Update { name, kind, source } => {
             let body = patch(kind, source)?;
             let path = format!("/image-caches/{}", seg(&name));
             let _: ImageCacheView = place.send(Method::PATCH, &path, &body)?;
-            outln!("updated image cache {name} (restart berth to apply)");
+            outln!("updated image cache {name}");
         }
         CacheCommand::List { json } => print_caches(&place.list_all("/image-caches")?, json)?,
         CacheCommand::Delete { name } => {

@@ -79,7 +79,9 @@ enum Command {
     /// Manage users' access keys (the credentials of `docker login` and of --server).
     #[command(subcommand)]
     Key(key::KeyCommand),
-    /// Print the effective configuration (defaults merged with the file) and exit.
+    /// Check the config for everything `serve` would refuse (values, TLS files, image cache
+    /// URLs, registry references, mirror rules); print the effective config as TOML with
+    /// secrets redacted, every problem on stderr; exit 1 when there is one.
     CheckConfig,
     /// Print version, git commit, target and build profile.
     Version {
@@ -147,6 +149,15 @@ impl Place {
     fn app(&self, cell: &std::sync::OnceLock<Arc<App>>) -> Result<Arc<App>, String> {
         if let Some(app) = cell.get() {
             return Ok(app.clone());
+        }
+        let dir = &self.config.data_dir;
+        // Never create a data directory by accident (a missing --config would otherwise make
+        // an empty one in the working directory and answer as if it were the server's).
+        if !crate::store::holds_data(dir) {
+            return Err(format!(
+                "{} holds no berth data: point --config at the server's config file (or --data-dir at its data directory), or --server at a running server; `berth serve` creates a new data directory",
+                dir.display()
+            ));
         }
         let app = self
             .rt
@@ -299,6 +310,9 @@ pub fn main() -> ExitCode {
         }
         _ => {}
     }
+    if matches!(cli.command, Command::CheckConfig) {
+        return check_config(cli.config.as_deref(), cli.data_dir);
+    }
     let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -320,10 +334,7 @@ pub fn main() -> ExitCode {
     let place = |config| Place::of(config, cli.server, key);
     let result = match cli.command {
         Command::Serve => serve(config),
-        Command::CheckConfig => {
-            outln!("{config:#?}");
-            Ok(())
-        }
+        Command::CheckConfig => Ok(()),
         Command::Registry(cmd) => place(config).and_then(|p| registry::run(&p, cmd)),
         Command::Cache(cmd) => place(config).and_then(|p| cache::run(&p, cmd)),
         Command::User(cmd) => place(config).and_then(|p| user::run(&p, cmd)),
@@ -337,6 +348,53 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `berth check-config`: every problem at once, then the effective config.
+fn check_config(path: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> ExitCode {
+    let mut config = match Config::read(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    let mut problems = config.problems();
+    for l in &config.listen {
+        if let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) {
+            if let Err(e) = crate::http::server::tls_acceptor(cert, key) {
+                problems.push(format!("listen {}: {e}", l.addr));
+            }
+        }
+    }
+    for c in &config.image_cache {
+        if let Err(e) =
+            crate::cache::upstream::Source::new(c.clone(), &config.pull_through.allowed_ports)
+        {
+            problems.push(e);
+        }
+    }
+    let plan = config.plan_problems(None);
+    problems.extend(plan.errors);
+    match config.to_redacted_toml() {
+        Ok(text) => outln!("{text}"),
+        Err(e) => problems.push(format!("cannot print the config as TOML: {e}")),
+    }
+    for w in &plan.warnings {
+        eprintln!("berth: warning: {w}");
+    }
+    if problems.is_empty() {
+        eprintln!("berth: config is valid");
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("berth: {} problem(s) in the config:", problems.len());
+    for p in &problems {
+        eprintln!("  - {p}");
+    }
+    ExitCode::FAILURE
 }
 
 fn init_logging(filter: &str, format: crate::config::LogFormat) {

@@ -75,7 +75,8 @@ pub async fn bind(l: &Listen) -> Result<Bound, String> {
     })
 }
 
-fn tls_acceptor(
+/// The TLS acceptor of a certificate chain and its key (PEM files), or why they are unusable.
+pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<tokio_rustls::TlsAcceptor, String> {

@@ -62,6 +62,12 @@ pub struct Store {
     registries: RegistryMap,
 }
 
+/// Whether a directory holds berth's data (its metadata), as opposed to nothing or something
+/// else: admin commands refuse to open anything but a data directory `serve` made.
+pub fn holds_data(data_dir: &Path) -> bool {
+    data_dir.join("meta").is_dir()
+}
+
 impl Store {
     /// Opens the data directory.
     pub async fn open(data_dir: &Path) -> Result<Store, crate::error::Error> {

@@ -11,6 +11,8 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub client: Client,
     extra: String,
+    /// Whether the server has the normal registry `library` besides what `extra` declares.
+    library: bool,
 }
 
 /// Config for a temp dir: one listener on port 0 plus `extra` TOML.
@@ -27,6 +29,15 @@ pub fn config_for(dir: &std::path::Path, extra: &str) -> Config {
 impl TestServer {
     /// Starts with registry `library` (normal) plus `extra` TOML.
     pub async fn start(extra: &str) -> TestServer {
+        TestServer::start_with(extra, true).await
+    }
+
+    /// Starts with only what `extra` declares (mirror mode refuses a registry `library`).
+    pub async fn start_bare(extra: &str) -> TestServer {
+        TestServer::start_with(extra, false).await
+    }
+
+    async fn start_with(extra: &str, library: bool) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut s = TestServer {
             server: None,
@@ -34,13 +45,19 @@ impl TestServer {
             dir,
             client: Client::builder().build().unwrap(),
             extra: extra.to_string(),
+            library,
         };
         s.boot(extra).await;
         s
     }
 
     async fn boot(&mut self, extra: &str) {
-        let extra = format!("[[registry]]\nname = \"library\"\n{extra}");
+        let library = if self.library {
+            "[[registry]]\nname = \"library\"\n"
+        } else {
+            ""
+        };
+        let extra = format!("{library}{extra}");
         let server = berth::Server::start(config_for(self.dir.path(), &extra))
             .await
             .unwrap();

@@ -414,9 +414,15 @@ async fn an_artifact_is_recorded_only_with_what_it_refers_to(meta: &dyn MetaStor
             .unwrap()
     };
     assert_eq!(put(image.clone()).await, Err(Missing::Blob(layer.clone())));
-    assert!(meta.artifact(repo, m).await.unwrap().is_none(), "nothing written");
+    assert!(
+        meta.artifact(repo, m).await.unwrap().is_none(),
+        "nothing written"
+    );
     assert_eq!(meta.tag(repo, "v1").await.unwrap(), None);
-    assert!(!meta.repo_exists(repo).await.unwrap(), "no catalog entry either");
+    assert!(
+        !meta.repo_exists(repo).await.unwrap(),
+        "no catalog entry either"
+    );
     meta.link_blob(repo, &layer, 1).await.unwrap();
     assert_eq!(put(image).await, Ok(()));
     assert_eq!(meta.tag(repo, "v1").await.unwrap().as_ref(), Some(m));
