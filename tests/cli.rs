@@ -887,3 +887,43 @@ fn admin_commands_never_create_a_data_directory() {
     assert!(!ok);
     assert_eq!(std::fs::read_dir(&other).unwrap().count(), 0);
 }
+
+/// The first admin is created through a running server, and its first key comes in the same
+/// answer (before: auth turned on with that user, and `key create` then needed a key nobody
+/// had, so bootstrapping took the server down).
+#[test]
+fn the_first_admin_is_bootstrapped_through_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = BerthProcess::start_in(dir.path(), "");
+    let url = server.url();
+    let data = dir.path().join("data");
+    // Not an admin of everything: nobody could manage the server after it.
+    let (ok, _, e) = berth(
+        &data,
+        &["--server", &url, "user", "create", "ci", "--role", "image_uploader"],
+    );
+    assert!(!ok && e.contains("must be an admin"), "{e}");
+    let (ok, out, e) = berth(&data, &["--server", &url, "user", "create", "root", "--admin"]);
+    assert!(ok && out.contains("the server's first"), "{out}{e}");
+    let (id, secret) = (field(&out, "Access Key ID:"), field(&out, "Secret Key:"));
+    // Auth is on now: anonymous callers are refused, the first key works.
+    let (ok, _, e) = berth(&data, &["--server", &url, "user", "create", "other", "--admin"]);
+    assert!(!ok, "{e}");
+    let with_key = |args: &[&str]| {
+        let mut all = vec![
+            "--server",
+            url.as_str(),
+            "--access-key",
+            id.as_str(),
+            "--secret-key",
+            secret.as_str(),
+        ];
+        all.extend_from_slice(args);
+        berth(&data, &all)
+    };
+    let (ok, out, e) = with_key(&["key", "create", "root", "--json"]);
+    assert!(ok && json_of(&out)["secret"].is_string(), "{out}{e}");
+    // Later users come without a key.
+    let (ok, out, e) = with_key(&["user", "create", "ci", "--role", "image_uploader"]);
+    assert!(ok && out.contains("berth key create ci"), "{out}{e}");
+}

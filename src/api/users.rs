@@ -8,8 +8,9 @@ use super::page::{matches_q, Page};
 use super::views::{KeyRevoked, KeyView, UserDeleted, UserView};
 use super::{json, Ctx};
 use crate::auth::users::{UserRecord, Users};
-use crate::auth::{Action, Role};
-use crate::error::Result;
+use crate::auth::{Action, Principal, Role};
+use crate::config::AuthMode;
+use crate::error::{Error, Result};
 use crate::http::body::Body;
 
 /// The view of a user (keys counted, not listed).
@@ -51,13 +52,34 @@ pub async fn create(ctx: &Ctx<'_>, body: NewUser) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     check_registries(&body.registries)?;
     let auth = &ctx.app.auth;
+    // Bootstrap through a running server: auth turns on with the first user, so a remote
+    // caller creating it could not create its key afterwards. The first user must be an admin
+    // of everything (else nobody could manage the server) and comes with its first key.
+    let first = ctx.app.config.auth.mode == AuthMode::Auto
+        && !auth.enforced()
+        && matches!(ctx.req.principal, Principal::Anonymous);
+    if first && (body.role != Role::Admin || !body.registries.is_empty()) {
+        return Err(Error::Conflict(
+            "the first user of a server must be an admin of every registry (`berth user create NAME --admin`): auth turns on with it, and nobody could manage the server otherwise".into(),
+        ));
+    }
     let user = auth
         .users
         .create(&body.name, body.role, body.registries)
         .await?;
+    let first_key = if first {
+        let (key, secret) = auth.users.create_key(&user.name).await?;
+        let mut v = KeyView::of(&key);
+        v.secret = Some(secret);
+        Some(v)
+    } else {
+        None
+    };
     auth.refresh().await?;
     ctx.app.store.meta.flush().await?;
-    json(StatusCode::CREATED, &user_view(&auth.users, &user).await?)
+    let mut view = user_view(&auth.users, &user).await?;
+    view.first_key = first_key;
+    json(StatusCode::CREATED, &view)
 }
 
 /// `GET /api/v1/users/{name}`, with the user's keys.

@@ -443,6 +443,11 @@ pub struct UserView {
     pub registries: Vec<String>,
     /// Role.
     pub role: Role,
+    /// The first admin's first access key, secret included, in the answer that created it
+    /// on a server that had no user (the caller could not create one afterwards: auth turns
+    /// on with that user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_key: Option<KeyView>,
 }
 
 impl UserView {
@@ -450,6 +455,7 @@ impl UserView {
     pub fn of(u: &UserRecord, key_count: usize) -> UserView {
         UserView {
             created: rfc3339(u.created_ms),
+            first_key: None,
             key_count,
             keys: None,
             name: u.name.clone(),

@@ -55,8 +55,22 @@ pub fn run(place: &Place, cmd: UserCommand) -> Result<(), String> {
                 role,
                 registries,
             };
-            let _: UserView = place.send(Method::POST, "/users", &body)?;
-            outln!("created user {name} ({role}); give them a key with `berth key create {name}`");
+            let user: UserView = place.send(Method::POST, "/users", &body)?;
+            match user
+                .first_key
+                .as_ref()
+                .and_then(|k| Some((&k.id, k.secret.as_ref()?)))
+            {
+                Some((id, secret)) => {
+                    outln!("created user {name} ({role}), the server's first: auth is on now");
+                    outln!("Access Key ID: {id}");
+                    outln!("Secret Key:    {secret}");
+                    eprintln!("berth: store the secret key now: it is not shown again; use it with --access-key/--secret-key (or BERTH_ACCESS_KEY/BERTH_SECRET_KEY)");
+                }
+                None => outln!(
+                    "created user {name} ({role}); give them a key with `berth key create {name}`"
+                ),
+            }
         }
         UserCommand::List { json } => print(&place.list_all("/users")?, json)?,
         UserCommand::Delete { name } => {
