@@ -4,6 +4,7 @@
 #   dpkg -i            -> berth user and group, files, owners, modes, conffile, enabled unit,
 #                         `systemd-analyze verify`, the installed binary serving GET /v2/ as
 #                         berth from (a copy of) /etc/berth/config.toml
+#   dpkg -i again      -> an edited config, the data and the user's uid stay
 #   dpkg -r            -> configuration, data and user stay
 #   dpkg --purge       -> user, group and configuration go; /var/lib/berth stays
 #   dpkg -i again      -> the kept data is given to the new berth user (another uid) and opens
@@ -160,6 +161,14 @@ wait "$server_pid" || true
 server_pid=""
 check "the store is in /var/lib/berth, owned by berth" \
   test -z "$(find /var/lib/berth ! -user berth -print -quit)" -a -d /var/lib/berth/meta
+
+echo "== dpkg -i over the installed package: an edited config and the data stay, with their owners"
+echo '# edited by the operator' >>/etc/berth/config.toml
+dpkg -i "$deb" || die "dpkg -i over the installed package failed"
+check "the edited config is kept" grep -qx '# edited by the operator' /etc/berth/config.toml
+expect_owner_mode /etc/berth/config.toml "root:berth 640"
+expect_owner_mode /var/lib/berth "berth:berth 750"
+check "the user keeps its uid" test "$(id -u berth)" = "$first_uid"
 
 # ------------------------------------------------------------------------------------------
 echo "== dpkg -r: configuration, data and user stay"
