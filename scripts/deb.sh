@@ -10,6 +10,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# cargo-deb computes the libc dependency with dpkg-shlibdeps and strips with binutils' strip.
+for tool in dpkg-shlibdeps:dpkg-dev strip:binutils; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || {
+    echo "deb.sh: ${tool%%:*} is missing: apt-get install ${tool#*:}" >&2
+    exit 1
+  }
+done
+
 cargo_deb_version=3.8.0
 if ! cargo deb --version 2>/dev/null | grep -qF "$cargo_deb_version"; then
   echo "installing cargo-deb $cargo_deb_version (cargo install --locked)" >&2
