@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs berth's whole test suite: unit, raw-HTTP integration, crash safety, and real clients
-# (skopeo, dockerd, containerd, Debian's docker-registry). Installs the clients first if missing.
+# (skopeo, dockerd, containerd, Debian's docker-registry), and the Debian package
+# (tests/deb_package.sh). Installs the clients first if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,12 @@ need runc runc
 need /bin/busybox busybox-static
 need docker-registry docker-registry
 need htpasswd apache2-utils
+# tests/deb_package.sh: build (cargo-deb's dependency and strip tools), install, verify, serve.
+need dpkg-shlibdeps dpkg-dev
+need strip binutils
+need adduser adduser
+need systemd-analyze systemd
+need curl curl
 if ((${#packages[@]})); then
   echo "installing test clients: ${packages[*]}"
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
@@ -27,3 +34,11 @@ fi
 # Two cores: keep the daemon-heavy tests from starving each other.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
 cargo test --all-targets "$@"
+
+# The Debian package: builds it (scripts/deb.sh: one release build), then installs, checks and
+# purges it (skips with a reason when not root). Only in a whole run: arguments select tests.
+if (($# == 0)); then
+  tests/deb_package.sh
+else
+  echo "tests/deb_package.sh: not run (arguments select tests: $*)"
+fi
