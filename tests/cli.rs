@@ -900,14 +900,28 @@ fn the_first_admin_is_bootstrapped_through_a_running_server() {
     // Not an admin of everything: nobody could manage the server after it.
     let (ok, _, e) = berth(
         &data,
-        &["--server", &url, "user", "create", "ci", "--role", "image_uploader"],
+        &[
+            "--server",
+            &url,
+            "user",
+            "create",
+            "ci",
+            "--role",
+            "image_uploader",
+        ],
     );
     assert!(!ok && e.contains("must be an admin"), "{e}");
-    let (ok, out, e) = berth(&data, &["--server", &url, "user", "create", "root", "--admin"]);
+    let (ok, out, e) = berth(
+        &data,
+        &["--server", &url, "user", "create", "root", "--admin"],
+    );
     assert!(ok && out.contains("the server's first"), "{out}{e}");
     let (id, secret) = (field(&out, "Access Key ID:"), field(&out, "Secret Key:"));
     // Auth is on now: anonymous callers are refused, the first key works.
-    let (ok, _, e) = berth(&data, &["--server", &url, "user", "create", "other", "--admin"]);
+    let (ok, _, e) = berth(
+        &data,
+        &["--server", &url, "user", "create", "other", "--admin"],
+    );
     assert!(!ok, "{e}");
     let with_key = |args: &[&str]| {
         let mut all = vec![
