@@ -922,6 +922,7 @@ mod tests {
         };
         let mut user = UserView::of(&u, 1);
         user.keys = Some(vec![KeyView::of(&k)]);
+        user.first_key = Some(KeyView::of(&k));
         assert_eq!(keys(&user), schema("User"));
         assert_eq!(keys(&KeyView::of(&k)), schema("Key"));
         let p = crate::events::webhooks::WebhookPolicy {
