@@ -46,6 +46,9 @@ pub struct Config {
     /// Where berth may connect on a source's or a user's say-so (redirects, token realms,
     /// webhook targets).
     pub egress: EgressConfig,
+    /// The file this config was read from (`None`: the embedded defaults); reloads read it.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// The destination policy for redirects, foreign token realms and webhook targets (`[egress]`).
@@ -477,6 +480,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             webhooks: WebhookConfig::default(),
             egress: EgressConfig::default(),
+            source: None,
         }
     }
 }
@@ -584,13 +588,15 @@ impl Config {
                     path: path.to_path_buf(),
                     source,
                 })?;
-                Config::from_toml(&text).map_err(|e| match e {
+                let mut config = Config::from_toml(&text).map_err(|e| match e {
                     ConfigError::Parse { source, .. } => ConfigError::Parse {
                         path: path.to_path_buf(),
                         source,
                     },
                     other => other,
-                })?
+                })?;
+                config.source = Some(path.to_path_buf());
+                config
             }
         })
     }

@@ -19,6 +19,7 @@ pub mod http;
 pub mod metrics;
 pub mod oci;
 pub mod registry;
+pub mod reload;
 pub mod serve;
 pub mod store;
 
@@ -52,6 +53,8 @@ pub struct App {
     pub boot_id: u32,
     /// Set once every listener is bound.
     pub ready: AtomicBool,
+    /// The listeners' certificates, for reloads.
+    pub reloadable: reload::Reloadable,
 }
 
 /// A failure to start.
@@ -69,7 +72,7 @@ pub enum StartError {
     #[error("{0}")]
     Listen(String),
     /// The config leads to a state `serve` refuses (nothing was written).
-    #[error("refusing to start, nothing was changed in the data directory:\n  - {}", .0.join("\n  - "))]
+    #[error("config refused, nothing was changed in the data directory:\n  - {}", .0.join("\n  - "))]
     Config(Vec<String>),
 }
 
@@ -189,6 +192,7 @@ impl App {
             events: events::Events::new(webhooks),
             boot_id: rand_u32(),
             ready: AtomicBool::new(false),
+            reloadable: Default::default(),
         })
     }
 }
@@ -200,7 +204,12 @@ impl Server {
         let app = Arc::new(App::open(config, true).await?);
         let mut bound = Vec::new();
         for l in &app.config.listen {
-            bound.push(http::server::bind(l).await.map_err(StartError::Listen)?);
+            let b = http::server::bind(l).await.map_err(StartError::Listen)?;
+            if let Some(cert) = &b.cert {
+                app.reloadable
+                    .add_certificate(l.addr.to_string(), cert.clone());
+            }
+            bound.push(b);
         }
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -788,8 +788,9 @@ fn json_logs_are_one_object_per_line_with_the_request_fields() {
     assert!(request["request_id"]
         .as_str()
         .is_some_and(|s| !s.is_empty()));
+    // Durations are integers of microseconds.
     assert!(
-        request["ms"].is_number() && request["bytes"].is_number(),
+        request["us"].is_u64() && request["bytes"].is_u64(),
         "{request}"
     );
     assert!(

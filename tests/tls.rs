@@ -210,3 +210,120 @@ async fn a_client_with_the_ca_is_served_and_others_fail_the_handshake() {
     }
     server.shutdown().await;
 }
+
+/// SIGHUP (and `berth reload`) re-read a TLS listener's certificate: new handshakes get the new
+/// one; a broken file keeps the one in use. The config file's registries apply at once, and
+/// what needs a restart is named.
+#[test]
+fn reload_swaps_the_certificate_and_applies_the_config_file() {
+    use common::process::{berth_bin, BerthProcess};
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_a, cert_a, key_a) = ca_signed_certificate("reload CA a");
+    let (ca_b, cert_b, key_b) = ca_signed_certificate("reload CA b");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let install = |cert: &str, key: &str| {
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+    };
+    install(&cert_a, &key_a);
+    let server = BerthProcess::start_in(
+        dir.path(),
+        &format!("[[listen]]\naddr = \"127.0.0.1:0\"\ntls_cert = {cert_path:?}\ntls_key = {key_path:?}\n"),
+    );
+    let port = server
+        .tls_addr
+        .clone()
+        .expect("a TLS listener")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let served_for = |ca: &str| {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        rt.block_on(client.get(format!("https://localhost:{port}/v2/")).send())
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    };
+    assert!(served_for(&ca_a) && !served_for(&ca_b));
+    install(&cert_b, &key_b);
+    server.signal_hup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !served_for(&ca_b) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not swap the certificate"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!served_for(&ca_a), "the old certificate is still served");
+
+    let reload = |args: &[&str]| {
+        let out = std::process::Command::new(berth_bin())
+            .args(["--server", &server.url(), "reload"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A broken certificate file: reported, and the one in use stays.
+    std::fs::write(&cert_path, "not a certificate").unwrap();
+    let (ok, out, e) = reload(&[]);
+    assert!(!ok && out.contains("kept"), "{out}{e}");
+    assert!(served_for(&ca_b));
+    install(&cert_b, &key_b);
+
+    // The config file: a registry added applies at once; a limit changed needs a restart.
+    let config = dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[[registry]]\nname = \"late\"\n[limits]\nmax_connections = 100\n"),
+    )
+    .unwrap();
+    let (ok, out, e) = reload(&["--json"]);
+    assert!(ok, "{out}{e}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report["applied"],
+        serde_json::json!(["registry late"]),
+        "{out}"
+    );
+    assert_eq!(
+        report["restart_needed"],
+        serde_json::json!(["limits"]),
+        "{out}"
+    );
+    assert!(report["certificates"][0].get("error").is_none(), "{out}");
+    let r = rt
+        .block_on(reqwest::get(format!(
+            "{}/api/v1/registries/late",
+            server.url()
+        )))
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // A config that would be refused changes nothing.
+    std::fs::write(
+        &config,
+        format!("{text}\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"missing\"\n"),
+    )
+    .unwrap();
+    let (ok, out, e) = reload(&[]);
+    assert!(!ok && e.contains("\"missing\""), "{out}{e}");
+    let r = rt
+        .block_on(reqwest::get(format!(
+            "{}/api/v1/registries/hub",
+            server.url()
+        )))
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}

@@ -81,6 +81,7 @@ pub const ROUTES: &[ApiRoute] = &[
     r("/users/{name}/keys", &["GET", "POST"]),
     r("/users/{name}/keys/{id}", &["DELETE"]),
     r("/cache/prune", &["POST"]),
+    r("/reload", &["POST"]),
     delegated("/registries/{registry}/webhooks", &["GET", "POST"]),
     delegated(
         "/registries/{registry}/webhooks/{id}",
@@ -204,6 +205,10 @@ pub async fn dispatch(
         }
         ("/image-caches/{name}", Method::DELETE) => caches::delete(&ctx, p(0)).await,
         ("/cache/prune", Method::POST) => caches::prune(&ctx, json_body(body).await?).await,
+        ("/reload", Method::POST) => {
+            ctx.check(crate::auth::Action::Manage(None))?;
+            json(StatusCode::OK, &crate::reload::reload(ctx.app).await)
+        }
         ("/users", Method::GET) => users::list(&ctx).await,
         ("/users", Method::POST) => users::create(&ctx, json_body(body).await?).await,
         ("/users/{name}", Method::GET) => users::get(&ctx, p(0)).await,

@@ -73,7 +73,8 @@ enum Command {
     /// Manage image caches (source registries) and the cached content.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
-    /// Manage users (the first admin: `berth user create root --admin` on the data directory).
+    /// Manage users (the first admin: `berth --server URL user create root --admin` on a
+    /// server without users prints its first key).
     #[command(subcommand)]
     User(user::UserCommand),
     /// Manage users' access keys (the credentials of `docker login` and of --server).
@@ -83,6 +84,14 @@ enum Command {
     /// URLs, registry references, mirror rules); print the effective config as TOML with
     /// secrets redacted, every problem on stderr; exit 1 when there is one.
     CheckConfig,
+    /// Make a running server (--server) re-read its TLS certificates and apply what can change
+    /// at run time from its config file (registries, image caches, log filter); the same as
+    /// SIGHUP (`systemctl reload berth`).
+    Reload {
+        /// As one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print version, git commit, target and build profile.
     Version {
         /// As one JSON object.
@@ -339,6 +348,7 @@ pub fn main() -> ExitCode {
         Command::Cache(cmd) => place(config).and_then(|p| cache::run(&p, cmd)),
         Command::User(cmd) => place(config).and_then(|p| user::run(&p, cmd)),
         Command::Key(cmd) => place(config).and_then(|p| key::run(&p, cmd)),
+        Command::Reload { json } => place(config).and_then(|p| reload(&p, json)),
         Command::Version { .. } | Command::Completions { .. } => Ok(()),
     };
     match result {
@@ -348,6 +358,42 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `berth reload`: asks a running server; a data directory has nothing to reload.
+fn reload(place: &Place, json: bool) -> Result<(), String> {
+    if place.server.is_none() {
+        return Err(
+            "reload acts on a running server: give --server URL (or send it SIGHUP: `systemctl reload berth`)"
+                .into(),
+        );
+    }
+    let report: crate::reload::ReloadReport = place.call(Method::POST, "/reload")?;
+    if json {
+        return print_json(&report);
+    }
+    for c in &report.certificates {
+        match &c.error {
+            None => outln!("certificate of {} re-read from {}", c.listen, c.cert),
+            Some(e) => outln!("certificate of {} kept: {e}", c.listen),
+        }
+    }
+    outln!("config: {}", report.config);
+    for a in &report.applied {
+        outln!("applied: {a}");
+    }
+    for r in &report.restart_needed {
+        outln!("changed, applies at the next restart: {r}");
+    }
+    for p in &report.problems {
+        eprintln!("berth: {p}");
+    }
+    let failed =
+        !report.problems.is_empty() || report.certificates.iter().any(|c| c.error.is_some());
+    if failed {
+        return Err("the reload was not complete (see above); what is in use did not change where it failed".into());
+    }
+    Ok(())
 }
 
 /// `berth check-config`: every problem at once, then the effective config.
@@ -365,7 +411,7 @@ fn check_config(path: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Ex
     let mut problems = config.problems();
     for l in &config.listen {
         if let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) {
-            if let Err(e) = crate::http::server::tls_acceptor(cert, key) {
+            if let Err(e) = crate::http::tls::CertFiles::load(cert, key) {
                 problems.push(format!("listen {}: {e}", l.addr));
             }
         }
@@ -403,15 +449,35 @@ fn init_logging(filter: &str, format: crate::config::LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // A reload may change the filter (not the format).
+    fn hook<L, S>(handle: tracing_subscriber::reload::Handle<L, S>) -> crate::reload::LogFilterHook
+    where
+        L: From<tracing_subscriber::EnvFilter> + Send + Sync + 'static,
+        S: Send + Sync + 'static,
+    {
+        Box::new(move |filter: &str| {
+            let parsed =
+                tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+            handle.reload(parsed).map_err(|e| e.to_string())
+        })
+    }
     match format {
-        crate::config::LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        crate::config::LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        crate::config::LogFormat::Text => {
+            let builder = builder
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter_reloading();
+            crate::reload::set_log_filter_hook(hook(builder.reload_handle()));
+            builder.init()
+        }
+        crate::config::LogFormat::Json => {
+            let builder = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_filter_reloading();
+            crate::reload::set_log_filter_hook(hook(builder.reload_handle()));
+            builder.init()
+        }
     }
 }
 
@@ -437,7 +503,7 @@ fn serve(config: Config) -> Result<(), String> {
         }
         outln!("berth ready");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        wait_for_signal().await?;
+        wait_for_signal(server.app()).await?;
         tracing::info!("shutting down: no new connections, finishing open requests");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         server.shutdown().await;
@@ -446,15 +512,25 @@ fn serve(config: Config) -> Result<(), String> {
     })
 }
 
-async fn wait_for_signal() -> Result<(), String> {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads meanwhile.
+async fn wait_for_signal(app: &Arc<crate::App>) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                let report = crate::reload::reload(app).await;
+                tracing::info!(applied = ?report.applied, restart_needed = ?report.restart_needed, problems = ?report.problems, "reload done");
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            }
+        }
     }
-    Ok(())
 }
 
 fn err(e: impl std::fmt::Display) -> String {

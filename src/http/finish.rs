@@ -93,8 +93,8 @@ impl Drop for Finish {
         if let Some(reason) = aborted {
             crate::metrics::response_aborted(reason);
         }
-        // Milliseconds with microsecond precision.
-        let ms = elapsed.as_micros() as f64 / 1000.0;
+        // An integer (a float prints as 0.08700000000000001 and parses differently per tool).
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let (request_id, peer, user, method) =
             (&self.request_id, self.peer, &self.user, &self.method);
         let (path, status, bytes, cache) =
@@ -103,16 +103,16 @@ impl Drop for Finish {
         let aborted = aborted.unwrap_or("");
         match &self.error {
             Some((e, true)) => tracing::error!(
-                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, ms, cache, aborted, error = %e, "request failed"
+                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, us, cache, aborted, error = %e, "request failed"
             ),
             Some((e, false)) => tracing::info!(
-                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, ms, cache, aborted, error = %e, "request refused"
+                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, us, cache, aborted, error = %e, "request refused"
             ),
             None if !aborted.is_empty() => tracing::info!(
-                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, ms, cache, aborted, "request cut short"
+                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, us, cache, aborted, "request cut short"
             ),
             None => tracing::info!(
-                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, ms, cache, "request"
+                request_id, %peer, user, %method, path, ns, user_agent, status, bytes, us, cache, "request"
             ),
         }
     }

@@ -8,3 +8,4 @@ pub mod h1;
 pub mod req;
 pub mod router;
 pub mod server;
+pub mod tls;

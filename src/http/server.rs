@@ -35,6 +35,8 @@ pub struct Bound {
     pub addr: SocketAddr,
     /// TLS acceptor when the listener has a certificate.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// That certificate, re-read on reload.
+    pub cert: Option<Arc<super::tls::CertFiles>>,
     /// Public or private.
     pub exposure: Exposure,
     /// Private listeners: networks allowed to connect (empty: any).
@@ -61,47 +63,20 @@ pub async fn bind(l: &Listen) -> Result<Bound, String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", l.addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let tls = match (&l.tls_cert, &l.tls_key) {
-        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+    let cert = match (&l.tls_cert, &l.tls_key) {
+        (Some(cert), Some(key)) => Some(super::tls::CertFiles::load(cert, key)?),
         _ => None,
     };
+    let tls = cert.as_ref().map(|c| c.acceptor()).transpose()?;
     Ok(Bound {
         listener,
         addr,
         tls,
+        cert,
         exposure: l.exposure,
         allow: l.allow.clone(),
         sendfile: l.sendfile,
     })
-}
-
-/// The TLS acceptor of a certificate chain and its key (PEM files), or why they are unusable.
-pub fn tls_acceptor(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use tokio_rustls::rustls;
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert)
-            .map_err(|e| format!("cannot read tls_cert {}: {e}", cert.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(|e| format!("bad certificate in {}: {e}", cert.display()))?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key)
-            .map_err(|e| format!("cannot read tls_key {}: {e}", key.display()))?,
-    ))
-    .map_err(|e| format!("bad key in {}: {e}", key.display()))?
-    .ok_or_else(|| format!("no private key in {}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key do not match: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Accepts connections until `stop` flips, then lets open connections finish within `grace`.

@@ -250,6 +250,5 @@ pub async fn store(
             let (Missing::Blob(d) | Missing::Manifest(d)) = missing;
             Error::ManifestBlobUnknown(d.to_string())
         })?;
-    app.store.meta.flush().await?;
     Ok(())
 }

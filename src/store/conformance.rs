@@ -97,6 +97,10 @@ async fn reads_of_committed_blobs(store: &dyn BlobStore) {
     );
     assert!(store.stat(&d).await.unwrap().is_none());
     assert!(store.read(&d, 0, None).await.unwrap().is_none());
+    // Put again after a delete: stored again (a backend remembering its puts forgets deletes).
+    store.put(&d, content.clone()).await.unwrap();
+    assert_eq!(store.stat(&d).await.unwrap().unwrap().size, 10);
+    assert!(store.delete(&d).await.unwrap());
 }
 
 async fn writes_are_invisible_until_committed(store: &dyn BlobStore) {

@@ -27,7 +27,14 @@ use crate::oci::digest::{Algorithm, Digest};
 /// Blob store on a local filesystem.
 pub struct FsBlobStore {
     layout: Arc<Layout>,
+    /// Digests `put` stored or found here, and not deleted since: putting the same small blob
+    /// again (a manifest pushed under another tag) is then answered without a trip to the
+    /// blocking pool.
+    known: moka::sync::Cache<Digest, ()>,
 }
+
+/// Digests remembered by `put` (about 100 bytes each).
+const KNOWN_PUTS: u64 = 100_000;
 
 struct Layout {
     blobs: PathBuf,
@@ -149,6 +156,7 @@ impl FsBlobStore {
         }
         Ok(FsBlobStore {
             layout: Arc::new(layout),
+            known: moka::sync::Cache::new(KNOWN_PUTS),
         })
     }
 
@@ -311,7 +319,11 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn put(&self, digest: &Digest, bytes: Bytes) -> io::Result<()> {
+        if self.known.contains_key(digest) {
+            return Ok(());
+        }
         if self.stat(digest).await?.is_some() {
+            self.known.insert(digest.clone(), ());
             return Ok(());
         }
         let (mut w, _) = self
@@ -322,12 +334,20 @@ impl BlobStore for FsBlobStore {
             let _ = w.abort().await;
             return Err(e);
         }
-        w.commit(digest).await
+        w.commit(digest).await?;
+        self.known.insert(digest.clone(), ());
+        Ok(())
     }
 
     async fn delete(&self, digest: &Digest) -> io::Result<bool> {
+        // Forgotten before and after the removal: a put racing it stats the file again. (A put
+        // that found the file just before it went is the race any check-then-skip has; the
+        // collector that deletes blobs must not race pushes of what it deletes.)
+        self.known.invalidate(digest);
         let path = self.layout.blob(digest);
-        blocking(move || Ok(not_found(fs::remove_file(path))?.is_some())).await
+        let removed = blocking(move || Ok(not_found(fs::remove_file(path))?.is_some())).await;
+        self.known.invalidate(digest);
+        removed
     }
 
     async fn list(
@@ -337,6 +357,7 @@ impl BlobStore for FsBlobStore {
     ) -> io::Result<Vec<(Digest, BlobInfo)>> {
         let me = FsBlobStore {
             layout: self.layout.clone(),
+            known: self.known.clone(),
         };
         let after = after.cloned();
         blocking(move || me.list_blobs(after.as_ref(), limit)).await
@@ -388,6 +409,7 @@ impl BlobStore for FsBlobStore {
     async fn list_pending(&self, kind: PendingKind) -> io::Result<Vec<PendingInfo>> {
         let me = FsBlobStore {
             layout: self.layout.clone(),
+            known: self.known.clone(),
         };
         blocking(move || me.list_pending_now(kind)).await
     }

@@ -10,6 +10,8 @@ pub struct BerthProcess {
     child: Option<Child>,
     /// `127.0.0.1:PORT` of the first listener.
     pub addr: String,
+    /// `127.0.0.1:PORT` of the first TLS listener, if any.
+    pub tls_addr: Option<String>,
     /// Directory holding `config.toml` and `data/`.
     pub dir: PathBuf,
 }
@@ -40,24 +42,28 @@ impl BerthProcess {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut addr = None;
+            let (mut addr, mut tls) = (None, None);
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.strip_prefix("berth listening on http://") {
                     addr.get_or_insert_with(|| rest.trim().to_string());
                 }
+                if let Some(rest) = line.strip_prefix("berth listening on https://") {
+                    tls.get_or_insert_with(|| rest.trim().to_string());
+                }
                 if line.trim() == "berth ready" {
-                    let _ = tx.send(addr.take());
+                    let _ = tx.send((addr.take(), tls.take()));
                 }
             }
         });
-        let addr = rx
+        let (addr, tls_addr) = rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("berth did not print `berth ready` within 30 s")
-            .expect("berth printed no plain-http listener");
+            .expect("berth did not print `berth ready` within 30 s");
+        let addr = addr.expect("berth printed no plain-http listener");
         BerthProcess {
             child: Some(child),
             addr,
+            tls_addr,
             dir: dir.to_path_buf(),
         }
     }
@@ -77,6 +83,16 @@ impl BerthProcess {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGHUP (reload) without waiting.
+    pub fn signal_hup(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-HUP")
+                .arg(c.id().to_string())
+                .status();
         }
     }
 

@@ -450,7 +450,8 @@ pub trait MetaStore: Send + Sync + 'static {
     /// repository holds everything in `refers` (answering the first thing missing and writing
     /// nothing), then writes the catalog entry, the artifact (the first push time of an
     /// artifact pushed again is kept), the referrer entry and last the optional tag. The check
-    /// and the writes are one step so that nothing removed meanwhile is referred to.
+    /// and the writes are one step so that nothing removed meanwhile is referred to. Durable
+    /// when it returns (no `flush` needed after it).
     async fn put_artifact(
         &self,
         repo: &str,

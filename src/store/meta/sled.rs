@@ -3,6 +3,7 @@
 //! locks), never on a worker; flushes share one group commit.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,7 +103,8 @@ pub struct SledMeta {
 /// The sled database and its trees, with synchronous (blocking) operations.
 struct Trees {
     db: sled::Db,
-    /// Group commit: writes announced, writes known durable, one flusher at a time.
+    /// Group commit: flush requests announced (each after its writes), how many of them a flush
+    /// covered, one flusher at a time.
     announced: std::sync::atomic::AtomicU64,
     durable: std::sync::atomic::AtomicU64,
     flusher: tokio::sync::Mutex<()>,
@@ -130,6 +132,20 @@ struct Trees {
 const REPO_LOCK_STRIPES: usize = 64;
 
 impl SledMeta {
+    /// Waits until the flush request `mine` is covered, flushing (on the blocking pool) when
+    /// no flush under way covers it.
+    async fn flushed(&self, mine: u64) -> MetaResult<()> {
+        let trees = &self.inner;
+        let _turn = trees.flusher.lock().await;
+        if trees.durable.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        let target = trees.announced.load(Ordering::Acquire);
+        self.run(|t| Ok(t.db.flush()?)).await?;
+        trees.durable.store(target, Ordering::Release);
+        Ok(())
+    }
+
     /// Opens (creating) `DATA/meta`, after taking the data directory's lock.
     pub fn open(data_dir: &std::path::Path) -> MetaResult<SledMeta> {
         Ok(SledMeta {
@@ -150,6 +166,27 @@ impl SledMeta {
 }
 
 impl Trees {
+    /// Announces a flush request (after the caller's writes); [`SledMeta::flushed`] waits for it.
+    fn announce(&self) -> u64 {
+        self.announced.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Announces a flush request and, when no flush is under way, flushes right here on the
+    /// blocking thread that just wrote: a manifest push then costs one trip to the blocking
+    /// pool instead of two, and concurrent pushes still share a flush (they find it under way
+    /// and wait for the next).
+    fn flush_if_idle(&self) -> MetaResult<u64> {
+        let mine = self.announce();
+        if let Ok(_turn) = self.flusher.try_lock() {
+            if self.durable.load(Ordering::Acquire) < mine {
+                let target = self.announced.load(Ordering::Acquire);
+                self.db.flush()?;
+                self.durable.store(target, Ordering::Release);
+            }
+        }
+        Ok(mine)
+    }
+
     /// Opens (creating) `DATA/meta`.
     fn open(data_dir: &std::path::Path) -> MetaResult<Trees> {
         // Before anything in the directory is read or changed (the blob store empties its temp
@@ -729,17 +766,8 @@ impl MetaStore for SledMeta {
     /// it deadlocks under concurrent writers (sled issue 1308); a blocking flush on the
     /// blocking pool does not.
     async fn flush(&self) -> MetaResult<()> {
-        use std::sync::atomic::Ordering;
-        let trees = &self.inner;
-        let mine = trees.announced.fetch_add(1, Ordering::AcqRel) + 1;
-        let _turn = trees.flusher.lock().await;
-        if trees.durable.load(Ordering::Acquire) >= mine {
-            return Ok(());
-        }
-        let target = trees.announced.load(Ordering::Acquire);
-        self.run(|t| Ok(t.db.flush()?)).await?;
-        trees.durable.store(target, Ordering::Release);
-        Ok(())
+        let mine = self.inner.announce();
+        self.flushed(mine).await
     }
 
     async fn put_registry(&self, record: &RegistryRecord) -> MetaResult<()> {
@@ -848,17 +876,21 @@ impl MetaStore for SledMeta {
     ) -> MetaResult<Result<(), Missing>> {
         let (repo, digest, record) = (repo.to_owned(), digest.clone(), record.clone());
         let (tag, referrer, refers) = (tag.map(str::to_owned), referrer.cloned(), refers.clone());
-        self.run(move |t| {
-            t.put_artifact(
-                &repo,
-                &digest,
-                &record,
-                tag.as_deref(),
-                referrer.as_ref(),
-                &refers,
-            )
-        })
-        .await
+        let (put, mine) = self
+            .run(move |t| {
+                let put = t.put_artifact(
+                    &repo,
+                    &digest,
+                    &record,
+                    tag.as_deref(),
+                    referrer.as_ref(),
+                    &refers,
+                )?;
+                Ok((put, t.flush_if_idle()?))
+            })
+            .await?;
+        self.flushed(mine).await?;
+        Ok(put)
     }
 
     async fn artifact(&self, repo: &str, digest: &Digest) -> MetaResult<Option<ArtifactRecord>> {
