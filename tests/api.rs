@@ -1390,6 +1390,7 @@ async fn every_answer_is_what_openapi_documents() {
         "/cache/prune".into(),
         Some(json!({"dry_run": true}))
     );
+    call!(Method::POST, "/reload", "/reload".into(), None);
 
     call!(
         Method::POST,
