@@ -139,6 +139,33 @@ async fn image_cache_lifecycle_prefetch_stats_and_prune() {
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["blobs"], 2);
     assert_eq!(report["bytes"], 300_002);
+    assert_eq!(report["digest"], sha256(&manifest).as_str());
+    assert!(report["seconds"].is_number() && report.get("error").is_none());
+    // Without a terminal: one line per reference (digest, bytes, seconds), each failure on
+    // stderr with its reason; --json prints failures too. (Before, a progress bar with no
+    // terminal printed nothing at all.)
+    let prefetch = |extra: &[&str]| {
+        let mut args = vec!["cache", "prefetch", "--server", edge.url().leak()];
+        args.extend_from_slice(extra);
+        args.extend(["hub/library/app:v1", "hub/library/nothing:v1"]);
+        berth(&data, &args)
+    };
+    let (ok, out, e) = prefetch(&[]);
+    assert!(!ok, "{out}{e}");
+    let line = format!("hub/library/app:v1 {} 300002 bytes ", sha256(&manifest));
+    assert!(out.starts_with(&line) && out.lines().count() == 1, "{out}");
+    assert!(
+        e.contains("hub/library/nothing:v1 failed") && e.contains("404"),
+        "{e}"
+    );
+    let (ok, out, _) = prefetch(&["--json"]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!ok && lines.len() == 2, "{out}");
+    assert_eq!(lines[1]["reference"], "hub/library/nothing:v1");
+    assert!(lines[1]["error"].as_str().unwrap().contains("404"), "{out}");
     drop(upstream);
     let r = client
         .get(format!("{}/v2/hub/library/app/manifests/v1", edge.url()))
@@ -167,19 +194,64 @@ async fn image_cache_lifecycle_prefetch_stats_and_prune() {
         "{stats}"
     );
     assert!(stats["hit_ratio"].as_f64().unwrap() > 0.3, "{stats}");
-    assert_eq!(stats["bytes_saved"], 300_000, "{stats}");
+    // The layer GET above, plus the two prefetches after the first (both from the cache).
+    assert_eq!(stats["bytes_saved"], 300_000 + 2 * 300_002, "{stats}");
     assert!(edge.terminate());
 
-    // Prune offline: nothing is old enough by default; everything when asked.
+    // Prune offline: nothing is old enough by default; everything when asked. A dry run names
+    // the tags it would remove.
     let (ok, out, e) = berth(&data, &["cache", "prune", "--dry-run"]);
     assert!(ok && out.contains("would remove 0 artifacts"), "{out}{e}");
+    let (ok, out, e) = berth(
+        &data,
+        &["cache", "prune", "--dry-run", "--unpulled-for", "0s"],
+    );
+    assert!(
+        ok && out.contains("would remove hub/library/app@") && out.contains("(tags v1;"),
+        "{out}{e}"
+    );
     let (ok, out, e) = berth(&data, &["cache", "prune", "--unpulled-for", "0s", "--json"]);
     assert!(ok, "{e}");
     let pruned: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(pruned["artifacts"].as_array().unwrap().len(), 1, "{pruned}");
     // berth serve's own config says gc_grace = 0s; the CLI here runs on defaults (1 h grace),
-    // so the freshly written blobs stay.
+    // so the freshly written blobs stay, and the report says so.
     assert_eq!(pruned["blobs"].as_array().unwrap().len(), 0, "{pruned}");
+    assert!(pruned["kept_for_grace"].as_u64().unwrap() >= 2, "{pruned}");
+    let (ok, out, e) = berth(&data, &["cache", "prune", "--dry-run", "--grace", "1h"]);
+    assert!(
+        ok && out.contains("younger than the grace period"),
+        "{out}{e}"
+    );
+    let (ok, out, e) = berth(&data, &["cache", "prune", "--grace", "0s", "--json"]);
+    assert!(ok, "{e}");
+    let pruned: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(pruned["blobs"].as_array().unwrap().len() >= 2, "{pruned}");
+    assert_eq!(pruned["kept_for_grace"], 0, "{pruned}");
+}
+
+/// `--server` without a scheme, and a server that is not there, are named as such.
+#[test]
+fn server_errors_name_their_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (ok, _, e) = berth(&data, &["--server", "127.0.0.1:5000", "registry", "list"]);
+    assert!(
+        !ok && e.contains("not an http:// or https:// URL") && e.contains("http://127.0.0.1:5000"),
+        "{e}"
+    );
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = format!("http://127.0.0.1:{port}");
+    let (ok, _, e) = berth(&data, &["--server", &server, "registry", "list"]);
+    assert!(
+        !ok && e.to_lowercase().contains("connection refused"),
+        "{e}"
+    );
 }
 
 /// The value after `label` on a line of `berth key create` output.

@@ -215,7 +215,10 @@ pub async fn prune(ctx: &Ctx<'_>, body: Prune) -> Result<Response<Body>> {
     // Pull times are batched in memory; a pull just now must count.
     app.store.pulls.flush(&*app.store.meta).await?;
     let busy = app.cache.fetches.inflight_digests();
-    let gc_grace = app.config.pull_through.gc_grace;
+    let gc_grace = match &body.grace {
+        Some(t) => duration("grace", t)?,
+        None => app.config.pull_through.gc_grace,
+    };
     let report = crate::cache::sweep::sweep(&app.store, age, gc_grace, &busy, dry_run).await?;
     if !dry_run {
         crate::cache::sweep::announce(&ctx.app.events, &report);

@@ -270,6 +270,10 @@ pub struct Prune {
     /// Age since the last pull, e.g. `7d` (default: `pull_through.cleanup_unpulled_after`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unpulled_for: Option<String>,
+    /// Unreferenced blobs younger than this are kept, e.g. `10m` (default:
+    /// `pull_through.gc_grace`; an upload or fetch may be about to reference them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace: Option<String>,
 }
 
 /// Answer of `POST /cache/prune`: what was (or, dry, would be) removed.
@@ -283,6 +287,10 @@ pub struct PruneReport {
     pub bytes: u64,
     /// Whether nothing was removed.
     pub dry_run: bool,
+    /// Unreferenced blobs kept because they are younger than the grace period.
+    pub kept_for_grace: usize,
+    /// Bytes of those.
+    pub kept_for_grace_bytes: u64,
 }
 
 /// An artifact in a [`PruneReport`].
@@ -331,6 +339,8 @@ impl PruneReport {
                 .collect(),
             bytes: report.bytes(),
             dry_run,
+            kept_for_grace: report.kept_young.0,
+            kept_for_grace_bytes: report.kept_young.1,
         }
     }
 }
@@ -624,6 +634,7 @@ mod tests {
                 1_700_000_000_000,
             )],
             blobs: vec![("sha256:cd".into(), 7), ("sha256:ef".into(), 5)],
+            kept_young: (1, 3),
         };
         same_bytes(
             &PruneReport::of(&report, true),
@@ -632,7 +643,7 @@ mod tests {
                 "artifacts": [{ "repository": "hub/a", "digest": "sha256:ab", "tags": ["v1"],
                     "last_pull": rfc3339(1_700_000_000_000) }],
                 "blobs": [{ "digest": "sha256:cd", "size": 7 }, { "digest": "sha256:ef", "size": 5 }],
-                "bytes": 12,
+                "bytes": 12, "kept_for_grace": 1, "kept_for_grace_bytes": 3,
             }),
         );
 
@@ -897,7 +908,8 @@ mod tests {
         assert_eq!(
             keys(&Prune {
                 dry_run: true,
-                unpulled_for: Some("1d".into())
+                unpulled_for: Some("1d".into()),
+                grace: Some("10m".into()),
             }),
             schema("Prune")
         );

@@ -17,6 +17,8 @@ pub struct SweepReport {
     pub artifacts: Vec<(String, String, Vec<String>, u64)>,
     /// Blobs: digest and size.
     pub blobs: Vec<(String, u64)>,
+    /// Unreferenced blobs kept because they are younger than the grace period: count, bytes.
+    pub kept_young: (usize, u64),
 }
 
 impl SweepReport {
@@ -88,6 +90,15 @@ pub async fn sweep(
                 continue;
             }
             let mut kept = HashSet::new();
+            // A dry run names the tags a removal would take (a real one gets them from it).
+            let mut tags_of: std::collections::HashMap<Digest, Vec<String>> = Default::default();
+            if dry_run {
+                for tag in meta.tags(&repo, None, usize::MAX).await? {
+                    if let Some(d) = meta.tag(&repo, &tag).await? {
+                        tags_of.entry(d).or_default().push(tag);
+                    }
+                }
+            }
             for (digest, record) in artifacts {
                 let last = meta
                     .last_pull(&repo, &digest)
@@ -99,7 +110,7 @@ pub async fn sweep(
                     continue;
                 }
                 let tags = if dry_run {
-                    Vec::new()
+                    tags_of.remove(&digest).unwrap_or_default()
                 } else {
                     meta.delete_artifact(&repo, &digest)
                         .await?
@@ -134,6 +145,8 @@ pub async fn sweep(
             }
             let young = now.duration_since(info.modified).unwrap_or_default() < gc_grace;
             if young {
+                report.kept_young.0 += 1;
+                report.kept_young.1 += info.size;
                 continue;
             }
             if !dry_run {

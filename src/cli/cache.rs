@@ -80,6 +80,10 @@ pub enum CacheCommand {
         /// Age since the last pull (default: pull_through.cleanup_unpulled_after).
         #[arg(long, value_parser = humantime::parse_duration)]
         unpulled_for: Option<Duration>,
+        /// Keep unreferenced blobs younger than this (default: pull_through.gc_grace; `0s`
+        /// removes them all, including what an upload in progress may be about to use).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<Duration>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -132,11 +136,14 @@ pub fn run(place: &Place, cmd: CacheCommand) -> Result<(), String> {
         CacheCommand::Prune {
             dry_run,
             unpulled_for,
+            grace,
             json,
         } => {
+            let human = |d: Duration| humantime::format_duration(d).to_string();
             let body = Prune {
                 dry_run,
-                unpulled_for: unpulled_for.map(|d| humantime::format_duration(d).to_string()),
+                unpulled_for: unpulled_for.map(human),
+                grace: grace.map(human),
             };
             let report: PruneReport = place.send(Method::POST, "/cache/prune", &body)?;
             print_prune(&report, json)?;
@@ -204,8 +211,13 @@ fn print_prune(report: &PruneReport, json: bool) -> Result<(), String> {
         "removed"
     };
     for a in &report.artifacts {
+        let tags = if a.tags.is_empty() {
+            "no tag".to_string()
+        } else {
+            format!("tags {}", a.tags.join(", "))
+        };
         outln!(
-            "{verb} {}@{} (last pulled {})",
+            "{verb} {}@{} ({tags}; last pulled {})",
             a.repository,
             a.digest,
             a.last_pull
@@ -217,6 +229,13 @@ fn print_prune(report: &PruneReport, json: bool) -> Result<(), String> {
         report.blobs.len(),
         report.bytes
     );
+    if report.kept_for_grace > 0 {
+        outln!(
+            "kept {} unreferenced blobs ({} bytes) younger than the grace period (--grace)",
+            report.kept_for_grace,
+            report.kept_for_grace_bytes
+        );
+    }
     Ok(())
 }
 
@@ -251,7 +270,10 @@ fn prefetch(
     json: bool,
 ) -> Result<(), String> {
     let url = place.server_url();
-    let bar = if json {
+    // A progress bar only for a person at a terminal; scripts and logs get one line per
+    // reference (and --json one JSON object per reference, failures included).
+    let live = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = if !live {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(0).with_style(
@@ -265,22 +287,27 @@ fn prefetch(
     let mut failed = 0;
     for r in references {
         bar.set_message(r.clone());
-        match place
+        let started = std::time::Instant::now();
+        let result = place
             .rt
-            .block_on(super::prefetch::prefetch(&url, r, platform, &bar))
-        {
-            Ok(rep) if json => outln!(
-                "{}",
-                serde_json::to_string(&super::prefetch::ReportLine::of(r, &rep)).map_err(err)?
+            .block_on(super::prefetch::prefetch(&url, r, platform, &bar));
+        let line = super::prefetch::ReportLine::of(r, &result, started.elapsed().as_secs_f64());
+        failed += usize::from(result.is_err());
+        let text = match &result {
+            Ok(rep) => format!(
+                "{r} {} {} bytes {:.1}s ({} manifests, {} blobs)",
+                rep.digest, rep.bytes, line.seconds, rep.manifests, rep.blobs
             ),
-            Ok(rep) => bar.println(format!(
-                "{r}: {} manifests, {} blobs, {} bytes",
-                rep.manifests, rep.blobs, rep.bytes
-            )),
-            Err(e) => {
-                failed += 1;
-                bar.println(format!("{r}: failed: {e}"));
-            }
+            Err(e) => format!("{r} failed after {:.1}s: {e}", line.seconds),
+        };
+        if json {
+            outln!("{}", serde_json::to_string(&line).map_err(err)?);
+        } else if live {
+            bar.println(text);
+        } else if result.is_ok() {
+            outln!("{text}");
+        } else {
+            eprintln!("berth: {text}");
         }
     }
     bar.finish_and_clear();

@@ -94,6 +94,8 @@ impl Platform {
 /// What one prefetch did.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Report {
+    /// Digest of the reference's manifest (or index), as the server named it.
+    pub digest: String,
     /// Manifests fetched (indexes included).
     pub manifests: usize,
     /// Blobs fetched.
@@ -102,27 +104,51 @@ pub struct Report {
     pub bytes: u64,
 }
 
-/// One line of `berth cache prefetch --json`: a reference and what its prefetch did.
+/// One line of `berth cache prefetch --json`: a reference and what its prefetch did, or why
+/// it failed.
 #[derive(Debug, serde::Serialize)]
 pub struct ReportLine<'a> {
     /// Blobs fetched.
     pub blobs: usize,
     /// Blob bytes.
     pub bytes: u64,
+    /// Digest of the reference's manifest (absent when it could not be read).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub digest: &'a str,
+    /// Why it failed (absent when it did not).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
     /// Manifests fetched (indexes included).
     pub manifests: usize,
     /// The reference as given.
     pub reference: &'a str,
+    /// Seconds it took.
+    pub seconds: f64,
 }
 
 impl<'a> ReportLine<'a> {
-    /// The line of `reference`'s report.
-    pub fn of(reference: &'a str, report: &Report) -> ReportLine<'a> {
+    /// The line of `reference`'s prefetch, done or failed, after `seconds`.
+    pub fn of(
+        reference: &'a str,
+        result: &'a Result<Report, String>,
+        seconds: f64,
+    ) -> ReportLine<'a> {
+        let empty = Report::default();
+        let (report, error) = match result {
+            Ok(r) => (r, None),
+            Err(e) => (&empty, Some(e.as_str())),
+        };
         ReportLine {
             blobs: report.blobs,
             bytes: report.bytes,
+            digest: match result {
+                Ok(r) => r.digest.as_str(),
+                Err(_) => "",
+            },
+            error,
             manifests: report.manifests,
             reference,
+            seconds: (seconds * 1000.0).round() / 1000.0,
         }
     }
 }
@@ -143,14 +169,14 @@ async fn get_manifest(
     base: &str,
     repo: &str,
     reference: &str,
-) -> Result<Manifest, String> {
+) -> Result<(Manifest, String), String> {
     let url = format!("{base}/v2/{repo}/manifests/{reference}");
     let r = client
         .get(&url)
         .header("accept", ACCEPT)
         .send()
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| format!("{url}: {}", super::remote::cause_chain(&e)))?;
     if !r.status().is_success() {
         return Err(format!(
             "{url}: {} {}",
@@ -158,9 +184,17 @@ async fn get_manifest(
             r.text().await.unwrap_or_default()
         ));
     }
-    r.json()
+    let digest = r
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let manifest = r
+        .json()
         .await
-        .map_err(|e| format!("{url}: not a manifest: {e}"))
+        .map_err(|e| format!("{url}: not a manifest: {e}"))?;
+    Ok((manifest, digest))
 }
 
 /// Pulls every manifest and blob of `reference` (`CACHEREG/PATH:TAG`) through `base`.
@@ -177,7 +211,8 @@ pub async fn prefetch(
         .map_err(|e| e.to_string())?;
     let (repo, top) = split_reference(reference)?;
     let mut report = Report::default();
-    let root = get_manifest(&client, base, repo, top).await?;
+    let (root, digest) = get_manifest(&client, base, repo, top).await?;
+    report.digest = digest;
     report.manifests += 1;
     let images = match root.manifests {
         Some(children) => {
@@ -186,7 +221,7 @@ pub async fn prefetch(
                 .iter()
                 .filter(|c| platform.is_none_or(|p| p.matches(&c.platform)))
             {
-                images.push(get_manifest(&client, base, repo, &child.digest).await?);
+                images.push(get_manifest(&client, base, repo, &child.digest).await?.0);
                 report.manifests += 1;
             }
             if images.is_empty() {
@@ -209,7 +244,7 @@ pub async fn prefetch(
             .get(&url)
             .send()
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|e| format!("{url}: {}", super::remote::cause_chain(&e)))?;
         if !r.status().is_success() {
             return Err(format!("{url}: {}", r.status()));
         }

@@ -43,6 +43,7 @@ pub fn error_message(body: &[u8]) -> Option<String> {
 impl Remote {
     /// A client for the server at `base` (`http(s)://host:port`); `key` is (Access Key ID, Secret Key).
     pub fn new(base: &str, key: Option<(String, String)>) -> Result<Remote, String> {
+        check_server_url(base)?;
         let client = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .timeout(std::time::Duration::from_secs(300))
@@ -81,7 +82,7 @@ impl Remote {
         let r = req
             .send()
             .await
-            .map_err(|e| format!("cannot reach {}: {e}", self.base))?;
+            .map_err(|e| format!("cannot reach {}: {}", self.base, cause_chain(&e)))?;
         let status = r.status();
         let bytes = r.bytes().await.map_err(|e| e.to_string())?;
         if status.is_success() {
@@ -95,4 +96,31 @@ impl Remote {
         };
         Err(format!("{method} {url}: {status}: {message}{hint}"))
     }
+}
+
+/// `--server` must be a URL with its scheme (`127.0.0.1:5000` alone would otherwise be read as
+/// a URL whose scheme is `127.0.0.1`).
+pub fn check_server_url(base: &str) -> Result<(), String> {
+    match reqwest::Url::parse(base) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        _ => Err(format!(
+            "--server {base:?} is not an http:// or https:// URL: give the scheme, e.g. http://{}",
+            base.trim_start_matches("//")
+        )),
+    }
+}
+
+/// An error with every cause it wraps (reqwest's own text hides "connection refused").
+pub fn cause_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }

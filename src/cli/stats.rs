@@ -119,7 +119,7 @@ pub async fn fetch(server: &str) -> Result<CacheStats, String> {
     let url = format!("{}/metrics", server.trim_end_matches('/'));
     let text = reqwest::get(&url)
         .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?
+        .map_err(|e| format!("cannot reach {url}: {}", super::remote::cause_chain(&e)))?
         .text()
         .await
         .map_err(|e| e.to_string())?;
