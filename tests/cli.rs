@@ -1014,3 +1014,103 @@ fn the_first_admin_is_bootstrapped_through_a_running_server() {
     let (ok, out, e) = with_key(&["user", "create", "ci", "--role", "image_uploader"]);
     assert!(ok && out.contains("berth key create ci"), "{out}{e}");
 }
+
+/// The CLI has nouns for what the API already had: images, tags and webhooks (before, only
+/// curl against /api/v1 could list images, move a tag or manage webhooks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_tags_and_webhooks_from_the_cli() {
+    use common::doubles::{empty_body, LoopbackServer};
+    let receiver = LoopbackServer::start(|_req| async move {
+        http::Response::builder()
+            .status(200)
+            .body(empty_body())
+            .unwrap()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let server = BerthProcess::start_in(
+        dir.path(),
+        &format!("[[registry]]\nname = \"lib\"\n{HOOKS_TO_LOOPBACK}"),
+    );
+    let url = server.url();
+    let client = reqwest::Client::new();
+    let mut digests = Vec::new();
+    for data in [b"{}".to_vec(), b"layer".to_vec()] {
+        let d = sha256(&data);
+        let r = client
+            .post(format!("{url}/v2/lib/team/app/blobs/uploads/?digest={d}"))
+            .body(data.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        digests.push((d, data.len() as u64));
+    }
+    let manifest = image_manifest(&digests[0].0, digests[0].1, &digests[1].0, digests[1].1);
+    let r = client
+        .put(format!("{url}/v2/lib/team/app/manifests/v1"))
+        .header("content-type", OCI_MANIFEST)
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let digest = sha256(&manifest);
+    let data = dir.path().join("data");
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--server", url.as_str()];
+        all.extend_from_slice(args);
+        berth(&data, &all)
+    };
+
+    let (ok, out, e) = cli(&["image", "list", "lib", "--json"]);
+    assert!(ok, "{e}");
+    let images = json_of(&out);
+    assert_eq!(images[0]["name"], "team/app", "{out}");
+    assert_eq!(images[0]["tag_count"], 1, "{out}");
+    let (ok, out, e) = cli(&["tag", "set", "lib", "team/app", "stable", &digest]);
+    assert!(ok && out.contains("created tag stable"), "{out}{e}");
+    let (ok, out, e) = cli(&["tag", "list", "lib", "team/app"]);
+    assert!(
+        ok && out.contains("stable") && out.contains(&digest),
+        "{out}{e}"
+    );
+    let (ok, out, e) = cli(&["tag", "delete", "lib", "team/app", "v1"]);
+    assert!(ok && out.contains("deleted tag v1"), "{out}{e}");
+    let (ok, out, e) = cli(&["tag", "set", "lib", "team/app", "x", "sha256:00"]);
+    assert!(!ok, "{out}{e}");
+
+    let target = format!("{}/hook", receiver.url());
+    let (ok, out, e) = cli(&[
+        "webhook",
+        "create",
+        "lib",
+        "--name",
+        "ci",
+        "--target",
+        &target,
+        "--events",
+        "push_artifact,DELETE_TAG",
+    ]);
+    assert!(ok && out.contains("created webhook"), "{out}{e}");
+    let (ok, out, e) = cli(&["webhook", "list", "lib", "--json"]);
+    assert!(ok, "{e}");
+    let hooks = json_of(&out);
+    assert_eq!(
+        hooks[0]["events"],
+        serde_json::json!(["PUSH_ARTIFACT", "DELETE_TAG"])
+    );
+    let id = hooks[0]["id"].as_str().unwrap().to_string();
+    let (ok, out, e) = cli(&["webhook", "test", "lib", &id]);
+    assert!(ok && out.contains("HTTP 200"), "{out}{e}");
+    let (ok, out, e) = cli(&["webhook", "delete", "lib", &id]);
+    assert!(ok && out.contains("deleted webhook"), "{out}{e}");
+    let (ok, out, _) = cli(&["webhook", "list", "lib", "--json"]);
+    assert!(ok && json_of(&out) == serde_json::json!([]), "{out}");
+    let (ok, _, e) = cli(&[
+        "webhook", "create", "lib", "--name", "x", "--target", &target, "--events", "NOPE",
+    ]);
+    assert!(!ok && e.contains("not an event kind"), "{e}");
+
+    let (ok, out, e) = cli(&["image", "delete", "lib", "team/app"]);
+    assert!(ok && out.contains("deleted image lib/team/app"), "{out}{e}");
+}

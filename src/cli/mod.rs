@@ -14,12 +14,14 @@ macro_rules! outln {
 }
 
 mod cache;
+mod images;
 mod key;
 pub mod prefetch;
 mod registry;
 pub mod remote;
 pub mod stats;
 mod user;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +82,15 @@ enum Command {
     /// Manage users' access keys (the credentials of `docker login` and of --server).
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// List and delete images (repositories) of a registry.
+    #[command(subcommand)]
+    Image(images::ImageCommand),
+    /// List, set (create or move) and delete tags of an image without the Docker CLI.
+    #[command(subcommand)]
+    Tag(images::TagCommand),
+    /// Manage a registry's webhook policies (list, create, delete, send a test event).
+    #[command(subcommand)]
+    Webhook(webhooks::WebhookCommand),
     /// Check the config for everything `serve` would refuse (values, TLS files, image cache
     /// URLs, registry references, mirror rules); print the effective config as TOML with
     /// secrets redacted, every problem on stderr; exit 1 when there is one.
@@ -192,13 +203,30 @@ impl Place {
         self.exchange(method, path, Some(Bytes::from(body)))
     }
 
+    /// `METHOD /api/v1{path}` whose answer has no body (204).
+    pub fn call_no_content(&self, method: Method, path: &str) -> Result<(), String> {
+        self.answer(method, path, None).map(|_| ())
+    }
+
     fn exchange<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<Bytes>,
     ) -> Result<T, String> {
-        let (what, answer) = match &self.target {
+        let (what, answer) = self.answer(method.clone(), path, body)?;
+        serde_json::from_slice(&answer)
+            .map_err(|e| format!("{method} {what}: unexpected answer: {e}"))
+    }
+
+    /// What was called (for messages) and the bytes of a successful answer.
+    fn answer(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<(String, Bytes), String> {
+        Ok(match &self.target {
             Target::Remote(r) => (
                 r.url(path),
                 self.rt.block_on(r.call(method.clone(), path, body))?,
@@ -211,9 +239,7 @@ impl Place {
                         .block_on(local_call(&app, method.clone(), path, body))?,
                 )
             }
-        };
-        serde_json::from_slice(&answer)
-            .map_err(|e| format!("{method} {what}: unexpected answer: {e}"))
+        })
     }
 
     /// Every item of a paginated list.
@@ -348,6 +374,9 @@ pub fn main() -> ExitCode {
         Command::Cache(cmd) => place(config).and_then(|p| cache::run(&p, cmd)),
         Command::User(cmd) => place(config).and_then(|p| user::run(&p, cmd)),
         Command::Key(cmd) => place(config).and_then(|p| key::run(&p, cmd)),
+        Command::Image(cmd) => place(config).and_then(|p| images::run_image(&p, cmd)),
+        Command::Tag(cmd) => place(config).and_then(|p| images::run_tag(&p, cmd)),
+        Command::Webhook(cmd) => place(config).and_then(|p| webhooks::run(&p, cmd)),
         Command::Reload { json } => place(config).and_then(|p| reload(&p, json)),
         Command::Version { .. } | Command::Completions { .. } => Ok(()),
     };

@@ -69,7 +69,7 @@ impl WebhookPolicy {
 }
 
 /// A new policy, as posted to the API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSpec {
     /// Name, unique within the registry.
