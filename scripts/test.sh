@@ -24,6 +24,8 @@ need strip binutils
 need adduser adduser
 need systemd-analyze systemd
 need curl curl
+# tests/docs.rs runs the TLS guide's openssl commands.
+need openssl openssl
 if ((${#packages[@]})); then
   echo "installing test clients: ${packages[*]}"
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
