@@ -24,12 +24,29 @@ pub fn init() -> &'static PrometheusHandle {
         describe();
         metrics::gauge!("berth_build_info", "version" => VERSION, "commit" => COMMIT).set(1.0);
         metrics::gauge!("berth_process_start_time_seconds").set(
-            std::time::SystemTime::now()
+            process_start()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
         );
         handle
     })
+}
+
+static START: OnceLock<std::time::SystemTime> = OnceLock::new();
+
+/// When this process started serving (the first call of [`init`]): the
+/// `berth_process_start_time_seconds` gauge and the start time of `GET /api/v1/status`.
+pub fn process_start() -> std::time::SystemTime {
+    *START.get_or_init(std::time::SystemTime::now)
+}
+
+/// Bytes of the committed blobs at the last count (`u64::MAX`: not counted yet).
+static STORAGE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// The `berth_storage_bytes` figure last set, if it was counted yet.
+pub fn storage_bytes_counted() -> Option<u64> {
+    let n = STORAGE_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+    (n != u64::MAX).then_some(n)
 }
 
 /// berth's version.
@@ -160,6 +177,18 @@ fn describe() {
         "Token requests berth made to sources"
     );
     describe_counter!(
+        "berth_upstream_requests_total",
+        "Requests berth made to sources, by source (image cache name) and kind (manifest, blob, tags, token, ecr_auth, other)"
+    );
+    describe_counter!(
+        "berth_upstream_errors_total",
+        "Failed source requests, by source (image cache name) and kind (connect, timeout, 4xx (not 404), 5xx, digest_mismatch, auth, refused)"
+    );
+    describe_counter!(
+        "berth_cache_stale_total",
+        "Cached copies served because their source failed, by source (image cache name)"
+    );
+    describe_counter!(
         "berth_events_dropped_total",
         "Events dropped because the event queue was full"
     );
@@ -257,6 +286,7 @@ pub fn sendfile_bytes(n: u64) {
 
 /// Sets the bytes held by the blob store.
 pub fn storage_bytes(n: u64) {
+    STORAGE_BYTES.store(n, std::sync::atomic::Ordering::Relaxed);
     metrics::gauge!("berth_storage_bytes").set(n as f64);
 }
 

@@ -1384,6 +1384,11 @@ async fn every_answer_is_what_openapi_documents() {
         "/image-caches/up".into(),
         Some(json!({"revalidate_ttl": "30s"}))
     );
+    let status = call!(Method::GET, "/status", "/status".into(), None);
+    assert_eq!(
+        status.body["sources"][0]["name"], "up",
+        "the image cache is a source of the status"
+    );
     call!(
         Method::POST,
         "/cache/prune",

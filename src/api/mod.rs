@@ -6,6 +6,7 @@ pub mod caches;
 pub mod images;
 pub mod page;
 pub mod registries;
+pub mod status;
 pub mod users;
 pub mod views;
 
@@ -82,6 +83,7 @@ pub const ROUTES: &[ApiRoute] = &[
     r("/users/{name}/keys/{id}", &["DELETE"]),
     r("/cache/prune", &["POST"]),
     r("/reload", &["POST"]),
+    r("/status", &["GET"]),
     delegated("/registries/{registry}/webhooks", &["GET", "POST"]),
     delegated(
         "/registries/{registry}/webhooks/{id}",
@@ -209,6 +211,7 @@ pub async fn dispatch(
             ctx.check(crate::auth::Action::Manage(None))?;
             json(StatusCode::OK, &crate::reload::reload(ctx.app).await)
         }
+        ("/status", Method::GET) => status::get(&ctx).await,
         ("/users", Method::GET) => users::list(&ctx).await,
         ("/users", Method::POST) => users::create(&ctx, json_body(body).await?).await,
         ("/users/{name}", Method::GET) => users::get(&ctx, p(0)).await,

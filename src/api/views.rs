@@ -550,6 +550,109 @@ pub struct KeyRevoked {
     pub user: String,
 }
 
+/// Answer of `GET /status`: what this node runs and what its sources are doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// Git commit berth was built from.
+    pub commit: String,
+    /// How many of each thing the node holds.
+    pub counts: StatusCounts,
+    /// One entry per image cache, by name.
+    pub sources: Vec<SourceStatus>,
+    /// When the process started, RFC 3339.
+    pub started: String,
+    /// The data directory and its volume.
+    pub storage: StorageStatus,
+    /// Seconds since the start.
+    pub uptime_seconds: u64,
+    /// berth's version.
+    pub version: String,
+}
+
+/// Counts of `GET /status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusCounts {
+    /// Image caches (sources) defined.
+    pub image_caches: usize,
+    /// Registries (normal and cache).
+    pub registries: usize,
+    /// Users.
+    pub users: usize,
+}
+
+/// Storage of `GET /status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StorageStatus {
+    /// Bytes of the committed blobs at the last count (every 5 minutes; `null` before the
+    /// first).
+    pub blob_bytes: Option<u64>,
+    /// The data directory.
+    pub data_dir: String,
+    /// Bytes an unprivileged writer may still use on its volume (`limits.min_free_bytes` is
+    /// compared with this).
+    pub volume_free_bytes: u64,
+    /// Bytes used on its volume (by anything).
+    pub volume_used_bytes: u64,
+}
+
+/// One source in `GET /status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// Failed source requests since the last success.
+    pub consecutive_failures: u64,
+    /// Source kind.
+    pub kind: String,
+    /// The last failure (`null`: none since the start).
+    pub last_error: Option<SourceError>,
+    /// The last answer of the source, RFC 3339 with milliseconds (`null`: none since the
+    /// start).
+    pub last_success: Option<String>,
+    /// Whether the running server has built its source.
+    pub loaded: bool,
+    /// Image cache name.
+    pub name: String,
+    /// Source URL.
+    pub url: String,
+}
+
+/// The last failure of a source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceError {
+    /// When, RFC 3339 with milliseconds.
+    pub at: String,
+    /// `connect`, `timeout`, `4xx`, `5xx`, `digest_mismatch`, `auth` or `refused` (the `kind`
+    /// of `berth_upstream_errors_total`).
+    pub kind: String,
+    /// What happened.
+    pub message: String,
+}
+
+impl SourceStatus {
+    /// The status of image cache `c`, `loaded` or not, with its source's health.
+    pub fn of(
+        c: &ImageCacheConfig,
+        loaded: bool,
+        health: Option<&crate::cache::health::HealthSnapshot>,
+    ) -> SourceStatus {
+        let at = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+        SourceStatus {
+            consecutive_failures: health.map_or(0, |h| h.consecutive_failures),
+            kind: c.kind.to_string(),
+            last_error: health
+                .and_then(|h| h.last_error.as_ref())
+                .map(|e| SourceError {
+                    at: at(e.at),
+                    kind: e.kind.label().to_string(),
+                    message: e.message.clone(),
+                }),
+            last_success: health.and_then(|h| h.last_success).map(at),
+            loaded,
+            name: c.name.clone(),
+            url: c.url.clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -971,5 +1074,45 @@ mod tests {
             keys(&DeliveryList { items: vec![] }),
             schema("DeliveryList")
         );
+        let health = crate::cache::health::HealthSnapshot {
+            last_success: Some(std::time::SystemTime::now()),
+            last_error: Some(crate::cache::health::LastError {
+                at: std::time::SystemTime::now(),
+                kind: crate::cache::health::ErrorKind::Server,
+                message: "m".into(),
+            }),
+            consecutive_failures: 1,
+        };
+        let source = SourceStatus::of(
+            &ImageCacheConfig::new("c", crate::config::SourceKind::Registry, "https://r"),
+            true,
+            Some(&health),
+        );
+        assert_eq!(keys(&source), schema("SourceStatus"));
+        assert_eq!(
+            keys(source.last_error.as_ref().unwrap()),
+            schema("SourceError")
+        );
+        let status = StatusView {
+            commit: "c".into(),
+            counts: StatusCounts {
+                image_caches: 1,
+                registries: 1,
+                users: 0,
+            },
+            sources: vec![source],
+            started: "s".into(),
+            storage: StorageStatus {
+                blob_bytes: None,
+                data_dir: "d".into(),
+                volume_free_bytes: 0,
+                volume_used_bytes: 0,
+            },
+            uptime_seconds: 0,
+            version: "v".into(),
+        };
+        assert_eq!(keys(&status), schema("Status"));
+        assert_eq!(keys(&status.counts), schema("StatusCounts"));
+        assert_eq!(keys(&status.storage), schema("StorageStatus"));
     }
 }

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::{mpsc, watch};
 
+use super::health::ErrorKind;
 use super::upstream::{Source, UpstreamError, UpstreamRequest};
 use crate::http::body::{Body, READ_CHUNK};
 use crate::oci::digest::{Digest, Verifier};
@@ -503,6 +504,7 @@ impl Job {
         match outcome {
             Ok(()) => {
                 tracing::info!(digest = %self.fetch.digest, cache = %self.source.name(), bytes = fetched, "blob cached");
+                self.source.record_success();
                 self.fetch.progress.send_modify(|p| p.phase = Phase::Done);
                 self.fetches.finish(&self.fetch.digest);
             }
@@ -540,6 +542,7 @@ impl Job {
         };
         let response = match self.source.send(&req, deadline).await {
             Ok(r) => r,
+            // Counted and kept in the source's health by `send`.
             Err(e) if e.is_transient() => return Ended::Retry(e),
             Err(e) => return Ended::Fatal(e.to_string(), e.is_not_found()),
         };
@@ -558,10 +561,9 @@ impl Job {
             match total {
                 Some(t) => Some(t),
                 None => {
-                    return Ended::Fatal(
-                        "source answered Range with an unexpected Content-Range".into(),
-                        false,
-                    )
+                    let why = "source answered Range with an unexpected Content-Range";
+                    self.source.record_failure(ErrorKind::Refused, why);
+                    return Ended::Fatal(why.into(), false);
                 }
             }
         } else {
@@ -593,17 +595,34 @@ impl Job {
         loop {
             let chunk = match tokio::time::timeout_at(deadline.into(), response.chunk()).await {
                 Err(_) => {
+                    self.source.record_failure(
+                        ErrorKind::Timeout,
+                        &format!(
+                            "blob {} not received within the fetch budget",
+                            self.fetch.digest
+                        ),
+                    );
                     return match self.flush(&mut buf).await {
                         Ok(()) => Ended::Budget,
                         Err(e) => Ended::Fatal(e, false),
                     };
                 }
                 Ok(Err(e)) => {
+                    let timed_out = e.is_timeout();
+                    let text = format!(
+                        "blob {} body: {}",
+                        self.fetch.digest,
+                        super::upstream::error_chain(&e.without_url())
+                    );
+                    let broken = if timed_out {
+                        UpstreamError::TimedOut(text)
+                    } else {
+                        UpstreamError::Unreachable(text)
+                    };
+                    self.source.record_error(&broken);
                     let flushed = self.flush(&mut buf).await;
                     return match flushed {
-                        Ok(()) => Ended::Retry(UpstreamError::Unreachable(
-                            super::upstream::error_chain(&e.without_url()),
-                        )),
+                        Ok(()) => Ended::Retry(broken),
                         Err(e) => Ended::Fatal(e, false),
                     };
                 }
@@ -626,13 +645,12 @@ impl Job {
             if received > self.cap {
                 let _ = self.settle().await;
                 metrics::counter!("berth_cache_oversized_fetches_total").increment(1);
-                return Ended::Fatal(
-                    format!(
-                        "source sent more than {} bytes for {}: stopped and discarded",
-                        self.cap, self.fetch.digest
-                    ),
-                    false,
+                let why = format!(
+                    "source sent more than {} bytes for {}: stopped and discarded",
+                    self.cap, self.fetch.digest
                 );
+                self.source.record_failure(ErrorKind::Refused, &why);
+                return Ended::Fatal(why, false);
             }
             buf.push(chunk);
             // Hand a piece to the writer and keep reading the source while it is written and
@@ -689,7 +707,12 @@ impl Job {
         if let Some(size) = p.size {
             if p.written != size {
                 self.discard().await;
-                return Err(format!("source sent {} bytes of {size}", p.written));
+                let why = format!(
+                    "source sent {} bytes of {size} for {}",
+                    p.written, self.fetch.digest
+                );
+                self.source.record_failure(ErrorKind::Connect, &why);
+                return Err(why);
             }
         }
         let write = self.pipe.take().map_err(|e| e.to_string())?;
@@ -698,10 +721,12 @@ impl Job {
             self.pipe = Pipeline::new(write);
             self.discard().await;
             metrics::counter!("berth_cache_digest_mismatches_total").increment(1);
-            return Err(format!(
+            let why = format!(
                 "source sent content with digest {actual}, not {}: discarded",
                 self.fetch.digest
-            ));
+            );
+            self.source.record_failure(ErrorKind::DigestMismatch, &why);
+            return Err(why);
         }
         self.fetch.progress.send_modify(|p| p.verified = true);
         if let Err(e) = write.inner.commit(&self.fetch.digest).await {

@@ -3,6 +3,7 @@
 
 pub mod credentials;
 pub mod fetch;
+pub mod health;
 pub mod serve;
 pub mod sweep;
 pub mod upstream;
@@ -45,6 +46,8 @@ pub struct Cache {
     /// Registry names interned for metric labels.
     labels: parking_lot::Mutex<HashMap<String, &'static str>>,
     mirror: Option<String>,
+    /// What each image cache's source is doing, kept across rebuilds of its source.
+    health: parking_lot::Mutex<HashMap<String, Arc<health::Health>>>,
 }
 
 /// Where a request with a repository name goes.
@@ -95,6 +98,7 @@ impl Cache {
                 .build(),
             labels: Default::default(),
             mirror: config.mirror.registry.clone(),
+            health: Default::default(),
         };
         for record in store.meta.image_caches().await.map_err(|e| e.to_string())? {
             cache.load(&*store.meta, &record.name).await?;
@@ -107,11 +111,18 @@ impl Cache {
     pub async fn load(&self, meta: &dyn MetaStore, name: &str) -> std::result::Result<(), String> {
         let Some(record) = meta.image_cache(name).await.map_err(|e| e.to_string())? else {
             self.sources.write().remove(name);
+            self.health.lock().remove(name);
             return Ok(());
         };
         let credentials = meta.credentials(name).await.map_err(|e| e.to_string())?;
         let c = crate::config::ImageCacheConfig::from_records(record, credentials);
-        let source = Source::build(c, &self.pull_through, self.egress.clone())?;
+        let health = self
+            .health
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let source = Source::build(c, &self.pull_through, self.egress.clone())?.with_health(health);
         self.sources
             .write()
             .insert(name.to_string(), Arc::new(source));
@@ -121,6 +132,11 @@ impl Cache {
     /// The source of an image cache.
     pub fn source(&self, name: &str) -> Option<Arc<Source>> {
         self.sources.read().get(name).cloned()
+    }
+
+    /// The health of an image cache's source as last seen (`None`: never built).
+    pub fn health(&self, name: &str) -> Option<health::HealthSnapshot> {
+        self.health.lock().get(name).map(|h| h.snapshot())
     }
 
     /// A `'static` label for a registry name (registries are few and long-lived).

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
+use super::health::{self, ErrorKind};
 use super::upstream::{UpstreamError, UpstreamRequest};
 use super::{CacheTarget, Outcome};
 use crate::error::{Error, Result};
@@ -144,7 +145,8 @@ async fn manifest_by_tag(
                     serve_local("miss").await
                 }
                 Err(e) if local_digest.is_some() => {
-                    tracing::warn!(repo = %t.repo, tag, error = %e, "source manifest fetch failed; serving the cached copy");
+                    tracing::warn!(source = %t.source.name(), repo = %t.repo, tag, error = %e, "source manifest fetch failed; serving the cached copy");
+                    health::count_stale(t.source.name());
                     serve_local("stale").await
                 }
                 Err(e) => Err(e),
@@ -161,7 +163,8 @@ async fn manifest_by_tag(
             )))
         }
         Err(e) if local_digest.is_some() => {
-            tracing::warn!(repo = %t.repo, tag, error = %e, "source unavailable; serving the cached copy");
+            tracing::warn!(source = %t.source.name(), repo = %t.repo, tag, error = %e, "source unavailable; serving the cached copy");
+            health::count_stale(t.source.name());
             serve_local("stale").await
         }
         Err(e) => Err(upstream_error(t, e)),
@@ -207,24 +210,36 @@ async fn fetch_manifest(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or("").trim().to_string());
     let limit = app.config.limits.max_manifest_bytes;
+    // The source's failures are counted and kept in its health; the answer, once read and
+    // checked whole, is its success.
+    let failed = |kind: ErrorKind, why: String| {
+        t.source.record_failure(kind, &why);
+        Error::Upstream(format!("image cache {:?}: {why}", t.source.name()))
+    };
     let mut response = response;
     let mut bytes = BytesMut::new();
     loop {
         let chunk = tokio::time::timeout_at(deadline.into(), response.chunk())
             .await
-            .map_err(|_| Error::Upstream("source manifest timed out".into()))?
+            .map_err(|_| failed(ErrorKind::Timeout, "source manifest timed out".into()))?
             .map_err(|e| {
-                Error::Upstream(format!(
-                    "image cache {:?}: source manifest body: {}",
-                    t.source.name(),
+                let kind = if e.is_timeout() {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Connect
+                };
+                let why = format!(
+                    "source manifest body: {}",
                     crate::http::egress::error_chain(&e.without_url())
-                ))
+                );
+                failed(kind, why)
             })?;
         let Some(chunk) = chunk else { break };
         if bytes.len() + chunk.len() > limit {
-            return Err(Error::Upstream(format!(
-                "source manifest exceeds {limit} bytes"
-            )));
+            return Err(failed(
+                ErrorKind::Refused,
+                format!("source manifest exceeds {limit} bytes"),
+            ));
         }
         bytes.extend_from_slice(&chunk);
     }
@@ -233,17 +248,23 @@ async fn fetch_manifest(
         Some(d) => {
             let actual = Digest::of(d.algorithm(), &bytes);
             if &actual != d {
-                return Err(Error::Upstream(format!(
-                    "source sent a manifest with digest {actual} for {d}"
-                )));
+                return Err(failed(
+                    ErrorKind::DigestMismatch,
+                    format!("source sent a manifest with digest {actual} for {d}"),
+                ));
             }
             actual
         }
         None => Digest::sha256(&bytes),
     };
     let content_type = content_type.filter(|c| manifest::is_manifest_media_type(c));
-    let parsed = manifest::parse(&bytes, content_type.as_deref())
-        .map_err(|e| Error::Upstream(format!("source sent a manifest berth cannot store: {e}")))?;
+    let parsed = manifest::parse(&bytes, content_type.as_deref()).map_err(|e| {
+        failed(
+            ErrorKind::Refused,
+            format!("source sent a manifest berth cannot store: {e}"),
+        )
+    })?;
+    t.source.record_success();
     // A cached manifest's blobs come from the source when asked for: nothing to require.
     let refers = Refers::default();
     manifests::store(app, t.repo.as_str(), &digest, &bytes, &parsed, tag, &refers).await?;

@@ -13,6 +13,7 @@ use reqwest::Url;
 use serde::Deserialize;
 
 use super::credentials::{static_credentials, Basic, CredentialError, EcrKeys};
+use super::health::{self, ErrorKind, Health, RequestKind};
 use crate::config::{ImageCacheConfig, PullThrough, SourceKind};
 use crate::http::egress::{self, EgressPolicy, ReadError};
 
@@ -40,6 +41,9 @@ pub enum UpstreamError {
     /// Connect error, timeout, or a broken body.
     #[error("source unreachable: {0}")]
     Unreachable(String),
+    /// No answer (or no more bytes) before the deadline.
+    #[error("source timed out: {0}")]
+    TimedOut(String),
     /// The source answered with an error status.
     #[error("source answered {status}: {message}")]
     Status {
@@ -68,7 +72,7 @@ impl UpstreamError {
     /// Worth a retry, and a reason to serve a cached copy: unreachable, 5xx, 429.
     pub fn is_transient(&self) -> bool {
         match self {
-            UpstreamError::Unreachable(_) => true,
+            UpstreamError::Unreachable(_) | UpstreamError::TimedOut(_) => true,
             UpstreamError::Status { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
@@ -117,6 +121,8 @@ pub struct Source {
     ecr_password: tokio::sync::Mutex<Option<(Basic, Instant)>>,
     tokens: Mutex<HashMap<String, CachedToken>>,
     wants_basic: AtomicBool,
+    /// What this source is doing (kept by [`super::Cache`] across rebuilds of the source).
+    health: Arc<Health>,
 }
 
 /// The source's `WWW-Authenticate` challenge.
@@ -280,7 +286,44 @@ impl Source {
             ecr_password: tokio::sync::Mutex::new(None),
             tokens: Mutex::new(HashMap::new()),
             wants_basic: AtomicBool::new(false),
+            health: Arc::default(),
         })
+    }
+
+    /// The same source, keeping its health in `health` (shared with the source it replaces).
+    pub fn with_health(mut self, health: Arc<Health>) -> Source {
+        self.health = health;
+        self
+    }
+
+    /// Its health as last seen.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The source answered a request whose answer was read and checked whole.
+    pub fn record_success(&self) {
+        self.health.success();
+    }
+
+    /// A request to the source failed: counted by kind, kept as the last error, and logged
+    /// (WARN, with the source's name).
+    pub fn record_failure(&self, kind: ErrorKind, message: &str) {
+        health::count_error(self.name(), kind);
+        let failures = self.health.failure(kind, message);
+        match kind {
+            ErrorKind::Connect | ErrorKind::Timeout => {
+                tracing::warn!(source = %self.name(), url = %self.endpoint, kind = kind.label(), consecutive_failures = failures, error = %message, "source unreachable")
+            }
+            _ => {
+                tracing::warn!(source = %self.name(), url = %self.endpoint, kind = kind.label(), consecutive_failures = failures, error = %message, "source request failed")
+            }
+        }
+    }
+
+    /// [`Source::record_failure`] of an [`UpstreamError`].
+    pub fn record_error(&self, e: &UpstreamError) {
+        self.record_failure(ErrorKind::of(e), &e.to_string());
     }
 
     /// Name of the image cache.
@@ -317,14 +360,15 @@ impl Source {
             }
             let response = tokio::time::timeout_at(deadline.into(), builder.send())
                 .await
-                .map_err(|_| {
-                    UpstreamError::Unreachable(format!("timed out waiting for the {what}"))
-                })?
+                .map_err(|_| UpstreamError::TimedOut(format!("timed out waiting for the {what}")))?
                 .map_err(|e| {
-                    UpstreamError::Unreachable(format!(
-                        "{what}: {}",
-                        egress::error_chain(&e.without_url())
-                    ))
+                    let timed_out = e.is_timeout();
+                    let text = format!("{what}: {}", egress::error_chain(&e.without_url()));
+                    if timed_out {
+                        UpstreamError::TimedOut(text)
+                    } else {
+                        UpstreamError::Unreachable(text)
+                    }
                 })?;
             let status = response.status();
             if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
@@ -392,6 +436,7 @@ impl Source {
                 return Ok(Some(basic.clone()));
             }
         }
+        health::count_request(self.name(), RequestKind::EcrAuth);
         let (basic, expires) = keys
             .authorization_token(&self.client)
             .await
@@ -464,6 +509,7 @@ impl Source {
         }
         let realm_at = host_port(&url);
         let basic = self.basic().await?.map(|b| b.header());
+        health::count_request(self.name(), RequestKind::Token);
         let mut response = self
             .request_following(
                 &Method::GET,
@@ -496,6 +542,7 @@ impl Source {
                         "token endpoint on {realm_at} sent an answer over {cap} bytes"
                     ))
                 }
+                ReadError::Timeout => UpstreamError::TimedOut(format!("token endpoint: {e}")),
                 other => UpstreamError::Unreachable(format!("token endpoint: {other}")),
             })?;
         let body: TokenResponse = serde_json::from_slice(&text)
@@ -526,12 +573,40 @@ impl Source {
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = Url::parse(&format!("{}/v2/{}", self.endpoint, req.path))
             .map_err(|e| UpstreamError::Refused(format!("bad source path {:?}: {e}", req.path)))?;
+        health::count_request(self.name(), RequestKind::of_path(&req.path));
         self.request_following(&req.method, url, &req.headers, auth, deadline, "source")
             .await
     }
 
-    /// One request with the challenge flow (at most one auth round trip), no retries.
+    /// One request with the challenge flow (at most one auth round trip), no retries; its
+    /// outcome counted and kept in the source's health. A 404 is an answer (the source is up).
+    /// The answer to a `GET` of a manifest or blob counts as a success only once its body was
+    /// read and checked: the caller calls [`Source::record_success`] or
+    /// [`Source::record_failure`] then.
     pub async fn send(
+        &self,
+        req: &UpstreamRequest<'_>,
+        deadline: Instant,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let result = self.send_once(req, deadline).await;
+        match &result {
+            Ok(_) => {
+                let body_checked_later = req.method == Method::GET
+                    && matches!(
+                        RequestKind::of_path(&req.path),
+                        RequestKind::Manifest | RequestKind::Blob
+                    );
+                if !body_checked_later {
+                    self.record_success();
+                }
+            }
+            Err(e) if e.is_not_found() => self.record_success(),
+            Err(e) => self.record_error(e),
+        }
+        result
+    }
+
+    async fn send_once(
         &self,
         req: &UpstreamRequest<'_>,
         deadline: Instant,

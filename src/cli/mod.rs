@@ -20,6 +20,7 @@ pub mod prefetch;
 mod registry;
 pub mod remote;
 pub mod stats;
+mod status;
 mod user;
 mod webhooks;
 
@@ -100,6 +101,14 @@ enum Command {
     /// SIGHUP (`systemctl reload berth`).
     Reload {
         /// As one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What a node runs and what its sources are doing: version, uptime, storage, counts, and
+    /// per image cache its last success, last error and consecutive failures (admin; through
+    /// --server, or on the data directory).
+    Status {
+        /// As one JSON object (the answer of GET /api/v1/status).
         #[arg(long)]
         json: bool,
     },
@@ -378,6 +387,7 @@ pub fn main() -> ExitCode {
         Command::Tag(cmd) => place(config).and_then(|p| images::run_tag(&p, cmd)),
         Command::Webhook(cmd) => place(config).and_then(|p| webhooks::run(&p, cmd)),
         Command::Reload { json } => place(config).and_then(|p| reload(&p, json)),
+        Command::Status { json } => place(config).and_then(|p| status::run(&p, json)),
         Command::Version { .. } | Command::Completions { .. } => Ok(()),
     };
     match result {

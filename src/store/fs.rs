@@ -254,8 +254,18 @@ impl FsBlobStore {
 /// Bytes an unprivileged writer may still use on the volume holding `dir` (statvfs
 /// `f_bavail * f_frsize`). Blocking.
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    Ok(volume_bytes(dir)?.0)
+}
+
+/// Free (for unprivileged writers) and used bytes of the volume holding `dir` (statvfs:
+/// `f_bavail * f_frsize` as [`free_bytes`], `(f_blocks - f_bfree) * f_frsize`). Blocking.
+pub fn volume_bytes(dir: &Path) -> io::Result<(u64, u64)> {
     let st = rustix::fs::statvfs(dir)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    let used = st.f_blocks.saturating_sub(st.f_bfree);
+    Ok((
+        st.f_bavail.saturating_mul(st.f_frsize),
+        used.saturating_mul(st.f_frsize),
+    ))
 }
 
 fn stat_pending_files(layout: &Layout, key: Pending) -> io::Result<Option<PendingInfo>> {
