@@ -353,3 +353,93 @@ async fn berth_status_json_through_a_running_server() {
     assert!(!ok, "status needs an admin");
     assert!(!err.is_empty());
 }
+
+#[test]
+fn berth_status_on_the_data_directory() {
+    use common::process::BerthProcess;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = "[[image_cache]]\nname = \"st-local\"\nkind = \"registry\"\nurl = \"https://registry.example\"\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"st-local\"\n";
+    BerthProcess::start_in(dir.path(), toml).kill();
+    let out = std::process::Command::new(berth_bin())
+        .env_remove("BERTH_ACCESS_KEY")
+        .env_remove("BERTH_SECRET_KEY")
+        .arg("--config")
+        .arg(dir.path().join("config.toml"))
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["counts"]["image_caches"], 1, "{v}");
+    let source = &v["sources"][0];
+    assert_eq!(source["name"], "st-local", "{v}");
+    assert_eq!(source["loaded"], true, "{v}");
+    assert_eq!(source["consecutive_failures"], 0, "{v}");
+    assert_eq!(
+        v["storage"]["data_dir"],
+        dir.path().join("data").display().to_string()
+    );
+}
+
+/// An unreachable source is a WARN line that names the source (the daemon's log is where an
+/// operator looks first).
+#[test]
+fn an_unreachable_source_is_a_warn_line_naming_it() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "data_dir = {:?}\n[[listen]]\naddr = \"127.0.0.1:0\"\n[[image_cache]]\nname = \"st-warn\"\nkind = \"registry\"\nurl = \"http://127.0.0.1:{port}\"\n[[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"st-warn\"\nanonymous_pull = true\n",
+        dir.path().join("data")
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = std::process::Command::new(berth_bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .env_remove("BERTH_LOG_FORMAT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let logged = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut addr = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("berth listening on http://") {
+            addr.get_or_insert_with(|| rest.trim().to_string());
+        }
+        if line.trim() == "berth ready" {
+            break;
+        }
+    }
+    let addr = addr.expect("a plain-http listener");
+    let status = common::block(async {
+        reqwest::get(format!("http://{addr}/v2/hub/library/app/manifests/v1"))
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = logged.join().unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("source unreachable")
+            && l.contains("source=st-warn")),
+        "no WARN line naming the source:\n{log}"
+    );
+}

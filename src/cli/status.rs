@@ -19,6 +19,9 @@ pub fn run(place: &Place, json: bool) -> Result<(), String> {
         humantime::format_duration(std::time::Duration::from_secs(status.uptime_seconds)),
         status.started
     );
+    if place.server.is_none() {
+        outln!("(read from the data directory, not a running server: the uptime is this command's and no source was asked; give --server for a server's view)");
+    }
     let s = &status.storage;
     let blobs = s
         .blob_bytes
