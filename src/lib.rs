@@ -84,6 +84,20 @@ pub struct Server {
     tasks: JoinSet<()>,
 }
 
+/// What `serve` would refuse in the registries and image caches a config leads to (see
+/// [`Config::plan_problems`]), and image caches whose source cannot be built: start, reload and
+/// `check-config` ask this one question.
+pub fn start_problems(config: &Config, stored: Option<&config::Stored>) -> config::Problems {
+    let mut problems = config.plan_problems(stored);
+    for c in &config.image_cache {
+        if let Err(e) = cache::upstream::Source::new(c.clone(), &config.pull_through.allowed_ports)
+        {
+            problems.errors.push(e);
+        }
+    }
+    problems
+}
+
 /// Creates image caches and registries declared in the config (the config wins over what is
 /// stored), after checking the state this leads to: a refused config changes nothing stored.
 pub async fn apply_config(store: &Store, config: &Config) -> Result<(), StartError> {
@@ -102,13 +116,7 @@ pub async fn apply_config(store: &Store, config: &Config) -> Result<(), StartErr
             .map(|c| c.name)
             .collect(),
     };
-    let mut problems = config.plan_problems(Some(&stored)).errors;
-    for c in &config.image_cache {
-        if let Err(e) = cache::upstream::Source::new(c.clone(), &config.pull_through.allowed_ports)
-        {
-            problems.push(e);
-        }
-    }
+    let problems = start_problems(config, Some(&stored)).errors;
     if !problems.is_empty() {
         return Err(StartError::Config(problems));
     }

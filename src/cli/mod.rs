@@ -455,14 +455,7 @@ fn check_config(path: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Ex
             }
         }
     }
-    for c in &config.image_cache {
-        if let Err(e) =
-            crate::cache::upstream::Source::new(c.clone(), &config.pull_through.allowed_ports)
-        {
-            problems.push(e);
-        }
-    }
-    let plan = config.plan_problems(None);
+    let plan = crate::start_problems(&config, None);
     problems.extend(plan.errors);
     match config.to_redacted_toml() {
         Ok(text) => outln!("{text}"),

@@ -135,15 +135,11 @@ impl SledMeta {
     /// Waits until the flush request `mine` is covered, flushing (on the blocking pool) when
     /// no flush under way covers it.
     async fn flushed(&self, mine: u64) -> MetaResult<()> {
-        let trees = &self.inner;
-        let _turn = trees.flusher.lock().await;
-        if trees.durable.load(Ordering::Acquire) >= mine {
+        let _turn = self.inner.flusher.lock().await;
+        if self.inner.durable.load(Ordering::Acquire) >= mine {
             return Ok(());
         }
-        let target = trees.announced.load(Ordering::Acquire);
-        self.run(|t| Ok(t.db.flush()?)).await?;
-        trees.durable.store(target, Ordering::Release);
-        Ok(())
+        self.run(move |t| t.flush_covering(mine)).await
     }
 
     /// Opens (creating) `DATA/meta`, after taking the data directory's lock.
@@ -178,13 +174,21 @@ impl Trees {
     fn flush_if_idle(&self) -> MetaResult<u64> {
         let mine = self.announce();
         if let Ok(_turn) = self.flusher.try_lock() {
-            if self.durable.load(Ordering::Acquire) < mine {
-                let target = self.announced.load(Ordering::Acquire);
-                self.db.flush()?;
-                self.durable.store(target, Ordering::Release);
-            }
+            self.flush_covering(mine)?;
         }
         Ok(mine)
+    }
+
+    /// Flushes unless request `mine` is covered already, covering every request announced so
+    /// far. The caller holds the flusher's turn.
+    fn flush_covering(&self, mine: u64) -> MetaResult<()> {
+        if self.durable.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        let target = self.announced.load(Ordering::Acquire);
+        self.db.flush()?;
+        self.durable.store(target, Ordering::Release);
+        Ok(())
     }
 
     /// Opens (creating) `DATA/meta`.
