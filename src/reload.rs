@@ -17,6 +17,8 @@ pub struct Reloadable {
     certs: parking_lot::Mutex<Vec<(String, Arc<CertFiles>)>>,
     /// One reload at a time.
     running: tokio::sync::Mutex<()>,
+    /// The log filter a reload set (`None`: the one the server started with).
+    log: parking_lot::Mutex<Option<String>>,
 }
 
 impl Reloadable {
@@ -115,13 +117,24 @@ pub async fn reload(app: &App) -> ReloadReport {
                 .map(|r| format!("registry {}", r.name)),
         );
     }
-    if fresh.log != app.config.log {
+    // Compared with the filter in effect, which an earlier reload may have changed (App.config
+    // stays what the server started with: what a restart would change).
+    let in_effect = app
+        .reloadable
+        .log
+        .lock()
+        .clone()
+        .unwrap_or_else(|| app.config.log.clone());
+    if fresh.log != in_effect {
         match (std::env::var_os("RUST_LOG"), LOG_FILTER.get()) {
             (Some(_), _) => report
                 .restart_needed
                 .push("log (RUST_LOG is set and wins over the config)".into()),
             (None, Some(set)) => match set(&fresh.log) {
-                Ok(()) => report.applied.push(format!("log = {:?}", fresh.log)),
+                Ok(()) => {
+                    *app.reloadable.log.lock() = Some(fresh.log.clone());
+                    report.applied.push(format!("log = {:?}", fresh.log));
+                }
                 Err(e) => report.problems.push(format!("log: {e}")),
             },
             (None, None) => report.restart_needed.push("log".into()),

@@ -183,3 +183,124 @@ async fn the_tls_guide_recipe_serves_clients_that_trust_its_ca() {
     assert_eq!(r.status(), reqwest::StatusCode::OK);
     server.shutdown().await;
 }
+
+/// The backup guide, run as written against a server on loopback: its URL, paths and config
+/// point at the test's; `systemctl stop|start berth` stop and start that server; `chown` is
+/// left out (no `berth` user here: tests/deb_package.sh proves the package's owners). At the
+/// end the restored server serves the image pushed before the backup, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_guide_runs_as_written() {
+    use common::process::BerthProcess;
+    use common::registry::Client;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let registries = "[[registry]]\nname = \"library\"\n";
+    let mut server = Some(BerthProcess::start_in(dir, registries));
+    let url = server.as_ref().unwrap().url();
+    let manifest = Client::new(&url, None)
+        .image("library/app", "v1", "guide", b"a base layer")
+        .await;
+    let out = Command::new(berth_bin())
+        .args([
+            "--server", &url, "user", "create", "root", "--admin", "--json",
+        ])
+        .output()
+        .unwrap();
+    let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, secret) = (
+        first["first_key"]["id"].as_str().unwrap().to_string(),
+        first["first_key"]["secret"].as_str().unwrap().to_string(),
+    );
+
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/guides/backup.md"),
+    )
+    .unwrap();
+    let data = dir.join("data");
+    let backups = dir.join("backups");
+    let mut ran = 0;
+    for (lang, block) in blocks(&text) {
+        if lang != "sh" {
+            continue;
+        }
+        for command in block.replace("\\\n", " ").lines().map(str::trim) {
+            if command.is_empty() || command.starts_with('#') || command.starts_with("export ") {
+                continue;
+            }
+            let port = server.as_ref().map(|s| s.url());
+            let command = command
+                .replace("http://127.0.0.1:5000", port.as_deref().unwrap_or(&url))
+                .replace("/var/backups/berth", &backups.display().to_string())
+                .replace("/var/lib/berth", &data.display().to_string())
+                .replace(
+                    "/etc/berth/config.toml",
+                    &dir.join("config.toml").display().to_string(),
+                );
+            let run = |command: &str| {
+                Command::new("bash")
+                    .args(["-euo", "pipefail", "-c", command])
+                    .env(
+                        "PATH",
+                        format!("{}:{}", bin_dir(), std::env::var("PATH").unwrap()),
+                    )
+                    .env("BERTH_ACCESS_KEY", &id)
+                    .env("BERTH_SECRET_KEY", &secret)
+                    .output()
+                    .unwrap()
+            };
+            match command.as_str() {
+                "systemctl stop berth" => {
+                    assert!(server.take().unwrap().terminate());
+                }
+                "systemctl start berth" => {
+                    server = Some(BerthProcess::start_in(dir, registries));
+                }
+                c if c.starts_with("chown ") => continue,
+                c if c.contains("--config") && c.contains(" backup ") => {
+                    // "With the server running, this refuses": then on the stopped node.
+                    let out = run(c);
+                    assert!(
+                        !out.status.success()
+                            && String::from_utf8_lossy(&out.stderr).contains("--server"),
+                        "{c}"
+                    );
+                    assert!(server.take().unwrap().terminate());
+                    let out = run(c);
+                    assert!(
+                        out.status.success(),
+                        "{c}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    server = Some(BerthProcess::start_in(dir, registries));
+                }
+                c => {
+                    let out = run(c);
+                    assert!(
+                        out.status.success(),
+                        "{c}: {}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 6, "the guide's commands ran: {ran}");
+    assert!(
+        dir.join("data.old").is_dir(),
+        "the guide moved the old data away"
+    );
+    let client = Client::new(&server.as_ref().unwrap().url(), Some((id, secret)));
+    assert_eq!(client.pull_all("library/app", "v1").await, manifest);
+}
+
+/// The directory of the `berth` binary under test (the guides call it by name).
+fn bin_dir() -> String {
+    std::path::Path::new(&berth_bin())
+        .parent()
+        .unwrap()
+        .display()
+        .to_string()
+}

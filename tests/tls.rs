@@ -327,3 +327,35 @@ fn reload_swaps_the_certificate_and_applies_the_config_file() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+/// A reload compares the config file's log filter with the one in effect, which an earlier
+/// reload may have changed: putting the file back to its first filter applies it again (before,
+/// the comparison was with the filter the server started with, so the changed filter stayed).
+#[test]
+fn a_log_filter_changed_by_a_reload_can_be_changed_back() {
+    use common::process::{berth_bin, BerthProcess};
+    let dir = tempfile::tempdir().unwrap();
+    let server = BerthProcess::start_config_logging(dir.path(), "");
+    let config = dir.path().join("config.toml");
+    let first = std::fs::read_to_string(&config).unwrap();
+    let default = berth::config::Config::from_toml("").unwrap().log;
+    let reload = || {
+        let out = std::process::Command::new(berth_bin())
+            .args(["--server", &server.url(), "reload", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["applied"].clone()
+    };
+    assert_eq!(reload(), serde_json::json!([]), "nothing changed yet");
+    std::fs::write(&config, format!("log = \"warn,berth=debug\"\n{first}")).unwrap();
+    assert_eq!(reload(), serde_json::json!(["log = \"warn,berth=debug\""]));
+    assert_eq!(reload(), serde_json::json!([]), "it is in effect already");
+    std::fs::write(&config, &first).unwrap();
+    assert_eq!(reload(), serde_json::json!([format!("log = {default:?}")]));
+}

@@ -2,6 +2,7 @@
 //! every operation behind the one authorization check (`Auth::check`).
 
 pub mod artifacts;
+pub mod backup;
 pub mod caches;
 pub mod images;
 pub mod page;
@@ -84,6 +85,8 @@ pub const ROUTES: &[ApiRoute] = &[
     r("/cache/prune", &["POST"]),
     r("/reload", &["POST"]),
     r("/status", &["GET"]),
+    r("/backup", &["GET"]),
+    r("/backup/blobs/{digest}", &["GET"]),
     delegated("/registries/{registry}/webhooks", &["GET", "POST"]),
     delegated(
         "/registries/{registry}/webhooks/{id}",
@@ -212,6 +215,8 @@ pub async fn dispatch(
             json(StatusCode::OK, &crate::reload::reload(ctx.app).await)
         }
         ("/status", Method::GET) => status::get(&ctx).await,
+        ("/backup", Method::GET) => backup::lines(&ctx).await,
+        ("/backup/blobs/{digest}", Method::GET) => backup::blob(&ctx, p(0)).await,
         ("/users", Method::GET) => users::list(&ctx).await,
         ("/users", Method::POST) => users::create(&ctx, json_body(body).await?).await,
         ("/users/{name}", Method::GET) => users::get(&ctx, p(0)).await,

@@ -13,6 +13,7 @@ macro_rules! outln {
     }};
 }
 
+mod backup;
 mod cache;
 mod images;
 mod key;
@@ -109,6 +110,29 @@ enum Command {
     /// --server, or on the data directory).
     Status {
         /// As one JSON object (the answer of GET /api/v1/status).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy the node's registries, image caches, users, keys, webhooks, images and blobs into
+    /// DIR while it serves (--server; admin), or from its stopped data directory. A later run
+    /// into the same DIR fetches only the blobs it lacks. DIR holds secrets: it is made 0700.
+    Backup {
+        /// The backup directory (created).
+        dir: PathBuf,
+        /// Lines asked from the server per call (1 to 10000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=10000))]
+        page_lines: u16,
+        /// The result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new data directory (--config's data_dir or --data-dir; it must hold no berth
+    /// data) from a backup DIR, the server stopped. What the backup lacks (blobs deleted while
+    /// it ran) is left out and named; every tag restored pulls completely.
+    Restore {
+        /// The backup directory.
+        dir: PathBuf,
+        /// The result as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -251,6 +275,39 @@ impl Place {
         })
     }
 
+    /// Streams the answer of `GET /api/v1{path}` into `sink`, piece by piece; `Ok(false)` when
+    /// the answer is 404 (nothing written).
+    pub fn download(
+        &self,
+        path: &str,
+        sink: &mut (dyn FnMut(&[u8]) -> std::io::Result<()> + Send),
+    ) -> Result<bool, String> {
+        let stall = std::time::Duration::from_secs(60);
+        match &self.target {
+            Target::Remote(r) => self.rt.block_on(r.download(path, stall, sink)),
+            Target::Local(cell) => {
+                let app = self.app(cell)?;
+                self.rt.block_on(async {
+                    let response = local_response(&app, Method::GET, path, None).await?;
+                    match response.status() {
+                        http::StatusCode::NOT_FOUND => return Ok(false),
+                        s if !s.is_success() => {
+                            return Err(format!("GET /api/v1{path}: {s}"));
+                        }
+                        _ => {}
+                    }
+                    let mut body = response.into_body();
+                    while let Some(frame) = body.frame().await {
+                        if let Ok(data) = frame.map_err(err)?.into_data() {
+                            sink(&data).map_err(err)?;
+                        }
+                    }
+                    Ok(true)
+                })
+            }
+        }
+    }
+
     /// Every item of a paginated list.
     pub fn list_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, String> {
         let sep = if path.contains('?') { '&' } else { '?' };
@@ -292,6 +349,31 @@ async fn local_call(
     path: &str,
     body: Option<Bytes>,
 ) -> Result<Bytes, String> {
+    let full = format!("/api/v1{path}");
+    let response = local_response(app, method.clone(), path, body).await?;
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(err)?
+        .to_bytes();
+    if status.is_success() {
+        return Ok(bytes);
+    }
+    // An OCI error reads as its message alone (the local operator knows what they called).
+    Err(remote::error_message(&bytes)
+        .unwrap_or_else(|| format!("{method} {full}: {status}: {}", remote::error_text(&bytes))))
+}
+
+/// The answer of one management API request run in this process, as the data directory's
+/// operator (its body not read yet).
+async fn local_response(
+    app: &Arc<App>,
+    method: Method,
+    path: &str,
+    body: Option<Bytes>,
+) -> Result<http::Response<crate::http::body::Body>, String> {
     let (path, query) = match path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path, None),
@@ -306,22 +388,9 @@ async fn local_call(
     };
     let bytes = body.unwrap_or_default();
     let full = format!("/api/v1{path}");
-    let response = crate::api::dispatch(app, &full, req, http_body_util::Full::new(bytes))
+    crate::api::dispatch(app, &full, req, http_body_util::Full::new(bytes))
         .await
-        .map_err(|e| e.to_string())?;
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(err)?
-        .to_bytes();
-    if status.is_success() {
-        return Ok(bytes);
-    }
-    // An OCI error reads as its message alone (the local operator knows what they called).
-    Err(remote::error_message(&bytes)
-        .unwrap_or_else(|| format!("{method} {full}: {status}: {}", remote::error_text(&bytes))))
+        .map_err(|e| e.to_string())
 }
 
 /// The `berth` command line.
@@ -388,6 +457,14 @@ pub fn main() -> ExitCode {
         Command::Webhook(cmd) => place(config).and_then(|p| webhooks::run(&p, cmd)),
         Command::Reload { json } => place(config).and_then(|p| reload(&p, json)),
         Command::Status { json } => place(config).and_then(|p| status::run(&p, json)),
+        Command::Backup {
+            dir,
+            page_lines,
+            json,
+        } => place(config).and_then(|p| backup::backup(&p, &dir, page_lines.into(), json)),
+        Command::Restore { dir, json } => {
+            place(config).and_then(|p| backup::restore(&p, &dir, json))
+        }
         Command::Version { .. } | Command::Completions { .. } => Ok(()),
     };
     match result {

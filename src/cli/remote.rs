@@ -98,6 +98,49 @@ impl Remote {
     }
 }
 
+impl Remote {
+    /// Streams the answer of `GET /api/v1{path}` into `sink`, piece by piece (a blob: no whole
+    /// body in memory, no deadline for the whole transfer but one of `stall` per piece);
+    /// `Ok(false)` when the answer is 404, with nothing written.
+    pub async fn download(
+        &self,
+        path: &str,
+        stall: std::time::Duration,
+        sink: &mut (dyn FnMut(&[u8]) -> std::io::Result<()> + Send),
+    ) -> Result<bool, String> {
+        let url = self.url(path);
+        let mut req = self
+            .client
+            .get(&url)
+            .timeout(std::time::Duration::from_secs(7 * 24 * 3600));
+        if let Some((id, secret)) = &self.key {
+            req = req.basic_auth(id, Some(secret));
+        }
+        let mut r = req
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {}: {}", self.base, cause_chain(&e)))?;
+        let status = r.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        if !status.is_success() {
+            let bytes = r.bytes().await.unwrap_or_default();
+            return Err(format!("GET {url}: {status}: {}", error_text(&bytes)));
+        }
+        loop {
+            let piece = tokio::time::timeout(stall, r.chunk())
+                .await
+                .map_err(|_| format!("GET {url}: the server sent nothing for {stall:?}"))?
+                .map_err(|e| format!("GET {url}: {}", cause_chain(&e)))?;
+            match piece {
+                Some(bytes) => sink(&bytes).map_err(|e| e.to_string())?,
+                None => return Ok(true),
+            }
+        }
+    }
+}
+
 /// `--server` must be a URL with its scheme (`127.0.0.1:5000` alone would otherwise be read as
 /// a URL whose scheme is `127.0.0.1`).
 pub fn check_server_url(base: &str) -> Result<(), String> {

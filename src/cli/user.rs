@@ -22,6 +22,10 @@ pub enum UserCommand {
         /// Limit the role to this registry (repeat for more; default: all registries).
         #[arg(long = "registry")]
         registries: Vec<String>,
+        /// The created user as JSON (the API's view; on a server without users it carries
+        /// `first_key` with its secret).
+        #[arg(long)]
+        json: bool,
     },
     /// List users.
     List {
@@ -43,6 +47,7 @@ pub fn run(place: &Place, cmd: UserCommand) -> Result<(), String> {
             role,
             admin,
             registries,
+            json,
         } => {
             // Least privilege unless asked: a user is a viewer by default.
             let role = if admin {
@@ -56,6 +61,9 @@ pub fn run(place: &Place, cmd: UserCommand) -> Result<(), String> {
                 registries,
             };
             let user: UserView = place.send(Method::POST, "/users", &body)?;
+            if json {
+                return print_json(&user);
+            }
             match user
                 .first_key
                 .as_ref()

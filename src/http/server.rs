@@ -322,10 +322,34 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// `/readyz`: started, and the data volume has at least `limits.min_free_bytes` free.
+/// Whether `probe` answers without an error within `within`; else why not.
+async fn answers<T, E: std::fmt::Display>(
+    probe: impl std::future::Future<Output = Result<T, E>>,
+    within: std::time::Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(within, probe).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} ms", within.as_millis())),
+    }
+}
+
+/// How long `/readyz` waits for the metadata store to answer.
+const READY_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `/readyz`: started, the metadata answers a read, the blob store takes a write, and the data
+/// volume has at least `limits.min_free_bytes` free.
 async fn readiness(app: &App) -> Response<Body> {
     if !app.ready.load(Ordering::Acquire) {
         return text(StatusCode::SERVICE_UNAVAILABLE, "starting\n");
+    }
+    // A wedged metadata store (its blocking pool full, its files gone) fails here, not at the
+    // next push.
+    if let Err(why) = answers(app.store.meta.registries(), READY_PROBE).await {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the metadata store does not answer a read: {why}\n"),
+        );
     }
     if let Err(e) = writable(app).await {
         return text(
@@ -547,4 +571,26 @@ pub fn error_response(e: &Error) -> Response<Body> {
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_probe_that_errs_or_hangs_is_not_an_answer() {
+        let ok = answers(async { Ok::<_, String>(()) }, Duration::from_millis(50)).await;
+        assert_eq!(ok, Ok(()));
+        let failed = answers(
+            async { Err::<(), _>("sled: I/O error") },
+            Duration::from_millis(50),
+        );
+        assert_eq!(failed.await, Err("sled: I/O error".to_string()));
+        let hung = answers(
+            std::future::pending::<Result<(), String>>(),
+            Duration::from_millis(50),
+        );
+        assert_eq!(hung.await, Err("no answer within 50 ms".to_string()));
+    }
 }

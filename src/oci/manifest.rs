@@ -94,6 +94,22 @@ pub struct ParsedManifest {
     pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+impl ParsedManifest {
+    /// The descriptor of this manifest (`digest`, `size` bytes) as the referrers response lists
+    /// it under its subject.
+    pub fn descriptor(&self, digest: &Digest, size: u64) -> Descriptor {
+        Descriptor {
+            media_type: self.media_type.clone(),
+            digest: digest.clone(),
+            size,
+            artifact_type: self.artifact_type.clone(),
+            annotations: self.annotations.clone(),
+            platform: None,
+            urls: None,
+        }
+    }
+}
+
 /// Why a manifest was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {

@@ -60,10 +60,7 @@ pub async fn put(
     };
     // The repository must hold every blob and child manifest, checked where the artifact is
     // recorded (one metadata step, so nothing removed meanwhile is referred to).
-    let refers = Refers {
-        blobs: parsed.blobs.clone(),
-        manifests: parsed.children.iter().map(|c| c.digest.clone()).collect(),
-    };
+    let refers = Refers::of(&parsed);
     crate::serve::manifests::store(app, repo.as_str(), &digest, &bytes, &parsed, tag, &refers)
         .await?;
     let pushed = |kind, tag| Happened {

@@ -90,16 +90,28 @@ pub async fn get(
         tracing::error!(%repo, %digest, "blob linked but missing from the store");
         Error::BlobUnknown(format!("{digest} is not in {repo}"))
     };
+    stored(app, &digest, req, head, missing).await
+}
+
+/// The response for a blob of the store, whoever checked that the caller may read it (`Range`
+/// served, a redirect passed on); `missing` is the error when the store lacks it.
+pub async fn stored(
+    app: &App,
+    digest: &Digest,
+    req: &Req<'_>,
+    head: bool,
+    missing: impl Fn() -> Error,
+) -> Result<Response<Body>> {
     let read = app
         .store
         .blobs
-        .read(&digest, 0, None)
+        .read(digest, 0, None)
         .await?
-        .ok_or_else(missing)?;
+        .ok_or_else(&missing)?;
     let size = match &read {
         BlobRead::Local(region) => region.len(),
         BlobRead::Stream { len, .. } => *len,
-        BlobRead::Redirect(url) => return Ok(redirect(url, &digest)),
+        BlobRead::Redirect(url) => return Ok(redirect(url, digest)),
     };
     let range = parse_range(req.headers.get(header::RANGE), size)?;
     let (start, len) = range.map_or((0, size), |r| (r.start, r.len));
@@ -109,15 +121,15 @@ pub async fn get(
         match read {
             BlobRead::Local(region) => Body::file(region.span(start, len)),
             BlobRead::Stream { len: all, bytes } if len == all => Body::stream(bytes, len),
-            _ => match app.store.blobs.read(&digest, start, Some(len)).await? {
+            _ => match app.store.blobs.read(digest, start, Some(len)).await? {
                 Some(BlobRead::Local(region)) => Body::file(region),
                 Some(BlobRead::Stream { bytes, .. }) => Body::stream(bytes, len),
-                Some(BlobRead::Redirect(url)) => return Ok(redirect(&url, &digest)),
+                Some(BlobRead::Redirect(url)) => return Ok(redirect(&url, digest)),
                 None => return Err(missing()),
             },
         }
     };
-    Ok(blob_response(body, &digest, size, range))
+    Ok(blob_response(body, digest, size, range))
 }
 
 /// A blob the backend hands out at a URL of its own (a presigned object-storage URL): the

@@ -11,7 +11,6 @@ use crate::error::{Error, Result};
 use crate::http::body::Body;
 use crate::oci::digest::Digest;
 use crate::oci::manifest;
-use crate::oci::manifest::Descriptor;
 use crate::oci::reference::{Reference, RepoName};
 use crate::store::meta::{now_ms, pull_key, ArtifactRecord, Change, Missing, Refers};
 use crate::App;
@@ -232,15 +231,7 @@ pub async fn store(
         artifact_type: parsed.artifact_type.clone(),
         subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
     };
-    let referrer = Descriptor {
-        media_type: parsed.media_type.clone(),
-        digest: digest.clone(),
-        size: bytes.len() as u64,
-        artifact_type: parsed.artifact_type.clone(),
-        annotations: parsed.annotations.clone(),
-        platform: None,
-        urls: None,
-    };
+    let referrer = parsed.descriptor(digest, bytes.len() as u64);
     app.store
         .meta
         .put_artifact(repo, digest, &record, tag, Some(&referrer), refers)

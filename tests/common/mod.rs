@@ -6,6 +6,7 @@ pub mod doubles;
 pub mod metrics;
 pub mod oci_layout;
 pub mod process;
+pub mod registry;
 pub mod server;
 
 /// Runs a future of berth's async API to its end from synchronous test code (a helper called

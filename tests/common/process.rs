@@ -20,6 +20,16 @@ impl BerthProcess {
     /// Starts berth with `extra_toml` appended to a config that sets the data dir and one listener.
     /// A `data/` dir already present in `dir` is reused (restart after a crash).
     pub fn start_in(dir: &Path, extra_toml: &str) -> BerthProcess {
+        BerthProcess::start_logging(dir, extra_toml, true)
+    }
+
+    /// As [`BerthProcess::start_in`], without `RUST_LOG` (the config's `log` filter decides,
+    /// and a reload may change it).
+    pub fn start_config_logging(dir: &Path, extra_toml: &str) -> BerthProcess {
+        BerthProcess::start_logging(dir, extra_toml, false)
+    }
+
+    fn start_logging(dir: &Path, extra_toml: &str, rust_log: bool) -> BerthProcess {
         let config = format!(
             "data_dir = {:?}\nshutdown_grace = \"5s\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n",
             dir.join("data"),
@@ -27,14 +37,17 @@ impl BerthProcess {
         );
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(berth_bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .env(
+        let mut command = Command::new(berth_bin());
+        command.arg("serve").arg("--config").arg(&config_path);
+        if rust_log {
+            command.env(
                 "RUST_LOG",
                 std::env::var("BERTH_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            );
+        } else {
+            command.env_remove("RUST_LOG");
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -143,21 +143,9 @@ impl TestServer {
 
     /// Monolithic push of a blob through the listener at `base`; returns its digest.
     pub async fn push_blob_via(&self, base: &str, repo: &str, data: &[u8]) -> String {
-        let d = sha256(data);
-        let r = self
-            .client
-            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-            .body(data.to_vec())
-            .send()
+        super::registry::Client::over(self.client.clone(), base)
+            .blob(repo, data)
             .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            StatusCode::CREATED,
-            "{}",
-            r.text().await.unwrap()
-        );
-        d
     }
 
     /// Pushes a manifest; returns the response.

@@ -510,6 +510,17 @@ async fn records_put_get_list_and_remove(meta: &Arc<dyn MetaStore>) {
     records.put(&["q"], &vec![7]).await.unwrap();
     other.put(&["p", "a"], &vec![100]).await.unwrap();
     assert_eq!(records.get(&["p", "b"]).await.unwrap(), Some(vec![2]));
+    let trees = meta.record_trees().await.unwrap();
+    let ours: Vec<&String> = trees
+        .iter()
+        .filter(|t| t.starts_with("conformance_"))
+        .collect();
+    assert_eq!(
+        ours,
+        ["conformance_other", "conformance_records"],
+        "record trees by name, none of the registries' or repositories' trees: {trees:?}"
+    );
+    assert!(!trees.iter().any(|t| t == "artifacts" || t == "tags"));
     assert_eq!(records.get(&["q"]).await.unwrap(), Some(vec![7]));
     let under_p = records.list(&["p"]).await.unwrap();
     assert_eq!(

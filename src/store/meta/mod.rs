@@ -353,6 +353,16 @@ pub struct Refers {
     pub manifests: Vec<Digest>,
 }
 
+impl Refers {
+    /// Everything an origin registry's manifest needs its repository to hold.
+    pub fn of(parsed: &crate::oci::manifest::ParsedManifest) -> Refers {
+        Refers {
+            blobs: parsed.blobs.clone(),
+            manifests: parsed.children.iter().map(|c| c.digest.clone()).collect(),
+        }
+    }
+}
+
 /// Something a manifest refers to that its repository does not hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Missing {
@@ -520,6 +530,9 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> MetaResult<Vec<(String, Vec<u8>)>>;
     /// Removes every record whose key starts with `prefix`; returns how many.
     async fn record_remove_prefix(&self, tree: &str, prefix: &str) -> MetaResult<usize>;
+    /// Names of the trees that hold typed records (every tree `record_put` wrote to, and maybe
+    /// empty ones), in lexical order: a backup copies them all without knowing their owners.
+    async fn record_trees(&self) -> MetaResult<Vec<String>>;
 }
 
 /// The records of one type in one tree of a [`MetaStore`], as JSON, keyed by text (`a \0 b`

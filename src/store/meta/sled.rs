@@ -128,6 +128,19 @@ struct Trees {
     subscribers: parking_lot::RwLock<Vec<Subscriber>>,
 }
 
+/// The trees of registries, image caches and repositories (typed records live in others).
+const FIXED_TREES: [&str; 9] = [
+    "registries",
+    "image_caches",
+    "credentials",
+    "repos",
+    "blob_links",
+    "artifacts",
+    "tags",
+    "referrers",
+    "pulls",
+];
+
 /// Stripes of the repository locks.
 const REPO_LOCK_STRIPES: usize = 64;
 
@@ -691,6 +704,18 @@ impl Trees {
         Ok(out)
     }
 
+    fn record_trees(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .db
+            .tree_names()
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .filter(|n| !FIXED_TREES.contains(&n.as_str()) && !n.starts_with("__sled"))
+            .collect();
+        names.sort();
+        names
+    }
+
     fn record_remove_prefix(&self, tree: &str, prefix: &str) -> MetaResult<usize> {
         let t = self.db.open_tree(tree)?;
         let mut n = 0;
@@ -996,6 +1021,10 @@ impl MetaStore for SledMeta {
         let (tree, prefix) = (tree.to_owned(), prefix.to_owned());
         self.run(move |t| t.record_remove_prefix(&tree, &prefix))
             .await
+    }
+
+    async fn record_trees(&self) -> MetaResult<Vec<String>> {
+        self.run(|t| Ok(t.record_trees())).await
     }
 }
 
