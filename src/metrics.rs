@@ -125,6 +125,19 @@ fn describe() {
         "Bytes of the committed blobs (updated every 5 minutes)"
     );
     describe_gauge!(
+        "berth_registry_storage_bytes",
+        Unit::Bytes,
+        "Bytes of the distinct blobs and manifests a registry holds (a blob its images share counts once), kept by the writes"
+    );
+    describe_gauge!(
+        "berth_registry_blobs",
+        "Distinct blobs and manifests a registry holds"
+    );
+    describe_gauge!(
+        "berth_registry_artifacts",
+        "Artifacts (manifests per repository) a registry holds"
+    );
+    describe_gauge!(
         "berth_storage_free_bytes",
         Unit::Bytes,
         "Free bytes on the data directory's volume"
@@ -197,6 +210,32 @@ fn describe() {
         "Webhook delivery attempts, by result"
     );
     describe_gauge!("berth_webhook_queue_depth", "Webhook deliveries waiting");
+}
+
+/// Registries whose usage was last published (a deleted one is set to zero once).
+static USAGE_PUBLISHED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Publishes what each registry holds (`usage`: every registry holding anything, from the
+/// metadata); registries published before and absent now go to zero.
+pub fn registry_usage(usage: &[(String, crate::store::meta::Usage)]) {
+    let mut published = USAGE_PUBLISHED.lock().unwrap_or_else(|e| e.into_inner());
+    for gone in published
+        .iter()
+        .filter(|p| !usage.iter().any(|(n, _)| n == *p))
+    {
+        let registry = gone.clone();
+        metrics::gauge!("berth_registry_storage_bytes", "registry" => registry.clone()).set(0.0);
+        metrics::gauge!("berth_registry_blobs", "registry" => registry.clone()).set(0.0);
+        metrics::gauge!("berth_registry_artifacts", "registry" => registry).set(0.0);
+    }
+    for (name, u) in usage {
+        metrics::gauge!("berth_registry_storage_bytes", "registry" => name.clone())
+            .set(u.bytes as f64);
+        metrics::gauge!("berth_registry_blobs", "registry" => name.clone()).set(u.blobs as f64);
+        metrics::gauge!("berth_registry_artifacts", "registry" => name.clone())
+            .set(u.artifacts as f64);
+    }
+    *published = usage.iter().map(|(n, _)| n.clone()).collect();
 }
 
 /// The text exposition, with the process's own figures read now.

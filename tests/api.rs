@@ -1568,3 +1568,57 @@ async fn image_caches_created_or_changed_at_run_time_serve_at_once() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "docker-content-digest"), two);
 }
+
+/// A registry's usage is kept by the writes: a layer shared by two images of the registry
+/// counts once, a layer another registry holds too is named shared, and a deleted image gives
+/// back only what nothing else holds; the gauges on /metrics say the same at once (before, the
+/// only storage figure was the whole store's, counted every 5 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_usage_follows_pushes_and_deletes() {
+    let s = admin_server("[[registry]]\nname = \"other\"\n").await;
+    let shared = b"a layer both images share".to_vec();
+    let reg = common::registry::Client::over(s.client.clone(), &s.base);
+    let a = reg.image("library/a", "v1", "a", &shared).await;
+    let b = reg.image("library/b", "v1", "b", &shared).await;
+    reg.blob("other/c", &shared).await;
+    let usage = || async {
+        api(&s, Method::GET, "/api/v1/registries/library", None)
+            .await
+            .body["usage"]
+            .clone()
+    };
+    // Per image: config {"seed":"x"} (12 bytes), its own layer "layer of x" (10), the manifest.
+    let bytes = shared.len() + 2 * (12 + 10) + a.len() + b.len();
+    assert_eq!(
+        usage().await,
+        json!({"bytes": bytes, "blobs": 7, "shared_blobs": 1, "artifacts": 2})
+    );
+    assert_eq!(
+        s.metric("berth_registry_storage_bytes", &[("registry", "library")])
+            .await,
+        bytes as f64
+    );
+    assert_eq!(
+        s.metric("berth_registry_artifacts", &[("registry", "library")])
+            .await,
+        2.0
+    );
+    let r = api(
+        &s,
+        Method::DELETE,
+        "/api/v1/registries/library/images/a",
+        None,
+    )
+    .await;
+    assert!(r.status.is_success(), "{:?}", r.body);
+    let left = shared.len() + 12 + 10 + b.len();
+    assert_eq!(
+        usage().await,
+        json!({"bytes": left, "blobs": 4, "shared_blobs": 1, "artifacts": 1})
+    );
+    assert_eq!(
+        s.metric("berth_registry_storage_bytes", &[("registry", "library")])
+            .await,
+        left as f64
+    );
+}

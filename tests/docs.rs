@@ -304,3 +304,33 @@ fn bin_dir() -> String {
         .display()
         .to_string()
 }
+
+/// Every metric berth describes is in docs/metrics.md (with what to alert on): a metric added
+/// without its line in the guide fails here.
+#[test]
+fn every_metric_is_in_the_metrics_guide() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = std::fs::read_to_string(root.join("src/metrics.rs")).unwrap();
+    let guide = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    let mut names: Vec<&str> = source
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| {
+            s.starts_with("berth_")
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(
+        names.len() > 20,
+        "metric names found in src/metrics.rs: {names:?}"
+    );
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| !guide.contains(&format!("`{n}")))
+        .collect();
+    assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
+}

@@ -26,6 +26,14 @@ pub async fn registry_view(app: &App, r: &RegistryRecord) -> Result<RegistryView
         .await?
         .len();
     let mut v = RegistryView::of(r, images);
+    let usage = app.store.meta.usage().await?;
+    v.usage = Some(
+        usage
+            .into_iter()
+            .find(|(name, _)| *name == r.name)
+            .map(|(_, u)| u)
+            .unwrap_or_default(),
+    );
     if let Some(c) = &r.cache {
         if app.cache.source(c).is_none() {
             v.note = Some(format!(

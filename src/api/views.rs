@@ -55,6 +55,10 @@ pub struct RegistryView {
     /// `normal` or `cache`.
     #[serde(rename = "type")]
     pub kind: RegistryKind,
+    /// What it stores (bytes and blobs each counted once however many of its images share
+    /// them, how many of those other registries hold too, artifacts), kept by the writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::store::meta::Usage>,
 }
 
 impl RegistryView {
@@ -69,6 +73,7 @@ impl RegistryView {
             note: None,
             public_uri: r.public_uri,
             kind: r.kind,
+            usage: None,
         }
     }
 }
@@ -966,7 +971,12 @@ mod tests {
         };
         let mut registry = RegistryView::of(&r, 0);
         registry.note = Some("n".into());
+        registry.usage = Some(Default::default());
         assert_eq!(keys(&registry), schema("Registry"));
+        assert_eq!(
+            keys(&crate::store::meta::Usage::default()),
+            schema("RegistryUsage")
+        );
         let mut cache = ImageCacheView::of(
             &ImageCacheConfig::new("c", crate::config::SourceKind::Registry, "https://r"),
             false,

@@ -436,6 +436,10 @@ pub async fn handle(
                 tracing::warn!(error = %e, "cannot read the data volume's free space");
             }
             crate::metrics::upload_sessions(app.store.uploads.count("").0);
+            match app.store.meta.usage().await {
+                Ok(usage) => crate::metrics::registry_usage(&usage),
+                Err(e) => tracing::warn!(error = %e, "cannot read the registries' usage"),
+            }
             let mut r = text(StatusCode::OK, crate::metrics::render());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -25,6 +25,7 @@ pub async fn meta_store(meta: Arc<dyn MetaStore>) {
     pull_times_are_kept_per_artifact(&*meta).await;
     every_change_is_notified(&*meta).await;
     racing_put_and_delete_leave_no_tag_on_a_missing_artifact(&meta).await;
+    usage_is_kept_by_links_and_artifacts(&*meta).await;
     meta.flush().await.expect("flush");
 }
 
@@ -700,6 +701,85 @@ async fn racing_put_and_delete_leave_no_tag_on_a_missing_artifact(meta: &Arc<dyn
     meta.delete_artifact(repo, &m).await.unwrap();
     assert!(meta.tags(repo, None, usize::MAX).await.unwrap().is_empty());
     meta.remove_repo_if_empty(repo).await.unwrap();
+}
+
+/// What `usage` says of registry `name`, zero when it lists nothing for it.
+async fn usage_of(meta: &dyn MetaStore, name: &str) -> super::Usage {
+    meta.usage()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, u)| u)
+        .unwrap_or_default()
+}
+
+async fn usage_is_kept_by_links_and_artifacts(meta: &dyn MetaStore) {
+    let (layer, config, m) = (d("usage layer"), d("usage config"), d("usage manifest"));
+    meta.put_registry(&registry("usage", RegistryKind::Normal))
+        .await
+        .unwrap();
+    meta.put_registry(&registry("usage2", RegistryKind::Normal))
+        .await
+        .unwrap();
+    for repo in ["usage/a", "usage/b"] {
+        meta.link_blob(repo, &layer, 1000).await.unwrap();
+        meta.link_blob(repo, &config, 5).await.unwrap();
+        let refers = Refers {
+            blobs: vec![layer.clone(), config.clone()],
+            manifests: vec![],
+        };
+        meta.put_artifact(repo, &m, &artifact(1, None), Some("v1"), None, &refers)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // Linked twice and pushed again under another tag: still counted once.
+    meta.link_blob("usage/a", &layer, 1000).await.unwrap();
+    meta.put_artifact(
+        "usage/a",
+        &m,
+        &artifact(2, None),
+        Some("v2"),
+        None,
+        &Refers::default(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let expected = super::Usage {
+        bytes: 1015,
+        blobs: 3,
+        shared_blobs: 0,
+        artifacts: 2,
+    };
+    assert_eq!(usage_of(meta, "usage").await, expected);
+    meta.link_blob("usage2/c", &layer, 1000).await.unwrap();
+    assert_eq!(usage_of(meta, "usage").await.shared_blobs, 1);
+    assert_eq!(usage_of(meta, "usage2").await.bytes, 1000);
+    // Released by the last holder only.
+    meta.delete_artifact("usage/a", &m).await.unwrap();
+    meta.unlink_blob("usage/a", &layer).await.unwrap();
+    meta.unlink_blob("usage/a", &config).await.unwrap();
+    assert_eq!(
+        usage_of(meta, "usage").await,
+        super::Usage {
+            artifacts: 1,
+            shared_blobs: 1,
+            ..expected
+        }
+    );
+    meta.delete_artifact("usage/b", &m).await.unwrap();
+    meta.unlink_blob("usage/b", &layer).await.unwrap();
+    assert_eq!(
+        usage_of(meta, "usage").await.bytes,
+        5,
+        "the config is still linked"
+    );
+    meta.delete_registry("usage").await.unwrap();
+    assert_eq!(usage_of(meta, "usage").await, super::Usage::default());
+    meta.delete_registry("usage2").await.unwrap();
+    assert_eq!(usage_of(meta, "usage2").await, super::Usage::default());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

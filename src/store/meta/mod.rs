@@ -10,6 +10,7 @@
 #[cfg(test)]
 mod conformance;
 mod sled;
+mod usage;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -343,6 +344,7 @@ pub fn pull_key(repo: &str, digest: &Digest) -> Arc<str> {
 }
 
 pub use self::sled::SledMeta;
+pub use self::usage::Usage;
 
 /// What a manifest refers to: a repository records the manifest only while it holds all of it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -530,6 +532,11 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> MetaResult<Vec<(String, Vec<u8>)>>;
     /// Removes every record whose key starts with `prefix`; returns how many.
     async fn record_remove_prefix(&self, tree: &str, prefix: &str) -> MetaResult<usize>;
+    /// What each registry holding anything stores, by name: its distinct blobs and manifests
+    /// (each counted once per registry, however many of its repositories hold it) with their
+    /// bytes, how many of those another registry holds too, and its artifacts. Kept current by
+    /// the writes (no scan).
+    async fn usage(&self) -> MetaResult<Vec<(String, Usage)>>;
     /// Names of the trees that hold typed records (every tree `record_put` wrote to, and maybe
     /// empty ones), in lexical order: a backup copies them all without knowing their owners.
     async fn record_trees(&self) -> MetaResult<Vec<String>>;

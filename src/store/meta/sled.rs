@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::usage::UsageBook;
 use super::{
     from_json, json, key, prefix, tail_str, ArtifactRecord, Change, CredentialRecord,
     ImageCacheRecord, ImageCacheSettings, MetaError, MetaResult, MetaStore, Missing, Refers,
-    RegistryRecord, SourceKind, Subscriber,
+    RegistryRecord, SourceKind, Subscriber, Usage,
 };
 use crate::oci::digest::Digest;
 use crate::oci::manifest::Descriptor;
@@ -126,6 +127,9 @@ struct Trees {
     _lock: crate::store::lock::DataDirLock,
     /// Told of every change to registries, artifacts and tags.
     subscribers: parking_lot::RwLock<Vec<Subscriber>>,
+    /// Storage per registry, counted at open and kept by every link and artifact written or
+    /// removed.
+    usage: parking_lot::Mutex<UsageBook>,
 }
 
 /// The trees of registries, image caches and repositories (typed records live in others).
@@ -229,12 +233,35 @@ impl Trees {
             flusher: Default::default(),
             _lock: lock,
             subscribers: Default::default(),
+            usage: Default::default(),
             repo_locks: (0..REPO_LOCK_STRIPES)
                 .map(|_| parking_lot::Mutex::new(()))
                 .collect(),
         };
         meta.migrate_image_caches()?;
+        meta.count_usage()?;
         Ok(meta)
+    }
+
+    /// Counts what every registry holds from the stored blob links and artifacts.
+    fn count_usage(&self) -> MetaResult<()> {
+        let mut book = UsageBook::default();
+        for item in self.blob_links.iter() {
+            let (k, v) = item?;
+            if let Some((repo, digest)) = split_key(&k) {
+                let size = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                book.hold(repo, &digest, size, false);
+            }
+        }
+        for item in self.artifacts.iter() {
+            let (k, v) = item?;
+            if let Some((repo, digest)) = split_key(&k) {
+                let record: ArtifactRecord = from_json(&v)?;
+                book.hold(repo, &digest, record.size, true);
+            }
+        }
+        *self.usage.lock() = book;
+        Ok(())
     }
 
     /// Rewrites image caches stored in the legacy shape (credentials inline) as an
@@ -322,6 +349,7 @@ impl Trees {
             }
         }
         self.registries.remove(name)?;
+        self.usage.lock().forget(name);
         self.notify(Change::Registry { name, record: None });
         Ok(())
     }
@@ -424,8 +452,12 @@ impl Trees {
     // --- blob links ---
 
     fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> MetaResult<()> {
-        self.blob_links
+        let old = self
+            .blob_links
             .insert(key(&[repo, digest.as_str()]), &size.to_be_bytes())?;
+        if old.is_none() {
+            self.usage.lock().hold(repo, digest, size, false);
+        }
         Ok(())
     }
 
@@ -437,10 +469,14 @@ impl Trees {
     }
 
     fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
-        Ok(self
+        let removed = self
             .blob_links
             .remove(key(&[repo, digest.as_str()]))?
-            .is_some())
+            .is_some();
+        if removed {
+            self.usage.lock().release(repo, digest, false);
+        }
+        Ok(removed)
     }
 
     fn linked_blobs(
@@ -507,6 +543,7 @@ impl Trees {
         if self.artifacts.get(&artifact_key)?.is_none() {
             self.artifacts
                 .insert(artifact_key.as_slice(), artifact.as_slice())?;
+            self.usage.lock().hold(repo, digest, record.size, true);
         }
         if let Some((k, v)) = &referrer_entry {
             self.referrers.insert(k.as_slice(), v.as_slice())?;
@@ -557,6 +594,7 @@ impl Trees {
         }
         self.pulls.remove(artifact_key.as_slice())?;
         self.artifacts.remove(artifact_key.as_slice())?;
+        self.usage.lock().release(repo, digest, true);
         self.notify(Change::Artifact { repo, digest });
         for tag in &removed {
             self.notify(Change::Tag { repo, tag });
@@ -745,6 +783,13 @@ fn get_json<T: for<'de> serde::Deserialize<'de>>(
 }
 
 /// Every JSON record of a tree, in key order.
+/// The repository and digest of a `repo \0 digest` key.
+fn split_key(k: &[u8]) -> Option<(&str, Digest)> {
+    let text = std::str::from_utf8(k).ok()?;
+    let (repo, digest) = text.split_once('\0')?;
+    Some((repo, Digest::parse(digest).ok()?))
+}
+
 fn all_json<T: for<'de> serde::Deserialize<'de>>(tree: &sled::Tree) -> MetaResult<Vec<T>> {
     tree.iter().values().map(|v| from_json(&v?)).collect()
 }
@@ -1023,6 +1068,10 @@ impl MetaStore for SledMeta {
             .await
     }
 
+    async fn usage(&self) -> MetaResult<Vec<(String, Usage)>> {
+        Ok(self.inner.usage.lock().usage())
+    }
+
     async fn record_trees(&self) -> MetaResult<Vec<String>> {
         self.run(|t| Ok(t.record_trees())).await
     }
@@ -1041,6 +1090,35 @@ mod tests {
             artifact_type: None,
             subject,
         }
+    }
+
+    /// The usage counted when the store opens is the usage the writes kept.
+    #[test]
+    fn usage_counted_at_open_equals_usage_kept_by_the_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = {
+            let m = Trees::open(dir.path()).unwrap();
+            let (layer, other, man) = (
+                Digest::sha256(b"l"),
+                Digest::sha256(b"o"),
+                Digest::sha256(b"m"),
+            );
+            for repo in ["r/a", "r/b", "s/c"] {
+                m.link_blob(repo, &layer, 7).unwrap();
+                m.put_artifact(repo, &man, &rec(None), Some("t"), None, &Refers::default())
+                    .unwrap()
+                    .unwrap();
+            }
+            m.link_blob("r/a", &other, 3).unwrap();
+            m.unlink_blob("r/b", &layer).unwrap();
+            m.delete_artifact("s/c", &man).unwrap();
+            let kept = m.usage.lock().usage();
+            assert_eq!(kept[0].1.bytes, 11);
+            m.db.flush().unwrap();
+            kept
+        };
+        let reopened = Trees::open(dir.path()).unwrap();
+        assert_eq!(reopened.usage.lock().usage(), kept);
     }
 
     /// What `Meta::put_image_cache` stored before credentials were a record of their own: the
