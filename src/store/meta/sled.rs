@@ -452,11 +452,14 @@ impl Trees {
     // --- blob links ---
 
     fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> MetaResult<()> {
+        // The count changes with the link, under one lock: a concurrent unlink of the same link
+        // cannot be counted before the link it removes.
+        let mut usage = self.usage.lock();
         let old = self
             .blob_links
             .insert(key(&[repo, digest.as_str()]), &size.to_be_bytes())?;
         if old.is_none() {
-            self.usage.lock().hold(repo, digest, size, false);
+            usage.hold(repo, digest, size, false);
         }
         Ok(())
     }
@@ -469,12 +472,13 @@ impl Trees {
     }
 
     fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
+        let mut usage = self.usage.lock();
         let removed = self
             .blob_links
             .remove(key(&[repo, digest.as_str()]))?
             .is_some();
         if removed {
-            self.usage.lock().release(repo, digest, false);
+            usage.release(repo, digest, false);
         }
         Ok(removed)
     }
