@@ -19,6 +19,7 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod oci;
+pub mod policy;
 pub mod registry;
 pub mod reload;
 pub mod serve;

@@ -110,12 +110,8 @@ pub async fn delete(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Respon
 }
 
 /// A doublestar glob (DESIGN.md 9): `*` stays inside one path component, `**` crosses them.
-pub fn glob(pattern: &str) -> Result<globset::GlobMatcher> {
-    globset::GlobBuilder::new(pattern)
-        .literal_separator(true)
-        .build()
-        .map(|g| g.compile_matcher())
-        .map_err(|e| Error::BadRequest(format!("invalid pattern {pattern:?}: {e}")))
+pub fn glob(pattern: &str) -> Result<crate::policy::pattern::Pattern> {
+    crate::policy::pattern::Pattern::new(pattern).map_err(|e| Error::BadRequest(e.to_string()))
 }
 
 /// `GET /api/v1/registries/{registry}/images/{image}/tags?pattern=GLOB`.
@@ -130,7 +126,7 @@ pub async fn tags(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response
         .tags(repo.as_str(), None, usize::MAX)
         .await?
         .into_iter()
-        .filter(|t| matcher.as_ref().is_none_or(|m| m.is_match(t)))
+        .filter(|t| matcher.as_ref().is_none_or(|m| m.matches(t)))
         .collect();
     let page = Page::of(ctx)?;
     let (total, tags) = page.slice(tags);
