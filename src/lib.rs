@@ -17,6 +17,7 @@ pub mod dispatch;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
 pub mod oci;
 pub mod policy;
