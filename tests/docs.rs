@@ -14,7 +14,8 @@ fn blocks(markdown: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut current: Option<(String, String)> = None;
     for line in markdown.lines() {
-        match (&mut current, line.strip_prefix("```")) {
+        // Fences may be indented (a block inside a list item).
+        match (&mut current, line.trim_start().strip_prefix("```")) {
             (None, Some(lang)) => current = Some((lang.trim().to_string(), String::new())),
             (Some(_), Some(_)) => out.extend(current.take()),
             (Some((_, text)), None) => {
@@ -333,4 +334,160 @@ fn every_metric_is_in_the_metrics_guide() {
         .filter(|n| !guide.contains(&format!("`{n}")))
         .collect();
     assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
+}
+
+/// The edge guide's commands, run as written against an edge on loopback whose source is
+/// another berth holding the guide's images (each an index of linux/amd64 and linux/arm64):
+/// the prefetch fills the cache for one platform, the stats and the prune's dry run answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_guide_commands_run_as_written() {
+    use common::process::BerthProcess;
+    use common::registry::Client;
+    use common::server::{sha256, OCI_INDEX, OCI_MANIFEST};
+
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = BerthProcess::start_in(source_dir.path(), "[[registry]]\nname = \"library\"\n");
+    let up = Client::new(&source.url(), None);
+    let mut arm = Vec::new();
+    for (repo, tag) in [("library/nginx", "1.27"), ("library/redis", "7.2")] {
+        let mut entries = Vec::new();
+        for arch in ["amd64", "arm64"] {
+            let m = up
+                .image(
+                    repo,
+                    &format!("{tag}-{arch}"),
+                    &format!("{repo}-{arch}"),
+                    b"base",
+                )
+                .await;
+            if arch == "arm64" {
+                arm.push(sha256(&m));
+            }
+            entries.push(serde_json::json!({"mediaType": OCI_MANIFEST, "digest": sha256(&m), "size": m.len(), "platform": {"architecture": arch, "os": "linux"}}));
+        }
+        let index = serde_json::to_vec(
+            &serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}),
+        )
+        .unwrap();
+        up.manifest(repo, tag, OCI_INDEX, &index).await;
+    }
+    let edge_dir = tempfile::tempdir().unwrap();
+    let edge = BerthProcess::start_in(
+        edge_dir.path(),
+        &format!(
+            "[[image_cache]]\nname = \"hub\"\nkind = \"registry\"\nurl = \"{}\"\n[[registry]]\nname = \"docker\"\ntype = \"cache\"\ncache = \"hub\"\nanonymous_pull = true\n",
+            source.url()
+        ),
+    );
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/guides/edge.md"),
+    )
+    .unwrap();
+    let mut ran = Vec::new();
+    for (lang, block) in blocks(&text) {
+        if lang != "sh" {
+            continue;
+        }
+        for command in block.replace("\\\n", " ").lines().map(str::trim) {
+            if command.is_empty() || command.starts_with('#') {
+                continue;
+            }
+            let command = command.replace("http://127.0.0.1:5000", &edge.url());
+            let out = Command::new("bash")
+                .args(["-euo", "pipefail", "-c", &command])
+                .env(
+                    "PATH",
+                    format!("{}:{}", bin_dir(), std::env::var("PATH").unwrap()),
+                )
+                .output()
+                .unwrap();
+            let (stdout, stderr) = (
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
+            assert!(out.status.success(), "{command}: {stdout}{stderr}");
+            ran.push((command, stdout));
+        }
+    }
+    assert!(ran.len() >= 3, "the guide's commands: {ran:?}");
+    let prefetch = &ran.iter().find(|(c, _)| c.contains("prefetch")).unwrap().1;
+    assert_eq!(
+        prefetch.lines().count(),
+        2,
+        "one line per image: {prefetch}"
+    );
+    // The arm64 images came in, whole, and are served from the edge's disk.
+    let client = Client::new(&edge.url(), None);
+    for (repo, digest) in [
+        ("docker/library/nginx", &arm[0]),
+        ("docker/library/redis", &arm[1]),
+    ] {
+        client.pull_all(repo, digest).await;
+    }
+    drop(source);
+    for (repo, digest) in [
+        ("docker/library/nginx", &arm[0]),
+        ("docker/library/redis", &arm[1]),
+    ] {
+        client.pull_all(repo, digest).await;
+    }
+}
+
+/// The upgrade guide's commands, as written: the new binary checks the running config, and the
+/// restarted server answers what step 3 looks at. `install` and `systemctl` act on the host's
+/// service (tests/deb_package.sh installs, upgrades and verifies the unit); here the restart is
+/// a stop and a start of a server on loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_guide_commands_run_as_written() {
+    use common::process::BerthProcess;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = Some(BerthProcess::start_in(
+        tmp.path(),
+        "[[registry]]\nname = \"team\"\n",
+    ));
+    let config = tmp.path().join("config.toml");
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/guides/upgrade.md"),
+    )
+    .unwrap();
+    let mut ran = 0;
+    for (lang, block) in blocks(&text) {
+        if lang != "sh" {
+            continue;
+        }
+        for command in block.lines().map(str::trim).filter(|c| !c.is_empty()) {
+            match command {
+                "systemctl restart berth" => {
+                    assert!(server.take().unwrap().terminate());
+                    server = Some(BerthProcess::start_in(
+                        tmp.path(),
+                        "[[registry]]\nname = \"team\"\n",
+                    ));
+                }
+                c if c.starts_with("install ") => {}
+                c => {
+                    let c = c
+                        .replace("/usr/local/bin/berth-new", &berth_bin())
+                        .replace("/etc/berth/config.toml", &config.display().to_string());
+                    let out = Command::new("bash")
+                        .args(["-euo", "pipefail", "-c", &c])
+                        .output()
+                        .unwrap();
+                    assert!(
+                        out.status.success(),
+                        "{c}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, 3, "check-config, install, restart");
+    // Step 3: the version, and readiness.
+    let url = server.as_ref().unwrap().url();
+    let out = Command::new(berth_bin()).arg("version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("berth "));
+    let ready = reqwest::get(format!("{url}/readyz")).await.unwrap();
+    assert_eq!(ready.text().await.unwrap(), "ready\n");
 }
