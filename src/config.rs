@@ -233,6 +233,11 @@ pub struct RegistryConfig {
     /// `[mirror]` (Docker daemons do not log in to a mirror), off for the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anonymous_pull: Option<bool>,
+    /// Most bytes its images may store (distinct blobs and manifests, as
+    /// `berth_registry_storage_bytes` counts them); a push past it is refused with 403. Unset
+    /// or 0: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
 }
 
 /// serde default for flags that are on unless turned off.
@@ -706,6 +711,7 @@ impl Config {
             anonymous_pull: r
                 .anonymous_pull
                 .unwrap_or(self.mirror.registry.as_deref() == Some(r.name.as_str())),
+            quota_bytes: r.quota_bytes.filter(|q| *q > 0),
         }
     }
 
@@ -886,12 +892,14 @@ mod tests {
             cache: Some("up".into()),
             public_uri: false,
             anonymous_pull: Some(true),
+            quota_bytes: Some(0),
         });
         assert_eq!(
             (r.kind, r.cache.as_deref()),
             (RegistryKind::Cache, Some("up"))
         );
         assert!(!r.public_uri && r.anonymous_pull);
+        assert_eq!(r.quota_bytes, None, "a quota of 0 is no quota");
     }
 
     #[test]

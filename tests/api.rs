@@ -1622,3 +1622,116 @@ async fn registry_usage_follows_pushes_and_deletes() {
         left as f64
     );
 }
+
+/// A registry's storage quota: a push past it is refused with 403 DENIED naming the usage and
+/// the limit, before its bytes are read when its length is known; a chunk without a length is
+/// taken, and the upload's end refused until the quota allows it; another tag for a manifest
+/// the registry holds needs no space; only an admin of every registry changes a quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_past_the_registry_quota_is_refused() {
+    let s = admin_server("").await;
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "small", "quota_bytes": 1000})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["quota_bytes"], 1000);
+    let reg = common::registry::Client::over(s.client.clone(), &s.base);
+    let manifest = reg.image("small/app", "v1", "a", &[7u8; 300]).await;
+    let used = 300 + 12 + 10 + manifest.len();
+    // Monolithic, with its length: refused before the body is read.
+    let big = vec![1u8; 1000 - used + 1];
+    let r = s
+        .client
+        .post(s.url(&format!(
+            "/v2/small/app/blobs/uploads/?digest={}",
+            sha256(&big)
+        )))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let (code, message) = common::server::error_of(r).await;
+    assert_eq!(code, "DENIED");
+    assert!(
+        message.contains(&format!(
+            "{used} bytes stored + {} bytes pushed > 1000 bytes allowed",
+            big.len()
+        )),
+        "{message}"
+    );
+    // What fits goes in.
+    reg.blob("small/app", &big[1..]).await;
+    // A chunk with its range: refused, the session stays where it was.
+    let r = s
+        .client
+        .post(s.url("/v2/small/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let location = header(&r, "location");
+    let r = s
+        .client
+        .patch(s.url(&location))
+        .header("content-range", "0-9")
+        .body(vec![2u8; 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // A chunk without a length is taken; the upload's end is refused until the quota allows it.
+    let chunk = vec![3u8; 10];
+    let stream = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(chunk.clone())]);
+    let r = s
+        .client
+        .patch(s.url(&location))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "{}",
+        r.text().await.unwrap()
+    );
+    let location = header(&r, "location");
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let finish = s.url(&format!("{location}{sep}digest={}", sha256(&chunk)));
+    let r = s.client.put(&finish).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Another tag for the manifest it holds needs no space.
+    let r = s
+        .put_manifest("small/app", "v1-again", OCI_MANIFEST, &manifest)
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // A registry's own admin cannot raise its quota; an admin of everything can.
+    let auth = user(&s, "smalladmin", Role::Admin, &["small"]);
+    let r = api_as(
+        &s,
+        Some(&auth),
+        Method::PATCH,
+        "/api/v1/registries/small",
+        Some(json!({"quota_bytes": 0})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+    let r = api(
+        &s,
+        Method::PATCH,
+        "/api/v1/registries/small",
+        Some(json!({"quota_bytes": 0})),
+    )
+    .await;
+    assert!(
+        r.body.get("quota_bytes").is_none(),
+        "0 removes it: {:?}",
+        r.body
+    );
+    let r = s.client.put(&finish).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "the same upload ends now");
+}

@@ -155,19 +155,22 @@ pub struct RegistryPatch {
     pub public_uri: Option<bool>,
     /// Pull without credentials.
     pub anonymous_pull: Option<bool>,
+    /// New quota in bytes (0: none).
+    pub quota_bytes: Option<u64>,
 }
 
 /// `PATCH /api/v1/registries/{registry}`. Visibility and anonymous pull are settings of the
 /// registry (its admins may change them); type and image cache change what the registry is,
 /// so they need an admin of every registry.
 pub async fn patch(ctx: &Ctx<'_>, name: &str, body: RegistryPatch) -> Result<Response<Body>> {
-    let structural = body.kind.is_some() || body.cache.is_some();
+    // A registry's admins must not raise their own quota: that is an admin of everything's.
+    let structural = body.kind.is_some() || body.cache.is_some() || body.quota_bytes.is_some();
     ctx.check(Action::Manage(if structural { None } else { Some(name) }))?;
     let app = ctx.app;
     let mut r = visible(ctx, name)?;
     if structural && declared_in_config(app, name) {
         return Err(Error::Conflict(format!(
-            "registry {name:?} is declared in the config file, which sets its type at every start: change it there"
+            "registry {name:?} is declared in the config file, which sets its type, image cache and quota at every start: change it there"
         )));
     }
     if let Some(kind) = body.kind {
@@ -185,6 +188,9 @@ pub async fn patch(ctx: &Ctx<'_>, name: &str, body: RegistryPatch) -> Result<Res
     }
     if let Some(a) = body.anonymous_pull {
         r.anonymous_pull = a;
+    }
+    if let Some(q) = body.quota_bytes {
+        r.quota_bytes = (q > 0).then_some(q);
     }
     app.store.put_registry(r.clone()).await?;
     app.store.meta.flush().await?;

@@ -52,6 +52,9 @@ pub struct RegistryView {
     pub note: Option<String>,
     /// Reachable on public listeners.
     pub public_uri: bool,
+    /// Most bytes its images may store (absent: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
     /// `normal` or `cache`.
     #[serde(rename = "type")]
     pub kind: RegistryKind,
@@ -72,6 +75,7 @@ impl RegistryView {
             name: r.name.clone(),
             note: None,
             public_uri: r.public_uri,
+            quota_bytes: r.quota_bytes,
             kind: r.kind,
             usage: None,
         }
@@ -96,6 +100,9 @@ pub struct NewRegistry {
     /// Anyone may pull without credentials.
     #[serde(default)]
     pub anonymous_pull: bool,
+    /// Most bytes its images may store (none or 0: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
 }
 
 impl NewRegistry {
@@ -108,6 +115,7 @@ impl NewRegistry {
             cache: self.cache.clone(),
             public_uri: self.public_uri,
             anonymous_pull: self.anonymous_pull,
+            quota_bytes: self.quota_bytes.filter(|q| *q > 0),
         }
     }
 }
@@ -683,6 +691,7 @@ mod tests {
             cache: Some("up".into()),
             public_uri: false,
             anonymous_pull: true,
+            quota_bytes: None,
         };
         let old = |r: &RegistryRecord| {
             json!({
@@ -968,10 +977,12 @@ mod tests {
             cache: None,
             public_uri: true,
             anonymous_pull: false,
+            quota_bytes: None,
         };
         let mut registry = RegistryView::of(&r, 0);
         registry.note = Some("n".into());
         registry.usage = Some(Default::default());
+        registry.quota_bytes = Some(1);
         assert_eq!(keys(&registry), schema("Registry"));
         assert_eq!(
             keys(&crate::store::meta::Usage::default()),

@@ -25,6 +25,9 @@ pub enum RegistryCommand {
         /// Let anyone pull without credentials.
         #[arg(long)]
         anonymous_pull: bool,
+        /// Most bytes its images may store (a push past it is refused with 403).
+        #[arg(long)]
+        quota_bytes: Option<u64>,
     },
     /// List registries.
     List {
@@ -50,6 +53,7 @@ pub fn run(place: &Place, cmd: RegistryCommand) -> Result<(), String> {
             cache,
             private,
             anonymous_pull,
+            quota_bytes,
         } => {
             let body = NewRegistry {
                 name: name.clone(),
@@ -57,6 +61,7 @@ pub fn run(place: &Place, cmd: RegistryCommand) -> Result<(), String> {
                 cache,
                 public_uri: !private,
                 anonymous_pull,
+                quota_bytes,
             };
             let r: RegistryView = place.send(Method::POST, "/registries", &body)?;
             outln!("created registry {name} ({kind})");

@@ -1,4 +1,5 @@
 //! Background work (cleanup, garbage collection, replication, scanning): when it runs
-//! (`schedule`). Executions, tasks and their history come next (issue 12).
+//! (`schedule`), and its executions with their tasks and history (`executions`).
 
+pub mod executions;
 pub mod schedule;

@@ -61,6 +61,16 @@ pub async fn put(
     // The repository must hold every blob and child manifest, checked where the artifact is
     // recorded (one metadata step, so nothing removed meanwhile is referred to).
     let refers = Refers::of(&parsed);
+    // A new manifest's bytes count against the quota; another tag for one it holds does not.
+    if app
+        .store
+        .meta
+        .artifact(repo.as_str(), &digest)
+        .await?
+        .is_none()
+    {
+        super::quota::check(app, repo.as_str(), bytes.len() as u64).await?;
+    }
     crate::serve::manifests::store(app, repo.as_str(), &digest, &bytes, &parsed, tag, &refers)
         .await?;
     let pushed = |kind, tag| Happened {

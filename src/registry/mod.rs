@@ -3,6 +3,7 @@
 pub mod blobs;
 pub mod lists;
 pub mod manifests;
+pub mod quota;
 pub mod receive;
 pub mod uploads;
 

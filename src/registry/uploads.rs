@@ -3,6 +3,7 @@
 use crate::http::req::RequestBody;
 use http::{header, Response, StatusCode};
 
+use super::quota;
 use super::receive::receive;
 use super::{empty, set, Req};
 use crate::error::{Error, Result};
@@ -90,6 +91,7 @@ pub async fn start(
         let digest = Digest::parse(&mount)?;
         if let Some(from) = lender {
             if let Some(size) = app.store.meta.blob_link(from.as_str(), &digest).await? {
+                quota::check(app, repo.as_str(), size).await?;
                 app.store
                     .meta
                     .link_blob(repo.as_str(), &digest, size)
@@ -103,6 +105,8 @@ pub async fn start(
     if let Some(digest) = query_param(req.query, "digest") {
         let digest = Digest::parse(&digest)?;
         let length = content_length(req)?;
+        // Refused before a byte is read when the length says so.
+        quota::check(app, repo.as_str(), length.unwrap_or(0)).await?;
         let (write, _) = app
             .store
             .blobs
@@ -127,6 +131,12 @@ pub async fn start(
             }
         };
         let size = writer.written();
+        if length.is_none() {
+            if let Err(e) = quota::check(app, repo.as_str(), size).await {
+                discard(app, Some(writer), &key).await;
+                return Err(e);
+            }
+        }
         if let Err(e) = writer.inner.commit(&digest).await {
             discard(app, None, &key).await;
             return Err(e.into());
@@ -241,6 +251,8 @@ async fn append(
         }
         expect = Some(end - start + 1);
     }
+    // The session's bytes and this chunk's, before a byte of it is read when its length is known.
+    quota::check(app, &s.repo, offset + expect.unwrap_or(0)).await?;
     let before = s.progress().cloned().ok_or_else(|| gone(s))?;
     let writer = s.take_writer().await?.ok_or_else(|| gone(s))?;
     let (writer, outcome) = receive(body, writer, expect).await;
@@ -337,6 +349,9 @@ pub async fn finish(
             "uploaded content has digest {actual}, not {digest}; the upload was discarded"
         )));
     }
+    // Past the quota (a chunk without a length took it there): the session stays, complete,
+    // for a PUT after space is freed.
+    quota::check(app, repo.as_str(), size).await?;
     // Not committed (a full disk at fsync): the session stays, complete, for another PUT.
     app.store.uploads.commit(&mut s, &digest).await?;
     app.store

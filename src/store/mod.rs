@@ -168,6 +168,7 @@ mod tests {
             cache: None,
             public_uri: true,
             anonymous_pull: false,
+            quota_bytes: None,
         };
         // Written through the metadata seam, as another node's change would arrive.
         store.meta.put_registry(&record).await.unwrap();

@@ -37,6 +37,7 @@ fn registry(name: &str, kind: RegistryKind) -> RegistryRecord {
         cache: (kind == RegistryKind::Cache).then(|| "up".into()),
         public_uri: true,
         anonymous_pull: false,
+        quota_bytes: None,
     }
 }
 
@@ -754,6 +755,8 @@ async fn usage_is_kept_by_links_and_artifacts(meta: &dyn MetaStore) {
         artifacts: 2,
     };
     assert_eq!(usage_of(meta, "usage").await, expected);
+    assert_eq!(meta.stored_bytes("usage").await.unwrap(), 1015);
+    assert_eq!(meta.stored_bytes("nothing-here").await.unwrap(), 0);
     meta.link_blob("usage2/c", &layer, 1000).await.unwrap();
     assert_eq!(usage_of(meta, "usage").await.shared_blobs, 1);
     assert_eq!(usage_of(meta, "usage2").await.bytes, 1000);

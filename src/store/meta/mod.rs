@@ -115,6 +115,9 @@ pub struct RegistryRecord {
     /// Anyone may pull without credentials.
     #[serde(default)]
     pub anonymous_pull: bool,
+    /// Most bytes its images may store (`None`: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
 }
 
 impl RegistryRecord {
@@ -124,6 +127,7 @@ impl RegistryRecord {
             && self.cache == other.cache
             && self.public_uri == other.public_uri
             && self.anonymous_pull == other.anonymous_pull
+            && self.quota_bytes == other.quota_bytes
     }
 }
 
@@ -537,6 +541,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// bytes, how many of those another registry holds too, and its artifacts. Kept current by
     /// the writes (no scan).
     async fn usage(&self) -> MetaResult<Vec<(String, Usage)>>;
+    /// The bytes one registry stores (`usage`'s `bytes`, without the work of the others): what
+    /// a push is checked against its quota with.
+    async fn stored_bytes(&self, registry: &str) -> MetaResult<u64>;
     /// Names of the trees that hold typed records (every tree `record_put` wrote to, and maybe
     /// empty ones), in lexical order: a backup copies them all without knowing their owners.
     async fn record_trees(&self) -> MetaResult<Vec<String>>;

@@ -1076,6 +1076,10 @@ impl MetaStore for SledMeta {
         Ok(self.inner.usage.lock().usage())
     }
 
+    async fn stored_bytes(&self, registry: &str) -> MetaResult<u64> {
+        Ok(self.inner.usage.lock().bytes(registry))
+    }
+
     async fn record_trees(&self) -> MetaResult<Vec<String>> {
         self.run(|t| Ok(t.record_trees())).await
     }

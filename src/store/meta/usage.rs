@@ -93,6 +93,11 @@ impl UsageBook {
         self.registries.remove(registry);
     }
 
+    /// The bytes one registry holds.
+    pub(super) fn bytes(&self, registry: &str) -> u64 {
+        self.registries.get(registry).map_or(0, |h| h.bytes)
+    }
+
     /// Every registry holding something, by name.
     pub(super) fn usage(&self) -> Vec<(String, Usage)> {
         let mut out: Vec<(String, Usage)> = self
