@@ -4,7 +4,7 @@ use http::{Response, StatusCode};
 use serde::Deserialize;
 
 use super::page::{matches_q, Page};
-use super::views::{RegistryDeleted, RegistryView};
+use super::views::{RegistryDeleted, RegistryUsageView, RegistryView};
 use super::{json, Ctx};
 use crate::auth::Action;
 use crate::config::RegistryKind;
@@ -26,14 +26,13 @@ pub async fn registry_view(app: &App, r: &RegistryRecord) -> Result<RegistryView
         .await?
         .len();
     let mut v = RegistryView::of(r, images);
-    let usage = app.store.meta.usage().await?;
-    v.usage = Some(
-        usage
-            .into_iter()
-            .find(|(name, _)| *name == r.name)
-            .map(|(_, u)| u)
-            .unwrap_or_default(),
-    );
+    let usage = app.store.meta.registry_usage(&r.name).await?;
+    v.usage = Some(RegistryUsageView {
+        bytes: usage.bytes,
+        blobs: usage.blobs,
+        shared_blobs: app.store.meta.shared_blobs(&r.name).await?,
+        artifacts: usage.artifacts,
+    });
     if let Some(c) = &r.cache {
         if app.cache.source(c).is_none() {
             v.note = Some(format!(

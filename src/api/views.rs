@@ -61,7 +61,20 @@ pub struct RegistryView {
     /// What it stores (bytes and blobs each counted once however many of its images share
     /// them, how many of those other registries hold too, artifacts), kept by the writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage: Option<crate::store::meta::Usage>,
+    pub usage: Option<RegistryUsageView>,
+}
+
+/// What a registry stores (`usage` in its view).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryUsageView {
+    /// Bytes of its distinct blobs and manifests (a layer its images share counts once).
+    pub bytes: u64,
+    /// Its distinct blobs and manifests.
+    pub blobs: u64,
+    /// Of those, how many another registry holds too (deleting this one does not free them).
+    pub shared_blobs: u64,
+    /// Its artifacts (manifests, per repository).
+    pub artifacts: u64,
 }
 
 impl RegistryView {
@@ -984,10 +997,7 @@ mod tests {
         registry.usage = Some(Default::default());
         registry.quota_bytes = Some(1);
         assert_eq!(keys(&registry), schema("Registry"));
-        assert_eq!(
-            keys(&crate::store::meta::Usage::default()),
-            schema("RegistryUsage")
-        );
+        assert_eq!(keys(&RegistryUsageView::default()), schema("RegistryUsage"));
         let mut cache = ImageCacheView::of(
             &ImageCacheConfig::new("c", crate::config::SourceKind::Registry, "https://r"),
             false,

@@ -14,7 +14,7 @@ pub async fn check(app: &App, repo: &str, adding: u64) -> Result<()> {
     let Some(limit) = app.store.registry(registry).and_then(|r| r.quota_bytes) else {
         return Ok(());
     };
-    let used = app.store.meta.stored_bytes(registry).await?;
+    let used = app.store.meta.registry_usage(registry).await?.bytes;
     if used.saturating_add(adding) <= limit {
         return Ok(());
     }

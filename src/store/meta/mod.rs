@@ -538,12 +538,12 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn record_remove_prefix(&self, tree: &str, prefix: &str) -> MetaResult<usize>;
     /// What each registry holding anything stores, by name: its distinct blobs and manifests
     /// (each counted once per registry, however many of its repositories hold it) with their
-    /// bytes, how many of those another registry holds too, and its artifacts. Kept current by
-    /// the writes (no scan).
+    /// bytes, and its artifacts. Kept current by the writes (no scan).
     async fn usage(&self) -> MetaResult<Vec<(String, Usage)>>;
-    /// The bytes one registry stores (`usage`'s `bytes`, without the work of the others): what
-    /// a push is checked against its quota with.
-    async fn stored_bytes(&self, registry: &str) -> MetaResult<u64>;
+    /// What one registry stores (what a push is checked against its quota with).
+    async fn registry_usage(&self, registry: &str) -> MetaResult<Usage>;
+    /// How many of a registry's blobs and manifests another registry holds too.
+    async fn shared_blobs(&self, registry: &str) -> MetaResult<u64>;
     /// Names of the trees that hold typed records (every tree `record_put` wrote to, and maybe
     /// empty ones), in lexical order: a backup copies them all without knowing their owners.
     async fn record_trees(&self) -> MetaResult<Vec<String>>;

@@ -1076,8 +1076,12 @@ impl MetaStore for SledMeta {
         Ok(self.inner.usage.lock().usage())
     }
 
-    async fn stored_bytes(&self, registry: &str) -> MetaResult<u64> {
-        Ok(self.inner.usage.lock().bytes(registry))
+    async fn registry_usage(&self, registry: &str) -> MetaResult<Usage> {
+        Ok(self.inner.usage.lock().of(registry))
+    }
+
+    async fn shared_blobs(&self, registry: &str) -> MetaResult<u64> {
+        Ok(self.inner.usage.lock().shared_blobs(registry))
     }
 
     async fn record_trees(&self) -> MetaResult<Vec<String>> {

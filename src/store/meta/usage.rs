@@ -16,8 +16,6 @@ pub struct Usage {
     pub bytes: u64,
     /// Its distinct blobs and manifests.
     pub blobs: u64,
-    /// Of those, how many another registry holds too (a deletion here does not free them).
-    pub shared_blobs: u64,
     /// Its artifacts (manifests, per repository).
     pub artifacts: u64,
 }
@@ -46,6 +44,16 @@ struct Held {
 #[derive(Default)]
 pub(super) struct UsageBook {
     registries: HashMap<String, Held>,
+}
+
+impl Held {
+    fn usage(&self) -> Usage {
+        Usage {
+            bytes: self.bytes,
+            blobs: self.refs.len() as u64,
+            artifacts: self.artifacts,
+        }
+    }
 }
 
 /// The registry of a repository (its first segment).
@@ -93,9 +101,27 @@ impl UsageBook {
         self.registries.remove(registry);
     }
 
-    /// The bytes one registry holds.
-    pub(super) fn bytes(&self, registry: &str) -> u64 {
-        self.registries.get(registry).map_or(0, |h| h.bytes)
+    /// What one registry holds (nothing for one that holds nothing).
+    pub(super) fn of(&self, registry: &str) -> Usage {
+        self.registries
+            .get(registry)
+            .map_or_else(Usage::default, Held::usage)
+    }
+
+    /// How many of a registry's blobs and manifests another registry holds too (a deletion
+    /// there does not free them): a walk of its digests, for the API, not for every scrape.
+    pub(super) fn shared_blobs(&self, registry: &str) -> u64 {
+        let Some(held) = self.registries.get(registry) else {
+            return 0;
+        };
+        held.refs
+            .keys()
+            .filter(|k| {
+                self.registries
+                    .iter()
+                    .any(|(other, h)| other != registry && h.refs.contains_key(*k))
+            })
+            .count() as u64
     }
 
     /// Every registry holding something, by name.
@@ -104,26 +130,7 @@ impl UsageBook {
             .registries
             .iter()
             .filter(|(_, held)| !held.refs.is_empty() || held.artifacts > 0)
-            .map(|(name, held)| {
-                let shared_blobs = held
-                    .refs
-                    .keys()
-                    .filter(|k| {
-                        self.registries
-                            .iter()
-                            .any(|(other, h)| other != name && h.refs.contains_key(*k))
-                    })
-                    .count() as u64;
-                (
-                    name.clone(),
-                    Usage {
-                        bytes: held.bytes,
-                        blobs: held.refs.len() as u64,
-                        shared_blobs,
-                        artifacts: held.artifacts,
-                    },
-                )
-            })
+            .map(|(name, held)| (name.clone(), held.usage()))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -153,11 +160,12 @@ mod tests {
                 Usage {
                     bytes: 110,
                     blobs: 2,
-                    shared_blobs: 1,
                     artifacts: 1
                 }
             )
         );
+        assert_eq!(book.shared_blobs("lib"), 1);
+        assert_eq!(book.of("lib"), usage[0].1);
         assert_eq!(usage[1].1.bytes, 100);
         book.release("lib/a", &d("layer"), false);
         assert_eq!(book.usage()[0].1.bytes, 110, "lib/b still holds the layer");
@@ -168,7 +176,8 @@ mod tests {
             1,
             "lib holds nothing: only team is listed"
         );
-        assert_eq!(book.usage()[0].1.shared_blobs, 0);
+        assert_eq!(book.shared_blobs("team"), 0);
+        assert_eq!(book.of("lib"), Usage::default());
         book.forget("team");
         assert!(book.usage().is_empty());
     }
