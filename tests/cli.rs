@@ -635,6 +635,14 @@ fn trees_holding(data: &std::path::Path, needle: &[u8]) -> Vec<String> {
             found.push(String::from_utf8_lossy(&name).into_owned());
         }
     }
+    drop(db);
+    // The next berth command must find the database unlocked: wait for sled's flusher to let go.
+    let file = std::fs::File::open(data.join("meta").join("db")).unwrap();
+    while rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        assert!(std::time::Instant::now() < deadline, "sled kept its lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::Unlock).unwrap();
     found
 }
 
