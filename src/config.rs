@@ -378,10 +378,10 @@ pub struct MirrorConfig {
 pub struct PullThrough {
     /// Source ports berth may connect to; empty allows any.
     pub allowed_ports: Vec<u16>,
-    /// Artifacts of cache registries not pulled for this long are removed by the sweep.
+    /// The default cleanup policy of cache registries keeps what was pulled within this long.
     #[serde(with = "humantime_serde_compat")]
     pub cleanup_unpulled_after: Duration,
-    /// How often the cleanup sweep runs.
+    /// How often garbage collection of unreferenced blobs runs.
     #[serde(with = "humantime_serde_compat")]
     pub cleanup_interval: Duration,
     /// Partial blob fetches untouched for this long are removed.

@@ -64,6 +64,9 @@ pub enum Error {
     /// Operation not allowed on this resource.
     #[error("{0}")]
     Denied(String),
+    /// A protection policy forbids the change (412, code `DENIED`): the message names it.
+    #[error("{0}")]
+    Protected(String),
     /// Credentials missing or not accepted, or a token without the needed scope; answered with a
     /// `WWW-Authenticate` challenge (built by the HTTP layer, which knows the host).
     #[error("{message}")]
@@ -136,7 +139,7 @@ impl Error {
             Error::SizeInvalid(_) => "SIZE_INVALID",
             Error::TagInvalid(_) => "TAG_INVALID",
             Error::PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
-            Error::Denied(_) => "DENIED",
+            Error::Denied(_) | Error::Protected(_) => "DENIED",
             Error::Unauthorized {
                 insufficient: true, ..
             } => "DENIED",
@@ -174,6 +177,7 @@ impl Error {
             Error::ManifestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Error::Denied(_) => StatusCode::FORBIDDEN,
+            Error::Protected(_) => StatusCode::PRECONDITION_FAILED,
             Error::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,

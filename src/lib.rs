@@ -52,6 +52,10 @@ pub struct App {
     pub auth: Arc<auth::Auth>,
     /// The event bus.
     pub events: events::Events,
+    /// Cleanup and protection policies.
+    pub policies: Arc<policy::book::Policies>,
+    /// Executions of background jobs.
+    pub jobs: jobs::executions::Jobs,
     /// Random per-process prefix of request ids.
     pub boot_id: u32,
     /// Set once every listener is bound.
@@ -187,6 +191,12 @@ impl App {
         let webhooks = events::webhooks::Webhooks::open_with(&store.meta, &config.webhooks, egress)
             .await
             .map_err(store_err)?;
+        let policies = policy::book::Policies::open(store.meta.clone())
+            .await
+            .map_err(store_err)?;
+        let jobs = jobs::executions::Jobs::open(store.meta.clone())
+            .await
+            .map_err(|e| store_err(e.into()))?;
         let manifests = Arc::new(serve::manifests::ManifestCache::new(
             config.memory.manifest_bytes,
         ));
@@ -201,6 +211,8 @@ impl App {
             cache,
             auth: Arc::new(auth),
             events: events::Events::new(webhooks),
+            policies: Arc::new(policies),
+            jobs,
             boot_id: rand_u32(),
             ready: AtomicBool::new(false),
             reloadable: Default::default(),
@@ -232,7 +244,8 @@ impl Server {
         if let Some(dispatcher) = app.events.start(stop_rx.clone()) {
             tasks.spawn(dispatcher);
         }
-        tasks.spawn(housekeeping(app.clone(), stop_rx));
+        tasks.spawn(housekeeping(app.clone(), stop_rx.clone()));
+        tasks.spawn(policy::schedule::run(app.clone(), stop_rx));
         app.ready.store(true, Ordering::Release);
         Ok(Server {
             app,
@@ -282,7 +295,9 @@ async fn stored_bytes(blobs: &dyn store::blobs::BlobStore) -> std::io::Result<u6
 }
 
 /// Periodic work: batched last-pull writes (1 s); expired uploads, stale partial fetches and
-/// storage size (5 min); the cache cleanup sweep (`pull_through.cleanup_interval`).
+/// storage size (5 min); garbage collection of unreferenced blobs
+/// (`pull_through.cleanup_interval`). Cleanups run on their own schedules
+/// (`policy::schedule`).
 async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -319,9 +334,11 @@ async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let sweep_every = app.config.pull_through.cleanup_interval.as_secs().max(1);
         if n > 0 && n.is_multiple_of(sweep_every) {
             let busy = app.cache.fetches.inflight_digests();
+            // Artifacts go by the registries' cleanup policies; this collects only the blobs
+            // nothing references any more.
             let swept = cache::sweep::sweep(
                 &app.store,
-                app.config.pull_through.cleanup_unpulled_after,
+                Duration::MAX,
                 app.config.pull_through.gc_grace,
                 &busy,
                 false,
@@ -334,11 +351,11 @@ async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                         artifacts = r.artifacts.len(),
                         blobs = r.blobs.len(),
                         bytes = r.bytes(),
-                        "cache cleanup removed unpulled artifacts"
+                        "garbage collection removed unreferenced blobs"
                     );
                     cache::sweep::announce(&app.events, &r);
                 }
-                Err(e) => tracing::warn!(error = %e, "cache cleanup failed"),
+                Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
             }
         }
         n += 1;

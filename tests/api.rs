@@ -81,6 +81,19 @@ async fn api(s: &TestServer, method: Method, path: &str, body: Option<Value>) ->
     send(&s.client, s.url(path), method, body).await
 }
 
+/// Polls a cleanup execution (API path) until it is no longer running; returns it.
+async fn wait_execution(s: &TestServer, path: &str) -> Value {
+    for _ in 0..600 {
+        let e = api(s, Method::GET, &format!("/api/v1{path}"), None).await;
+        assert_eq!(e.status, StatusCode::OK, "{path}: {:?}", e.body);
+        if e.body["status"] != "running" {
+            return e.body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{path} still running after 30 s");
+}
+
 /// An API call with other credentials (`None`: anonymous).
 async fn api_as(
     s: &TestServer,
@@ -1494,6 +1507,100 @@ async fn every_answer_is_what_openapi_documents() {
     );
     call!(Method::DELETE, &hook, one, None);
 
+    let cps = format!("{reg}/cleanup-policies");
+    let created = call!(
+        Method::POST,
+        &cps,
+        "/registries/shop/cleanup-policies".into(),
+        Some(json!({"images": "team/**", "rule": "latest_pushed", "n": 5}))
+    );
+    let id = created.body["id"].as_str().unwrap().to_string();
+    let one = format!("/registries/shop/cleanup-policies/{id}");
+    let cp = format!("{cps}/{{id}}");
+    call!(
+        Method::GET,
+        &cps,
+        "/registries/shop/cleanup-policies".into(),
+        None
+    );
+    call!(Method::GET, &cp, one.clone(), None);
+    call!(Method::PATCH, &cp, one.clone(), Some(json!({"tags": "v*"})));
+    let pps = format!("{reg}/protection-policies");
+    let created = call!(
+        Method::POST,
+        &pps,
+        "/registries/shop/protection-policies".into(),
+        Some(json!({"images": "team/**", "tags": "v1"}))
+    );
+    let pid = created.body["id"].as_str().unwrap().to_string();
+    let pone = format!("/registries/shop/protection-policies/{pid}");
+    let pp = format!("{pps}/{{id}}");
+    call!(
+        Method::GET,
+        &pps,
+        "/registries/shop/protection-policies".into(),
+        None
+    );
+    call!(Method::GET, &pp, pone.clone(), None);
+    call!(
+        Method::PATCH,
+        &pp,
+        pone.clone(),
+        Some(json!({"enabled": true}))
+    );
+    let cleanup = format!("{reg}/cleanup");
+    call!(
+        Method::PUT,
+        &cleanup,
+        "/registries/shop/cleanup".into(),
+        Some(json!({"schedule": {"type": "custom", "cron": "0 3 * * SUN"}}))
+    );
+    call!(
+        Method::GET,
+        &cleanup,
+        "/registries/shop/cleanup".into(),
+        None
+    );
+    let execs = format!("{cleanup}/executions");
+    let started = call!(
+        Method::POST,
+        &execs,
+        "/registries/shop/cleanup/executions".into(),
+        Some(json!({"dry_run": true}))
+    );
+    let eid = started.body["id"].as_str().unwrap().to_string();
+    let exec = format!("{execs}/{{id}}");
+    let eone = format!("/registries/shop/cleanup/executions/{eid}");
+    let ended = wait_execution(&s, &eone).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    call!(Method::GET, &exec, eone.clone(), None);
+    call!(
+        Method::GET,
+        &execs,
+        "/registries/shop/cleanup/executions".into(),
+        None
+    );
+    call!(
+        Method::GET,
+        format!("{exec}/tasks"),
+        format!("{eone}/tasks"),
+        None
+    );
+    call!(
+        Method::GET,
+        format!("{exec}/history"),
+        format!("{eone}/history"),
+        None
+    );
+    call!(
+        Method::POST,
+        format!("{exec}/stop"),
+        format!("{eone}/stop"),
+        None
+    );
+    call!(Method::DELETE, &pp, pone, None);
+    call!(Method::DELETE, &cp, one, None);
+
     call!(
         Method::DELETE,
         format!("{image}/artifacts/{{digest}}"),
@@ -1734,4 +1841,551 @@ async fn a_push_past_the_registry_quota_is_refused() {
     );
     let r = s.client.put(&finish).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::CREATED, "the same upload ends now");
+}
+
+/// Pushes `repo:tag` (a small image unique to `seed`) with the server's client; its digest.
+async fn push_seeded(s: &TestServer, repo: &str, tag: &str, seed: &str) -> String {
+    let reg = common::registry::Client::over(s.client.clone(), &s.url(""));
+    sha256(&reg.image(repo, tag, seed, b"shared base layer").await)
+}
+
+/// The status and OCI error code of a request through `/v2/`.
+async fn v2(
+    s: &TestServer,
+    method: Method,
+    path: &str,
+    body: Option<(&str, Vec<u8>)>,
+) -> (StatusCode, String) {
+    let mut r = s.client.request(method, s.url(path));
+    if let Some((media_type, bytes)) = body {
+        r = r.header("content-type", media_type).body(bytes);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        body["errors"][0]["code"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Protection (issue 12 item 4): a protected tag cannot be pushed over (with the same digest or
+/// another), deleted, moved, or have its artifact or image deleted, through `/v2/` and the API
+/// (412 DENIED naming the policy); other tags of the artifact can go; a cleanup never deletes
+/// it; disabling the policy lifts it. Limits and duplicates are refused.
+#[tokio::test]
+async fn protected_tags_refuse_every_change() {
+    let s = admin_server("").await;
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "prod"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let a = push_seeded(&s, "prod/app", "v1", "a").await;
+    let b = push_seeded(&s, "prod/app", "v2", "b").await;
+    let t = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries/prod/images/app/tags",
+        Some(json!({"tag": "also-a", "digest": a})),
+    )
+    .await;
+    assert_eq!(t.status, StatusCode::CREATED);
+    let policies = "/api/v1/registries/prod/protection-policies";
+    let p = api(
+        &s,
+        Method::POST,
+        policies,
+        Some(json!({"images": "app", "tags": "v1"})),
+    )
+    .await;
+    assert_eq!(p.status, StatusCode::CREATED, "{:?}", p.body);
+    let id = p.body["id"].as_str().unwrap().to_string();
+    let dup = api(
+        &s,
+        Method::POST,
+        policies,
+        Some(json!({"images": "app", "tags": "v1"})),
+    )
+    .await;
+    assert_eq!(dup.status, StatusCode::CONFLICT, "duplicate");
+    let bad = api(&s, Method::POST, policies, Some(json!({"tags": "v[1"}))).await;
+    assert_eq!(
+        bad.status,
+        StatusCode::BAD_REQUEST,
+        "a pattern that does not compile"
+    );
+
+    let a_bytes = s
+        .client
+        .get(s.url("/v2/prod/app/manifests/v1"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let b_bytes = s
+        .client
+        .get(s.url("/v2/prod/app/manifests/v2"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let refused = (StatusCode::PRECONDITION_FAILED, "DENIED".to_string());
+    assert_eq!(
+        v2(
+            &s,
+            Method::PUT,
+            "/v2/prod/app/manifests/v1",
+            Some((OCI_MANIFEST, a_bytes.clone()))
+        )
+        .await,
+        refused,
+        "re-push, same digest"
+    );
+    assert_eq!(
+        v2(
+            &s,
+            Method::PUT,
+            "/v2/prod/app/manifests/v1",
+            Some((OCI_MANIFEST, b_bytes))
+        )
+        .await,
+        refused,
+        "push of another digest"
+    );
+    assert_eq!(
+        v2(&s, Method::DELETE, "/v2/prod/app/manifests/v1", None).await,
+        refused,
+        "tag delete"
+    );
+    assert_eq!(
+        v2(
+            &s,
+            Method::DELETE,
+            &format!("/v2/prod/app/manifests/{a}"),
+            None
+        )
+        .await,
+        refused,
+        "artifact delete"
+    );
+    let msg = api(
+        &s,
+        Method::DELETE,
+        "/api/v1/registries/prod/images/app/tags/v1",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (msg.status, msg.code()),
+        (StatusCode::PRECONDITION_FAILED, "DENIED")
+    );
+    assert!(
+        msg.message().contains(&id),
+        "the refusal names the policy: {}",
+        msg.message()
+    );
+    for (method, path, body) in [
+        (
+            Method::DELETE,
+            format!("/api/v1/registries/prod/images/app/artifacts/{a}"),
+            None,
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/registries/prod/images/app".to_string(),
+            None,
+        ),
+        (
+            Method::POST,
+            "/api/v1/registries/prod/images/app/tags".to_string(),
+            Some(json!({"tag": "v1", "digest": b})),
+        ),
+    ] {
+        let r = api(&s, method.clone(), &path, body).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::PRECONDITION_FAILED, "DENIED"),
+            "{method} {path}"
+        );
+    }
+    // Another tag of the protected artifact, and unprotected tags, can go.
+    assert_eq!(
+        v2(&s, Method::DELETE, "/v2/prod/app/manifests/also-a", None)
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+    // A protected tag that does not exist yet can be created, then no longer changed.
+    let all = api(&s, Method::POST, policies, Some(json!({"tags": "rel-*"}))).await;
+    assert_eq!(all.status, StatusCode::CREATED);
+    push_seeded(&s, "prod/tool", "rel-1", "c").await;
+    assert_eq!(
+        v2(
+            &s,
+            Method::PUT,
+            "/v2/prod/tool/manifests/rel-1",
+            Some((OCI_MANIFEST, a_bytes))
+        )
+        .await,
+        refused
+    );
+
+    // A cleanup that keeps nothing still keeps the protected artifact.
+    let c = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries/prod/cleanup-policies",
+        Some(json!({"images": "app", "rule": "latest_pushed", "n": 0})),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+    let run = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries/prod/cleanup/executions",
+        None,
+    )
+    .await;
+    assert_eq!(run.status, StatusCode::ACCEPTED, "{:?}", run.body);
+    let e = wait_execution(
+        &s,
+        &format!(
+            "/registries/prod/cleanup/executions/{}",
+            run.body["id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(
+        (e["status"].as_str(), e["counts"]["acted"].as_u64()),
+        (Some("succeeded"), Some(1)),
+        "{e}"
+    );
+    assert_eq!(
+        v2(&s, Method::GET, "/v2/prod/app/manifests/v2", None)
+            .await
+            .0,
+        StatusCode::NOT_FOUND,
+        "v2 was cleaned up"
+    );
+    assert_eq!(
+        v2(&s, Method::GET, "/v2/prod/app/manifests/v1", None)
+            .await
+            .0,
+        StatusCode::OK,
+        "v1 is protected"
+    );
+
+    // Disabled, the policy protects nothing.
+    let off = api(
+        &s,
+        Method::PATCH,
+        &format!("{policies}/{id}"),
+        Some(json!({"enabled": false})),
+    )
+    .await;
+    assert_eq!(off.status, StatusCode::OK);
+    assert_eq!(
+        v2(&s, Method::DELETE, "/v2/prod/app/manifests/v1", None)
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+
+    // At most 15 per registry.
+    for i in 2..15 {
+        let r = api(
+            &s,
+            Method::POST,
+            policies,
+            Some(json!({"tags": format!("t{i}")})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED, "policy {i}");
+    }
+    let over = api(&s, Method::POST, policies, Some(json!({"tags": "t99"}))).await;
+    assert_eq!(over.status, StatusCode::CONFLICT, "the 16th");
+}
+
+/// Cleanup (issue 12 items 1 and 3): a dry run reports exactly what the real run then deletes;
+/// what policies keep still pulls completely, the rest answers 404; images no policy names are
+/// untouched; executions, tasks and history are paged; policy limits and validation.
+#[tokio::test]
+async fn cleanup_dry_run_then_real_run() {
+    let s = admin_server("").await;
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "lib"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    // The oldest push, untagged since.
+    let untagged = {
+        let reg = common::registry::Client::over(s.client.clone(), &s.url(""));
+        let bytes = reg
+            .image("lib/app", "tmp", "untagged", b"shared base layer")
+            .await;
+        let d = sha256(&bytes);
+        let r = s
+            .client
+            .delete(s.url("/v2/lib/app/manifests/tmp"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        d
+    };
+    let mut digests = std::collections::HashMap::new();
+    for tag in ["1.0", "1.1", "1.2", "2.0"] {
+        // Push times order the artifacts.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        digests.insert(tag, push_seeded(&s, "lib/app", tag, tag).await);
+    }
+    push_seeded(&s, "lib/tools", "1", "t1").await;
+    push_seeded(&s, "lib/other", "1", "o1").await;
+    let policies = "/api/v1/registries/lib/cleanup-policies";
+    for body in [
+        json!({"images": "app", "rule": "latest_pushed", "n": 2}),
+        json!({"images": "tools", "rule": "always"}),
+    ] {
+        let r = api(&s, Method::POST, policies, Some(body)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+    for (body, status) in [
+        (
+            json!({"images": "app", "rule": "latest_pushed", "n": 2}),
+            StatusCode::CONFLICT,
+        ),
+        (json!({"rule": "latest_pushed"}), StatusCode::BAD_REQUEST),
+        (json!({"rule": "always", "n": 3}), StatusCode::BAD_REQUEST),
+        (json!({"rule": "sometimes"}), StatusCode::BAD_REQUEST),
+        (
+            json!({"images": "{a", "rule": "always"}),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let r = api(&s, Method::POST, policies, Some(body.clone())).await;
+        assert_eq!(r.status, status, "{body}: {:?}", r.body);
+    }
+    let cron = api(
+        &s,
+        Method::PUT,
+        "/api/v1/registries/lib/cleanup",
+        Some(json!({"schedule": {"type": "custom", "cron": "0 3 * * MON-FRI"}})),
+    )
+    .await;
+    assert_eq!(cron.status, StatusCode::OK, "{:?}", cron.body);
+    assert_eq!(cron.body["next_runs"].as_array().unwrap().len(), 5);
+    let bad = api(
+        &s,
+        Method::PUT,
+        "/api/v1/registries/lib/cleanup",
+        Some(json!({"schedule": {"type": "custom", "cron": "0 3 L * *"}})),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "beyond the grammar");
+
+    let execs = "/api/v1/registries/lib/cleanup/executions";
+    let mut reported = Vec::new();
+    for dry_run in [true, false] {
+        let run = api(&s, Method::POST, execs, Some(json!({"dry_run": dry_run}))).await;
+        assert_eq!(run.status, StatusCode::ACCEPTED, "{:?}", run.body);
+        let path = format!(
+            "/registries/lib/cleanup/executions/{}",
+            run.body["id"].as_str().unwrap()
+        );
+        let e = wait_execution(&s, &path).await;
+        assert_eq!(e["status"], "succeeded", "{e}");
+        assert_eq!(e["dry_run"], dry_run);
+        assert_eq!(e["tasks"], 3, "one task per image: {e}");
+        let mut rows = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = api(
+                &s,
+                Method::GET,
+                &format!("/api/v1{path}/history?limit=2{cursor}"),
+                None,
+            )
+            .await;
+            for row in page.body["items"].as_array().unwrap() {
+                rows.push((
+                    row["artifact"].as_str().unwrap().to_string(),
+                    row["action"].as_str().unwrap().to_string(),
+                ));
+            }
+            match page.body["next"].as_str() {
+                Some(n) => cursor = format!("&cursor={n}"),
+                None => break,
+            }
+        }
+        rows.sort();
+        reported.push(rows);
+        let tasks = api(&s, Method::GET, &format!("/api/v1{path}/tasks"), None).await;
+        let units: Vec<&str> = tasks.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["unit"].as_str().unwrap())
+            .collect();
+        assert_eq!(units, ["app", "other", "tools"]);
+        if dry_run {
+            assert_eq!(
+                v2(&s, Method::GET, "/v2/lib/app/manifests/1.0", None)
+                    .await
+                    .0,
+                StatusCode::OK,
+                "a dry run deletes nothing"
+            );
+        }
+    }
+    let expect = |action: &str| {
+        let mut e: Vec<(String, String)> = [&digests["1.0"], &digests["1.1"], &untagged]
+            .iter()
+            .map(|d| (format!("lib/app@{d}"), action.to_string()))
+            .collect();
+        e.sort();
+        e
+    };
+    assert_eq!(reported[0], expect("would_delete"), "the dry run");
+    assert_eq!(
+        reported[1],
+        expect("deleted"),
+        "the real run deletes what the dry run showed"
+    );
+    let reg = common::registry::Client::over(s.client.clone(), &s.url(""));
+    for (repo, reference) in [
+        ("lib/app", "1.2"),
+        ("lib/app", "2.0"),
+        ("lib/tools", "1"),
+        ("lib/other", "1"),
+    ] {
+        reg.pull_all(repo, reference).await;
+    }
+    for reference in [
+        digests["1.0"].as_str(),
+        &digests["1.1"],
+        &untagged,
+        "1.0",
+        "1.1",
+    ] {
+        assert_eq!(
+            v2(
+                &s,
+                Method::GET,
+                &format!("/v2/lib/app/manifests/{reference}"),
+                None
+            )
+            .await
+            .0,
+            StatusCode::NOT_FOUND,
+            "{reference}"
+        );
+    }
+    let list = api(&s, Method::GET, &format!("{execs}?limit=1"), None).await;
+    assert_eq!(list.body["items"][0]["dry_run"], false, "newest first");
+    let next = list.body["next"].as_str().unwrap();
+    let older = api(
+        &s,
+        Method::GET,
+        &format!("{execs}?limit=1&cursor={next}"),
+        None,
+    )
+    .await;
+    assert_eq!(older.body["items"][0]["dry_run"], true);
+
+    // At most 15 policies.
+    for i in 2..15 {
+        let r = api(
+            &s,
+            Method::POST,
+            policies,
+            Some(json!({"images": format!("i{i}"), "rule": "always"})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let over = api(
+        &s,
+        Method::POST,
+        policies,
+        Some(json!({"images": "i99", "rule": "always"})),
+    )
+    .await;
+    assert_eq!(over.status, StatusCode::CONFLICT);
+}
+
+/// A cache registry gets the default cleanup (not pulled for `cleanup_unpulled_after`, daily)
+/// when it is created; a normal one gets none.
+#[tokio::test]
+async fn cache_registries_get_the_default_cleanup() {
+    let s = admin_server("[pull_through]\ncleanup_unpulled_after = \"36h\"\n").await;
+    let c = api(
+        &s,
+        Method::POST,
+        "/api/v1/image-caches",
+        Some(json!({"name": "up", "kind": "registry", "url": "https://registry.example"})),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "hub", "type": "cache", "cache": "up"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let p = api(
+        &s,
+        Method::GET,
+        "/api/v1/registries/hub/cleanup-policies",
+        None,
+    )
+    .await;
+    let items = p.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{:?}", p.body);
+    assert_eq!(
+        (items[0]["rule"].as_str(), items[0]["n"].as_u64()),
+        (Some("pulled_within_days"), Some(2))
+    );
+    let sched = api(&s, Method::GET, "/api/v1/registries/hub/cleanup", None).await;
+    assert_eq!(sched.body["schedule"]["type"], "daily");
+    assert!(
+        sched.body["next_runs"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("T00:00:00Z"),
+        "{:?}",
+        sched.body
+    );
+    let r = api(
+        &s,
+        Method::POST,
+        "/api/v1/registries",
+        Some(json!({"name": "own"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let p = api(
+        &s,
+        Method::GET,
+        "/api/v1/registries/own/cleanup-policies",
+        None,
+    )
+    .await;
+    assert_eq!(p.body["items"], json!([]));
 }

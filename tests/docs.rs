@@ -297,6 +297,45 @@ async fn the_backup_guide_runs_as_written() {
     assert_eq!(client.pull_all("library/app", "v1").await, manifest);
 }
 
+/// Runs every command of the `sh` blocks of `docs/guides/GUIDE` as written (the binary under
+/// test first on PATH, the guide's `http://127.0.0.1:5000` replaced by `url`), each of which
+/// must succeed; (command, stdout) of each.
+fn run_guide_commands(guide: &str, url: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs/guides")
+            .join(guide),
+    )
+    .unwrap();
+    let mut ran = Vec::new();
+    for (lang, block) in blocks(&text) {
+        if lang != "sh" {
+            continue;
+        }
+        for command in block.replace("\\\n", " ").lines().map(str::trim) {
+            if command.is_empty() || command.starts_with('#') {
+                continue;
+            }
+            let command = command.replace("http://127.0.0.1:5000", url);
+            let out = Command::new("bash")
+                .args(["-euo", "pipefail", "-c", &command])
+                .env(
+                    "PATH",
+                    format!("{}:{}", bin_dir(), std::env::var("PATH").unwrap()),
+                )
+                .output()
+                .unwrap();
+            let (stdout, stderr) = (
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
+            assert!(out.status.success(), "{command}: {stdout}{stderr}");
+            ran.push((command, stdout));
+        }
+    }
+    ran
+}
+
 /// The directory of the `berth` binary under test (the guides call it by name).
 fn bin_dir() -> String {
     std::path::Path::new(&berth_bin())
@@ -379,36 +418,7 @@ async fn the_edge_guide_commands_run_as_written() {
             source.url()
         ),
     );
-    let text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/guides/edge.md"),
-    )
-    .unwrap();
-    let mut ran = Vec::new();
-    for (lang, block) in blocks(&text) {
-        if lang != "sh" {
-            continue;
-        }
-        for command in block.replace("\\\n", " ").lines().map(str::trim) {
-            if command.is_empty() || command.starts_with('#') {
-                continue;
-            }
-            let command = command.replace("http://127.0.0.1:5000", &edge.url());
-            let out = Command::new("bash")
-                .args(["-euo", "pipefail", "-c", &command])
-                .env(
-                    "PATH",
-                    format!("{}:{}", bin_dir(), std::env::var("PATH").unwrap()),
-                )
-                .output()
-                .unwrap();
-            let (stdout, stderr) = (
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            );
-            assert!(out.status.success(), "{command}: {stdout}{stderr}");
-            ran.push((command, stdout));
-        }
-    }
+    let ran = run_guide_commands("edge.md", &edge.url());
     assert!(ran.len() >= 3, "the guide's commands: {ran:?}");
     let prefetch = &ran.iter().find(|(c, _)| c.contains("prefetch")).unwrap().1;
     assert_eq!(
@@ -490,4 +500,70 @@ async fn the_upgrade_guide_commands_run_as_written() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("berth "));
     let ready = reqwest::get(format!("{url}/readyz")).await.unwrap();
     assert_eq!(ready.text().await.unwrap(), "ready\n");
+}
+
+/// The cleanup guide's commands, as written, against a server holding the guide's images:
+/// protected release tags stay, the last three `v*` of `app` stay, the rest of `app` goes
+/// (untagged included), `tools/**` and images no policy names are untouched, the dry run
+/// deletes nothing and names what the real run deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cleanup_guide_runs_as_written() {
+    use common::process::BerthProcess;
+    use common::registry::Client;
+    use common::server::sha256;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let server = BerthProcess::start_in(tmp.path(), "[[registry]]\nname = \"library\"\n");
+    let client = Client::new(&server.url(), None);
+    let mut digest = std::collections::HashMap::new();
+    for tag in ["v1.0", "v1.1", "v2.0", "v2.1", "v2.2", "v2.3", "build-7"] {
+        let m = client.image("library/app", tag, tag, b"base").await;
+        digest.insert(tag, sha256(&m));
+        // Push times order the releases.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    client
+        .image("library/tools/lint", "1", "lint", b"base")
+        .await;
+    client.image("library/other", "1", "other", b"base").await;
+    let ran = run_guide_commands("cleanup.md", &server.url());
+    assert_eq!(ran.len(), 9, "{ran:?}");
+    let output = |end: &str| &ran.iter().find(|(c, _)| c.ends_with(end)).unwrap().1;
+    // The artifacts a run's rows name with `action`, sorted.
+    let rows = |out: &str, action: &str| {
+        let mut named: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix(action))
+            .map(|rest| rest.split_whitespace().next().unwrap().to_string())
+            .collect();
+        named.sort();
+        named
+    };
+    let mut gone = vec![
+        format!("library/app@{}", digest["v2.0"]),
+        format!("library/app@{}", digest["build-7"]),
+    ];
+    gone.sort();
+    assert_eq!(rows(output("--dry-run"), "would_delete "), gone);
+    assert_eq!(rows(output("cleanup run library"), "deleted "), gone);
+    for d in [&digest["v2.0"], &digest["build-7"]] {
+        assert!(
+            client.pull_manifest("library/app", d).await.is_none(),
+            "{d} is gone"
+        );
+    }
+    for tag in ["v1.0", "v1.1", "v2.1", "v2.2", "v2.3"] {
+        client.pull_all("library/app", tag).await;
+    }
+    client.pull_all("library/tools/lint", "1").await;
+    client.pull_all("library/other", "1").await;
+    assert!(
+        output("'0 3 * * SUN'").contains("next: "),
+        "the next runs are shown"
+    );
+    assert_eq!(
+        output("cleanup executions library").lines().count(),
+        2,
+        "the dry run and the real run"
+    );
 }

@@ -478,3 +478,172 @@ fn containerd_pulls_through_berth_as_registry_mirror() {
         "ctr run printed {out:?}, expected a line {MARKER:?}"
     );
 }
+
+/// Cleanup of a registry skopeo filled (issue 12): three images, a multi-arch index, a
+/// cosign-style signature (`sha256-HEX.sig`) of the newest image and an OCI referrer of the
+/// middle one. A policy keeps the two most recently pushed: the dry run names exactly what the
+/// real run deletes (the two oldest images and the referrer that belongs to one of them); the
+/// kept image and index copy out byte-identical with skopeo, the signature stays with its
+/// subject, the deleted answer 404.
+#[test]
+fn cleanup_of_a_registry_skopeo_filled() {
+    use common::process::berth_bin;
+    use common::registry::Client;
+    use common::server::OCI_MANIFEST;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("berth")).unwrap();
+    let berth = BerthProcess::start_in(&dir.path().join("berth"), REGISTRIES);
+    let target = |name_and_ref: &str| format!("docker://{}/library/{name_and_ref}", berth.addr);
+    let mut images = Vec::new();
+    for tag in ["1", "2", "3"] {
+        let layout = dir.path().join(format!("src-{tag}"));
+        images.push(oci_layout::build_image(&layout, tag, 64 * 1024));
+        clients::skopeo_copy(&oci_ref(&layout, tag), &target(&format!("app:{tag}")), &[]);
+        // Push times order the images.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let layout = dir.path().join("src-multi");
+    let index = oci_layout::build_multiarch_index(&layout, "multi", 64 * 1024);
+    clients::skopeo_copy(&oci_ref(&layout, "multi"), &target("app:multi"), &["--all"]);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = Client::new(&berth.url(), None);
+    let subject = |img: &oci_layout::BuiltImage| serde_json::json!({"mediaType": OCI_MANIFEST, "digest": img.manifest.digest, "size": img.manifest.size});
+    let (signature_tag, referrer) = rt.block_on(async {
+        let config = client.blob("library/app", b"{}").await;
+        let payload = br#"{"critical":{"image":{"docker-manifest-digest":"x"}}}"#;
+        let layer = client.blob("library/app", payload).await;
+        let signature = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+            "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": layer, "size": payload.len()}],
+        }))
+        .unwrap();
+        let tag = format!("{}.sig", images[2].manifest.digest.replace(':', "-"));
+        client.manifest("library/app", &tag, OCI_MANIFEST, &signature).await;
+        let sbom = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "artifactType": "application/vnd.example.sbom",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+            "layers": [{"mediaType": "application/vnd.example.sbom", "digest": layer, "size": payload.len()}],
+            "subject": subject(&images[1]),
+        }))
+        .unwrap();
+        let d = sha256_digest(&sbom);
+        client.manifest("library/app", &d, OCI_MANIFEST, &sbom).await;
+        (tag, d)
+    });
+
+    let berth_cli = |args: &[&str]| {
+        let out = std::process::Command::new(berth_bin())
+            .args(["--server", &berth.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "berth {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    berth_cli(&[
+        "cleanup",
+        "add",
+        "library",
+        "--images",
+        "app",
+        "--rule",
+        "latest-pushed",
+        "--n",
+        "2",
+    ]);
+    let history = |json: &str| {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["execution"]["status"], "succeeded", "{v}");
+        let mut rows: Vec<(String, String)> = v["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["artifact"].as_str().unwrap().to_string(),
+                    r["action"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let expect = |action: &str| {
+        let mut rows: Vec<(String, String)> = [
+            &images[0].manifest.digest,
+            &images[1].manifest.digest,
+            &referrer,
+        ]
+        .iter()
+        .map(|d| (format!("library/app@{d}"), action.to_string()))
+        .collect();
+        rows.sort();
+        rows
+    };
+    let dry = history(&berth_cli(&[
+        "cleanup",
+        "run",
+        "library",
+        "--dry-run",
+        "--json",
+    ]));
+    assert_eq!(dry, expect("would_delete"));
+    let real = history(&berth_cli(&["cleanup", "run", "library", "--json"]));
+    assert_eq!(real, expect("deleted"));
+
+    let out = dir.path().join("out-3");
+    clients::skopeo_copy(&target("app:3"), &oci_ref(&out, "3"), &[]);
+    assert_eq!(
+        oci_layout::tagged(&out, "3").digest,
+        images[2].manifest.digest
+    );
+    assert_eq!(
+        oci_layout::verified_blob_digests(&out),
+        images[2].all_digests()
+    );
+    let out = dir.path().join("out-multi");
+    clients::skopeo_copy(&target("app:multi"), &oci_ref(&out, "multi"), &["--all"]);
+    assert_eq!(oci_layout::tagged(&out, "multi").digest, index.index.digest);
+    assert_eq!(oci_layout::verified_blob_digests(&out), index.all_digests());
+    rt.block_on(async {
+        assert!(
+            client
+                .pull_manifest("library/app", &signature_tag)
+                .await
+                .is_some(),
+            "the signature stays with its subject"
+        );
+        for d in [
+            &images[0].manifest.digest,
+            &images[1].manifest.digest,
+            &referrer,
+        ] {
+            assert!(
+                client.pull_manifest("library/app", d).await.is_none(),
+                "{d} was deleted"
+            );
+        }
+        for tag in ["1", "2"] {
+            assert!(
+                client.pull_manifest("library/app", tag).await.is_none(),
+                "tag {tag} went with it"
+            );
+        }
+    });
+    assert_eq!(
+        clients::skopeo_list_tags(&target("app"))
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        ["3".to_string(), "multi".to_string(), signature_tag]
+            .into_iter()
+            .collect()
+    );
+}

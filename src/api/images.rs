@@ -80,6 +80,8 @@ pub async fn list(ctx: &Ctx<'_>, registry: &str) -> Result<Response<Body>> {
 pub async fn delete(ctx: &Ctx<'_>, registry: &str, image: &str) -> Result<Response<Body>> {
     let full = format!("{registry}/{image}");
     let (_, repo) = existing_repo(ctx, registry, image, Action::Delete(&full)).await?;
+    // All or nothing: an image with a protected tag keeps every artifact.
+    crate::registry::manifests::refuse_protected_artifact(ctx.app, &repo, None).await?;
     let meta = &ctx.app.store.meta;
     let (mut artifacts, mut tags) = (0, 0);
     for (digest, _) in meta.artifacts(repo.as_str(), None, usize::MAX).await? {
@@ -166,6 +168,13 @@ pub async fn put_tag(
         .artifact(repo.as_str(), &digest)
         .await?
         .ok_or_else(unknown)?;
+    crate::registry::manifests::refuse_protected_tag(
+        ctx.app,
+        &repo,
+        &body.tag,
+        "tag change refused",
+    )
+    .await?;
     let previous = meta.tag(repo.as_str(), &body.tag).await?;
     // Checked again under the repository's lock: a delete racing this request wins cleanly.
     if !meta.tag_artifact(repo.as_str(), &digest, &body.tag).await? {

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod caches;
 pub mod images;
 pub mod page;
+pub mod policies;
 pub mod registries;
 pub mod status;
 pub mod users;
@@ -75,6 +76,37 @@ pub const ROUTES: &[ApiRoute] = &[
     r(
         "/registries/{registry}/images/{image}/tags/{tag}",
         &["DELETE"],
+    ),
+    r("/registries/{registry}/cleanup-policies", &["GET", "POST"]),
+    r(
+        "/registries/{registry}/cleanup-policies/{id}",
+        &["GET", "PATCH", "DELETE"],
+    ),
+    r(
+        "/registries/{registry}/protection-policies",
+        &["GET", "POST"],
+    ),
+    r(
+        "/registries/{registry}/protection-policies/{id}",
+        &["GET", "PATCH", "DELETE"],
+    ),
+    r("/registries/{registry}/cleanup", &["GET", "PUT"]),
+    r(
+        "/registries/{registry}/cleanup/executions",
+        &["GET", "POST"],
+    ),
+    r("/registries/{registry}/cleanup/executions/{id}", &["GET"]),
+    r(
+        "/registries/{registry}/cleanup/executions/{id}/stop",
+        &["POST"],
+    ),
+    r(
+        "/registries/{registry}/cleanup/executions/{id}/tasks",
+        &["GET"],
+    ),
+    r(
+        "/registries/{registry}/cleanup/executions/{id}/history",
+        &["GET"],
     ),
     r("/image-caches", &["GET", "POST"]),
     r("/image-caches/{name}", &["GET", "PATCH", "DELETE"]),
@@ -201,6 +233,58 @@ pub async fn dispatch(
         }
         ("/registries/{registry}/images/{image}/tags/{tag}", Method::DELETE) => {
             images::delete_tag(&ctx, p(0), p(1), p(2)).await
+        }
+        ("/registries/{registry}/cleanup-policies", Method::GET) => {
+            policies::list_cleanup(&ctx, p(0)).await
+        }
+        ("/registries/{registry}/cleanup-policies", Method::POST) => {
+            policies::create_cleanup(&ctx, p(0), json_body(body).await?).await
+        }
+        ("/registries/{registry}/cleanup-policies/{id}", Method::GET) => {
+            policies::get_cleanup(&ctx, p(0), p(1)).await
+        }
+        ("/registries/{registry}/cleanup-policies/{id}", Method::PATCH) => {
+            policies::patch_cleanup(&ctx, p(0), p(1), json_body(body).await?).await
+        }
+        ("/registries/{registry}/cleanup-policies/{id}", Method::DELETE) => {
+            policies::delete_cleanup(&ctx, p(0), p(1)).await
+        }
+        ("/registries/{registry}/protection-policies", Method::GET) => {
+            policies::list_protection(&ctx, p(0)).await
+        }
+        ("/registries/{registry}/protection-policies", Method::POST) => {
+            policies::create_protection(&ctx, p(0), json_body(body).await?).await
+        }
+        ("/registries/{registry}/protection-policies/{id}", Method::GET) => {
+            policies::get_protection(&ctx, p(0), p(1)).await
+        }
+        ("/registries/{registry}/protection-policies/{id}", Method::PATCH) => {
+            policies::patch_protection(&ctx, p(0), p(1), json_body(body).await?).await
+        }
+        ("/registries/{registry}/protection-policies/{id}", Method::DELETE) => {
+            policies::delete_protection(&ctx, p(0), p(1)).await
+        }
+        ("/registries/{registry}/cleanup", Method::GET) => policies::get_settings(&ctx, p(0)).await,
+        ("/registries/{registry}/cleanup", Method::PUT) => {
+            policies::put_settings(&ctx, p(0), json_body(body).await?).await
+        }
+        ("/registries/{registry}/cleanup/executions", Method::GET) => {
+            policies::executions(&ctx, p(0)).await
+        }
+        ("/registries/{registry}/cleanup/executions", Method::POST) => {
+            policies::run(&ctx, p(0), json_body(body).await?).await
+        }
+        ("/registries/{registry}/cleanup/executions/{id}", Method::GET) => {
+            policies::get_execution(&ctx, p(0), p(1)).await
+        }
+        ("/registries/{registry}/cleanup/executions/{id}/stop", Method::POST) => {
+            policies::stop(&ctx, p(0), p(1)).await
+        }
+        ("/registries/{registry}/cleanup/executions/{id}/tasks", Method::GET) => {
+            policies::tasks(&ctx, p(0), p(1)).await
+        }
+        ("/registries/{registry}/cleanup/executions/{id}/history", Method::GET) => {
+            policies::history(&ctx, p(0), p(1)).await
         }
         ("/image-caches", Method::GET) => caches::list(&ctx).await,
         ("/image-caches", Method::POST) => caches::create(&ctx, json_body(body).await?).await,

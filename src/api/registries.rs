@@ -137,6 +137,7 @@ pub async fn create(ctx: &Ctx<'_>, body: NewRegistry) -> Result<Response<Body>> 
     }
     let record = body.record();
     app.store.put_registry(record.clone()).await?;
+    default_cleanup(app, &record).await?;
     app.store.meta.flush().await?;
     json(StatusCode::CREATED, &registry_view(app, &record).await?)
 }
@@ -192,8 +193,19 @@ pub async fn patch(ctx: &Ctx<'_>, name: &str, body: RegistryPatch) -> Result<Res
         r.quota_bytes = (q > 0).then_some(q);
     }
     app.store.put_registry(r.clone()).await?;
+    default_cleanup(app, &r).await?;
     app.store.meta.flush().await?;
     json(StatusCode::OK, &registry_view(app, &r).await?)
+}
+
+/// A cache registry gets the default cleanup unless it has policies or a schedule.
+async fn default_cleanup(app: &App, r: &RegistryRecord) -> Result<()> {
+    if r.kind == RegistryKind::Cache {
+        let days =
+            crate::policy::schedule::default_days(app.config.pull_through.cleanup_unpulled_after);
+        app.policies.default_cache_cleanup(&r.name, days).await?;
+    }
+    Ok(())
 }
 
 fn declared_in_config(app: &App, name: &str) -> bool {
@@ -230,6 +242,10 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
         // The metadata tells the hot manifest cache and the registries map: a registry
         // created again under this name never serves the old manifests.
         app.store.remove_registry(&owned).await?;
+        let policies = app.policies.remove_registry(&owned).await?;
+        if policies > 0 {
+            tracing::info!(registry = %owned, policies, "cleanup and protection policies of the deleted registry removed");
+        }
         let hooks = app.events.webhooks.remove_registry(&owned).await?;
         if hooks > 0 {
             tracing::info!(registry = %owned, policies = hooks, "webhook policies of the deleted registry removed");

@@ -75,7 +75,8 @@ pub async fn sweep(
     dry_run: bool,
 ) -> Result<SweepReport, crate::error::Error> {
     let meta = &store.meta;
-    let cutoff = now_ms().saturating_sub(unpulled_for.as_millis() as u64);
+    let unpulled_ms = u64::try_from(unpulled_for.as_millis()).unwrap_or(u64::MAX);
+    let cutoff = now_ms().saturating_sub(unpulled_ms);
     let mut report = SweepReport::default();
     let mut referenced: HashSet<Digest> = busy.iter().cloned().collect();
     for registry in meta.registries().await? {

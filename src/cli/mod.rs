@@ -17,6 +17,7 @@ mod backup;
 mod cache;
 mod images;
 mod key;
+mod policy;
 pub mod prefetch;
 mod registry;
 pub mod remote;
@@ -93,6 +94,13 @@ enum Command {
     /// Manage a registry's webhook policies (list, create, delete, send a test event).
     #[command(subcommand)]
     Webhook(webhooks::WebhookCommand),
+    /// A registry's cleanup: policies (what to keep), schedule, runs and dry runs, history.
+    #[command(subcommand)]
+    Cleanup(policy::CleanupCommand),
+    /// A registry's protection policies: tags no push, tag deletion or artifact deletion can
+    /// change (412).
+    #[command(subcommand)]
+    Protect(policy::ProtectCommand),
     /// Check the config for everything `serve` would refuse (values, TLS files, image cache
     /// URLs, registry references, mirror rules); print the effective config as TOML with
     /// secrets redacted, every problem on stderr; exit 1 when there is one.
@@ -275,6 +283,11 @@ impl Place {
         })
     }
 
+    /// Waits (the data directory's background work, a cleanup, goes on meanwhile).
+    pub fn sleep(&self, d: std::time::Duration) {
+        self.rt.block_on(async { tokio::time::sleep(d).await });
+    }
+
     /// Streams the answer of `GET /api/v1{path}` into `sink`, piece by piece; `Ok(false)` when
     /// the answer is 404 (nothing written).
     pub fn download(
@@ -455,6 +468,8 @@ pub fn main() -> ExitCode {
         Command::Image(cmd) => place(config).and_then(|p| images::run_image(&p, cmd)),
         Command::Tag(cmd) => place(config).and_then(|p| images::run_tag(&p, cmd)),
         Command::Webhook(cmd) => place(config).and_then(|p| webhooks::run(&p, cmd)),
+        Command::Cleanup(cmd) => place(config).and_then(|p| policy::run_cleanup(&p, cmd)),
+        Command::Protect(cmd) => place(config).and_then(|p| policy::run_protect(&p, cmd)),
         Command::Reload { json } => place(config).and_then(|p| reload(&p, json)),
         Command::Status { json } => place(config).and_then(|p| status::run(&p, json)),
         Command::Backup {

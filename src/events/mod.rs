@@ -25,6 +25,8 @@ pub enum EventKind {
     CreateTag,
     /// A tag was deleted.
     DeleteTag,
+    /// A cleanup deleted an artifact (DELETE_ARTIFACT and DELETE_TAG follow it).
+    Cleanup,
 }
 
 impl EventKind {
@@ -36,6 +38,7 @@ impl EventKind {
             EventKind::DeleteArtifact => "DELETE_ARTIFACT",
             EventKind::CreateTag => "CREATE_TAG",
             EventKind::DeleteTag => "DELETE_TAG",
+            EventKind::Cleanup => "CLEANUP",
         }
     }
 }

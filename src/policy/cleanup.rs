@@ -8,8 +8,13 @@
 //! artifact. Protected artifacts stay with what they need too. Everything else is deleted, an
 //! artifact as a whole with all its tags: several policies can only keep more, never delete
 //! more.
+//!
+//! What belongs to another artifact of the image follows it and takes no place of its own in a
+//! rule's count: the untagged platform manifests of an index, and the referrers of an artifact
+//! (signatures, SBOMs; a cosign `sha256-HEX.sig` tag included). They stay when what they belong
+//! to stays, and go with it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +37,40 @@ pub enum Rule {
     PulledWithinDays(u32),
     /// All of them.
     Always,
+}
+
+/// A rule's name, as the API and the records give it (its N apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    /// [`Rule::LatestPushed`].
+    LatestPushed,
+    /// [`Rule::LatestPulled`].
+    LatestPulled,
+    /// [`Rule::PushedWithinDays`].
+    PushedWithinDays,
+    /// [`Rule::PulledWithinDays`].
+    PulledWithinDays,
+    /// [`Rule::Always`].
+    Always,
+}
+
+impl Rule {
+    /// The rule named `kind` with its N (`always` takes none, the others need one).
+    pub fn of(kind: RuleKind, n: Option<u32>) -> Result<Rule, String> {
+        Ok(match (kind, n) {
+            (RuleKind::Always, None) => Rule::Always,
+            (RuleKind::Always, Some(_)) => return Err("rule always takes no n".into()),
+            (_, None) => {
+                let name = serde_json::to_string(&kind).unwrap_or_default();
+                return Err(format!("rule {name} needs n (a count or days)"));
+            }
+            (RuleKind::LatestPushed, Some(n)) => Rule::LatestPushed(n),
+            (RuleKind::LatestPulled, Some(n)) => Rule::LatestPulled(n),
+            (RuleKind::PushedWithinDays, Some(n)) => Rule::PushedWithinDays(n),
+            (RuleKind::PulledWithinDays, Some(n)) => Rule::PulledWithinDays(n),
+        })
+    }
 }
 
 /// Whether a tag filter keeps what its pattern matches or what it does not.
@@ -126,8 +165,17 @@ pub fn select(policies: &[Policy], image: &str, artifacts: &[Artifact], now_ms: 
             deleted: BTreeMap::new(),
         };
     }
+    let present: HashSet<&Digest> = artifacts.iter().map(|a| &a.digest).collect();
+    let children: HashSet<&Digest> = artifacts.iter().flat_map(|a| &a.children).collect();
+    let follows = |a: &Artifact| {
+        (a.tags.is_empty() && children.contains(&a.digest))
+            || a.subject.as_ref().is_some_and(|s| present.contains(s))
+    };
     for policy in applying {
-        let selected: Vec<&Artifact> = artifacts.iter().filter(|a| policy.selects(a)).collect();
+        let selected: Vec<&Artifact> = artifacts
+            .iter()
+            .filter(|a| !follows(a) && policy.selects(a))
+            .collect();
         for a in keep(policy.rule, selected, now_ms) {
             kept.entry(a.digest.clone())
                 .or_insert_with(|| Kept::Policy(policy.id.clone()));
@@ -447,6 +495,43 @@ mod tests {
         // Nothing keeps the index: its children and referrers go with it.
         let none = [policy("**", "nothing-is-tagged-so", Matching, Rule::Always)];
         assert_eq!(deleted(&none, "library/app", &artifacts).len(), 7);
+    }
+
+    #[test]
+    fn children_and_signatures_take_no_place_in_a_count() {
+        // Pushed last, a signature and an index's platform manifests would be "the latest".
+        let mut idx = art("idx", &["multi"], 9, None);
+        idx.children = vec![dg("amd"), dg("arm")];
+        let mut sig = art("sig", &["sha256-v1.sig"], 0, None);
+        sig.subject = Some(dg("v5"));
+        let mut sbom = art("sbom", &[], 0, None);
+        sbom.subject = Some(dg("v1"));
+        let mut artifacts = vec![
+            idx,
+            art("amd", &[], 0, None),
+            art("arm", &[], 0, None),
+            sig,
+            sbom,
+        ];
+        artifacts.extend(app().into_iter().filter(|a| !a.tags.is_empty()));
+        let p = [policy("**", "**", Matching, Rule::LatestPushed(2))];
+        // Kept: rc (5 days) and idx (9 days), idx's children; v5 is not among the two latest
+        // so its signature goes with it, and v1's SBOM with v1.
+        assert_eq!(
+            deleted(&p, "library/app", &artifacts),
+            vec!["sbom", "sig", "v1", "v2", "v3", "v4", "v5"]
+        );
+        let s = select(&p, "library/app", &artifacts, NOW);
+        assert_eq!(s.kept[&dg("arm")], Kept::ChildOf(dg("idx")));
+        // A signature whose subject is not in the image counts as itself.
+        let mut lone = art("sig", &["sha256-x.sig"], 0, None);
+        lone.subject = Some(dg("old"));
+        let alone = [
+            lone,
+            art("v1", &["1.0"], 50, None),
+            art("v2", &["1.1"], 40, None),
+        ];
+        assert_eq!(deleted(&p, "library/app", &alone), vec!["v1"]);
     }
 
     #[test]

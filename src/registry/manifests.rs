@@ -58,6 +58,9 @@ pub async fn put(
         Reference::Tag(t) => Some(&**t),
         Reference::Digest(_) => None,
     };
+    if let Some(t) = tag {
+        refuse_protected_tag(app, repo, t, "push refused").await?;
+    }
     // The repository must hold every blob and child manifest, checked where the artifact is
     // recorded (one metadata step, so nothing removed meanwhile is referred to).
     let refers = Refers::of(&parsed);
@@ -98,6 +101,47 @@ pub async fn put(
         set(&mut r, "oci-subject", subject.digest.as_str());
     }
     Ok(r)
+}
+
+/// Refuses (412) a change to an existing tag that a protection policy protects: a push over it
+/// (with any digest, the same one included), its deletion, or its artifact's.
+pub async fn refuse_protected_tag(app: &App, repo: &RepoName, tag: &str, what: &str) -> Result<()> {
+    let Some(p) = app.policies.protecting(repo.registry(), repo.image(), tag) else {
+        return Ok(());
+    };
+    if app.store.meta.tag(repo.as_str(), tag).await?.is_none() {
+        return Ok(());
+    }
+    tracing::warn!(repository = %repo, %tag, policy = %p.id, "{what}: the tag is protected");
+    Err(p.refusal(what, repo.as_str(), tag))
+}
+
+/// Refuses (412) the deletion of an artifact that has a protected tag (`None`: of any artifact
+/// of the repository, for deleting a whole image).
+pub async fn refuse_protected_artifact(
+    app: &App,
+    repo: &RepoName,
+    digest: Option<&Digest>,
+) -> Result<()> {
+    let protections = app.policies.protections(repo.registry());
+    if protections.is_empty() {
+        return Ok(());
+    }
+    let meta = &app.store.meta;
+    for tag in meta.tags(repo.as_str(), None, usize::MAX).await? {
+        let Some(p) = protections.iter().find(|p| p.protects(repo.image(), &tag)) else {
+            continue;
+        };
+        let Some(tagged) = meta.tag(repo.as_str(), &tag).await? else {
+            continue;
+        };
+        if digest.is_none_or(|d| *d == tagged) {
+            let what = format!("deletion of {tagged} refused");
+            tracing::warn!(repository = %repo, %tag, digest = %tagged, policy = %p.id, "{what}: a tag of the artifact is protected");
+            return Err(p.refusal(&what, repo.as_str(), &tag));
+        }
+    }
+    Ok(())
 }
 
 /// What a removal took away.
@@ -148,6 +192,7 @@ pub async fn remove(
     };
     match reference {
         Reference::Tag(t) => {
+            refuse_protected_tag(app, repo, t, "tag deletion refused").await?;
             let digest = meta
                 .delete_tag(repo.as_str(), t)
                 .await?
@@ -163,6 +208,7 @@ pub async fn remove(
             })
         }
         Reference::Digest(d) => {
+            refuse_protected_artifact(app, repo, Some(d)).await?;
             // Read before deleting: the events carry the media type and size.
             let record = meta.artifact(repo.as_str(), d).await?;
             let tags = meta

@@ -1,0 +1,76 @@
+//! Runs each registry's cleanup when its schedule says (UTC), and gives every cache registry
+//! the default cleanup (artifacts not pulled for `pull_through.cleanup_unpulled_after`, daily)
+//! unless it has policies or a schedule of its own.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::config::RegistryKind;
+use crate::jobs::executions::Trigger;
+use crate::App;
+
+/// How often schedules are looked at: cron has minutes.
+const TICK: Duration = Duration::from_secs(15);
+
+/// The default cleanup's N: the configured age in whole days, rounded up (at least 1).
+pub fn default_days(unpulled_after: Duration) -> u32 {
+    let day = 24 * 3600;
+    u32::try_from(unpulled_after.as_secs().div_ceil(day).max(1)).unwrap_or(u32::MAX)
+}
+
+/// Gives every cache registry without policies or schedule the default cleanup.
+pub async fn default_cache_cleanups(app: &App) -> crate::error::Result<()> {
+    let days = default_days(app.config.pull_through.cleanup_unpulled_after);
+    for r in app.store.registries() {
+        if r.kind == RegistryKind::Cache
+            && app.policies.default_cache_cleanup(&r.name, days).await?
+        {
+            tracing::info!(registry = %r.name, days, "default cleanup set: artifacts not pulled for {days} days go, daily at 00:00 UTC");
+        }
+    }
+    Ok(())
+}
+
+/// The scheduler: every due cleanup starts (one at a time per registry; a run still going at
+/// the next due time makes that one skip, with a log line).
+pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    if let Err(e) = default_cache_cleanups(&app).await {
+        tracing::error!(error = %e, "could not set the default cleanup of cache registries");
+    }
+    let mut checked = SystemTime::now();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let now = SystemTime::now();
+        let schedules = match app.policies.schedules().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read cleanup schedules");
+                continue;
+            }
+        };
+        for (registry, schedule) in schedules {
+            let Ok(Some(cron)) = schedule.cron() else {
+                continue;
+            };
+            if cron.next_after(checked).is_none_or(|due| due > now) {
+                continue;
+            }
+            if app.store.registry(&registry).is_none() {
+                continue;
+            }
+            match crate::policy::run::start(&app, &registry, Trigger::Schedule, false, "schedule")
+                .await
+            {
+                Ok(e) => tracing::debug!(%registry, execution = %e.id, "scheduled cleanup started"),
+                Err(e) => tracing::warn!(%registry, error = %e, "scheduled cleanup did not start"),
+            }
+        }
+        checked = now;
+    }
+}
