@@ -381,13 +381,16 @@ pub struct PullThrough {
     /// The default cleanup policy of cache registries keeps what was pulled within this long.
     #[serde(with = "humantime_serde_compat")]
     pub cleanup_unpulled_after: Duration,
-    /// How often garbage collection of unreferenced blobs runs.
+    /// No longer used: garbage collection runs on its own schedule (daily by default; `berth gc
+    /// schedule`). Accepted so that older configs still load; a value other than the default
+    /// is warned about.
     #[serde(with = "humantime_serde_compat")]
     pub cleanup_interval: Duration,
     /// Partial blob fetches untouched for this long are removed.
     #[serde(with = "humantime_serde_compat")]
     pub partial_max_age: Duration,
-    /// Blob files younger than this are never garbage-collected (a push may be linking them).
+    /// Blob files younger than this are never garbage-collected (what an interrupted push may
+    /// come back for).
     #[serde(with = "humantime_serde_compat")]
     pub gc_grace: Duration,
     /// Deadline for a tag revalidation (HEAD) before the cached copy is served as stale.
@@ -405,7 +408,7 @@ impl Default for PullThrough {
             cleanup_unpulled_after: Duration::from_secs(7 * 24 * 3600),
             cleanup_interval: Duration::from_secs(3600),
             partial_max_age: Duration::from_secs(2 * 3600),
-            gc_grace: Duration::from_secs(3600),
+            gc_grace: Duration::from_secs(2 * 3600),
             revalidate_timeout: Duration::from_secs(10),
             max_blob_bytes: 64 << 30,
         }
@@ -733,6 +736,9 @@ impl Config {
         }
         caches.extend(self.image_cache.iter().map(|c| c.name.as_str()));
         let mut out = Problems::default();
+        if self.pull_through.cleanup_interval != PullThrough::default().cleanup_interval {
+            out.warnings.push("pull_through.cleanup_interval no longer applies: garbage collection runs on its own schedule (daily at 00:00 UTC unless set with `berth gc schedule`), cleanups on each registry's (`berth cleanup schedule`)".into());
+        }
         let unless_stored = " unless the data directory holds it (berth checks that at start)";
         for (name, (_, cache)) in &registries {
             let Some(cache) = cache else { continue };

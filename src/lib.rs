@@ -23,6 +23,7 @@ pub mod oci;
 pub mod policy;
 pub mod registry;
 pub mod reload;
+pub mod scheduler;
 pub mod serve;
 pub mod store;
 
@@ -123,7 +124,11 @@ pub async fn apply_config(store: &Store, config: &Config) -> Result<(), StartErr
             .map(|c| c.name)
             .collect(),
     };
-    let problems = start_problems(config, Some(&stored)).errors;
+    let checked = start_problems(config, Some(&stored));
+    for w in &checked.warnings {
+        tracing::warn!("{w}");
+    }
+    let problems = checked.errors;
     if !problems.is_empty() {
         return Err(StartError::Config(problems));
     }
@@ -168,6 +173,15 @@ pub async fn apply_config(store: &Store, config: &Config) -> Result<(), StartErr
 }
 
 impl App {
+    /// Garbage collection of this node's blobs.
+    pub fn gc(&self) -> jobs::gc::Collector {
+        jobs::gc::Collector {
+            store: self.store.clone(),
+            jobs: self.jobs.clone(),
+            grace: self.config.pull_through.gc_grace,
+        }
+    }
+
     /// Opens a data directory with its configuration: store (taking the directory's lock),
     /// image caches, users and keys, webhook policies; no listener, no background work. With
     /// `apply`, registries and image caches declared in the config are created or updated first
@@ -245,7 +259,7 @@ impl Server {
             tasks.spawn(dispatcher);
         }
         tasks.spawn(housekeeping(app.clone(), stop_rx.clone()));
-        tasks.spawn(policy::schedule::run(app.clone(), stop_rx));
+        tasks.spawn(scheduler::run(app.clone(), stop_rx));
         app.ready.store(true, Ordering::Release);
         Ok(Server {
             app,
@@ -295,9 +309,8 @@ async fn stored_bytes(blobs: &dyn store::blobs::BlobStore) -> std::io::Result<u6
 }
 
 /// Periodic work: batched last-pull writes (1 s); expired uploads, stale partial fetches and
-/// storage size (5 min); garbage collection of unreferenced blobs
-/// (`pull_through.cleanup_interval`). Cleanups run on their own schedules
-/// (`policy::schedule`).
+/// storage size (5 min). Cleanups and garbage collection run on their own schedules
+/// (`scheduler`).
 async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -329,33 +342,6 @@ async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             match stored_bytes(&*app.store.blobs).await {
                 Ok(bytes) => crate::metrics::storage_bytes(bytes),
                 Err(e) => tracing::warn!(error = %e, "could not list blobs for the storage size"),
-            }
-        }
-        let sweep_every = app.config.pull_through.cleanup_interval.as_secs().max(1);
-        if n > 0 && n.is_multiple_of(sweep_every) {
-            let busy = app.cache.fetches.inflight_digests();
-            // Artifacts go by the registries' cleanup policies; this collects only the blobs
-            // nothing references any more.
-            let swept = cache::sweep::sweep(
-                &app.store,
-                Duration::MAX,
-                app.config.pull_through.gc_grace,
-                &busy,
-                false,
-            )
-            .await;
-            match swept {
-                Ok(r) if r.artifacts.is_empty() && r.blobs.is_empty() => {}
-                Ok(r) => {
-                    tracing::info!(
-                        artifacts = r.artifacts.len(),
-                        blobs = r.blobs.len(),
-                        bytes = r.bytes(),
-                        "garbage collection removed unreferenced blobs"
-                    );
-                    cache::sweep::announce(&app.events, &r);
-                }
-                Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
             }
         }
         n += 1;

@@ -1602,6 +1602,44 @@ async fn every_answer_is_what_openapi_documents() {
     call!(Method::DELETE, &cp, one, None);
 
     call!(
+        Method::PUT,
+        "/gc",
+        "/gc".into(),
+        Some(json!({"schedule": {"type": "weekly"}}))
+    );
+    call!(Method::GET, "/gc", "/gc".into(), None);
+    let started = call!(
+        Method::POST,
+        "/gc/executions",
+        "/gc/executions".into(),
+        Some(json!({"dry_run": true}))
+    );
+    let gid = started.body["id"].as_str().unwrap().to_string();
+    let gone = format!("/gc/executions/{gid}");
+    let ended = wait_execution(&s, &gone).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    call!(Method::GET, "/gc/executions", "/gc/executions".into(), None);
+    call!(Method::GET, "/gc/executions/{id}", gone.clone(), None);
+    call!(
+        Method::GET,
+        "/gc/executions/{id}/tasks",
+        format!("{gone}/tasks"),
+        None
+    );
+    call!(
+        Method::GET,
+        "/gc/executions/{id}/history",
+        format!("{gone}/history"),
+        None
+    );
+    call!(
+        Method::POST,
+        "/gc/executions/{id}/stop",
+        format!("{gone}/stop"),
+        None
+    );
+
+    call!(
         Method::DELETE,
         format!("{image}/artifacts/{{digest}}"),
         format!("{app}/artifacts/{digest}"),

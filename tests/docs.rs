@@ -527,7 +527,7 @@ async fn the_cleanup_guide_runs_as_written() {
         .await;
     client.image("library/other", "1", "other", b"base").await;
     let ran = run_guide_commands("cleanup.md", &server.url());
-    assert_eq!(ran.len(), 9, "{ran:?}");
+    assert_eq!(ran.len(), 12, "{ran:?}");
     let output = |end: &str| &ran.iter().find(|(c, _)| c.ends_with(end)).unwrap().1;
     // The artifacts a run's rows name with `action`, sorted.
     let rows = |out: &str, action: &str| {
@@ -566,4 +566,11 @@ async fn the_cleanup_guide_runs_as_written() {
         2,
         "the dry run and the real run"
     );
+    // Garbage collection ran (the blobs of the deleted artifacts are younger than the grace).
+    assert!(
+        output("gc run").contains("succeeded"),
+        "{:?}",
+        output("gc run")
+    );
+    assert!(output("'0 4 * * *'").contains("next: "));
 }

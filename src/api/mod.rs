@@ -4,7 +4,9 @@
 pub mod artifacts;
 pub mod backup;
 pub mod caches;
+pub mod gc;
 pub mod images;
+pub mod jobs;
 pub mod page;
 pub mod policies;
 pub mod registries;
@@ -108,6 +110,12 @@ pub const ROUTES: &[ApiRoute] = &[
         "/registries/{registry}/cleanup/executions/{id}/history",
         &["GET"],
     ),
+    r("/gc", &["GET", "PUT"]),
+    r("/gc/executions", &["GET", "POST"]),
+    r("/gc/executions/{id}", &["GET"]),
+    r("/gc/executions/{id}/stop", &["POST"]),
+    r("/gc/executions/{id}/tasks", &["GET"]),
+    r("/gc/executions/{id}/history", &["GET"]),
     r("/image-caches", &["GET", "POST"]),
     r("/image-caches/{name}", &["GET", "PATCH", "DELETE"]),
     r("/users", &["GET", "POST"]),
@@ -286,6 +294,14 @@ pub async fn dispatch(
         ("/registries/{registry}/cleanup/executions/{id}/history", Method::GET) => {
             policies::history(&ctx, p(0), p(1)).await
         }
+        ("/gc", Method::GET) => gc::get_settings(&ctx).await,
+        ("/gc", Method::PUT) => gc::put_settings(&ctx, json_body(body).await?).await,
+        ("/gc/executions", Method::GET) => gc::executions(&ctx).await,
+        ("/gc/executions", Method::POST) => gc::run(&ctx, json_body(body).await?).await,
+        ("/gc/executions/{id}", Method::GET) => gc::get_execution(&ctx, p(0)).await,
+        ("/gc/executions/{id}/stop", Method::POST) => gc::stop(&ctx, p(0)).await,
+        ("/gc/executions/{id}/tasks", Method::GET) => gc::tasks(&ctx, p(0)).await,
+        ("/gc/executions/{id}/history", Method::GET) => gc::history(&ctx, p(0)).await,
         ("/image-caches", Method::GET) => caches::list(&ctx).await,
         ("/image-caches", Method::POST) => caches::create(&ctx, json_body(body).await?).await,
         ("/image-caches/{name}", Method::GET) => caches::get(&ctx, p(0)).await,

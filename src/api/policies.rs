@@ -6,23 +6,20 @@
 use http::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use super::jobs::{self, RunRequest};
 use super::registries::visible;
-use super::{json, rfc3339, Ctx};
+use super::{json, Ctx};
 use crate::auth::Action;
 use crate::error::{Error, Result};
 use crate::http::body::Body;
 use crate::http::req::empty;
-use crate::jobs::executions::{Execution, HistoryRow, Task, Trigger};
+use crate::jobs::executions::Trigger;
 use crate::jobs::schedule::Schedule;
 use crate::policy::book::{
     CleanupPatch, CleanupPolicy, CleanupSettings, CleanupSpec, ProtectionPatch, ProtectionPolicy,
     ProtectionSpec,
 };
 use crate::policy::run::scope;
-
-/// Default and largest page of executions, tasks and history rows.
-const DEFAULT_LIMIT: usize = 50;
-const MAX_LIMIT: usize = 1000;
 
 /// A list of policies.
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,67 +28,13 @@ pub struct PolicyList<T> {
     pub items: Vec<T>,
 }
 
-/// A registry's cleanup schedule and when it runs next.
+/// A job's schedule and when it runs next.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct CleanupView {
+pub struct ScheduleView {
     /// The schedule.
     pub schedule: Schedule,
     /// The next five run times (RFC 3339, UTC).
     pub next_runs: Vec<String>,
-}
-
-/// Body of `POST …/cleanup/executions`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunRequest {
-    /// Select and report only.
-    #[serde(default)]
-    pub dry_run: bool,
-}
-
-/// An execution as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ExecutionView {
-    /// The execution.
-    #[serde(flatten)]
-    pub execution: Execution,
-    /// Start, RFC 3339.
-    pub started: String,
-    /// End, RFC 3339.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ended: Option<String>,
-}
-
-impl ExecutionView {
-    fn of(execution: Execution) -> ExecutionView {
-        ExecutionView {
-            started: rfc3339(execution.started_ms),
-            ended: execution.ended_ms.map(rfc3339),
-            execution,
-        }
-    }
-}
-
-/// A page of items and the cursor of the next page.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Paged<T> {
-    /// The items.
-    pub items: Vec<T>,
-    /// Pass as `cursor` for the next page; absent on the last.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next: Option<String>,
-}
-
-fn limit(ctx: &Ctx<'_>) -> Result<usize> {
-    match ctx.query("limit") {
-        None => Ok(DEFAULT_LIMIT),
-        Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-            _ => Err(Error::BadRequest(format!(
-                "limit must be 1 to {MAX_LIMIT}, not {l:?}"
-            ))),
-        },
-    }
 }
 
 /// Checks the caller may do `action` on a registry it can see.
@@ -213,27 +156,30 @@ pub async fn delete_protection(ctx: &Ctx<'_>, registry: &str, id: &str) -> Resul
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
-fn cleanup_view(settings: CleanupSettings) -> Result<CleanupView> {
-    let next_runs = match settings.schedule.cron() {
-        Ok(Some(cron)) => cron
-            .next_runs(std::time::SystemTime::now(), 5)
-            .into_iter()
-            .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-            .collect(),
-        Ok(None) => Vec::new(),
-        Err(e) => return Err(Error::Internal(format!("stored schedule: {e}"))),
-    };
-    Ok(CleanupView {
-        schedule: settings.schedule,
-        next_runs,
-    })
+impl ScheduleView {
+    /// A schedule with its next five run times.
+    pub fn of(schedule: Schedule) -> Result<ScheduleView> {
+        let next_runs = match schedule.cron() {
+            Ok(Some(cron)) => cron
+                .next_runs(std::time::SystemTime::now(), 5)
+                .into_iter()
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                .collect(),
+            Ok(None) => Vec::new(),
+            Err(e) => return Err(Error::Internal(format!("stored schedule: {e}"))),
+        };
+        Ok(ScheduleView {
+            schedule,
+            next_runs,
+        })
+    }
 }
 
 /// `GET …/cleanup`: the schedule and the next run times.
 pub async fn get_settings(ctx: &Ctx<'_>, registry: &str) -> Result<Response<Body>> {
     allowed(ctx, registry, false)?;
     let settings = ctx.app.policies.cleanup_settings(registry).await?;
-    json(StatusCode::OK, &cleanup_view(settings)?)
+    json(StatusCode::OK, &ScheduleView::of(settings.schedule)?)
 }
 
 /// `PUT …/cleanup`: sets the schedule (`{"schedule": {"type": "custom", "cron": "..."}}`).
@@ -249,7 +195,7 @@ pub async fn put_settings(
         .set_cleanup_settings(registry, settings)
         .await?;
     ctx.app.store.meta.flush().await?;
-    json(StatusCode::OK, &cleanup_view(s)?)
+    json(StatusCode::OK, &ScheduleView::of(s.schedule)?)
 }
 
 /// `POST …/cleanup/executions`: runs the cleanup now (or a dry run); 202 with the execution.
@@ -263,88 +209,35 @@ pub async fn run(ctx: &Ctx<'_>, registry: &str, body: RunRequest) -> Result<Resp
         ctx.req.principal.name(),
     )
     .await?;
-    json(StatusCode::ACCEPTED, &ExecutionView::of(e))
+    jobs::started(e)
 }
 
 /// `GET …/cleanup/executions?cursor=&limit=`: newest first.
 pub async fn executions(ctx: &Ctx<'_>, registry: &str) -> Result<Response<Body>> {
     allowed(ctx, registry, false)?;
-    let limit = limit(ctx)?;
-    let cursor = ctx.query("cursor");
-    let items = ctx
-        .app
-        .jobs
-        .executions(&scope(registry), cursor.as_deref(), limit)
-        .await?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|e| e.id.clone()))
-        .flatten();
-    let items = items.into_iter().map(ExecutionView::of).collect();
-    json(StatusCode::OK, &Paged { items, next })
-}
-
-async fn execution(ctx: &Ctx<'_>, registry: &str, id: &str) -> Result<Execution> {
-    ctx.app
-        .jobs
-        .execution(&scope(registry), id)
-        .await?
-        .ok_or_else(|| {
-            Error::NotFound(format!(
-                "cleanup execution {id:?} of registry {registry:?} does not exist"
-            ))
-        })
+    jobs::executions(ctx, &scope(registry)).await
 }
 
 /// `GET …/cleanup/executions/{id}`: progress while it runs.
 pub async fn get_execution(ctx: &Ctx<'_>, registry: &str, id: &str) -> Result<Response<Body>> {
     allowed(ctx, registry, false)?;
-    json(
-        StatusCode::OK,
-        &ExecutionView::of(execution(ctx, registry, id).await?),
-    )
+    jobs::get(ctx, &scope(registry), id).await
 }
 
-/// `POST …/cleanup/executions/{id}/stop`: the run ends after the image it is on (202); an
-/// execution that already ended is answered as it is (200), so a stop can be repeated.
+/// `POST …/cleanup/executions/{id}/stop`.
 pub async fn stop(ctx: &Ctx<'_>, registry: &str, id: &str) -> Result<Response<Body>> {
     allowed(ctx, registry, true)?;
-    let e = execution(ctx, registry, id).await?;
-    if !ctx.app.jobs.stop(&e.id) {
-        return json(StatusCode::OK, &ExecutionView::of(e));
-    }
-    tracing::info!(%registry, execution = %id, operator = %ctx.req.principal.name(), "cleanup stop asked");
-    json(StatusCode::ACCEPTED, &ExecutionView::of(e))
+    jobs::stop(ctx, &scope(registry), id).await
 }
 
 /// `GET …/cleanup/executions/{id}/tasks?cursor=&limit=`: one per image, in order.
 pub async fn tasks(ctx: &Ctx<'_>, registry: &str, id: &str) -> Result<Response<Body>> {
     allowed(ctx, registry, false)?;
-    execution(ctx, registry, id).await?;
-    let limit = limit(ctx)?;
-    let after =
-        match ctx.query("cursor") {
-            None => None,
-            Some(c) => Some(c.parse::<u64>().map_err(|_| {
-                Error::BadRequest(format!("cursor must be a task number, not {c:?}"))
-            })?),
-        };
-    let items: Vec<Task> = ctx.app.jobs.tasks(id, after, limit).await?;
-    let next = (items.len() == limit)
-        .then(|| items.last().map(|t| t.seq.to_string()))
-        .flatten();
-    json(StatusCode::OK, &Paged { items, next })
+    jobs::tasks(ctx, &scope(registry), id).await
 }
 
 /// `GET …/cleanup/executions/{id}/history?cursor=&limit=`: what each task did to each artifact.
 pub async fn history(ctx: &Ctx<'_>, registry: &str, id: &str) -> Result<Response<Body>> {
     allowed(ctx, registry, false)?;
-    execution(ctx, registry, id).await?;
-    let limit = limit(ctx)?;
-    let cursor = ctx.query("cursor");
-    let rows = ctx.app.jobs.history(id, cursor.as_deref(), limit).await?;
-    let next = (rows.len() == limit)
-        .then(|| rows.last().map(|(k, _)| k.clone()))
-        .flatten();
-    let items: Vec<HistoryRow> = rows.into_iter().map(|(_, r)| r).collect();
-    json(StatusCode::OK, &Paged { items, next })
+    jobs::history(ctx, &scope(registry), id).await
 }

@@ -201,8 +201,7 @@ pub async fn patch(ctx: &Ctx<'_>, name: &str, body: RegistryPatch) -> Result<Res
 /// A cache registry gets the default cleanup unless it has policies or a schedule.
 async fn default_cleanup(app: &App, r: &RegistryRecord) -> Result<()> {
     if r.kind == RegistryKind::Cache {
-        let days =
-            crate::policy::schedule::default_days(app.config.pull_through.cleanup_unpulled_after);
+        let days = crate::scheduler::default_days(app.config.pull_through.cleanup_unpulled_after);
         app.policies.default_cache_cleanup(&r.name, days).await?;
     }
     Ok(())

@@ -729,6 +729,8 @@ impl Job {
             return Err(why);
         }
         self.fetch.progress.send_modify(|p| p.verified = true);
+        // Held from commit to links: a collection never deletes the blob in between.
+        let _hold = self.store.gate.hold(&self.fetch.digest).await;
         if let Err(e) = write.inner.commit(&self.fetch.digest).await {
             self.discard().await;
             return Err(format!("cannot commit blob: {e}"));

@@ -304,8 +304,12 @@ pub async fn blob(
                 Err(e) => return Err(upstream_error(t, e)),
             }
             if let Some(size) = held {
-                app.store.meta.link_blob(local, &d, size).await?;
-                linked = true;
+                // A collection may have deleted it since: link only what is still there.
+                let _hold = app.store.gate.hold(&d).await;
+                if app.store.blobs.stat(&d).await?.is_some() {
+                    app.store.meta.link_blob(local, &d, size).await?;
+                    linked = true;
+                }
             }
         }
     }

@@ -1,5 +1,7 @@
-//! Default cleanup of cache registries (until the policy engine exists): artifacts not pulled for
-//! a while are removed, then blobs that nothing references any more are garbage-collected.
+//! The by-hand prune of cache registries (`berth cache prune`, `POST /api/v1/cache/prune`):
+//! artifacts not pulled for a while are removed, then the blobs nothing references any more
+//! are garbage-collected (through the collector's gate, `jobs::gc`). Scheduled cleanups are
+//! the registries' cleanup policies (`policy::run`).
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -132,6 +134,19 @@ pub async fn sweep(
             referenced.extend(kept);
         }
     }
+    if !dry_run {
+        // The blobs go through garbage collection's gate: never one a push is linking.
+        let collected = crate::jobs::gc::collect(store, gc_grace, busy, false, &|| false).await?;
+        report.kept_young = collected.kept_young;
+        report.blobs = collected
+            .blobs
+            .into_iter()
+            .map(|(d, size)| (d.to_string(), size))
+            .collect();
+        store.meta.flush().await?;
+        return Ok(report);
+    }
+    // A dry run changed no link: what the real run would leave referenced is `referenced`.
     let now = SystemTime::now();
     let mut after: Option<Digest> = None;
     loop {
@@ -150,14 +165,8 @@ pub async fn sweep(
                 report.kept_young.1 += info.size;
                 continue;
             }
-            if !dry_run {
-                store.blobs.delete(&digest).await?;
-            }
             report.blobs.push((digest.to_string(), info.size));
         }
-    }
-    if !dry_run {
-        store.meta.flush().await?;
     }
     Ok(report)
 }

@@ -15,7 +15,9 @@ macro_rules! outln {
 
 mod backup;
 mod cache;
+mod gc;
 mod images;
+mod jobs;
 mod key;
 mod policy;
 pub mod prefetch;
@@ -101,6 +103,10 @@ enum Command {
     /// change (412).
     #[command(subcommand)]
     Protect(policy::ProtectCommand),
+    /// Garbage collection of the blobs no image references (online; on a schedule, daily by
+    /// default): run now or as a dry run, schedule, executions, history.
+    #[command(subcommand)]
+    Gc(gc::GcCommand),
     /// Check the config for everything `serve` would refuse (values, TLS files, image cache
     /// URLs, registry references, mirror rules); print the effective config as TOML with
     /// secrets redacted, every problem on stderr; exit 1 when there is one.
@@ -470,6 +476,7 @@ pub fn main() -> ExitCode {
         Command::Webhook(cmd) => place(config).and_then(|p| webhooks::run(&p, cmd)),
         Command::Cleanup(cmd) => place(config).and_then(|p| policy::run_cleanup(&p, cmd)),
         Command::Protect(cmd) => place(config).and_then(|p| policy::run_protect(&p, cmd)),
+        Command::Gc(cmd) => place(config).and_then(|p| gc::run(&p, cmd)),
         Command::Reload { json } => place(config).and_then(|p| reload(&p, json)),
         Command::Status { json } => place(config).and_then(|p| status::run(&p, json)),
         Command::Backup {
@@ -616,6 +623,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn serve(config: Config) -> Result<(), String> {
     init_logging(&config.log, config.log_format);
     runtime()?.block_on(async move {
+        // Handlers first: a SIGTERM that comes right after "ready" (systemd, a test) must stop
+        // the server cleanly, not kill it by the default action.
+        let signals = Signals::install()?;
         let data_dir = config.data_dir.clone();
         let server = crate::Server::start(config)
             .await
@@ -627,7 +637,7 @@ fn serve(config: Config) -> Result<(), String> {
         }
         outln!("berth ready");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        wait_for_signal(server.app()).await?;
+        signals.wait(server.app()).await;
         tracing::info!("shutting down: no new connections, finishing open requests");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         server.shutdown().await;
@@ -636,22 +646,36 @@ fn serve(config: Config) -> Result<(), String> {
     })
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP reloads meanwhile.
-async fn wait_for_signal(app: &Arc<crate::App>) -> Result<(), String> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading");
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
-                let report = crate::reload::reload(app).await;
-                tracing::info!(applied = ?report.applied, restart_needed = ?report.restart_needed, problems = ?report.problems, "reload done");
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+/// The signals `serve` handles, installed before the server starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?,
+            int: signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?,
+            hup: signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; SIGHUP reloads meanwhile.
+    async fn wait(mut self, app: &Arc<crate::App>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading");
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                    let report = crate::reload::reload(app).await;
+                    tracing::info!(applied = ?report.applied, restart_needed = ?report.restart_needed, problems = ?report.problems, "reload done");
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                }
             }
         }
     }

@@ -1,20 +1,15 @@
 //! `berth cleanup ...` and `berth protect ...`: a registry's cleanup policies, schedule and
 //! executions, and its protection policies, through the management API.
 
-use std::io::IsTerminal;
-use std::time::Duration;
-
 use clap::Subcommand;
 use http::Method;
 
+use super::jobs::{schedule_text, JobCommands};
 use super::remote::seg;
 use super::{print_json, Place};
-use crate::api::policies::{CleanupView, ExecutionView, Paged, PolicyList, RunRequest};
-use crate::jobs::executions::{HistoryRow, Status};
-use crate::jobs::schedule::Schedule;
+use crate::api::policies::{PolicyList, ScheduleView};
 use crate::policy::book::{
-    CleanupPatch, CleanupPolicy, CleanupSettings, CleanupSpec, ProtectionPatch, ProtectionPolicy,
-    ProtectionSpec,
+    CleanupPatch, CleanupPolicy, CleanupSpec, ProtectionPatch, ProtectionPolicy, ProtectionSpec,
 };
 use crate::policy::cleanup::{RuleKind, TagMode};
 
@@ -183,26 +178,6 @@ fn rule_kind(text: &str) -> Result<RuleKind, String> {
     )
 }
 
-fn schedule_of(text: &str) -> Schedule {
-    match text.trim().to_ascii_lowercase().as_str() {
-        "none" => Schedule::None,
-        "hourly" => Schedule::Hourly,
-        "daily" => Schedule::Daily,
-        "weekly" => Schedule::Weekly,
-        _ => Schedule::Custom(text.trim().to_string()),
-    }
-}
-
-fn schedule_text(s: &Schedule) -> String {
-    match s {
-        Schedule::None => "none (by hand only)".into(),
-        Schedule::Hourly => "hourly".into(),
-        Schedule::Daily => "daily (00:00 UTC)".into(),
-        Schedule::Weekly => "weekly (Saturday 00:00 UTC)".into(),
-        Schedule::Custom(c) => format!("cron {c:?} (UTC)"),
-    }
-}
-
 fn rule_text(p: &CleanupPolicy) -> String {
     let n = p.n.unwrap_or(0);
     match p.rule {
@@ -219,6 +194,16 @@ fn or_all(pattern: &str) -> &str {
         "**"
     } else {
         pattern
+    }
+}
+
+/// The registry's cleanup as a job.
+fn jobs<'a>(place: &'a Place, registry: &str) -> JobCommands<'a> {
+    JobCommands {
+        place,
+        base: base(registry, "cleanup"),
+        what: format!("cleanup of registry {registry}"),
+        units: "images",
     }
 }
 
@@ -256,7 +241,7 @@ pub fn run_cleanup(place: &Place, cmd: CleanupCommand) -> Result<(), String> {
                     rule_text(p)
                 );
             }
-            let s: CleanupView = place.call(Method::GET, &base(&registry, "cleanup"))?;
+            let s: ScheduleView = place.call(Method::GET, &base(&registry, "cleanup"))?;
             outln!("schedule: {}", schedule_text(&s.schedule));
         }
         CleanupCommand::Add {
@@ -300,64 +285,32 @@ pub fn run_cleanup(place: &Place, cmd: CleanupCommand) -> Result<(), String> {
             set_enabled(place, &registry, &id, Kind::Cleanup, false)?
         }
         CleanupCommand::Schedule { registry, schedule } => {
-            let path = base(&registry, "cleanup");
-            let view: CleanupView = match schedule {
-                None => place.call(Method::GET, &path)?,
-                Some(text) => place.send(
-                    Method::PUT,
-                    &path,
-                    &CleanupSettings {
-                        schedule: schedule_of(&text),
-                    },
-                )?,
-            };
-            outln!("schedule: {}", schedule_text(&view.schedule));
-            for t in &view.next_runs {
-                outln!("  next: {t}");
-            }
+            jobs(place, &registry).schedule(schedule)?
         }
         CleanupCommand::Run {
             registry,
             dry_run,
             no_wait,
             json,
-        } => run(place, &registry, dry_run, no_wait, json)?,
+        } => {
+            let images = place
+                .call::<crate::api::views::RegistryView>(
+                    Method::GET,
+                    &format!("/registries/{}", seg(&registry)),
+                )
+                .map(|r| r.image_count as u64)
+                .unwrap_or(0);
+            jobs(place, &registry).run(dry_run, no_wait, json, images)?
+        }
         CleanupCommand::Executions {
             registry,
             limit,
             json,
-        } => {
-            let path = format!(
-                "{}?limit={}",
-                base(&registry, "cleanup/executions"),
-                limit.clamp(1, 1000)
-            );
-            let page: Paged<ExecutionView> = place.call(Method::GET, &path)?;
-            if json {
-                return print_json(&page.items);
-            }
-            for e in &page.items {
-                outln!("{}", execution_line(e));
-            }
-        }
+        } => jobs(place, &registry).executions(limit, json)?,
         CleanupCommand::History { registry, id, json } => {
-            let rows = history(place, &registry, &id)?;
-            if json {
-                return print_json(&rows);
-            }
-            for r in &rows {
-                outln!("{:<13} {} [{}]", r.action, r.artifact, r.tags.join(","));
-            }
+            jobs(place, &registry).history(&id, json)?
         }
-        CleanupCommand::Stop { registry, id } => {
-            let path = format!(
-                "{}/{}/stop",
-                base(&registry, "cleanup/executions"),
-                seg(&id)
-            );
-            let _: ExecutionView = place.call(Method::POST, &path)?;
-            outln!("stop asked: execution {id} ends after the image it is on");
-        }
+        CleanupCommand::Stop { registry, id } => jobs(place, &registry).stop(&id)?,
     }
     Ok(())
 }
@@ -403,120 +356,6 @@ fn set_enabled(
         enabled_text(enable)
     );
     Ok(())
-}
-
-fn execution_line(e: &ExecutionView) -> String {
-    let x = &e.execution;
-    format!(
-        "{}  {:<11} {:<8} {}{}  images {}  {} {}  failed {}  by {}{}",
-        x.id,
-        serde_json::to_string(&x.status)
-            .unwrap_or_default()
-            .replace('"', ""),
-        serde_json::to_string(&x.trigger)
-            .unwrap_or_default()
-            .replace('"', ""),
-        e.started,
-        if x.dry_run { " (dry run)" } else { "" },
-        x.tasks,
-        if x.dry_run { "would delete" } else { "deleted" },
-        x.counts.acted,
-        x.counts.failed,
-        x.operator,
-        x.error
-            .as_deref()
-            .map(|e| format!("  error: {e}"))
-            .unwrap_or_default()
-    )
-}
-
-fn history(place: &Place, registry: &str, id: &str) -> Result<Vec<HistoryRow>, String> {
-    let path = format!(
-        "{}/{}/history",
-        base(registry, "cleanup/executions"),
-        seg(id)
-    );
-    let mut rows = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let page_path = match &cursor {
-            Some(c) => format!("{path}?limit=1000&cursor={}", seg(c)),
-            None => format!("{path}?limit=1000"),
-        };
-        let page: Paged<HistoryRow> = place.call(Method::GET, &page_path)?;
-        rows.extend(page.items);
-        match page.next {
-            Some(next) => cursor = Some(next),
-            None => return Ok(rows),
-        }
-    }
-}
-
-/// Starts a cleanup and, unless told not to, follows it: a progress line (a bar at a
-/// terminal) until it ends, then what it deleted.
-fn run(
-    place: &Place,
-    registry: &str,
-    dry_run: bool,
-    no_wait: bool,
-    json: bool,
-) -> Result<(), String> {
-    let started: ExecutionView = place.send(
-        Method::POST,
-        &base(registry, "cleanup/executions"),
-        &RunRequest { dry_run },
-    )?;
-    let id = started.execution.id.clone();
-    if no_wait {
-        outln!("started cleanup execution {id} of registry {registry}");
-        return Ok(());
-    }
-    let images = place
-        .call::<crate::api::views::RegistryView>(
-            Method::GET,
-            &format!("/registries/{}", seg(registry)),
-        )
-        .map(|r| r.image_count as u64)
-        .unwrap_or(0);
-    let bar = if json || !std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(images).with_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images  {msg}")
-                .map_err(|e| e.to_string())?,
-        )
-    };
-    let path = format!("{}/{}", base(registry, "cleanup/executions"), seg(&id));
-    let ended = loop {
-        let e: ExecutionView = place.call(Method::GET, &path)?;
-        bar.set_position(e.execution.tasks);
-        bar.set_message(format!("{} artifacts", e.execution.counts.acted));
-        if e.execution.status != Status::Running {
-            break e;
-        }
-        place.sleep(Duration::from_millis(200));
-    };
-    bar.finish_and_clear();
-    let rows = history(place, registry, &id)?;
-    if json {
-        return print_json(&serde_json::json!({"execution": ended, "history": rows}));
-    }
-    for r in &rows {
-        outln!("{:<13} {} [{}]", r.action, r.artifact, r.tags.join(","));
-    }
-    outln!("{}", execution_line(&ended));
-    match ended.execution.status {
-        Status::Succeeded | Status::Stopped => Ok(()),
-        _ => Err(format!(
-            "cleanup execution {id} ended {:?}{}",
-            ended.execution.status,
-            ended
-                .execution
-                .error
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
-        )),
-    }
 }
 
 pub fn run_protect(place: &Place, cmd: ProtectCommand) -> Result<(), String> {

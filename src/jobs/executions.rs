@@ -120,8 +120,24 @@ pub struct HistoryRow {
     pub artifact: String,
     /// Its tags when it was acted on.
     pub tags: Vec<String>,
-    /// What was done (`deleted`, `would_delete`, `kept`...).
+    /// What was done (`deleted`, `would_delete`).
     pub action: String,
+    /// Bytes concerned (a manifest's, a blob's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+impl HistoryRow {
+    /// A row (its task number is set when the task is recorded).
+    pub fn new(artifact: String, tags: Vec<String>, action: &str, size: u64) -> HistoryRow {
+        HistoryRow {
+            task: 0,
+            artifact,
+            tags,
+            action: action.to_string(),
+            size: Some(size),
+        }
+    }
 }
 
 /// An execution that could not start.
@@ -345,6 +361,11 @@ impl Run {
         &self.execution
     }
 
+    /// The stop flag, for work that checks it away from the run.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
     /// Whether a stop was asked: the work ends at the next unit.
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
@@ -357,17 +378,12 @@ impl Run {
         unit: &str,
         counts: Counts,
         error: Option<String>,
-        rows: Vec<(String, Vec<String>, String)>,
+        rows: Vec<HistoryRow>,
     ) -> MetaResult<()> {
         let seq = self.execution.tasks + 1;
         let id = self.execution.id.clone();
-        for (n, (artifact, tags, action)) in rows.into_iter().enumerate() {
-            let row = HistoryRow {
-                task: seq,
-                artifact,
-                tags,
-                action,
-            };
+        for (n, mut row) in rows.into_iter().enumerate() {
+            row.task = seq;
             let key = format!("{}{n:08x}", seq_key(seq));
             self.jobs.history.put(&[&id, &key], &row).await?;
         }
@@ -453,10 +469,11 @@ mod tests {
             "lib/app",
             counts(1),
             None,
-            vec![(
+            vec![HistoryRow::new(
                 "lib/app@sha256:aa".into(),
                 vec!["v1".into()],
-                "deleted".into(),
+                "deleted",
+                10,
             )],
         )
         .await
@@ -570,7 +587,7 @@ mod tests {
                 "img",
                 counts(1),
                 None,
-                vec![("a".into(), vec![], "deleted".into())],
+                vec![HistoryRow::new("a".into(), vec![], "deleted", 1)],
             )
             .await
             .unwrap();

@@ -2,4 +2,5 @@
 //! (`schedule`), and its executions with their tasks and history (`executions`).
 
 pub mod executions;
+pub mod gc;
 pub mod schedule;

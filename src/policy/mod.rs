@@ -6,4 +6,3 @@ pub mod book;
 pub mod cleanup;
 pub mod pattern;
 pub mod run;
-pub mod schedule;

@@ -15,7 +15,7 @@ use super::cleanup::{select, Artifact, Policy};
 use crate::config::RegistryKind;
 use crate::error::{Error, Result};
 use crate::events::{EventKind, Happened};
-use crate::jobs::executions::{Counts, Execution, Run, Start, Trigger};
+use crate::jobs::executions::{Counts, Execution, HistoryRow, Run, Start, Trigger};
 use crate::oci::digest::Digest;
 use crate::oci::manifest;
 use crate::store::meta::{now_ms, ArtifactRecord};
@@ -112,7 +112,7 @@ struct Cleanup {
 /// What the cleanup did to one image: counts and history rows.
 struct ImageDone {
     counts: Counts,
-    rows: Vec<(String, Vec<String>, String)>,
+    rows: Vec<HistoryRow>,
 }
 
 impl Cleanup {
@@ -225,7 +225,12 @@ impl Cleanup {
             }
             counts.acted += 1;
             counts.bytes += size;
-            rows.push((format!("{repo}@{digest}"), tags.clone(), action.to_string()));
+            rows.push(HistoryRow::new(
+                format!("{repo}@{digest}"),
+                tags.clone(),
+                action,
+                size,
+            ));
         }
         if !deleted.is_empty() {
             self.unlink_orphans(repo, &deleted, &selection.kept.keys().collect::<Vec<_>>())

@@ -137,6 +137,8 @@ pub async fn start(
                 return Err(e);
             }
         }
+        // Held from commit to link: a collection never deletes the blob in between.
+        let _hold = app.store.gate.hold(&digest).await;
         if let Err(e) = writer.inner.commit(&digest).await {
             discard(app, None, &key).await;
             return Err(e.into());
@@ -352,6 +354,8 @@ pub async fn finish(
     // Past the quota (a chunk without a length took it there): the session stays, complete,
     // for a PUT after space is freed.
     quota::check(app, repo.as_str(), size).await?;
+    // Held from commit to link: a collection never deletes the blob in between.
+    let _hold = app.store.gate.hold(&digest).await;
     // Not committed (a full disk at fsync): the session stays, complete, for another PUT.
     app.store.uploads.commit(&mut s, &digest).await?;
     app.store

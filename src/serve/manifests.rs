@@ -223,6 +223,8 @@ pub async fn store(
     tag: Option<&str>,
     refers: &Refers,
 ) -> Result<()> {
+    // Held from the bytes to the record: a collection never deletes them in between.
+    let _hold = app.store.gate.hold(digest).await;
     app.store.blobs.put(digest, bytes.clone()).await?;
     let record = ArtifactRecord {
         media_type: parsed.media_type.clone(),

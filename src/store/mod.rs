@@ -5,6 +5,7 @@ pub mod blobs;
 #[cfg(test)]
 mod conformance;
 pub mod fs;
+pub mod gc;
 pub mod lock;
 pub mod meta;
 pub mod uploads;
@@ -56,6 +57,8 @@ pub struct Store {
     pub uploads: uploads::Uploads,
     /// Pull times waiting to be written.
     pub pulls: PullRecorder,
+    /// Where garbage collection and the writers that make blobs referenced meet.
+    pub gate: Arc<gc::BlobGate>,
     /// Registries by name, shared: every `/v2/` request looks one up, and an `Arc` clone is
     /// cheaper than cloning the record's strings. A copy of the metadata that follows its
     /// changes ([`Change::Registry`]), whoever makes them.
@@ -98,6 +101,7 @@ impl Store {
             blobs,
             meta,
             pulls: PullRecorder::default(),
+            gate: Default::default(),
             registries,
         })
     }

@@ -246,11 +246,23 @@ async fn blob_links_are_per_repository_and_page(meta: &dyn MetaStore) {
         .await
         .unwrap()
         .is_none());
+    // Links of repositories not in the catalog (no manifest yet) are references all the same.
+    assert!(!meta.repo_exists("links/a").await.unwrap());
+    let referenced = meta.referenced().await.unwrap();
+    assert!(
+        digests.iter().all(|b| referenced.contains(b)),
+        "{referenced:?}"
+    );
     for b in &digests {
         assert!(meta.unlink_blob("links/a", b).await.unwrap());
         assert!(!meta.unlink_blob("links/a", b).await.unwrap());
     }
+    assert!(
+        meta.referenced().await.unwrap().contains(&shared),
+        "still linked by links/ab"
+    );
     assert!(meta.unlink_blob("links/ab", &shared).await.unwrap());
+    assert!(meta.referenced().await.unwrap().is_empty());
     assert!(meta
         .linked_blobs("links/a", None, usize::MAX)
         .await

@@ -452,6 +452,10 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn blob_link(&self, repo: &str, digest: &Digest) -> MetaResult<Option<u64>>;
     /// Removes a blob link; whether there was one.
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool>;
+    /// Every digest some repository links or holds as an artifact, whether or not the
+    /// repository is in the catalog yet (a push links its blobs before its manifest makes the
+    /// repository): what garbage collection must keep.
+    async fn referenced(&self) -> MetaResult<std::collections::HashSet<Digest>>;
     /// Blobs linked by a repository, lexically after `after`, at most `limit`.
     async fn linked_blobs(
         &self,

@@ -483,6 +483,18 @@ impl Trees {
         Ok(removed)
     }
 
+    fn referenced(&self) -> MetaResult<std::collections::HashSet<Digest>> {
+        let mut out = std::collections::HashSet::new();
+        for tree in [&self.blob_links, &self.artifacts] {
+            for k in tree.iter().keys() {
+                if let Some((_, d)) = split_key(&k?) {
+                    out.insert(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn linked_blobs(
         &self,
         repo: &str,
@@ -930,6 +942,10 @@ impl MetaStore for SledMeta {
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> MetaResult<bool> {
         let (repo, digest) = (repo.to_owned(), digest.clone());
         self.run(move |t| t.unlink_blob(&repo, &digest)).await
+    }
+
+    async fn referenced(&self) -> MetaResult<std::collections::HashSet<Digest>> {
+        self.run(|t| t.referenced()).await
     }
 
     async fn linked_blobs(

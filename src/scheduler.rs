@@ -1,6 +1,8 @@
-//! Runs each registry's cleanup when its schedule says (UTC), and gives every cache registry
-//! the default cleanup (artifacts not pulled for `pull_through.cleanup_unpulled_after`, daily)
-//! unless it has policies or a schedule of its own.
+//! Runs background jobs when their schedules say (UTC): each registry's cleanup
+//! (`policy::run`) and garbage collection (`jobs::gc`, daily unless set otherwise). Gives every
+//! cache registry the default cleanup (artifacts not pulled for
+//! `pull_through.cleanup_unpulled_after`, daily) unless it has policies or a schedule of its
+//! own.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -54,11 +56,23 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         };
+        let due = |schedule: &crate::jobs::schedule::Schedule| matches!(schedule.cron(), Ok(Some(cron)) if cron.next_after(checked).is_some_and(|at| at <= now));
+        match crate::jobs::gc::settings(app.store.meta.clone()).await {
+            Ok(gc) if due(&gc.schedule) => {
+                let busy = app.cache.fetches.inflight_digests();
+                if let Err(e) = app
+                    .gc()
+                    .start(Trigger::Schedule, false, "schedule", busy)
+                    .await
+                {
+                    tracing::warn!(error = %e, "scheduled garbage collection did not start");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read the garbage collection schedule"),
+        }
         for (registry, schedule) in schedules {
-            let Ok(Some(cron)) = schedule.cron() else {
-                continue;
-            };
-            if cron.next_after(checked).is_none_or(|due| due > now) {
+            if !due(&schedule) {
                 continue;
             }
             if app.store.registry(&registry).is_none() {
