@@ -399,6 +399,73 @@ pub struct PullThrough {
     /// Largest blob a source may send when neither its `Content-Length` nor a cached manifest
     /// gives the size; a fetch that goes past it is stopped and discarded.
     pub max_blob_bytes: u64,
+    /// Size cap of what the cache registries hold together: bytes, or `"N%"` of the data
+    /// volume. None by default.
+    pub cache_max_size: Option<SizeCap>,
+    /// Eviction starts when the cache holds more than this percentage of the cap...
+    pub evict_high_percent: u8,
+    /// ...and evicts the least recently pulled until it holds at most this percentage.
+    pub evict_low_percent: u8,
+    /// How often the cache's size is compared with the cap.
+    #[serde(with = "humantime_serde_compat")]
+    pub evict_interval: Duration,
+}
+
+/// A size cap: bytes, or a percentage of the data volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SizeCapText", into = "SizeCapText")]
+pub enum SizeCap {
+    /// Bytes.
+    Bytes(u64),
+    /// Percent of the data volume's size (1 to 100).
+    Percent(u8),
+}
+
+/// How a [`SizeCap`] is written: an integer (bytes) or `"N%"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SizeCapText {
+    /// Bytes.
+    Bytes(u64),
+    /// `"N%"`.
+    Text(String),
+}
+
+impl TryFrom<SizeCapText> for SizeCap {
+    type Error = String;
+    fn try_from(t: SizeCapText) -> Result<SizeCap, String> {
+        match t {
+            SizeCapText::Bytes(b) => Ok(SizeCap::Bytes(b)),
+            SizeCapText::Text(s) => s
+                .trim()
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<u8>().ok())
+                .filter(|n| (1..=100).contains(n))
+                .map(SizeCap::Percent)
+                .ok_or_else(|| {
+                    format!("{s:?} is neither a number of bytes nor a percentage like \"20%\"")
+                }),
+        }
+    }
+}
+
+impl From<SizeCap> for SizeCapText {
+    fn from(c: SizeCap) -> SizeCapText {
+        match c {
+            SizeCap::Bytes(b) => SizeCapText::Bytes(b),
+            SizeCap::Percent(p) => SizeCapText::Text(format!("{p}%")),
+        }
+    }
+}
+
+impl SizeCap {
+    /// The cap in bytes on a volume of `volume_bytes`.
+    pub fn bytes(&self, volume_bytes: u64) -> u64 {
+        match *self {
+            SizeCap::Bytes(b) => b,
+            SizeCap::Percent(p) => volume_bytes / 100 * u64::from(p),
+        }
+    }
 }
 
 impl Default for PullThrough {
@@ -411,6 +478,10 @@ impl Default for PullThrough {
             gc_grace: Duration::from_secs(2 * 3600),
             revalidate_timeout: Duration::from_secs(10),
             max_blob_bytes: 64 << 30,
+            cache_max_size: None,
+            evict_high_percent: 90,
+            evict_low_percent: 80,
+            evict_interval: Duration::from_secs(60),
         }
     }
 }
@@ -630,6 +701,18 @@ impl Config {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let mut say = |p: String| problems.push(p);
+        let pt = &self.pull_through;
+        if !(1..=100).contains(&pt.evict_high_percent)
+            || pt.evict_low_percent >= pt.evict_high_percent
+        {
+            say(format!(
+                "pull_through: evict_low_percent ({}) must be below evict_high_percent ({}), which is at most 100",
+                pt.evict_low_percent, pt.evict_high_percent
+            ));
+        }
+        if pt.evict_interval.is_zero() {
+            say("pull_through.evict_interval must be at least 1s".into());
+        }
         if self.listen.is_empty() {
             say("at least one [[listen]] is required".into());
         }

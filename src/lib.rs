@@ -309,8 +309,8 @@ async fn stored_bytes(blobs: &dyn store::blobs::BlobStore) -> std::io::Result<u6
 }
 
 /// Periodic work: batched last-pull writes (1 s); expired uploads, stale partial fetches and
-/// storage size (5 min). Cleanups and garbage collection run on their own schedules
-/// (`scheduler`).
+/// storage size (5 min); the cache's size against its cap (`pull_through.evict_interval`).
+/// Cleanups and garbage collection run on their own schedules (`scheduler`).
 async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -321,6 +321,12 @@ async fn housekeeping(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         }
         if let Err(e) = app.store.pulls.flush(&*app.store.meta).await {
             tracing::error!(error = %e, "could not write last-pull times");
+        }
+        let evict_every = app.config.pull_through.evict_interval.as_secs().max(1);
+        if n > 0 && n.is_multiple_of(evict_every) {
+            if let Err(e) = cache::evict::check(&app).await {
+                tracing::warn!(error = %e, "could not check the cache's size against its cap");
+            }
         }
         if n.is_multiple_of(300) {
             match app

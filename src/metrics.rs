@@ -173,6 +173,23 @@ fn describe() {
         "Blobs a source sent with another digest than asked (discarded)"
     );
     describe_counter!(
+        "berth_cache_evicted_artifacts_total",
+        "Cache artifacts evicted because the cache passed its size cap"
+    );
+    describe_counter!(
+        "berth_gc_deleted_blobs_total",
+        "Blob files garbage collection deleted"
+    );
+    describe_counter!(
+        "berth_gc_deleted_bytes_total",
+        Unit::Bytes,
+        "Bytes of the blob files garbage collection deleted"
+    );
+    describe_counter!(
+        "berth_cleanup_deleted_artifacts_total",
+        "Artifacts cleanup policies deleted (real runs)"
+    );
+    describe_counter!(
         "berth_cache_oversized_fetches_total",
         "Source fetches stopped because the source sent more bytes than the blob can have"
     );

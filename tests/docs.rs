@@ -80,9 +80,16 @@ fn every_config_in_the_guides_passes_check_config() {
     let mut checked = 0;
     for (guide, text) in guides() {
         for (lang, block) in blocks(&text) {
-            if lang != "toml" || !block.contains("[[listen]]") {
+            // Whole configs, and fragments of one (a `[pull_through]` section to add).
+            let fragment = block.starts_with("[pull_through]");
+            if lang != "toml" || !(block.contains("[[listen]]") || fragment) {
                 continue;
             }
+            let block = if fragment {
+                format!("[[listen]]\naddr = \"127.0.0.1:5000\"\n{block}")
+            } else {
+                block
+            };
             // The guide's paths belong to the operator's machine: data_dir and the TLS files
             // are redirected, nothing else.
             let block = block.replace(TLS_DIR, &tls.display().to_string());

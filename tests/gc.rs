@@ -311,3 +311,101 @@ async fn gc_under_fire_loses_no_acknowledged_push() {
         assert!(everything.contains(&sha256(manifest)), "{name}");
     }
 }
+
+/// Cache eviction (issue 12 item 6): a cache filled past its high watermark by pulls through a
+/// loopback source falls to its low watermark; the most recently pulled images stay, served
+/// with the source gone; a protected image stays however old; the disk space comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_brings_the_cache_down_to_its_low_watermark() {
+    let upstream = TestServer::start("").await;
+    let up = Client::over(upstream.client.clone(), &upstream.url(""));
+    for i in 0..10 {
+        let big = vec![i as u8; 100 * 1024];
+        up.image(&format!("library/img{i}"), "v1", &format!("img{i}"), &big)
+            .await;
+    }
+    // 10 images of ~100 KiB: a cap of 600 KiB, evicting above 90% down to 60% (three images).
+    // The check runs here, not on its interval, so that it sees all ten.
+    let edge = TestServer::start(&cache_toml(
+        "registry",
+        &upstream.base,
+        "",
+        "[pull_through]\ngc_grace = \"0s\"\ncache_max_size = 614400\nevict_high_percent = 90\nevict_low_percent = 60\nevict_interval = \"1h\"\n",
+    ))
+    .await;
+    let (status, _) = api(
+        &edge,
+        Method::POST,
+        "/registries/hub/protection-policies",
+        Some(json!({"images": "library/img0", "tags": "v1"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let client = Client::over(edge.client.clone(), &edge.url(""));
+    let app = edge.server.as_ref().unwrap().app().clone();
+    for i in 0..10 {
+        client.pull_all(&format!("hub/library/img{i}"), "v1").await;
+        // Pull times order the images.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (high, low) = (614400 / 100 * 90, 614400 / 100 * 60);
+    let before = berth::cache::evict::cache_bytes(&app).await.unwrap();
+    assert!(before > high, "{before} bytes cached, not above {high}");
+    let started = berth::cache::evict::check(&app)
+        .await
+        .unwrap()
+        .expect("an eviction starts");
+    loop {
+        let e = app
+            .jobs
+            .execution(berth::cache::evict::SCOPE, &started.id)
+            .await
+            .unwrap()
+            .unwrap();
+        if e.status != berth::jobs::executions::Status::Running {
+            assert_eq!(
+                e.status,
+                berth::jobs::executions::Status::Succeeded,
+                "{e:?}"
+            );
+            assert_eq!(e.counts.acted, 7, "img1 to img7 went: {e:?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = berth::cache::evict::cache_bytes(&app).await.unwrap();
+    assert!(
+        held <= low,
+        "the cache holds {held} bytes, above its low watermark {low}"
+    );
+    assert!(
+        berth::cache::evict::check(&app).await.unwrap().is_none(),
+        "below the high watermark now"
+    );
+    drop(upstream);
+    // The newest and the protected are served from the edge alone; the others are gone.
+    for i in [0, 8, 9] {
+        client.pull_all(&format!("hub/library/img{i}"), "v1").await;
+    }
+    let meta = &app.store.meta;
+    for i in 1..8 {
+        let repo = format!("hub/library/img{i}");
+        assert!(
+            meta.artifacts(&repo, None, 10).await.unwrap().is_empty(),
+            "{repo} was evicted"
+        );
+    }
+    // Garbage collection after the eviction gives the disk back.
+    let mut files = BTreeSet::new();
+    for _ in 0..100 {
+        files = stored(&edge).await;
+        if files.is_subset(&referenced_by_manifests(&edge).await) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        files.is_subset(&referenced_by_manifests(&edge).await),
+        "evicted blobs are collected"
+    );
+}

@@ -2,6 +2,7 @@
 //! over the local store (DESIGN.md 2, 5, 6).
 
 pub mod credentials;
+pub mod evict;
 pub mod fetch;
 pub mod health;
 pub mod serve;

@@ -382,11 +382,15 @@ impl Run {
     ) -> MetaResult<()> {
         let seq = self.execution.tasks + 1;
         let id = self.execution.id.clone();
-        for (n, mut row) in rows.into_iter().enumerate() {
-            row.task = seq;
-            let key = format!("{}{n:08x}", seq_key(seq));
-            self.jobs.history.put(&[&id, &key], &row).await?;
-        }
+        let rows = rows
+            .into_iter()
+            .enumerate()
+            .map(|(n, mut row)| {
+                row.task = seq;
+                (vec![id.clone(), format!("{}{n:08x}", seq_key(seq))], row)
+            })
+            .collect();
+        self.jobs.history.put_many(rows).await?;
         let task = Task {
             seq,
             unit: unit.to_string(),

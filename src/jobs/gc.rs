@@ -108,6 +108,8 @@ async fn cycle(
         let deleted = store.blobs.delete(&digest).await;
         store.gate.deleted(&digest);
         if deleted? {
+            metrics::counter!("berth_gc_deleted_blobs_total").increment(1);
+            metrics::counter!("berth_gc_deleted_bytes_total").increment(size);
             out.blobs.push((digest, size));
         }
     }

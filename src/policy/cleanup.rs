@@ -224,6 +224,68 @@ pub fn select(policies: &[Policy], image: &str, artifacts: &[Artifact], now_ms: 
     Selection { kept, deleted }
 }
 
+/// An artifact with what belongs to it (untagged platform manifests of an index, referrers),
+/// recursively: what is kept or evicted as one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    /// The artifact (index into the image's artifacts).
+    pub root: usize,
+    /// The root and everything that belongs to it (indexes into the image's artifacts).
+    pub members: Vec<usize>,
+}
+
+/// The units of an image: one per artifact that belongs to no other.
+pub fn units(artifacts: &[Artifact]) -> Vec<Unit> {
+    let index: HashMap<&Digest, usize> = artifacts
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (&a.digest, i))
+        .collect();
+    let mut parents: HashMap<&Digest, usize> = HashMap::new();
+    for a in artifacts {
+        for c in &a.children {
+            *parents.entry(c).or_default() += 1;
+        }
+    }
+    let mut referrers: HashMap<&Digest, Vec<usize>> = HashMap::new();
+    for (i, a) in artifacts.iter().enumerate() {
+        if let Some(s) = &a.subject {
+            referrers.entry(s).or_default().push(i);
+        }
+    }
+    let follows = |a: &Artifact| {
+        (a.tags.is_empty() && parents.contains_key(&a.digest))
+            || a.subject.as_ref().is_some_and(|s| index.contains_key(s))
+    };
+    let mut out = Vec::new();
+    for (root, a) in artifacts.iter().enumerate() {
+        if follows(a) {
+            continue;
+        }
+        let mut members = vec![root];
+        let mut todo = vec![root];
+        while let Some(i) = todo.pop() {
+            let node = &artifacts[i];
+            // A platform manifest two indexes share belongs to neither alone.
+            let children = node
+                .children
+                .iter()
+                .filter(|c| parents.get(c) == Some(&1))
+                .filter_map(|c| index.get(c).copied())
+                .filter(|&c| artifacts[c].tags.is_empty());
+            let refs = referrers.get(&node.digest).into_iter().flatten().copied();
+            for m in children.chain(refs).collect::<Vec<_>>() {
+                if !members.contains(&m) {
+                    members.push(m);
+                    todo.push(m);
+                }
+            }
+        }
+        out.push(Unit { root, members });
+    }
+    out
+}
+
 impl Policy {
     /// Whether the policy's tag filter selects the artifact (any of its tags, or the empty
     /// string for an untagged one).
@@ -532,6 +594,34 @@ mod tests {
             art("v2", &["1.1"], 40, None),
         ];
         assert_eq!(deleted(&p, "library/app", &alone), vec!["v1"]);
+    }
+
+    #[test]
+    fn units_hold_what_belongs_to_an_artifact() {
+        let mut idx = art("idx", &["multi"], 9, None);
+        idx.children = vec![dg("amd"), dg("arm")];
+        let mut sig = art("sig", &["sha256-x.sig"], 0, None);
+        sig.subject = Some(dg("idx"));
+        let mut sbom = art("sbom", &[], 0, None);
+        sbom.subject = Some(dg("amd"));
+        let artifacts = vec![
+            idx,
+            art("amd", &[], 0, None),
+            art("arm", &[], 0, None),
+            sig,
+            sbom,
+            art("v1", &["1.0"], 50, None),
+        ];
+        let mut got: Vec<(usize, Vec<usize>)> = units(&artifacts)
+            .into_iter()
+            .map(|u| {
+                let mut m = u.members;
+                m.sort();
+                (u.root, m)
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![(0, vec![0, 1, 2, 3, 4]), (5, vec![5])]);
     }
 
     #[test]

@@ -150,6 +150,10 @@ impl Cleanup {
                         .await?
                 }
             }
+            // A long run shares the workers with the requests it must not delay. (Resting a
+            // third of the time it works cost more run time than it won in p99:
+            // benches/README.md, "Lifecycle".)
+            tokio::task::yield_now().await;
         }
         if !self.dry_run {
             meta.flush().await?;
@@ -159,147 +163,204 @@ impl Cleanup {
 
     /// Selects and (unless dry) deletes in one image.
     async fn image(&self, repo: &str, image: &str) -> Result<ImageDone> {
-        let meta = &self.app.store.meta;
-        let records = meta.artifacts(repo, None, usize::MAX).await?;
-        let mut tags_of: HashMap<Digest, Vec<String>> = HashMap::new();
-        for tag in meta.tags(repo, None, usize::MAX).await? {
-            if let Some(d) = meta.tag(repo, &tag).await? {
-                tags_of.entry(d).or_default().push(tag);
-            }
-        }
-        let mut artifacts = Vec::with_capacity(records.len());
-        let mut by_digest: HashMap<Digest, ArtifactRecord> = HashMap::new();
-        for (digest, record) in records {
-            let tags = tags_of.remove(&digest).unwrap_or_default();
-            let mut pulled_ms = meta.last_pull(repo, &digest).await?;
-            if self.cache {
-                // A cache artifact arrives through a pull.
-                pulled_ms = Some(pulled_ms.unwrap_or(0).max(record.pushed_ms));
-            }
-            let children = if manifest::is_index_media_type(&record.media_type) {
-                self.references(&digest).await?.1
-            } else {
-                Vec::new()
-            };
-            let subject = record
-                .subject
-                .clone()
-                .or_else(|| tags.iter().find_map(|t| cosign_subject(t)));
-            let protected = tags
-                .iter()
-                .any(|t| self.protections.iter().any(|p| p.protects(image, t)));
-            artifacts.push(Artifact {
-                digest: digest.clone(),
-                tags,
-                pushed_ms: record.pushed_ms,
-                pulled_ms,
-                children,
-                subject,
-                protected,
-            });
-            by_digest.insert(digest, record);
-        }
+        let (artifacts, records) =
+            gather(&self.app, repo, image, self.cache, &self.protections).await?;
         let selection = select(&self.policies, image, &artifacts, now_ms());
         let mut counts = Counts {
             examined: artifacts.len() as u64,
             ..Counts::default()
         };
-        let mut rows = Vec::new();
-        let action = if self.dry_run {
-            "would_delete"
+        let doomed: Vec<(Digest, Vec<String>)> = selection.deleted.into_iter().collect();
+        let rows = if self.dry_run {
+            doomed
+                .into_iter()
+                .map(|(digest, tags)| {
+                    let size = records.get(&digest).map_or(0, |r| r.size);
+                    HistoryRow::new(format!("{repo}@{digest}"), tags, "would_delete", size)
+                })
+                .collect()
         } else {
-            "deleted"
+            let rows = delete(&self.app, repo, &doomed, &records, Remover::Cleanup).await?;
+            metrics::counter!("berth_cleanup_deleted_artifacts_total").increment(rows.len() as u64);
+            rows
         };
-        let mut deleted = Vec::new();
-        for (digest, tags) in &selection.deleted {
-            let record = by_digest.get(digest);
-            let size = record.map_or(0, |r| r.size);
-            if !self.dry_run {
-                match meta.delete_artifact(repo, digest).await? {
-                    Some(_) => {}
-                    // Deleted meanwhile by someone else: nothing to do or to report.
-                    None => continue,
-                }
-                self.announce(repo, digest, tags, record);
-                deleted.push(digest.clone());
-            }
-            counts.acted += 1;
-            counts.bytes += size;
-            rows.push(HistoryRow::new(
-                format!("{repo}@{digest}"),
-                tags.clone(),
-                action,
-                size,
-            ));
-        }
-        if !deleted.is_empty() {
-            self.unlink_orphans(repo, &deleted, &selection.kept.keys().collect::<Vec<_>>())
-                .await?;
-            meta.remove_repo_if_empty(repo).await?;
-        }
+        counts.acted = rows.len() as u64;
+        counts.bytes = rows.iter().filter_map(|r| r.size).sum();
         Ok(ImageDone { counts, rows })
     }
+}
 
-    /// Unlinks from `repo` the blobs and child manifests the deleted artifacts referred to
-    /// that no kept artifact refers to.
-    async fn unlink_orphans(&self, repo: &str, deleted: &[Digest], kept: &[&Digest]) -> Result<()> {
-        let mut orphans: HashSet<Digest> = HashSet::new();
-        for d in deleted {
-            let (blobs, children) = self.references(d).await?;
-            orphans.extend(blobs);
-            orphans.extend(children);
-        }
-        for d in kept {
-            let (blobs, children) = self.references(d).await?;
-            for b in blobs.iter().chain(&children) {
-                orphans.remove(b);
-            }
-            orphans.remove(*d);
-        }
-        let meta = &self.app.store.meta;
-        for blob in orphans {
-            meta.unlink_blob(repo, &blob).await?;
-        }
-        Ok(())
+/// An image's artifacts as a selection sees them (tags, push and pull times, index children,
+/// subject, protection), with their records. In a cache registry an artifact arrived through
+/// a pull: its arrival counts as one.
+pub async fn gather(
+    app: &App,
+    repo: &str,
+    image: &str,
+    cache: bool,
+    protections: &[Protection],
+) -> Result<(Vec<Artifact>, HashMap<Digest, ArtifactRecord>)> {
+    let meta = &app.store.meta;
+    let records = meta.artifacts(repo, None, usize::MAX).await?;
+    let mut tags_of: HashMap<Digest, Vec<String>> = HashMap::new();
+    for (tag, d) in meta.tagged(repo).await? {
+        tags_of.entry(d).or_default().push(tag);
     }
-
-    /// The blobs and child manifests a stored manifest refers to (none when it cannot be read:
-    /// nothing is unlinked on a guess).
-    async fn references(&self, digest: &Digest) -> Result<(Vec<Digest>, Vec<Digest>)> {
-        let limit = self.app.config.limits.max_manifest_bytes as u64;
-        let Some(bytes) = self.app.store.blobs.read_small(digest, limit).await? else {
-            return Ok((Vec::new(), Vec::new()));
+    let mut pulls = meta.last_pulls(repo).await?;
+    let mut artifacts = Vec::with_capacity(records.len());
+    let mut by_digest: HashMap<Digest, ArtifactRecord> = HashMap::new();
+    for (digest, record) in records {
+        let tags = tags_of.remove(&digest).unwrap_or_default();
+        let mut pulled_ms = pulls.remove(&digest);
+        if cache {
+            pulled_ms = Some(pulled_ms.unwrap_or(0).max(record.pushed_ms));
+        }
+        let children = if manifest::is_index_media_type(&record.media_type) {
+            references(app, &digest).await?.1
+        } else {
+            Vec::new()
         };
-        Ok(match manifest::parse(&bytes, None) {
-            Ok(p) => (p.blobs, p.children.into_iter().map(|c| c.digest).collect()),
-            Err(_) => (Vec::new(), Vec::new()),
-        })
+        let subject = record
+            .subject
+            .clone()
+            .or_else(|| tags.iter().find_map(|t| cosign_subject(t)));
+        let protected = tags
+            .iter()
+            .any(|t| protections.iter().any(|p| p.protects(image, t)));
+        artifacts.push(Artifact {
+            digest: digest.clone(),
+            tags,
+            pushed_ms: record.pushed_ms,
+            pulled_ms,
+            children,
+            subject,
+            protected,
+        });
+        by_digest.insert(digest, record);
     }
+    Ok((artifacts, by_digest))
+}
 
-    /// DELETE_ARTIFACT, DELETE_TAG for each tag, and CLEANUP for what a real run deleted.
-    fn announce(
-        &self,
-        repo: &str,
-        digest: &Digest,
-        tags: &[String],
-        record: Option<&ArtifactRecord>,
-    ) {
-        let (media_type, size) = record.map_or(("", 0), |r| (r.media_type.as_str(), r.size));
-        let happened = |kind, tag| Happened {
-            kind,
-            operator: "cleanup",
-            repository: repo,
-            tag,
-            digest: digest.as_str(),
-            media_type,
+/// Who deletes, for the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remover {
+    /// A cleanup (CLEANUP, DELETE_ARTIFACT, DELETE_TAG; operator `cleanup`).
+    Cleanup,
+    /// The cache's eviction (DELETE_ARTIFACT, DELETE_TAG; operator `eviction`).
+    Eviction,
+}
+
+/// Deletes artifacts of `repo` with their tags and announces it; unlinks the blobs and child
+/// manifests only they referred to (what the repository still holds afterwards keeps its
+/// own); drops an emptied repository. The history rows of what went (an artifact deleted
+/// meanwhile by someone else is not one).
+pub async fn delete(
+    app: &App,
+    repo: &str,
+    doomed: &[(Digest, Vec<String>)],
+    records: &HashMap<Digest, ArtifactRecord>,
+    by: Remover,
+) -> Result<Vec<HistoryRow>> {
+    let meta = &app.store.meta;
+    let mut rows = Vec::new();
+    let mut orphans: HashSet<Digest> = HashSet::new();
+    let digests: Vec<Digest> = doomed.iter().map(|(d, _)| d.clone()).collect();
+    let answers = meta.delete_artifacts(repo, &digests).await?;
+    let refs = references_of(app, &digests).await?;
+    for (((digest, tags), answer), (blobs, children)) in doomed.iter().zip(answers).zip(refs) {
+        // Deleted meanwhile by someone else: not this run's.
+        if answer.is_none() {
+            continue;
+        }
+        let record = records.get(digest);
+        announce(app, by, repo, digest, tags, record);
+        orphans.extend(blobs);
+        orphans.extend(children);
+        let size = record.map_or(0, |r| r.size);
+        rows.push(HistoryRow::new(
+            format!("{repo}@{digest}"),
+            tags.clone(),
+            "deleted",
             size,
-        };
-        let events = &self.app.events;
-        events.emit(happened(EventKind::Cleanup, None));
-        events.emit(happened(EventKind::DeleteArtifact, None));
-        for t in tags {
-            events.emit(happened(EventKind::DeleteTag, Some(t)));
+        ));
+    }
+    if rows.is_empty() {
+        return Ok(rows);
+    }
+    let remaining: Vec<Digest> = meta
+        .artifacts(repo, None, usize::MAX)
+        .await?
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    for (d, (blobs, children)) in remaining.iter().zip(references_of(app, &remaining).await?) {
+        for b in blobs.iter().chain(&children) {
+            orphans.remove(b);
         }
+        orphans.remove(d);
+    }
+    for blob in orphans {
+        meta.unlink_blob(repo, &blob).await?;
+    }
+    meta.remove_repo_if_empty(repo).await?;
+    Ok(rows)
+}
+
+/// [`references`] of several manifests, read a few at a time; in order.
+async fn references_of(app: &App, digests: &[Digest]) -> Result<Vec<(Vec<Digest>, Vec<Digest>)>> {
+    let mut out = Vec::with_capacity(digests.len());
+    for chunk in digests.chunks(8) {
+        let reads = chunk
+            .iter()
+            .cloned()
+            .map(|d| async move { references(app, &d).await });
+        out.extend(futures_util::future::try_join_all(reads).await?);
+    }
+    Ok(out)
+}
+
+/// The blobs and child manifests a stored manifest refers to (none when it cannot be read:
+/// nothing is unlinked on a guess).
+async fn references(app: &App, digest: &Digest) -> Result<(Vec<Digest>, Vec<Digest>)> {
+    let limit = app.config.limits.max_manifest_bytes as u64;
+    let Some(bytes) = app.store.blobs.read_small(digest, limit).await? else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    Ok(match manifest::parse(&bytes, None) {
+        Ok(p) => (p.blobs, p.children.into_iter().map(|c| c.digest).collect()),
+        Err(_) => (Vec::new(), Vec::new()),
+    })
+}
+
+/// DELETE_ARTIFACT and DELETE_TAG for each tag, after CLEANUP for a cleanup.
+fn announce(
+    app: &App,
+    by: Remover,
+    repo: &str,
+    digest: &Digest,
+    tags: &[String],
+    record: Option<&ArtifactRecord>,
+) {
+    let (media_type, size) = record.map_or(("", 0), |r| (r.media_type.as_str(), r.size));
+    let operator = match by {
+        Remover::Cleanup => "cleanup",
+        Remover::Eviction => "eviction",
+    };
+    let happened = |kind, tag| Happened {
+        kind,
+        operator,
+        repository: repo,
+        tag,
+        digest: digest.as_str(),
+        media_type,
+        size,
+    };
+    if by == Remover::Cleanup {
+        app.events.emit(happened(EventKind::Cleanup, None));
+    }
+    app.events.emit(happened(EventKind::DeleteArtifact, None));
+    for t in tags {
+        app.events.emit(happened(EventKind::DeleteTag, Some(t)));
     }
 }
 

@@ -268,6 +268,12 @@ pub fn volume_bytes(dir: &Path) -> io::Result<(u64, u64)> {
     ))
 }
 
+/// Size of the volume holding `dir` (statvfs `f_blocks * f_frsize`). Blocking.
+pub fn volume_size(dir: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_blocks.saturating_mul(st.f_frsize))
+}
+
 fn stat_pending_files(layout: &Layout, key: Pending) -> io::Result<Option<PendingInfo>> {
     let (data, state) = layout.pending(&key);
     let data_meta = not_found(fs::metadata(&data))?;

@@ -22,6 +22,7 @@ pub async fn meta_store(meta: Arc<dyn MetaStore>) {
     an_artifact_is_recorded_only_with_what_it_refers_to(&*meta).await;
     tags_page_with_last_and_n(&*meta).await;
     records_put_get_list_and_remove(&meta).await;
+    per_repository_reads_in_one_call(&*meta).await;
     pull_times_are_kept_per_artifact(&*meta).await;
     every_change_is_notified(&*meta).await;
     racing_put_and_delete_leave_no_tag_on_a_missing_artifact(&meta).await;
@@ -807,4 +808,58 @@ async fn usage_is_kept_by_links_and_artifacts(meta: &dyn MetaStore) {
 async fn the_sled_backend_keeps_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     meta_store(super::open(dir.path()).unwrap()).await;
+}
+
+async fn per_repository_reads_in_one_call(meta: &dyn MetaStore) {
+    let repo = "bulk/app";
+    let (a, b) = (d("bulk a"), d("bulk b"));
+    for (digest, tag) in [(&a, "v1"), (&b, "v2")] {
+        meta.put_artifact(
+            repo,
+            digest,
+            &artifact(1, None),
+            Some(tag),
+            None,
+            &Refers::default(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    assert!(meta.tag_artifact(repo, &a, "latest").await.unwrap());
+    assert_eq!(
+        meta.tagged(repo).await.unwrap(),
+        vec![
+            ("latest".to_string(), a.clone()),
+            ("v1".to_string(), a.clone()),
+            ("v2".to_string(), b.clone())
+        ]
+    );
+    assert!(meta.tagged("bulk/none").await.unwrap().is_empty());
+    meta.record_pulls(&[(super::pull_key(repo, &b), 42)])
+        .await
+        .unwrap();
+    let pulls = meta.last_pulls(repo).await.unwrap();
+    assert_eq!(pulls.len(), 1);
+    assert_eq!(pulls.get(&b), Some(&42));
+    meta.record_put_many(
+        "bulk_records",
+        vec![("k1".into(), b"1".to_vec()), ("k2".into(), b"2".to_vec())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        meta.record_list("bulk_records", "", None, 10)
+            .await
+            .unwrap(),
+        vec![
+            ("k1".to_string(), b"1".to_vec()),
+            ("k2".to_string(), b"2".to_vec())
+        ]
+    );
+    for digest in [&a, &b] {
+        meta.delete_artifact(repo, digest).await.unwrap();
+    }
+    meta.remove_repo_if_empty(repo).await.unwrap();
+    meta.record_remove_prefix("bulk_records", "").await.unwrap();
 }

@@ -488,6 +488,19 @@ pub trait MetaStore: Send + Sync + 'static {
     /// exist.
     async fn delete_artifact(&self, repo: &str, digest: &Digest)
         -> MetaResult<Option<Vec<String>>>;
+    /// [`MetaStore::delete_artifact`] of several artifacts of one repository (a cleanup's
+    /// deletions in an image: one call), each as it would alone; the answers in order.
+    async fn delete_artifacts(
+        &self,
+        repo: &str,
+        digests: &[Digest],
+    ) -> MetaResult<Vec<Option<Vec<String>>>> {
+        let mut out = Vec::with_capacity(digests.len());
+        for d in digests {
+            out.push(self.delete_artifact(repo, d).await?);
+        }
+        Ok(out)
+    }
     /// Artifacts of a repository with their digests, lexically after `after`, at most `limit`.
     async fn artifacts(
         &self,
@@ -504,6 +517,17 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>>;
     /// Tags of a repository, lexically after `last`, at most `n`.
     async fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> MetaResult<Vec<String>>;
+    /// Every tag of a repository with the artifact it points at, in tag order (what a cleanup
+    /// reads per image: one call, not one per tag).
+    async fn tagged(&self, repo: &str) -> MetaResult<Vec<(String, Digest)>> {
+        let mut out = Vec::new();
+        for t in self.tags(repo, None, usize::MAX).await? {
+            if let Some(d) = self.tag(repo, &t).await? {
+                out.push((t, d));
+            }
+        }
+        Ok(out)
+    }
     /// Referrers of `subject` in `repo`, by referrer digest lexically after `after`, at most
     /// `limit`.
     async fn referrers(
@@ -520,11 +544,28 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn record_pulls(&self, batch: &[(Arc<str>, u64)]) -> MetaResult<()>;
     /// Last-pull time of an artifact, Unix ms.
     async fn last_pull(&self, repo: &str, digest: &Digest) -> MetaResult<Option<u64>>;
+    /// Last-pull times of every artifact of a repository that was pulled (one call).
+    async fn last_pulls(&self, repo: &str) -> MetaResult<std::collections::HashMap<Digest, u64>> {
+        let mut out = std::collections::HashMap::new();
+        for (d, _) in self.artifacts(repo, None, usize::MAX).await? {
+            if let Some(t) = self.last_pull(repo, &d).await? {
+                out.insert(d, t);
+            }
+        }
+        Ok(out)
+    }
 
     // --- typed records, as bytes ([`Records`] wraps them with serde) ---
 
     /// Stores a record of `tree` under `key`.
     async fn record_put(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<()>;
+    /// Stores several records of `tree` (a job's history rows: one call per task).
+    async fn record_put_many(&self, tree: &str, entries: Vec<(String, Vec<u8>)>) -> MetaResult<()> {
+        for (key, value) in entries {
+            self.record_put(tree, &key, value).await?;
+        }
+        Ok(())
+    }
     /// One record.
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>>;
     /// Removes a record; returns it.
@@ -592,6 +633,18 @@ impl<T: Serialize + for<'de> Deserialize<'de> + Send + Sync> Records<T> {
         self.meta
             .record_put(&self.tree, &key_text(key), bytes)
             .await
+    }
+
+    /// Stores several records.
+    pub async fn put_many(&self, entries: Vec<(Vec<String>, T)>) -> MetaResult<()> {
+        let entries = entries
+            .into_iter()
+            .map(|(key, value)| {
+                let parts: Vec<&str> = key.iter().map(String::as_str).collect();
+                (key_text(&parts), json(&value))
+            })
+            .collect();
+        self.meta.record_put_many(&self.tree, entries).await
     }
 
     /// One record.

@@ -638,6 +638,31 @@ impl Trees {
         Ok(out)
     }
 
+    fn tagged(&self, repo: &str) -> MetaResult<Vec<(String, Digest)>> {
+        let p = prefix(&[repo]);
+        let mut out = Vec::new();
+        for item in self.tags.scan_prefix(&p) {
+            let (k, v) = item?;
+            if let Ok(d) = Digest::parse(&String::from_utf8_lossy(&v)) {
+                out.push((tail_str(&k, p.len()), d));
+            }
+        }
+        Ok(out)
+    }
+
+    fn last_pulls(&self, repo: &str) -> MetaResult<std::collections::HashMap<Digest, u64>> {
+        let p = prefix(&[repo]);
+        let mut out = std::collections::HashMap::new();
+        for item in self.pulls.scan_prefix(&p) {
+            let (k, v) = item?;
+            let at = v.as_ref().try_into().ok().map(u64::from_be_bytes);
+            if let (Ok(d), Some(at)) = (Digest::parse(&tail_str(&k, p.len())), at) {
+                out.insert(d, at);
+            }
+        }
+        Ok(out)
+    }
+
     fn tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
         Ok(self
             .tags
@@ -712,6 +737,23 @@ impl Trees {
     }
 
     // --- typed records ---
+
+    fn record_put_many(&self, tree: &str, entries: Vec<(String, Vec<u8>)>) -> MetaResult<()> {
+        let t = self.db.open_tree(tree)?;
+        let mut batch = sled::Batch::default();
+        for (key, value) in &entries {
+            batch.insert(key.as_bytes(), value.as_slice());
+        }
+        t.apply_batch(batch)?;
+        for (key, value) in &entries {
+            self.notify(Change::Record {
+                tree,
+                key,
+                value: Some(value.as_slice()),
+            });
+        }
+        Ok(())
+    }
 
     fn record_put(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<()> {
         self.db.open_tree(tree)?.insert(key, value.as_slice())?;
@@ -1001,6 +1043,21 @@ impl MetaStore for SledMeta {
         self.run(move |t| t.delete_artifact(&repo, &digest)).await
     }
 
+    async fn delete_artifacts(
+        &self,
+        repo: &str,
+        digests: &[Digest],
+    ) -> MetaResult<Vec<Option<Vec<String>>>> {
+        let (repo, digests) = (repo.to_owned(), digests.to_vec());
+        self.run(move |t| {
+            digests
+                .iter()
+                .map(|d| t.delete_artifact(&repo, d))
+                .collect()
+        })
+        .await
+    }
+
     async fn artifacts(
         &self,
         repo: &str,
@@ -1026,6 +1083,21 @@ impl MetaStore for SledMeta {
     async fn delete_tag(&self, repo: &str, tag: &str) -> MetaResult<Option<Digest>> {
         let (repo, tag) = (repo.to_owned(), tag.to_owned());
         self.run(move |t| t.delete_tag(&repo, &tag)).await
+    }
+
+    async fn tagged(&self, repo: &str) -> MetaResult<Vec<(String, Digest)>> {
+        let repo = repo.to_owned();
+        self.run(move |t| t.tagged(&repo)).await
+    }
+
+    async fn last_pulls(&self, repo: &str) -> MetaResult<std::collections::HashMap<Digest, u64>> {
+        let repo = repo.to_owned();
+        self.run(move |t| t.last_pulls(&repo)).await
+    }
+
+    async fn record_put_many(&self, tree: &str, entries: Vec<(String, Vec<u8>)>) -> MetaResult<()> {
+        let tree = tree.to_owned();
+        self.run(move |t| t.record_put_many(&tree, entries)).await
     }
 
     async fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> MetaResult<Vec<String>> {
