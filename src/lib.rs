@@ -57,6 +57,8 @@ pub struct App {
     pub policies: Arc<policy::book::Policies>,
     /// Executions of background jobs.
     pub jobs: jobs::executions::Jobs,
+    /// Where background jobs run (at a lower CPU priority).
+    pub job_runtime: Arc<jobs::runtime::JobRuntime>,
     /// Random per-process prefix of request ids.
     pub boot_id: u32,
     /// Set once every listener is bound.
@@ -179,6 +181,7 @@ impl App {
             store: self.store.clone(),
             jobs: self.jobs.clone(),
             grace: self.config.pull_through.gc_grace,
+            runtime: self.job_runtime.clone(),
         }
     }
 
@@ -227,6 +230,11 @@ impl App {
             events: events::Events::new(webhooks),
             policies: Arc::new(policies),
             jobs,
+            job_runtime: Arc::new(
+                jobs::runtime::JobRuntime::start().map_err(|e| {
+                    StartError::Listen(format!("cannot start the jobs' runtime: {e}"))
+                })?,
+            ),
             boot_id: rand_u32(),
             ready: AtomicBool::new(false),
             reloadable: Default::default(),

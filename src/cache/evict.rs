@@ -79,7 +79,8 @@ pub async fn check(app: &Arc<App>) -> Result<Option<Execution>> {
     let started = run.execution().clone();
     tracing::warn!(execution = %started.id, held, cap, high, low, "the cache is above its high watermark: evicting the least recently pulled");
     let app = app.clone();
-    tokio::spawn(async move {
+    let runtime = app.job_runtime.clone();
+    runtime.spawn(async move {
         match evict(&app, run, low).await {
             Ok(e) => {
                 let now = cache_bytes(&app).await.unwrap_or_default();

@@ -160,6 +160,8 @@ pub struct Collector {
     pub jobs: super::executions::Jobs,
     /// Grace time.
     pub grace: Duration,
+    /// Where the collection runs.
+    pub runtime: Arc<super::runtime::JobRuntime>,
 }
 
 impl Collector {
@@ -189,7 +191,7 @@ impl Collector {
         let started = run.execution().clone();
         tracing::info!(execution = %started.id, dry_run, ?trigger, %operator, grace = ?self.grace, "garbage collection started");
         let this = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             match this.run(run, &busy).await {
                 Ok(e) => {
                     tracing::info!(execution = %e.id, status = ?e.status, blobs = e.counts.acted, bytes = e.counts.bytes, "garbage collection ended")

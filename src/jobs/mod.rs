@@ -3,4 +3,5 @@
 
 pub mod executions;
 pub mod gc;
+pub mod runtime;
 pub mod schedule;

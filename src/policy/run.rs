@@ -79,7 +79,8 @@ pub async fn start(
         protections,
         dry_run,
     };
-    tokio::spawn(async move {
+    let runtime = app.job_runtime.clone();
+    runtime.spawn(async move {
         let ended = cleanup.run(run).await;
         match ended {
             Ok(e) => {
