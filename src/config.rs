@@ -921,6 +921,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cache_caps_and_watermarks_are_checked() {
+        let with = |pt: &str| Config::from_toml(&format!("[pull_through]\n{pt}\n"));
+        let cap = |pt: &str| with(pt).unwrap().pull_through.cache_max_size;
+        assert_eq!(
+            cap("cache_max_size = 1048576"),
+            Some(SizeCap::Bytes(1 << 20))
+        );
+        assert_eq!(cap("cache_max_size = \"20%\""), Some(SizeCap::Percent(20)));
+        assert_eq!(cap(""), None);
+        for bad in ["\"0%\"", "\"120%\"", "\"20GB\"", "-1"] {
+            assert!(with(&format!("cache_max_size = {bad}")).is_err(), "{bad}");
+        }
+        assert_eq!(SizeCap::Percent(20).bytes(1000), 200);
+        assert_eq!(SizeCap::Bytes(7).bytes(1000), 7);
+        for (high, low, ok) in [
+            (90, 80, true),
+            (80, 80, false),
+            (50, 60, false),
+            (101, 80, false),
+        ] {
+            let c = with(&format!(
+                "evict_high_percent = {high}\nevict_low_percent = {low}"
+            ))
+            .unwrap();
+            assert_eq!(c.validate().is_ok(), ok, "high {high}, low {low}");
+        }
+        let c = with("evict_interval = \"0s\"").unwrap();
+        assert!(c.validate().is_err(), "a zero interval");
+    }
+
+    #[test]
     fn defaults_need_no_file() {
         let c = Config::load(None).unwrap();
         assert_eq!(c.listen[0].addr.port(), 5000);

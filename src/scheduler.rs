@@ -56,7 +56,7 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         };
-        let due = |schedule: &crate::jobs::schedule::Schedule| matches!(schedule.cron(), Ok(Some(cron)) if cron.next_after(checked).is_some_and(|at| at <= now));
+        let due = |schedule: &crate::jobs::schedule::Schedule| schedule.due_between(checked, now);
         match crate::jobs::gc::settings(app.store.meta.clone()).await {
             Ok(gc) if due(&gc.schedule) => {
                 let busy = app.cache.fetches.inflight_digests();
@@ -86,5 +86,26 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             }
         }
         checked = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_days;
+    use std::time::Duration;
+
+    #[test]
+    fn the_default_age_is_whole_days_rounded_up() {
+        let h = |hours: u64| Duration::from_secs(hours * 3600);
+        for (age, days) in [
+            (h(0), 1),
+            (h(1), 1),
+            (h(24), 1),
+            (h(25), 2),
+            (h(36), 2),
+            (h(168), 7),
+        ] {
+            assert_eq!(default_days(age), days, "{age:?}");
+        }
     }
 }

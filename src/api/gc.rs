@@ -10,7 +10,8 @@ use crate::auth::Action;
 use crate::error::Result;
 use crate::http::body::Body;
 use crate::jobs::executions::Trigger;
-use crate::jobs::gc::{GcSettings, SCOPE};
+use crate::jobs::gc::SCOPE;
+use crate::jobs::schedule::ScheduleSettings;
 
 fn admin(ctx: &Ctx<'_>) -> Result<()> {
     ctx.check(Action::Manage(None))
@@ -24,9 +25,9 @@ pub async fn get_settings(ctx: &Ctx<'_>) -> Result<Response<Body>> {
 }
 
 /// `PUT /gc`: sets the schedule.
-pub async fn put_settings(ctx: &Ctx<'_>, settings: GcSettings) -> Result<Response<Body>> {
+pub async fn put_settings(ctx: &Ctx<'_>, settings: ScheduleSettings) -> Result<Response<Body>> {
     admin(ctx)?;
-    crate::jobs::gc::set_settings(ctx.app.store.meta.clone(), &settings).await?;
+    let settings = crate::jobs::gc::set_settings(ctx.app.store.meta.clone(), settings).await?;
     ctx.app.store.meta.flush().await?;
     json(StatusCode::OK, &ScheduleView::of(settings.schedule)?)
 }

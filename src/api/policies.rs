@@ -14,10 +14,9 @@ use crate::error::{Error, Result};
 use crate::http::body::Body;
 use crate::http::req::empty;
 use crate::jobs::executions::Trigger;
-use crate::jobs::schedule::Schedule;
+use crate::jobs::schedule::{Schedule, ScheduleSettings};
 use crate::policy::book::{
-    CleanupPatch, CleanupPolicy, CleanupSettings, CleanupSpec, ProtectionPatch, ProtectionPolicy,
-    ProtectionSpec,
+    CleanupPatch, CleanupPolicy, CleanupSpec, ProtectionPatch, ProtectionPolicy, ProtectionSpec,
 };
 use crate::policy::run::scope;
 
@@ -186,7 +185,7 @@ pub async fn get_settings(ctx: &Ctx<'_>, registry: &str) -> Result<Response<Body
 pub async fn put_settings(
     ctx: &Ctx<'_>,
     registry: &str,
-    settings: CleanupSettings,
+    settings: ScheduleSettings,
 ) -> Result<Response<Body>> {
     allowed(ctx, registry, true)?;
     let s = ctx

@@ -12,7 +12,7 @@ use super::{print_json, Place};
 use crate::api::jobs::{ExecutionView, Paged, RunRequest};
 use crate::api::policies::ScheduleView;
 use crate::jobs::executions::{HistoryRow, Status};
-use crate::jobs::schedule::Schedule;
+use crate::jobs::schedule::{Schedule, ScheduleSettings};
 
 /// One job's commands.
 pub struct JobCommands<'a> {
@@ -77,7 +77,9 @@ impl JobCommands<'_> {
             Some(text) => self.place.send(
                 Method::PUT,
                 &self.base,
-                &serde_json::json!({ "schedule": schedule_of(&text) }),
+                &ScheduleSettings {
+                    schedule: schedule_of(&text),
+                },
             )?,
         };
         outln!("schedule: {}", schedule_text(&view.schedule));

@@ -12,10 +12,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
 use super::executions::{Counts, Execution, HistoryRow, Run, Start, StartError, Trigger};
-use super::schedule::Schedule;
+use super::schedule::{Schedule, ScheduleSettings};
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
 use crate::store::meta::{MetaResult, MetaStore, Records};
@@ -46,7 +44,9 @@ pub async fn collect(
     stopping: &(dyn Fn() -> bool + Sync),
 ) -> Result<Collected> {
     let outcome = cycle(store, grace, busy, dry_run, stopping).await;
-    // Marks left by a failed or stopped cycle must not outlive it.
+    // Marks left by a failed or stopped cycle must not outlive it. (A by-hand prune may
+    // overlap a scheduled collection: either's clearing can only make the other's claims
+    // fail, so that it deletes less, never a blob a writer took back.)
     store.gate.clear_marks();
     outcome
 }
@@ -116,35 +116,30 @@ async fn cycle(
     Ok(out)
 }
 
-/// When garbage collection runs by itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GcSettings {
-    /// Its schedule (UTC); daily when never set.
-    pub schedule: Schedule,
-}
-
-fn settings_records(meta: Arc<dyn MetaStore>) -> Records<GcSettings> {
+fn settings_records(meta: Arc<dyn MetaStore>) -> Records<ScheduleSettings> {
     Records::new(meta, "gc_settings")
 }
 
-/// The schedule of garbage collection.
-pub async fn settings(meta: Arc<dyn MetaStore>) -> MetaResult<GcSettings> {
+/// The schedule of garbage collection: daily when never set.
+pub async fn settings(meta: Arc<dyn MetaStore>) -> MetaResult<ScheduleSettings> {
     Ok(settings_records(meta)
         .get(&[SCOPE])
         .await?
-        .unwrap_or(GcSettings {
+        .unwrap_or(ScheduleSettings {
             schedule: Schedule::Daily,
         }))
 }
 
 /// Sets the schedule of garbage collection, checked.
-pub async fn set_settings(meta: Arc<dyn MetaStore>, settings: &GcSettings) -> Result<()> {
-    settings
-        .schedule
-        .cron()
+pub async fn set_settings(
+    meta: Arc<dyn MetaStore>,
+    settings: ScheduleSettings,
+) -> Result<ScheduleSettings> {
+    let settings = settings
+        .checked()
         .map_err(|e| Error::BadRequest(e.to_string()))?;
-    settings_records(meta).put(&[SCOPE], settings).await?;
-    Ok(())
+    settings_records(meta).put(&[SCOPE], &settings).await?;
+    Ok(settings)
 }
 
 /// Executions kept: the newest this many, none older than 90 days.

@@ -39,6 +39,34 @@ impl Schedule {
         };
         Cron::parse(text).map(Some)
     }
+
+    /// Whether a run falls due after `since` and at or before `now` (what the scheduler asks
+    /// at each tick, `since` being its previous tick). A refused expression never is.
+    pub fn due_between(&self, since: SystemTime, now: SystemTime) -> bool {
+        matches!(self.cron(), Ok(Some(cron)) if cron.next_after(since).is_some_and(|at| at <= now))
+    }
+}
+
+/// A job's schedule, as stored and as the API takes it (`{"schedule": {...}}`): a registry's
+/// cleanup, garbage collection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSettings {
+    /// The schedule (UTC).
+    pub schedule: Schedule,
+}
+
+impl ScheduleSettings {
+    /// Only by hand.
+    pub const NONE: ScheduleSettings = ScheduleSettings {
+        schedule: Schedule::None,
+    };
+
+    /// The settings, refused (with the field named) when the cron is beyond the grammar.
+    pub fn checked(self) -> Result<ScheduleSettings, ScheduleError> {
+        self.schedule.cron()?;
+        Ok(self)
+    }
 }
 
 /// A cron expression berth accepts.
@@ -199,6 +227,69 @@ fn check_value(index: usize, value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_is_due_once_between_two_ticks() {
+        let minute = Schedule::Custom("* * * * *".into());
+        // (schedule, previous tick, this tick, due)
+        let table = [
+            (
+                &minute,
+                "2026-11-30T12:00:30Z",
+                "2026-11-30T12:00:59Z",
+                false,
+            ),
+            (
+                &minute,
+                "2026-11-30T12:00:30Z",
+                "2026-11-30T12:01:00Z",
+                true,
+            ),
+            (
+                &minute,
+                "2026-11-30T12:01:00Z",
+                "2026-11-30T12:01:15Z",
+                false,
+            ),
+            (
+                &Schedule::Daily,
+                "2026-11-30T23:59:50Z",
+                "2026-12-01T00:00:05Z",
+                true,
+            ),
+            (
+                &Schedule::Daily,
+                "2026-12-01T00:00:05Z",
+                "2026-12-01T00:00:20Z",
+                false,
+            ),
+            (
+                &Schedule::Weekly,
+                "2026-12-04T23:59:50Z",
+                "2026-12-05T00:00:05Z",
+                true,
+            ),
+            (
+                &Schedule::None,
+                "2026-11-30T00:00:00Z",
+                "2026-12-30T00:00:00Z",
+                false,
+            ),
+            (
+                &Schedule::Custom("0 3 L * *".into()),
+                "2026-11-30T00:00:00Z",
+                "2026-12-30T00:00:00Z",
+                false,
+            ),
+        ];
+        for (schedule, since, now, due) in table {
+            assert_eq!(
+                schedule.due_between(at(since), at(now)),
+                due,
+                "{schedule:?} between {since} and {now}"
+            );
+        }
+    }
 
     /// Unix seconds of a UTC date and time.
     fn at(text: &str) -> SystemTime {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::cleanup::{Policy, Rule, RuleKind, TagMode};
 use super::pattern::Pattern;
 use crate::error::{Error, Result};
-use crate::jobs::schedule::Schedule;
+use crate::jobs::schedule::{Schedule, ScheduleSettings};
 use crate::store::meta::{now_ms, MetaStore, Records};
 
 const CLEANUP: &str = "cleanup_policies";
@@ -142,13 +142,6 @@ pub struct ProtectionPatch {
     pub enabled: Option<bool>,
 }
 
-/// When a registry's cleanup runs by itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CleanupSettings {
-    /// Its schedule (UTC).
-    pub schedule: Schedule,
-}
-
 /// An enabled protection policy, compiled.
 #[derive(Debug, Clone)]
 pub struct Protection {
@@ -181,7 +174,7 @@ impl Protection {
 pub struct Policies {
     cleanup: Records<CleanupPolicy>,
     protection: Records<ProtectionPolicy>,
-    settings: Records<CleanupSettings>,
+    settings: Records<ScheduleSettings>,
     /// Enabled protection policies by registry.
     protected: RwLock<HashMap<String, Arc<Vec<Protection>>>>,
     /// Serializes changes (the limit and duplicate checks).
@@ -362,23 +355,21 @@ impl Policies {
     }
 
     /// The registry's cleanup schedule (none stored: only by hand).
-    pub async fn cleanup_settings(&self, registry: &str) -> Result<CleanupSettings> {
+    pub async fn cleanup_settings(&self, registry: &str) -> Result<ScheduleSettings> {
         Ok(self
             .settings
             .get(&[registry])
             .await?
-            .unwrap_or(CleanupSettings {
-                schedule: Schedule::None,
-            }))
+            .unwrap_or(ScheduleSettings::NONE))
     }
 
     /// Sets the registry's cleanup schedule, checked.
     pub async fn set_cleanup_settings(
         &self,
         registry: &str,
-        settings: CleanupSettings,
-    ) -> Result<CleanupSettings> {
-        settings.schedule.cron().map_err(bad)?;
+        settings: ScheduleSettings,
+    ) -> Result<ScheduleSettings> {
+        let settings = settings.checked().map_err(bad)?;
         self.settings.put(&[registry], &settings).await?;
         Ok(settings)
     }
@@ -417,7 +408,7 @@ impl Policies {
         self.settings
             .put(
                 &[registry],
-                &CleanupSettings {
+                &ScheduleSettings {
                     schedule: Schedule::Daily,
                 },
             )

@@ -127,12 +127,8 @@ pub async fn refuse_protected_artifact(
     if protections.is_empty() {
         return Ok(());
     }
-    let meta = &app.store.meta;
-    for tag in meta.tags(repo.as_str(), None, usize::MAX).await? {
+    for (tag, tagged) in app.store.meta.tagged(repo.as_str()).await? {
         let Some(p) = protections.iter().find(|p| p.protects(repo.image(), &tag)) else {
-            continue;
-        };
-        let Some(tagged) = meta.tag(repo.as_str(), &tag).await? else {
             continue;
         };
         if digest.is_none_or(|d| *d == tagged) {

@@ -857,9 +857,25 @@ async fn per_repository_reads_in_one_call(meta: &dyn MetaStore) {
             ("k2".to_string(), b"2".to_vec())
         ]
     );
-    for digest in [&a, &b] {
-        meta.delete_artifact(repo, digest).await.unwrap();
-    }
-    meta.remove_repo_if_empty(repo).await.unwrap();
+    // Several deletions in one call, each answered as alone: tags, or none for a missing one.
+    let gone = d("never pushed");
+    let answers = meta
+        .delete_artifacts(repo, &[a.clone(), gone, b.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        answers,
+        vec![
+            Some(vec!["latest".to_string(), "v1".to_string()]),
+            None,
+            Some(vec!["v2".to_string()])
+        ]
+    );
+    assert!(meta.tagged(repo).await.unwrap().is_empty());
+    assert!(
+        meta.last_pulls(repo).await.unwrap().is_empty(),
+        "pull times go with them"
+    );
+    assert!(meta.remove_repo_if_empty(repo).await.unwrap());
     meta.record_remove_prefix("bulk_records", "").await.unwrap();
 }
