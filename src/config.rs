@@ -43,6 +43,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Webhook delivery.
     pub webhooks: WebhookConfig,
+    /// Replication: endpoints, rules and how blobs travel.
+    pub replication: ReplicationConfig,
     /// Where berth may connect on a source's or a user's say-so (redirects, token realms,
     /// webhook targets).
     pub egress: EgressConfig,
@@ -165,6 +167,38 @@ impl Default for WebhookConfig {
             retry_max: Duration::from_secs(300),
             timeout: Duration::from_secs(10),
             log_keep: 200,
+        }
+    }
+}
+
+/// Replication (`[replication]`, `[[replication.endpoint]]`, `[[replication.rule]]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// Ports endpoints may use; empty allows any.
+    pub allowed_ports: Vec<u16>,
+    /// Bytes sent per `PATCH` of a blob upload: what a cut link may cost to send again.
+    pub chunk_bytes: u64,
+    /// Attempts per blob or manifest within one task, with backoff (`Retry-After` honoured).
+    pub attempts: u32,
+    /// Deadline of one request (a chunk included); a stalled transfer ends and resumes.
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+    /// Endpoints created (or replaced) at start.
+    pub endpoint: Vec<crate::replication::endpoint::EndpointSpec>,
+    /// Rules created (or replaced) at start.
+    pub rule: Vec<crate::replication::rule::Rule>,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            allowed_ports: Vec::new(),
+            chunk_bytes: 8 << 20,
+            attempts: 5,
+            request_timeout: Duration::from_secs(300),
+            endpoint: Vec::new(),
+            rule: Vec::new(),
         }
     }
 }
@@ -558,6 +592,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             auth: AuthConfig::default(),
             webhooks: WebhookConfig::default(),
+            replication: ReplicationConfig::default(),
             egress: EgressConfig::default(),
             source: None,
         }
@@ -712,6 +747,30 @@ impl Config {
         }
         if pt.evict_interval.is_zero() {
             say("pull_through.evict_interval must be at least 1s".into());
+        }
+        let rep = &self.replication;
+        if !(64 * 1024..=1 << 30).contains(&rep.chunk_bytes) {
+            say("replication.chunk_bytes must be 65536 to 1073741824".into());
+        }
+        if rep.attempts == 0 || rep.request_timeout.is_zero() {
+            say("replication.attempts and replication.request_timeout must be above 0".into());
+        }
+        let endpoints: std::collections::HashSet<&str> =
+            rep.endpoint.iter().map(|e| e.name.as_str()).collect();
+        if endpoints.len() != rep.endpoint.len() {
+            say("[[replication.endpoint]]: a name is declared twice".into());
+        }
+        let mut rules = std::collections::HashSet::new();
+        for r in &rep.rule {
+            if let Err(e) = r.check() {
+                say(format!("[[replication.rule]] {:?}: {e}", r.name));
+            }
+            if !rules.insert(r.name.as_str()) {
+                say(format!(
+                    "[[replication.rule]] {:?} is declared twice",
+                    r.name
+                ));
+            }
         }
         if self.listen.is_empty() {
             say("at least one [[listen]] is required".into());

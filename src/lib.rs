@@ -23,6 +23,7 @@ pub mod oci;
 pub mod policy;
 pub mod registry;
 pub mod reload;
+pub mod replication;
 pub mod scheduler;
 pub mod serve;
 pub mod store;
@@ -57,6 +58,8 @@ pub struct App {
     pub policies: Arc<policy::book::Policies>,
     /// Executions of background jobs.
     pub jobs: jobs::executions::Jobs,
+    /// Replication rules, endpoints and the event queue.
+    pub replication: Arc<replication::Replication>,
     /// Where background jobs run (at a lower CPU priority).
     pub job_runtime: Arc<jobs::runtime::JobRuntime>,
     /// Random per-process prefix of request ids.
@@ -205,9 +208,21 @@ impl App {
             .await
             .map_err(store_err)?;
         let egress = Arc::new(http::egress::EgressPolicy::from_config(&config));
-        let webhooks = events::webhooks::Webhooks::open_with(&store.meta, &config.webhooks, egress)
-            .await
-            .map_err(store_err)?;
+        let webhooks =
+            events::webhooks::Webhooks::open_with(&store.meta, &config.webhooks, egress.clone())
+                .await
+                .map_err(store_err)?;
+        let replication = Arc::new(
+            replication::Replication::open(store.meta.clone(), &config.replication, egress)
+                .await
+                .map_err(|e| store_err(e.into()))?,
+        );
+        if apply {
+            replication
+                .apply(&config.replication)
+                .await
+                .map_err(|e| StartError::Config(vec![e]))?;
+        }
         let policies = policy::book::Policies::open(store.meta.clone())
             .await
             .map_err(store_err)?;
@@ -221,13 +236,16 @@ impl App {
         store
             .meta
             .subscribe(Box::new(move |change| subscriber.forget(change)));
+        let events = events::Events::new(webhooks);
+        events.listen(replication.clone());
         Ok(App {
             config,
             manifests,
             store: Arc::new(store),
             cache,
             auth: Arc::new(auth),
-            events: events::Events::new(webhooks),
+            events,
+            replication,
             policies: Arc::new(policies),
             jobs,
             job_runtime: Arc::new(
@@ -267,6 +285,7 @@ impl Server {
             tasks.spawn(dispatcher);
         }
         tasks.spawn(housekeeping(app.clone(), stop_rx.clone()));
+        tasks.spawn(replication::run::dispatch(app.clone(), stop_rx.clone()));
         tasks.spawn(scheduler::run(app.clone(), stop_rx));
         app.ready.store(true, Ordering::Release);
         Ok(Server {

@@ -190,6 +190,22 @@ fn describe() {
         "Artifacts cleanup policies deleted (real runs)"
     );
     describe_counter!(
+        "berth_replication_bytes_total",
+        "Blob bytes replication sent, by rule and endpoint"
+    );
+    describe_counter!(
+        "berth_replication_artifacts_total",
+        "Artifacts replication handled, by rule, endpoint and result (copied, skipped, failed)"
+    );
+    describe_gauge!(
+        "berth_replication_event_lag_seconds",
+        "Time from a push to its replication, last seen, by rule (event rules)"
+    );
+    describe_counter!(
+        "berth_replication_events_dropped_total",
+        "Pushes the replication queue could not take (the event rules then run in full)"
+    );
+    describe_counter!(
         "berth_cache_oversized_fetches_total",
         "Source fetches stopped because the source sent more bytes than the blob can have"
     );

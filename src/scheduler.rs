@@ -71,6 +71,28 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not read the garbage collection schedule"),
         }
+        match app.replication.rules().await {
+            Ok(rules) => {
+                for r in rules {
+                    if r.enabled
+                        && r.trigger == crate::replication::rule::TriggerKind::Schedule
+                        && due(&r.schedule)
+                    {
+                        if let Err(e) = crate::replication::run::start(
+                            &app,
+                            &r.name,
+                            Trigger::Schedule,
+                            "schedule",
+                        )
+                        .await
+                        {
+                            tracing::warn!(rule = %r.name, error = %e, "scheduled replication did not start");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read replication rules"),
+        }
         for (registry, schedule) in schedules {
             if !due(&schedule) {
                 continue;

@@ -1639,6 +1639,109 @@ async fn every_answer_is_what_openapi_documents() {
         None
     );
 
+    // Replication to a second region (no auth there) into its registry `library`.
+    let region = TestServer::start("").await;
+    let ep = json!({"name": "eu", "url": region.base});
+    call!(
+        Method::POST,
+        "/replication/endpoints",
+        "/replication/endpoints".into(),
+        Some(ep.clone())
+    );
+    call!(
+        Method::GET,
+        "/replication/endpoints",
+        "/replication/endpoints".into(),
+        None
+    );
+    let epn = "/replication/endpoints/{name}";
+    call!(Method::GET, epn, "/replication/endpoints/eu".into(), None);
+    call!(
+        Method::PUT,
+        epn,
+        "/replication/endpoints/eu".into(),
+        Some(json!({"name": "eu", "url": region.base, "username": "u", "password": "p"}))
+    );
+    call!(
+        Method::PUT,
+        epn,
+        "/replication/endpoints/eu".into(),
+        Some(ep)
+    );
+    let tested = call!(
+        Method::POST,
+        "/replication/endpoints/{name}/test",
+        "/replication/endpoints/eu/test".into(),
+        None
+    );
+    assert_eq!(tested.body["ok"], true, "{:?}", tested.body);
+    let rule = json!({"name": "to-eu", "endpoint": "eu", "registry": "shop",
+                      "images": "team/**", "dest_namespace": "library"});
+    call!(
+        Method::POST,
+        "/replication/rules",
+        "/replication/rules".into(),
+        Some(rule.clone())
+    );
+    call!(
+        Method::GET,
+        "/replication/rules",
+        "/replication/rules".into(),
+        None
+    );
+    let rn = "/replication/rules/{name}";
+    call!(Method::GET, rn, "/replication/rules/to-eu".into(), None);
+    call!(
+        Method::PUT,
+        rn,
+        "/replication/rules/to-eu".into(),
+        Some(rule)
+    );
+    let started = call!(
+        Method::POST,
+        "/replication/rules/{name}/executions",
+        "/replication/rules/to-eu/executions".into(),
+        None
+    );
+    let rid = started.body["id"].as_str().unwrap().to_string();
+    let rex = format!("/replication/rules/to-eu/executions/{rid}");
+    let ended = wait_execution(&s, &rex).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    assert_eq!(ended["counts"]["acted"], 1, "{ended}");
+    call!(
+        Method::GET,
+        "/replication/rules/{name}/executions",
+        "/replication/rules/to-eu/executions".into(),
+        None
+    );
+    let rx = "/replication/rules/{name}/executions/{id}";
+    call!(Method::GET, rx, rex.clone(), None);
+    call!(
+        Method::GET,
+        format!("{rx}/tasks"),
+        format!("{rex}/tasks"),
+        None
+    );
+    call!(
+        Method::GET,
+        format!("{rx}/history"),
+        format!("{rex}/history"),
+        None
+    );
+    call!(
+        Method::POST,
+        format!("{rx}/stop"),
+        format!("{rex}/stop"),
+        None
+    );
+    call!(Method::DELETE, rn, "/replication/rules/to-eu".into(), None);
+    call!(
+        Method::DELETE,
+        epn,
+        "/replication/endpoints/eu".into(),
+        None
+    );
+
     call!(
         Method::DELETE,
         format!("{image}/artifacts/{{digest}}"),

@@ -308,6 +308,16 @@ async fn the_backup_guide_runs_as_written() {
 /// test first on PATH, the guide's `http://127.0.0.1:5000` replaced by `url`), each of which
 /// must succeed; (command, stdout) of each.
 fn run_guide_commands(guide: &str, url: &str) -> Vec<(String, String)> {
+    run_guide_commands_with(guide, &[("http://127.0.0.1:5000", url)], &[])
+}
+
+/// [`run_guide_commands`] with each `(from, to)` of `replace` replaced in the commands, and
+/// `env` set for them.
+fn run_guide_commands_with(
+    guide: &str,
+    replace: &[(&str, &str)],
+    env: &[(&str, &str)],
+) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("docs/guides")
@@ -323,9 +333,12 @@ fn run_guide_commands(guide: &str, url: &str) -> Vec<(String, String)> {
             if command.is_empty() || command.starts_with('#') {
                 continue;
             }
-            let command = command.replace("http://127.0.0.1:5000", url);
+            let command = replace
+                .iter()
+                .fold(command.to_string(), |c, (from, to)| c.replace(from, to));
             let out = Command::new("bash")
                 .args(["-euo", "pipefail", "-c", &command])
+                .envs(env.iter().copied())
                 .env(
                     "PATH",
                     format!("{}:{}", bin_dir(), std::env::var("PATH").unwrap()),
@@ -580,4 +593,63 @@ async fn the_cleanup_guide_runs_as_written() {
         output("gc run")
     );
     assert!(output("'0 4 * * *'").contains("next: "));
+}
+
+/// The replication guide's commands, run as written from a source region to a second region
+/// with auth on (both in-process on loopback): the endpoint with an access key, a rule on each
+/// push with its first run by hand, a scheduled rule, the executions; then a push reaches the
+/// other region by event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replication_guide_runs_as_written() {
+    use common::registry::Client;
+    use common::server::TestServer;
+
+    let source = TestServer::start("").await;
+    let region = TestServer::start("").await;
+    let (key, secret) = region.user("replicator", berth::auth::Role::Admin, &[]);
+    let up = Client::over(source.client.clone(), &source.base);
+    let web = up.image("library/team/web", "v1", "web", b"base").await;
+    up.image("library/team/web", "dev", "dev", b"base").await;
+    up.image("library/team/api", "v2", "api", b"base").await;
+    up.image("library/other", "v1", "other", b"base").await;
+    let (s, r) = (source.base.clone(), region.base.clone());
+    let ran = tokio::task::spawn_blocking(move || {
+        run_guide_commands_with(
+            "replication.md",
+            &[("http://127.0.0.1:5000", &s), ("http://127.0.0.1:5001", &r)],
+            &[("EU_KEY", &key), ("EU_SECRET", &secret)],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(ran.len(), 8, "{ran:?}");
+    let output = |has: &str| &ran.iter().find(|(c, _)| c.contains(has)).unwrap().1;
+    assert!(output("endpoint test").contains("credentials accepted"));
+    let copied: Vec<&str> = output("replication run team-to-eu")
+        .lines()
+        .filter(|l| l.starts_with("copied"))
+        .collect();
+    assert_eq!(copied.len(), 2, "team/web:v1 and team/api:v2: {copied:?}");
+    assert!(output("rule list").contains("nightly"));
+    assert!(output("executions team-to-eu").contains("succeeded"));
+    let reader = region.user("reader", berth::auth::Role::Viewer, &[]);
+    let there = Client::new(&region.base, Some(reader));
+    assert_eq!(there.pull_all("library/team/web", "v1").await, web);
+    there.pull_all("library/team/api", "v2").await;
+    assert!(there
+        .pull_manifest("library/team/web", "dev")
+        .await
+        .is_none());
+    assert!(there.pull_manifest("library/other", "v1").await.is_none());
+    // The event rule: a push here is there within seconds.
+    let v3 = up.image("library/team/web", "v3", "v3", b"base").await;
+    let mut arrived = None;
+    for _ in 0..200 {
+        arrived = there.pull_manifest("library/team/web", "v3").await;
+        if arrived.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(arrived, Some(v3));
 }

@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod page;
 pub mod policies;
 pub mod registries;
+pub mod replication;
 pub mod status;
 pub mod users;
 pub mod views;
@@ -116,6 +117,19 @@ pub const ROUTES: &[ApiRoute] = &[
     r("/gc/executions/{id}/stop", &["POST"]),
     r("/gc/executions/{id}/tasks", &["GET"]),
     r("/gc/executions/{id}/history", &["GET"]),
+    r("/replication/endpoints", &["GET", "POST"]),
+    r("/replication/endpoints/{name}", &["GET", "PUT", "DELETE"]),
+    r("/replication/endpoints/{name}/test", &["POST"]),
+    r("/replication/rules", &["GET", "POST"]),
+    r("/replication/rules/{name}", &["GET", "PUT", "DELETE"]),
+    r("/replication/rules/{name}/executions", &["GET", "POST"]),
+    r("/replication/rules/{name}/executions/{id}", &["GET"]),
+    r("/replication/rules/{name}/executions/{id}/stop", &["POST"]),
+    r("/replication/rules/{name}/executions/{id}/tasks", &["GET"]),
+    r(
+        "/replication/rules/{name}/executions/{id}/history",
+        &["GET"],
+    ),
     r("/image-caches", &["GET", "POST"]),
     r("/image-caches/{name}", &["GET", "PATCH", "DELETE"]),
     r("/users", &["GET", "POST"]),
@@ -296,6 +310,49 @@ pub async fn dispatch(
         }
         ("/gc", Method::GET) => gc::get_settings(&ctx).await,
         ("/gc", Method::PUT) => gc::put_settings(&ctx, json_body(body).await?).await,
+        ("/replication/endpoints", Method::GET) => replication::list_endpoints(&ctx).await,
+        ("/replication/endpoints", Method::POST) => {
+            replication::create_endpoint(&ctx, json_body(body).await?).await
+        }
+        ("/replication/endpoints/{name}", Method::GET) => {
+            replication::get_endpoint(&ctx, p(0)).await
+        }
+        ("/replication/endpoints/{name}", Method::PUT) => {
+            replication::put_endpoint(&ctx, p(0), json_body(body).await?).await
+        }
+        ("/replication/endpoints/{name}", Method::DELETE) => {
+            replication::delete_endpoint(&ctx, p(0)).await
+        }
+        ("/replication/endpoints/{name}/test", Method::POST) => {
+            replication::test_endpoint(&ctx, p(0)).await
+        }
+        ("/replication/rules", Method::GET) => replication::list_rules(&ctx).await,
+        ("/replication/rules", Method::POST) => {
+            replication::create_rule(&ctx, json_body(body).await?).await
+        }
+        ("/replication/rules/{name}", Method::GET) => replication::get_rule(&ctx, p(0)).await,
+        ("/replication/rules/{name}", Method::PUT) => {
+            replication::put_rule(&ctx, p(0), json_body(body).await?).await
+        }
+        ("/replication/rules/{name}", Method::DELETE) => replication::delete_rule(&ctx, p(0)).await,
+        ("/replication/rules/{name}/executions", Method::GET) => {
+            replication::executions(&ctx, p(0)).await
+        }
+        ("/replication/rules/{name}/executions", Method::POST) => {
+            replication::run(&ctx, p(0)).await
+        }
+        ("/replication/rules/{name}/executions/{id}", Method::GET) => {
+            replication::get_execution(&ctx, p(0), p(1)).await
+        }
+        ("/replication/rules/{name}/executions/{id}/stop", Method::POST) => {
+            replication::stop(&ctx, p(0), p(1)).await
+        }
+        ("/replication/rules/{name}/executions/{id}/tasks", Method::GET) => {
+            replication::tasks(&ctx, p(0), p(1)).await
+        }
+        ("/replication/rules/{name}/executions/{id}/history", Method::GET) => {
+            replication::history(&ctx, p(0), p(1)).await
+        }
         ("/gc/executions", Method::GET) => gc::executions(&ctx).await,
         ("/gc/executions", Method::POST) => gc::run(&ctx, json_body(body).await?).await,
         ("/gc/executions/{id}", Method::GET) => gc::get_execution(&ctx, p(0)).await,

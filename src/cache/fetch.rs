@@ -534,12 +534,12 @@ impl Job {
                 headers.insert(http::header::RANGE, v);
             }
         }
-        let req = UpstreamRequest {
-            method: Method::GET,
-            path: format!("{}/blobs/{}", self.upstream_repo, self.fetch.digest),
-            repo: &self.upstream_repo,
+        let req = UpstreamRequest::new(
+            Method::GET,
+            format!("{}/blobs/{}", self.upstream_repo, self.fetch.digest),
+            &self.upstream_repo,
             headers,
-        };
+        );
         let response = match self.source.send(&req, deadline).await {
             Ok(r) => r,
             // Counted and kept in the source's health by `send`.

@@ -119,12 +119,12 @@ async fn manifest_by_tag(
     let deadline = Instant::now() + app.config.pull_through.revalidate_timeout;
     let mut headers = HeaderMap::new();
     headers.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
-    let req = UpstreamRequest {
-        method: Method::HEAD,
-        path: format!("{}/manifests/{tag}", t.upstream),
-        repo: &t.upstream,
+    let req = UpstreamRequest::new(
+        Method::HEAD,
+        format!("{}/manifests/{tag}", t.upstream),
+        &t.upstream,
         headers,
-    };
+    );
     match t.source.send(&req, deadline).await {
         Ok(response) => {
             let source_digest = response
@@ -188,12 +188,12 @@ async fn fetch_manifest(
             .max(Duration::from_secs(30));
     let mut headers = HeaderMap::new();
     headers.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
-    let req = UpstreamRequest {
-        method: Method::GET,
-        path: format!("{}/manifests/{reference}", t.upstream),
-        repo: &t.upstream,
+    let req = UpstreamRequest::new(
+        Method::GET,
+        format!("{}/manifests/{reference}", t.upstream),
+        &t.upstream,
         headers,
-    };
+    );
     let response = match t.source.send_with_retries(&req, deadline).await {
         Ok(r) => r,
         Err(e) if e.is_not_found() => {
@@ -378,12 +378,12 @@ fn count_served(app: &App, t: &CacheTarget, r: &Response<Body>) {
 
 async fn source_head(app: &App, t: &CacheTarget, d: &Digest) -> Result<u64, UpstreamError> {
     let deadline = Instant::now() + app.config.pull_through.revalidate_timeout;
-    let req = UpstreamRequest {
-        method: Method::HEAD,
-        path: format!("{}/blobs/{d}", t.upstream),
-        repo: &t.upstream,
-        headers: HeaderMap::new(),
-    };
+    let req = UpstreamRequest::new(
+        Method::HEAD,
+        format!("{}/blobs/{d}", t.upstream),
+        &t.upstream,
+        HeaderMap::new(),
+    );
     let response = t.source.send_with_retries(&req, deadline).await?;
     Ok(response
         .headers()

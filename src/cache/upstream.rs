@@ -93,12 +93,46 @@ impl UpstreamError {
 pub struct UpstreamRequest<'a> {
     /// Method.
     pub method: Method,
-    /// Path after `/v2/`.
+    /// Path after `/v2/` (with its query, if any).
     pub path: String,
-    /// Upstream repository (for `scope=repository:REPO:pull`).
+    /// Upstream repository (for `scope=repository:REPO:pull`; empty: no scope, as for `/v2/`).
     pub repo: &'a str,
     /// Extra headers (`Accept`, `Range`).
     pub headers: HeaderMap,
+    /// Ask for push rights too (`pull,push`): replication writes to its endpoints.
+    pub push: bool,
+    /// Ask for pull rights on this repository too (a cross-repository mount's `from`).
+    pub mount_from: Option<&'a str>,
+    /// The request body, made afresh for each attempt (a 401 makes the request go again).
+    pub body: Option<BodySource>,
+}
+
+/// Makes a request body for one attempt: a stream cannot be sent twice, so a request that may
+/// be repeated after the challenge carries what makes its body instead.
+pub type BodySource = Arc<dyn Fn() -> reqwest::Body + Send + Sync>;
+
+impl<'a> UpstreamRequest<'a> {
+    /// A request without body that needs only pull rights.
+    pub fn new(method: Method, path: String, repo: &'a str, headers: HeaderMap) -> Self {
+        UpstreamRequest {
+            method,
+            path,
+            repo,
+            headers,
+            push: false,
+            mount_from: None,
+            body: None,
+        }
+    }
+}
+
+/// How the client checks the registry's TLS certificate.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// Accept any certificate (a test or a private endpoint whose CA is not at hand).
+    pub insecure: bool,
+    /// PEM file of CA certificates trusted besides the system's.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 struct CachedToken {
@@ -213,6 +247,16 @@ impl Source {
         settings: &PullThrough,
         policy: Arc<EgressPolicy>,
     ) -> Result<Source, String> {
+        Source::build_with(config, settings, policy, &ClientTls::default())
+    }
+
+    /// [`Source::build`] with its own certificate checks.
+    pub fn build_with(
+        config: ImageCacheConfig,
+        settings: &PullThrough,
+        policy: Arc<EgressPolicy>,
+        tls: &ClientTls,
+    ) -> Result<Source, String> {
         let allowed_ports = settings.allowed_ports.as_slice();
         let url = reqwest::Url::parse(&config.url).map_err(|e| {
             format!(
@@ -265,14 +309,28 @@ impl Source {
         );
         // Redirects are followed by hand (`request_following`): each hop is checked against the
         // egress policy, and credentials never leave the origin they were meant for.
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(policy.resolver(trusted))
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| e.to_string())?;
+            .danger_accept_invalid_certs(tls.insecure);
+        if let Some(path) = &tls.ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                format!(
+                    "{:?}: cannot read CA file {}: {e}",
+                    config.name,
+                    path.display()
+                )
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("{:?}: CA file {}: {e}", config.name, path.display()))?;
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let client = builder.build().map_err(|e| e.to_string())?;
         Ok(Source {
             config,
             endpoint,
@@ -341,9 +399,8 @@ impl Source {
     /// the egress policy (on its resolved address) and is sent without credentials.
     async fn request_following(
         &self,
-        method: &Method,
+        req: &UpstreamRequest<'_>,
         mut url: Url,
-        headers: &HeaderMap,
         auth: Option<&str>,
         deadline: Instant,
         what: &str,
@@ -351,9 +408,12 @@ impl Source {
         let home = origin(&url);
         let mut hops = 0;
         loop {
-            let mut builder = self.client.request(method.clone(), url.clone());
-            for (k, v) in headers {
+            let mut builder = self.client.request(req.method.clone(), url.clone());
+            for (k, v) in &req.headers {
                 builder = builder.header(k, v);
+            }
+            if let Some(make) = &req.body {
+                builder = builder.body(make());
             }
             if let Some(a) = auth.filter(|_| origin(&url) == home) {
                 builder = builder.header(reqwest::header::AUTHORIZATION, a);
@@ -406,6 +466,31 @@ impl Source {
             }
             url = next;
         }
+    }
+
+    /// The part after `/v2/` (with its query) of a `Location` the registry answered (an upload
+    /// session's), relative or absolute; refused when it points at another origin or outside
+    /// `/v2/`.
+    pub fn v2_path(&self, location: &str) -> Result<String, UpstreamError> {
+        let base = Url::parse(&format!("{}/v2/", self.endpoint))
+            .map_err(|e| UpstreamError::Refused(format!("bad endpoint URL: {e}")))?;
+        let url = base
+            .join(location)
+            .map_err(|e| UpstreamError::Refused(format!("bad Location {location:?}: {e}")))?;
+        let path = url
+            .path()
+            .strip_prefix("/v2/")
+            .filter(|_| origin(&url) == origin(&base));
+        let Some(path) = path else {
+            return Err(UpstreamError::Refused(format!(
+                "the registry answered a Location outside its /v2/ API: {}",
+                host_port(&url)
+            )));
+        };
+        Ok(match url.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        })
     }
 
     /// Whether this source serves registry host `ns` (containerd's `?ns=`).
@@ -505,16 +590,18 @@ impl Source {
             if let Some(s) = service {
                 q.append_pair("service", s);
             }
-            q.append_pair("scope", scope);
+            // Several scopes (a mount's source) go as several `scope` parameters.
+            for one in scope.split(' ').filter(|s| !s.is_empty()) {
+                q.append_pair("scope", one);
+            }
         }
         let realm_at = host_port(&url);
         let basic = self.basic().await?.map(|b| b.header());
         health::count_request(self.name(), RequestKind::Token);
         let mut response = self
             .request_following(
-                &Method::GET,
+                &UpstreamRequest::new(Method::GET, String::new(), "", HeaderMap::new()),
                 url,
-                &HeaderMap::new(),
                 basic.as_deref(),
                 deadline,
                 "token endpoint",
@@ -574,7 +661,7 @@ impl Source {
         let url = Url::parse(&format!("{}/v2/{}", self.endpoint, req.path))
             .map_err(|e| UpstreamError::Refused(format!("bad source path {:?}: {e}", req.path)))?;
         health::count_request(self.name(), RequestKind::of_path(&req.path));
-        self.request_following(&req.method, url, &req.headers, auth, deadline, "source")
+        self.request_following(req, url, auth, deadline, "source")
             .await
     }
 
@@ -611,7 +698,15 @@ impl Source {
         req: &UpstreamRequest<'_>,
         deadline: Instant,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let scope = format!("repository:{}:pull", req.repo);
+        let scope = match (req.repo.is_empty(), req.push) {
+            (true, _) => String::new(),
+            (false, false) => format!("repository:{}:pull", req.repo),
+            (false, true) => format!("repository:{}:pull,push", req.repo),
+        };
+        let scope = match req.mount_from {
+            Some(from) => format!("{scope} repository:{from}:pull"),
+            None => scope,
+        };
         let auth = if self.wants_basic.load(Ordering::Relaxed) {
             self.basic().await?.map(|b| b.header())
         } else {

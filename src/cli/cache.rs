@@ -158,7 +158,7 @@ pub fn run(place: &Place, cmd: CacheCommand) -> Result<(), String> {
     Ok(())
 }
 
-fn read_password_stdin() -> Result<String, String> {
+pub(super) fn read_password_stdin() -> Result<String, String> {
     let mut s = String::new();
     std::io::stdin().read_line(&mut s).map_err(err)?;
     Ok(s.trim_end_matches(['\n', '\r']).to_string())

@@ -56,6 +56,7 @@ pub fn run(place: &Place, cmd: GcCommand) -> Result<(), String> {
         base: "/gc".into(),
         what: "garbage collection".into(),
         units: "tasks",
+        acted: "deleted",
     };
     match cmd {
         GcCommand::Run {

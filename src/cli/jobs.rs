@@ -24,10 +24,12 @@ pub struct JobCommands<'a> {
     pub what: String,
     /// What its tasks work on ("images", "blobs").
     pub units: &'static str,
+    /// What it does to them ("deleted", "copied").
+    pub acted: &'static str,
 }
 
 /// A schedule as given on the command line: a preset or a cron expression.
-fn schedule_of(text: &str) -> Schedule {
+pub fn schedule_of(text: &str) -> Schedule {
     match text.trim().to_ascii_lowercase().as_str() {
         "none" => Schedule::None,
         "hourly" => Schedule::Hourly,
@@ -101,7 +103,11 @@ impl JobCommands<'_> {
             if x.dry_run { " (dry run)" } else { "" },
             self.units,
             x.tasks,
-            if x.dry_run { "would delete" } else { "deleted" },
+            if x.dry_run {
+                "would delete"
+            } else {
+                self.acted
+            },
             x.counts.acted,
             x.counts.bytes,
             x.counts.failed,
@@ -197,7 +203,7 @@ impl JobCommands<'_> {
         let ended = loop {
             let e: ExecutionView = self.place.call(Method::GET, &path)?;
             bar.set_position(e.execution.tasks);
-            bar.set_message(format!("{} deleted", e.execution.counts.acted));
+            bar.set_message(format!("{} {}", e.execution.counts.acted, self.acted));
             if e.execution.status != Status::Running {
                 break e;
             }

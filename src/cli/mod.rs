@@ -23,6 +23,7 @@ mod policy;
 pub mod prefetch;
 mod registry;
 pub mod remote;
+mod replication;
 pub mod stats;
 mod status;
 mod user;
@@ -107,6 +108,11 @@ enum Command {
     /// default): run now or as a dry run, schedule, executions, history.
     #[command(subcommand)]
     Gc(gc::GcCommand),
+    /// Replication to other regions or registries: endpoints, rules (by image and tag
+    /// patterns; on push, on a schedule or by hand), runs with progress, executions, history,
+    /// stop.
+    #[command(subcommand)]
+    Replication(replication::ReplicationCommand),
     /// Check the config for everything `serve` would refuse (values, TLS files, image cache
     /// URLs, registry references, mirror rules); print the effective config as TOML with
     /// secrets redacted, every problem on stderr; exit 1 when there is one.
@@ -477,6 +483,7 @@ pub fn main() -> ExitCode {
         Command::Cleanup(cmd) => place(config).and_then(|p| policy::run_cleanup(&p, cmd)),
         Command::Protect(cmd) => place(config).and_then(|p| policy::run_protect(&p, cmd)),
         Command::Gc(cmd) => place(config).and_then(|p| gc::run(&p, cmd)),
+        Command::Replication(cmd) => place(config).and_then(|p| replication::run(&p, cmd)),
         Command::Reload { json } => place(config).and_then(|p| reload(&p, json)),
         Command::Status { json } => place(config).and_then(|p| status::run(&p, json)),
         Command::Backup {

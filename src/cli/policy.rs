@@ -204,6 +204,7 @@ fn jobs<'a>(place: &'a Place, registry: &str) -> JobCommands<'a> {
         base: base(registry, "cleanup"),
         what: format!("cleanup of registry {registry}"),
         units: "images",
+        acted: "deleted",
     }
 }
 

@@ -27,6 +27,8 @@ pub enum EventKind {
     DeleteTag,
     /// A cleanup deleted an artifact (DELETE_ARTIFACT and DELETE_TAG follow it).
     Cleanup,
+    /// A replication execution ended (its size: the bytes it copied).
+    Replication,
 }
 
 impl EventKind {
@@ -39,6 +41,7 @@ impl EventKind {
             EventKind::CreateTag => "CREATE_TAG",
             EventKind::DeleteTag => "DELETE_TAG",
             EventKind::Cleanup => "CLEANUP",
+            EventKind::Replication => "REPLICATION",
         }
     }
 }
@@ -121,13 +124,23 @@ impl Event {
 /// request that published them.
 pub const BUS_CAPACITY: usize = 10_000;
 
+/// A consumer of events besides webhooks (replication's event triggers). It is told each event
+/// it wants on the publisher's thread, so [`Listener::hear`] must not block: it queues.
+pub trait Listener: Send + Sync {
+    /// Whether it wants events of `kind` in `registry` (asked before an event is built).
+    fn wants(&self, kind: EventKind, registry: &str) -> bool;
+    /// Takes an event it wants.
+    fn hear(&self, event: &Event);
+}
+
 /// The bus: a bounded queue from publishers to the dispatcher task, and the webhook policies
-/// that consume it.
+/// that consume it; other listeners hear events as they are published.
 pub struct Events {
     tx: tokio::sync::mpsc::Sender<Event>,
     rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
     /// Webhook policies, their delivery log and delivery.
     pub webhooks: Arc<webhooks::Webhooks>,
+    listeners: parking_lot::RwLock<Vec<Arc<dyn Listener>>>,
 }
 
 impl Events {
@@ -138,11 +151,27 @@ impl Events {
             tx,
             rx: parking_lot::Mutex::new(Some(rx)),
             webhooks: Arc::new(webhooks),
+            listeners: Default::default(),
         }
     }
 
-    /// Publishes an event without waiting; a full bus drops it and counts it.
+    /// Adds a listener.
+    pub fn listen(&self, listener: Arc<dyn Listener>) {
+        self.listeners.write().push(listener);
+    }
+
+    /// Publishes an event without waiting: listeners that want it hear it; a full bus drops
+    /// it for the webhooks and counts it.
     pub fn publish(&self, event: Event) {
+        for l in self.listeners.read().iter() {
+            if l.wants(event.kind, &event.registry) {
+                l.hear(&event);
+            }
+        }
+        self.to_webhooks(event);
+    }
+
+    fn to_webhooks(&self, event: Event) {
         if let Err(e) = self.tx.try_send(event) {
             metrics::counter!("berth_events_dropped_total").increment(1);
             tracing::warn!(error = %e, "event bus full: event dropped");
@@ -153,13 +182,24 @@ impl Events {
     /// (pulls) check it first so that building the event costs nothing when nobody listens.
     pub fn wants(&self, kind: EventKind, registry: &str) -> bool {
         self.webhooks.wants(kind, registry)
+            || self
+                .listeners
+                .read()
+                .iter()
+                .any(|l| l.wants(kind, registry))
     }
 
     /// Publishes what happened if an enabled policy listens for it in its registry; otherwise
     /// builds nothing (the hot manifest GET pays one check).
     pub fn emit(&self, h: Happened<'_>) {
-        if self.wants(h.kind, h.registry()) {
-            self.publish(Event::now(&h));
+        let hooked = self.webhooks.wants(h.kind, h.registry());
+        let listeners = self.listeners.read();
+        let mut event = None;
+        for l in listeners.iter().filter(|l| l.wants(h.kind, h.registry())) {
+            l.hear(event.get_or_insert_with(|| Event::now(&h)));
+        }
+        if hooked {
+            self.to_webhooks(event.unwrap_or_else(|| Event::now(&h)));
         }
     }
 

@@ -134,6 +134,16 @@ pub fn validate_registry_name(name: &str) -> Result<(), ReferenceError> {
     Ok(())
 }
 
+/// Suffixes of the tags cosign gives what it attaches to `sha256-HEX`.
+pub const COSIGN_SUFFIXES: [&str; 3] = [".sig", ".att", ".sbom"];
+
+/// The artifact a cosign tag (`sha256-HEX.sig`, `.att`, `.sbom`) belongs to.
+pub fn cosign_subject(tag: &str) -> Option<crate::oci::digest::Digest> {
+    let hex = tag.strip_prefix("sha256-")?;
+    let hex = COSIGN_SUFFIXES.iter().find_map(|s| hex.strip_suffix(s))?;
+    crate::oci::digest::Digest::parse(&format!("sha256:{hex}")).ok()
+}
+
 /// Validates a tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
 pub fn validate_tag(tag: &str) -> Result<(), ReferenceError> {
     let b = tag.as_bytes();

@@ -18,6 +18,7 @@ use crate::events::{EventKind, Happened};
 use crate::jobs::executions::{Counts, Execution, HistoryRow, Run, Start, Trigger};
 use crate::oci::digest::Digest;
 use crate::oci::manifest;
+use crate::oci::reference::cosign_subject;
 use crate::store::meta::{now_ms, ArtifactRecord};
 use crate::App;
 
@@ -363,15 +364,6 @@ fn announce(
     for t in tags {
         app.events.emit(happened(EventKind::DeleteTag, Some(t)));
     }
-}
-
-/// The artifact a cosign tag (`sha256-HEX.sig`, `.att`, `.sbom`) belongs to.
-fn cosign_subject(tag: &str) -> Option<Digest> {
-    let hex = tag.strip_prefix("sha256-")?;
-    let hex = [".sig", ".att", ".sbom"]
-        .iter()
-        .find_map(|s| hex.strip_suffix(s))?;
-    Digest::parse(&format!("sha256:{hex}")).ok()
 }
 
 #[cfg(test)]

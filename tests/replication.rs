@@ -1,0 +1,502 @@
+//! Replication between two berth regions on loopback (and to Debian's docker-registry in
+//! tests/real_clients.rs): rules by hand and on push events, filters, destinations, skips,
+//! referrers, dedup by mount, resume after a cut link, stop, bandwidth limit, API refusals.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth::auth::Role;
+use common::registry::Client as Registry;
+use common::server::{sha256, TestServer, OCI_MANIFEST};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+/// `method path` on `s`'s API with a JSON body; (status, body).
+async fn api(
+    s: &TestServer,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut r = s.client.request(method, s.url(&format!("/api/v1{path}")));
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A destination region with auth on; the access key of its replication user.
+async fn destination() -> (TestServer, (String, String)) {
+    let b = TestServer::start("").await;
+    let key = b.user("replicator", Role::Admin, &[]);
+    (b, key)
+}
+
+/// Adds endpoint `name` on `a` for `url` with `key`.
+async fn endpoint(a: &TestServer, name: &str, url: &str, key: &(String, String)) {
+    let (st, body) = api(
+        a,
+        Method::POST,
+        "/replication/endpoints",
+        Some(json!({"name": name, "url": url, "username": key.0, "password": key.1})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    assert_eq!(body["credentials"], true);
+    assert!(
+        !body.to_string().contains(&key.1),
+        "the secret is never shown: {body}"
+    );
+}
+
+/// Runs rule `name` by hand and waits for its end; the execution.
+async fn run(a: &TestServer, name: &str) -> Value {
+    let (st, e) = api(
+        a,
+        Method::POST,
+        &format!("/replication/rules/{name}/executions"),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{e}");
+    wait(a, name, e["id"].as_str().unwrap()).await
+}
+
+async fn wait(a: &TestServer, rule: &str, id: &str) -> Value {
+    let path = format!("/replication/rules/{rule}/executions/{id}");
+    for _ in 0..1200 {
+        let (st, e) = api(a, Method::GET, &path, None).await;
+        assert_eq!(st, StatusCode::OK, "{e}");
+        if e["status"] != "running" {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{path} still running after 60 s");
+}
+
+async fn history(a: &TestServer, rule: &str, id: &str) -> Vec<Value> {
+    let (_, h) = api(
+        a,
+        Method::GET,
+        &format!("/replication/rules/{rule}/executions/{id}/history"),
+        None,
+    )
+    .await;
+    h["items"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_manual_rule_copies_what_its_filters_select_and_skips_it_the_second_time() {
+    let (b, key) = destination().await;
+    let a = TestServer::start("").await;
+    let src = Registry::over(a.client.clone(), &a.base);
+    let shared = vec![7u8; 300_000];
+    let v1 = src.image("library/app", "v1", "one", &shared).await;
+    src.manifest("library/app", "v1.1", OCI_MANIFEST, &v1).await;
+    src.image("library/app", "latest", "latest", &shared).await;
+    src.image("library/other", "v1", "other", &shared).await;
+    src.image("library/app/sub", "v2", "sub", &shared).await;
+    endpoint(&a, "eu", &b.base, &key).await;
+    let (st, rule) = api(
+        &a,
+        Method::POST,
+        "/replication/rules",
+        Some(json!({"name": "apps", "endpoint": "eu", "registry": "library",
+                    "images": "{app,app/**}", "tags": "v*", "dest_namespace": "library", "flatten": 0})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{rule}");
+    let e = run(&a, "apps").await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(
+        e["counts"]["examined"], 2,
+        "app:v1 (with v1.1) and app/sub:v2: {e}"
+    );
+    assert_eq!(e["counts"]["acted"], 2, "{e}");
+    let dst = Registry::new(&b.base, Some(key.clone()));
+    assert_eq!(dst.pull_all("library/app", "v1").await, v1);
+    assert_eq!(dst.pull_all("library/app", "v1.1").await, v1);
+    dst.pull_all("library/app/sub", "v2").await;
+    assert!(
+        dst.pull_manifest("library/app", "latest").await.is_none(),
+        "latest is filtered out"
+    );
+    assert!(
+        dst.pull_manifest("library/other", "v1").await.is_none(),
+        "other is filtered out"
+    );
+    let rows = history(&a, "apps", e["id"].as_str().unwrap()).await;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["action"] == "copied"), "{rows:?}");
+    let bytes = e["counts"]["bytes"].as_u64().unwrap();
+    assert!(
+        bytes >= 300_000,
+        "the shared layer was sent once at least: {bytes}"
+    );
+    assert!(
+        bytes < 2 * 300_000,
+        "and only once (mounted for the second image): {bytes}"
+    );
+
+    // Again: everything is there.
+    let again = run(&a, "apps").await;
+    assert_eq!(again["status"], "succeeded");
+    assert_eq!(again["counts"]["acted"], 0, "{again}");
+    assert_eq!(again["counts"]["bytes"], 0, "{again}");
+    let rows = history(&a, "apps", again["id"].as_str().unwrap()).await;
+    assert!(rows.iter().all(|r| r["action"] == "skipped"), "{rows:?}");
+
+    // A deletion at the source leaves the destination alone.
+    let d = sha256(&v1);
+    let r = src
+        .req(Method::DELETE, &format!("/v2/library/app/manifests/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    run(&a, "apps").await;
+    assert_eq!(dst.pull_all("library/app", "v1").await, v1);
+}
+
+#[tokio::test]
+async fn an_event_rule_copies_a_push_within_seconds_and_referrers_follow_their_subject() {
+    let (b, key) = destination().await;
+    let a = TestServer::start("").await;
+    endpoint(&a, "eu", &b.base, &key).await;
+    let (st, rule) = api(
+        &a,
+        Method::POST,
+        "/replication/rules",
+        Some(
+            json!({"name": "on-push", "endpoint": "eu", "registry": "library",
+                    "trigger": "event", "dest_namespace": "library", "flatten": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{rule}");
+    let src = Registry::over(a.client.clone(), &a.base);
+    let pushed_at = Instant::now();
+    let m = src.image("library/team/web", "1.0", "web", b"base").await;
+    let dst = Registry::new(&b.base, Some(key.clone()));
+    let mut seen = None;
+    for _ in 0..200 {
+        if let Some(got) = dst.pull_manifest("library/web", "1.0").await {
+            seen = Some(got);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if seen.is_none() {
+        let (_, list) = api(
+            &a,
+            Method::GET,
+            "/replication/rules/on-push/executions",
+            None,
+        )
+        .await;
+        panic!("not at library/web after 10 s; executions: {list}");
+    }
+    assert_eq!(seen.as_deref(), Some(&m[..]), "flattened to library/web");
+    assert!(pushed_at.elapsed() < Duration::from_secs(10));
+    dst.pull_all("library/web", "1.0").await;
+
+    // A signature: an OCI referrer of the image and a cosign tag.
+    let subject = sha256(&m);
+    let sig_config = src.blob("library/team/web", b"{}").await;
+    let sig_layer = src.blob("library/team/web", b"signature").await;
+    let referrer = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sig_config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": sig_layer, "size": 9}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": m.len()},
+    }))
+    .unwrap();
+    let rd = src
+        .manifest(
+            "library/team/web",
+            &sha256(&referrer),
+            OCI_MANIFEST,
+            &referrer,
+        )
+        .await;
+    let cosign_tag = format!("sha256-{}.sig", subject.trim_start_matches("sha256:"));
+    let tagged_sig = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sig_config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": sig_layer, "size": 9}],
+    }))
+    .unwrap();
+    src.manifest("library/team/web", &cosign_tag, OCI_MANIFEST, &tagged_sig)
+        .await;
+    let mut both = false;
+    for _ in 0..200 {
+        let by_digest = dst.pull_manifest("library/web", &rd).await;
+        let by_tag = dst.pull_manifest("library/web", &cosign_tag).await;
+        if by_digest.is_some() && by_tag.is_some() {
+            both = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        both,
+        "the referrer and the cosign tag reached the destination"
+    );
+    let r: Value = dst
+        .get(&format!("/v2/library/web/referrers/{subject}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["manifests"][0]["digest"], rd.as_str(), "{r}");
+
+    // Executions of event rules are listed with their trigger.
+    let (_, list) = api(
+        &a,
+        Method::GET,
+        "/replication/rules/on-push/executions",
+        None,
+    )
+    .await;
+    let items = list["items"].as_array().unwrap();
+    assert!(!items.is_empty());
+    assert!(items.iter().all(|e| e["trigger"] == "event"), "{list}");
+}
+
+/// A TCP relay that counts the bytes going to its upstream and can cut every connection.
+struct CutRelay {
+    addr: std::net::SocketAddr,
+    up_bytes: Arc<AtomicU64>,
+    cut: Arc<AtomicBool>,
+}
+
+impl CutRelay {
+    async fn start(upstream: std::net::SocketAddr) -> CutRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up_bytes = Arc::new(AtomicU64::new(0));
+        let cut = Arc::new(AtomicBool::new(false));
+        let (count, cut2) = (up_bytes.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if cut2.load(Ordering::Acquire) {
+                    continue; // refused while the link is down
+                }
+                let (count, cut) = (count.clone(), cut2.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.split();
+                    let (mut sr, mut sw) = server.split();
+                    let up = pipe(&mut cr, &mut sw, Some(&count), &cut);
+                    let down = pipe(&mut sr, &mut cw, None, &cut);
+                    tokio::select! { _ = up => {}, _ = down => {} }
+                });
+            }
+        });
+        CutRelay {
+            addr,
+            up_bytes,
+            cut,
+        }
+    }
+}
+
+/// Copies `from` to `to` until either ends or `cut` is set, counting into `count`.
+async fn pipe(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    count: Option<&AtomicU64>,
+    cut: &AtomicBool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    while !cut.load(Ordering::Acquire) {
+        let n = match tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await {
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => n,
+        };
+        if let Some(c) = count {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Pushes one large random layer as an image `repo:tag`; its size.
+async fn push_big(src: &Registry, repo: &str, tag: &str, size: usize) -> (Vec<u8>, u64) {
+    let mut layer = vec![0u8; size];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for b in layer.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let layer_d = src.blob(repo, &layer).await;
+    let config = src.blob(repo, b"{\"big\":true}").await;
+    let body = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 12},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_d, "size": size}],
+    }))
+    .unwrap();
+    src.manifest(repo, tag, OCI_MANIFEST, &body).await;
+    (body, size as u64)
+}
+
+#[tokio::test]
+async fn a_cut_link_and_a_stop_resume_from_the_destination_offset() {
+    let (b, key) = destination().await;
+    let relay = CutRelay::start(b.addr().parse().unwrap()).await;
+    let chunk: u64 = 1 << 20;
+    let a = TestServer::start(&format!(
+        "[replication]\nchunk_bytes = {chunk}\nattempts = 3\nrequest_timeout = \"5s\"\n"
+    ))
+    .await;
+    let src = Registry::over(a.client.clone(), &a.base);
+    let (manifest, size) = push_big(&src, "library/big", "v1", 24 << 20).await;
+    endpoint(&a, "eu", &format!("http://{}", relay.addr), &key).await;
+    // 4 MB/s: the copy takes about 6 s, time enough to cut it.
+    let (st, body) = api(
+        &a,
+        Method::POST,
+        "/replication/rules",
+        Some(
+            json!({"name": "big", "endpoint": "eu", "registry": "library",
+                    "bandwidth_limit": 4_000_000, "concurrency": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+
+    // A stop in the middle, then a new execution.
+    let (_, e) = api(&a, Method::POST, "/replication/rules/big/executions", None).await;
+    let id = e["id"].as_str().unwrap().to_string();
+    while relay.up_bytes.load(Ordering::Relaxed) < 6 << 20 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asked = Instant::now();
+    let (st, _) = api(
+        &a,
+        Method::POST,
+        &format!("/replication/rules/big/executions/{id}/stop"),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::ACCEPTED);
+    let stopped = wait(&a, "big", &id).await;
+    assert_eq!(stopped["status"], "stopped", "{stopped}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "stopped within a second or so: {:?}",
+        asked.elapsed()
+    );
+    let at_stop = relay.up_bytes.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        relay.up_bytes.load(Ordering::Relaxed) - at_stop < 64 * 1024,
+        "nothing more is sent after the stop"
+    );
+
+    // The next execution goes on; the link is cut in its middle and comes back.
+    let (_, e) = api(&a, Method::POST, "/replication/rules/big/executions", None).await;
+    let id = e["id"].as_str().unwrap().to_string();
+    while relay.up_bytes.load(Ordering::Relaxed) < at_stop + (6 << 20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.cut.store(true, Ordering::Release);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    relay.cut.store(false, Ordering::Release);
+    let done = wait(&a, "big", &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["counts"]["acted"], 1, "{done}");
+    let dst = Registry::new(&b.base, Some(key.clone()));
+    assert_eq!(dst.pull_all("library/big", "v1").await, manifest);
+    let total = relay.up_bytes.load(Ordering::Relaxed);
+    // Request heads and the small blobs and manifest take a few KiB; what was cut is sent again
+    // only from the last acknowledged chunk: at most two chunks (one per interruption) more.
+    assert!(
+        total <= size + 2 * chunk + 256 * 1024,
+        "sent {total} bytes for a blob of {size} (chunk {chunk})"
+    );
+}
+
+#[tokio::test]
+async fn rules_and_endpoints_are_checked_and_admin_only() {
+    let a = TestServer::start("").await;
+    let bad = |b: Value| async {
+        let (st, body) = api(&a, Method::POST, "/replication/rules", Some(b)).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        bad(json!({"name": "r", "endpoint": "nowhere", "registry": "library"}))
+            .await
+            .contains("does not exist")
+    );
+    let (st, _) = api(
+        &a,
+        Method::POST,
+        "/replication/endpoints",
+        Some(json!({"name": "x", "url": "not a url"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, _) = api(
+        &a,
+        Method::POST,
+        "/replication/endpoints",
+        Some(json!({"name": "eu", "url": "http://127.0.0.1:9"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, t) = api(&a, Method::POST, "/replication/endpoints/eu/test", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(t["ok"], false, "{t}");
+    assert!(bad(
+        json!({"name": "r", "endpoint": "eu", "registry": "library", "trigger": "schedule"})
+    )
+    .await
+    .starts_with("schedule"));
+    let (st, _) = api(
+        &a,
+        Method::POST,
+        "/replication/rules",
+        Some(json!({"name": "r", "endpoint": "eu", "registry": "library"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, _) = api(&a, Method::DELETE, "/replication/endpoints/eu", None).await;
+    assert_eq!(st, StatusCode::CONFLICT, "a rule uses it");
+    // With auth on, a non-admin cannot see or change replication.
+    let (id, secret) = a.user("dev", Role::ImageUploader, &["library"]);
+    let r = reqwest::Client::new()
+        .get(a.url("/api/v1/replication/rules"))
+        .basic_auth(id, Some(secret))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+}
