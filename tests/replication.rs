@@ -500,3 +500,174 @@ async fn rules_and_endpoints_are_checked_and_admin_only() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn a_pull_rule_copies_from_another_region_with_referrers_and_skips_the_second_time() {
+    // The other region holds the images; this one pulls them.
+    let (other, key) = destination().await;
+    let up = Registry::new(&other.base, Some(key.clone()));
+    let web = up
+        .image("library/team/web", "v1", "web", b"base layer")
+        .await;
+    up.image("library/team/web", "dev", "dev", b"base layer")
+        .await;
+    let api_m = up
+        .image("library/team/api", "v2", "api", b"base layer")
+        .await;
+    up.image("library/other", "v1", "other", b"base layer")
+        .await;
+    let subject = sha256(&web);
+    let sig_config = up.blob("library/team/web", b"{}").await;
+    let referrer = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/spdx+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": sig_config, "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.empty.v1+json", "digest": sig_config, "size": 2}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": web.len()},
+    }))
+    .unwrap();
+    let rd = up
+        .manifest(
+            "library/team/web",
+            &sha256(&referrer),
+            OCI_MANIFEST,
+            &referrer,
+        )
+        .await;
+
+    let here = TestServer::start("").await;
+    endpoint(&here, "hub", &other.base, &key).await;
+    let (st, body) = api(
+        &here,
+        Method::POST,
+        "/replication/rules",
+        Some(
+            json!({"name": "from-hub", "mode": "pull", "endpoint": "hub", "registry": "library",
+                    "images": "team/**", "tags": "v*"}),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let e = run(&here, "from-hub").await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(e["counts"]["acted"], 2, "{e}");
+    let local = Registry::over(here.client.clone(), &here.base);
+    assert_eq!(local.pull_all("library/team/web", "v1").await, web);
+    assert_eq!(local.pull_all("library/team/api", "v2").await, api_m);
+    assert!(local
+        .pull_manifest("library/team/web", "dev")
+        .await
+        .is_none());
+    assert!(local.pull_manifest("library/other", "v1").await.is_none());
+    assert_eq!(
+        local.pull_manifest("library/team/web", &rd).await.unwrap(),
+        referrer
+    );
+    let again = run(&here, "from-hub").await;
+    assert_eq!(again["counts"]["acted"], 0, "{again}");
+    assert_eq!(again["counts"]["bytes"], 0, "{again}");
+    // Pull rules cannot be event-triggered (the endpoint's pushes are not seen here).
+    let (st, _) = api(
+        &here,
+        Method::POST,
+        "/replication/rules",
+        Some(
+            json!({"name": "bad", "mode": "pull", "endpoint": "hub", "registry": "library",
+                    "trigger": "event"}),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+}
+
+/// Debian's docker-registry (distribution 2.8) as a foreign destination and source: chunked
+/// uploads with `Content-Range`, an index with its platform manifests, namespace and flatten,
+/// skips; then a pull rule brings the images back into a second berth.
+#[tokio::test]
+async fn a_foreign_registry_is_a_destination_and_a_source() {
+    use common::clients::DistributionRegistry;
+    use common::server::OCI_INDEX;
+
+    let dist = tokio::task::spawn_blocking(DistributionRegistry::start)
+        .await
+        .unwrap();
+    let a = TestServer::start("[replication]\nchunk_bytes = 1048576\n").await;
+    let src = Registry::over(a.client.clone(), &a.base);
+    let (big, _) = push_big(&src, "library/team/big", "v1", (3 << 20) + 12345).await;
+    let amd = src
+        .image("library/team/multi", "amd-only", "amd", b"shared base")
+        .await;
+    let arm = src
+        .image("library/team/multi", "arm-only", "arm", b"shared base")
+        .await;
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": sha256(&amd), "size": amd.len(), "platform": {"os": "linux", "architecture": "amd64"}},
+            {"mediaType": OCI_MANIFEST, "digest": sha256(&arm), "size": arm.len(), "platform": {"os": "linux", "architecture": "arm64"}},
+        ],
+    }))
+    .unwrap();
+    src.manifest("library/team/multi", "v2", OCI_INDEX, &index)
+        .await;
+    let url = format!("http://{}", dist.addr);
+    let (st, body) = api(
+        &a,
+        Method::POST,
+        "/replication/endpoints",
+        Some(json!({"name": "dist", "url": url})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let (st, t) = api(&a, Method::POST, "/replication/endpoints/dist/test", None).await;
+    assert_eq!((st, &t["ok"]), (StatusCode::OK, &json!(true)), "{t}");
+    let (st, body) = api(
+        &a,
+        Method::POST,
+        "/replication/rules",
+        Some(json!({"name": "to-dist", "endpoint": "dist", "registry": "library",
+                    "images": "team/**", "tags": "v*", "dest_namespace": "mirror/eu", "flatten": 1})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let e = run(&a, "to-dist").await;
+    assert_eq!(
+        e["status"],
+        "succeeded",
+        "{e}; registry log:\n{}",
+        dist.log()
+    );
+    assert_eq!(e["counts"]["acted"], 2, "{e}");
+    let there = Registry::new(&url, None);
+    assert_eq!(there.pull_all("mirror/eu/big", "v1").await, big);
+    assert_eq!(there.pull_all("mirror/eu/multi", "v2").await, index);
+    let again = run(&a, "to-dist").await;
+    assert_eq!(again["counts"]["acted"], 0, "{again}");
+
+    // And back: a pull rule from the foreign registry into another berth.
+    let b = TestServer::start("[[registry]]\nname = \"mirror\"\n").await;
+    let (st, _) = api(
+        &b,
+        Method::POST,
+        "/replication/endpoints",
+        Some(json!({"name": "dist", "url": url})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, body) = api(
+        &b,
+        Method::POST,
+        "/replication/rules",
+        Some(
+            json!({"name": "from-dist", "mode": "pull", "endpoint": "dist", "registry": "mirror"}),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let e = run(&b, "from-dist").await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    assert_eq!(e["counts"]["acted"], 2, "{e}");
+    let local = Registry::over(b.client.clone(), &b.base);
+    assert_eq!(local.pull_all("mirror/eu/big", "v1").await, big);
+    assert_eq!(local.pull_all("mirror/eu/multi", "v2").await, index);
+}

@@ -699,6 +699,7 @@ impl Source {
         deadline: Instant,
     ) -> Result<reqwest::Response, UpstreamError> {
         let scope = match (req.repo.is_empty(), req.push) {
+            (true, _) if req.path.starts_with("_catalog") => "registry:catalog:*".to_string(),
             (true, _) => String::new(),
             (false, false) => format!("repository:{}:pull", req.repo),
             (false, true) => format!("repository:{}:pull,push", req.repo),

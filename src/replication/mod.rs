@@ -9,6 +9,7 @@
 
 pub mod endpoint;
 pub mod limit;
+pub mod pull;
 pub mod rule;
 pub mod run;
 pub mod transfer;

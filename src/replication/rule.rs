@@ -134,6 +134,9 @@ impl Rule {
             RepoName::parse(&format!("{}/x", self.dest_namespace))
                 .map_err(|e| format!("dest_namespace {:?}: {e}", self.dest_namespace))?;
         }
+        if self.mode == Mode::Pull && self.registry.is_empty() && self.dest_namespace.is_empty() {
+            return Err("dest_namespace: required in pull mode when registry is empty (the registry here that receives)".into());
+        }
         if self.mode == Mode::Pull && self.trigger == TriggerKind::Event {
             return Err("trigger: event works in push mode only (an endpoint's pushes are not seen here); use schedule".into());
         }

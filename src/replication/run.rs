@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use super::pull::Fetcher;
 use super::rule::{Filter, Mode, Rule};
-use super::transfer::{CopyError, Transfer};
+use super::transfer::{Copied, CopyError, Transfer};
 use super::{Pushed, Signal};
 use crate::error::{Error, Result};
 use crate::jobs::executions::{Counts, Execution, HistoryRow, Run, Start, StartError, Trigger};
@@ -38,6 +39,7 @@ const MAX_PENDING: usize = 10_000;
 /// One artifact to copy: a task.
 #[derive(Debug, Clone)]
 struct Unit {
+    /// The repository copied from (here in push mode, at the endpoint in pull mode).
     repository: String,
     image: String,
     digest: Digest,
@@ -76,11 +78,6 @@ pub async fn start(
         .rule(name)
         .await?
         .ok_or_else(|| Error::NotFound(format!("replication rule {name:?} does not exist")))?;
-    if rule.mode == Mode::Pull {
-        return Err(Error::BadRequest(format!(
-            "rule {name:?} is in pull mode, which this version does not run yet"
-        )));
-    }
     let run = app
         .jobs
         .start(start_of(&rule, trigger, operator))
@@ -149,21 +146,43 @@ async fn copy_all(
         .client(&rule.endpoint)
         .await
         .map_err(|e| Error::BadRequest(e.to_string()))?;
-    let units = match pushed {
-        None => gather(app, rule, &filter).await?,
-        Some(p) => from_events(app, rule, &filter, p).await?,
+    let mover = match rule.mode {
+        Mode::Push => Mover::Push(Transfer::new(
+            app.clone(),
+            rule,
+            client,
+            app.replication.settings,
+            run.stop_flag(),
+        )),
+        Mode::Pull => Mover::Pull(Fetcher::new(
+            app.clone(),
+            rule,
+            client,
+            app.replication.settings,
+            run.stop_flag(),
+        )),
     };
-    let transfer = Transfer::new(
-        app.clone(),
-        rule,
-        client,
-        app.replication.settings,
-        run.stop_flag(),
-    );
-    let transfer = &transfer;
+    let units = match (&mover, pushed) {
+        (Mover::Pull(f), _) => f
+            .gather(rule, &filter)
+            .await
+            .map_err(|e| Error::Upstream(format!("listing the endpoint: {e}")))?
+            .into_iter()
+            .map(|(repository, image, digest, tags)| Unit {
+                repository,
+                image,
+                digest,
+                tags,
+                event_ms: None,
+            })
+            .collect(),
+        (Mover::Push(_), None) => gather(app, rule, &filter).await?,
+        (Mover::Push(_), Some(p)) => from_events(app, rule, &filter, p).await?,
+    };
+    let mover = &mover;
     let mut results = futures_util::stream::iter(units)
         .map(|unit| async move {
-            let outcome = copy_unit(app, rule, transfer, &unit).await;
+            let outcome = copy_unit(app, rule, mover, &unit).await;
             (unit, outcome)
         })
         .buffer_unordered(rule.concurrency as usize);
@@ -224,15 +243,63 @@ async fn copy_all(
     Ok(())
 }
 
+/// What moves artifacts: to the endpoint, or from it.
+enum Mover {
+    Push(Transfer),
+    Pull(Fetcher),
+}
+
+impl Mover {
+    async fn artifact(
+        &self,
+        src: &str,
+        dest: &str,
+        digest: &Digest,
+        tags: &[String],
+        override_tags: bool,
+    ) -> std::result::Result<Copied, CopyError> {
+        match self {
+            Mover::Push(t) => t.artifact(src, dest, digest, tags, override_tags).await,
+            Mover::Pull(f) => f.artifact(src, dest, digest, tags, override_tags).await,
+        }
+    }
+
+    /// Referrers and cosign tags of an artifact of the side copied from.
+    async fn followers(
+        &self,
+        app: &App,
+        src: &str,
+        digest: &Digest,
+    ) -> std::result::Result<Vec<(Digest, Vec<String>)>, CopyError> {
+        if let Mover::Pull(f) = self {
+            return f.followers(src, digest).await;
+        }
+        let meta = &app.store.meta;
+        let mut out: Vec<(Digest, Vec<String>)> = meta
+            .referrers(src, digest, None, MAX_REFERRERS)
+            .await?
+            .into_iter()
+            .map(|r| (r.digest, Vec::new()))
+            .collect();
+        for suffix in COSIGN_SUFFIXES {
+            let tag = format!("sha256-{}{suffix}", digest.hex());
+            if let Some(d) = meta.tag(src, &tag).await? {
+                out.push((d, vec![tag]));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Copies a unit with its referrers and cosign tags.
 async fn copy_unit(
     app: &App,
     rule: &Rule,
-    transfer: &Transfer,
+    mover: &Mover,
     unit: &Unit,
-) -> std::result::Result<super::transfer::Copied, CopyError> {
+) -> std::result::Result<Copied, CopyError> {
     let dest = rule.destination(&unit.image);
-    let mut copied = transfer
+    let mut copied = mover
         .artifact(
             &unit.repository,
             &dest,
@@ -244,29 +311,16 @@ async fn copy_unit(
     if !rule.copy_referrers {
         return Ok(copied);
     }
-    let meta = &app.store.meta;
-    for r in meta
-        .referrers(&unit.repository, &unit.digest, None, MAX_REFERRERS)
-        .await?
-    {
-        let c = transfer
-            .artifact(&unit.repository, &dest, &r.digest, &[], rule.override_tags)
+    for (d, tags) in mover.followers(app, &unit.repository, &unit.digest).await? {
+        let c = mover
+            .artifact(&unit.repository, &dest, &d, &tags, true)
             .await?;
         add(&mut copied, c);
-    }
-    for suffix in COSIGN_SUFFIXES {
-        let tag = format!("sha256-{}{suffix}", unit.digest.hex());
-        if let Some(d) = meta.tag(&unit.repository, &tag).await? {
-            let c = transfer
-                .artifact(&unit.repository, &dest, &d, &[tag], true)
-                .await?;
-            add(&mut copied, c);
-        }
     }
     Ok(copied)
 }
 
-fn add(to: &mut super::transfer::Copied, c: super::transfer::Copied) {
+fn add(to: &mut Copied, c: Copied) {
     to.bytes += c.bytes;
     to.manifests += c.manifests;
     to.tags += c.tags;

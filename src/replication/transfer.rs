@@ -64,7 +64,8 @@ impl From<crate::store::meta::MetaError> for CopyError {
     }
 }
 
-type CopyResult<T> = Result<T, CopyError>;
+/// What a copy step gives.
+pub type CopyResult<T> = Result<T, CopyError>;
 
 /// Where an upload to an endpoint stood at its last acknowledged chunk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,22 +162,12 @@ impl Transfer {
         }
     }
 
-    /// Runs `f` until it ends or a stop is asked (then it is dropped: a request in flight is
-    /// aborted, its connection closed).
+    /// Runs `f` until it ends or a stop is asked.
     async fn unless_stopped<T>(
         &self,
         f: impl std::future::Future<Output = CopyResult<T>>,
     ) -> CopyResult<T> {
-        let stop = self.stop.clone();
-        let watch = async move {
-            while !stop.load(Ordering::Acquire) {
-                tokio::time::sleep(STOP_POLL).await;
-            }
-        };
-        tokio::select! {
-            r = f => r,
-            () = watch => Err(CopyError::Stopped),
-        }
+        unless_stopped(&self.stop, f).await
     }
 
     fn deadline(&self) -> Instant {
@@ -694,8 +685,25 @@ impl Transfer {
     }
 }
 
+/// Runs `f` until it ends or `stop` is set (then `f` is dropped: a request in flight is
+/// aborted, its connection closed).
+pub async fn unless_stopped<T>(
+    stop: &AtomicBool,
+    f: impl std::future::Future<Output = CopyResult<T>>,
+) -> CopyResult<T> {
+    let watch = async {
+        while !stop.load(Ordering::Acquire) {
+            tokio::time::sleep(STOP_POLL).await;
+        }
+    };
+    tokio::select! {
+        r = f => r,
+        () = watch => Err(CopyError::Stopped),
+    }
+}
+
 /// Every manifest type berth stores, for `HEAD` and `GET` at the destination.
-const ACCEPT_ALL: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+pub const ACCEPT_ALL: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// The bytes an upload's `Range: 0-N` says the destination holds (`0-0` is read as none: it is
 /// what registries answer for an empty upload, and starting over costs at most one byte).
