@@ -26,6 +26,8 @@ need systemd-analyze systemd
 need curl curl
 # tests/docs.rs runs the TLS guide's openssl commands.
 need openssl openssl
+# tests/regions.rs puts two berth regions in network namespaces joined by a veth pair.
+need ip iproute2
 if ((${#packages[@]})); then
   echo "installing test clients: ${packages[*]}"
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"

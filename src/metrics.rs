@@ -119,6 +119,10 @@ fn describe() {
         "Connections from addresses outside a private listener's allow list"
     );
     describe_gauge!("berth_upload_sessions", "Blob upload sessions open");
+    describe_counter!(
+        "berth_upload_received_bytes_total",
+        "Blob bytes received in upload bodies, kept or not (a chunk cut short is discarded)"
+    );
     describe_gauge!(
         "berth_storage_bytes",
         Unit::Bytes,

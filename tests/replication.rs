@@ -277,7 +277,10 @@ async fn an_event_rule_copies_a_push_within_seconds_and_referrers_follow_their_s
 /// A TCP relay that counts the bytes going to its upstream and can cut every connection.
 struct CutRelay {
     addr: std::net::SocketAddr,
+    /// Bytes sent to the upstream.
     up_bytes: Arc<AtomicU64>,
+    /// Bytes the upstream answered.
+    down_bytes: Arc<AtomicU64>,
     cut: Arc<AtomicBool>,
 }
 
@@ -286,8 +289,9 @@ impl CutRelay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let up_bytes = Arc::new(AtomicU64::new(0));
+        let down_bytes = Arc::new(AtomicU64::new(0));
         let cut = Arc::new(AtomicBool::new(false));
-        let (count, cut2) = (up_bytes.clone(), cut.clone());
+        let (count, down, cut2) = (up_bytes.clone(), down_bytes.clone(), cut.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -296,7 +300,7 @@ impl CutRelay {
                 if cut2.load(Ordering::Acquire) {
                     continue; // refused while the link is down
                 }
-                let (count, cut) = (count.clone(), cut2.clone());
+                let (count, down, cut) = (count.clone(), down.clone(), cut2.clone());
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
@@ -304,7 +308,7 @@ impl CutRelay {
                     let (mut cr, mut cw) = client.split();
                     let (mut sr, mut sw) = server.split();
                     let up = pipe(&mut cr, &mut sw, Some(&count), &cut);
-                    let down = pipe(&mut sr, &mut cw, None, &cut);
+                    let down = pipe(&mut sr, &mut cw, Some(&down), &cut);
                     tokio::select! { _ = up => {}, _ = down => {} }
                 });
             }
@@ -312,6 +316,7 @@ impl CutRelay {
         CutRelay {
             addr,
             up_bytes,
+            down_bytes,
             cut,
         }
     }
@@ -670,4 +675,155 @@ async fn a_foreign_registry_is_a_destination_and_a_source() {
     let local = Registry::over(b.client.clone(), &b.base);
     assert_eq!(local.pull_all("mirror/eu/big", "v1").await, big);
     assert_eq!(local.pull_all("mirror/eu/multi", "v2").await, index);
+}
+
+/// Twenty images sharing three base layers: each base layer crosses the wire once, to the
+/// first repository that needs it, and is mounted into the others; pulling them back fetches
+/// each once.
+#[tokio::test]
+async fn shared_base_layers_travel_once_per_execution() {
+    let (b, key) = destination().await;
+    let relay = CutRelay::start(b.addr().parse().unwrap()).await;
+    let a = TestServer::start("").await;
+    let src = Registry::over(a.client.clone(), &a.base);
+    let bases: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 1 << 20]).collect();
+    let base_ds: Vec<String> = bases
+        .iter()
+        .map(|b| src.blob("library/base", b))
+        .collect::<futures_util::future::JoinAll<_>>()
+        .await;
+    for i in 0..20 {
+        let repo = format!("library/svc{i:02}");
+        let config = format!("{{\"svc\":{i}}}").into_bytes();
+        let config_d = src.blob(&repo, &config).await;
+        let mut layers = Vec::new();
+        for (b, d) in bases.iter().zip(&base_ds) {
+            src.blob(&repo, b).await; // linked into this repository (stored once)
+            layers.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": b.len()}));
+        }
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_d, "size": config.len()},
+            "layers": layers,
+        }))
+        .unwrap();
+        src.manifest(&repo, "v1", OCI_MANIFEST, &m).await;
+    }
+    endpoint(&a, "eu", &format!("http://{}", relay.addr), &key).await;
+    let (st, body) = api(
+        &a,
+        Method::POST,
+        "/replication/rules",
+        Some(json!({"name": "svcs", "endpoint": "eu", "registry": "library", "images": "svc*"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let e = run(&a, "svcs").await;
+    assert_eq!(e["counts"]["acted"], 20, "{e}");
+    let base_bytes = 3u64 << 20;
+    let sent = relay.up_bytes.load(Ordering::Relaxed);
+    assert!(sent >= base_bytes, "{sent}");
+    // Besides the bases, 20 configs and manifests and the requests' heads: well under 1 MiB.
+    assert!(
+        sent < base_bytes + (1 << 20),
+        "each base layer sent once: {sent} bytes"
+    );
+    let dst = Registry::new(&b.base, Some(key.clone()));
+    for i in [0, 7, 19] {
+        dst.pull_all(&format!("library/svc{i:02}"), "v1").await;
+    }
+
+    // Pulled back into a third region through the relay: each base fetched once.
+    let c = TestServer::start("").await;
+    endpoint(&c, "eu", &format!("http://{}", relay.addr), &key).await;
+    let (st, body) = api(
+        &c,
+        Method::POST,
+        "/replication/rules",
+        Some(json!({"name": "back", "mode": "pull", "endpoint": "eu", "registry": "library", "images": "svc*"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let before = relay.down_bytes.load(Ordering::Relaxed);
+    let e = run(&c, "back").await;
+    assert_eq!(e["counts"]["acted"], 20, "{e}");
+    let fetched = relay.down_bytes.load(Ordering::Relaxed) - before;
+    assert!(
+        (base_bytes..base_bytes + (1 << 20)).contains(&fetched),
+        "each base layer fetched once: {fetched} bytes"
+    );
+}
+
+/// A destination that accepts connections and never answers does not hold back a rule to a
+/// healthy one, on events or by hand; a rule's bandwidth limit holds.
+#[tokio::test]
+async fn a_stalled_endpoint_does_not_delay_another_and_the_bandwidth_limit_holds() {
+    let (b, key) = destination().await;
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stall_addr = stall.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = stall.accept().await {
+            held.push(c); // read nothing, answer nothing
+        }
+    });
+    let a = TestServer::start("[replication]\nrequest_timeout = \"60s\"\n").await;
+    endpoint(&a, "stuck", &format!("http://{stall_addr}"), &key).await;
+    endpoint(&a, "eu", &b.base, &key).await;
+    for (name, ep) in [("to-stuck", "stuck"), ("to-eu", "eu")] {
+        let (st, body) = api(
+            &a,
+            Method::POST,
+            "/replication/rules",
+            Some(json!({"name": name, "endpoint": ep, "registry": "library", "trigger": "event"})),
+        )
+        .await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+    }
+    let src = Registry::over(a.client.clone(), &a.base);
+    let m = src.image("library/app", "v1", "one", b"base").await;
+    let dst = Registry::new(&b.base, Some(key.clone()));
+    let t = Instant::now();
+    let mut got = None;
+    while got.is_none() && t.elapsed() < Duration::from_secs(10) {
+        got = dst.pull_manifest("library/app", "v1").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        got,
+        Some(m),
+        "the healthy endpoint got the push while the other stalls"
+    );
+    let (_, list) = api(
+        &a,
+        Method::GET,
+        "/replication/rules/to-stuck/executions",
+        None,
+    )
+    .await;
+    assert_eq!(list["items"][0]["status"], "running", "{list}");
+
+    // 20 MB/s on a 48 MB blob: about 2.4 s.
+    let (_, size) = push_big(&src, "library/big", "v1", 48_000_000).await;
+    let (st, body) = api(
+        &a,
+        Method::POST,
+        "/replication/rules",
+        Some(
+            json!({"name": "limited", "endpoint": "eu", "registry": "library", "images": "big",
+                    "bandwidth_limit": 20_000_000}),
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let e = run(&a, "limited").await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    let secs =
+        (e["ended_ms"].as_u64().unwrap() - e["started_ms"].as_u64().unwrap()) as f64 / 1000.0;
+    let rate = size as f64 / secs;
+    eprintln!("bandwidth limit 20 MB/s: measured {rate:.0} bytes/s over {secs} s");
+    assert!(
+        (18e6..22e6).contains(&rate),
+        "{rate} bytes/s over {secs} s for a limit of 20 MB/s"
+    );
 }

@@ -863,3 +863,48 @@ async fn operator_is_the_authenticated_user_and_viewers_cannot_manage() {
 fn hooks_url(s: &TestServer, registry: &str, rest: &str) -> String {
     s.url(&format!("/api/v1/registries/{registry}/webhooks{rest}"))
 }
+
+/// A replication execution tells its start and its end with counts (REPLICATION), to the
+/// policies of the registry it copies from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_executions_are_announced_with_their_counts() {
+    let rx = Receiver::start();
+    let s = TestServer::start(FAST).await;
+    let region = TestServer::start("").await;
+    let p = create(&s, "library", spec("repl", &rx.url(), &[Replication]));
+    s.push_image("library/app", "v1", "one").await;
+    let app = s.app();
+    app.replication
+        .endpoints
+        .put(serde_json::from_value(json!({"name": "eu", "url": region.base})).unwrap())
+        .await
+        .unwrap();
+    app.replication
+        .put(
+            serde_json::from_value(
+                json!({"name": "to-eu", "endpoint": "eu", "registry": "library"}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    berth::replication::run::start(
+        &app,
+        "to-eu",
+        berth::jobs::executions::Trigger::Manual,
+        "ops",
+    )
+    .await
+    .unwrap();
+    wait("both replication events", || log(&s, &p).len() == 2).await;
+    let hits = rx.delivered();
+    assert_eq!(kinds(&hits), ["REPLICATION", "REPLICATION"]);
+    let job = |i: usize| hits[i].json["event_data"]["job"].clone();
+    assert_eq!(job(0)["status"], "running");
+    assert_eq!(job(0)["name"], "to-eu");
+    assert_eq!(job(1)["status"], "succeeded", "{}", hits[1].json);
+    assert_eq!(job(1)["acted"], 1);
+    assert_eq!(job(1)["examined"], 1);
+    assert!(job(1)["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(hits[1].json["operator"], "ops");
+}

@@ -74,6 +74,28 @@ pub struct Event {
     pub media_type: String,
     /// Manifest size in bytes.
     pub size: u64,
+    /// For a job's event (REPLICATION): the job and its execution's counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobInfo>,
+}
+
+/// A job's execution as its events tell it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobInfo {
+    /// The job (a replication rule's name).
+    pub name: String,
+    /// Its execution's id.
+    pub execution: String,
+    /// `running` when it starts; `succeeded`, `failed` or `stopped` when it ends.
+    pub status: String,
+    /// Artifacts looked at.
+    pub examined: u64,
+    /// Artifacts acted on (copied).
+    pub acted: u64,
+    /// Artifacts that failed.
+    pub failed: u64,
+    /// Bytes moved.
+    pub bytes: u64,
 }
 
 /// What just happened, borrowed from the request that did it; it becomes an [`Event`] (owned,
@@ -116,6 +138,7 @@ impl Event {
             digest: h.digest.to_string(),
             media_type: h.media_type.to_string(),
             size: h.size,
+            job: None,
         }
     }
 }

@@ -13,6 +13,9 @@ fn rfc3339(ms: u64) -> String {
 
 /// `REGISTRY/IMAGE:TAG`, or `REGISTRY/IMAGE@DIGEST` for untagged events.
 fn resource_url(e: &Event) -> String {
+    if let Some(j) = &e.job {
+        return format!("{}/{}", j.name, j.execution);
+    }
     match &e.tag {
         Some(t) => format!("{}:{t}", e.repository),
         None => format!("{}@{}", e.repository, e.digest),
@@ -21,6 +24,18 @@ fn resource_url(e: &Event) -> String {
 
 /// The JSON body of an `http` policy.
 pub fn http_payload(e: &Event) -> serde_json::Value {
+    if let Some(j) = &e.job {
+        return serde_json::json!({
+            "type": e.kind,
+            "occur_at": rfc3339(e.time_ms),
+            "operator": e.operator,
+            "event_data": {
+                "registry": e.registry,
+                "job": j,
+                "resource_url": resource_url(e),
+            }
+        });
+    }
     serde_json::json!({
         "type": e.kind,
         "occur_at": rfc3339(e.time_ms),
@@ -39,6 +54,21 @@ pub fn http_payload(e: &Event) -> serde_json::Value {
 
 /// The Slack incoming-webhook message of an event.
 pub fn slack_payload(e: &Event) -> serde_json::Value {
+    if let Some(j) = &e.job {
+        let text = format!(
+            "{} {} of {}: {} ({} copied, {} failed of {}, {} bytes) at {}",
+            e.kind,
+            j.execution,
+            j.name,
+            j.status,
+            j.acted,
+            j.failed,
+            j.examined,
+            j.bytes,
+            rfc3339(e.time_ms)
+        );
+        return serde_json::json!({"text": text});
+    }
     let text = format!(
         "{} {} by {} ({}, {} bytes) at {}",
         e.kind,

@@ -53,6 +53,8 @@ pub async fn receive(
             }
         }
     }
+    // Counted once per body (not per frame): what clients sent, kept or not.
+    metrics::counter!("berth_upload_received_bytes_total").increment(received);
     let mut last = pipe.submit(buf).await;
     if last.is_ok() {
         last = pipe.settle().await;

@@ -92,6 +92,34 @@ pub async fn start(
     Ok(started)
 }
 
+/// Publishes a REPLICATION event of an execution (when it starts, and when it ends).
+fn announce(app: &App, rule: &Rule, e: &Execution) {
+    let status = serde_json::to_value(e.status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    app.events.publish(crate::events::Event {
+        kind: crate::events::EventKind::Replication,
+        time_ms: now_ms(),
+        operator: e.operator.clone(),
+        registry: rule.registry.clone(),
+        repository: String::new(),
+        tag: None,
+        digest: String::new(),
+        media_type: String::new(),
+        size: e.counts.bytes,
+        job: Some(crate::events::JobInfo {
+            name: rule.name.clone(),
+            execution: e.id.clone(),
+            status,
+            examined: e.counts.examined,
+            acted: e.counts.acted,
+            failed: e.counts.failed,
+            bytes: e.counts.bytes,
+        }),
+    });
+}
+
 /// Runs an execution to its end and records it.
 async fn execute(
     app: Arc<App>,
@@ -100,6 +128,7 @@ async fn execute(
     pushed: Option<Vec<(Pushed, BTreeSet<String>, u64)>>,
 ) {
     let id = run.execution().id.clone();
+    announce(&app, &rule, run.execution());
     let outcome = copy_all(&app, &rule, &mut run, pushed).await;
     let error = outcome.err().map(|e| e.to_string());
     if let Some(e) = &error {
@@ -108,17 +137,7 @@ async fn execute(
     match run.finish(error).await {
         Ok(e) => {
             tracing::info!(execution = %id, rule = %rule.name, status = ?e.status, artifacts = e.counts.examined, copied = e.counts.acted, failed = e.counts.failed, bytes = e.counts.bytes, "replication ended");
-            app.events.publish(crate::events::Event {
-                kind: crate::events::EventKind::Replication,
-                time_ms: now_ms(),
-                operator: e.operator.clone(),
-                registry: rule.registry.clone(),
-                repository: format!("{}/", rule.registry),
-                tag: None,
-                digest: String::new(),
-                media_type: String::new(),
-                size: e.counts.bytes,
-            });
+            announce(&app, &rule, &e);
         }
         Err(e) => {
             tracing::error!(execution = %id, error = %e, "could not record the end of a replication")

@@ -30,14 +30,43 @@ impl BerthProcess {
     }
 
     fn start_logging(dir: &Path, extra_toml: &str, rust_log: bool) -> BerthProcess {
+        BerthProcess::start_as(dir, extra_toml, rust_log, "127.0.0.1:0", &[])
+    }
+
+    /// Starts berth listening on `listen` through `wrapper` (`ip netns exec NS`: berth in a
+    /// network namespace of its own).
+    pub fn start_wrapped(
+        dir: &Path,
+        extra_toml: &str,
+        listen: &str,
+        wrapper: &[&str],
+    ) -> BerthProcess {
+        BerthProcess::start_as(dir, extra_toml, true, listen, wrapper)
+    }
+
+    fn start_as(
+        dir: &Path,
+        extra_toml: &str,
+        rust_log: bool,
+        listen: &str,
+        wrapper: &[&str],
+    ) -> BerthProcess {
         let config = format!(
-            "data_dir = {:?}\nshutdown_grace = \"5s\"\n[[listen]]\naddr = \"127.0.0.1:0\"\n{}\n",
+            "data_dir = {:?}\nshutdown_grace = \"5s\"\n[[listen]]\naddr = \"{listen}\"\n{}\n",
             dir.join("data"),
             extra_toml
         );
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut command = Command::new(berth_bin());
+        let bin = berth_bin();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         command.arg("serve").arg("--config").arg(&config_path);
         if rust_log {
             command.env(
