@@ -311,6 +311,9 @@ impl Server {
         self.app.ready.store(false, Ordering::Release);
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        // Jobs hold the server's state: they stop here, not when it is dropped (which they
+        // would prevent).
+        self.app.job_runtime.shutdown();
         if let Err(e) = self.app.store.pulls.flush(&*self.app.store.meta).await {
             tracing::error!(error = %e, "could not write last-pull times");
         }

@@ -1,7 +1,8 @@
 //! Reload without a restart (SIGHUP, `POST /api/v1/reload`, `berth reload`): TLS certificates
 //! re-read from their files, and from the config file the parts that can change at run time
-//! (registries and image caches it declares, the log filter). Everything else is reported as
-//! needing a restart; nothing is half-applied (the config is checked as at start first).
+//! (registries and image caches it declares, replication endpoints and rules, the log filter).
+//! Everything else is reported as needing a restart; nothing is half-applied (the config is
+//! checked as at start first).
 
 use std::sync::{Arc, OnceLock};
 
@@ -116,6 +117,25 @@ pub async fn reload(app: &App) -> ReloadReport {
                 .iter()
                 .map(|r| format!("registry {}", r.name)),
         );
+        // A cache registry the file adds gets the default cleanup now, as at a start.
+        if let Err(e) = crate::scheduler::default_cache_cleanups(app).await {
+            report
+                .problems
+                .push(format!("default cleanup of cache registries: {e}"));
+        }
+        match app.replication.apply(&fresh.replication).await {
+            Ok(()) => {
+                let endpoints = fresh.replication.endpoint.iter().map(|e| &e.name);
+                let rules = fresh.replication.rule.iter().map(|r| &r.name);
+                report
+                    .applied
+                    .extend(endpoints.map(|n| format!("replication endpoint {n}")));
+                report
+                    .applied
+                    .extend(rules.map(|n| format!("replication rule {n}")));
+            }
+            Err(e) => report.problems.push(e),
+        }
     }
     // Compared with the filter in effect, which an earlier reload may have changed (App.config
     // stays what the server started with: what a restart would change).
@@ -175,5 +195,18 @@ fn needs_restart(running: &Config, fresh: &Config) -> Vec<String> {
     check("auth", differ(&running.auth, &fresh.auth));
     check("webhooks", differ(&running.webhooks, &fresh.webhooks));
     check("egress", differ(&running.egress, &fresh.egress));
+    // Endpoints and rules apply at once; how blobs travel needs a restart.
+    let travel = |r: &crate::config::ReplicationConfig| {
+        (
+            r.allowed_ports.clone(),
+            r.chunk_bytes,
+            r.attempts,
+            r.request_timeout,
+        )
+    };
+    check(
+        "replication (allowed_ports, chunk_bytes, attempts, request_timeout)",
+        travel(&running.replication) != travel(&fresh.replication),
+    );
     out
 }

@@ -1,5 +1,6 @@
 //! Runs background jobs when their schedules say (UTC): each registry's cleanup
-//! (`policy::run`) and garbage collection (`jobs::gc`, daily unless set otherwise). Gives every
+//! (`policy::run`), garbage collection (`jobs::gc`, daily unless set otherwise) and scheduled
+//! replication rules (`replication::run`). Gives every
 //! cache registry the default cleanup (artifacts not pulled for
 //! `pull_through.cleanup_unpulled_after`, daily) unless it has policies or a schedule of its
 //! own.
@@ -49,65 +50,66 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
         }
         let now = SystemTime::now();
-        let schedules = match app.policies.schedules().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read cleanup schedules");
-                continue;
-            }
-        };
-        let due = |schedule: &crate::jobs::schedule::Schedule| schedule.due_between(checked, now);
-        match crate::jobs::gc::settings(app.store.meta.clone()).await {
-            Ok(gc) if due(&gc.schedule) => {
-                let busy = app.cache.fetches.inflight_digests();
-                if let Err(e) = app
-                    .gc()
-                    .start(Trigger::Schedule, false, "schedule", busy)
-                    .await
-                {
-                    tracing::warn!(error = %e, "scheduled garbage collection did not start");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not read the garbage collection schedule"),
+        start_due(&app, checked, now).await;
+        checked = now;
+    }
+}
+
+/// Starts every job whose schedule falls due after `since` and at or before `now` (one tick of
+/// the scheduler): garbage collection, replication rules, registries' cleanups.
+pub async fn start_due(app: &Arc<App>, since: SystemTime, now: SystemTime) {
+    let schedules = match app.policies.schedules().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read cleanup schedules");
+            return;
         }
-        match app.replication.rules().await {
-            Ok(rules) => {
-                for r in rules {
-                    if r.enabled
-                        && r.trigger == crate::replication::rule::TriggerKind::Schedule
-                        && due(&r.schedule)
+    };
+    let due = |schedule: &crate::jobs::schedule::Schedule| schedule.due_between(since, now);
+    match crate::jobs::gc::settings(app.store.meta.clone()).await {
+        Ok(gc) if due(&gc.schedule) => {
+            let busy = app.cache.fetches.inflight_digests();
+            if let Err(e) = app
+                .gc()
+                .start(Trigger::Schedule, false, "schedule", busy)
+                .await
+            {
+                tracing::warn!(error = %e, "scheduled garbage collection did not start");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the garbage collection schedule"),
+    }
+    match app.replication.rules().await {
+        Ok(rules) => {
+            for r in rules {
+                if r.enabled
+                    && r.trigger == crate::replication::rule::TriggerKind::Schedule
+                    && due(&r.schedule)
+                {
+                    if let Err(e) =
+                        crate::replication::run::start(app, &r.name, Trigger::Schedule, "schedule")
+                            .await
                     {
-                        if let Err(e) = crate::replication::run::start(
-                            &app,
-                            &r.name,
-                            Trigger::Schedule,
-                            "schedule",
-                        )
-                        .await
-                        {
-                            tracing::warn!(rule = %r.name, error = %e, "scheduled replication did not start");
-                        }
+                        tracing::warn!(rule = %r.name, error = %e, "scheduled replication did not start");
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "could not read replication rules"),
         }
-        for (registry, schedule) in schedules {
-            if !due(&schedule) {
-                continue;
-            }
-            if app.store.registry(&registry).is_none() {
-                continue;
-            }
-            match crate::policy::run::start(&app, &registry, Trigger::Schedule, false, "schedule")
-                .await
-            {
-                Ok(e) => tracing::debug!(%registry, execution = %e.id, "scheduled cleanup started"),
-                Err(e) => tracing::warn!(%registry, error = %e, "scheduled cleanup did not start"),
-            }
+        Err(e) => tracing::warn!(error = %e, "could not read replication rules"),
+    }
+    for (registry, schedule) in schedules {
+        if !due(&schedule) {
+            continue;
         }
-        checked = now;
+        if app.store.registry(&registry).is_none() {
+            continue;
+        }
+        match crate::policy::run::start(app, &registry, Trigger::Schedule, false, "schedule").await
+        {
+            Ok(e) => tracing::debug!(%registry, execution = %e.id, "scheduled cleanup started"),
+            Err(e) => tracing::warn!(%registry, error = %e, "scheduled cleanup did not start"),
+        }
     }
 }
 

@@ -443,6 +443,35 @@ async fn a_cut_link_and_a_stop_resume_from_the_destination_offset() {
         total <= size + 2 * chunk + 256 * 1024,
         "sent {total} bytes for a blob of {size} (chunk {chunk})"
     );
+
+    // This region restarts in the middle of a copy; the next execution goes on from the
+    // destination's offset (the resume point survived in the metadata).
+    let mut a = a;
+    let src = Registry::over(a.client.clone(), &a.base);
+    let (manifest2, size2) = push_big(&src, "library/big2", "v1", 16 << 20).await;
+    let start = relay.up_bytes.load(Ordering::Relaxed);
+    let (_, e) = api(&a, Method::POST, "/replication/rules/big/executions", None).await;
+    let id = e["id"].as_str().unwrap().to_string();
+    while relay.up_bytes.load(Ordering::Relaxed) < start + (6 << 20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.restart().await;
+    let (_, e) = api(
+        &a,
+        Method::GET,
+        &format!("/replication/rules/big/executions/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(e["status"], "interrupted", "{e}");
+    let again = run(&a, "big").await;
+    assert_eq!(again["status"], "succeeded", "{again}");
+    assert_eq!(dst.pull_all("library/big2", "v1").await, manifest2);
+    let sent = relay.up_bytes.load(Ordering::Relaxed) - start;
+    assert!(
+        sent <= size2 + chunk + 256 * 1024,
+        "sent {sent} bytes for a blob of {size2} across a restart (chunk {chunk})"
+    );
 }
 
 #[tokio::test]
@@ -826,4 +855,56 @@ async fn a_stalled_endpoint_does_not_delay_another_and_the_bandwidth_limit_holds
         (18e6..22e6).contains(&rate),
         "{rate} bytes/s over {secs} s for a limit of 20 MB/s"
     );
+}
+
+/// A scheduled rule runs when its cron falls due (one scheduler tick, as the scheduler's loop
+/// makes every 15 s); a disabled one and a manual one do not.
+#[tokio::test]
+async fn scheduled_rules_run_when_due() {
+    let (b, key) = destination().await;
+    let a = TestServer::start("").await;
+    a.push_image("library/app", "v1", "one").await;
+    endpoint(&a, "eu", &b.base, &key).await;
+    let every_minute = json!({"type": "custom", "cron": "* * * * *"});
+    for (name, trigger, enabled) in [
+        ("cron", "schedule", true),
+        ("off", "schedule", false),
+        ("hand", "manual", true),
+    ] {
+        let (st, body) = api(
+            &a,
+            Method::POST,
+            "/replication/rules",
+            Some(
+                json!({"name": name, "endpoint": "eu", "registry": "library",
+                        "trigger": trigger, "schedule": every_minute, "enabled": enabled}),
+            ),
+        )
+        .await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+    }
+    let now = std::time::SystemTime::now();
+    berth::scheduler::start_due(&a.app(), now - Duration::from_secs(120), now).await;
+    let executions = |rule: &'static str| {
+        let a = &a;
+        async move {
+            let (_, list) = api(
+                a,
+                Method::GET,
+                &format!("/replication/rules/{rule}/executions"),
+                None,
+            )
+            .await;
+            list["items"].as_array().unwrap().clone()
+        }
+    };
+    let ran = executions("cron").await;
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert_eq!(ran[0]["trigger"], "schedule");
+    assert_eq!(ran[0]["operator"], "schedule");
+    wait(&a, "cron", ran[0]["id"].as_str().unwrap()).await;
+    assert!(executions("off").await.is_empty());
+    assert!(executions("hand").await.is_empty());
+    let dst = Registry::new(&b.base, Some(key));
+    dst.pull_all("library/app", "v1").await;
 }

@@ -282,12 +282,20 @@ fn reload_swaps_the_certificate_and_applies_the_config_file() {
     assert!(served_for(&ca_b));
     install(&cert_b, &key_b);
 
-    // The config file: a registry added applies at once; a limit changed needs a restart.
+    // The config file: a registry, a cache registry (with the default cleanup, as at a start)
+    // and replication added apply at once; a limit changed needs a restart.
     let config = dir.path().join("config.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
-        format!("{text}\n[[registry]]\nname = \"late\"\n[limits]\nmax_connections = 100\n"),
+        format!(
+            "{text}\n[[registry]]\nname = \"late\"\n\
+             [[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"http://127.0.0.1:9\"\n\
+             [[registry]]\nname = \"hubcache\"\ntype = \"cache\"\ncache = \"up\"\n\
+             [[replication.endpoint]]\nname = \"eu\"\nurl = \"http://127.0.0.1:9\"\n\
+             [[replication.rule]]\nname = \"to-eu\"\nendpoint = \"eu\"\nregistry = \"late\"\n\
+             [limits]\nmax_connections = 100\n"
+        ),
     )
     .unwrap();
     let (ok, out, e) = reload(&["--json"]);
@@ -295,9 +303,27 @@ fn reload_swaps_the_certificate_and_applies_the_config_file() {
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         report["applied"],
-        serde_json::json!(["registry late"]),
+        serde_json::json!([
+            "image_cache up",
+            "registry late",
+            "registry hubcache",
+            "replication endpoint eu",
+            "replication rule to-eu"
+        ]),
         "{out}"
     );
+    let get = |path: &str| {
+        rt.block_on(async {
+            let r = reqwest::get(format!("{}/api/v1{path}", server.url()))
+                .await
+                .unwrap();
+            (r.status(), r.text().await.unwrap())
+        })
+    };
+    let (st, policies) = get("/registries/hubcache/cleanup-policies");
+    assert_eq!(st, StatusCode::OK);
+    assert!(policies.contains("pulled_within_days"), "{policies}");
+    assert_eq!(get("/replication/rules/to-eu").0, StatusCode::OK);
     assert_eq!(
         report["restart_needed"],
         serde_json::json!(["limits"]),

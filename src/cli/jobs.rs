@@ -191,8 +191,16 @@ impl JobCommands<'_> {
             outln!("started execution {id} of the {}", self.what);
             return Ok(());
         }
-        let bar = if json || total == 0 || !std::io::stderr().is_terminal() {
+        let bar = if json || !std::io::stderr().is_terminal() {
             indicatif::ProgressBar::hidden()
+        } else if total == 0 {
+            // The number of units is known only to the run (a replication's artifacts).
+            let template = format!("{{spinner}} {{pos}} {}  {{msg}}", self.units);
+            let bar = indicatif::ProgressBar::new_spinner().with_style(
+                indicatif::ProgressStyle::with_template(&template).map_err(|e| e.to_string())?,
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
         } else {
             let template = format!("{{bar:30}} {{pos}}/{{len}} {}  {{msg}}", self.units);
             indicatif::ProgressBar::new(total).with_style(
@@ -203,7 +211,13 @@ impl JobCommands<'_> {
         let ended = loop {
             let e: ExecutionView = self.place.call(Method::GET, &path)?;
             bar.set_position(e.execution.tasks);
-            bar.set_message(format!("{} {}", e.execution.counts.acted, self.acted));
+            bar.set_message(format!(
+                "{} {}, {} bytes, {} failed",
+                e.execution.counts.acted,
+                self.acted,
+                e.execution.counts.bytes,
+                e.execution.counts.failed
+            ));
             if e.execution.status != Status::Running {
                 break e;
             }

@@ -109,6 +109,9 @@ pub struct Task {
     pub error: Option<String>,
     /// What it counted.
     pub counts: Counts,
+    /// How long it took, when its work measured it (a replication's artifact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// What a task did to one artifact.
@@ -380,6 +383,18 @@ impl Run {
         error: Option<String>,
         rows: Vec<HistoryRow>,
     ) -> MetaResult<()> {
+        self.task_timed(unit, counts, error, rows, None).await
+    }
+
+    /// [`Run::task`] with how long the task took.
+    pub async fn task_timed(
+        &mut self,
+        unit: &str,
+        counts: Counts,
+        error: Option<String>,
+        rows: Vec<HistoryRow>,
+        duration: Option<Duration>,
+    ) -> MetaResult<()> {
         let seq = self.execution.tasks + 1;
         let id = self.execution.id.clone();
         let rows = rows
@@ -401,6 +416,7 @@ impl Run {
             },
             error,
             counts,
+            duration_ms: duration.map(|d| d.as_millis() as u64),
         };
         self.jobs.tasks.put(&[&id, &seq_key(seq)], &task).await?;
         self.execution.tasks = seq;

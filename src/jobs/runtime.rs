@@ -9,7 +9,7 @@ const NICE: i32 = 10;
 
 /// The jobs' runtime.
 pub struct JobRuntime {
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
 }
 
 /// Lowers the calling thread's CPU priority (Linux: the nice value is per thread).
@@ -31,7 +31,7 @@ impl JobRuntime {
             .enable_all()
             .build()?;
         Ok(JobRuntime {
-            runtime: Some(runtime),
+            runtime: parking_lot::Mutex::new(Some(runtime)),
         })
     }
 
@@ -40,8 +40,17 @@ impl JobRuntime {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        if let Some(rt) = &self.runtime {
+        if let Some(rt) = &*self.runtime.lock() {
             rt.spawn(job);
+        }
+    }
+
+    /// Stops the jobs without waiting for them (at a server's shutdown): their tasks, and what
+    /// they hold (the state of the server), are dropped; an execution cut short is marked
+    /// interrupted at the next start. Later jobs are not run.
+    pub fn shutdown(&self) {
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_background();
         }
     }
 }
@@ -50,8 +59,6 @@ impl Drop for JobRuntime {
     /// Stops without waiting (the runtime may be dropped on a server thread): an execution cut
     /// short is marked interrupted at the next start.
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        self.shutdown();
     }
 }

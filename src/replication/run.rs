@@ -201,11 +201,12 @@ async fn copy_all(
     let mover = &mover;
     let mut results = futures_util::stream::iter(units)
         .map(|unit| async move {
+            let started = std::time::Instant::now();
             let outcome = copy_unit(app, rule, mover, &unit).await;
-            (unit, outcome)
+            (unit, outcome, started.elapsed())
         })
         .buffer_unordered(rule.concurrency as usize);
-    while let Some((unit, outcome)) = results.next().await {
+    while let Some((unit, outcome, took)) = results.next().await {
         let (counts, error, action) = match &outcome {
             Ok(c) if c.manifests + c.tags > 0 => (
                 Counts {
@@ -257,7 +258,9 @@ async fn copy_all(
             action,
             counts.bytes,
         );
-        run.task(&unit.repository, counts, error, vec![row]).await?;
+        let what = format!("{}@{}", unit.repository, unit.digest);
+        run.task_timed(&what, counts, error, vec![row], Some(took))
+            .await?;
     }
     Ok(())
 }

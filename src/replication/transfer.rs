@@ -412,13 +412,22 @@ impl Transfer {
             }
             session = Some(self.location(&r)?);
         }
-        let size = self
-            .app
-            .store
-            .meta
-            .blob_link(src, digest)
-            .await?
-            .ok_or_else(|| CopyError::Local(format!("blob {digest} is not in {src}")))?;
+        // An origin repository links its blobs; a cache registry's hold what was fetched.
+        let size = match self.app.store.meta.blob_link(src, digest).await? {
+            Some(size) => size,
+            None => self
+                .app
+                .store
+                .blobs
+                .stat(digest)
+                .await?
+                .ok_or_else(|| {
+                    CopyError::Local(format!(
+                        "blob {digest} of {src} is not on this node (a cache registry holds only what was pulled)"
+                    ))
+                })?
+                .size,
+        };
         let _slot = self
             .blob_slots
             .acquire()
