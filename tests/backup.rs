@@ -6,9 +6,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::process::{berth_bin, BerthProcess};
+use common::process::BerthProcess;
 use common::registry::Client;
 use common::server::{sha256, OCI_INDEX, OCI_MANIFEST};
 use reqwest::StatusCode;
@@ -18,17 +17,7 @@ const REGISTRIES: &str = "[[registry]]\nname = \"library\"\n[[registry]]\nname =
 
 /// `berth ARGS` (never the caller's own key variables): (success, stdout, stderr).
 fn berth(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(berth_bin())
-        .env_remove("BERTH_ACCESS_KEY")
-        .env_remove("BERTH_SECRET_KEY")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::process::run_berth(args, &[])
 }
 
 /// The first admin through the running server; its (id, secret).

@@ -26,20 +26,12 @@ fn berth_env(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (bool, String, String) {
-    let out = Command::new(berth_bin())
-        .env_remove("BERTH_ACCESS_KEY")
-        .env_remove("BERTH_SECRET_KEY")
-        .envs(env.iter().copied())
-        .arg("--data-dir")
-        .arg(data)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let data = data.to_str().expect("a UTF-8 temp path");
+    let all: Vec<&str> = ["--data-dir", data]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    common::process::run_berth(&all, env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

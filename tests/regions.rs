@@ -39,7 +39,10 @@ impl Regions {
         let (a, b) = (format!("brA{id}"), format!("brB{id}"));
         let net = 100 + (id % 100);
         for ns in [&a, &b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(std::process::Stdio::null())
+                .status();
             ip(&["netns", "add", ns]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
@@ -122,7 +125,10 @@ impl Drop for Regions {
     fn drop(&mut self) {
         // Deleting a namespace deletes the veth ends in it, and so their peers.
         for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
 }

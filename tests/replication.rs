@@ -148,8 +148,30 @@ async fn a_manual_rule_copies_what_its_filters_select_and_skips_it_the_second_ti
         "and only once (mounted for the second image): {bytes}"
     );
 
-    // Again: everything is there.
+    // Again: everything is there. A resume point a week old (an upload given up) is dropped
+    // by the run; a fresh one stays.
+    let meta = a.app().store.meta.clone();
+    for (digest, saved_ms) in [
+        ("sha256:old", 1u64),
+        ("sha256:new", berth::store::meta::now_ms()),
+    ] {
+        let point =
+            json!({"location": "library/app/blobs/uploads/x", "offset": 1, "saved_ms": saved_ms});
+        meta.record_put(
+            berth::replication::transfer::RESUME,
+            &format!("eu\0library/app\0{digest}"),
+            serde_json::to_vec(&point).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
     let again = run(&a, "apps").await;
+    let kept = meta
+        .record_list(berth::replication::transfer::RESUME, "eu\0", None, 10)
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].0.ends_with("sha256:new"), "{:?}", kept[0].0);
     assert_eq!(again["status"], "succeeded");
     assert_eq!(again["counts"]["acted"], 0, "{again}");
     assert_eq!(again["counts"]["bytes"], 0, "{again}");

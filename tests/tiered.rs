@@ -26,7 +26,11 @@ fn cache(url: &str, mirror: bool) -> String {
     format!(
         "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"{url}\"\n\
          [[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n{}",
-        if mirror { "[mirror]\nregistry = \"hub\"\n" } else { "" }
+        if mirror {
+            "[mirror]\nregistry = \"hub\"\n"
+        } else {
+            ""
+        }
     )
 }
 
@@ -42,7 +46,8 @@ async fn tiers(layer_size: usize) -> Tiers {
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
     }))
     .unwrap();
-    up.manifest("library/app", "v1", OCI_MANIFEST, &manifest).await;
+    up.manifest("library/app", "v1", OCI_MANIFEST, &manifest)
+        .await;
     let relay = FaultRelay::start(&source.base);
     // The regional cache answers unqualified paths (`library/app`) from its cache registry.
     let regional = TestServer::start_bare(&cache(&relay.url(), true)).await;
@@ -82,7 +87,9 @@ async fn an_edge_pulls_through_a_regional_cache_with_one_fetch_at_the_source() {
         t.manifest
     );
     assert_eq!(
-        edge.pull_manifest("hub/library/app", &digest).await.unwrap(),
+        edge.pull_manifest("hub/library/app", &digest)
+            .await
+            .unwrap(),
         t.manifest
     );
     // A cold Range of the layer.
@@ -123,7 +130,10 @@ async fn an_edge_pulls_through_a_regional_cache_with_one_fetch_at_the_source() {
     // Warm: HEAD, Range and the whole image, with no new request of the layer at the source.
     let r = t.edge.client.head(t.edge.url(&blob)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.headers()["content-length"], t.layer.len().to_string().as_str());
+    assert_eq!(
+        r.headers()["content-length"],
+        t.layer.len().to_string().as_str()
+    );
     let r = t
         .edge
         .client
@@ -133,7 +143,10 @@ async fn an_edge_pulls_through_a_regional_cache_with_one_fetch_at_the_source() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
-    assert_eq!(&r.bytes().await.unwrap()[..], &t.layer[t.layer.len() - 100..]);
+    assert_eq!(
+        &r.bytes().await.unwrap()[..],
+        &t.layer[t.layer.len() - 100..]
+    );
     edge.pull_all("hub/library/app", "v1").await;
     assert_eq!(t.relay.requests_matching("GET", &t.layer_digest), 1);
 }

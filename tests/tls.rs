@@ -216,7 +216,7 @@ async fn a_client_with_the_ca_is_served_and_others_fail_the_handshake() {
 /// what needs a restart is named.
 #[test]
 fn reload_swaps_the_certificate_and_applies_the_config_file() {
-    use common::process::{berth_bin, BerthProcess};
+    use common::process::BerthProcess;
     let dir = tempfile::tempdir().unwrap();
     let (ca_a, cert_a, key_a) = ca_signed_certificate("reload CA a");
     let (ca_b, cert_b, key_b) = ca_signed_certificate("reload CA b");
@@ -263,17 +263,13 @@ fn reload_swaps_the_certificate_and_applies_the_config_file() {
     }
     assert!(!served_for(&ca_a), "the old certificate is still served");
 
+    let url = server.url();
     let reload = |args: &[&str]| {
-        let out = std::process::Command::new(berth_bin())
-            .args(["--server", &server.url(), "reload"])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let all: Vec<&str> = ["--server", url.as_str(), "reload"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        common::process::run_berth(&all, &[])
     };
     // A broken certificate file: reported, and the one in use stays.
     std::fs::write(&cert_path, "not a certificate").unwrap();

@@ -157,6 +157,8 @@ pub struct Source {
     wants_basic: AtomicBool,
     /// What this source is doing (kept by [`super::Cache`] across rebuilds of the source).
     health: Arc<Health>,
+    /// What berth uses it as, for log lines: an image cache, or a replication endpoint.
+    role: &'static str,
 }
 
 /// The source's `WWW-Authenticate` challenge.
@@ -345,7 +347,14 @@ impl Source {
             tokens: Mutex::new(HashMap::new()),
             wants_basic: AtomicBool::new(false),
             health: Arc::default(),
+            role: "image cache",
         })
+    }
+
+    /// The same client, used as `role` (its log lines say so).
+    pub fn with_role(mut self, role: &'static str) -> Source {
+        self.role = role;
+        self
     }
 
     /// The same source, keeping its health in `health` (shared with the source it replaces).
@@ -371,10 +380,10 @@ impl Source {
         let failures = self.health.failure(kind, message);
         match kind {
             ErrorKind::Connect | ErrorKind::Timeout => {
-                tracing::warn!(source = %self.name(), url = %self.endpoint, kind = kind.label(), consecutive_failures = failures, error = %message, "source unreachable")
+                tracing::warn!(source = %self.name(), role = self.role, url = %self.endpoint, kind = kind.label(), consecutive_failures = failures, error = %message, "source unreachable")
             }
             _ => {
-                tracing::warn!(source = %self.name(), url = %self.endpoint, kind = kind.label(), consecutive_failures = failures, error = %message, "source request failed")
+                tracing::warn!(source = %self.name(), role = self.role, url = %self.endpoint, kind = kind.label(), consecutive_failures = failures, error = %message, "source request failed")
             }
         }
     }

@@ -137,6 +137,7 @@ impl Endpoints {
             ca_file: record.ca_file.clone(),
         };
         Source::build_with(c, &self.settings, self.egress.clone(), &tls)
+            .map(|s| s.with_role("replication endpoint"))
     }
 
     /// Creates or replaces an endpoint after checking that its client can be built (URL, port,

@@ -181,6 +181,17 @@ async fn copy_all(
             run.stop_flag(),
         )),
     };
+    if let Mover::Push(t) = &mover {
+        match t.prune_resume_points().await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(rule = %rule.name, endpoint = %rule.endpoint, n, "stale upload resume points dropped")
+            }
+            Err(e) => {
+                tracing::warn!(rule = %rule.name, error = %e, "could not prune upload resume points")
+            }
+        }
+    }
     let units = match (&mover, pushed) {
         (Mover::Pull(f), _) => f
             .gather(rule, &filter)
@@ -481,15 +492,19 @@ pub async fn dispatch(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool
             _ = stop.changed() => return,
             s = rx.recv() => match s { Some(s) => s, None => return },
         };
+        let mut consider = Vec::new();
         if app.replication.take_lost() {
             tracing::warn!(
                 "replication events were dropped on a full queue: event rules run in full next"
             );
-            for q in queues.values_mut() {
-                q.full = true;
+            for r in app.replication.rules().await.unwrap_or_default() {
+                if r.enabled && r.trigger == super::rule::TriggerKind::Event {
+                    queues.entry(r.name.clone()).or_default().full = true;
+                    consider.push(r.name);
+                }
             }
         }
-        let name = match signal {
+        consider.push(match signal {
             Signal::Pushed {
                 rule,
                 what,
@@ -512,24 +527,26 @@ pub async fn dispatch(app: Arc<App>, mut stop: tokio::sync::watch::Receiver<bool
                 queues.entry(rule.clone()).or_default().running = false;
                 rule
             }
-        };
-        let Some(q) = queues.get_mut(&name) else {
-            continue;
-        };
-        if q.running || (q.pending.is_empty() && !q.full) {
-            continue;
-        }
-        q.running = true;
-        let pushed: Vec<_> = std::mem::take(&mut q.pending)
-            .into_iter()
-            .map(|(p, (tags, at))| (p, tags, at))
-            .collect();
-        let full = std::mem::take(&mut q.full);
-        let app2 = app.clone();
-        app.job_runtime.spawn(async move {
-            run_on_events(&app2, &name, (!full).then_some(pushed)).await;
-            app2.replication.signal(Signal::Done(name)).await;
         });
+        for name in consider {
+            let Some(q) = queues.get_mut(&name) else {
+                continue;
+            };
+            if q.running || (q.pending.is_empty() && !q.full) {
+                continue;
+            }
+            q.running = true;
+            let pushed: Vec<_> = std::mem::take(&mut q.pending)
+                .into_iter()
+                .map(|(p, (tags, at))| (p, tags, at))
+                .collect();
+            let full = std::mem::take(&mut q.full);
+            let app2 = app.clone();
+            app.job_runtime.spawn(async move {
+                run_on_events(&app2, &name, (!full).then_some(pushed)).await;
+                app2.replication.signal(Signal::Done(name)).await;
+            });
+        }
     }
 }
 

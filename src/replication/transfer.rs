@@ -81,6 +81,9 @@ pub struct ResumePoint {
 /// Where resume points are kept: `endpoint \0 repository \0 digest`.
 pub const RESUME: &str = "replication_uploads";
 
+/// Resume points older than this are dropped (the destination forgot such sessions long ago).
+const RESUME_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// How blobs travel: from `[replication]`.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -152,6 +155,23 @@ impl Transfer {
             stop,
             resume,
         }
+    }
+
+    /// Drops this endpoint's resume points older than [`RESUME_KEEP`] (uploads given up: the
+    /// blob was deleted here, or the rule changed); how many went.
+    pub async fn prune_resume_points(&self) -> CopyResult<usize> {
+        let cutoff = now_ms().saturating_sub(RESUME_KEEP.as_millis() as u64);
+        let mut removed = 0;
+        // Keys come back below the prefix: `repository \0 digest`.
+        for (rest, point) in self.resume.list(&[&self.endpoint]).await? {
+            if point.saved_ms < cutoff {
+                let mut key = vec![self.endpoint.as_str()];
+                key.extend(rest.split('\0'));
+                self.resume.remove(&key).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     fn stopped(&self) -> CopyResult<()> {

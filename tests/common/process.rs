@@ -184,6 +184,23 @@ impl Drop for BerthProcess {
     }
 }
 
+/// Runs the `berth` command with `args` and `env`, never with the caller's own
+/// BERTH_ACCESS_KEY / BERTH_SECRET_KEY; (success, stdout, stderr).
+pub fn run_berth(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(berth_bin())
+        .env_remove("BERTH_ACCESS_KEY")
+        .env_remove("BERTH_SECRET_KEY")
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run berth");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The `berth` binary the tests run: `BERTH_TEST_BIN` when set, else cargo's build of this
 /// package. The override exists because worktrees sharing one target directory overwrite each
 /// other's `target/debug/berth`; point it at the hashed `target/debug/deps/berth-*` of this build.
