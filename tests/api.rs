@@ -1639,6 +1639,49 @@ async fn every_answer_is_what_openapi_documents() {
         None
     );
 
+    // An eviction (they start by themselves past the cache's cap; one is recorded here).
+    let run = s
+        .app()
+        .jobs
+        .start(berth::jobs::executions::Start {
+            kind: "evict".into(),
+            scope: berth::cache::evict::SCOPE.into(),
+            trigger: berth::jobs::executions::Trigger::Schedule,
+            dry_run: false,
+            operator: "evict".into(),
+        })
+        .await
+        .unwrap();
+    let eid = run.execution().id.clone();
+    run.finish(None).await.unwrap();
+    let ev = format!("/cache/eviction/executions/{eid}");
+    let evx = "/cache/eviction/executions/{id}";
+    call!(
+        Method::GET,
+        "/cache/eviction/executions",
+        "/cache/eviction/executions".into(),
+        None
+    );
+    call!(Method::GET, evx, ev.clone(), None);
+    call!(
+        Method::GET,
+        format!("{evx}/tasks"),
+        format!("{ev}/tasks"),
+        None
+    );
+    call!(
+        Method::GET,
+        format!("{evx}/history"),
+        format!("{ev}/history"),
+        None
+    );
+    call!(
+        Method::POST,
+        format!("{evx}/stop"),
+        format!("{ev}/stop"),
+        None
+    );
+
     // Replication to a second region (no auth there) into its registry `library`.
     let region = TestServer::start("").await;
     let ep = json!({"name": "eu", "url": region.base});

@@ -102,6 +102,8 @@ async fn image_cache_lifecycle_prefetch_stats_and_prune() {
         "{out}"
     );
     assert!(!out.contains("hunter2"), "credentials are never printed");
+    let (ok, out, e) = berth(&data, &["cache", "evictions", "--json"]);
+    assert!(ok && out.trim() == "[]", "no eviction yet: {out}{e}");
     let (ok, _, e) = berth(
         &data,
         &[

@@ -382,6 +382,24 @@ async fn eviction_brings_the_cache_down_to_its_low_watermark() {
         berth::cache::evict::check(&app).await.unwrap().is_none(),
         "below the high watermark now"
     );
+    // The API lists the eviction and what it evicted.
+    let list: serde_json::Value = edge
+        .get("/api/v1/cache/eviction/executions")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"][0]["id"], started.id.as_str(), "{list}");
+    let history: serde_json::Value = edge
+        .get(&format!(
+            "/api/v1/cache/eviction/executions/{}/history",
+            started.id
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["items"].as_array().unwrap().len(), 7, "{history}");
     drop(upstream);
     // The newest and the protected are served from the edge alone; the others are gone.
     for i in [0, 8, 9] {

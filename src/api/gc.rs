@@ -1,5 +1,7 @@
 //! `/api/v1/gc[...]`: garbage collection's schedule and executions (run now or as a dry run,
-//! stop, tasks, history). An admin of every registry's: blobs are shared by all of them.
+//! stop, tasks, history), and `/api/v1/cache/eviction/executions[...]`, the cache's evictions
+//! under its size cap, which free space the same way. An admin of every registry's: blobs are
+//! shared by all of them.
 
 use http::{Response, StatusCode};
 
@@ -77,4 +79,35 @@ pub async fn tasks(ctx: &Ctx<'_>, id: &str) -> Result<Response<Body>> {
 pub async fn history(ctx: &Ctx<'_>, id: &str) -> Result<Response<Body>> {
     admin(ctx)?;
     jobs::history(ctx, SCOPE, id).await
+}
+
+/// `GET /cache/eviction/executions`: evictions under `pull_through.cache_max_size`, newest
+/// first (they start by themselves when the cache passes its cap).
+pub async fn evictions(ctx: &Ctx<'_>) -> Result<Response<Body>> {
+    admin(ctx)?;
+    jobs::executions(ctx, crate::cache::evict::SCOPE).await
+}
+
+/// `GET /cache/eviction/executions/{id}`.
+pub async fn get_eviction(ctx: &Ctx<'_>, id: &str) -> Result<Response<Body>> {
+    admin(ctx)?;
+    jobs::get(ctx, crate::cache::evict::SCOPE, id).await
+}
+
+/// `POST /cache/eviction/executions/{id}/stop`.
+pub async fn stop_eviction(ctx: &Ctx<'_>, id: &str) -> Result<Response<Body>> {
+    admin(ctx)?;
+    jobs::stop(ctx, crate::cache::evict::SCOPE, id).await
+}
+
+/// `GET /cache/eviction/executions/{id}/tasks`.
+pub async fn eviction_tasks(ctx: &Ctx<'_>, id: &str) -> Result<Response<Body>> {
+    admin(ctx)?;
+    jobs::tasks(ctx, crate::cache::evict::SCOPE, id).await
+}
+
+/// `GET /cache/eviction/executions/{id}/history`: what it evicted.
+pub async fn eviction_history(ctx: &Ctx<'_>, id: &str) -> Result<Response<Body>> {
+    admin(ctx)?;
+    jobs::history(ctx, crate::cache::evict::SCOPE, id).await
 }

@@ -117,6 +117,11 @@ pub const ROUTES: &[ApiRoute] = &[
     r("/gc/executions/{id}/stop", &["POST"]),
     r("/gc/executions/{id}/tasks", &["GET"]),
     r("/gc/executions/{id}/history", &["GET"]),
+    r("/cache/eviction/executions", &["GET"]),
+    r("/cache/eviction/executions/{id}", &["GET"]),
+    r("/cache/eviction/executions/{id}/stop", &["POST"]),
+    r("/cache/eviction/executions/{id}/tasks", &["GET"]),
+    r("/cache/eviction/executions/{id}/history", &["GET"]),
     r("/replication/endpoints", &["GET", "POST"]),
     r("/replication/endpoints/{name}", &["GET", "PUT", "DELETE"]),
     r("/replication/endpoints/{name}/test", &["POST"]),
@@ -354,6 +359,17 @@ pub async fn dispatch(
             replication::history(&ctx, p(0), p(1)).await
         }
         ("/gc/executions", Method::GET) => gc::executions(&ctx).await,
+        ("/cache/eviction/executions", Method::GET) => gc::evictions(&ctx).await,
+        ("/cache/eviction/executions/{id}", Method::GET) => gc::get_eviction(&ctx, p(0)).await,
+        ("/cache/eviction/executions/{id}/stop", Method::POST) => {
+            gc::stop_eviction(&ctx, p(0)).await
+        }
+        ("/cache/eviction/executions/{id}/tasks", Method::GET) => {
+            gc::eviction_tasks(&ctx, p(0)).await
+        }
+        ("/cache/eviction/executions/{id}/history", Method::GET) => {
+            gc::eviction_history(&ctx, p(0)).await
+        }
         ("/gc/executions", Method::POST) => gc::run(&ctx, json_body(body).await?).await,
         ("/gc/executions/{id}", Method::GET) => gc::get_execution(&ctx, p(0)).await,
         ("/gc/executions/{id}/stop", Method::POST) => gc::stop(&ctx, p(0)).await,

@@ -108,6 +108,23 @@ pub enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Evictions under pull_through.cache_max_size, newest first.
+    Evictions {
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What an eviction evicted.
+    EvictionHistory {
+        /// Execution id.
+        id: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(place: &Place, cmd: CacheCommand) -> Result<(), String> {
@@ -154,8 +171,20 @@ pub fn run(place: &Place, cmd: CacheCommand) -> Result<(), String> {
             platform,
             json,
         } => prefetch(place, &references, platform.as_ref(), json)?,
+        CacheCommand::Evictions { limit, json } => evictions(place).executions(limit, json)?,
+        CacheCommand::EvictionHistory { id, json } => evictions(place).history(&id, json)?,
     }
     Ok(())
+}
+
+fn evictions(place: &Place) -> super::jobs::JobCommands<'_> {
+    super::jobs::JobCommands {
+        place,
+        base: "/cache/eviction".into(),
+        what: "cache eviction".into(),
+        units: "images",
+        acted: "evicted",
+    }
 }
 
 pub(super) fn read_password_stdin() -> Result<String, String> {
