@@ -313,7 +313,7 @@ impl Server {
         while self.tasks.join_next().await.is_some() {}
         // Jobs hold the server's state: they stop here, not when it is dropped (which they
         // would prevent).
-        self.app.job_runtime.shutdown();
+        self.app.job_runtime.stop().await;
         if let Err(e) = self.app.store.pulls.flush(&*self.app.store.meta).await {
             tracing::error!(error = %e, "could not write last-pull times");
         }

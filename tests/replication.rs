@@ -930,3 +930,58 @@ async fn scheduled_rules_run_when_due() {
     let dst = Registry::new(&b.base, Some(key));
     dst.pull_all("library/app", "v1").await;
 }
+
+/// A blob damaged on this node's disk is never sent: its artifact's task fails saying so, and
+/// the destination does not get the image.
+#[tokio::test]
+async fn a_damaged_local_blob_is_not_replicated() {
+    let (b, key) = destination().await;
+    let a = TestServer::start("").await;
+    let src = Registry::over(a.client.clone(), &a.base);
+    let layer = vec![42u8; 100_000];
+    let m = src.image("library/app", "v1", "one", &layer).await;
+    let layer_d = sha256(&layer);
+    let digest = berth::oci::digest::Digest::parse(&layer_d).unwrap();
+    assert!(a.holds_blob(&digest));
+    let hex = digest.hex();
+    let path = a
+        .dir
+        .path()
+        .join("data/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    let mut damaged = std::fs::read(&path).unwrap();
+    damaged[500] ^= 0xff;
+    std::fs::write(&path, damaged).unwrap();
+    endpoint(&a, "eu", &b.base, &key).await;
+    let (st, body) = api(
+        &a,
+        Method::POST,
+        "/replication/rules",
+        Some(json!({"name": "r", "endpoint": "eu", "registry": "library"})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{body}");
+    let e = run(&a, "r").await;
+    assert_eq!(e["counts"]["failed"], 1, "{e}");
+    let (_, tasks) = api(
+        &a,
+        Method::GET,
+        &format!(
+            "/replication/rules/r/executions/{}/tasks",
+            e["id"].as_str().unwrap()
+        ),
+        None,
+    )
+    .await;
+    let error = tasks["items"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("other bytes"), "{tasks}");
+    let dst = Registry::new(&b.base, Some(key));
+    assert!(dst.pull_manifest("library/app", "v1").await.is_none());
+    let r = dst.get(&format!("/v2/library/app/blobs/{layer_d}")).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    drop(m);
+}

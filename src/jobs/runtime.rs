@@ -7,6 +7,9 @@ use std::future::Future;
 /// Nice value of the job threads (0 is the server's; higher yields more).
 const NICE: i32 = 10;
 
+/// How long a server's shutdown waits for its jobs' threads to let go of what they hold.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The jobs' runtime.
 pub struct JobRuntime {
     runtime: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
@@ -45,10 +48,20 @@ impl JobRuntime {
         }
     }
 
-    /// Stops the jobs without waiting for them (at a server's shutdown): their tasks, and what
-    /// they hold (the state of the server), are dropped; an execution cut short is marked
-    /// interrupted at the next start. Later jobs are not run.
-    pub fn shutdown(&self) {
+    /// Stops the jobs (at a server's shutdown) and waits, at most [`STOP_WAIT`], until their
+    /// tasks and what they hold (the state of the server, its data directory lock) are
+    /// dropped; an execution cut short is marked interrupted at the next start. Later jobs are
+    /// not run.
+    pub async fn stop(&self) {
+        let Some(rt) = self.runtime.lock().take() else {
+            return;
+        };
+        // Waiting blocks: on a thread of the caller's blocking pool, not on its workers.
+        let _ = tokio::task::spawn_blocking(move || rt.shutdown_timeout(STOP_WAIT)).await;
+    }
+
+    /// Stops the jobs without waiting for them (a runtime dropped where it cannot wait).
+    fn shutdown(&self) {
         if let Some(rt) = self.runtime.lock().take() {
             rt.shutdown_background();
         }

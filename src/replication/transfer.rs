@@ -11,6 +11,7 @@
 //!   location and offset are saved after each acknowledged chunk, so a cut link, a restart of
 //!   either side or a stop resumes, in the next attempt or the next execution, from the offset
 //!   the destination reports (`GET` on the location);
+//! - a blob is hashed here before it is sent (the destination checks the digest at the end);
 //! - every byte passes the rule's bandwidth limit; a stop aborts a transfer in flight within
 //!   [`STOP_POLL`].
 
@@ -27,8 +28,9 @@ use serde::{Deserialize, Serialize};
 use super::limit::Bandwidth;
 use crate::cache::upstream::{BodySource, Source, UpstreamError, UpstreamRequest};
 use crate::oci::digest::Digest;
+use crate::oci::digest::Verifier;
 use crate::oci::manifest;
-use crate::store::blobs::BlobRead;
+use crate::store::blobs::{hash_read, BlobRead};
 use crate::store::meta::{now_ms, Records};
 use crate::App;
 
@@ -453,8 +455,32 @@ impl Transfer {
             .acquire()
             .await
             .map_err(|_| CopyError::Stopped)?;
+        self.verify_local(digest).await?;
         self.upload(dest, digest, size, session, sent).await?;
         done(self);
+        Ok(())
+    }
+
+    /// Hashes the blob this node holds before any byte of it leaves (the destination checks
+    /// the digest again at the end): a blob damaged on this disk is never sent, and its task
+    /// fails saying so.
+    async fn verify_local(&self, digest: &Digest) -> CopyResult<()> {
+        let read = self
+            .app
+            .store
+            .blobs
+            .read(digest, 0, None)
+            .await?
+            .ok_or_else(|| CopyError::Local(format!("blob {digest} is gone")))?;
+        let actual = hash_read(read, Verifier::new(digest.algorithm()))
+            .await?
+            .finish();
+        if actual != *digest {
+            tracing::error!(%digest, %actual, "a stored blob does not match its digest: not replicated");
+            return Err(CopyError::Local(format!(
+                "the blob stored here as {digest} has other bytes (they hash to {actual}): not sent"
+            )));
+        }
         Ok(())
     }
 
