@@ -615,3 +615,74 @@ async fn every_metric_has_help_and_the_build_and_process_are_described() {
     }
     assert!(common::metrics::metric_value(&text, "berth_process_open_fds", &[]) > 0.0);
 }
+
+/// A client that goes away in the middle of a chunk leaves the session where its last chunk
+/// left it: the status says so, and the upload goes on from there (the store's unit test
+/// `a_writer_dropped_mid_chunk_leaves_the_session_usable` covers a handler dropped with the
+/// writer it took).
+#[tokio::test]
+async fn a_client_gone_in_the_middle_of_a_chunk_leaves_the_session_at_its_last_chunk() {
+    let s = TestServer::start("").await;
+    let whole = data(3 << 20, 9);
+    let loc = start_upload(&s, "library/cut").await;
+    let first = s
+        .client
+        .patch(s.url(&loc))
+        .header("content-range", format!("0-{}", (1 << 20) - 1))
+        .body(whole[..1 << 20].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let loc = header(&first, "location");
+    // Half of the second chunk, then the connection closes.
+    {
+        let mut c = TcpStream::connect(s.addr()).await.unwrap();
+        let head = format!(
+            "PATCH {loc} HTTP/1.1\r\nHost: x\r\nContent-Range: {}-{}\r\nContent-Length: {}\r\n\r\n",
+            1 << 20,
+            (2 << 20) - 1,
+            1 << 20
+        );
+        c.write_all(head.as_bytes()).await.unwrap();
+        c.write_all(&whole[1 << 20..(3 << 19)]).await.unwrap();
+        c.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut offset = String::new();
+    for _ in 0..100 {
+        offset = upload_offset(&s, &loc).await;
+        if offset == format!("0-{}", (1 << 20) - 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        offset,
+        format!("0-{}", (1 << 20) - 1),
+        "the last acknowledged chunk"
+    );
+    let rest = s
+        .client
+        .patch(s.url(&loc))
+        .header("content-range", format!("{}-{}", 1 << 20, whole.len() - 1))
+        .body(whole[1 << 20..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.status(),
+        StatusCode::ACCEPTED,
+        "{:?}",
+        rest.text().await
+    );
+    let loc = header(&rest, "location");
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let done = s
+        .client
+        .put(s.url(&format!("{loc}{sep}digest={}", sha256(&whole))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), StatusCode::CREATED);
+}

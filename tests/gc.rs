@@ -15,32 +15,16 @@ use common::server::{cache_toml, sha256, TestServer};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-/// An API call; the JSON answer.
-async fn api(
-    s: &TestServer,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let mut r = s.client.request(method, s.url(&format!("/api/v1{path}")));
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let r = r.send().await.unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 /// Runs a collection (or a dry run) to its end; the ended execution and its history rows.
 async fn collect(s: &TestServer, dry_run: bool) -> (Value, Vec<Value>) {
     let (status, started) = loop {
-        let (status, body) = api(
-            s,
-            Method::POST,
-            "/gc/executions",
-            Some(json!({"dry_run": dry_run})),
-        )
-        .await;
+        let (status, body) = s
+            .api(
+                Method::POST,
+                "/gc/executions",
+                Some(json!({"dry_run": dry_run})),
+            )
+            .await;
         // One collection at a time: wait for a scheduled one to end.
         if status != StatusCode::CONFLICT {
             break (status, body);
@@ -50,7 +34,7 @@ async fn collect(s: &TestServer, dry_run: bool) -> (Value, Vec<Value>) {
     assert_eq!(status, StatusCode::ACCEPTED, "{started}");
     let path = format!("/gc/executions/{}", started["id"].as_str().unwrap());
     let ended = loop {
-        let (_, e) = api(s, Method::GET, &path, None).await;
+        let (_, e) = s.api(Method::GET, &path, None).await;
         if e["status"] != "running" {
             break e;
         }
@@ -59,13 +43,13 @@ async fn collect(s: &TestServer, dry_run: bool) -> (Value, Vec<Value>) {
     let mut rows = Vec::new();
     let mut cursor = String::new();
     loop {
-        let (_, page) = api(
-            s,
-            Method::GET,
-            &format!("{path}/history?limit=1000{cursor}"),
-            None,
-        )
-        .await;
+        let (_, page) = s
+            .api(
+                Method::GET,
+                &format!("{path}/history?limit=1000{cursor}"),
+                None,
+            )
+            .await;
         rows.extend(page["items"].as_array().unwrap().iter().cloned());
         match page["next"].as_str() {
             Some(n) => cursor = format!("&cursor={n}"),
@@ -131,7 +115,9 @@ async fn a_collection_deletes_what_no_image_links() {
     let kept = client
         .image("library/new", "v1", "new", b"shared base")
         .await;
-    let (status, _) = api(&s, Method::DELETE, "/registries/library/images/old", None).await;
+    let (status, _) = s
+        .api(Method::DELETE, "/registries/library/images/old", None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     let expect: BTreeSet<String> = [
         sha256(&gone),
@@ -166,15 +152,15 @@ async fn a_collection_deletes_what_no_image_links() {
         (Some(0), 0)
     );
     // The schedule: daily unless set.
-    let (_, schedule) = api(&s, Method::GET, "/gc", None).await;
+    let (_, schedule) = s.api(Method::GET, "/gc", None).await;
     assert_eq!(schedule["schedule"]["type"], "daily", "{schedule}");
-    let (status, set) = api(
-        &s,
-        Method::PUT,
-        "/gc",
-        Some(json!({"schedule": {"type": "custom", "cron": "30 2 * * *"}})),
-    )
-    .await;
+    let (status, set) = s
+        .api(
+            Method::PUT,
+            "/gc",
+            Some(json!({"schedule": {"type": "custom", "cron": "30 2 * * *"}})),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         set["next_runs"][0]
@@ -236,13 +222,13 @@ async fn gc_under_fire_loses_no_acknowledged_push() {
             let (edge, done) = (edge.clone(), done.clone());
             tokio::spawn(async move {
                 for i in 0..8 {
-                    let (status, _) = api(
-                        &edge,
-                        Method::DELETE,
-                        &format!("/registries/library/images/old{i}"),
-                        None,
-                    )
-                    .await;
+                    let (status, _) = edge
+                        .api(
+                            Method::DELETE,
+                            &format!("/registries/library/images/old{i}"),
+                            None,
+                        )
+                        .await;
                     assert_eq!(status, StatusCode::OK);
                     collect(&edge, false).await;
                 }
@@ -333,13 +319,13 @@ async fn eviction_brings_the_cache_down_to_its_low_watermark() {
         "[pull_through]\ngc_grace = \"0s\"\ncache_max_size = 614400\nevict_high_percent = 90\nevict_low_percent = 60\nevict_interval = \"1h\"\n",
     ))
     .await;
-    let (status, _) = api(
-        &edge,
-        Method::POST,
-        "/registries/hub/protection-policies",
-        Some(json!({"images": "library/img0", "tags": "v1"})),
-    )
-    .await;
+    let (status, _) = edge
+        .api(
+            Method::POST,
+            "/registries/hub/protection-policies",
+            Some(json!({"images": "library/img0", "tags": "v1"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     let client = Client::over(edge.client.clone(), &edge.url(""));
     let app = edge.server.as_ref().unwrap().app().clone();

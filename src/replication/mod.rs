@@ -9,6 +9,7 @@
 
 pub mod endpoint;
 pub mod limit;
+pub mod link;
 pub mod pull;
 pub mod rule;
 pub mod run;
@@ -72,7 +73,7 @@ pub struct Replication {
     /// Set when a signal was dropped on a full queue.
     lost: AtomicBool,
     /// How blobs travel.
-    pub settings: transfer::Settings,
+    pub settings: link::Settings,
 }
 
 /// Why a rule could not be stored.
@@ -101,7 +102,7 @@ impl Replication {
             signals: tx,
             receiver: parking_lot::Mutex::new(Some(rx)),
             lost: AtomicBool::new(false),
-            settings: transfer::Settings {
+            settings: link::Settings {
                 chunk_bytes: config.chunk_bytes,
                 attempts: config.attempts,
                 request_timeout: config.request_timeout,

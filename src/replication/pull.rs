@@ -7,18 +7,15 @@
 //! execution. Artifacts land through the same store path as pushes (quota, protection, events
 //! with operator `replication`).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
-use super::limit::Bandwidth;
+use super::link::{local, Copied, CopyError, CopyResult, Link, Retry, Settings, ACCEPT_ALL};
 use super::rule::{Filter, Rule};
-use super::transfer::{unless_stopped, Copied, CopyError, CopyResult, Settings, ACCEPT_ALL};
 use crate::cache::upstream::{Source, UpstreamError, UpstreamRequest};
 use crate::events::{EventKind, Happened};
 use crate::http::egress;
@@ -38,24 +35,16 @@ const PAGE: usize = 1000;
 /// Most repositories and tags a pull rule reads from an endpoint in one execution.
 const MAX_LISTED: usize = 100_000;
 
+/// Bytes of a blob gathered before one write (and one hashing step), as uploads do.
+const WRITE_CHUNK: usize = 2 << 20;
+
 /// The operator of what a pull writes here.
 const OPERATOR: &str = "replication";
 
 /// One execution's copies from one endpoint.
 pub struct Fetcher {
     app: Arc<App>,
-    rule: String,
-    endpoint: String,
-    client: Arc<Source>,
-    settings: Settings,
-    bandwidth: Option<Bandwidth>,
-    concurrency: usize,
-    blobs: parking_lot::Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
-    stop: Arc<AtomicBool>,
-}
-
-fn local(e: impl std::fmt::Display) -> CopyError {
-    CopyError::Local(e.to_string())
+    link: Link,
 }
 
 impl Fetcher {
@@ -69,34 +58,8 @@ impl Fetcher {
     ) -> Fetcher {
         Fetcher {
             app,
-            rule: rule.name.clone(),
-            endpoint: rule.endpoint.clone(),
-            client,
-            settings,
-            bandwidth: (rule.bandwidth_limit > 0).then(|| Bandwidth::new(rule.bandwidth_limit)),
-            concurrency: rule.concurrency.max(1) as usize,
-            blobs: Default::default(),
-            stop,
+            link: Link::new(rule, client, settings, stop),
         }
-    }
-
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.settings.request_timeout
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: String,
-        repo: &str,
-        headers: HeaderMap,
-    ) -> CopyResult<reqwest::Response> {
-        let req = UpstreamRequest::new(method, path, repo, headers);
-        let r = unless_stopped(&self.stop, async {
-            Ok(self.client.send_with_retries(&req, self.deadline()).await)
-        })
-        .await?;
-        Ok(r?)
     }
 
     /// Reads a list answer (`_catalog`, `tags/list`) page by page: every `field` entry.
@@ -112,9 +75,10 @@ impl Fetcher {
         let mut path = first;
         loop {
             let mut r = self
-                .call(Method::GET, path.clone(), repo, HeaderMap::new())
+                .link
+                .call(Method::GET, path.clone(), repo, HeaderMap::new(), false)
                 .await?;
-            let body = egress::read_capped(&mut r, 16 << 20, self.deadline())
+            let body = egress::read_capped(&mut r, 16 << 20, self.link.deadline())
                 .await
                 .map_err(|e| CopyError::Endpoint(UpstreamError::Unreachable(e.to_string())))?;
             let page: Page = serde_json::from_slice(&body).map_err(|e| {
@@ -140,29 +104,6 @@ impl Fetcher {
         Ok(out)
     }
 
-    /// The digest a tag of the endpoint's repository points at.
-    async fn tag_digest(&self, repo: &str, tag: &str) -> CopyResult<Option<Digest>> {
-        let mut headers = HeaderMap::new();
-        headers.insert(http::header::ACCEPT, HeaderValue::from_static(ACCEPT_ALL));
-        match self
-            .call(
-                Method::HEAD,
-                format!("{repo}/manifests/{tag}"),
-                repo,
-                headers,
-            )
-            .await
-        {
-            Ok(r) => Ok(r
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| Digest::parse(v).ok())),
-            Err(CopyError::Endpoint(e)) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
     /// What travels with artifact `digest` of the endpoint's `src`: its referrers (where the
     /// endpoint has the referrers API) and cosign's tags, as (digest, tags).
     pub async fn followers(
@@ -176,17 +117,14 @@ impl Fetcher {
             manifests: Vec<manifest::Descriptor>,
         }
         let mut out = Vec::new();
+        let path = format!("{src}/referrers/{digest}");
         match self
-            .call(
-                Method::GET,
-                format!("{src}/referrers/{digest}"),
-                src,
-                HeaderMap::new(),
-            )
+            .link
+            .call(Method::GET, path, src, HeaderMap::new(), false)
             .await
         {
             Ok(mut r) => {
-                let body = egress::read_capped(&mut r, 4 << 20, self.deadline())
+                let body = egress::read_capped(&mut r, 4 << 20, self.link.deadline())
                     .await
                     .map_err(|e| CopyError::Endpoint(UpstreamError::Unreachable(e.to_string())))?;
                 if let Ok(index) = serde_json::from_slice::<Index>(&body) {
@@ -198,7 +136,7 @@ impl Fetcher {
         }
         for suffix in crate::oci::reference::COSIGN_SUFFIXES {
             let tag = format!("sha256-{}{suffix}", digest.hex());
-            if let Some(d) = self.tag_digest(src, &tag).await? {
+            if let Some(d) = self.link.manifest_digest(src, &tag, false).await? {
                 out.push((d, vec![tag]));
             }
         }
@@ -235,7 +173,7 @@ impl Fetcher {
                 .await?;
             let mut by_digest: std::collections::BTreeMap<Digest, Vec<String>> = Default::default();
             for tag in tags.into_iter().filter(|t| filter.tag(t)) {
-                if let Some(d) = self.tag_digest(&repo, &tag).await? {
+                if let Some(d) = self.link.manifest_digest(&repo, &tag, false).await? {
                     by_digest.entry(d).or_default().push(tag);
                 }
             }
@@ -282,7 +220,7 @@ impl Fetcher {
             match meta.tag(dest, tag).await? {
                 Some(d) if d == *digest => continue,
                 Some(_) if !override_tags => {
-                    tracing::info!(rule = %self.rule, repository = %dest, %tag, "tag left as it is here (override is off)");
+                    tracing::info!(rule = %self.link.rule, repository = %dest, %tag, "tag left as it is here (override is off)");
                     continue;
                 }
                 _ => {}
@@ -336,13 +274,10 @@ impl Fetcher {
             }
             let mut headers = HeaderMap::new();
             headers.insert(http::header::ACCEPT, HeaderValue::from_static(ACCEPT_ALL));
+            let path = format!("{src}/manifests/{digest}");
             let mut r = self
-                .call(
-                    Method::GET,
-                    format!("{src}/manifests/{digest}"),
-                    src,
-                    headers,
-                )
+                .link
+                .call(Method::GET, path, src, headers, false)
                 .await?;
             let content_type = r
                 .headers()
@@ -350,7 +285,7 @@ impl Fetcher {
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
             let limit = self.app.config.limits.max_manifest_bytes;
-            let bytes: Bytes = egress::read_capped(&mut r, limit, self.deadline())
+            let bytes: Bytes = egress::read_capped(&mut r, limit, self.link.deadline())
                 .await
                 .map_err(|e| {
                     CopyError::Endpoint(UpstreamError::Refused(format!("manifest {digest}: {e}")))
@@ -375,7 +310,7 @@ impl Fetcher {
                 .map(|d| self.blob(src, dest, d, sent))
                 .collect();
             futures_util::stream::iter(blobs)
-                .buffer_unordered(self.concurrency)
+                .buffer_unordered(self.link.concurrency)
                 .try_collect::<Vec<()>>()
                 .await?;
             crate::registry::quota::check(&self.app, dest.as_str(), bytes.len() as u64)
@@ -408,8 +343,7 @@ impl Fetcher {
         digest: &Digest,
         sent: &AtomicU64,
     ) -> CopyResult<()> {
-        let busy = self.blobs.lock().entry(digest.clone()).or_default().clone();
-        let _one_at_a_time = busy.lock().await;
+        let _one_at_a_time = self.link.one_at_a_time(digest).await;
         let store = &self.app.store;
         if store.meta.blob_link(dest.as_str(), digest).await?.is_some() {
             return Ok(());
@@ -445,7 +379,7 @@ impl Fetcher {
     ) -> CopyResult<HashingWrite> {
         let store = &self.app.store;
         // One partial file per rule and digest: an attempt goes on from the previous one's.
-        let key = Pending::Temp(uuid::Uuid::from_bytes(partial_id(&self.rule, digest)));
+        let key = Pending::Temp(uuid::Uuid::from_bytes(partial_id(&self.link.rule, digest)));
         let (inner, _) = store.blobs.open_pending(&key).await?;
         let held = inner.written();
         let verifier = if held > 0 {
@@ -457,47 +391,28 @@ impl Fetcher {
             Verifier::new(digest.algorithm())
         };
         let mut write = HashingWrite::new(inner, verifier);
-        let mut backoff = Duration::from_millis(500);
-        let mut last = None;
-        for attempt in 1..=self.settings.attempts {
-            if attempt > 1 {
-                let wait = last
-                    .as_ref()
-                    .and_then(|e: &UpstreamError| e.retry_after())
-                    .unwrap_or(backoff);
-                unless_stopped(&self.stop, async {
-                    tokio::time::sleep(wait).await;
-                    Ok(())
-                })
-                .await?;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
+        let mut retry = Retry::default();
+        loop {
             match self.fetch_once(src, digest, &mut write, sent).await {
-                Ok(()) => {
-                    let got = write.verifier.clone().finish();
-                    if got != *digest {
-                        let _ = write.inner.abort().await;
-                        return Err(CopyError::Endpoint(UpstreamError::Refused(format!(
-                            "the endpoint sent blob {digest} with digest {got}; discarded"
-                        ))));
-                    }
-                    let size = write.written();
-                    crate::registry::quota::check(&self.app, dest.as_str(), size)
-                        .await
-                        .map_err(local)?;
-                    write.inner.sync().await?;
-                    return Ok(write);
-                }
+                Ok(()) => break,
                 Err(CopyError::Endpoint(e)) if e.is_transient() => {
-                    tracing::info!(rule = %self.rule, endpoint = %self.endpoint, %digest, attempt, held = write.written(), error = %e, "blob fetch resumes");
-                    last = Some(e);
+                    self.link.again(&mut retry, e, "blob fetch", digest).await?;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(CopyError::Endpoint(last.unwrap_or_else(|| {
-            UpstreamError::Unreachable("no attempt made".into())
-        })))
+        let got = write.verifier.clone().finish();
+        if got != *digest {
+            let _ = write.inner.abort().await;
+            return Err(CopyError::Endpoint(UpstreamError::Refused(format!(
+                "the endpoint sent blob {digest} with digest {got}; discarded"
+            ))));
+        }
+        crate::registry::quota::check(&self.app, dest.as_str(), write.written())
+            .await
+            .map_err(local)?;
+        write.inner.sync().await?;
+        Ok(write)
     }
 
     /// One GET of the blob from what `write` holds on.
@@ -517,49 +432,59 @@ impl Fetcher {
             );
         }
         let req = UpstreamRequest::new(Method::GET, format!("{src}/blobs/{digest}"), src, headers);
-        let mut r = unless_stopped(&self.stop, async {
-            Ok(self.client.send(&req, self.deadline()).await)
-        })
-        .await??;
+        let mut r = self.link.send(&req).await?;
         if from > 0 && r.status() != StatusCode::PARTIAL_CONTENT {
             // The endpoint ignored the range: start over.
             write.rewind(0, Verifier::new(digest.algorithm())).await?;
         }
-        let cap = self.client.max_blob_bytes();
-        loop {
-            let chunk = unless_stopped(&self.stop, async {
-                match tokio::time::timeout(self.settings.request_timeout, r.chunk()).await {
-                    Err(_) => Err(CopyError::Endpoint(UpstreamError::TimedOut(
-                        "blob stalled".into(),
-                    ))),
-                    Ok(Err(e)) => Err(CopyError::Endpoint(UpstreamError::Unreachable(
-                        egress::error_chain(&e.without_url()),
-                    ))),
-                    Ok(Ok(c)) => Ok(c),
-                }
-            })
-            .await?;
-            let Some(chunk) = chunk else {
-                return Ok(());
+        let cap = self.link.client.max_blob_bytes();
+        let bandwidth = self.link.bandwidth();
+        let timeout = self.link.settings.request_timeout;
+        // Pieces gathered for one large write; what was gathered is written whatever ends the
+        // body, so the write's count and hash always agree with what arrived.
+        let mut pieces = Pieces::default();
+        let mut received = 0u64;
+        let outcome = loop {
+            let chunk = self
+                .link
+                .unless_stopped(async {
+                    match tokio::time::timeout(timeout, r.chunk()).await {
+                        Err(_) => Err(CopyError::Endpoint(UpstreamError::TimedOut(
+                            "blob stalled".into(),
+                        ))),
+                        Ok(Err(e)) => Err(CopyError::Endpoint(UpstreamError::Unreachable(
+                            egress::error_chain(&e.without_url()),
+                        ))),
+                        Ok(Ok(c)) => Ok(c),
+                    }
+                })
+                .await;
+            let chunk = match chunk {
+                Ok(Some(c)) => c,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             };
-            if write.written() + chunk.len() as u64 > cap {
-                return Err(CopyError::Endpoint(UpstreamError::Refused(format!(
+            if write.written() + (pieces.len() + chunk.len()) as u64 > cap {
+                break Err(CopyError::Endpoint(UpstreamError::Refused(format!(
                     "blob {digest} is longer than pull_through.max_blob_bytes"
                 ))));
             }
-            if let Some(b) = &self.bandwidth {
+            if let Some(b) = &bandwidth {
                 b.take(chunk.len() as u64).await;
             }
-            let n = chunk.len() as u64;
-            write.write(Pieces::from(chunk)).await?;
-            sent.fetch_add(n, Ordering::Relaxed);
-            metrics::counter!(
-                "berth_replication_bytes_total",
-                "rule" => self.rule.clone(),
-                "endpoint" => self.endpoint.clone()
-            )
-            .increment(n);
-        }
+            received += chunk.len() as u64;
+            pieces.push(chunk);
+            if pieces.len() >= WRITE_CHUNK {
+                if let Err(e) = write.write(pieces.take()).await {
+                    break Err(e.into());
+                }
+            }
+        };
+        let written = write.write(pieces).await;
+        sent.fetch_add(received, Ordering::Relaxed);
+        self.link.count(received);
+        written?;
+        outcome
     }
 }
 
@@ -567,8 +492,7 @@ impl Fetcher {
 fn partial_id(rule: &str, digest: &Digest) -> [u8; 16] {
     let d = Digest::sha256(format!("replication\0{rule}\0{digest}").as_bytes());
     let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&d.hex()[2 * i..2 * i + 2], 16).unwrap_or(0);
-    }
+    // A sha256 digest's hex always decodes; its first 16 bytes name the file.
+    let _ = hex::decode_to_slice(&d.hex()[..32], &mut id);
     id
 }

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use super::link::{Copied, CopyError};
 use super::pull::Fetcher;
 use super::rule::{Filter, Mode, Rule};
-use super::transfer::{Copied, CopyError, Transfer};
+use super::transfer::Transfer;
 use super::{Pushed, Signal};
 use crate::error::{Error, Result};
 use crate::jobs::executions::{Counts, Execution, HistoryRow, Run, Start, StartError, Trigger};
@@ -348,15 +349,9 @@ async fn copy_unit(
         let c = mover
             .artifact(&unit.repository, &dest, &d, &tags, true)
             .await?;
-        add(&mut copied, c);
+        copied.add(c);
     }
     Ok(copied)
-}
-
-fn add(to: &mut Copied, c: Copied) {
-    to.bytes += c.bytes;
-    to.manifests += c.manifests;
-    to.tags += c.tags;
 }
 
 /// The image part of a repository of `registry`, if it is one of its.

@@ -13,61 +13,28 @@
 //!   the destination reports (`GET` on the location);
 //! - a blob is hashed here before it is sent (the destination checks the digest at the end);
 //! - every byte passes the rule's bandwidth limit; a stop aborts a transfer in flight within
-//!   [`STOP_POLL`].
+//!   [`super::link::STOP_POLL`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::limit::Bandwidth;
+use super::link::{local, Copied, CopyError, CopyResult, Link, Retry, Settings};
 use crate::cache::upstream::{BodySource, Source, UpstreamError, UpstreamRequest};
-use crate::oci::digest::Digest;
-use crate::oci::digest::Verifier;
+use crate::oci::digest::{Digest, Verifier};
 use crate::oci::manifest;
 use crate::store::blobs::{hash_read, BlobRead};
 use crate::store::meta::{now_ms, Records};
 use crate::App;
 
-/// How often a transfer in flight looks at the stop flag.
-pub const STOP_POLL: Duration = Duration::from_millis(100);
-
 /// Deepest nesting of indexes followed (an index of indexes of manifests is 2).
 const MAX_DEPTH: usize = 4;
-
-/// Why a copy failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CopyError {
-    /// The endpoint failed or refused.
-    #[error("endpoint: {0}")]
-    Endpoint(#[from] UpstreamError),
-    /// This berth could not read what it holds.
-    #[error("local: {0}")]
-    Local(String),
-    /// A stop was asked.
-    #[error("stopped")]
-    Stopped,
-}
-
-impl From<std::io::Error> for CopyError {
-    fn from(e: std::io::Error) -> CopyError {
-        CopyError::Local(e.to_string())
-    }
-}
-
-impl From<crate::store::meta::MetaError> for CopyError {
-    fn from(e: crate::store::meta::MetaError) -> CopyError {
-        CopyError::Local(e.to_string())
-    }
-}
-
-/// What a copy step gives.
-pub type CopyResult<T> = Result<T, CopyError>;
 
 /// Where an upload to an endpoint stood at its last acknowledged chunk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,49 +53,13 @@ pub const RESUME: &str = "replication_uploads";
 /// Resume points older than this are dropped (the destination forgot such sessions long ago).
 const RESUME_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// How blobs travel: from `[replication]`.
-#[derive(Debug, Clone, Copy)]
-pub struct Settings {
-    /// Bytes per PATCH.
-    pub chunk_bytes: u64,
-    /// Attempts per blob or manifest.
-    pub attempts: u32,
-    /// Deadline of one request.
-    pub request_timeout: Duration,
-}
-
-/// What the execution knows of a blob.
-#[derive(Default)]
-struct BlobState {
-    /// Held while the blob is being copied: one copy at a time.
-    busy: Arc<tokio::sync::Mutex<()>>,
-    /// Destination repositories known to hold it.
-    at: Vec<String>,
-}
-
-/// What one artifact's copy did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Copied {
-    /// Blob and manifest bytes sent.
-    pub bytes: u64,
-    /// Manifests put (0: the destination had everything).
-    pub manifests: u64,
-    /// Tags set or moved.
-    pub tags: u64,
-}
-
 /// One execution's copies to one endpoint.
 pub struct Transfer {
     app: Arc<App>,
-    rule: String,
-    endpoint: String,
-    client: Arc<Source>,
-    settings: Settings,
-    bandwidth: Option<Arc<Bandwidth>>,
+    link: Link,
     blob_slots: tokio::sync::Semaphore,
-    concurrency: usize,
-    blobs: parking_lot::Mutex<HashMap<Digest, BlobState>>,
-    stop: Arc<AtomicBool>,
+    /// Destination repositories known to hold each blob (what a mount can lend from).
+    holders: parking_lot::Mutex<HashMap<Digest, Vec<String>>>,
     resume: Records<ResumePoint>,
 }
 
@@ -141,21 +72,13 @@ impl Transfer {
         settings: Settings,
         stop: Arc<AtomicBool>,
     ) -> Transfer {
-        let resume = Records::new(app.store.meta.clone(), RESUME);
-        let concurrency = rule.concurrency.max(1) as usize;
+        let link = Link::new(rule, client, settings, stop);
         Transfer {
+            resume: Records::new(app.store.meta.clone(), RESUME),
+            blob_slots: tokio::sync::Semaphore::new(link.concurrency),
+            holders: Default::default(),
             app,
-            rule: rule.name.clone(),
-            endpoint: rule.endpoint.clone(),
-            client,
-            settings,
-            bandwidth: (rule.bandwidth_limit > 0)
-                .then(|| Arc::new(Bandwidth::new(rule.bandwidth_limit))),
-            blob_slots: tokio::sync::Semaphore::new(concurrency),
-            concurrency,
-            blobs: Default::default(),
-            stop,
-            resume,
+            link,
         }
     }
 
@@ -165,9 +88,10 @@ impl Transfer {
         let cutoff = now_ms().saturating_sub(RESUME_KEEP.as_millis() as u64);
         let mut removed = 0;
         // Keys come back below the prefix: `repository \0 digest`.
-        for (rest, point) in self.resume.list(&[&self.endpoint]).await? {
+        let endpoint = self.link.endpoint.as_str();
+        for (rest, point) in self.resume.list(&[endpoint]).await? {
             if point.saved_ms < cutoff {
-                let mut key = vec![self.endpoint.as_str()];
+                let mut key = vec![endpoint];
                 key.extend(rest.split('\0'));
                 self.resume.remove(&key).await?;
                 removed += 1;
@@ -176,76 +100,12 @@ impl Transfer {
         Ok(removed)
     }
 
-    fn stopped(&self) -> CopyResult<()> {
-        if self.stop.load(Ordering::Acquire) {
-            Err(CopyError::Stopped)
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Runs `f` until it ends or a stop is asked.
-    async fn unless_stopped<T>(
-        &self,
-        f: impl std::future::Future<Output = CopyResult<T>>,
-    ) -> CopyResult<T> {
-        unless_stopped(&self.stop, f).await
-    }
-
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.settings.request_timeout
-    }
-
-    /// Sends a request without body, retrying what is worth a retry.
-    async fn call(
-        &self,
-        method: Method,
-        path: String,
-        repo: &str,
-        headers: HeaderMap,
-    ) -> CopyResult<reqwest::Response> {
-        let mut req = UpstreamRequest::new(method, path, repo, headers);
-        req.push = true;
-        let r = self
-            .unless_stopped(async {
-                Ok(self.client.send_with_retries(&req, self.deadline()).await)
-            })
-            .await?;
-        Ok(r?)
-    }
-
-    /// Whether the destination repository holds manifest `reference`; its digest if so.
-    async fn remote_manifest(&self, repo: &str, reference: &str) -> CopyResult<Option<Digest>> {
-        let mut headers = HeaderMap::new();
-        headers.insert(http::header::ACCEPT, HeaderValue::from_static(ACCEPT_ALL));
-        match self
-            .call(
-                Method::HEAD,
-                format!("{repo}/manifests/{reference}"),
-                repo,
-                headers,
-            )
-            .await
-        {
-            Ok(r) => Ok(r
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| Digest::parse(v).ok())),
-            Err(CopyError::Endpoint(e)) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Whether the destination repository holds blob `digest`.
     async fn remote_blob(&self, repo: &str, digest: &Digest) -> CopyResult<bool> {
+        let path = format!("{repo}/blobs/{digest}");
         match self
-            .call(
-                Method::HEAD,
-                format!("{repo}/blobs/{digest}"),
-                repo,
-                HeaderMap::new(),
-            )
+            .link
+            .call(Method::HEAD, path, repo, HeaderMap::new(), true)
             .await
         {
             Ok(_) => Ok(true),
@@ -275,10 +135,7 @@ impl Transfer {
         );
         req.push = true;
         req.body = Some(Arc::new(move || reqwest::Body::from(bytes.clone())));
-        self.unless_stopped(async {
-            Ok(self.client.send_with_retries(&req, self.deadline()).await)
-        })
-        .await??;
+        self.link.send_retrying(&req).await?;
         sent.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
@@ -294,14 +151,14 @@ impl Transfer {
         tags: &[String],
         override_tags: bool,
     ) -> CopyResult<Copied> {
-        self.stopped()?;
+        self.link.stopped()?;
         let mut copied = Copied::default();
         let mut todo = Vec::new();
         for tag in tags {
-            match self.remote_manifest(dest, tag).await? {
+            match self.link.manifest_digest(dest, tag, true).await? {
                 Some(d) if d == *digest => {}
                 Some(_) if !override_tags => {
-                    tracing::info!(endpoint = %self.endpoint, repository = %dest, %tag, "tag left as it is at the destination (override is off)");
+                    tracing::info!(endpoint = %self.link.endpoint, repository = %dest, %tag, "tag left as it is at the destination (override is off)");
                 }
                 _ => todo.push(tag.clone()),
             }
@@ -309,7 +166,7 @@ impl Transfer {
         let sent = AtomicU64::new(0);
         let (media_type, bytes) = self.tree(src, dest, digest, 0, &mut copied, &sent).await?;
         for tag in &todo {
-            self.stopped()?;
+            self.link.stopped()?;
             self.put_manifest(dest, tag, &media_type, bytes.clone(), &sent)
                 .await?;
             copied.tags += 1;
@@ -335,7 +192,7 @@ impl Transfer {
                 .meta
                 .artifact(src, digest)
                 .await?
-                .ok_or_else(|| CopyError::Local(format!("{src}@{digest} is no longer here")))?;
+                .ok_or_else(|| local(format!("{src}@{digest} is no longer here")))?;
             let limit = self.app.config.limits.max_manifest_bytes as u64;
             let bytes = self
                 .app
@@ -343,12 +200,17 @@ impl Transfer {
                 .blobs
                 .read_small(digest, limit)
                 .await?
-                .ok_or_else(|| CopyError::Local(format!("manifest {digest} has no bytes here")))?;
-            if self.remote_manifest(dest, digest.as_str()).await? == Some(digest.clone()) {
+                .ok_or_else(|| local(format!("manifest {digest} has no bytes here")))?;
+            if self
+                .link
+                .manifest_digest(dest, digest.as_str(), true)
+                .await?
+                == Some(digest.clone())
+            {
                 return Ok((record.media_type, bytes));
             }
             let parsed = manifest::parse(&bytes, Some(&record.media_type))
-                .map_err(|e| CopyError::Local(format!("manifest {digest}: {e}")))?;
+                .map_err(|e| local(format!("manifest {digest}: {e}")))?;
             if depth < MAX_DEPTH {
                 for child in &parsed.children {
                     self.tree(src, dest, &child.digest, depth + 1, copied, sent)
@@ -361,10 +223,10 @@ impl Transfer {
                 .map(|d| self.blob(src, dest, d, sent))
                 .collect();
             futures_util::stream::iter(blobs)
-                .buffer_unordered(self.concurrency)
+                .buffer_unordered(self.link.concurrency)
                 .try_collect::<Vec<()>>()
                 .await?;
-            self.stopped()?;
+            self.link.stopped()?;
             self.put_manifest(
                 dest,
                 digest.as_str(),
@@ -386,27 +248,17 @@ impl Transfer {
         digest: &Digest,
         sent: &AtomicU64,
     ) -> CopyResult<()> {
-        let busy = self
-            .blobs
-            .lock()
-            .entry(digest.clone())
-            .or_default()
-            .busy
-            .clone();
-        let _one_at_a_time = busy.lock().await;
-        let holders = self
-            .blobs
-            .lock()
-            .get(digest)
-            .map(|s| s.at.clone())
-            .unwrap_or_default();
+        let _one_at_a_time = self.link.one_at_a_time(digest).await;
+        let holders = self.holders.lock().get(digest).cloned().unwrap_or_default();
         if holders.iter().any(|r| r == dest) {
             return Ok(());
         }
         let done = |this: &Transfer| {
-            if let Some(s) = this.blobs.lock().get_mut(digest) {
-                s.at.push(dest.to_string());
-            }
+            this.holders
+                .lock()
+                .entry(digest.clone())
+                .or_default()
+                .push(dest.to_string());
         };
         if self.remote_blob(dest, digest).await? {
             done(self);
@@ -422,13 +274,9 @@ impl Transfer {
             );
             req.push = true;
             req.mount_from = Some(from);
-            let r = self
-                .unless_stopped(async {
-                    Ok(self.client.send_with_retries(&req, self.deadline()).await)
-                })
-                .await??;
+            let r = self.link.send_retrying(&req).await?;
             if r.status() == StatusCode::CREATED {
-                tracing::debug!(endpoint = %self.endpoint, %digest, %from, to = %dest, "blob mounted");
+                tracing::debug!(endpoint = %self.link.endpoint, %digest, %from, to = %dest, "blob mounted");
                 done(self);
                 return Ok(());
             }
@@ -444,7 +292,7 @@ impl Transfer {
                 .stat(digest)
                 .await?
                 .ok_or_else(|| {
-                    CopyError::Local(format!(
+                    local(format!(
                         "blob {digest} of {src} is not on this node (a cache registry holds only what was pulled)"
                     ))
                 })?
@@ -471,13 +319,13 @@ impl Transfer {
             .blobs
             .read(digest, 0, None)
             .await?
-            .ok_or_else(|| CopyError::Local(format!("blob {digest} is gone")))?;
+            .ok_or_else(|| local(format!("blob {digest} is gone")))?;
         let actual = hash_read(read, Verifier::new(digest.algorithm()))
             .await?
             .finish();
         if actual != *digest {
             tracing::error!(%digest, %actual, "a stored blob does not match its digest: not replicated");
-            return Err(CopyError::Local(format!(
+            return Err(local(format!(
                 "the blob stored here as {digest} has other bytes (they hash to {actual}): not sent"
             )));
         }
@@ -494,11 +342,11 @@ impl Transfer {
                     "upload answer without Location".into(),
                 ))
             })?;
-        Ok(self.client.v2_path(loc)?)
+        Ok(self.link.client.v2_path(loc)?)
     }
 
     fn resume_key<'a>(&'a self, dest: &'a str, digest: &'a Digest) -> [&'a str; 3] {
-        [self.endpoint.as_str(), dest, digest.as_str()]
+        [self.link.endpoint.as_str(), dest, digest.as_str()]
     }
 
     /// Uploads blob `digest` of `size` bytes to `dest`, going on from a saved session when
@@ -515,23 +363,9 @@ impl Transfer {
         if session.is_none() {
             session = self.resume.get(&key).await?.map(|p| p.location);
         }
-        let mut backoff = Duration::from_millis(500);
-        let mut last_error = None;
-        for attempt in 1..=self.settings.attempts {
-            self.stopped()?;
-            if attempt > 1 {
-                let wait = last_error
-                    .as_ref()
-                    .and_then(|e: &UpstreamError| e.retry_after())
-                    .unwrap_or(backoff);
-                tracing::info!(endpoint = %self.endpoint, repository = %dest, %digest, attempt, ?wait, error = ?last_error.as_ref().map(ToString::to_string), "blob upload resumes");
-                self.unless_stopped(async {
-                    tokio::time::sleep(wait).await;
-                    Ok(())
-                })
-                .await?;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
+        let mut retry = Retry::default();
+        loop {
+            self.link.stopped()?;
             match self
                 .upload_once(dest, digest, size, &mut session, sent)
                 .await
@@ -540,20 +374,19 @@ impl Transfer {
                     self.resume.remove(&key).await?;
                     return Ok(());
                 }
-                Err(CopyError::Endpoint(e)) => {
-                    if !e.is_transient()
-                        && !matches!(&e, UpstreamError::Status { status, .. } if *status == StatusCode::RANGE_NOT_SATISFIABLE || *status == StatusCode::NOT_FOUND)
-                    {
-                        return Err(CopyError::Endpoint(e));
-                    }
-                    last_error = Some(e);
+                // A destination that stands elsewhere (416) or forgot the session (404) is
+                // asked again by the next attempt.
+                Err(CopyError::Endpoint(e))
+                    if e.is_transient()
+                        || matches!(&e, UpstreamError::Status { status, .. } if *status == StatusCode::RANGE_NOT_SATISFIABLE || *status == StatusCode::NOT_FOUND) =>
+                {
+                    self.link
+                        .again(&mut retry, e, "blob upload", digest)
+                        .await?;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(CopyError::Endpoint(last_error.unwrap_or_else(|| {
-            UpstreamError::Unreachable("no attempt made".into())
-        })))
     }
 
     /// One attempt: learn the offset, send the chunks after it, close with the digest.
@@ -569,7 +402,8 @@ impl Transfer {
         let mut offset = 0;
         if let Some(location) = session.clone() {
             match self
-                .call(Method::GET, location.clone(), dest, HeaderMap::new())
+                .link
+                .call(Method::GET, location.clone(), dest, HeaderMap::new(), true)
                 .await
             {
                 Ok(r) => {
@@ -577,7 +411,7 @@ impl Transfer {
                     *session = Some(self.location(&r).unwrap_or(location));
                 }
                 Err(CopyError::Endpoint(e)) if e.is_not_found() => {
-                    tracing::info!(endpoint = %self.endpoint, repository = %dest, %digest, "the destination forgot the upload; starting over");
+                    tracing::info!(endpoint = %self.link.endpoint, repository = %dest, %digest, "the destination forgot the upload; starting over");
                     *session = None;
                 }
                 Err(e) => return Err(e),
@@ -586,13 +420,10 @@ impl Transfer {
         let mut location = match session.clone() {
             Some(l) => l,
             None => {
+                let path = format!("{dest}/blobs/uploads/");
                 let r = self
-                    .call(
-                        Method::POST,
-                        format!("{dest}/blobs/uploads/"),
-                        dest,
-                        HeaderMap::new(),
-                    )
+                    .link
+                    .call(Method::POST, path, dest, HeaderMap::new(), true)
                     .await?;
                 let l = self.location(&r)?;
                 *session = Some(l.clone());
@@ -600,10 +431,10 @@ impl Transfer {
             }
         };
         if offset > 0 {
-            tracing::info!(endpoint = %self.endpoint, repository = %dest, %digest, offset, size, "resuming the upload where the destination stands");
+            tracing::info!(endpoint = %self.link.endpoint, repository = %dest, %digest, offset, size, "resuming the upload where the destination stands");
         }
         while offset < size {
-            let end = (offset + self.settings.chunk_bytes).min(size);
+            let end = (offset + self.link.settings.chunk_bytes).min(size);
             let r = self.chunk(dest, &location, digest, offset, end, sent).await;
             let r = match r {
                 Ok(r) => r,
@@ -611,11 +442,19 @@ impl Transfer {
                 {
                     // The destination stands elsewhere than we thought: ask it again next
                     // attempt; a session that keeps refusing is dropped for a fresh one.
-                    tracing::info!(endpoint = %self.endpoint, %digest, offset, "chunk refused as out of range");
+                    tracing::info!(endpoint = %self.link.endpoint, %digest, offset, "chunk refused as out of range");
                     if offset == 0 {
                         *session = None;
                         self.resume.remove(&key).await?;
                     }
+                    return Err(CopyError::Endpoint(e));
+                }
+                Err(CopyError::Endpoint(e)) if e.is_not_found() => {
+                    // The destination no longer has the session: the next attempt starts a new
+                    // one (asking the old one's offset again would only repeat the refusal).
+                    tracing::info!(endpoint = %self.link.endpoint, %digest, offset, "upload session gone at the destination; starting over");
+                    *session = None;
+                    self.resume.remove(&key).await?;
                     return Err(CopyError::Endpoint(e));
                 }
                 Err(e) => return Err(e),
@@ -644,8 +483,7 @@ impl Transfer {
             headers,
         );
         req.push = true;
-        self.unless_stopped(async { Ok(self.client.send(&req, self.deadline()).await) })
-            .await??;
+        self.link.send(&req).await?;
         Ok(())
     }
 
@@ -665,7 +503,7 @@ impl Transfer {
         let range = format!("{start}-{}", end - 1);
         headers.insert(
             http::header::CONTENT_RANGE,
-            HeaderValue::from_str(&range).map_err(|e| CopyError::Local(e.to_string()))?,
+            HeaderValue::from_str(&range).map_err(local)?,
         );
         headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
         headers.insert(
@@ -674,17 +512,13 @@ impl Transfer {
         );
         let file = match self.app.store.blobs.read(digest, start, Some(len)).await? {
             Some(BlobRead::Local(region)) => region,
-            Some(_) => {
-                return Err(CopyError::Local(
-                    "replication reads local blob files only".into(),
-                ))
-            }
-            None => return Err(CopyError::Local(format!("blob {digest} is gone"))),
+            Some(_) => return Err(local("replication reads local blob files only")),
+            None => return Err(local(format!("blob {digest} is gone"))),
         };
         // The body is made again for the one repeat a 401 may ask for; bytes are counted as
         // they leave.
         let counter = Arc::new(AtomicU64::new(0));
-        let bandwidth = self.bandwidth.clone();
+        let bandwidth = self.link.bandwidth();
         let make: BodySource = {
             let counter = counter.clone();
             Arc::new(move || {
@@ -725,40 +559,13 @@ impl Transfer {
         let mut req = UpstreamRequest::new(Method::PATCH, location.to_string(), dest, headers);
         req.push = true;
         req.body = Some(make);
-        let result = self
-            .unless_stopped(async { Ok(self.client.send(&req, self.deadline()).await) })
-            .await;
+        let result = self.link.send(&req).await;
         let out = counter.load(Ordering::Relaxed);
         sent.fetch_add(out, Ordering::Relaxed);
-        metrics::counter!(
-            "berth_replication_bytes_total",
-            "rule" => self.rule.clone(),
-            "endpoint" => self.endpoint.clone()
-        )
-        .increment(out);
-        Ok(result??)
+        self.link.count(out);
+        result
     }
 }
-
-/// Runs `f` until it ends or `stop` is set (then `f` is dropped: a request in flight is
-/// aborted, its connection closed).
-pub async fn unless_stopped<T>(
-    stop: &AtomicBool,
-    f: impl std::future::Future<Output = CopyResult<T>>,
-) -> CopyResult<T> {
-    let watch = async {
-        while !stop.load(Ordering::Acquire) {
-            tokio::time::sleep(STOP_POLL).await;
-        }
-    };
-    tokio::select! {
-        r = f => r,
-        () = watch => Err(CopyError::Stopped),
-    }
-}
-
-/// Every manifest type berth stores, for `HEAD` and `GET` at the destination.
-pub const ACCEPT_ALL: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// The bytes an upload's `Range: 0-N` says the destination holds (`0-0` is read as none: it is
 /// what registries answer for an empty upload, and starting over costs at most one byte).

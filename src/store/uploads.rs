@@ -19,8 +19,9 @@ pub struct Session {
     pub id: String,
     /// Repository it belongs to.
     pub repo: String,
-    /// Byte count and hasher state; `None` while a request's writer holds them, or once the
-    /// session was removed (committed, cancelled or expired).
+    /// Byte count and hasher state at the last chunk handed back (kept while a request's
+    /// writer is out, so a request dropped mid-chunk leaves them as they were); `None` once
+    /// the session was removed (committed, cancelled or expired).
     progress: Option<Progress>,
     /// Set when the session was removed while others waited for its lock.
     gone: bool,
@@ -45,8 +46,7 @@ struct SavedState {
 }
 
 impl Session {
-    /// Bytes received so far (while a writer is out: the offset it started from is unknown here,
-    /// callers hold the session's lock for the whole request, so they never see that state).
+    /// Bytes received as of the last chunk handed back.
     pub fn offset(&self) -> u64 {
         self.progress.as_ref().map_or(0, |p| p.written)
     }
@@ -67,28 +67,20 @@ impl Session {
     }
 
     /// Opens the session's write for this request, positioned at the offset; give it back with
-    /// [`Session::put_back`]. `None` when the session is gone or a writer is already out.
+    /// [`Session::put_back`] (or [`Session::roll_back`]). The caller holds the session's lock
+    /// for the whole request. `None` when the session is gone.
     pub async fn take_writer(&mut self) -> io::Result<Option<HashingWrite>> {
         if self.gone {
             return Ok(None);
         }
-        let Some(progress) = self.progress.take() else {
+        let Some(progress) = self.progress.clone() else {
             return Ok(None);
         };
-        let opened = self.blobs.open_pending(&self.key).await;
-        let mut write = match opened {
-            Ok((w, _)) => w,
-            Err(e) => {
-                self.progress = Some(progress);
-                return Err(e);
-            }
-        };
-        // A crash or a failed chunk may have left bytes past the offset: they do not count.
+        let (mut write, _) = self.blobs.open_pending(&self.key).await?;
+        // A crash, a failed chunk or a request dropped mid-chunk may have left bytes past the
+        // offset: they do not count.
         if write.written() != progress.written {
-            if let Err(e) = write.truncate(progress.written).await {
-                self.progress = Some(progress);
-                return Err(e);
-            }
+            write.truncate(progress.written).await?;
         }
         Ok(Some(HashingWrite::new(write, progress.verifier)))
     }
@@ -500,6 +492,30 @@ mod tests {
         s.put_back(w).await.unwrap();
         assert_eq!(open_fds_on(&data), 0, "and closes it when handed back");
         assert_eq!(s.offset(), 3);
+    }
+
+    /// A request dropped while it holds the writer (its client's connection went away and the
+    /// server dropped the handler) leaves the session at its last good offset and hash: the
+    /// next request goes on from there. Before, the session's state left with the writer: its
+    /// offset read 0 and every later chunk was refused as "completed or cancelled".
+    #[tokio::test]
+    async fn a_writer_dropped_mid_chunk_leaves_the_session_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, uploads) = self::uploads(dir.path()).await;
+        let s = uploads.create("r/a", CAPS).await.unwrap();
+        let mut s = s.lock().await;
+        append(&mut s, b"good ").await;
+        let mut w = s.take_writer().await.unwrap().unwrap();
+        w.write(Bytes::from_static(b"half a chunk")).await.unwrap();
+        drop(w);
+        assert_eq!(s.offset(), 5, "the last good offset");
+        assert!(s.progress().is_some() && !s.is_gone());
+        append(&mut s, b"rest").await;
+        assert_eq!(fs::read(data_path(&fs, &s)).unwrap(), b"good rest");
+        assert_eq!(
+            s.progress().unwrap().verifier.current(),
+            Digest::sha256(b"good rest")
+        );
     }
 
     #[tokio::test]

@@ -112,6 +112,27 @@ impl TestServer {
         self.client.request(method, self.url(path))
     }
 
+    /// `method /api/v1{path}` with an optional JSON body; the status and the JSON answer (its
+    /// text as a JSON string when it is not JSON).
+    pub async fn api(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut r = self
+            .client
+            .request(method, self.url(&format!("/api/v1{path}")));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, value)
+    }
+
     pub async fn get(&self, path: &str) -> Response {
         self.client.get(self.url(path)).send().await.unwrap()
     }
