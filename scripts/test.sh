@@ -28,6 +28,9 @@ need curl curl
 need openssl openssl
 # tests/regions.rs puts two berth regions in network namespaces joined by a veth pair.
 need ip iproute2
+# The PostgreSQL metadata backend is tested against a real server: each test process starts a
+# private cluster on a loopback port (src/testbed.rs), as the postgres user.
+need /usr/lib/postgresql postgresql
 if ((${#packages[@]})); then
   echo "installing test clients: ${packages[*]}"
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::durations as humantime_serde_compat;
+
 use crate::store::meta::{
     now_ms, CredentialRecord, ImageCacheRecord, ImageCacheSettings, RegistryRecord,
 };
@@ -45,6 +47,8 @@ pub struct Config {
     pub webhooks: WebhookConfig,
     /// Replication: endpoints, rules and how blobs travel.
     pub replication: ReplicationConfig,
+    /// Where metadata lives: sled in the data directory, or PostgreSQL shared by several nodes.
+    pub metadata: crate::store::meta::MetadataSettings,
     /// Where berth may connect on a source's or a user's say-so (redirects, token realms,
     /// webhook targets).
     pub egress: EgressConfig,
@@ -593,6 +597,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             webhooks: WebhookConfig::default(),
             replication: ReplicationConfig::default(),
+            metadata: Default::default(),
             egress: EgressConfig::default(),
             source: None,
         }
@@ -931,6 +936,9 @@ impl Config {
                 c.password = Some("<redacted>".into());
             }
         }
+        if let crate::store::meta::MetadataSettings::Postgres(pg) = &mut shown.metadata {
+            *pg = pg.redacted();
+        }
         toml::to_string(&shown).map_err(|e| e.to_string())
     }
 }
@@ -959,21 +967,6 @@ pub struct Problems {
 
 /// Longest lifetime of an issued token.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(12 * 3600);
-
-/// `"30s"`, `"2h"` durations in TOML.
-mod humantime_serde_compat {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
 
 #[cfg(test)]
 mod tests {

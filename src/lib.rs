@@ -14,6 +14,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod durations;
 pub mod error;
 pub mod events;
 pub mod http;
@@ -27,6 +28,8 @@ pub mod replication;
 pub mod scheduler;
 pub mod serve;
 pub mod store;
+#[doc(hidden)]
+pub mod testbed;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,7 +200,9 @@ impl App {
             dir: config.data_dir.clone(),
             source,
         };
-        let store = Store::open(&config.data_dir).await.map_err(store_err)?;
+        let store = Store::open_with(&config.data_dir, &config.metadata)
+            .await
+            .map_err(store_err)?;
         if apply {
             apply_config(&store, &config).await?;
         }

@@ -1194,3 +1194,17 @@ async fn the_distribution_spec_conformance_suite_passes_with_auth() {
     let rep = run(&s, Some(credentials)).await;
     verdict("with auth", &rep);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_distribution_spec_conformance_suite_passes_on_postgresql_metadata() {
+    let url = berth::testbed::postgres().database().await;
+    let s = TestServer::start(&format!(
+        "[auth]\nmode = \"on\"\n[metadata]\nkind = \"postgres\"\nurl = {url:?}\n"
+    ))
+    .await;
+    let credentials = s.user("conformance", berth::auth::Role::Admin, &["library"]);
+    let rep = run(&s, Some(credentials)).await;
+    verdict("on PostgreSQL", &rep);
+    // The records are in the database, not in the data directory.
+    assert!(!s.dir.path().join("data/meta").exists());
+}

@@ -177,6 +177,9 @@ impl Users {
         let (by_name, verified) = (users.by_name.clone(), users.verified.clone());
         meta.subscribe(Box::new(move |change| {
             let Change::Record { tree, key, value } = change else {
+                if matches!(change, Change::Lost) {
+                    verified.invalidate_all();
+                }
                 return;
             };
             if tree == USERS {

@@ -101,7 +101,7 @@ impl ManifestCache {
             Change::Artifact { repo, digest } => self
                 .entries
                 .invalidate(&manifest_key(repo, digest.as_str())),
-            Change::Registry { .. } => self.entries.invalidate_all(),
+            Change::Registry { .. } | Change::Lost => self.entries.invalidate_all(),
             Change::Record { .. } => {}
         }
     }

@@ -63,6 +63,8 @@ pub struct Store {
     /// cheaper than cloning the record's strings. A copy of the metadata that follows its
     /// changes ([`Change::Registry`]), whoever makes them.
     registries: RegistryMap,
+    /// The data directory's lock, when the metadata backend does not hold it.
+    _lock: Option<lock::DataDirLock>,
 }
 
 /// Whether a directory holds berth's data (its metadata), as opposed to nothing or something
@@ -79,6 +81,18 @@ impl Store {
         Store::with_meta(data_dir, meta).await
     }
 
+    /// Opens the data directory with its metadata where `metadata` says.
+    pub async fn open_with(
+        data_dir: &Path,
+        metadata: &meta::MetadataSettings,
+    ) -> Result<Store, crate::error::Error> {
+        // Metadata first: it takes the data directory's lock.
+        let (meta, lock) = meta::open_with(data_dir, metadata).await?;
+        let mut store = Store::with_meta(data_dir, meta).await?;
+        store._lock = lock;
+        Ok(store)
+    }
+
     /// Opens the blobs of a data directory over a metadata store already open (the data
     /// directory's lock taken).
     pub async fn with_meta(
@@ -88,7 +102,7 @@ impl Store {
         let blobs: Arc<dyn BlobStore> = Arc::new(fs::FsBlobStore::open(data_dir)?);
         let registries = RegistryMap::default();
         // Subscribed before the first read: no change falls between the two.
-        meta.subscribe(follow_registries(&registries));
+        meta.subscribe(follow_registries(&registries, Arc::downgrade(&meta)));
         let loaded = meta.registries().await?;
         {
             let mut map = registries.write();
@@ -97,6 +111,7 @@ impl Store {
             }
         }
         Ok(Store {
+            _lock: None,
             uploads: uploads::Uploads::open(blobs.clone()).await?,
             blobs,
             meta,
@@ -139,10 +154,35 @@ impl Store {
     }
 }
 
-/// A subscriber that keeps `map` equal to the registries of the metadata.
-fn follow_registries(map: &RegistryMap) -> meta::Subscriber {
+/// A subscriber that keeps `map` equal to the registries of the metadata: each change as it
+/// comes, and everything again after changes were lost (read back on a task: a subscriber
+/// must not call into the store).
+fn follow_registries(map: &RegistryMap, meta: std::sync::Weak<dyn MetaStore>) -> meta::Subscriber {
     let map = map.clone();
+    let reload = {
+        let map = map.clone();
+        move || {
+            let (map, meta) = (map.clone(), meta.clone());
+            tokio::spawn(async move {
+                let Some(meta) = meta.upgrade() else { return };
+                match meta.registries().await {
+                    Ok(all) => {
+                        *map.write() = all
+                            .into_iter()
+                            .map(|r| (r.name.clone(), Arc::new(r)))
+                            .collect();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "registries not reloaded after lost changes")
+                    }
+                }
+            });
+        }
+    };
     Box::new(move |change| {
+        if matches!(change, Change::Lost) {
+            reload();
+        }
         if let Change::Registry { name, record } = change {
             let mut map = map.write();
             match record {

@@ -613,6 +613,7 @@ fn describe(change: Change<'_>) -> String {
                 None => "removed".into(),
             }
         ),
+        Change::Lost => "lost".into(),
     }
 }
 

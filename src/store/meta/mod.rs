@@ -9,6 +9,7 @@
 
 #[cfg(test)]
 mod conformance;
+pub mod postgres;
 mod sled;
 mod usage;
 
@@ -263,6 +264,9 @@ pub enum Change<'a> {
         /// Its new bytes, `None` when it was removed.
         value: Option<&'a [u8]>,
     },
+    /// Changes may have been missed (a shared backend lost its notification connection for a
+    /// while): whatever was copied from the metadata may be stale.
+    Lost,
 }
 
 /// A subscriber to metadata changes. Called on the writer's thread (for the sled backend, a
@@ -304,6 +308,18 @@ fn prefix(parts: &[&str]) -> Vec<u8> {
     let mut k = key(parts);
     k.push(0);
     k
+}
+
+/// The first key after every key starting with `prefix` (`None`: no such key).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// The text key of a typed record (parts joined by NUL).
@@ -385,6 +401,34 @@ pub type Meta = SledMeta;
 /// Opens the metadata of a data directory as the seam the rest of berth uses.
 pub fn open(data_dir: &std::path::Path) -> MetaResult<Arc<dyn MetaStore>> {
     Ok(Arc::new(SledMeta::open(data_dir)?))
+}
+
+/// Where a node keeps its metadata (`[metadata]`): sled in the data directory (the default),
+/// or a PostgreSQL database several nodes share.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum MetadataSettings {
+    /// sled under `DATA/meta`.
+    #[default]
+    Sled,
+    /// A PostgreSQL database.
+    Postgres(postgres::PostgresSettings),
+}
+
+/// Opens the metadata `settings` name. The data directory's lock is taken first either way:
+/// the directory still holds this node's writes in progress.
+pub async fn open_with(
+    data_dir: &std::path::Path,
+    settings: &MetadataSettings,
+) -> MetaResult<(Arc<dyn MetaStore>, Option<crate::store::lock::DataDirLock>)> {
+    match settings {
+        MetadataSettings::Sled => Ok((open(data_dir)?, None)),
+        MetadataSettings::Postgres(pg) => {
+            let lock = crate::store::lock::DataDirLock::acquire(data_dir)?;
+            let meta = postgres::PostgresMeta::open(pg).await?;
+            Ok((Arc::new(meta), Some(lock)))
+        }
+    }
 }
 
 /// Where metadata lives. Listings are in lexical (byte) order of their keys; those that can

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::usage::UsageBook;
 use super::{
-    from_json, json, key, prefix, tail_str, ArtifactRecord, Change, CredentialRecord,
+    from_json, json, key, prefix, prefix_end, tail_str, ArtifactRecord, Change, CredentialRecord,
     ImageCacheRecord, ImageCacheSettings, MetaError, MetaResult, MetaStore, Missing, Refers,
     RegistryRecord, SourceKind, Subscriber, Usage,
 };
@@ -867,18 +867,6 @@ fn page(tree: &sled::Tree, prefix: &[u8], after: Option<&str>) -> sled::Iter {
         None => Bound::Unbounded,
     };
     tree.range::<Vec<u8>, _>((lower, upper))
-}
-
-/// The first key after every key starting with `prefix` (`None`: no such key).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < u8::MAX {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
 }
 
 fn transaction_error(e: sled::transaction::TransactionError<sled::Error>) -> MetaError {

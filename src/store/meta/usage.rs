@@ -57,7 +57,7 @@ impl Held {
 }
 
 /// The registry of a repository (its first segment).
-fn registry_of(repo: &str) -> &str {
+pub(super) fn registry_of(repo: &str) -> &str {
     repo.split('/').next().unwrap_or(repo)
 }
 
