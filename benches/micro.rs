@@ -73,7 +73,11 @@ fn digests(c: &mut Criterion) {
 fn auth(c: &mut Criterion) {
     use berth::auth::token::{Access, TokenKeys};
     let dir = tempfile::tempdir().unwrap();
-    let keys = TokenKeys::open(dir.path(), "berth").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let meta = berth::store::meta::open(dir.path()).unwrap();
+    let keys = rt
+        .block_on(TokenKeys::open(&meta, dir.path(), "berth"))
+        .unwrap();
     let access = vec![Access::parse("repository:library/app:pull,push").unwrap()];
     let (token, _) = keys.issue("ci", access.clone(), std::time::Duration::from_secs(900));
     c.bench_function("token_verify", |b| {
@@ -82,8 +86,6 @@ fn auth(c: &mut Criterion) {
     c.bench_function("token_issue", |b| {
         b.iter(|| keys.issue("ci", access.clone(), std::time::Duration::from_secs(900)))
     });
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let meta = berth::store::meta::open(dir.path()).unwrap();
     let users = rt.block_on(berth::auth::users::Users::open(&meta)).unwrap();
     rt.block_on(users.create("ci", berth::auth::Role::ImageUploader, vec![]))
         .unwrap();

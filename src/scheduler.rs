@@ -56,25 +56,41 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
 }
 
 /// Starts every job whose schedule falls due after `since` and at or before `now` (one tick of
-/// the scheduler): garbage collection, replication rules, registries' cleanups.
-pub async fn start_due(app: &Arc<App>, since: SystemTime, now: SystemTime) {
+/// the scheduler): garbage collection, replication rules, registries' cleanups; answers the
+/// jobs this node started (`gc`, `replication/RULE`, `cleanup/REGISTRY`).
+pub async fn start_due(app: &Arc<App>, since: SystemTime, now: SystemTime) -> Vec<String> {
+    let mut started = Vec::new();
     let schedules = match app.policies.schedules().await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "could not read cleanup schedules");
-            return;
+            return started;
         }
     };
-    let due = |schedule: &crate::jobs::schedule::Schedule| schedule.due_between(since, now);
+    let claims = Claims {
+        meta: app.store.meta.clone(),
+    };
+    // Due here and not taken by another node sharing the metadata.
+    let due = |job: String, schedule: &crate::jobs::schedule::Schedule| {
+        let at = schedule.due_at(since, now);
+        let claims = &claims;
+        async move {
+            match at {
+                Some(at) => claims.take(&job, at).await,
+                None => false,
+            }
+        }
+    };
     match crate::jobs::gc::settings(app.store.meta.clone()).await {
-        Ok(gc) if due(&gc.schedule) => {
+        Ok(gc) if due("gc".into(), &gc.schedule).await => {
             let busy = app.cache.fetches.inflight_digests();
-            if let Err(e) = app
+            match app
                 .gc()
                 .start(Trigger::Schedule, false, "schedule", busy)
                 .await
             {
-                tracing::warn!(error = %e, "scheduled garbage collection did not start");
+                Ok(_) => started.push("gc".to_string()),
+                Err(e) => tracing::warn!(error = %e, "scheduled garbage collection did not start"),
             }
         }
         Ok(_) => {}
@@ -85,13 +101,20 @@ pub async fn start_due(app: &Arc<App>, since: SystemTime, now: SystemTime) {
             for r in rules {
                 if r.enabled
                     && r.trigger == crate::replication::rule::TriggerKind::Schedule
-                    && due(&r.schedule)
+                    && due(format!("replication/{}", r.name), &r.schedule).await
                 {
-                    if let Err(e) =
-                        crate::replication::run::start(app, &r.name, Trigger::Schedule, "schedule")
-                            .await
+                    match crate::replication::run::start(
+                        app,
+                        &r.name,
+                        Trigger::Schedule,
+                        "schedule",
+                    )
+                    .await
                     {
-                        tracing::warn!(rule = %r.name, error = %e, "scheduled replication did not start");
+                        Ok(_) => started.push(format!("replication/{}", r.name)),
+                        Err(e) => {
+                            tracing::warn!(rule = %r.name, error = %e, "scheduled replication did not start")
+                        }
                     }
                 }
             }
@@ -99,16 +122,80 @@ pub async fn start_due(app: &Arc<App>, since: SystemTime, now: SystemTime) {
         Err(e) => tracing::warn!(error = %e, "could not read replication rules"),
     }
     for (registry, schedule) in schedules {
-        if !due(&schedule) {
-            continue;
-        }
-        if app.store.registry(&registry).is_none() {
+        if app.store.registry(&registry).is_none()
+            || !due(format!("cleanup/{registry}"), &schedule).await
+        {
             continue;
         }
         match crate::policy::run::start(app, &registry, Trigger::Schedule, false, "schedule").await
         {
-            Ok(e) => tracing::debug!(%registry, execution = %e.id, "scheduled cleanup started"),
+            Ok(e) => {
+                tracing::debug!(%registry, execution = %e.id, "scheduled cleanup started");
+                started.push(format!("cleanup/{registry}"));
+            }
             Err(e) => tracing::warn!(%registry, error = %e, "scheduled cleanup did not start"),
+        }
+    }
+    started
+}
+
+/// Runs of scheduled jobs taken, in the metadata: when several nodes share it, each due run
+/// is started by the one node whose claim was created first.
+struct Claims {
+    meta: std::sync::Arc<dyn crate::store::meta::MetaStore>,
+}
+
+/// The tree of claims: `JOB \0 DUE_MS` (zero-padded, so a job's claims list in time order).
+const CLAIMS: &str = "schedule_claims";
+
+/// Claims older than this are removed when their job is claimed again.
+const CLAIMS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl Claims {
+    /// Whether this node takes the run of `job` due at `at` (a metadata failure: no, and
+    /// said in the log; the next due time tries again).
+    async fn take(&self, job: &str, at: SystemTime) -> bool {
+        let ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        let key = format!("{job}\0{:020}", ms(at));
+        let value = serde_json::json!({"claimed_ms": crate::store::meta::now_ms()});
+        match self
+            .meta
+            .record_create(CLAIMS, &key, value.to_string().into_bytes())
+            .await
+        {
+            Ok(true) => {
+                self.prune(job, ms(at).saturating_sub(CLAIMS_KEPT.as_millis() as u64))
+                    .await;
+                true
+            }
+            Ok(false) => {
+                tracing::debug!(job, "scheduled run taken by another node");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(job, error = %e, "scheduled run not claimed: not started");
+                false
+            }
+        }
+    }
+
+    /// Removes the claims of `job` due before `before_ms`.
+    async fn prune(&self, job: &str, before_ms: u64) {
+        let prefix = format!("{job}\0");
+        let old = match self.meta.record_list(CLAIMS, &prefix, None, 100).await {
+            Ok(old) => old,
+            Err(_) => return,
+        };
+        for (due, _) in old {
+            if due.parse::<u64>().is_ok_and(|d| d < before_ms) {
+                let _ = self
+                    .meta
+                    .record_remove(CLAIMS, &format!("{prefix}{due}"))
+                    .await;
+            }
         }
     }
 }

@@ -167,7 +167,10 @@ async fn backup_wipe_restore_and_every_image_pulls_byte_identical() {
     assert!(ok, "{out}{e}");
     let report = json_of(&out);
     assert_eq!(report["registries"], 2);
-    assert_eq!(report["records"], 4, "two users, two keys: {report}");
+    assert_eq!(
+        report["records"], 5,
+        "two users, two keys, the token signing key: {report}"
+    );
     assert_eq!(report["tags"], 6);
     assert_eq!(report["artifacts"], 7, "{report}");
     assert_eq!(report["repositories"], 3);

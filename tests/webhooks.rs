@@ -813,7 +813,6 @@ async fn operator_is_the_authenticated_user_and_viewers_cannot_manage() {
         .await
         .unwrap();
     let (viewer_key, viewer_secret) = app.auth.users.create_key("victor").await.unwrap();
-    app.auth.refresh().await.unwrap();
     assert!(app.auth.enforced());
     let r = s
         .client

@@ -75,7 +75,6 @@ pub async fn create(ctx: &Ctx<'_>, body: NewUser) -> Result<Response<Body>> {
     } else {
         None
     };
-    auth.refresh().await?;
     ctx.app.store.meta.flush().await?;
     let mut view = user_view(&auth.users, &user).await?;
     view.first_key = first_key;
@@ -121,7 +120,6 @@ pub async fn delete(ctx: &Ctx<'_>, name: &str) -> Result<Response<Body>> {
     ctx.check(Action::Manage(None))?;
     let auth = &ctx.app.auth;
     auth.users.delete(name).await?;
-    auth.refresh().await?;
     ctx.app.store.meta.flush().await?;
     json(
         StatusCode::OK,

@@ -7,7 +7,6 @@ pub mod token;
 pub mod users;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,8 +145,6 @@ pub struct Auth {
     pub config: AuthConfig,
     /// Failed-login slowdown.
     pub throttle: throttle::Throttle,
-    /// Whether requests must authenticate now (`auto` turns on with the first user).
-    enforced: AtomicBool,
     /// Recently verified bearer tokens.
     tokens: moka::sync::Cache<String, Arc<Claims>>,
     /// Turns to check a secret (`auth.max_concurrent_logins`).
@@ -158,14 +155,14 @@ pub struct Auth {
 const LOGIN_QUEUE_WAIT: Duration = Duration::from_secs(10);
 
 impl Auth {
-    /// Opens users, keys and the token key of a data directory.
+    /// Opens users, keys and the token signing key.
     pub async fn open(
         store: &Store,
         data_dir: &std::path::Path,
         config: &AuthConfig,
     ) -> Result<Auth> {
         let users = Users::open(&store.meta).await?;
-        let keys = TokenKeys::open(data_dir, &config.service)?;
+        let keys = TokenKeys::open(&store.meta, data_dir, &config.service).await?;
         let auth = Auth {
             users,
             keys,
@@ -174,31 +171,24 @@ impl Auth {
                 config.failed_login_limit,
                 config.failed_login_window,
             ),
-            enforced: AtomicBool::new(false),
             tokens: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(config.token_lifetime)
                 .build(),
             verifying: tokio::sync::Semaphore::new(config.max_concurrent_logins.max(1)),
         };
-        auth.refresh().await?;
         Ok(auth)
     }
 
-    /// Recomputes whether auth is enforced (after users are created or deleted).
-    pub async fn refresh(&self) -> Result<()> {
-        let on = match self.config.mode {
+    /// Whether requests must authenticate.
+    /// In `auto` mode, from the users in memory: they follow every change, whichever node
+    /// made it.
+    pub fn enforced(&self) -> bool {
+        match self.config.mode {
             AuthMode::On => true,
             AuthMode::Off => false,
-            AuthMode::Auto => self.users.any().await?,
-        };
-        self.enforced.store(on, Ordering::Release);
-        Ok(())
-    }
-
-    /// Whether requests must authenticate.
-    pub fn enforced(&self) -> bool {
-        self.enforced.load(Ordering::Acquire)
+            AuthMode::Auto => self.users.exist(),
+        }
     }
 
     /// Reads the credentials of a request: `Authorization: Basic` (access key) or `Bearer`

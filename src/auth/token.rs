@@ -1,12 +1,14 @@
 //! Docker registry tokens: scopes, the claims of a signed JWT (HS256), issuance and verification.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::store::meta::now_ms;
+use crate::store::meta::{now_ms, MetaError, MetaStore};
 
 /// Issuer of berth's tokens.
 pub const ISSUER: &str = "berth";
@@ -83,7 +85,18 @@ impl Claims {
 #[error("invalid token: {0}")]
 pub struct TokenError(String);
 
-/// Signs and checks tokens with a key kept in the data directory.
+/// The tree of secrets every node shares, and the token signing key's record in it.
+const SECRETS: &str = "secrets";
+const TOKEN_KEY: &str = "token_key";
+
+/// The token signing key as stored (a JSON record, as every record is).
+#[derive(Serialize, Deserialize)]
+struct StoredKey {
+    /// The HS256 secret, base64.
+    hs256: String,
+}
+
+/// Signs and checks tokens with a key kept in the metadata.
 pub struct TokenKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
@@ -92,29 +105,48 @@ pub struct TokenKeys {
 }
 
 impl TokenKeys {
-    /// Loads `DATA/auth/token.key`, creating it (32 random bytes, mode 0600) on first start, so
-    /// tokens stay valid across restarts.
-    pub fn open(data_dir: &Path, service: &str) -> std::io::Result<TokenKeys> {
-        let dir = data_dir.join("auth");
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("token.key");
-        let secret = match std::fs::read(&path) {
-            Ok(s) if s.len() >= 32 => s,
-            _ => {
-                use argon2::password_hash::rand_core::{OsRng, RngCore};
-                use std::io::Write;
-                let mut s = vec![0u8; 32];
-                OsRng.fill_bytes(&mut s);
-                let tmp = dir.join("token.key.tmp");
-                let mut f = std::fs::OpenOptions::new();
-                f.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
-                let mut file = f.open(&tmp)?;
-                file.write_all(&s)?;
-                file.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                s
+    /// Loads the signing key from the metadata, where every node of a shared metadata store
+    /// finds the same one: created there on first start (from `DATA/auth/token.key` when an
+    /// older berth left one there, else 32 random bytes), so tokens stay valid across restarts
+    /// and are accepted by every node.
+    pub async fn open(
+        meta: &Arc<dyn MetaStore>,
+        data_dir: &Path,
+        service: &str,
+    ) -> Result<TokenKeys, MetaError> {
+        let stored = |bytes: Option<Vec<u8>>| -> Option<Vec<u8>> {
+            let key: StoredKey = serde_json::from_slice(&bytes?).ok()?;
+            base64::engine::general_purpose::STANDARD
+                .decode(key.hs256)
+                .ok()
+                .filter(|s| s.len() >= 32)
+        };
+        let secret = match stored(meta.record_get(SECRETS, TOKEN_KEY).await?) {
+            Some(s) => s,
+            None => {
+                let candidate = match std::fs::read(data_dir.join("auth").join("token.key")) {
+                    Ok(s) if s.len() >= 32 => s,
+                    _ => {
+                        use argon2::password_hash::rand_core::{OsRng, RngCore};
+                        let mut s = vec![0u8; 32];
+                        OsRng.fill_bytes(&mut s);
+                        s
+                    }
+                };
+                let record = StoredKey {
+                    hs256: base64::engine::general_purpose::STANDARD.encode(&candidate),
+                };
+                // One creator wins when nodes start together; everyone uses what it stored.
+                meta.record_create(
+                    SECRETS,
+                    TOKEN_KEY,
+                    serde_json::to_vec(&record).map_err(|e| MetaError::Backend(e.to_string()))?,
+                )
+                .await?;
+                meta.flush().await?;
+                stored(meta.record_get(SECRETS, TOKEN_KEY).await?).ok_or_else(|| {
+                    MetaError::Corrupt("the token signing key record is unreadable".into())
+                })?
             }
         };
         let mut validation = Validation::new(Algorithm::HS256);
@@ -177,10 +209,11 @@ mod tests {
         assert!(Access::parse("nonsense").is_none());
     }
 
-    #[test]
-    fn tokens_round_trip_and_reject_tampering() {
+    #[tokio::test]
+    async fn tokens_round_trip_and_reject_tampering() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = TokenKeys::open(dir.path(), "berth").unwrap();
+        let meta = crate::store::meta::open(dir.path()).unwrap();
+        let keys = TokenKeys::open(&meta, dir.path(), "berth").await.unwrap();
         let access = vec![Access::parse("repository:a/b:pull").unwrap()];
         let (token, _) = keys.issue("alice", access.clone(), Duration::from_secs(60));
         let claims = keys.verify(&token).unwrap();
@@ -190,13 +223,36 @@ mod tests {
         tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
         assert!(keys.verify(&String::from_utf8(tampered).unwrap()).is_err());
         // Same key after reopening; another service does not accept it.
-        assert!(TokenKeys::open(dir.path(), "berth")
-            .unwrap()
-            .verify(&token)
-            .is_ok());
-        assert!(TokenKeys::open(dir.path(), "other")
-            .unwrap()
-            .verify(&token)
-            .is_err());
+        let again = TokenKeys::open(&meta, dir.path(), "berth").await.unwrap();
+        assert!(again.verify(&token).is_ok());
+        let other = TokenKeys::open(&meta, dir.path(), "other").await.unwrap();
+        assert!(other.verify(&token).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_key_an_older_berth_kept_in_the_data_directory_is_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("auth")).unwrap();
+        std::fs::write(dir.path().join("auth/token.key"), [7u8; 32]).unwrap();
+        let claims = Claims {
+            iss: ISSUER.into(),
+            sub: "alice".into(),
+            aud: "berth".into(),
+            exp: now_ms() / 1000 + 60,
+            nbf: now_ms() / 1000,
+            iat: now_ms() / 1000,
+            jti: "j".into(),
+            access: vec![],
+        };
+        // A token signed with the old key before the upgrade stays valid.
+        let old = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(&[7u8; 32]),
+        )
+        .unwrap();
+        let meta = crate::store::meta::open(dir.path()).unwrap();
+        let keys = TokenKeys::open(&meta, dir.path(), "berth").await.unwrap();
+        assert!(keys.verify(&old).is_ok());
     }
 }

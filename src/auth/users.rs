@@ -202,6 +202,20 @@ impl Users {
                 verified.invalidate_all();
             }
         }));
+        let reloaded = users.by_name.clone();
+        crate::store::meta::reload_on_lost(meta, move |meta| {
+            let map = reloaded.clone();
+            async move {
+                match Records::<UserRecord>::new(meta, USERS).list(&[]).await {
+                    Ok(all) => {
+                        *map.write() = all.into_iter().map(|(n, u)| (n, Arc::new(u))).collect();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "users not read again after lost changes")
+                    }
+                }
+            }
+        });
         let loaded = users.users.list(&[]).await?;
         {
             let mut map = users.by_name.write();
@@ -212,9 +226,9 @@ impl Users {
         Ok(users)
     }
 
-    /// Whether any user exists (turns `auth.mode = "auto"` on).
-    pub async fn any(&self) -> Result<bool, MetaError> {
-        Ok(!self.users.list_page(&[], None, 1).await?.is_empty())
+    /// Whether any user exists (turns `auth.mode = "auto"` on), from memory.
+    pub fn exist(&self) -> bool {
+        !self.by_name.read().is_empty()
     }
 
     /// Creates a user.
@@ -425,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = crate::store::meta::open(dir.path()).unwrap();
         let users = Users::open(&meta).await.unwrap();
-        assert!(!users.any().await.unwrap());
+        assert!(!users.exist());
         users.create("root", Role::Admin, vec![]).await.unwrap();
         assert!(matches!(
             users.create("root", Role::Viewer, vec![]).await,

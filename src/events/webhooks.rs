@@ -203,6 +203,13 @@ impl Snapshot {
         self.publish(&all);
     }
 
+    /// Every policy read again (after lost changes): the loaded ones, and no other.
+    fn replace(&self, loaded: Vec<(String, WebhookPolicy)>) {
+        let mut all = self.all.lock();
+        *all = loaded.into_iter().map(|(k, p)| (k, Arc::new(p))).collect();
+        self.publish(&all);
+    }
+
     fn publish(&self, all: &BTreeMap<String, Arc<WebhookPolicy>>) {
         let mut active: Active = HashMap::new();
         let mut any_pull = false;
@@ -346,6 +353,25 @@ impl Webhooks {
                 }
             }
         }));
+        let reloaded = Arc::downgrade(&w.snapshot);
+        crate::store::meta::reload_on_lost(meta, move |meta| {
+            let snapshot = reloaded.clone();
+            async move {
+                match Records::<WebhookPolicy>::new(meta, POLICIES)
+                    .list(&[])
+                    .await
+                {
+                    Ok(all) => {
+                        if let Some(s) = snapshot.upgrade() {
+                            s.replace(all);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "webhook policies not read again after lost changes")
+                    }
+                }
+            }
+        });
         w.snapshot.load(w.policies.list(&[]).await?);
         Ok(w)
     }

@@ -43,7 +43,15 @@ impl Schedule {
     /// Whether a run falls due after `since` and at or before `now` (what the scheduler asks
     /// at each tick, `since` being its previous tick). A refused expression never is.
     pub fn due_between(&self, since: SystemTime, now: SystemTime) -> bool {
-        matches!(self.cron(), Ok(Some(cron)) if cron.next_after(since).is_some_and(|at| at <= now))
+        self.due_at(since, now).is_some()
+    }
+
+    /// When it falls due after `since` and at or before `now`, if it does.
+    pub fn due_at(&self, since: SystemTime, now: SystemTime) -> Option<SystemTime> {
+        match self.cron() {
+            Ok(Some(cron)) => cron.next_after(since).filter(|at| *at <= now),
+            _ => None,
+        }
     }
 }
 

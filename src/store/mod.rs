@@ -102,7 +102,24 @@ impl Store {
         let blobs: Arc<dyn BlobStore> = Arc::new(fs::FsBlobStore::open(data_dir)?);
         let registries = RegistryMap::default();
         // Subscribed before the first read: no change falls between the two.
-        meta.subscribe(follow_registries(&registries, Arc::downgrade(&meta)));
+        meta.subscribe(follow_registries(&registries));
+        let reloaded = registries.clone();
+        meta::reload_on_lost(&meta, move |meta| {
+            let map = reloaded.clone();
+            async move {
+                match meta.registries().await {
+                    Ok(all) => {
+                        *map.write() = all
+                            .into_iter()
+                            .map(|r| (r.name.clone(), Arc::new(r)))
+                            .collect();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "registries not read again after lost changes")
+                    }
+                }
+            }
+        });
         let loaded = meta.registries().await?;
         {
             let mut map = registries.write();
@@ -154,35 +171,10 @@ impl Store {
     }
 }
 
-/// A subscriber that keeps `map` equal to the registries of the metadata: each change as it
-/// comes, and everything again after changes were lost (read back on a task: a subscriber
-/// must not call into the store).
-fn follow_registries(map: &RegistryMap, meta: std::sync::Weak<dyn MetaStore>) -> meta::Subscriber {
+/// A subscriber that keeps `map` equal to the registries of the metadata.
+fn follow_registries(map: &RegistryMap) -> meta::Subscriber {
     let map = map.clone();
-    let reload = {
-        let map = map.clone();
-        move || {
-            let (map, meta) = (map.clone(), meta.clone());
-            tokio::spawn(async move {
-                let Some(meta) = meta.upgrade() else { return };
-                match meta.registries().await {
-                    Ok(all) => {
-                        *map.write() = all
-                            .into_iter()
-                            .map(|r| (r.name.clone(), Arc::new(r)))
-                            .collect();
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "registries not reloaded after lost changes")
-                    }
-                }
-            });
-        }
-    };
     Box::new(move |change| {
-        if matches!(change, Change::Lost) {
-            reload();
-        }
         if let Change::Registry { name, record } = change {
             let mut map = map.write();
             match record {

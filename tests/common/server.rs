@@ -152,7 +152,6 @@ impl TestServer {
             registries.iter().map(|r| r.to_string()).collect(),
         ))
         .unwrap();
-        super::block(app.auth.refresh()).unwrap();
         let (key, secret) = super::block(app.auth.users.create_key(name)).unwrap();
         (key.id, secret)
     }

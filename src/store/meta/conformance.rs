@@ -537,6 +537,17 @@ async fn records_put_get_list_and_remove(meta: &Arc<dyn MetaStore>) {
     );
     assert!(!trees.iter().any(|t| t == "artifacts" || t == "tags"));
     assert_eq!(records.get(&["q"]).await.unwrap(), Some(vec![7]));
+    // Created once: a second creator finds it and changes nothing.
+    assert!(meta
+        .record_create("conformance_records", "once", b"[1]".to_vec())
+        .await
+        .unwrap());
+    assert!(!meta
+        .record_create("conformance_records", "once", b"[2]".to_vec())
+        .await
+        .unwrap());
+    assert_eq!(records.get(&["once"]).await.unwrap(), Some(vec![1]));
+    assert_eq!(records.remove(&["once"]).await.unwrap(), Some(vec![1]));
     let under_p = records.list(&["p"]).await.unwrap();
     assert_eq!(
         under_p,

@@ -273,6 +273,24 @@ pub enum Change<'a> {
 /// thread of the blocking pool): it must not block or call back into the store.
 pub type Subscriber = Box<dyn Fn(Change<'_>) + Send + Sync>;
 
+/// Runs `reload` on a task each time changes may have been lost ([`Change::Lost`]): what keeps
+/// a full copy of some records in memory reads them all again. The store is held weakly by
+/// the subscriber (it lives in the store).
+pub fn reload_on_lost<F, Fut>(meta: &Arc<dyn MetaStore>, reload: F)
+where
+    F: Fn(Arc<dyn MetaStore>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let weak = Arc::downgrade(meta);
+    meta.subscribe(Box::new(move |change| {
+        if matches!(change, Change::Lost) {
+            if let Some(meta) = weak.upgrade() {
+                tokio::spawn(reload(meta));
+            }
+        }
+    }));
+}
+
 /// A metadata failure, whatever the backend.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -610,6 +628,9 @@ pub trait MetaStore: Send + Sync + 'static {
         }
         Ok(())
     }
+    /// Stores a record of `tree` under `key` unless one is there; whether it did (what a
+    /// secret every node must share, or a lease, is created with: one creator wins).
+    async fn record_create(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<bool>;
     /// One record.
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>>;
     /// Removes a record; returns it.

@@ -1362,6 +1362,27 @@ impl MetaStore for PostgresMeta {
         self.commit(tx, changes).await
     }
 
+    async fn record_create(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<bool> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        let created = tx
+            .execute(
+                "INSERT INTO records (tree, key, value) VALUES ($1, $2, $3)
+                 ON CONFLICT (tree, key) DO NOTHING",
+                &[&tree, &key.as_bytes(), &value],
+            )
+            .await
+            .map_err(pg)?
+            > 0;
+        let changes = if created {
+            vec![Owned::record(tree, key, Some(&value))]
+        } else {
+            Vec::new()
+        };
+        self.commit(tx, changes).await?;
+        Ok(created)
+    }
+
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
         let client = self.client().await?;
         Ok(client

@@ -765,6 +765,22 @@ impl Trees {
         Ok(())
     }
 
+    fn record_create(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<bool> {
+        let created = self
+            .db
+            .open_tree(tree)?
+            .compare_and_swap(key, None as Option<&[u8]>, Some(value.as_slice()))?
+            .is_ok();
+        if created {
+            self.notify(Change::Record {
+                tree,
+                key,
+                value: Some(value.as_slice()),
+            });
+        }
+        Ok(created)
+    }
+
     fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
         Ok(self.db.open_tree(tree)?.get(key)?.map(|v| v.to_vec()))
     }
@@ -1118,6 +1134,11 @@ impl MetaStore for SledMeta {
     async fn record_put(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<()> {
         let (tree, key) = (tree.to_owned(), key.to_owned());
         self.run(move |t| t.record_put(&tree, &key, value)).await
+    }
+
+    async fn record_create(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<bool> {
+        let (tree, key) = (tree.to_owned(), key.to_owned());
+        self.run(move |t| t.record_create(&tree, &key, value)).await
     }
 
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
