@@ -8,6 +8,7 @@ pub mod fs;
 pub mod gc;
 pub mod lock;
 pub mod meta;
+pub mod s3;
 pub mod uploads;
 
 use std::collections::HashMap;
