@@ -998,6 +998,64 @@ impl Inner {
         Ok(info)
     }
 
+    /// Bytes of a committed blob as a stream: one ranged GET (a HEAD too when S3 refuses the
+    /// range, to tell an empty end from a read past it).
+    async fn read_bytes(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+    ) -> io::Result<Option<BlobRead>> {
+        let inner = self;
+        let path = inner.blob(digest);
+        let range = match len {
+            Some(0) => None,
+            Some(len) => Some(GetRange::Bounded(offset..offset.saturating_add(len))),
+            None if offset == 0 => None,
+            None => Some(GetRange::Offset(offset)),
+        };
+        if len == Some(0) {
+            // Nothing to fetch: whether the blob is there and the offset in it.
+            let Some(meta) = inner.head(&path).await? else {
+                return Ok(None);
+            };
+            if offset > meta.size {
+                return Err(past_end(offset, meta.size));
+            }
+            return Ok(Some(empty()));
+        }
+        let opts = GetOptions {
+            range: range.clone(),
+            ..Default::default()
+        };
+        match inner.s3.get_opts(&path, opts).await {
+            Ok(got) => {
+                let len = got.range.end - got.range.start;
+                let what = format!("s3://{}/{path}", inner.bucket);
+                let bytes = got.into_stream().map_err(io::Error::other).boxed();
+                Ok(Some(BlobRead::Stream {
+                    len,
+                    bytes: exactly(bytes, len, what),
+                }))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) if range.is_some() => {
+                // S3 refuses a range starting at or past the end: which one it was.
+                let Some(meta) = inner.head(&path).await? else {
+                    return Ok(None);
+                };
+                if offset > meta.size {
+                    Err(past_end(offset, meta.size))
+                } else if offset == meta.size {
+                    Ok(Some(empty()))
+                } else {
+                    Err(inner.error("GET", &path, e))
+                }
+            }
+            Err(e) => Err(inner.error("GET", &path, e)),
+        }
+    }
+
     fn stream(self: &Arc<Self>, sources: Vec<Source>) -> ByteStream {
         let me = self.clone();
         stream::iter(sources)
@@ -1147,6 +1205,8 @@ impl BlobStore for S3BlobStore {
     ) -> io::Result<Option<BlobRead>> {
         let inner = &self.inner;
         let path = inner.blob(digest);
+        // Whole reads only: that is what the HTTP layer asks first, and a client's range goes
+        // to the URL with it.
         if inner.redirect && offset == 0 && len.is_none() {
             let Some(_) = inner.head(&path).await? else {
                 return Ok(None);
@@ -1158,51 +1218,15 @@ impl BlobStore for S3BlobStore {
                 .map_err(|e| inner.error("presign", &path, e))?;
             return Ok(Some(BlobRead::Redirect(url.to_string())));
         }
-        let range = match len {
-            Some(0) => None,
-            Some(len) => Some(GetRange::Bounded(offset..offset.saturating_add(len))),
-            None if offset == 0 => None,
-            None => Some(GetRange::Offset(offset)),
-        };
-        if len == Some(0) {
-            // Nothing to fetch: whether the blob is there and the offset in it.
-            let Some(meta) = inner.head(&path).await? else {
-                return Ok(None);
-            };
-            if offset > meta.size {
-                return Err(past_end(offset, meta.size));
-            }
-            return Ok(Some(empty()));
-        }
-        let opts = GetOptions {
-            range: range.clone(),
-            ..Default::default()
-        };
-        match inner.s3.get_opts(&path, opts).await {
-            Ok(got) => {
-                let len = got.range.end - got.range.start;
-                let what = format!("s3://{}/{path}", inner.bucket);
-                let bytes = got.into_stream().map_err(io::Error::other).boxed();
-                Ok(Some(BlobRead::Stream {
-                    len,
-                    bytes: exactly(bytes, len, what),
-                }))
-            }
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) if range.is_some() => {
-                // S3 refuses a range starting at or past the end: which one it was.
-                let Some(meta) = inner.head(&path).await? else {
-                    return Ok(None);
-                };
-                if offset > meta.size {
-                    Err(past_end(offset, meta.size))
-                } else if offset == meta.size {
-                    Ok(Some(empty()))
-                } else {
-                    Err(inner.error("GET", &path, e))
-                }
-            }
-            Err(e) => Err(inner.error("GET", &path, e)),
+        inner.read_bytes(digest, offset, len).await
+    }
+
+    /// Always the bytes, never a redirect: berth itself reads small blobs (manifests, image
+    /// configs).
+    async fn read_small(&self, digest: &Digest, limit: u64) -> io::Result<Option<Bytes>> {
+        match self.inner.read_bytes(digest, 0, None).await? {
+            Some(read) => read.collect(limit).await,
+            None => Ok(None),
         }
     }
 
@@ -1866,6 +1890,8 @@ mod tests {
         let got = reqwest::get(&url).await.unwrap();
         assert!(got.status().is_success(), "{url}: {}", got.status());
         assert_eq!(got.bytes().await.unwrap(), content);
+        // berth's own reads of small blobs get the bytes.
+        assert_eq!(store.read_small(&d, 100).await.unwrap().unwrap(), content);
         // Ranges are still served through berth.
         assert_eq!(
             bytes_of(store.read(&d, 10, None).await.unwrap()).await,
