@@ -197,7 +197,9 @@ impl App {
             dir: config.data_dir.clone(),
             source,
         };
-        let store = Store::open(&config.data_dir).await.map_err(store_err)?;
+        let store = Store::open_with(&config.data_dir, &config.storage)
+            .await
+            .map_err(store_err)?;
         if apply {
             apply_config(&store, &config).await?;
         }

@@ -73,7 +73,7 @@ const REDIRECT_LIFETIME: Duration = Duration::from_secs(15 * 60);
 const SPOOL_READ_BYTES: u64 = 1 << 20;
 
 /// Where and how to reach the bucket (`[storage]` with `kind = "s3"` in the configuration).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct S3Settings {
     /// Base URL of an S3-compatible service (`https://minio.example:9000`); AWS when absent.
@@ -118,6 +118,29 @@ pub struct S3Settings {
     /// fetches itself, instead of passing the bytes through berth.
     #[serde(default)]
     pub redirect: bool,
+}
+
+/// Shows everything but the secret.
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<hidden>"),
+            )
+            .field("credentials_file", &self.credentials_file)
+            .field("path_style", &self.path_style)
+            .field("ca_file", &self.ca_file)
+            .field("part_bytes", &self.part_bytes)
+            .field("request_timeout", &self.request_timeout)
+            .field("redirect", &self.redirect)
+            .finish()
+    }
 }
 
 fn default_region() -> String {
