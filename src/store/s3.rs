@@ -903,7 +903,7 @@ impl Inner {
                 st.segments.pop();
             } else {
                 if offset + size > len {
-                    let keep = self.get_range(&path, offset, len - offset).await?;
+                    let keep = self.get_range(&path, 0, len - offset).await?;
                     self.put(&path, keep).await?;
                     st.segments.pop();
                     st.segments.push((offset, len - offset));
@@ -990,7 +990,12 @@ impl Inner {
             live.state.lock().await.gone = true;
         }
         let (_, all) = self.list_pending_dir(key).await?;
-        let existed = live.is_some() || !all.is_empty();
+        // A resumable write exists as long as the bucket holds anything of it (from its open
+        // on, its marker): what this process remembers may be stale.
+        let existed = match pending_name(key) {
+            Some(_) => !all.is_empty(),
+            None => live.is_some(),
+        };
         self.delete_all(all).await?;
         Ok(existed)
     }
@@ -1815,6 +1820,66 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cut_rewrites_the_straddling_segment_and_drops_the_later_ones() {
+        let server = S3Server::start().await;
+        let (spool_a, spool_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = server.store(spool_a.path()).await;
+        let key = Pending::Upload(uuid::Uuid::new_v4());
+        let (mut w, _) = a.open_pending(&key).await.unwrap();
+        for piece in [&b"abc"[..], b"defg", b"hi"] {
+            w.write(Bytes::copy_from_slice(piece).into()).await.unwrap();
+            w.sync().await.unwrap();
+        }
+        w.truncate(5).await.unwrap();
+        assert_eq!(w.written(), 5);
+        w.write(Bytes::from_static(b"XY").into()).await.unwrap();
+        w.checkpoint(b"at 7".to_vec()).await.unwrap();
+        drop(w);
+        let b = server.store(spool_b.path()).await;
+        let (w, checkpoint) = b.open_pending(&key).await.unwrap();
+        assert_eq!((w.written(), checkpoint.unwrap().offset), (7, 7));
+        assert_eq!(
+            bytes_of(b.read_pending(&key, 0, None).await.unwrap()).await,
+            b"abcdeXY"
+        );
+        // A segment past a gap (a cut a crash interrupted) does not count, and goes.
+        let stray = b.inner.segment(&key, 100).unwrap();
+        b.inner
+            .put(&stray, Bytes::from_static(b"zz"))
+            .await
+            .unwrap();
+        assert_eq!(b.stat_pending(&key).await.unwrap().unwrap().info.size, 7);
+        drop(w);
+        let (w, _) = b.open_pending(&key).await.unwrap();
+        assert_eq!(w.written(), 7);
+        assert!(b.inner.head(&stray).await.unwrap().is_none());
+        assert!(b.read_pending(&key, 8, None).await.is_err(), "past the end");
+        w.abort().await.unwrap();
+        assert!(a.stat_pending(&key).await.unwrap().is_none());
+        assert!(!a.remove_pending(&key).await.unwrap());
+    }
+
+    #[test]
+    fn credentials_files_are_name_value_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("creds");
+        std::fs::write(
+            &path,
+            "# berth's bucket\n[default]\naws_access_key_id = AK\nsecret_access_key=SK\n",
+        )
+        .unwrap();
+        let c = read_credentials_file(&path).unwrap();
+        assert_eq!(c.access_key_id.as_deref(), Some("AK"));
+        assert_eq!(c.secret_access_key.as_deref(), Some("SK"));
+        assert_eq!(c.session_token, None);
+        for bad in ["access_key_id = AK\n", "access_key_id AK\n", "region = x\n"] {
+            std::fs::write(&path, bad).unwrap();
+            let e = read_credentials_file(&path).unwrap_err();
+            assert!(e.to_string().contains("creds"), "{e}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
