@@ -37,6 +37,10 @@ if ((${#packages[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
+# src/store/s3.rs tests the S3 blob backend against a real S3 server on loopback: s3s-fs (not
+# in Debian; a crates.io binary, about two minutes to build on two cores).
+command -v s3s-fs >/dev/null 2>&1 || [[ -x "$HOME/.cargo/bin/s3s-fs" ]] ||
+  cargo install s3s-fs --version 0.14.1 --features binary --locked
 
 # Two cores: keep the daemon-heavy tests from starving each other.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"

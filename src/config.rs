@@ -52,6 +52,8 @@ pub struct Config {
     /// Where berth may connect on a source's or a user's say-so (redirects, token realms,
     /// webhook targets).
     pub egress: EgressConfig,
+    /// Where blob bytes live: the data directory (default) or an S3-compatible bucket.
+    pub storage: crate::store::BlobBackend,
     /// The file this config was read from (`None`: the embedded defaults); reloads read it.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -599,6 +601,7 @@ impl Default for Config {
             replication: ReplicationConfig::default(),
             metadata: Default::default(),
             egress: EgressConfig::default(),
+            storage: Default::default(),
             source: None,
         }
     }
@@ -752,6 +755,11 @@ impl Config {
         }
         if pt.evict_interval.is_zero() {
             say("pull_through.evict_interval must be at least 1s".into());
+        }
+        if let crate::store::BlobBackend::S3(s3) = &self.storage {
+            if let Err(problem) = s3.validate() {
+                say(problem);
+            }
         }
         let rep = &self.replication;
         if !(64 * 1024..=1 << 30).contains(&rep.chunk_bytes) {
@@ -1072,6 +1080,43 @@ mod tests {
         );
         assert!(!r.public_uri && r.anonymous_pull);
         assert_eq!(r.quota_bytes, None, "a quota of 0 is no quota");
+    }
+
+    #[test]
+    fn storage_is_the_filesystem_or_a_checked_s3_bucket() {
+        use crate::store::BlobBackend;
+        let c = Config::from_toml("[storage]\nkind = \"filesystem\"").unwrap();
+        assert_eq!(c.storage, BlobBackend::Filesystem {});
+        assert!(Config::from_toml("[storage]\nkind = \"filesystem\"\nbucket = \"b\"").is_err());
+        let c = Config::from_toml(
+            "[storage]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\n\
+             secret_access_key = \"s3cret\"\naccess_key_id = \"AK\"\nrequest_timeout = \"2m\"",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let BlobBackend::S3(s3) = &c.storage else {
+            panic!("s3: {:?}", c.storage);
+        };
+        assert_eq!((s3.region.as_str(), s3.part_bytes), ("us-east-1", 8 << 20));
+        assert_eq!(s3.request_timeout, Duration::from_secs(120));
+        assert!(s3.path_style && !s3.redirect);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret") && shown.contains("AK"), "{shown}");
+        assert!(
+            Config::from_toml("[storage]\nkind = \"s3\"").is_err(),
+            "bucket required"
+        );
+        assert!(Config::from_toml("[storage]\nkind = \"s3\"\nbucket = \"b\"\nbuckit = 1").is_err());
+        for bad in [
+            "part_bytes = 1048576",
+            "endpoint = \"minio:9000\"",
+            "access_key_id = \"AK\"",
+            "prefix = \"/a//b\"",
+        ] {
+            let c = Config::from_toml(&format!("[storage]\nkind = \"s3\"\nbucket = \"b\"\n{bad}"))
+                .unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

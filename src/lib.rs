@@ -200,7 +200,7 @@ impl App {
             dir: config.data_dir.clone(),
             source,
         };
-        let store = Store::open_with(&config.data_dir, &config.metadata)
+        let store = Store::open_with(&config.data_dir, &config.storage, &config.metadata)
             .await
             .map_err(store_err)?;
         if apply {

@@ -195,6 +195,7 @@ fn needs_restart(running: &Config, fresh: &Config) -> Vec<String> {
     check("auth", differ(&running.auth, &fresh.auth));
     check("webhooks", differ(&running.webhooks, &fresh.webhooks));
     check("egress", differ(&running.egress, &fresh.egress));
+    check("storage", differ(&running.storage, &fresh.storage));
     check("metadata", running.metadata != fresh.metadata);
     // Endpoints and rules apply at once; how blobs travel needs a restart.
     let travel = |r: &crate::config::ReplicationConfig| {

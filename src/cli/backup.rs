@@ -237,9 +237,10 @@ pub fn restore(place: &Place, dir: &Path, json: bool) -> Result<(), String> {
     let report = place.rt.block_on(async {
         // Checked before the data directory is made: a refused backup leaves nothing behind.
         let backup = crate::backup::check(dir).await.map_err(|e| e.to_string())?;
-        let store = crate::store::Store::open(data)
-            .await
-            .map_err(|e| format!("cannot open data directory {}: {e}", data.display()))?;
+        let store =
+            crate::store::Store::open_with(data, &place.config.storage, &place.config.metadata)
+                .await
+                .map_err(|e| format!("cannot open data directory {}: {e}", data.display()))?;
         crate::backup::restore(&backup, &store, max_manifest)
             .await
             .map_err(|e| e.to_string())

@@ -445,7 +445,7 @@ impl BlobStore for FsBlobStore {
 
 /// Writes `pieces` at `at` with as few `pwritev` calls as the kernel allows (no copy into one
 /// buffer first).
-fn write_all_at(file: &File, pieces: &[Bytes], mut at: u64) -> io::Result<()> {
+pub(super) fn write_all_at(file: &File, pieces: &[Bytes], mut at: u64) -> io::Result<()> {
     let (mut index, mut skip) = (0, 0);
     while index < pieces.len() {
         let slices: Vec<io::IoSlice<'_>> = std::iter::once(&pieces[index][skip..])

@@ -8,6 +8,7 @@ pub mod fs;
 pub mod gc;
 pub mod lock;
 pub mod meta;
+pub mod s3;
 pub mod uploads;
 
 use std::collections::HashMap;
@@ -73,33 +74,77 @@ pub fn holds_data(data_dir: &Path) -> bool {
     data_dir.join("meta").is_dir()
 }
 
+/// Where blob bytes live (`[storage]` in the configuration, tagged by `kind`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BlobBackend {
+    /// Under the data directory (`blobs/`, `uploads/`, `partial/`, `tmp/`). A struct variant:
+    /// serde lets a unit one take unknown keys.
+    Filesystem {},
+    /// In an S3-compatible bucket; writes in progress are spooled under `DATA/tmp/s3-spool`.
+    S3(Box<s3::S3Settings>),
+}
+
+impl Default for BlobBackend {
+    fn default() -> Self {
+        BlobBackend::Filesystem {}
+    }
+}
+
+impl BlobBackend {
+    /// Opens the blob store of `data_dir`.
+    pub async fn open(&self, data_dir: &Path) -> std::io::Result<Arc<dyn BlobStore>> {
+        Ok(match self {
+            BlobBackend::Filesystem {} => Arc::new(fs::FsBlobStore::open(data_dir)?),
+            BlobBackend::S3(settings) => {
+                let spool = data_dir.join("tmp").join("s3-spool");
+                Arc::new(s3::S3BlobStore::open(settings, &spool).await?)
+            }
+        })
+    }
+}
+
 impl Store {
-    /// Opens the data directory.
+    /// Opens the data directory, blobs on the filesystem.
     pub async fn open(data_dir: &Path) -> Result<Store, crate::error::Error> {
-        // Metadata first: it takes the data directory's lock.
-        let meta = meta::open(data_dir)?;
-        Store::with_meta(data_dir, meta).await
+        Store::open_with(
+            data_dir,
+            &BlobBackend::Filesystem {},
+            &meta::MetadataSettings::Sled,
+        )
+        .await
     }
 
-    /// Opens the data directory with its metadata where `metadata` says.
+    /// Opens the data directory, blobs where `backend` says and metadata where `metadata`
+    /// says.
     pub async fn open_with(
         data_dir: &Path,
+        backend: &BlobBackend,
         metadata: &meta::MetadataSettings,
     ) -> Result<Store, crate::error::Error> {
         // Metadata first: it takes the data directory's lock.
         let (meta, lock) = meta::open_with(data_dir, metadata).await?;
-        let mut store = Store::with_meta(data_dir, meta).await?;
+        let mut store = Store::with_backend(data_dir, meta, backend).await?;
         store._lock = lock;
         Ok(store)
     }
 
     /// Opens the blobs of a data directory over a metadata store already open (the data
-    /// directory's lock taken).
+    /// directory's lock taken), on the filesystem.
     pub async fn with_meta(
         data_dir: &Path,
         meta: Arc<dyn MetaStore>,
     ) -> Result<Store, crate::error::Error> {
-        let blobs: Arc<dyn BlobStore> = Arc::new(fs::FsBlobStore::open(data_dir)?);
+        Store::with_backend(data_dir, meta, &BlobBackend::Filesystem {}).await
+    }
+
+    /// Opens the blobs where `backend` says over a metadata store already open.
+    pub async fn with_backend(
+        data_dir: &Path,
+        meta: Arc<dyn MetaStore>,
+        backend: &BlobBackend,
+    ) -> Result<Store, crate::error::Error> {
+        let blobs = backend.open(data_dir).await?;
         let registries = RegistryMap::default();
         // Subscribed before the first read: no change falls between the two.
         meta.subscribe(follow_registries(&registries));
