@@ -196,3 +196,106 @@ impl PostgresCluster {
         format!("postgres://berth@127.0.0.1:{}/{name}", self.port)
     }
 }
+
+/// An `s3s-fs` (the S3 server the tests run against, installed by `scripts/test.sh`) on a free
+/// loopback port over a fresh directory holding the bucket [`S3Server::BUCKET`], killed on drop.
+pub struct S3Server {
+    child: Child,
+    port: u16,
+    root: PathBuf,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn s3s_fs_binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("s3s-fs"))
+            .find(|p| p.is_file())
+    });
+    let in_cargo = std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".cargo/bin/s3s-fs"))
+        .filter(|p| p.is_file());
+    on_path.or(in_cargo).unwrap_or_else(|| {
+        panic!(
+            "s3s-fs (the S3 server these tests run against) is not installed: run \
+             scripts/test.sh, or `cargo install s3s-fs --version 0.14.1 --features binary --locked`"
+        )
+    })
+}
+
+impl S3Server {
+    /// The bucket it holds.
+    pub const BUCKET: &'static str = "berth";
+    /// Its access key id.
+    pub const ACCESS_KEY: &'static str = "berth-test-key";
+    /// Its secret key.
+    pub const SECRET_KEY: &'static str = "berth-test-secret";
+
+    /// Starts one and waits until it listens.
+    pub async fn start() -> S3Server {
+        static SERVERS: AtomicU32 = AtomicU32::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "berth-test-s3-{}-{}",
+            std::process::id(),
+            SERVERS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join(Self::BUCKET)).expect("the bucket's directory");
+        let port = free_port();
+        let child = Command::new(s3s_fs_binary())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--access-key",
+                Self::ACCESS_KEY,
+                "--secret-key",
+                Self::SECRET_KEY,
+            ])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("s3s-fs starts");
+        let server = S3Server { child, port, root };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not listen on port {port} within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server
+    }
+
+    /// Its endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A `[storage]` table for berth over its bucket, keys under `prefix`.
+    pub fn storage_toml(&self, prefix: &str) -> String {
+        format!(
+            "[storage]\nkind = \"s3\"\nendpoint = {:?}\nbucket = {:?}\nprefix = {prefix:?}\n\
+             access_key_id = {:?}\nsecret_access_key = {:?}\npart_bytes = 5242880\n",
+            self.endpoint(),
+            Self::BUCKET,
+            Self::ACCESS_KEY,
+            Self::SECRET_KEY
+        )
+    }
+
+    /// Whether the bucket holds an object at `key` (s3s-fs keeps an object as a file at its
+    /// key).
+    pub fn holds(&self, key: &str) -> bool {
+        self.root.join(Self::BUCKET).join(key).is_file()
+    }
+}

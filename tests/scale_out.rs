@@ -5,9 +5,11 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use common::registry::Client;
 use common::server::TestServer;
+use common::{clients, oci_layout};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -138,4 +140,133 @@ async fn a_scheduled_cleanup_runs_on_one_node_and_again_once_after_that_node_is_
     let ran = tick_all(&ns, now, later).await;
     assert_eq!(ran.len(), 1, "once more, on one node: {ran:?}");
     assert_eq!(cleanup_executions(&ns[0]).await, 2);
+}
+
+/// Three nodes over one bucket (`[storage] kind = "s3"`, a real s3s-fs) and one database: an
+/// image pushed with skopeo to node 1 is pulled from node 2 by containerd and runs; a tag moved
+/// on node 3 is what node 1 serves next; a chunked upload started on node 1 finishes on
+/// node 2 and its blob reads whole from node 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_over_one_bucket_and_one_database_serve_as_one_registry() {
+    let s3 = berth::testbed::S3Server::start().await;
+    let ns = nodes(3, &s3.storage_toml("hub")).await;
+
+    let layouts = tempfile::tempdir().unwrap();
+    let layout = layouts.path().join("app");
+    let img = oci_layout::build_image(&layout, "v1", 256 * 1024);
+    let (src, dst) = (
+        format!("oci:{}:v1", layout.display()),
+        format!("docker://{}/library/app:v1", ns[0].addr()),
+    );
+    tokio::task::spawn_blocking(move || clients::skopeo_copy(&src, &dst, &[]))
+        .await
+        .unwrap();
+    assert!(
+        !ns[0].dir.path().join("data/blobs").exists()
+            || std::fs::read_dir(ns[0].dir.path().join("data/blobs"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "blobs went to the bucket, not to node 1's disk"
+    );
+    let name = format!("{}/library/app:v1", ns[1].addr());
+    let out = tokio::task::spawn_blocking(move || {
+        let ctd = clients::Containerd::start();
+        ctd.ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            &ctd.snapshotter,
+            &name,
+        ]);
+        let id = clients::unique_name("berth-scale-out");
+        ctd.ctr(&["run", "--rm", "--snapshotter", &ctd.snapshotter, &name, &id])
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.lines().any(|l| l.trim() == oci_layout::MARKER),
+        "ctr run printed {out:?}"
+    );
+
+    // Node 1 serves the tag (and keeps its manifest in memory); node 3 moves it.
+    let on = |i: usize| Client::over(reqwest::Client::new(), &ns[i].base);
+    let digest_of = |r: &reqwest::Response| common::server::header(r, "docker-content-digest");
+    let before = on(0)
+        .req(Method::GET, "/v2/library/app/manifests/v1")
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(digest_of(&before), img.manifest.digest);
+    let moved = on(2).image("library/app", "v1", "moved", b"base").await;
+    let moved_digest = common::server::sha256(&moved);
+    let started = Instant::now();
+    loop {
+        let r = on(0)
+            .req(Method::GET, "/v2/library/app/manifests/v1")
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap();
+        if digest_of(&r) == moved_digest {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "node 1 still serves the old manifest of a tag moved on node 3"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    eprintln!(
+        "a tag moved on node 3 was served by node 1 after {:?}",
+        started.elapsed()
+    );
+
+    // A chunked upload: begun on node 1, finished on node 2, read from node 3.
+    let data: Vec<u8> = (0..(9 << 20)).map(|i| (i % 251) as u8).collect();
+    let r = on(0)
+        .req(Method::POST, "/v2/library/app/blobs/uploads/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let mut location = common::server::header(&r, "location");
+    let half = 6 << 20;
+    for (node, chunk, at) in [(0, &data[..half], 0), (1, &data[half..], half)] {
+        let r = on(node)
+            .req(Method::PATCH, &location)
+            .header("content-range", format!("{at}-{}", at + chunk.len() - 1))
+            .body(chunk.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert_eq!(
+            status,
+            StatusCode::ACCEPTED,
+            "node {node}: {:?}",
+            r.text().await
+        );
+        location = common::server::header(&r, "location");
+    }
+    let d = common::server::sha256(&data);
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let r = on(1)
+        .req(Method::PUT, &format!("{location}{sep}digest={d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+    let r = on(2)
+        .req(Method::GET, &format!("/v2/library/app/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.bytes().await.unwrap() == data,
+        "the blob reads whole from node 3"
+    );
 }

@@ -1649,80 +1649,22 @@ mod tests {
     use super::*;
     use crate::oci::digest::{Algorithm, Verifier};
 
-    const AK: &str = "berth-test-key";
-    const SK: &str = "berth-test-secret";
-    const BUCKET: &str = "berth";
+    use crate::testbed::S3Server;
 
-    /// An `s3s-fs` on a free loopback port over a fresh directory, killed on drop.
-    struct S3Server {
-        child: std::process::Child,
-        port: u16,
-        _root: tempfile::TempDir,
+    const BUCKET: &str = S3Server::BUCKET;
+
+    /// The backend's view of a test server.
+    trait TestBucket {
+        fn settings(&self) -> S3Settings;
+        async fn store(&self, spool: &FsPath) -> S3BlobStore;
     }
 
-    impl Drop for S3Server {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    fn s3s_fs_binary() -> PathBuf {
-        let on_path = std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("s3s-fs"))
-                .find(|p| p.is_file())
-        });
-        let in_cargo = std::env::var_os("HOME")
-            .map(|home| PathBuf::from(home).join(".cargo/bin/s3s-fs"))
-            .filter(|p| p.is_file());
-        on_path.or(in_cargo).unwrap_or_else(|| {
-            panic!(
-                "s3s-fs (the S3 server these tests run against) is not installed: run \
-                 scripts/test.sh, or `cargo install s3s-fs --version 0.14.1 --features binary \
-                 --locked`"
-            )
-        })
-    }
-
-    impl S3Server {
-        async fn start() -> S3Server {
-            let root = tempfile::tempdir().unwrap();
-            std::fs::create_dir(root.path().join(BUCKET)).unwrap();
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let child = std::process::Command::new(s3s_fs_binary())
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--access-key", AK, "--secret-key", SK])
-                .arg(root.path())
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("s3s-fs starts");
-            let server = S3Server {
-                child,
-                port,
-                _root: root,
-            };
-            for _ in 0..200 {
-                if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-                {
-                    return server;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("s3s-fs did not listen on port {port} within 10 s");
-        }
-
+    impl TestBucket for S3Server {
         fn settings(&self) -> S3Settings {
             S3Settings {
-                endpoint: Some(format!("http://127.0.0.1:{}", self.port)),
-                access_key_id: Some(AK.into()),
-                secret_access_key: Some(SK.into()),
+                endpoint: Some(self.endpoint()),
+                access_key_id: Some(S3Server::ACCESS_KEY.into()),
+                secret_access_key: Some(S3Server::SECRET_KEY.into()),
                 part_bytes: MIN_PART_BYTES,
                 prefix: "node-data".into(),
                 ..S3Settings::new(BUCKET)
