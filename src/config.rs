@@ -761,6 +761,11 @@ impl Config {
                 say(problem);
             }
         }
+        if let crate::store::meta::MetadataSettings::Postgres(pg) = &self.metadata {
+            if let Err(problem) = pg.validate() {
+                say(problem);
+            }
+        }
         let rep = &self.replication;
         if !(64 * 1024..=1 << 30).contains(&rep.chunk_bytes) {
             say("replication.chunk_bytes must be 65536 to 1073741824".into());

@@ -940,3 +940,25 @@ async fn a_damaged_local_blob_is_not_replicated() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     drop(m);
 }
+
+/// A node whose blobs are in object storage (and whose clients are sent presigned URLs)
+/// replicates too: blobs are read from the bucket, hashed and sent in chunks.
+#[tokio::test]
+async fn a_node_on_object_storage_replicates_from_its_bucket() {
+    let s3 = berth::testbed::S3Server::start().await;
+    let (b, key) = destination().await;
+    let a = TestServer::start(&format!("{}redirect = true\n", s3.storage_toml("a"))).await;
+    let src = Registry::over(a.client.clone(), &a.base);
+    let layer: Vec<u8> = (0..3_000_000).map(|i| (i % 241) as u8).collect();
+    let m = src.image("library/app", "v1", "one", &layer).await;
+    endpoint(&a, "eu", &b.base, &key).await;
+    add_rule(
+        &a,
+        json!({"name": "from-bucket", "endpoint": "eu", "registry": "library"}),
+    )
+    .await;
+    let e = run(&a, "from-bucket").await;
+    assert_eq!(e["status"], "succeeded", "{e}");
+    let dst = Registry::new(&b.base, Some(key));
+    assert_eq!(dst.pull_all("library/app", "v1").await, m);
+}

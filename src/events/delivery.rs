@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 
 use super::payload::{http_payload, signature, slack_payload};
 use super::webhooks::{
-    check_target, seq, Delivery, DeliveryStatus, WebhookKind, WebhookPolicy, Webhooks,
+    check_target, seq, Delivery, DeliveryStatus, WebhookKind, WebhookPolicy, Webhooks, DELIVERY_IDS,
 };
 use super::{Event, EventKind, Happened};
 use crate::error::Result;
@@ -64,7 +64,7 @@ impl Webhooks {
             media_type: "application/vnd.oci.image.manifest.v1+json",
             size: 0,
         });
-        let mut d = self.new_delivery(&policy.id, kind);
+        let mut d = self.new_delivery(&policy.id, kind).await;
         d.attempts = 1;
         let a = self.attempt(&policy, &event, d.id).await;
         d.status = if a.ok {
@@ -79,10 +79,32 @@ impl Webhooks {
         Ok(d)
     }
 
-    pub(super) fn new_delivery(&self, policy_id: &str, kind: EventKind) -> Delivery {
+    /// A new delivery, with a number no other node hands out.
+    pub(super) async fn new_delivery(&self, policy_id: &str, kind: EventKind) -> Delivery {
+        let id = match self
+            .meta
+            .sequence_next(
+                DELIVERY_IDS,
+                self.next_id.load(Ordering::Relaxed).saturating_sub(1),
+            )
+            .await
+        {
+            Ok(id) => id,
+            Err(e) => {
+                // Recorded with a local number then (the record may not be written either).
+                tracing::error!(error = %e, "no delivery number from the metadata");
+                self.next_id.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+        Self::delivery(id, policy_id, kind)
+    }
+
+    /// A delivery numbered `id`.
+    fn delivery(id: u64, policy_id: &str, kind: EventKind) -> Delivery {
         let now = now_ms();
         Delivery {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             policy_id: policy_id.to_string(),
             event: kind,
             status: DeliveryStatus::Pending,
@@ -293,7 +315,7 @@ impl Webhooks {
 
     /// Records a new delivery for `policy` and queues it; a full queue records it as dropped.
     async fn enqueue(&self, policy: &WebhookPolicy, event: &Event, tx: &mpsc::Sender<Job>) {
-        let mut d = self.new_delivery(&policy.id, event.kind);
+        let mut d = self.new_delivery(&policy.id, event.kind).await;
         let permit = match tx.try_reserve() {
             Ok(p) => p,
             Err(_) => {
@@ -350,9 +372,7 @@ impl Webhooks {
                 Some(d) => d,
                 None => {
                     let Ok(n) = id.parse::<u64>() else { continue };
-                    let mut d = self.new_delivery(policy_id, event.kind);
-                    d.id = n;
-                    d
+                    Self::delivery(n, policy_id, event.kind)
                 }
             };
             jobs.push((policy.clone(), Job { delivery, event }));

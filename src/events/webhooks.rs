@@ -25,6 +25,9 @@ use crate::store::meta::{now_ms, Change, MetaStore, Records};
 /// The tree of webhook policies.
 const POLICIES: &str = "webhook_policies";
 
+/// The sequence delivery numbers come from (shared by every node of a shared metadata store).
+pub(super) const DELIVERY_IDS: &str = "webhook_deliveries";
+
 /// Payload format of a policy's target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -235,7 +238,11 @@ pub struct Webhooks {
     pub(super) log: Records<Delivery>,
     /// Events of pending deliveries, same keys as `log`.
     pub(super) outbox: Records<Event>,
+    /// At least the next delivery number (the floor of [`DELIVERY_IDS`]: numbers given
+    /// before it existed).
     pub(super) next_id: AtomicU64,
+    /// The metadata (for delivery numbers).
+    pub(super) meta: Arc<dyn MetaStore>,
     /// Enabled policies, following the store.
     pub(super) snapshot: Arc<Snapshot>,
     /// Serializes policy changes made here (name uniqueness).
@@ -334,6 +341,7 @@ impl Webhooks {
             log,
             outbox: Records::new(meta.clone(), "webhook_outbox"),
             next_id: AtomicU64::new(last.map_or(1, |l| l + 1)),
+            meta: meta.clone(),
             snapshot: Arc::new(Snapshot::new()),
             changes: tokio::sync::Mutex::new(()),
             log_len: Mutex::new(HashMap::new()),
@@ -695,7 +703,7 @@ mod tests {
             .await
             .unwrap();
         for _ in 0..20 {
-            let mut d = w.new_delivery(&p.id, EventKind::PushArtifact);
+            let mut d = w.new_delivery(&p.id, EventKind::PushArtifact).await;
             d.status = DeliveryStatus::Delivered;
             w.append(&d).await.unwrap();
         }
@@ -705,7 +713,7 @@ mod tests {
         assert!(w.log.list(&[&p.id]).await.unwrap().len() <= 6);
         drop(w);
         let w = Webhooks::open(&meta, &cfg).await.unwrap();
-        assert_eq!(w.new_delivery(&p.id, EventKind::PushArtifact).id, 21);
+        assert_eq!(w.new_delivery(&p.id, EventKind::PushArtifact).await.id, 21);
     }
 
     #[tokio::test]

@@ -317,7 +317,7 @@ impl Transfer {
             .app
             .store
             .blobs
-            .read(digest, 0, None)
+            .read_bytes(digest, 0, None)
             .await?
             .ok_or_else(|| local(format!("blob {digest} is gone")))?;
         let actual = hash_read(read, Verifier::new(digest.algorithm()))
@@ -510,49 +510,30 @@ impl Transfer {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
-        let file = match self.app.store.blobs.read(digest, start, Some(len)).await? {
-            Some(BlobRead::Local(region)) => region,
-            Some(_) => return Err(local("replication reads local blob files only")),
-            None => return Err(local(format!("blob {digest} is gone"))),
-        };
-        // The body is made again for the one repeat a 401 may ask for; bytes are counted as
-        // they leave.
+        // The body is made again for the one repeat a 401 may ask for (each time read anew
+        // from the store, local file or object storage); bytes are counted as they leave.
         let counter = Arc::new(AtomicU64::new(0));
         let bandwidth = self.link.bandwidth();
         let make: BodySource = {
-            let counter = counter.clone();
+            let (counter, store, digest) = (
+                counter.clone(),
+                self.app.store.blobs.clone(),
+                digest.clone(),
+            );
             Arc::new(move || {
-                let region = file.clone();
-                let counter = counter.clone();
-                let bandwidth = bandwidth.clone();
-                let pieces = futures_util::stream::unfold(0u64, move |at| {
-                    let region = region.clone();
-                    let counter = counter.clone();
-                    let bandwidth = bandwidth.clone();
-                    async move {
-                        if at >= region.len() {
-                            return None;
-                        }
-                        let want = (region.len() - at) as usize;
-                        let piece = crate::http::body::read_piece(
-                            region.file().clone(),
-                            region.offset() + at,
-                            want,
-                        )
-                        .await;
-                        match piece {
-                            Ok(p) => {
-                                if let Some(b) = &bandwidth {
-                                    b.take(p.len() as u64).await;
-                                }
-                                counter.fetch_add(p.len() as u64, Ordering::Relaxed);
-                                let next = at + p.len() as u64;
-                                Some((Ok::<Bytes, std::io::Error>(p), next))
+                let (counter, bandwidth) = (counter.clone(), bandwidth.clone());
+                let pieces =
+                    blob_pieces(store.clone(), digest.clone(), start, len).then(move |piece| {
+                        let (counter, bandwidth) = (counter.clone(), bandwidth.clone());
+                        async move {
+                            let piece = piece?;
+                            if let Some(b) = &bandwidth {
+                                b.take(piece.len() as u64).await;
                             }
-                            Err(e) => Some((Err(e), u64::MAX)),
+                            counter.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                            Ok::<Bytes, std::io::Error>(piece)
                         }
-                    }
-                });
+                    });
                 reqwest::Body::wrap_stream(pieces)
             })
         };
@@ -565,6 +546,56 @@ impl Transfer {
         self.link.count(out);
         result
     }
+}
+
+/// Bytes `[start, start + len)` of a stored blob as pieces: a local file read a piece at a
+/// time, or the stream of an object store.
+fn blob_pieces(
+    store: Arc<dyn crate::store::blobs::BlobStore>,
+    digest: Digest,
+    start: u64,
+    len: u64,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let opened = async move {
+        let read = match store.read_bytes(&digest, start, Some(len)).await {
+            Ok(Some(read)) => read,
+            Ok(None) => return Err(std::io::Error::other(format!("blob {digest} is gone"))),
+            Err(e) => return Err(e),
+        };
+        Ok(match read {
+            BlobRead::Local(region) => futures_util::stream::unfold(0u64, move |at| {
+                let region = region.clone();
+                async move {
+                    if at >= region.len() {
+                        return None;
+                    }
+                    let want = (region.len() - at) as usize;
+                    match crate::http::body::read_piece(
+                        region.file().clone(),
+                        region.offset() + at,
+                        want,
+                    )
+                    .await
+                    {
+                        Ok(p) => {
+                            let next = at + p.len() as u64;
+                            Some((Ok(p), next))
+                        }
+                        Err(e) => Some((Err(e), u64::MAX)),
+                    }
+                }
+            })
+            .boxed(),
+            BlobRead::Stream { bytes, .. } => bytes,
+            BlobRead::Redirect(_) => {
+                return Err(std::io::Error::other("a blob read gave a redirect"))
+            }
+        })
+    };
+    futures_util::stream::once(opened).flat_map(|opened| match opened {
+        Ok(pieces) => pieces,
+        Err(e) => futures_util::stream::once(async move { Err(e) }).boxed(),
+    })
 }
 
 /// The bytes an upload's `Range: 0-N` says the destination holds (`0-0` is read as none: it is

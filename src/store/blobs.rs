@@ -217,10 +217,21 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Deletes a write in progress and its checkpoint; whether it existed.
     async fn remove_pending(&self, key: &Pending) -> io::Result<bool>;
 
+    /// [`BlobStore::read`] for berth's own use (a hash, a copy sent elsewhere): the bytes,
+    /// never a redirect. A backend that answers reads with redirects overrides it.
+    async fn read_bytes(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+    ) -> io::Result<Option<BlobRead>> {
+        self.read(digest, offset, len).await
+    }
+
     /// The whole content of a small blob (a manifest, an image config), or `None` when absent.
     /// Blobs are streamed; only bounded ones are read whole: longer than `limit` is an error.
     async fn read_small(&self, digest: &Digest, limit: u64) -> io::Result<Option<Bytes>> {
-        match self.read(digest, 0, None).await? {
+        match self.read_bytes(digest, 0, None).await? {
             Some(read) => read.collect(limit).await,
             None => Ok(None),
         }

@@ -1249,13 +1249,15 @@ impl BlobStore for S3BlobStore {
         inner.read_bytes(digest, offset, len).await
     }
 
-    /// Always the bytes, never a redirect: berth itself reads small blobs (manifests, image
-    /// configs).
-    async fn read_small(&self, digest: &Digest, limit: u64) -> io::Result<Option<Bytes>> {
-        match self.inner.read_bytes(digest, 0, None).await? {
-            Some(read) => read.collect(limit).await,
-            None => Ok(None),
-        }
+    /// Always the bytes, never a redirect: what berth reads itself (manifests, image configs,
+    /// a blob hashed or sent elsewhere).
+    async fn read_bytes(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+    ) -> io::Result<Option<BlobRead>> {
+        self.inner.read_bytes(digest, offset, len).await
     }
 
     async fn put(&self, digest: &Digest, bytes: Bytes) -> io::Result<()> {

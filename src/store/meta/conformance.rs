@@ -548,6 +548,20 @@ async fn records_put_get_list_and_remove(meta: &Arc<dyn MetaStore>) {
         .unwrap());
     assert_eq!(records.get(&["once"]).await.unwrap(), Some(vec![1]));
     assert_eq!(records.remove(&["once"]).await.unwrap(), Some(vec![1]));
+    // Sequences: increasing, above their floor, each number handed out once.
+    assert_eq!(meta.sequence_next("conformance", 0).await.unwrap(), 1);
+    assert_eq!(meta.sequence_next("conformance", 0).await.unwrap(), 2);
+    assert_eq!(meta.sequence_next("conformance", 10).await.unwrap(), 11);
+    assert_eq!(meta.sequence_next("conformance", 3).await.unwrap(), 12);
+    assert_eq!(meta.sequence_next("other", 0).await.unwrap(), 1);
+    let racing: Vec<_> = (0..20).map(|_| meta.sequence_next("raced", 0)).collect();
+    let mut got: Vec<u64> = futures_util::future::join_all(racing)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    got.sort();
+    assert_eq!(got, (1..=20).collect::<Vec<u64>>(), "each once");
     let under_p = records.list(&["p"]).await.unwrap();
     assert_eq!(
         under_p,

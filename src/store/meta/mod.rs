@@ -631,6 +631,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Stores a record of `tree` under `key` unless one is there; whether it did (what a
     /// secret every node must share, or a lease, is created with: one creator wins).
     async fn record_create(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<bool>;
+    /// The next number of the sequence `name`, above `floor` (numbers handed out before the
+    /// sequence existed): unique across every node sharing the store, increasing.
+    async fn sequence_next(&self, name: &str, floor: u64) -> MetaResult<u64>;
     /// One record.
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>>;
     /// Removes a record; returns it.

@@ -49,6 +49,20 @@ pub struct PostgresSettings {
 }
 
 impl PostgresSettings {
+    /// What is wrong with the settings, said for the operator.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Err(e) = self.url.parse::<tokio_postgres::Config>() {
+            return Err(format!(
+                "metadata.url {:?} is not a PostgreSQL URL: {e}",
+                self.redacted().url
+            ));
+        }
+        if self.pool_size == 0 || self.timeout.is_zero() {
+            return Err("metadata.pool_size and metadata.timeout must be above 0".into());
+        }
+        Ok(())
+    }
+
     /// The settings with the URL's password replaced (what logs and `check-config` show).
     pub fn redacted(&self) -> PostgresSettings {
         let url = match self.url.split_once("://") {
@@ -109,7 +123,8 @@ const LISTENER_NAME: &str = "berth-listener";
 const PAYLOAD_LIMIT: usize = 7900;
 
 /// The schema, one migration per step; a step is never changed once released, only followed.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE registries (name text COLLATE "C" PRIMARY KEY, record bytea NOT NULL);
 CREATE TABLE image_caches (name text COLLATE "C" PRIMARY KEY, record bytea NOT NULL);
 CREATE TABLE credentials (name text COLLATE "C" PRIMARY KEY, record bytea NOT NULL);
@@ -143,7 +158,11 @@ CREATE INDEX holdings_by_digest ON holdings (digest);
 CREATE TABLE usage (
     registry text COLLATE "C" PRIMARY KEY, bytes bigint NOT NULL, blobs bigint NOT NULL,
     artifacts bigint NOT NULL);
-"#];
+"#,
+    r#"
+CREATE TABLE sequences (name text COLLATE "C" PRIMARY KEY, value bigint NOT NULL);
+"#,
+];
 
 /// The PostgreSQL backend of [`MetaStore`].
 pub struct PostgresMeta {
@@ -1383,6 +1402,21 @@ impl MetaStore for PostgresMeta {
         Ok(created)
     }
 
+    async fn sequence_next(&self, name: &str, floor: u64) -> MetaResult<u64> {
+        let client = self.client().await?;
+        let next: i64 = client
+            .query_one(
+                "INSERT INTO sequences (name, value) VALUES ($1, $2::bigint + 1)
+                 ON CONFLICT (name) DO UPDATE SET value = GREATEST(sequences.value, $2::bigint) + 1
+                 RETURNING value",
+                &[&name, &int(floor)],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(next.max(0) as u64)
+    }
+
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
         let client = self.client().await?;
         Ok(client
@@ -1552,6 +1586,27 @@ mod tests {
                 "{shown}"
             );
         }
+    }
+
+    #[test]
+    fn settings_are_checked_without_showing_the_password() {
+        let bad = PostgresSettings {
+            url: "postgres://berth:s3cret@db.example:notaport/berth".into(),
+            password_file: None,
+            pool_size: 1,
+            timeout: Duration::from_secs(1),
+        };
+        let said = bad.validate().unwrap_err();
+        assert!(
+            said.contains("not a PostgreSQL URL") && !said.contains("s3cret"),
+            "{said}"
+        );
+        let none = PostgresSettings {
+            url: "postgres://db.example/berth".into(),
+            pool_size: 0,
+            ..bad
+        };
+        assert!(none.validate().unwrap_err().contains("pool_size"));
     }
 
     async fn settings() -> PostgresSettings {

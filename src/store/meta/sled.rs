@@ -133,7 +133,8 @@ struct Trees {
 }
 
 /// The trees of registries, image caches and repositories (typed records live in others).
-const FIXED_TREES: [&str; 9] = [
+const FIXED_TREES: [&str; 10] = [
+    "sequences",
     "registries",
     "image_caches",
     "credentials",
@@ -781,6 +782,22 @@ impl Trees {
         Ok(created)
     }
 
+    fn sequence_next(&self, name: &str, floor: u64) -> MetaResult<u64> {
+        let next = self
+            .db
+            .open_tree("sequences")?
+            .update_and_fetch(name, |old| {
+                let old = old
+                    .and_then(|v| v.try_into().ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some((old.max(floor) + 1).to_be_bytes().to_vec())
+            })?
+            .and_then(|v| v.as_ref().try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| MetaError::Corrupt(format!("sequence {name} unreadable")))?;
+        Ok(next)
+    }
+
     fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
         Ok(self.db.open_tree(tree)?.get(key)?.map(|v| v.to_vec()))
     }
@@ -1139,6 +1156,11 @@ impl MetaStore for SledMeta {
     async fn record_create(&self, tree: &str, key: &str, value: Vec<u8>) -> MetaResult<bool> {
         let (tree, key) = (tree.to_owned(), key.to_owned());
         self.run(move |t| t.record_create(&tree, &key, value)).await
+    }
+
+    async fn sequence_next(&self, name: &str, floor: u64) -> MetaResult<u64> {
+        let name = name.to_owned();
+        self.run(move |t| t.sequence_next(&name, floor)).await
     }
 
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
