@@ -105,6 +105,11 @@ fn describe() {
         "Blob body bytes sent (origin and cache registries)"
     );
     describe_counter!(
+        "berth_blob_redirected_bytes_total",
+        Unit::Bytes,
+        "Bytes of the blobs whose GET was answered with a redirect to object storage (presigned URL): sent by the bucket, not by berth"
+    );
+    describe_counter!(
         "berth_sendfile_bytes_total",
         Unit::Bytes,
         "Blob body bytes sent with sendfile (zero-copy), a part of the blob bytes served"
@@ -338,6 +343,11 @@ pub fn request(
         .increment(1);
     metrics::histogram!("berth_http_request_duration_seconds", "method" => method, "route" => route)
         .record(elapsed.as_secs_f64());
+}
+
+/// A blob of `n` bytes sent by object storage at a presigned URL berth redirected to.
+pub fn blob_bytes_redirected(n: u64) {
+    metrics::counter!("berth_blob_redirected_bytes_total").increment(n);
 }
 
 /// Counts blob bytes handed to clients (counted once per response, not per piece).

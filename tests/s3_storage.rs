@@ -73,3 +73,35 @@ async fn a_server_keeps_its_blobs_and_uploads_in_the_bucket() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..]);
 }
+
+/// With `redirect = true` a blob GET is a 307 to a presigned URL of the bucket that serves the
+/// bytes, counted in `berth_blob_redirected_bytes_total`; a HEAD is not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_downloads_are_redirected_to_the_bucket_and_counted() {
+    let s3 = S3Server::start().await;
+    let s = TestServer::start(&format!("{}redirect = true\n", s3.storage_toml("edge"))).await;
+    let data: Vec<u8> = (0..100_000).map(|i| (i % 239) as u8).collect();
+    let digest = s.push_blob("library/app", &data).await;
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let path = s.url(&format!("/v2/library/app/blobs/{digest}"));
+    let before = s.metric("berth_blob_redirected_bytes_total", &[]).await;
+    let head = no_follow.head(&path).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::TEMPORARY_REDIRECT);
+    let r = no_follow.get(&path).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(header(&r, "docker-content-digest"), digest);
+    let location = header(&r, "location");
+    assert!(location.starts_with(&s3.endpoint()), "{location}");
+    let fetched = reqwest::get(&location).await.unwrap();
+    assert!(fetched.status().is_success());
+    assert!(fetched.bytes().await.unwrap() == data);
+    let after = s.metric("berth_blob_redirected_bytes_total", &[]).await;
+    assert_eq!(
+        after - before,
+        data.len() as f64,
+        "the GET counted, not the HEAD"
+    );
+}

@@ -274,7 +274,7 @@ async fn follow(
             }
             Ok(sent)
         }
-        BlobRead::Redirect(_) => Err(io::Error::other("a fetch cannot be followed at a URL")),
+        BlobRead::Redirect { .. } => Err(io::Error::other("a fetch cannot be followed at a URL")),
     }
 }
 

@@ -587,7 +587,7 @@ fn blob_pieces(
             })
             .boxed(),
             BlobRead::Stream { bytes, .. } => bytes,
-            BlobRead::Redirect(_) => {
+            BlobRead::Redirect { .. } => {
                 return Err(std::io::Error::other("a blob read gave a redirect"))
             }
         })

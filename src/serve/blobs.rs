@@ -111,7 +111,7 @@ pub async fn stored(
     let size = match &read {
         BlobRead::Local(region) => region.len(),
         BlobRead::Stream { len, .. } => *len,
-        BlobRead::Redirect(url) => return Ok(redirect(url, digest)),
+        BlobRead::Redirect { url, len } => return Ok(redirect(url, *len, digest, head)),
     };
     let range = parse_range(req.headers.get(header::RANGE), size)?;
     let (start, len) = range.map_or((0, size), |r| (r.start, r.len));
@@ -124,7 +124,9 @@ pub async fn stored(
             _ => match app.store.blobs.read(digest, start, Some(len)).await? {
                 Some(BlobRead::Local(region)) => Body::file(region),
                 Some(BlobRead::Stream { bytes, .. }) => Body::stream(bytes, len),
-                Some(BlobRead::Redirect(url)) => return Ok(redirect(&url, digest)),
+                Some(BlobRead::Redirect { url, len }) => {
+                    return Ok(redirect(&url, len, digest, head))
+                }
                 None => return Err(missing()),
             },
         }
@@ -134,7 +136,10 @@ pub async fn stored(
 
 /// A blob the backend hands out at a URL of its own (a presigned object-storage URL): the
 /// client fetches it there, as distribution's redirect mode does.
-fn redirect(url: &str, digest: &Digest) -> Response<Body> {
+fn redirect(url: &str, len: u64, digest: &Digest, head: bool) -> Response<Body> {
+    if !head {
+        crate::metrics::blob_bytes_redirected(len);
+    }
     let mut r = Response::new(Body::Empty);
     *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
     set(&mut r, header::LOCATION, url);

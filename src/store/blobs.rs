@@ -94,7 +94,12 @@ pub enum BlobRead {
         bytes: ByteStream,
     },
     /// At a URL the client may fetch itself (a presigned object-storage URL).
-    Redirect(String),
+    Redirect {
+        /// Where.
+        url: String,
+        /// Length of the blob.
+        len: u64,
+    },
 }
 
 impl BlobRead {
@@ -117,7 +122,7 @@ impl BlobRead {
                 }
                 Ok(Some(out.freeze()))
             }
-            BlobRead::Redirect(_) => Ok(None),
+            BlobRead::Redirect { .. } => Ok(None),
         }
     }
 }
@@ -456,6 +461,6 @@ pub async fn hash_read(read: BlobRead, mut verifier: Verifier) -> io::Result<Ver
             }
             Ok(verifier)
         }
-        BlobRead::Redirect(_) => Err(io::Error::other("cannot hash a redirect")),
+        BlobRead::Redirect { .. } => Err(io::Error::other("cannot hash a redirect")),
     }
 }

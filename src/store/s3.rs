@@ -1236,7 +1236,7 @@ impl BlobStore for S3BlobStore {
         // Whole reads only: that is what the HTTP layer asks first, and a client's range goes
         // to the URL with it.
         if inner.redirect && offset == 0 && len.is_none() {
-            let Some(_) = inner.head(&path).await? else {
+            let Some(meta) = inner.head(&path).await? else {
                 return Ok(None);
             };
             let url = inner
@@ -1244,7 +1244,10 @@ impl BlobStore for S3BlobStore {
                 .signed_url(http::Method::GET, &path, REDIRECT_LIFETIME)
                 .await
                 .map_err(|e| inner.error("presign", &path, e))?;
-            return Ok(Some(BlobRead::Redirect(url.to_string())));
+            return Ok(Some(BlobRead::Redirect {
+                url: url.to_string(),
+                len: meta.size,
+            }));
         }
         inner.read_bytes(digest, offset, len).await
     }
@@ -1916,12 +1919,13 @@ mod tests {
         let content = Bytes::from_static(b"presigned bytes");
         let d = Digest::sha256(&content);
         store.put(&d, content.clone()).await.unwrap();
-        let Some(BlobRead::Redirect(url)) = store.read(&d, 0, None).await.unwrap() else {
+        let Some(BlobRead::Redirect { url, len }) = store.read(&d, 0, None).await.unwrap() else {
             panic!("a redirect");
         };
         let got = reqwest::get(&url).await.unwrap();
         assert!(got.status().is_success(), "{url}: {}", got.status());
         assert_eq!(got.bytes().await.unwrap(), content);
+        assert_eq!(len, content.len() as u64);
         // berth's own reads of small blobs get the bytes.
         assert_eq!(store.read_small(&d, 100).await.unwrap().unwrap(), content);
         // Ranges are still served through berth.
