@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::registry::Client;
+use common::registry::{chunked_upload, Client};
 use common::server::*;
 use reqwest::StatusCode;
 
@@ -19,44 +19,7 @@ async fn a_server_keeps_its_blobs_and_uploads_in_the_bucket() {
 
     // A chunked upload longer than a part: its bytes go to the bucket as they come.
     let data: Vec<u8> = (0..(7 << 20)).map(|i| (i % 253) as u8).collect();
-    let r = client
-        .req(reqwest::Method::POST, "/v2/library/app/blobs/uploads/")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let mut location = r.headers()["location"].to_str().unwrap().to_string();
-    let mut at = 0;
-    for chunk in data.chunks(6 << 20) {
-        let r = client
-            .req(reqwest::Method::PATCH, &location)
-            .header("content-range", format!("{at}-{}", at + chunk.len() - 1))
-            .body(chunk.to_vec())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            r.status(),
-            StatusCode::ACCEPTED,
-            "{}",
-            r.text().await.unwrap()
-        );
-        location = r.headers()["location"].to_str().unwrap().to_string();
-        at += chunk.len();
-    }
-    let d = sha256(&data);
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let r = client
-        .req(reqwest::Method::PUT, &format!("{location}{sep}digest={d}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        StatusCode::CREATED,
-        "{}",
-        r.text().await.unwrap()
-    );
+    let d = chunked_upload(&[&client], "library/app", &data, 6 << 20).await;
     let hex = d.trim_start_matches("sha256:");
     assert!(s3.holds(&format!("edge/blobs/sha256/{hex}")));
     assert!(!s

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::registry::Client;
+use common::registry::{chunked_upload, Client};
 use common::server::TestServer;
 use common::{clients, oci_layout};
 use reqwest::{Method, StatusCode};
@@ -226,39 +226,8 @@ async fn three_nodes_over_one_bucket_and_one_database_serve_as_one_registry() {
 
     // A chunked upload: begun on node 1, finished on node 2, read from node 3.
     let data: Vec<u8> = (0..(9 << 20)).map(|i| (i % 251) as u8).collect();
-    let r = on(0)
-        .req(Method::POST, "/v2/library/app/blobs/uploads/")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let mut location = common::server::header(&r, "location");
-    let half = 6 << 20;
-    for (node, chunk, at) in [(0, &data[..half], 0), (1, &data[half..], half)] {
-        let r = on(node)
-            .req(Method::PATCH, &location)
-            .header("content-range", format!("{at}-{}", at + chunk.len() - 1))
-            .body(chunk.to_vec())
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        assert_eq!(
-            status,
-            StatusCode::ACCEPTED,
-            "node {node}: {:?}",
-            r.text().await
-        );
-        location = common::server::header(&r, "location");
-    }
-    let d = common::server::sha256(&data);
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let r = on(1)
-        .req(Method::PUT, &format!("{location}{sep}digest={d}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+    let (node1, node2) = (on(0), on(1));
+    let d = chunked_upload(&[&node1, &node2], "library/app", &data, 6 << 20).await;
     let r = on(2)
         .req(Method::GET, &format!("/v2/library/app/blobs/{d}"))
         .send()

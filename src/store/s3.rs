@@ -315,6 +315,17 @@ struct Live {
 }
 
 impl Live {
+    /// The state, locked, unless the write was committed or removed meanwhile.
+    async fn lock_live(&self) -> io::Result<tokio::sync::MutexGuard<'_, WriteState>> {
+        let st = self.state.lock().await;
+        if st.gone {
+            return Err(io::Error::other(
+                "this write was committed or removed meanwhile",
+            ));
+        }
+        Ok(st)
+    }
+
     fn new(state: WriteState) -> Shared {
         Arc::new(Live {
             holders: Default::default(),
@@ -1517,13 +1528,7 @@ impl S3Write {
     }
 
     async fn state(&self) -> io::Result<tokio::sync::MutexGuard<'_, WriteState>> {
-        let st = self.state.state.lock().await;
-        if st.gone {
-            return Err(io::Error::other(
-                "this write was committed or removed meanwhile",
-            ));
-        }
-        Ok(st)
+        self.state.lock_live().await
     }
 }
 
@@ -1555,12 +1560,7 @@ impl BlobWrite for S3Write {
             return Ok(());
         }
         let state = self.state.clone();
-        let mut st = state.state.lock().await;
-        if st.gone {
-            return Err(io::Error::other(
-                "this write was committed or removed meanwhile",
-            ));
-        }
+        let mut st = state.lock_live().await?;
         let r = self.inner.append(&self.key, &mut st, pieces).await;
         self.written = st.written();
         r
@@ -1568,12 +1568,7 @@ impl BlobWrite for S3Write {
 
     async fn truncate(&mut self, len: u64) -> io::Result<()> {
         let state = self.state.clone();
-        let mut st = state.state.lock().await;
-        if st.gone {
-            return Err(io::Error::other(
-                "this write was committed or removed meanwhile",
-            ));
-        }
+        let mut st = state.lock_live().await?;
         let r = self.inner.truncate(&self.key, &mut st, len).await;
         self.written = st.written();
         r

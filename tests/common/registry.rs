@@ -15,6 +15,54 @@ pub struct Client {
     key: Option<(String, String)>,
 }
 
+/// A chunked upload of `data` in PATCHes of `chunk` bytes: begun with a POST on `nodes[0]`,
+/// PATCH `i` sent to `nodes[i % nodes.len()]`, closed with a PUT on the node of the last
+/// PATCH (any node of a shared store must take the session on). Each step must be accepted;
+/// answers the digest.
+pub async fn chunked_upload(nodes: &[&Client], repo: &str, data: &[u8], chunk: usize) -> String {
+    let r = nodes[0]
+        .req(reqwest::Method::POST, &format!("/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let location = |r: &reqwest::Response| r.headers()["location"].to_str().unwrap().to_string();
+    let mut at_location = location(&r);
+    let mut last = nodes[0];
+    for (i, piece) in data.chunks(chunk).enumerate() {
+        let at = i * chunk;
+        last = nodes[i % nodes.len()];
+        let r = last
+            .req(reqwest::Method::PATCH, &at_location)
+            .header("content-range", format!("{at}-{}", at + piece.len() - 1))
+            .body(piece.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let next = location(&r);
+        assert_eq!(
+            status,
+            StatusCode::ACCEPTED,
+            "PATCH {i}: {:?}",
+            r.text().await
+        );
+        at_location = next;
+    }
+    let d = sha256(data);
+    let sep = if at_location.contains('?') { '&' } else { '?' };
+    let r = last
+        .req(
+            reqwest::Method::PUT,
+            &format!("{at_location}{sep}digest={d}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+    d
+}
+
 impl Client {
     /// Over an existing HTTP client (its default headers, credentials included, apply).
     pub fn over(http: reqwest::Client, base: &str) -> Client {

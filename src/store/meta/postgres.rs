@@ -116,6 +116,9 @@ fn default_timeout() -> Duration {
 /// The channel every node listens on.
 const CHANNEL: &str = "berth_changes";
 
+/// Notifications read from the connection and not yet handed to the subscribers, at most.
+const NOTICES_QUEUED: usize = 1024;
+
 /// The `application_name` of the listening connection (what `pg_stat_activity` shows).
 const LISTENER_NAME: &str = "berth-listener";
 
@@ -541,13 +544,15 @@ async fn listen_once(
     let mut config = config.clone();
     config.application_name(LISTENER_NAME);
     let (client, mut connection) = config.connect(NoTls).await.map_err(pg)?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Bounded: a listener behind on its work stops reading the connection, and the server
+    // holds the notifications (its queue is on disk) instead of this node's memory.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(NOTICES_QUEUED);
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
                 Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_owned()).is_err() {
+                    if tx.send(n.payload().to_owned()).await.is_err() {
                         break;
                     }
                 }
