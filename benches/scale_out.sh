@@ -110,6 +110,16 @@ secret_access_key = \"$SK\"
 kind = \"postgres\"
 url = \"postgres://berth@127.0.0.1:$PG_PORT/hub\""
 FS_PORT=$(start_berth fs "")
+# The nodes also cache the filesystem berth (registry "hub"): the cold-fetch row.
+SHARED="$SHARED
+[[image_cache]]
+name = \"src\"
+kind = \"registry\"
+url = \"http://127.0.0.1:$FS_PORT\"
+[[registry]]
+name = \"hub\"
+type = \"cache\"
+cache = \"src\""
 N1_PORT=$(start_berth node1 "$SHARED")
 N2_PORT=$(start_berth node2 "$SHARED")
 
@@ -143,15 +153,15 @@ head -c $((BLOB_MB << 20)) /dev/urandom >"$BLOB"
 DIGEST=sha256:$(sha256sum "$BLOB" | cut -d' ' -f1)
 SIZE=$(stat -c %s "$BLOB")
 
-# push PORT: a monolithic upload (POST, then PUT with the body); prints seconds
+# push PORT [FILE DIGEST]: a monolithic upload (POST, then PUT with the body); prints seconds
 push() {
-  local port=$1 loc t0 t1 code
+  local port=$1 file=${2:-$BLOB} digest=${3:-$DIGEST} loc t0 t1 code
   loc=$(curl -sS -o /dev/null -w '%header{location}' -X POST "http://127.0.0.1:$port/v2/library/app/blobs/uploads/")
   [[ $loc == http* ]] || loc=http://127.0.0.1:$port$loc
   [[ $loc == *\?* ]] && sep='&' || sep='?'
   t0=$(now)
   code=$(curl -sS -o /dev/null -w '%{http_code}' -X PUT -H 'Content-Type: application/octet-stream' \
-    --data-binary @"$BLOB" "$loc${sep}digest=$DIGEST")
+    --data-binary @"$file" "$loc${sep}digest=$digest")
   t1=$(now)
   if [[ $code != 201 ]]; then echo "failed: $code"; return; fi
   echo "$t1 - $t0" | bc -l
@@ -241,3 +251,32 @@ ONE=$(parallel "$PAR_N" "$(blob_url "$N1_PORT")")
 TWO=$(parallel "$PAR_N" "$(blob_url "$N1_PORT")" "$(blob_url "$N2_PORT")")
 printf '| blob GET, %d concurrent | 1 node %s | 2 nodes %s | ratio %s |\n' \
   "$PAR_N" "$ONE" "$TWO" "$(echo "${TWO% MB/s} ${ONE% MB/s}" | awk '{ printf "%.2f", $1 / $2 }')"
+
+# One cold blob asked of both nodes at once, and of node 2 again 300 ms into the fetch: one
+# GET at the source; each client's time to first byte against the source's own.
+COLD=$TMP/cold
+head -c $((BLOB_MB << 20)) /dev/urandom >"$COLD"
+COLD_DIGEST=sha256:$(sha256sum "$COLD" | cut -d' ' -f1)
+[[ $(push "$FS_PORT" "$COLD" "$COLD_DIGEST") != fail* ]] || die "the cold blob was not pushed"
+source_gets() {
+  curl -sS "http://127.0.0.1:$FS_PORT/metrics" |
+    awk '/^berth_http_requests_total\{/ && /method="GET"/ && /route="blob"/ { n += $2 } END { print n + 0 }'
+}
+# ttfb URL: "SECONDS_TO_FIRST_BYTE BYTES"
+ttfb() { curl -sS -o /dev/null -w '%{time_starttransfer} %{size_download}' "$1" || echo "0 0"; }
+ms() { awk -v s="$1" -v n="$2" -v size="$SIZE" 'BEGIN { if (n != size) print "failed"; else printf "%.1f ms", s * 1000 }'; }
+SRC=$(ttfb "http://127.0.0.1:$FS_PORT/v2/library/app/blobs/$COLD_DIGEST")
+BEFORE=$(source_gets)
+cold_url() { echo "http://127.0.0.1:$1/v2/hub/library/app/blobs/$COLD_DIGEST"; }
+ttfb "$(cold_url "$N1_PORT")" >"$TMP/cold1" &
+C1=$!
+ttfb "$(cold_url "$N2_PORT")" >"$TMP/cold2" &
+C2=$!
+sleep 0.3
+ttfb "$(cold_url "$N2_PORT")" >"$TMP/cold3" &
+C3=$!
+wait $C1 $C2 $C3
+AFTER=$(source_gets)
+printf '| cold blob GET, nodes 1 and 2 at once, node 2 again at +300 ms | source first byte %s | first bytes %s, %s, late %s | GETs at the source %d |\n' \
+  "$(ms $SRC)" "$(ms $(cat "$TMP/cold1"))" "$(ms $(cat "$TMP/cold2"))" "$(ms $(cat "$TMP/cold3"))" \
+  "$((AFTER - BEFORE))"

@@ -54,6 +54,8 @@ pub struct Config {
     pub egress: EgressConfig,
     /// Where blob bytes live: the data directory (default) or an S3-compatible bucket.
     pub storage: crate::store::BlobBackend,
+    /// How nodes that share one database and one bucket work together.
+    pub cluster: ClusterConfig,
     /// The file this config was read from (`None`: the embedded defaults); reloads read it.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -89,6 +91,16 @@ impl Default for EgressConfig {
             allowed_networks: Vec::new(),
         }
     }
+}
+
+/// Nodes over one PostgreSQL database and one bucket (`[cluster]`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Where the other nodes reach this one (`http://10.0.0.11:5000`): a node asked for a
+    /// blob that another node is fetching from the source streams it from there. Default: the
+    /// first listener, when it is bound to a specific address.
+    pub advertise_url: Option<String>,
 }
 
 /// Whether requests must authenticate.
@@ -602,6 +614,7 @@ impl Default for Config {
             metadata: Default::default(),
             egress: EgressConfig::default(),
             storage: Default::default(),
+            cluster: ClusterConfig::default(),
             source: None,
         }
     }
@@ -764,6 +777,19 @@ impl Config {
         if let crate::store::meta::MetadataSettings::Postgres(pg) = &self.metadata {
             if let Err(problem) = pg.validate() {
                 say(problem);
+            }
+        }
+        if let Some(url) = &self.cluster.advertise_url {
+            let usable = reqwest::Url::parse(url).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.path() == "/"
+                    && u.query().is_none()
+            });
+            if !usable {
+                say(format!(
+                    "cluster.advertise_url {url:?} must be an http:// or https:// URL of this node with no path"
+                ));
             }
         }
         let rep = &self.replication;

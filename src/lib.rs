@@ -281,7 +281,10 @@ impl Server {
         }
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let addrs = bound.iter().map(|b| (b.addr, b.tls.is_some())).collect();
+        let addrs: Vec<_> = bound.iter().map(|b| (b.addr, b.tls.is_some())).collect();
+        if let Some(cluster) = &app.cache.fetches.cluster {
+            cluster.advertise(&addrs);
+        }
         let grace = app.config.shutdown_grace;
         for b in bound {
             tasks.spawn(http::server::serve(app.clone(), b, stop_rx.clone(), grace));

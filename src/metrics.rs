@@ -169,6 +169,15 @@ fn describe() {
         "Blob bytes a cache registry served, by registry"
     );
     describe_counter!(
+        "berth_cache_peer_streams_total",
+        "Cold blob responses streamed from the node holding the blob's fetch lease"
+    );
+    describe_counter!(
+        "berth_cache_peer_bytes_total",
+        Unit::Bytes,
+        "Bytes of cold blob responses streamed from the node holding the fetch lease"
+    );
+    describe_counter!(
         "berth_cache_direct_bytes_total",
         Unit::Bytes,
         "Cold blob bytes fed to the client that started the fetch from memory"

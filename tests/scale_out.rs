@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
+use common::doubles::FaultRelay;
 use common::registry::{chunked_upload, Client};
 use common::server::TestServer;
 use common::{clients, oci_layout};
@@ -251,5 +252,155 @@ async fn three_nodes_over_one_bucket_and_one_database_serve_as_one_registry() {
     assert!(
         r.bytes().await.unwrap() == data,
         "the blob reads whole from node 3"
+    );
+}
+
+/// 32 cold GETs of one 256 MiB blob spread over three nodes at once: the source is asked once
+/// (the node holding the blob's fetch lease fetches it into the bucket, the others stream it
+/// from that node), and every client gets every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cold_blob_asked_of_three_nodes_at_once_is_fetched_from_the_source_once() {
+    use sha2::Digest as _;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("berth=info")
+        .with_writer(std::io::stderr)
+        .try_init();
+    let source = TestServer::start("").await;
+    let up = Client::over(source.client.clone(), &source.base);
+    let layer: Vec<u8> = (0..256u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let digest = up.blob("library/app", &layer).await;
+    drop(layer);
+    let relay = FaultRelay::start(&source.base);
+    // About two seconds at the source: every GET below arrives while the fetch runs.
+    relay.set_match("/blobs/");
+    relay.throttle(128 << 20);
+    let s3 = berth::testbed::S3Server::start().await;
+    let cache = format!(
+        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"{}\"\n\
+         [[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n",
+        relay.url()
+    );
+    let ns = nodes(3, &format!("{}{cache}", s3.storage_toml("hub"))).await;
+    let started = Instant::now();
+    let gets = (0..32).map(|i| {
+        let node = &ns[i % 3];
+        let (client, url) = (
+            node.client.clone(),
+            node.url(&format!("/v2/hub/library/app/blobs/{digest}")),
+        );
+        async move {
+            let mut r = client.get(url).send().await.unwrap();
+            if r.status() != StatusCode::OK {
+                panic!("client {i}: {} {:?}", r.status(), r.text().await);
+            }
+            let mut hash = sha2::Sha256::new();
+            let mut first_byte = None;
+            let mut len = 0usize;
+            loop {
+                let chunk = match r.chunk().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(e) => panic!("client {i} after {len} bytes: {e:?}"),
+                };
+                first_byte.get_or_insert_with(|| started.elapsed());
+                len += chunk.len();
+                hash.update(&chunk);
+            }
+            (
+                format!("sha256:{}", hex::encode(hash.finalize())),
+                len,
+                first_byte.unwrap(),
+            )
+        }
+    });
+    let got = futures_util::future::join_all(gets).await;
+    for (i, (d, len, _)) in got.iter().enumerate() {
+        assert_eq!((d, *len), (&digest, 256 << 20), "client {i}: every byte");
+    }
+    let mut firsts: Vec<Duration> = got.iter().map(|g| g.2).collect();
+    firsts.sort();
+    eprintln!(
+        "32 clients over 3 nodes: first bytes from {:?} to {:?}, all done after {:?}",
+        firsts[0],
+        firsts[31],
+        started.elapsed()
+    );
+    assert_eq!(
+        relay.requests_matching("GET", &digest),
+        1,
+        "one fetch of the blob at the source"
+    );
+    assert_eq!(relay.bytes_sent_matching(&digest), 256 << 20);
+    let metrics = ns[0].get("/metrics").await.text().await.unwrap();
+    assert!(
+        common::metrics::metric_value(&metrics, "berth_cache_peer_streams_total", &[]) >= 1.0,
+        "the other nodes' clients streamed from the fetching node"
+    );
+    // The internal endpoint answers signed requests of nodes only.
+    let r = ns[1]
+        .client
+        .get(ns[1].url(&format!(
+            "/internal/v1/fetches/{digest}?repo=hub/library/app"
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Warm on every node, from the bucket.
+    for node in &ns {
+        let r = node
+            .client
+            .head(node.url(&format!("/v2/hub/library/app/blobs/{digest}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    assert_eq!(relay.requests_matching("GET", &digest), 1);
+}
+
+/// A node that held a blob's fetch lease and died (its URL refuses connections, its lease is
+/// no longer renewed): the next node asked for the blob waits for the lease to run out, takes
+/// it and fetches the blob itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_lease_of_a_dead_node_is_taken_over_once_it_runs_out() {
+    let source = TestServer::start("").await;
+    let up = Client::over(source.client.clone(), &source.base);
+    let layer: Vec<u8> = (0..3u32 << 20).map(|i| (i % 241) as u8).collect();
+    let digest = up.blob("library/app", &layer).await;
+    let s3 = berth::testbed::S3Server::start().await;
+    let cache = format!(
+        "[[image_cache]]\nname = \"up\"\nkind = \"registry\"\nurl = \"{}\"\n\
+         [[registry]]\nname = \"hub\"\ntype = \"cache\"\ncache = \"up\"\n",
+        source.base
+    );
+    let ns = nodes(1, &format!("{}{cache}", s3.storage_toml("hub"))).await;
+    let dead = berth::cache::peer::Holder {
+        node: "dead".into(),
+        url: Some("http://127.0.0.1:1".into()),
+        repo: "hub/library/app".into(),
+    };
+    let lease = ns[0]
+        .app()
+        .store
+        .meta
+        .lease_take(
+            &format!("fetch/{digest}"),
+            &serde_json::to_string(&dead).unwrap(),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(lease.holder, serde_json::to_string(&dead).unwrap());
+    let started = Instant::now();
+    let r = ns[0]
+        .get(&format!("/v2/hub/library/app/blobs/{digest}"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.bytes().await.unwrap() == layer, "every byte");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "served only once the dead node's lease ran out ({:?})",
+        started.elapsed()
     );
 }

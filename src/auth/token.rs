@@ -4,7 +4,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -85,16 +84,8 @@ impl Claims {
 #[error("invalid token: {0}")]
 pub struct TokenError(String);
 
-/// The tree of secrets every node shares, and the token signing key's record in it.
-const SECRETS: &str = "secrets";
+/// The token signing key's record among the secrets every node shares.
 const TOKEN_KEY: &str = "token_key";
-
-/// The token signing key as stored (a JSON record, as every record is).
-#[derive(Serialize, Deserialize)]
-struct StoredKey {
-    /// The HS256 secret, base64.
-    hs256: String,
-}
 
 /// Signs and checks tokens with a key kept in the metadata.
 pub struct TokenKeys {
@@ -114,41 +105,8 @@ impl TokenKeys {
         data_dir: &Path,
         service: &str,
     ) -> Result<TokenKeys, MetaError> {
-        let stored = |bytes: Option<Vec<u8>>| -> Option<Vec<u8>> {
-            let key: StoredKey = serde_json::from_slice(&bytes?).ok()?;
-            base64::engine::general_purpose::STANDARD
-                .decode(key.hs256)
-                .ok()
-                .filter(|s| s.len() >= 32)
-        };
-        let secret = match stored(meta.record_get(SECRETS, TOKEN_KEY).await?) {
-            Some(s) => s,
-            None => {
-                let candidate = match std::fs::read(data_dir.join("auth").join("token.key")) {
-                    Ok(s) if s.len() >= 32 => s,
-                    _ => {
-                        use argon2::password_hash::rand_core::{OsRng, RngCore};
-                        let mut s = vec![0u8; 32];
-                        OsRng.fill_bytes(&mut s);
-                        s
-                    }
-                };
-                let record = StoredKey {
-                    hs256: base64::engine::general_purpose::STANDARD.encode(&candidate),
-                };
-                // One creator wins when nodes start together; everyone uses what it stored.
-                meta.record_create(
-                    SECRETS,
-                    TOKEN_KEY,
-                    serde_json::to_vec(&record).map_err(|e| MetaError::Backend(e.to_string()))?,
-                )
-                .await?;
-                meta.flush().await?;
-                stored(meta.record_get(SECRETS, TOKEN_KEY).await?).ok_or_else(|| {
-                    MetaError::Corrupt("the token signing key record is unreadable".into())
-                })?
-            }
-        };
+        let legacy = std::fs::read(data_dir.join("auth").join("token.key")).ok();
+        let secret = crate::store::meta::shared_secret(meta, TOKEN_KEY, legacy).await?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_audience(&[service]);
         validation.set_issuer(&[ISSUER]);

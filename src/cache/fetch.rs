@@ -18,6 +18,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::{mpsc, watch};
 
 use super::health::ErrorKind;
+use super::peer::{Cluster, FetchLease, Holder};
 use super::upstream::{Source, UpstreamError, UpstreamRequest};
 use crate::http::body::{Body, READ_CHUNK};
 use crate::oci::digest::{Digest, Verifier};
@@ -61,9 +62,19 @@ pub struct Fetch {
     progress: watch::Sender<Progress>,
     /// Repositories to link the blob into once committed.
     link_to: Mutex<Vec<String>>,
+    /// The fetch lease, on a node that shares its bucket with others.
+    lease: Option<Arc<FetchLease>>,
 }
 
 impl Fetch {
+    /// Links the blob into `repo` too once committed (a joiner asked for it there).
+    pub fn link_also(&self, repo: &str) {
+        let mut repos = self.link_to.lock();
+        if !repos.iter().any(|r| r == repo) {
+            repos.push(repo.to_string());
+        }
+    }
+
     /// A receiver of progress.
     pub fn subscribe(&self) -> watch::Receiver<Progress> {
         self.progress.subscribe()
@@ -119,6 +130,10 @@ impl Drop for FedFromMemory {
         }
     }
 }
+
+/// Bytes asked of a streaming backend per read while following a fetch (passed on as they
+/// come, never held whole).
+const STREAM_SPAN: u64 = 64 << 20;
 
 /// Longest a reader waits for the next bytes of a running fetch.
 const READER_STALL: Duration = Duration::from_secs(300);
@@ -182,7 +197,14 @@ async fn stream(
             (_, None) => p.written,
         };
         if readable > pos {
-            let n = (readable.min(end) - pos).min(READ_CHUNK as u64);
+            // A backend that streams (object storage) is asked for long spans: each read is a
+            // request. A file is read a piece at a time through the handle of its first read.
+            let span = if held.is_none() && pos > start {
+                STREAM_SPAN
+            } else {
+                READ_CHUNK as u64
+            };
+            let n = (readable.min(end) - pos).min(span);
             let sent = match follow(&fetch, &mut held, pos, n, &tx).await {
                 Ok(sent) => sent,
                 Err(e) => {
@@ -220,7 +242,8 @@ async fn stream(
 /// Sends bytes `[pos, pos + n)` of a running or finished fetch to a reader; how many were sent
 /// (0: the reader went away). Bytes come from the write in progress (through the file handle
 /// of the first read, when the backend gave one), or from the committed blob once the write is
-/// gone.
+/// gone. A backend whose write's pieces go at commit (object storage) can fail a read of them
+/// that raced the commit: the blob, published before they go, has the rest.
 async fn follow(
     fetch: &Fetch,
     held: &mut Option<FileRegion>,
@@ -232,14 +255,14 @@ async fn follow(
         Some(file) => BlobRead::Local(file.span(pos, n)),
         None => {
             let key = Pending::Fetch(fetch.digest.clone());
-            let pending = fetch.blobs.read_pending(&key, pos, Some(n)).await?;
+            let pending = match fetch.blobs.read_pending(&key, pos, Some(n)).await {
+                Ok(pending) => pending,
+                Err(_) if fetch.blobs.stat(&fetch.digest).await?.is_some() => None,
+                Err(e) => return Err(e),
+            };
             let read = match pending {
                 Some(read) => read,
-                None => fetch
-                    .blobs
-                    .read(&fetch.digest, pos, Some(n))
-                    .await?
-                    .ok_or_else(|| io::Error::other("fetched blob is gone from the store"))?,
+                None => committed(fetch, pos, n).await?,
             };
             if let BlobRead::Local(region) = &read {
                 *held = Some(region.clone());
@@ -247,10 +270,40 @@ async fn follow(
             read
         }
     };
+    match send(read, tx).await? {
+        (sent, None) => Ok(sent),
+        (sent, Some(e)) => {
+            if fetch.blobs.stat(&fetch.digest).await?.is_none() {
+                return Err(e);
+            }
+            let rest = committed(fetch, pos + sent, n - sent).await?;
+            match send(rest, tx).await? {
+                (more, None) => Ok(sent + more),
+                (_, Some(e)) => Err(e),
+            }
+        }
+    }
+}
+
+/// Bytes `[pos, pos + n)` of the committed blob of a fetch.
+async fn committed(fetch: &Fetch, pos: u64, n: u64) -> io::Result<BlobRead> {
+    fetch
+        .blobs
+        .read_bytes(&fetch.digest, pos, Some(n))
+        .await?
+        .ok_or_else(|| io::Error::other("fetched blob is gone from the store"))
+}
+
+/// Sends a read to a reader: how many bytes went (0 with no error: the reader went away), and
+/// the error that stopped a stream partway.
+async fn send(
+    read: BlobRead,
+    tx: &mpsc::Sender<io::Result<Bytes>>,
+) -> io::Result<(u64, Option<io::Error>)> {
     match read {
         BlobRead::Local(region) => {
             let Ok(slot) = tx.reserve().await else {
-                return Ok(0);
+                return Ok((0, None));
             };
             let piece = crate::http::body::read_piece(
                 region.file().clone(),
@@ -260,19 +313,22 @@ async fn follow(
             .await?;
             let sent = piece.len() as u64;
             slot.send(Ok(piece));
-            Ok(sent)
+            Ok((sent, None))
         }
         BlobRead::Stream { mut bytes, .. } => {
             use futures_util::StreamExt;
             let mut sent = 0;
             while let Some(piece) = bytes.next().await {
-                let piece = piece?;
+                let piece = match piece {
+                    Ok(piece) => piece,
+                    Err(e) => return Ok((sent, Some(e))),
+                };
                 sent += piece.len() as u64;
                 if tx.send(Ok(piece)).await.is_err() {
-                    return Ok(0);
+                    return Ok((0, None));
                 }
             }
-            Ok(sent)
+            Ok((sent, None))
         }
         BlobRead::Redirect { .. } => Err(io::Error::other("a fetch cannot be followed at a URL")),
     }
@@ -282,6 +338,8 @@ async fn follow(
 /// `Pending::Fetch(digest)`.
 pub struct Fetches {
     blobs: Arc<dyn BlobStore>,
+    /// The other nodes sharing the bucket, if any: a fetch takes the blob's lease first.
+    pub cluster: Option<Arc<Cluster>>,
     inflight: Mutex<HashMap<Digest, Arc<Fetch>>>,
     /// Held while a fetch is looked up, opened and entered into the map: two requests never
     /// open the same write at once.
@@ -290,9 +348,10 @@ pub struct Fetches {
 
 impl Fetches {
     /// Fetches over `blobs`.
-    pub fn new(blobs: Arc<dyn BlobStore>) -> Fetches {
+    pub fn new(blobs: Arc<dyn BlobStore>, cluster: Option<Arc<Cluster>>) -> Fetches {
         Fetches {
             blobs,
+            cluster,
             inflight: Mutex::new(HashMap::new()),
             opening: tokio::sync::Mutex::new(()),
         }
@@ -312,13 +371,19 @@ impl Fetches {
             .is_some_and(|f| f.link_to.lock().iter().any(|r| r == repo))
     }
 
+    /// The fetch of `digest` in flight on this node.
+    pub fn local(&self, digest: &Digest) -> Option<Arc<Fetch>> {
+        self.inflight.lock().get(digest).cloned()
+    }
+
     /// Digests being fetched (garbage collection must leave them alone).
     pub fn inflight_digests(&self) -> Vec<Digest> {
         self.inflight.lock().keys().cloned().collect()
     }
 
-    /// Joins the fetch of `digest` or starts one. Returns the fetch, whether it was joined,
-    /// and for a fetch started here from byte 0, its bytes as they are written.
+    /// Joins the fetch of `digest` or starts one: here (the fetch, whether it was joined, and
+    /// for a fetch started here from byte 0, its bytes as they are written), or on the node
+    /// that holds the blob's fetch lease.
     pub async fn join_or_start(
         self: &Arc<Self>,
         store: &Arc<Store>,
@@ -326,11 +391,11 @@ impl Fetches {
         upstream_repo: &str,
         local_repo: &str,
         digest: &Digest,
-    ) -> io::Result<(Arc<Fetch>, bool, Option<Direct>)> {
+    ) -> io::Result<Joined> {
         let join = |map: &HashMap<Digest, Arc<Fetch>>| {
             map.get(digest).map(|f| {
-                f.link_to.lock().push(local_repo.to_string());
-                (f.clone(), true, None)
+                f.link_also(local_repo);
+                Joined::Here(f.clone(), true, None)
             })
         };
         if let Some(joined) = join(&self.inflight.lock()) {
@@ -340,14 +405,19 @@ impl Fetches {
         if let Some(joined) = join(&self.inflight.lock()) {
             return Ok(joined);
         }
-        let (write, checkpoint) = self
-            .blobs
-            .open_pending(&Pending::Fetch(digest.clone()))
-            .await?;
-        let write = resume(write, checkpoint, digest).await?;
+        let lease = match &self.cluster {
+            None => None,
+            Some(cluster) => match cluster.take(&*store.meta, digest, local_repo).await {
+                Ok(Ok(lease)) => Some(Arc::new(lease)),
+                Ok(Err(holder)) => return Ok(Joined::Elsewhere(holder)),
+                Err(e) => return Err(io::Error::other(format!("fetch lease: {e}"))),
+            },
+        };
+        // In the map before the write is opened: a node that found the lease taken asks this
+        // one at once, and finds the fetch.
         let (progress, _) = watch::channel(Progress {
             size: None,
-            written: write.written(),
+            written: 0,
             phase: Phase::Running,
             not_found: false,
             verified: false,
@@ -357,13 +427,42 @@ impl Fetches {
             blobs: self.blobs.clone(),
             progress,
             link_to: Mutex::new(vec![local_repo.to_string()]),
+            lease: lease.clone(),
         });
         {
             let mut map = self.inflight.lock();
             map.insert(digest.clone(), fetch.clone());
             metrics::gauge!("berth_inflight_fetches").set(map.len() as f64);
         }
-        let (feed, direct) = if write.written() == 0 {
+        if let Some(lease) = lease {
+            let mut progress = fetch.subscribe();
+            let ended = async move {
+                let _ = progress.wait_for(|p| p.phase != Phase::Running).await;
+            };
+            tokio::spawn(lease.keep(store.meta.clone(), ended));
+        }
+        let opened = match self
+            .blobs
+            .open_pending(&Pending::Fetch(digest.clone()))
+            .await
+        {
+            Ok((write, checkpoint)) => resume(write, checkpoint, digest).await,
+            Err(e) => Err(e),
+        };
+        let write = match opened {
+            Ok(write) => write,
+            Err(e) => {
+                self.finish(digest);
+                let why = format!("cannot open the partial blob: {e}");
+                fetch
+                    .progress
+                    .send_modify(|p| p.phase = Phase::Failed(why.into()));
+                return Err(e);
+            }
+        };
+        let written = write.written();
+        fetch.progress.send_modify(|p| p.written = written);
+        let (feed, direct) = if written == 0 {
             let (tx, rx) = mpsc::channel(DIRECT_QUEUE);
             (Some(tx), Some(Direct(rx)))
         } else {
@@ -382,7 +481,7 @@ impl Fetches {
             fetch: fetch.clone(),
         };
         tokio::spawn(job.run());
-        Ok((fetch, false, direct))
+        Ok(Joined::Here(fetch, false, direct))
     }
 
     fn finish(&self, digest: &Digest) {
@@ -412,6 +511,14 @@ impl Fetches {
         }
         Ok(freed)
     }
+}
+
+/// Where the fetch of a blob runs.
+pub enum Joined {
+    /// On this node: the fetch, whether it was joined, and the starter's direct feed.
+    Here(Arc<Fetch>, bool, Option<Direct>),
+    /// On another node, which holds the blob's fetch lease.
+    Elsewhere(Holder),
 }
 
 /// Goes on from a partial fetch when its checkpoint holds a usable hasher state for at most
@@ -462,6 +569,18 @@ enum Ended {
     Retry(UpstreamError),
     Fatal(String, bool),
     Budget,
+    /// Another node took the fetch lease: the partial blob is its now.
+    LeaseLost,
+}
+
+/// What becomes of the partial blob when a fetch stops.
+enum Leftover {
+    /// Kept with its hasher state for the next fetch to resume.
+    Keep,
+    /// Removed.
+    Discard,
+    /// Left as it is: another node writes it now.
+    Leave,
 }
 
 impl Job {
@@ -482,17 +601,29 @@ impl Job {
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
-                Ended::Retry(e) => break Err((e.to_string(), e.is_not_found(), true)),
+                Ended::Retry(e) => break Err((e.to_string(), e.is_not_found(), Leftover::Keep)),
                 Ended::Budget => {
                     metrics::counter!("berth_cache_budget_expiries_total").increment(1);
                     break Err((
                         format!("fetch budget of {budget:?} spent; the next request resumes"),
                         false,
-                        true,
+                        Leftover::Keep,
                     ));
                 }
-                Ended::Fatal(why, not_found) => break Err((why, not_found, false)),
-                Ended::Complete => break self.commit().await.map_err(|e| (e, false, false)),
+                Ended::Fatal(why, not_found) => break Err((why, not_found, Leftover::Discard)),
+                Ended::LeaseLost => {
+                    break Err((
+                        "another node took the fetch lease".into(),
+                        false,
+                        Leftover::Leave,
+                    ))
+                }
+                Ended::Complete => {
+                    break self
+                        .commit()
+                        .await
+                        .map_err(|e| (e, false, Leftover::Discard))
+                }
             }
         };
         let fetched = self
@@ -508,11 +639,11 @@ impl Job {
                 self.fetch.progress.send_modify(|p| p.phase = Phase::Done);
                 self.fetches.finish(&self.fetch.digest);
             }
-            Err((why, not_found, keep_partial)) => {
-                if keep_partial {
-                    self.save_state().await;
-                } else {
-                    self.discard().await;
+            Err((why, not_found, leftover)) => {
+                match leftover {
+                    Leftover::Keep => self.save_state().await,
+                    Leftover::Discard => self.discard().await,
+                    Leftover::Leave => drop(self.pipe.take()),
                 }
                 tracing::warn!(digest = %self.fetch.digest, cache = %self.source.name(), error = %why, "blob fetch stopped");
                 // Leave the in-flight map before readers learn of the failure: a request that
@@ -634,6 +765,10 @@ impl Job {
                 }
                 Ok(Ok(Some(c))) => c,
             };
+            if self.fetch.lease.as_ref().is_some_and(|l| l.is_lost()) {
+                let _ = self.settle().await;
+                return Ended::LeaseLost;
+            }
             let mut chunk = chunk;
             if skip > 0 {
                 let n = skip.min(chunk.len() as u64) as usize;
@@ -857,7 +992,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blobs: Arc<dyn BlobStore> =
             Arc::new(crate::store::fs::FsBlobStore::open(dir.path()).unwrap());
-        let fetches = Fetches::new(blobs.clone());
+        let fetches = Fetches::new(blobs.clone(), None);
         let d = Digest::sha256(b"whole blob");
         let key = Pending::Fetch(d.clone());
         // A partial with saved hasher state resumes where it stopped; bytes past it are cut.

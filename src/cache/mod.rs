@@ -5,6 +5,7 @@ pub mod credentials;
 pub mod evict;
 pub mod fetch;
 pub mod health;
+pub mod peer;
 pub mod serve;
 pub mod sweep;
 pub mod upstream;
@@ -87,11 +88,14 @@ pub struct CacheTarget {
 impl Cache {
     /// Builds the sources of every image cache the store knows.
     pub async fn open(config: &Config, store: &Store) -> std::result::Result<Cache, String> {
+        let cluster = peer::Cluster::open(config, &store.meta)
+            .await?
+            .map(Arc::new);
         let cache = Cache {
             sources: Default::default(),
             pull_through: config.pull_through.clone(),
             egress: Arc::new(crate::http::egress::EgressPolicy::from_config(config)),
-            fetches: Arc::new(Fetches::new(store.blobs.clone())),
+            fetches: Arc::new(Fetches::new(store.blobs.clone(), cluster)),
             validated: moka::sync::Cache::builder().max_capacity(100_000).build(),
             revalidating: moka::sync::Cache::builder()
                 .max_capacity(100_000)

@@ -6,7 +6,11 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
+use std::sync::Arc;
+
+use super::fetch::{Direct, Fetch, Joined};
 use super::health::{self, ErrorKind};
+use super::peer;
 use super::upstream::{UpstreamError, UpstreamRequest};
 use super::{CacheTarget, Outcome};
 use crate::error::{Error, Result};
@@ -322,42 +326,66 @@ pub async fn blob(
     if head && !ours {
         return head_at_source(app, t, &d).await;
     }
-    let (fetch, joined, direct) = app
-        .cache
-        .fetches
-        .join_or_start(&app.store, &t.source, &t.upstream, local, &d)
-        .await?;
-    let size = match fetch.size(Instant::now() + Duration::from_secs(60)).await {
-        Ok(size) => size,
-        Err(p) if p.not_found => {
+    // Whether the source vouched for the blob in this repository (a fetch held for another
+    // one elsewhere needs it).
+    let mut vouched = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (fetch, joined, direct) = loop {
+        let holder = match app
+            .cache
+            .fetches
+            .join_or_start(&app.store, &t.source, &t.upstream, local, &d)
+            .await?
+        {
+            Joined::Here(fetch, joined, direct) => break (fetch, joined, direct),
+            Joined::Elsewhere(holder) => holder,
+        };
+        if head {
+            return head_at_source(app, t, &d).await;
+        }
+        if holder.repo != local && !vouched {
+            match source_head(app, t, &d).await {
+                Ok(_) => vouched = true,
+                Err(e) if e.is_not_found() => {
+                    return Err(Error::BlobUnknown(format!(
+                        "{d} is not at the source of {}",
+                        t.repo
+                    )))
+                }
+                Err(e) => return Err(upstream_error(t, e)),
+            }
+        }
+        if let Some(r) = from_elsewhere(app, t, &d, &holder, req).await? {
+            return Ok(r);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Upstream(format!(
+                "image cache {:?}: the node fetching {d} neither streamed nor committed it within 60 s",
+                t.source.name()
+            )));
+        }
+        peer::pause(deadline).await;
+    };
+    let range = req.headers.get(header::RANGE);
+    let r = match fetch_response(&fetch, direct, range, head).await {
+        Ok(r) => r,
+        Err(Stopped::NotFound) => {
             return Err(Error::BlobUnknown(format!(
                 "{d} is not at the source of {}",
                 t.repo
             )))
         }
-        Err(p) => {
-            let why = match p.phase {
-                super::fetch::Phase::Failed(w) => w.to_string(),
-                _ => "source did not answer within 60 s".into(),
-            };
+        Err(Stopped::Failed(why)) => {
             return Err(Error::Upstream(format!(
                 "image cache {:?}: {why}",
                 t.source.name()
-            )));
+            )))
         }
+        Err(Stopped::Range(e)) => return Err(e),
     };
     if head {
-        let r = blobs::blob_response(Body::Empty, &d, size, None);
         return Ok(outcome(app, t, r, "coalesced"));
     }
-    let range = blobs::parse_range(req.headers.get(header::RANGE), size)?;
-    let (start, len) = range.map_or((0, size), |r| (r.start, r.len));
-    let body = if len == 0 {
-        Body::Empty
-    } else {
-        fetch.body(start, len, direct)
-    };
-    let r = blobs::blob_response(body, &d, size, range);
     count_served(app, t, &r);
     Ok(outcome(
         app,
@@ -365,6 +393,119 @@ pub async fn blob(
         r,
         if joined { "coalesced" } else { "miss" },
     ))
+}
+
+/// Serves a blob that another node fetches: streamed from it, or from the bucket once it is
+/// committed there; `None` when neither is possible yet (the holder is gone or between
+/// attempts) and the lease must be asked again.
+async fn from_elsewhere(
+    app: &App,
+    t: &CacheTarget,
+    d: &Digest,
+    holder: &peer::Holder,
+    req: &Req<'_>,
+) -> Result<Option<Response<Body>>> {
+    let local = t.repo.as_str();
+    let cluster = app
+        .cache
+        .fetches
+        .cluster
+        .as_ref()
+        .ok_or_else(|| Error::Internal("a fetch lease without a cluster".into()))?;
+    let range = req.headers.get(header::RANGE);
+    if let Some(answer) = cluster.ask(holder, d, local, range).await {
+        let r = peer::relay(answer, d, range)?;
+        count_served(app, t, &r);
+        return Ok(Some(outcome(app, t, r, "coalesced")));
+    }
+    // Committed meanwhile: the source vouched for it here (the holder fetched it for this
+    // repository, or the HEAD above), so link it and serve it from the bucket.
+    if let Some(info) = app.store.blobs.stat(d).await? {
+        let _hold = app.store.gate.hold(d).await;
+        if app.store.blobs.stat(d).await?.is_some() {
+            app.store.meta.link_blob(local, d, info.size).await?;
+            drop(_hold);
+            let r = blobs::get(app, &t.repo, d.as_str(), req, false).await?;
+            count_served(app, t, &r);
+            return Ok(Some(outcome(app, t, r, "coalesced")));
+        }
+    }
+    Ok(None)
+}
+
+/// Why a fetch gave no response.
+pub enum Stopped {
+    /// The source has no such blob.
+    NotFound,
+    /// The fetch failed; why.
+    Failed(String),
+    /// The client's range does not fit the blob.
+    Range(Error),
+}
+
+/// The response for a fetch in flight, once the source told its size: the client's range of
+/// it, streamed as it is written.
+pub async fn fetch_response(
+    fetch: &Arc<Fetch>,
+    direct: Option<Direct>,
+    range: Option<&HeaderValue>,
+    head: bool,
+) -> std::result::Result<Response<Body>, Stopped> {
+    let d = &fetch.digest;
+    let size = match fetch.size(Instant::now() + Duration::from_secs(60)).await {
+        Ok(size) => size,
+        Err(p) if p.not_found => return Err(Stopped::NotFound),
+        Err(p) => {
+            return Err(Stopped::Failed(match p.phase {
+                super::fetch::Phase::Failed(w) => w.to_string(),
+                _ => "source did not answer within 60 s".into(),
+            }))
+        }
+    };
+    if head {
+        return Ok(blobs::blob_response(Body::Empty, d, size, None));
+    }
+    let range = blobs::parse_range(range, size).map_err(Stopped::Range)?;
+    let (start, len) = range.map_or((0, size), |r| (r.start, r.len));
+    let body = if len == 0 {
+        Body::Empty
+    } else {
+        fetch.body(start, len, direct)
+    };
+    Ok(blobs::blob_response(body, d, size, range))
+}
+
+/// `GET /internal/v1/fetches/DIGEST?repo=REPO` from another node: the bytes of this node's
+/// fetch of the blob as they arrive (the client's `Range` applies), linked into `REPO` too once
+/// committed; a bare 404 with [`peer::NO_FETCH_HEADER`] when this node fetches no such blob.
+pub async fn peer_fetch(
+    app: &App,
+    digest: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Response<Body>> {
+    let Some(cluster) = &app.cache.fetches.cluster else {
+        return Err(Error::NotFound("not part of a cluster".into()));
+    };
+    let repo = crate::http::router::query_param(query, "repo").unwrap_or_default();
+    if !cluster.verify(headers, digest, &repo) {
+        return Err(Error::Denied(
+            "a peer request without a valid node signature".into(),
+        ));
+    }
+    let d = Digest::parse(digest)?;
+    let Some(fetch) = app.cache.fetches.local(&d) else {
+        return Ok(peer::no_fetch());
+    };
+    if !repo.is_empty() {
+        fetch.link_also(&repo);
+    }
+    match fetch_response(&fetch, None, headers.get(header::RANGE), false).await {
+        Ok(r) => Ok(r),
+        Err(Stopped::NotFound) => Err(Error::BlobUnknown(format!("{d} is not at the source"))),
+        Err(Stopped::Failed(why)) => Err(Error::Upstream(why)),
+        Err(Stopped::Range(e)) => Err(e),
+    }
 }
 
 fn count_served(app: &App, t: &CacheTarget, r: &Response<Body>) {

@@ -57,6 +57,11 @@ pub enum Route {
     Token,
     /// `/api/v1/...`: the management API (the path is parsed by `api/`).
     Api,
+    /// `/internal/v1/fetches/DIGEST`: another node streaming a cold fetch this node holds.
+    PeerFetch {
+        /// Digest as written.
+        digest: String,
+    },
 }
 
 impl Route {
@@ -75,9 +80,13 @@ impl Route {
             Route::Metrics => "metrics",
             Route::Token => "token",
             Route::Api => "api",
+            Route::PeerFetch { .. } => "peer_fetch",
         }
     }
 }
+
+/// Where a node asks another for the bytes of a cold fetch it holds (`DIGEST` follows).
+pub const PEER_FETCH_PATH: &str = "/internal/v1/fetches/";
 
 /// Parses a request path (without query).
 pub fn route(path: &str) -> Result<Route> {
@@ -90,6 +99,11 @@ pub fn route(path: &str) -> Result<Route> {
         "/service/token" => return Ok(Route::Token),
         "/api/v1" => return Ok(Route::Api),
         p if p.starts_with("/api/v1/") => return Ok(Route::Api),
+        p if p.starts_with(PEER_FETCH_PATH) => {
+            return Ok(Route::PeerFetch {
+                digest: p[PEER_FETCH_PATH.len()..].to_string(),
+            });
+        }
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2/") else {

@@ -447,6 +447,13 @@ pub async fn handle(
             );
             Ok(r)
         }
+        // Nodes sign these with a key they share; no user is involved.
+        Ok(Route::PeerFetch { digest }) if parts.method == http::Method::GET => {
+            crate::cache::serve::peer_fetch(&app, &digest, parts.uri.query(), &parts.headers).await
+        }
+        Ok(Route::PeerFetch { .. }) => Err(Error::MethodNotAllowed(
+            "the peer fetch endpoint takes GET only".into(),
+        )),
         Ok(route) => match principal_of(&app, &parts.headers, peer.ip(), &route).await {
             Err(e) => Err(e),
             Ok(who) => {

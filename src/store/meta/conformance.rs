@@ -562,6 +562,40 @@ async fn records_put_get_list_and_remove(meta: &Arc<dyn MetaStore>) {
         .collect();
     got.sort();
     assert_eq!(got, (1..=20).collect::<Vec<u64>>(), "each once");
+    // Leases: one holder at a time; renewed by its holder, taken by another once expired or
+    // released; racing takers agree on one.
+    let minute = Duration::from_secs(60);
+    let a = meta.lease_take("conformance", "a", minute).await.unwrap();
+    assert_eq!(a.holder, "a");
+    let b = meta.lease_take("conformance", "b", minute).await.unwrap();
+    assert_eq!(b.holder, "a", "held: b is told who holds it");
+    assert!(b.remaining > Duration::from_secs(50) && b.remaining <= minute);
+    meta.lease_release("conformance", "b").await.unwrap();
+    let renewed = meta.lease_take("conformance", "a", minute).await.unwrap();
+    assert_eq!(renewed.holder, "a", "not b's to release; a renews");
+    meta.lease_release("conformance", "a").await.unwrap();
+    let b = meta
+        .lease_take("conformance", "b", Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(b.holder, "b", "released: free");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let a = meta.lease_take("conformance", "a", minute).await.unwrap();
+    assert_eq!(a.holder, "a", "expired: anyone's");
+    let racing: Vec<_> = ["x", "y", "z"]
+        .iter()
+        .map(|h| meta.lease_take("raced", h, minute))
+        .collect();
+    let holders: std::collections::HashSet<String> = futures_util::future::join_all(racing)
+        .await
+        .into_iter()
+        .map(|l| l.unwrap().holder)
+        .collect();
+    assert_eq!(
+        holders.len(),
+        1,
+        "every racer sees the one winner: {holders:?}"
+    );
     let under_p = records.list(&["p"]).await.unwrap();
     assert_eq!(
         under_p,

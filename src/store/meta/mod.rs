@@ -449,6 +449,56 @@ pub async fn open_with(
     }
 }
 
+/// A lease as it stands: who holds it, and for how much longer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The holder's self-description (what it gave [`MetaStore::lease_take`]).
+    pub holder: String,
+    /// Time left before anyone may take it.
+    pub remaining: Duration,
+}
+
+/// A secret of `name` that every node sharing `meta` finds the same: created on first use
+/// from `adopt` (one a berth kept elsewhere before) or 32 random bytes, one creator winning
+/// when nodes start together.
+pub async fn shared_secret(
+    meta: &Arc<dyn MetaStore>,
+    name: &str,
+    adopt: Option<Vec<u8>>,
+) -> MetaResult<Vec<u8>> {
+    /// As stored (a JSON record, as every record is).
+    #[derive(Serialize, Deserialize)]
+    struct StoredKey {
+        /// The secret, base64 (named after its first use: the HS256 token key).
+        hs256: String,
+    }
+    use base64::Engine;
+    const SECRETS: &str = "secrets";
+    let stored = |bytes: Option<Vec<u8>>| -> Option<Vec<u8>> {
+        let key: StoredKey = serde_json::from_slice(&bytes?).ok()?;
+        base64::engine::general_purpose::STANDARD
+            .decode(key.hs256)
+            .ok()
+            .filter(|s| s.len() >= 32)
+    };
+    if let Some(secret) = stored(meta.record_get(SECRETS, name).await?) {
+        return Ok(secret);
+    }
+    let candidate = adopt.filter(|s| s.len() >= 32).unwrap_or_else(|| {
+        use argon2::password_hash::rand_core::{OsRng, RngCore};
+        let mut s = vec![0u8; 32];
+        OsRng.fill_bytes(&mut s);
+        s
+    });
+    let record = StoredKey {
+        hs256: base64::engine::general_purpose::STANDARD.encode(&candidate),
+    };
+    meta.record_create(SECRETS, name, json(&record)).await?;
+    meta.flush().await?;
+    stored(meta.record_get(SECRETS, name).await?)
+        .ok_or_else(|| MetaError::Corrupt(format!("the secret record {name:?} is unreadable")))
+}
+
 /// Where metadata lives. Listings are in lexical (byte) order of their keys; those that can
 /// grow without bound take a page (`after`: the last key of the previous page, `limit`).
 /// Writes that change several records (put and delete of an artifact) run one at a time per
@@ -634,6 +684,17 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The next number of the sequence `name`, above `floor` (numbers handed out before the
     /// sequence existed): unique across every node sharing the store, increasing.
     async fn sequence_next(&self, name: &str, floor: u64) -> MetaResult<u64>;
+    /// Takes lease `name` for `holder` for `ttl` when it is free, expired or `holder`'s already
+    /// (which renews it); the lease as it stands afterwards, whoever holds it. Expiry is
+    /// measured on the store's clock (the database's, where nodes share one), so the nodes'
+    /// clocks need not agree.
+    async fn lease_take(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<Lease>;
+    /// Ends lease `name` if `holder` holds it.
+    async fn lease_release(&self, name: &str, holder: &str) -> MetaResult<()>;
+    /// Whether other nodes share this store (and so its leases and records).
+    fn shared(&self) -> bool {
+        false
+    }
     /// One record.
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>>;
     /// Removes a record; returns it.

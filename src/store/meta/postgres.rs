@@ -23,7 +23,7 @@ use tokio_postgres::NoTls;
 
 use super::usage::registry_of;
 use super::{
-    from_json, json, prefix_end, ArtifactRecord, Change, CredentialRecord, ImageCacheRecord,
+    from_json, json, prefix_end, ArtifactRecord, Change, CredentialRecord, ImageCacheRecord, Lease,
     MetaError, MetaResult, MetaStore, Missing, Refers, RegistryRecord, Subscriber, Usage,
 };
 use crate::oci::digest::Digest;
@@ -164,6 +164,12 @@ CREATE TABLE usage (
 "#,
     r#"
 CREATE TABLE sequences (name text COLLATE "C" PRIMARY KEY, value bigint NOT NULL);
+"#,
+    r#"
+CREATE TABLE leases (
+    name text COLLATE "C" PRIMARY KEY,
+    holder text NOT NULL,
+    expires timestamptz NOT NULL);
 "#,
 ];
 
@@ -1420,6 +1426,72 @@ impl MetaStore for PostgresMeta {
             .map_err(pg)?
             .get(0);
         Ok(next.max(0) as u64)
+    }
+
+    async fn lease_take(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<Lease> {
+        let client = self.client().await?;
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        // Taken (or renewed) when free, expired or ours; otherwise the row as it stands. The
+        // outer SELECT sees the snapshot from before the statement: when a racing taker
+        // inserted the row meanwhile, neither branch has it, and a second statement (with a
+        // new snapshot) reads it.
+        for _ in 0..3 {
+            let row = client
+                .query_opt(
+                    "WITH taken AS (
+                         INSERT INTO leases (name, holder, expires)
+                         VALUES ($1, $2, now() + $3::bigint * interval '1 millisecond')
+                         ON CONFLICT (name) DO UPDATE
+                             SET holder = EXCLUDED.holder, expires = EXCLUDED.expires
+                             WHERE leases.holder = EXCLUDED.holder OR leases.expires <= now()
+                         RETURNING holder, expires)
+                     SELECT holder, GREATEST(0, (EXTRACT(EPOCH FROM expires - now()) * 1000))::bigint
+                         FROM taken
+                     UNION ALL
+                     SELECT holder, GREATEST(0, (EXTRACT(EPOCH FROM expires - now()) * 1000))::bigint
+                         FROM leases WHERE name = $1 AND NOT EXISTS (SELECT 1 FROM taken)",
+                    &[&name, &holder, &ttl_ms],
+                )
+                .await
+                .map_err(pg)?;
+            let row = match row {
+                Some(row) => Some(row),
+                None => client
+                    .query_opt(
+                        "SELECT holder, GREATEST(0, (EXTRACT(EPOCH FROM expires - now()) * 1000))::bigint
+                             FROM leases WHERE name = $1",
+                        &[&name],
+                    )
+                    .await
+                    .map_err(pg)?,
+            };
+            // Gone again too (taken and released in between): free, try again.
+            let Some(row) = row else { continue };
+            let remaining: i64 = row.get(1);
+            return Ok(Lease {
+                holder: row.get(0),
+                remaining: Duration::from_millis(remaining.max(0) as u64),
+            });
+        }
+        Err(MetaError::Backend(format!(
+            "lease {name}: taken and released three times while asking"
+        )))
+    }
+
+    async fn lease_release(&self, name: &str, holder: &str) -> MetaResult<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM leases WHERE name = $1 AND holder = $2",
+                &[&name, &holder],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {

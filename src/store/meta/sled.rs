@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::usage::UsageBook;
 use super::{
     from_json, json, key, prefix, prefix_end, tail_str, ArtifactRecord, Change, CredentialRecord,
-    ImageCacheRecord, ImageCacheSettings, MetaError, MetaResult, MetaStore, Missing, Refers,
+    ImageCacheRecord, ImageCacheSettings, Lease, MetaError, MetaResult, MetaStore, Missing, Refers,
     RegistryRecord, SourceKind, Subscriber, Usage,
 };
 use crate::oci::digest::Digest;
@@ -133,8 +133,17 @@ struct Trees {
 }
 
 /// The trees of registries, image caches and repositories (typed records live in others).
-const FIXED_TREES: [&str; 10] = [
+/// A lease as kept in the `leases` tree (one process holds a sled store: its clock is the
+/// store's).
+#[derive(serde::Serialize, Deserialize)]
+struct StoredLease {
+    holder: String,
+    expires_ms: u64,
+}
+
+const FIXED_TREES: [&str; 11] = [
     "sequences",
+    "leases",
     "registries",
     "image_caches",
     "credentials",
@@ -833,6 +842,49 @@ impl Trees {
         Ok(out)
     }
 
+    fn lease_take(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<Lease> {
+        let leases = self.db.open_tree("leases")?;
+        loop {
+            let now = super::now_ms();
+            let old = leases.get(name)?;
+            let current = old
+                .as_deref()
+                .and_then(|v| serde_json::from_slice::<StoredLease>(v).ok());
+            if let Some(l) = &current {
+                if l.holder != holder && l.expires_ms > now {
+                    return Ok(Lease {
+                        holder: l.holder.clone(),
+                        remaining: Duration::from_millis(l.expires_ms - now),
+                    });
+                }
+            }
+            let taken = StoredLease {
+                holder: holder.to_string(),
+                expires_ms: now + ttl.as_millis() as u64,
+            };
+            let new = serde_json::to_vec(&taken).map_err(|e| MetaError::Backend(e.to_string()))?;
+            if leases.compare_and_swap(name, old, Some(new))?.is_ok() {
+                return Ok(Lease {
+                    holder: taken.holder,
+                    remaining: ttl,
+                });
+            }
+        }
+    }
+
+    fn lease_release(&self, name: &str, holder: &str) -> MetaResult<()> {
+        let leases = self.db.open_tree("leases")?;
+        if let Some(old) = leases.get(name)? {
+            let held =
+                serde_json::from_slice::<StoredLease>(&old).is_ok_and(|l| l.holder == holder);
+            if held {
+                // Lost to a taker in between: theirs stays.
+                let _ = leases.compare_and_swap(name, Some(old), None as Option<&[u8]>)?;
+            }
+        }
+        Ok(())
+    }
+
     fn record_trees(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .db
@@ -1166,6 +1218,16 @@ impl MetaStore for SledMeta {
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
         let (tree, key) = (tree.to_owned(), key.to_owned());
         self.run(move |t| t.record_get(&tree, &key)).await
+    }
+
+    async fn lease_take(&self, name: &str, holder: &str, ttl: Duration) -> MetaResult<Lease> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.run(move |t| t.lease_take(&name, &holder, ttl)).await
+    }
+
+    async fn lease_release(&self, name: &str, holder: &str) -> MetaResult<()> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.run(move |t| t.lease_release(&name, &holder)).await
     }
 
     async fn record_remove(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
