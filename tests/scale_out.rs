@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::doubles::FaultRelay;
+use common::process::BerthProcess;
 use common::registry::{chunked_upload, Client};
 use common::server::TestServer;
 use common::{clients, oci_layout};
@@ -402,5 +403,98 @@ async fn a_fetch_lease_of_a_dead_node_is_taken_over_once_it_runs_out() {
         started.elapsed() >= Duration::from_millis(900),
         "served only once the dead node's lease ran out ({:?})",
         started.elapsed()
+    );
+}
+
+/// Two berth processes over one bucket and one database; node 1 is killed with SIGKILL in the
+/// middle of a blob's upload. The client's push fails there, nothing of it shows on node 2
+/// (no blob under the digest, no tag), and the client's retry of the whole push on node 2
+/// succeeds and pulls whole; node 1, started again on its data directory, serves it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_cut_by_a_killed_node_is_retried_on_another_and_nothing_half_written_shows() {
+    let s3 = berth::testbed::S3Server::start().await;
+    let url = berth::testbed::postgres().database().await;
+    let extra = format!(
+        "{}{}[[registry]]\nname = \"library\"\n",
+        s3.storage_toml("hub"),
+        metadata(&url)
+    );
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut node1 = BerthProcess::start_in(d1.path(), &extra);
+    let node2 = BerthProcess::start_in(d2.path(), &extra);
+    let layer: Vec<u8> = (0..48u32 << 20).map(|i| (i * 13 % 253) as u8).collect();
+    let digest = common::server::sha256(&layer);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{}/v2/library/app/blobs/uploads/", node1.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let location = common::server::header(&r, "location");
+    let location = if location.starts_with('/') {
+        format!("{}{location}", node1.url())
+    } else {
+        location
+    };
+    // The body goes in 1 MiB pieces; node 1 dies after 16 MiB of them.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(2);
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|piece| (piece, rx))
+    });
+    let put = tokio::spawn(
+        http.put(format!(
+            "{location}{}digest={digest}",
+            if location.contains('?') { '&' } else { '?' }
+        ))
+        .body(reqwest::Body::wrap_stream(body))
+        .send(),
+    );
+    for piece in layer[..16 << 20].chunks(1 << 20) {
+        tx.send(Ok(piece.to_vec())).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node1.kill();
+    for piece in layer[16 << 20..].chunks(1 << 20) {
+        if tx.send(Ok(piece.to_vec())).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    // An error (the connection died with the node), or an answer that is no success.
+    if let Ok(r) = put.await.unwrap() {
+        assert!(!r.status().is_success(), "a push to a killed node: {r:?}");
+    }
+    let on2 = Client::over(http.clone(), &node2.url());
+    let head = |client: &Client| {
+        client
+            .req(Method::HEAD, &format!("/v2/library/app/blobs/{digest}"))
+            .send()
+    };
+    assert_eq!(
+        head(&on2).await.unwrap().status(),
+        StatusCode::NOT_FOUND,
+        "no blob under the digest from the cut push"
+    );
+    // The retry, on node 2.
+    let manifest = on2.image("library/app", "v1", "killed", &layer).await;
+    let r = on2
+        .req(Method::GET, &format!("/v2/library/app/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.bytes().await.unwrap() == layer, "the layer reads whole");
+    assert_eq!(
+        on2.pull_manifest("library/app", "v1").await.unwrap(),
+        manifest
+    );
+    // Node 1, back on its data directory, serves the retried push.
+    let node1 = BerthProcess::start_in(d1.path(), &extra);
+    let on1 = Client::over(http, &node1.url());
+    assert_eq!(head(&on1).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        on1.pull_manifest("library/app", "v1").await.unwrap(),
+        manifest
     );
 }
