@@ -52,7 +52,55 @@ pub async fn run(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let now = SystemTime::now();
         start_due(&app, checked, now).await;
         checked = now;
+        take_over(&app).await;
     }
+}
+
+/// Where nodes share the metadata: executions whose node died (their scope's lease ran out)
+/// are marked interrupted and started again here, with the same job, trigger and dry-run
+/// setting; answers the scopes started (`gc`, `replication/RULE`, `cleanup/REGISTRY`).
+pub async fn take_over(app: &Arc<App>) -> Vec<String> {
+    let mut started = Vec::new();
+    if !app.store.meta.shared() {
+        return started;
+    }
+    let why = "the node running it stopped (its lease ran out): taken over by another node";
+    let orphans = match app.jobs.orphans(why).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for executions of nodes that stopped");
+            return started;
+        }
+    };
+    for e in orphans {
+        let operator = format!("takeover of {}", e.id);
+        let outcome = match e.scope.split_once('/') {
+            _ if e.scope == crate::jobs::gc::SCOPE => {
+                let busy = app.cache.fetches.inflight_digests();
+                app.gc().start(e.trigger, e.dry_run, &operator, busy).await
+            }
+            Some(("cleanup", registry)) => {
+                crate::policy::run::start(app, registry, e.trigger, e.dry_run, &operator).await
+            }
+            Some(("replication", rule)) => {
+                crate::replication::run::start(app, rule, e.trigger, &operator).await
+            }
+            _ => {
+                tracing::warn!(execution = %e.id, scope = %e.scope, "execution of a stopped node interrupted; not started again (it runs per node)");
+                continue;
+            }
+        };
+        match outcome {
+            Ok(new) => {
+                tracing::warn!(execution = %e.id, scope = %e.scope, new = %new.id, "execution of a stopped node taken over");
+                started.push(e.scope);
+            }
+            Err(err) => {
+                tracing::warn!(execution = %e.id, scope = %e.scope, error = %err, "execution of a stopped node interrupted; starting it again failed")
+            }
+        }
+    }
+    started
 }
 
 /// Starts every job whose schedule falls due after `since` and at or before `now` (one tick of

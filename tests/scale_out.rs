@@ -262,10 +262,6 @@ async fn three_nodes_over_one_bucket_and_one_database_serve_as_one_registry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cold_blob_asked_of_three_nodes_at_once_is_fetched_from_the_source_once() {
     use sha2::Digest as _;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("berth=info")
-        .with_writer(std::io::stderr)
-        .try_init();
     let source = TestServer::start("").await;
     let up = Client::over(source.client.clone(), &source.base);
     let layer: Vec<u8> = (0..256u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
@@ -497,4 +493,174 @@ async fn a_push_cut_by_a_killed_node_is_retried_on_another_and_nothing_half_writ
         on1.pull_manifest("library/app", "v1").await.unwrap(),
         manifest
     );
+}
+
+/// What a node serves: every tag with its manifest and blobs, to compare.
+async fn served(client: &Client) -> Vec<(String, String, Vec<u8>)> {
+    let mut all = Vec::new();
+    for (repo, tag) in client.every_tag().await {
+        let bytes = client.pull_all(&repo, &tag).await;
+        all.push((repo, tag, bytes));
+    }
+    all
+}
+
+/// A single node's data directory (filesystem and sled) moved into a bucket and a database
+/// with `berth migrate-store --to CONFIG`: a node on the target serves every image
+/// byte-identical to the same access key; the source still serves as before; a second run
+/// into the target, which holds data now, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_moves_a_single_node_into_a_bucket_and_a_database() {
+    let registries = "[[registry]]\nname = \"library\"\n[[registry]]\nname = \"team\"\n";
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut single = BerthProcess::start_in(d1.path(), registries);
+    let open = Client::new(&single.url(), None);
+    let shared: Vec<u8> = (0..6u32 << 20).map(|i| (i % 239) as u8).collect();
+    open.image("library/app", "v1", "one", &shared).await;
+    open.image("library/app", "v2", "two", &shared).await;
+    open.image("team/tool", "latest", "tool", &shared).await;
+    let (ok, out, e) = common::process::run_berth(
+        &[
+            "--server",
+            &single.url(),
+            "user",
+            "create",
+            "root",
+            "--admin",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(ok, "{out}{e}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let key = (
+        created["first_key"]["id"].as_str().unwrap().to_string(),
+        created["first_key"]["secret"].as_str().unwrap().to_string(),
+    );
+    let before = served(&Client::new(&single.url(), Some(key.clone()))).await;
+    assert_eq!(before.len(), 3);
+    assert!(single.terminate(), "berth stops cleanly");
+
+    let s3 = berth::testbed::S3Server::start().await;
+    let url = berth::testbed::postgres().database().await;
+    let shared_toml = format!("{}{}", s3.storage_toml("hub"), metadata(&url));
+    let target = d2.path().join("target.toml");
+    std::fs::write(
+        &target,
+        format!("data_dir = {:?}\n{shared_toml}", d2.path().join("data")),
+    )
+    .unwrap();
+    let source = d1.path().join("data");
+    let migrate = || {
+        common::process::run_berth(
+            &[
+                "--data-dir",
+                source.to_str().unwrap(),
+                "migrate-store",
+                "--to",
+                target.to_str().unwrap(),
+                "--json",
+            ],
+            &[],
+        )
+    };
+    let (ok, out, e) = migrate();
+    assert!(ok, "{out}{e}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["tags"], 3, "{report}");
+    assert_eq!(report["registries"], 2, "{report}");
+    assert_eq!(report["missing_blobs"], json!([]), "{report}");
+    assert_eq!(report["dropped_artifacts"], json!([]), "{report}");
+
+    let mut node = BerthProcess::start_in(d2.path(), &format!("{shared_toml}{registries}"));
+    assert_eq!(
+        served(&Client::new(&node.url(), Some(key.clone()))).await,
+        before,
+        "the target serves every image byte-identical to the same key"
+    );
+    assert_eq!(
+        Client::new(&node.url(), None).get("/v2/").await.status(),
+        StatusCode::UNAUTHORIZED,
+        "the users came along: auth is on"
+    );
+    assert!(node.terminate());
+    let (ok, _, e) = migrate();
+    assert!(!ok && e.contains("holds registries"), "{e}");
+    let single = BerthProcess::start_in(d1.path(), registries);
+    assert_eq!(
+        served(&Client::new(&single.url(), Some(key))).await,
+        before,
+        "the source is as it was"
+    );
+}
+
+/// An execution holds its scope's lease in the database while it runs: another node neither
+/// starts the same scope nor, when it (re)starts, marks the execution interrupted; once the
+/// node running it is gone (its lease no longer held), the next node that looks marks it
+/// interrupted and starts the job again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execution_of_a_node_that_stopped_is_taken_over_by_another() {
+    use berth::jobs::executions::{Start, Status, Trigger};
+    let mut ns = nodes(2, "").await;
+    let every_minute = json!({"schedule": {"type": "custom", "cron": "* * * * *"}});
+    let (status, body) = ns[0]
+        .api(
+            Method::PUT,
+            "/registries/library/cleanup",
+            Some(every_minute),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let start = || Start {
+        kind: "cleanup".into(),
+        scope: "cleanup/library".into(),
+        trigger: Trigger::Manual,
+        dry_run: false,
+        operator: "root".into(),
+    };
+    let run = ns[0].app().jobs.start(start()).await.unwrap();
+    let id = run.execution().id.clone();
+    let refused = ns[1].app().jobs.start(start()).await.err().unwrap();
+    assert!(refused.to_string().contains(&id), "{refused}");
+    // Node B restarts: node A's running execution is left alone, and nobody takes it over.
+    ns[1].restart().await;
+    assert!(berth::scheduler::take_over(&ns[1].app()).await.is_empty());
+    let status_of = |s: &TestServer, id: String| {
+        let app = s.app();
+        async move {
+            app.jobs
+                .execution("cleanup/library", &id)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    assert_eq!(status_of(&ns[1], id.clone()).await.status, Status::Running);
+    // Node A goes away under it (the run ends unfinished, its lease is no longer held).
+    drop(run);
+    ns.remove(0).server.take().unwrap().shutdown().await;
+    // Node B's scheduler looks every tick; the test looks too, whoever comes first.
+    within_a_notice("the execution of a node that stopped is taken over", || {
+        let (app, id) = (ns[0].app(), id.clone());
+        async move {
+            berth::scheduler::take_over(&app).await;
+            let e = app.jobs.execution("cleanup/library", &id).await.unwrap();
+            e.unwrap().status == Status::Interrupted
+        }
+    })
+    .await;
+    let old = status_of(&ns[0], id.clone()).await;
+    assert_eq!(old.status, Status::Interrupted);
+    assert!(old.error.unwrap().contains("taken over"));
+    let (status, list) = ns[0]
+        .api(Method::GET, "/registries/library/cleanup/executions", None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let takeovers: Vec<&serde_json::Value> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["operator"] == format!("takeover of {id}"))
+        .collect();
+    assert_eq!(takeovers.len(), 1, "taken over once: {list}");
 }

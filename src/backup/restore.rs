@@ -9,9 +9,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+use tokio::io::AsyncBufReadExt;
 
 use super::{blob_path, BackupError, Line, FORMAT, LINES_FILE};
 use crate::oci::digest::{Digest, Verifier};
@@ -74,17 +73,8 @@ pub async fn restore(
 ) -> Result<RestoreReport, BackupError> {
     let dir = backup.0.as_path();
     let path = dir.join(LINES_FILE);
-    let mut r = Restorer {
-        dir,
-        store,
-        max_manifest,
-        kinds: HashMap::new(),
-        present: HashSet::new(),
-        absent: HashSet::new(),
-        report: RestoreReport::default(),
-    };
+    let mut r = Restorer::new(BlobSource::Dir(dir), store, max_manifest);
     let mut lines = open_lines(&path).await?;
-    let mut current: Option<(String, RepoLines)> = None;
     let mut n = 0usize;
     while let Some(text) = lines.next_line().await.map_err(|e| io_err(&path, e))? {
         n += 1;
@@ -95,67 +85,65 @@ pub async fn restore(
             path: path.clone(),
             why: format!("line {n}: {e}"),
         })?;
-        let repo = match &line {
-            Line::Tag { repo, .. } | Line::Artifact { repo, .. } | Line::Blob { repo, .. } => {
-                Some(repo.clone())
-            }
-            _ => None,
-        };
-        if current.as_ref().map(|(r, _)| r) != repo.as_ref() {
-            if let Some((name, group)) = current.take() {
-                r.repository(&name, group).await?;
-            }
-            current = repo.map(|name| (name, RepoLines::default()));
-        }
-        match line {
-            Line::Header { .. } | Line::End {} => {}
-            Line::Registry { record } => {
-                r.kinds.insert(record.name.clone(), record.kind);
-                store.put_registry(record).await?;
-                r.report.registries += 1;
-            }
-            Line::ImageCache {
-                record,
-                credentials,
-            } => {
-                store
-                    .meta
-                    .put_image_cache(&record, credentials.as_ref())
-                    .await?;
-                r.report.image_caches += 1;
-            }
-            Line::Record { tree, key, value } => {
-                let bytes = serde_json::to_vec(&value).map_err(|e| BackupError::Format {
-                    path: path.clone(),
-                    why: format!("line {n}: {e}"),
-                })?;
-                store.meta.record_put(&tree, &key, bytes).await?;
-                r.report.records += 1;
-            }
-            Line::Tag { tag, digest, .. } => group(&mut current).tags.push((tag, digest)),
-            Line::Artifact {
-                digest,
-                record,
-                last_pull_ms,
-                ..
-            } => group(&mut current)
-                .artifacts
-                .push((digest, record, last_pull_ms)),
-            Line::Blob { digest, size, .. } => group(&mut current).blobs.push((digest, size)),
-        }
+        r.feed(line).await.map_err(|e| match e {
+            Fed::Record(why) => BackupError::Format {
+                path: path.clone(),
+                why: format!("line {n}: {why}"),
+            },
+            Fed::Failed(e) => e,
+        })?;
     }
-    if let Some((name, group)) = current.take() {
-        r.repository(&name, group).await?;
-    }
-    store.meta.flush().await?;
-    Ok(r.report)
+    r.finish().await
 }
 
-fn group(current: &mut Option<(String, RepoLines)>) -> &mut RepoLines {
-    &mut current
-        .as_mut()
-        .expect("a repository line opens its group")
-        .1
+/// Copies what one store holds into another that holds nothing yet (`berth migrate-store`):
+/// the lines a backup would hold, read in pages through the metadata seam, restored as from a
+/// backup, each blob copied and checked by digest as it goes.
+pub async fn migrate(
+    from: &Store,
+    to: &Store,
+    max_manifest: usize,
+) -> Result<RestoreReport, BackupError> {
+    let mut r = Restorer::new(BlobSource::Store(from), to, max_manifest);
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = super::export::page(&*from.meta, cursor.as_deref(), 1000)
+            .await
+            .map_err(|e| BackupError::Store(crate::error::Error::Internal(e.to_string())))??;
+        for line in page.lines {
+            r.feed(line).await.map_err(|e| match e {
+                Fed::Record(why) => {
+                    BackupError::Store(crate::error::Error::Internal(format!("a record: {why}")))
+                }
+                Fed::Failed(e) => e,
+            })?;
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    r.finish().await
+}
+
+/// Why a line was not taken.
+enum Fed {
+    /// A typed record whose value does not serialize.
+    Record(String),
+    /// The store or the source failed.
+    Failed(BackupError),
+}
+
+impl From<BackupError> for Fed {
+    fn from(e: BackupError) -> Self {
+        Fed::Failed(e)
+    }
+}
+
+impl From<crate::store::meta::MetaError> for Fed {
+    fn from(e: crate::store::meta::MetaError) -> Self {
+        Fed::Failed(e.into())
+    }
 }
 
 fn io_err(path: &Path, source: io::Error) -> BackupError {
@@ -211,9 +199,19 @@ async fn check_complete(path: &Path) -> Result<(), BackupError> {
     }
 }
 
+/// Where the blobs of a restore come from.
+enum BlobSource<'a> {
+    /// A backup directory (`blobs/ALGO/XX/HEX`).
+    Dir(&'a Path),
+    /// Another store (a migration).
+    Store(&'a Store),
+}
+
 struct Restorer<'a> {
-    dir: &'a Path,
+    from: BlobSource<'a>,
     store: &'a Store,
+    /// The repository whose lines are being gathered (they come together).
+    current: Option<(String, RepoLines)>,
     max_manifest: usize,
     kinds: HashMap<String, RegistryKind>,
     /// Blobs in the store (copied in by this restore).
@@ -223,7 +221,90 @@ struct Restorer<'a> {
     report: RestoreReport,
 }
 
-impl Restorer<'_> {
+impl<'a> Restorer<'a> {
+    fn new(from: BlobSource<'a>, store: &'a Store, max_manifest: usize) -> Restorer<'a> {
+        Restorer {
+            from,
+            store,
+            current: None,
+            max_manifest,
+            kinds: HashMap::new(),
+            present: HashSet::new(),
+            absent: HashSet::new(),
+            report: RestoreReport::default(),
+        }
+    }
+
+    /// Takes one line: registries, image caches and records go in at once; a repository's
+    /// lines are gathered and restored together when the next line is not one of them.
+    async fn feed(&mut self, line: Line) -> Result<(), Fed> {
+        let store = self.store;
+        let repo = match &line {
+            Line::Tag { repo, .. } | Line::Artifact { repo, .. } | Line::Blob { repo, .. } => {
+                Some(repo.clone())
+            }
+            _ => None,
+        };
+        if self.current.as_ref().map(|(r, _)| r) != repo.as_ref() {
+            if let Some((name, group)) = self.current.take() {
+                self.repository(&name, group).await?;
+            }
+            self.current = repo.map(|name| (name, RepoLines::default()));
+        }
+        match line {
+            Line::Header { .. } | Line::End {} => {}
+            Line::Registry { record } => {
+                self.kinds.insert(record.name.clone(), record.kind);
+                store
+                    .put_registry(record)
+                    .await
+                    .map_err(BackupError::from)?;
+                self.report.registries += 1;
+            }
+            Line::ImageCache {
+                record,
+                credentials,
+            } => {
+                store
+                    .meta
+                    .put_image_cache(&record, credentials.as_ref())
+                    .await?;
+                self.report.image_caches += 1;
+            }
+            Line::Record { tree, key, value } => {
+                let bytes = serde_json::to_vec(&value).map_err(|e| Fed::Record(e.to_string()))?;
+                store.meta.record_put(&tree, &key, bytes).await?;
+                self.report.records += 1;
+            }
+            Line::Tag { tag, digest, .. } => self.group().tags.push((tag, digest)),
+            Line::Artifact {
+                digest,
+                record,
+                last_pull_ms,
+                ..
+            } => self.group().artifacts.push((digest, record, last_pull_ms)),
+            Line::Blob { digest, size, .. } => self.group().blobs.push((digest, size)),
+        }
+        Ok(())
+    }
+
+    fn group(&mut self) -> &mut RepoLines {
+        &mut self
+            .current
+            .as_mut()
+            .expect("a repository line opens its group")
+            .1
+    }
+
+    /// Restores the last repository and makes everything durable; what was done.
+    async fn finish(mut self) -> Result<RestoreReport, BackupError> {
+        if let Some((name, group)) = self.current.take() {
+            self.repository(&name, group).await?;
+        }
+        self.store.meta.flush().await?;
+        Ok(self.report)
+    }
+
     /// A repository: blobs, then artifacts, then tags.
     async fn repository(&mut self, repo: &str, lines: RepoLines) -> Result<(), BackupError> {
         let meta = self.store.meta.clone();
@@ -337,10 +418,37 @@ impl Restorer<'_> {
         if self.absent.contains(digest) {
             return Ok(false);
         }
-        let path = blob_path(self.dir, digest);
-        let copied = copy_in(self.store, &path, digest)
-            .await
-            .map_err(|e| io_err(&path, e))?;
+        let (copied, place) = match &self.from {
+            BlobSource::Dir(dir) => {
+                let path = blob_path(dir, digest);
+                let copied = match tokio::fs::File::open(&path).await {
+                    Ok(file) => {
+                        let pieces = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
+                        copy_in(self.store, pieces, digest).await
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                };
+                (copied.map_err(|e| io_err(&path, e))?, path)
+            }
+            BlobSource::Store(from) => {
+                let place = PathBuf::from(format!("the source store's blob {digest}"));
+                let copied = match from.blobs.stat(digest).await {
+                    Ok(Some(info)) => {
+                        let pieces = crate::store::blobs::pieces(
+                            from.blobs.clone(),
+                            digest.clone(),
+                            0,
+                            info.size,
+                        );
+                        copy_in(self.store, pieces, digest).await
+                    }
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                };
+                (copied.map_err(|e| io_err(&place, e))?, place)
+            }
+        };
         match copied {
             Some(size) => {
                 self.present.insert(digest.clone());
@@ -349,7 +457,7 @@ impl Restorer<'_> {
                 Ok(true)
             }
             None => {
-                tracing::warn!(%digest, path = %path.display(), "blob missing from the backup, or its bytes do not match its digest");
+                tracing::warn!(%digest, from = %place.display(), "blob missing, or its bytes do not match its digest");
                 self.absent.insert(digest.clone());
                 self.report.missing_blobs.push(digest.to_string());
                 Ok(false)
@@ -363,32 +471,25 @@ fn registry_of(repo: &str) -> &str {
     repo.split('/').next().unwrap_or(repo)
 }
 
-/// Copies a backup's blob file into the store as `digest`; its size, or `None` when the file
-/// is absent or holds other bytes (nothing is committed then).
-async fn copy_in(store: &Store, path: &Path, digest: &Digest) -> io::Result<Option<u64>> {
-    let mut file = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
+/// Copies a blob's bytes into the store as `digest`; its size, or `None` when they are other
+/// bytes (nothing is committed then).
+async fn copy_in(
+    store: &Store,
+    pieces: impl futures_util::Stream<Item = io::Result<bytes::Bytes>>,
+    digest: &Digest,
+) -> io::Result<Option<u64>> {
+    use futures_util::StreamExt;
     let (write, _) = store
         .blobs
         .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
         .await?;
     let mut write = HashingWrite::new(write, Verifier::new(digest.algorithm()));
     let copied = async {
-        loop {
-            let mut piece = BytesMut::with_capacity(1 << 20);
-            while piece.len() < piece.capacity() {
-                if file.read_buf(&mut piece).await? == 0 {
-                    break;
-                }
-            }
-            if piece.is_empty() {
-                return Ok::<_, io::Error>(());
-            }
-            write.write(piece.freeze()).await?;
+        futures_util::pin_mut!(pieces);
+        while let Some(piece) = pieces.next().await {
+            write.write(piece?).await?;
         }
+        Ok::<_, io::Error>(())
     }
     .await;
     if let Err(e) = copied {

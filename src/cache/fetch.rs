@@ -18,7 +18,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::{mpsc, watch};
 
 use super::health::ErrorKind;
-use super::peer::{Cluster, FetchLease, Holder};
+use super::peer::{Cluster, Holder};
 use super::upstream::{Source, UpstreamError, UpstreamRequest};
 use crate::http::body::{Body, READ_CHUNK};
 use crate::oci::digest::{Digest, Verifier};
@@ -26,6 +26,7 @@ use crate::store::blobs::{
     BlobRead, BlobStore, BlobWrite, Checkpoint, FileRegion, HashingWrite, Pending, PendingKind,
     Pieces, Pipeline,
 };
+use crate::store::meta::HeldLease;
 use crate::store::Store;
 
 /// Where a fetch stands.
@@ -63,7 +64,7 @@ pub struct Fetch {
     /// Repositories to link the blob into once committed.
     link_to: Mutex<Vec<String>>,
     /// The fetch lease, on a node that shares its bucket with others.
-    lease: Option<Arc<FetchLease>>,
+    lease: Option<Arc<HeldLease>>,
 }
 
 impl Fetch {
@@ -439,7 +440,7 @@ impl Fetches {
             let ended = async move {
                 let _ = progress.wait_for(|p| p.phase != Phase::Running).await;
             };
-            tokio::spawn(lease.keep(store.meta.clone(), ended));
+            tokio::spawn(lease.keep(store.meta.clone(), ended, || {}));
         }
         let opened = match self
             .blobs

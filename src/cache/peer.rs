@@ -9,7 +9,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,14 +22,7 @@ use crate::error::{Error, Result};
 use crate::http::body::Body;
 use crate::http::router::PEER_FETCH_PATH;
 use crate::oci::digest::Digest;
-use crate::store::meta::{MetaResult, MetaStore};
-
-/// How long a fetch lease lasts without renewal: how long a dead holder's clients' peers wait
-/// before one of them takes over.
-pub const LEASE_TTL: Duration = Duration::from_secs(15);
-
-/// How often a holder renews its lease.
-const RENEW_EVERY: Duration = Duration::from_secs(5);
+use crate::store::meta::{HeldLease, MetaResult, MetaStore};
 
 /// How long a signed peer request stays good (clocks of nodes differ a little).
 const SIGNATURE_LIFETIME: Duration = Duration::from_secs(60);
@@ -116,22 +108,17 @@ impl Cluster {
         meta: &dyn MetaStore,
         digest: &Digest,
         repo: &str,
-    ) -> MetaResult<std::result::Result<FetchLease, Holder>> {
+    ) -> MetaResult<std::result::Result<HeldLease, Holder>> {
         let me = Holder {
             node: self.node.clone(),
             url: self.url.get().cloned().flatten(),
             repo: repo.to_string(),
         };
         let text = serde_json::to_string(&me).expect("a holder serializes");
-        let name = lease_name(digest);
-        let lease = meta.lease_take(&name, &text, LEASE_TTL).await?;
-        if lease.holder == text {
-            return Ok(Ok(FetchLease {
-                name,
-                holder: text,
-                lost: AtomicBool::new(false),
-            }));
-        }
+        let lease = match HeldLease::take(meta, lease_name(digest), text).await? {
+            Ok(held) => return Ok(Ok(held)),
+            Err(other) => other,
+        };
         match serde_json::from_str::<Holder>(&lease.holder) {
             Ok(other) => Ok(Err(other)),
             // Not one of ours (a newer berth's?): wait for it like for a node with no URL.
@@ -226,49 +213,6 @@ fn unix_now() -> u64 {
 
 fn lease_name(digest: &Digest) -> String {
     format!("fetch/{digest}")
-}
-
-/// A fetch lease this node holds.
-pub struct FetchLease {
-    name: String,
-    holder: String,
-    /// Set when a renewal found another holder: the fetch stops without touching the bucket.
-    lost: AtomicBool,
-}
-
-impl FetchLease {
-    /// Whether another node took the lease (this node failed to renew it in time).
-    pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Relaxed)
-    }
-
-    /// Renews the lease every few seconds until `done` resolves, then releases it.
-    pub async fn keep(
-        self: Arc<Self>,
-        meta: Arc<dyn MetaStore>,
-        done: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(done);
-        loop {
-            tokio::select! {
-                () = &mut done => break,
-                () = tokio::time::sleep(RENEW_EVERY) => {
-                    match meta.lease_take(&self.name, &self.holder, LEASE_TTL).await {
-                        Ok(l) if l.holder == self.holder => {}
-                        Ok(_) => {
-                            tracing::error!(lease = %self.name, "fetch lease taken by another node; stopping this fetch");
-                            self.lost.store(true, Ordering::Relaxed);
-                            return;
-                        }
-                        Err(e) => tracing::warn!(lease = %self.name, error = %e, "cannot renew a fetch lease"),
-                    }
-                }
-            }
-        }
-        if let Err(e) = meta.lease_release(&self.name, &self.holder).await {
-            tracing::warn!(lease = %self.name, error = %e, "cannot release a fetch lease; it expires by itself");
-        }
-    }
 }
 
 /// A response for a client of this node from a holder's answer: the holder's status, length

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::{err, print_json, Place};
 use crate::backup::{blob_path, Line, Page, LINES_FILE};
+use crate::config::Config;
 use crate::oci::digest::{Digest, Verifier};
 
 /// What a backup copied.
@@ -261,8 +262,85 @@ pub fn restore(place: &Place, dir: &Path, json: bool) -> Result<(), String> {
         data.display(),
         started.elapsed().as_secs_f64()
     );
+    warn_left_out(&report, "is not in the backup (or damaged)");
+    Ok(())
+}
+
+/// `berth migrate-store --to CONFIG`.
+pub fn migrate_store(place: &Place, to: &Path, json: bool) -> Result<(), String> {
+    if place.server.is_some() {
+        return Err("migrate-store reads the data directory of a stopped server: stop it, then run `berth --config CONFIG migrate-store --to NEW-CONFIG` on its host".into());
+    }
+    let source = &place.config;
+    if !crate::store::holds_data(&source.data_dir)
+        && matches!(source.metadata, crate::store::meta::MetadataSettings::Sled)
+    {
+        return Err(format!(
+            "{} holds no berth data: nothing to migrate",
+            source.data_dir.display()
+        ));
+    }
+    let target = Config::read(Some(to)).map_err(|e| e.to_string())?;
+    let problems = target.problems();
+    if !problems.is_empty() {
+        return Err(format!("{}: {}", to.display(), problems.join("; ")));
+    }
+    if target.data_dir == source.data_dir {
+        return Err(format!(
+            "the target's data_dir is the source's ({}): give the target a data directory of its own",
+            target.data_dir.display()
+        ));
+    }
+    let started = Instant::now();
+    let max_manifest = source.limits.max_manifest_bytes;
+    let report = place.rt.block_on(async {
+        let from =
+            crate::store::Store::open_with(&source.data_dir, &source.storage, &source.metadata)
+                .await
+                .map_err(|e| format!("cannot open the source: {e}"))?;
+        let into =
+            crate::store::Store::open_with(&target.data_dir, &target.storage, &target.metadata)
+                .await
+                .map_err(|e| format!("cannot open the target: {e}"))?;
+        let empty = into.meta.registries().await.map_err(err)?.is_empty()
+            && into.meta.repositories(None, None, 1).await.map_err(err)?.is_empty();
+        if !empty {
+            return Err(format!(
+                "the target of {} holds registries or repositories already: migrate into empty storage and metadata",
+                to.display()
+            ));
+        }
+        crate::backup::restore::migrate(&from, &into, max_manifest)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    if json {
+        return print_json(&report);
+    }
+    outln!(
+        "migrated {} registries, {} image caches, {} records, {} repositories, {} artifacts, {} tags, {} blobs ({} bytes, each checked against its digest) into the store of {} in {:.1} s",
+        report.registries,
+        report.image_caches,
+        report.records,
+        report.repositories,
+        report.artifacts,
+        report.tags,
+        report.blobs,
+        report.blob_bytes,
+        to.display(),
+        started.elapsed().as_secs_f64()
+    );
+    warn_left_out(
+        &report,
+        "is missing from the source, or its bytes do not match its digest",
+    );
+    Ok(())
+}
+
+/// Names on stderr what a restore or a migration left out, and why.
+fn warn_left_out(report: &crate::backup::RestoreReport, missing_blob: &str) {
     for d in &report.missing_blobs {
-        eprintln!("berth: warning: blob {d} is not in the backup (or damaged)");
+        eprintln!("berth: warning: blob {d} {missing_blob}");
     }
     for a in &report.dropped_artifacts {
         eprintln!("berth: warning: artifact {a} left out: a blob or child manifest is missing");
@@ -270,7 +348,6 @@ pub fn restore(place: &Place, dir: &Path, json: bool) -> Result<(), String> {
     for t in &report.dropped_tags {
         eprintln!("berth: warning: tag {t} left out: its artifact is missing");
     }
-    Ok(())
 }
 
 /// Creates `dir` (and `dir/blobs`) readable by its owner only: a backup holds secrets.

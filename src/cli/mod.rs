@@ -156,6 +156,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy this node's data (the data_dir, [storage] and [metadata] of --config or
+    /// --data-dir; the server stopped) into the storage and metadata another config names, e.g.
+    /// an S3 bucket and a PostgreSQL database for several nodes. Every blob is checked against
+    /// its digest as it is copied; the target must hold nothing yet. The source is only read.
+    MigrateStore {
+        /// The config of the target (its data_dir, [storage] and [metadata]).
+        #[arg(long)]
+        to: PathBuf,
+        /// The result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print version, git commit, target and build profile.
     Version {
         /// As one JSON object.
@@ -493,6 +505,9 @@ pub fn main() -> ExitCode {
         } => place(config).and_then(|p| backup::backup(&p, &dir, page_lines.into(), json)),
         Command::Restore { dir, json } => {
             place(config).and_then(|p| backup::restore(&p, &dir, json))
+        }
+        Command::MigrateStore { to, json } => {
+            place(config).and_then(|p| backup::migrate_store(&p, &to, json))
         }
         Command::Version { .. } | Command::Completions { .. } => Ok(()),
     };

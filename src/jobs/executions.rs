@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::meta::{now_ms, MetaResult, MetaStore, Records};
+use crate::store::meta::{now_ms, HeldLease, MetaResult, MetaStore, Records, LEASE_TTL};
 
 /// What started an execution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +189,16 @@ pub struct Jobs {
     history: Records<HistoryRow>,
     /// Running executions by scope, with their stop flags.
     running: Arc<parking_lot::Mutex<HashMap<String, Running>>>,
+    /// The store, when other nodes share it: an execution holds its scope's lease there
+    /// (one at a time across the nodes; taken over when its node dies).
+    shared: Option<Arc<dyn MetaStore>>,
+    /// This process among the nodes (lease holders are `NODE EXECUTION-ID`).
+    node: String,
+}
+
+/// The lease of a scope's running execution.
+fn lease_name(scope: &str) -> String {
+    format!("execution/{scope}")
 }
 
 /// An execution under way: its work records tasks, checks [`Run::stopping`] between units and
@@ -197,6 +207,8 @@ pub struct Run {
     jobs: Jobs,
     execution: Execution,
     stop: Arc<AtomicBool>,
+    /// Dropped when the run ends: its lease is released.
+    _lease: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// The id of an execution started at `ms`: newest first in key order, unique.
@@ -215,25 +227,79 @@ fn seq_key(seq: u64) -> String {
 
 impl Jobs {
     /// Opens the executions; those still marked running (the process ended under them) become
-    /// interrupted.
+    /// interrupted; where other nodes share the store, only those whose node is gone (their
+    /// scope's lease ran out).
     pub async fn open(meta: Arc<dyn MetaStore>) -> MetaResult<Jobs> {
         let jobs = Jobs {
             executions: Records::new(meta.clone(), EXECUTIONS),
             tasks: Records::new(meta.clone(), TASKS),
-            history: Records::new(meta, HISTORY),
+            history: Records::new(meta.clone(), HISTORY),
             running: Default::default(),
+            shared: meta.shared().then_some(meta),
+            node: uuid::Uuid::new_v4().simple().to_string(),
         };
-        for (key, mut e) in jobs.executions.list(&[]).await? {
-            if e.status == Status::Running {
-                e.status = Status::Interrupted;
-                e.error = Some("the process ended while it ran".into());
-                e.ended_ms = Some(now_ms());
-                let (scope, id) = key.split_once('\0').unwrap_or(("", &key));
-                jobs.executions.put(&[scope, id], &e).await?;
-                tracing::warn!(execution = %e.id, scope = %e.scope, "execution interrupted by the end of the process");
-            }
+        let why = "the process ended while it ran";
+        for e in jobs.orphans(why).await? {
+            tracing::warn!(execution = %e.id, scope = %e.scope, "execution interrupted by the end of its process");
         }
         Ok(jobs)
+    }
+
+    /// Marks interrupted (with `why`) every execution recorded as running that no process runs:
+    /// not this one, and, where nodes share the store, no other (its scope's lease is free or
+    /// ran out). Answers them as they were, for a caller that starts them again.
+    pub async fn orphans(&self, why: &str) -> MetaResult<Vec<Execution>> {
+        let mut found = Vec::new();
+        for (key, e) in self.executions.list(&[]).await? {
+            if e.status != Status::Running
+                || self
+                    .running
+                    .lock()
+                    .get(&e.scope)
+                    .is_some_and(|(id, _)| *id == e.id)
+            {
+                continue;
+            }
+            if let Some(meta) = &self.shared {
+                // Held by a live node: its own. Otherwise this node holds it while it marks.
+                // Unique: two lookers on one node must not both hold it.
+                let probe = format!(
+                    "{} orphan-check {}",
+                    self.node,
+                    uuid::Uuid::new_v4().simple()
+                );
+                let name = lease_name(&e.scope);
+                if meta.lease_take(&name, &probe, LEASE_TTL).await?.holder != probe {
+                    continue;
+                }
+                // It may have ended between the listing and the lease.
+                let (scope, id) = key.split_once('\0').unwrap_or(("", &key));
+                let still = self.executions.get(&[scope, id]).await;
+                let marked = match still {
+                    Ok(Some(now)) if now.status == Status::Running => {
+                        self.interrupt(&key, now, why).await.map(|()| true)
+                    }
+                    Ok(_) => Ok(false),
+                    Err(e) => Err(e),
+                };
+                meta.lease_release(&name, &probe).await?;
+                if !marked? {
+                    continue;
+                }
+            } else {
+                self.interrupt(&key, e.clone(), why).await?;
+            }
+            found.push(e);
+        }
+        Ok(found)
+    }
+
+    async fn interrupt(&self, key: &str, mut e: Execution, why: &str) -> MetaResult<()> {
+        e.status = Status::Interrupted;
+        e.error = Some(why.into());
+        e.ended_ms = Some(now_ms());
+        let (scope, id) = key.split_once('\0').unwrap_or(("", key));
+        self.executions.put(&[scope, id], &e).await
     }
 
     /// Starts an execution, unless one of its scope runs.
@@ -251,6 +317,13 @@ impl Jobs {
             }
             running.insert(start.scope.clone(), (id.clone(), stop.clone()));
         }
+        let lease = match self.take_lease(&start.scope, &id, &stop).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                self.running.lock().remove(&start.scope);
+                return Err(e);
+            }
+        };
         let execution = Execution {
             id,
             kind: start.kind,
@@ -273,7 +346,42 @@ impl Jobs {
             jobs: self.clone(),
             execution,
             stop,
+            _lease: lease,
         })
+    }
+
+    /// Where nodes share the store: the scope's lease, renewed until the run ends (then
+    /// released); a run whose lease another node took is asked to stop.
+    async fn take_lease(
+        &self,
+        scope: &str,
+        id: &str,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Option<tokio::sync::oneshot::Sender<()>>, StartError> {
+        let Some(meta) = &self.shared else {
+            return Ok(None);
+        };
+        let holder = format!("{} {id}", self.node);
+        let held = match HeldLease::take(&**meta, lease_name(scope), holder).await? {
+            Ok(held) => held,
+            Err(other) => {
+                let running = other.holder.split_once(' ').map_or("", |(_, id)| id);
+                return Err(StartError::AlreadyRunning {
+                    scope: scope.to_string(),
+                    running: running.to_string(),
+                });
+            }
+        };
+        let (ended, done) = tokio::sync::oneshot::channel::<()>();
+        let stop = stop.clone();
+        tokio::spawn(Arc::new(held).keep(
+            meta.clone(),
+            async move {
+                let _ = done.await;
+            },
+            move || stop.store(true, Ordering::Release),
+        ));
+        Ok(Some(ended))
     }
 
     /// Asks the running execution `id` to stop; whether it runs here.

@@ -29,7 +29,7 @@ use super::link::{local, Copied, CopyError, CopyResult, Link, Retry, Settings};
 use crate::cache::upstream::{BodySource, Source, UpstreamError, UpstreamRequest};
 use crate::oci::digest::{Digest, Verifier};
 use crate::oci::manifest;
-use crate::store::blobs::{hash_read, BlobRead};
+use crate::store::blobs::hash_read;
 use crate::store::meta::{now_ms, Records};
 use crate::App;
 
@@ -522,8 +522,8 @@ impl Transfer {
             );
             Arc::new(move || {
                 let (counter, bandwidth) = (counter.clone(), bandwidth.clone());
-                let pieces =
-                    blob_pieces(store.clone(), digest.clone(), start, len).then(move |piece| {
+                let pieces = crate::store::blobs::pieces(store.clone(), digest.clone(), start, len)
+                    .then(move |piece| {
                         let (counter, bandwidth) = (counter.clone(), bandwidth.clone());
                         async move {
                             let piece = piece?;
@@ -546,56 +546,6 @@ impl Transfer {
         self.link.count(out);
         result
     }
-}
-
-/// Bytes `[start, start + len)` of a stored blob as pieces: a local file read a piece at a
-/// time, or the stream of an object store.
-fn blob_pieces(
-    store: Arc<dyn crate::store::blobs::BlobStore>,
-    digest: Digest,
-    start: u64,
-    len: u64,
-) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    let opened = async move {
-        let read = match store.read_bytes(&digest, start, Some(len)).await {
-            Ok(Some(read)) => read,
-            Ok(None) => return Err(std::io::Error::other(format!("blob {digest} is gone"))),
-            Err(e) => return Err(e),
-        };
-        Ok(match read {
-            BlobRead::Local(region) => futures_util::stream::unfold(0u64, move |at| {
-                let region = region.clone();
-                async move {
-                    if at >= region.len() {
-                        return None;
-                    }
-                    let want = (region.len() - at) as usize;
-                    match crate::http::body::read_piece(
-                        region.file().clone(),
-                        region.offset() + at,
-                        want,
-                    )
-                    .await
-                    {
-                        Ok(p) => {
-                            let next = at + p.len() as u64;
-                            Some((Ok(p), next))
-                        }
-                        Err(e) => Some((Err(e), u64::MAX)),
-                    }
-                }
-            })
-            .boxed(),
-            BlobRead::Stream { bytes, .. } => bytes,
-            BlobRead::Redirect { .. } => {
-                return Err(std::io::Error::other("a blob read gave a redirect"))
-            }
-        })
-    };
-    futures_util::stream::once(opened).flat_map(|opened| match opened {
-        Ok(pieces) => pieces,
-        Err(e) => futures_util::stream::once(async move { Err(e) }).boxed(),
-    })
 }
 
 /// The bytes an upload's `Range: 0-N` says the destination holds (`0-0` is read as none: it is

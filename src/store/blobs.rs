@@ -464,3 +464,62 @@ pub async fn hash_read(read: BlobRead, mut verifier: Verifier) -> io::Result<Ver
         BlobRead::Redirect { .. } => Err(io::Error::other("cannot hash a redirect")),
     }
 }
+
+/// Bytes `[start, start + len)` of a stored blob as pieces: a local file read a piece at a
+/// time, or the stream of an object store.
+pub fn pieces(
+    store: Arc<dyn BlobStore>,
+    digest: Digest,
+    start: u64,
+    len: u64,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let opened = async move {
+        let read = match store.read_bytes(&digest, start, Some(len)).await {
+            Ok(Some(read)) => read,
+            Ok(None) => return Err(std::io::Error::other(format!("blob {digest} is gone"))),
+            Err(e) => return Err(e),
+        };
+        Ok(match read {
+            BlobRead::Local(region) => {
+                file_stream(region.file().clone(), region.offset(), region.len())
+            }
+            BlobRead::Stream { bytes, .. } => bytes,
+            BlobRead::Redirect { .. } => {
+                return Err(std::io::Error::other("a blob read gave a redirect"))
+            }
+        })
+    };
+    futures_util::stream::once(opened).flat_map(|opened| match opened {
+        Ok(pieces) => pieces,
+        Err(e) => futures_util::stream::once(async move { Err(e) }).boxed(),
+    })
+}
+
+/// Reads `[at, at + len)` of a file on the blocking pool.
+pub(crate) async fn read_file(file: Arc<File>, at: u64, len: u64) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
+        file.read_exact_at(&mut buf, at)?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// Bytes read from a file at a time by [`file_stream`].
+const FILE_READ_BYTES: u64 = 1 << 20;
+
+/// A file's range as a stream, a megabyte at a time.
+pub(crate) fn file_stream(file: Arc<File>, start: u64, len: u64) -> ByteStream {
+    use futures_util::StreamExt;
+    futures_util::stream::try_unfold((file, start, start + len), |(file, at, end)| async move {
+        if at >= end {
+            return Ok(None);
+        }
+        let n = FILE_READ_BYTES.min(end - at);
+        let bytes = read_file(file.clone(), at, n).await?;
+        Ok(Some((bytes, (file, at + n, end))))
+    })
+    .boxed()
+}

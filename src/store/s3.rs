@@ -58,8 +58,8 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 
 use super::blobs::{
-    explain, BlobInfo, BlobRead, BlobStore, BlobWrite, ByteStream, Checkpoint, Pending,
-    PendingInfo, PendingKind, Pieces,
+    explain, file_stream, read_file, BlobInfo, BlobRead, BlobStore, BlobWrite, ByteStream,
+    Checkpoint, Pending, PendingInfo, PendingKind, Pieces,
 };
 use crate::oci::digest::Digest;
 
@@ -68,9 +68,6 @@ pub const MIN_PART_BYTES: u64 = 5 << 20;
 
 /// How long a presigned GET URL stays valid.
 const REDIRECT_LIFETIME: Duration = Duration::from_secs(15 * 60);
-
-/// Bytes read from a spool file at a time when it is streamed to a reader.
-const SPOOL_READ_BYTES: u64 = 1 << 20;
 
 /// Where and how to reach the bucket (`[storage]` with `kind = "s3"` in the configuration).
 #[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -1122,7 +1119,7 @@ impl Inner {
                 let bytes = got.into_stream().map_err(io::Error::other).boxed();
                 Ok(exactly(bytes, len, what))
             }
-            Source::Local { file, start, len } => Ok(spool_stream(file, start, len)),
+            Source::Local { file, start, len } => Ok(file_stream(file, start, len)),
         }
     }
 }
@@ -1160,29 +1157,6 @@ fn sources(
         }
     }
     Ok(out)
-}
-
-async fn read_file(file: Arc<File>, at: u64, len: u64) -> io::Result<Bytes> {
-    blocking(move || {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
-        file.read_exact_at(&mut buf, at)?;
-        Ok(Bytes::from(buf))
-    })
-    .await
-}
-
-/// A spool file's range as a stream, a megabyte at a time.
-fn spool_stream(file: Arc<File>, start: u64, len: u64) -> ByteStream {
-    stream::try_unfold((file, start, start + len), |(file, at, end)| async move {
-        if at >= end {
-            return Ok(None);
-        }
-        let n = SPOOL_READ_BYTES.min(end - at);
-        let bytes = read_file(file.clone(), at, n).await?;
-        Ok(Some((bytes, (file, at + n, end))))
-    })
-    .boxed()
 }
 
 /// `bytes`, failing unless they are exactly `len` long (an object cut under a reader).

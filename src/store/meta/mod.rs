@@ -458,6 +458,76 @@ pub struct Lease {
     pub remaining: Duration,
 }
 
+/// How long a lease lasts unless renewed: how long the other nodes wait before they take over
+/// the work of a node that died.
+pub const LEASE_TTL: Duration = Duration::from_secs(15);
+
+/// How often a holder renews its lease.
+const LEASE_RENEW: Duration = Duration::from_secs(5);
+
+/// A lease this node holds while it does the work the lease names.
+pub struct HeldLease {
+    name: String,
+    holder: String,
+    /// Set when a renewal found another holder: the work must stop.
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl HeldLease {
+    /// Takes lease `name` for `holder` ([`LEASE_TTL`]): held, or who holds it.
+    pub async fn take(
+        meta: &dyn MetaStore,
+        name: String,
+        holder: String,
+    ) -> MetaResult<Result<HeldLease, Lease>> {
+        let lease = meta.lease_take(&name, &holder, LEASE_TTL).await?;
+        if lease.holder != holder {
+            return Ok(Err(lease));
+        }
+        Ok(Ok(HeldLease {
+            name,
+            holder,
+            lost: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Whether another node took the lease (this node failed to renew it in time).
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Renews the lease every few seconds until `done` resolves, then releases it; calls
+    /// `on_lost` and stops when another node took it.
+    pub async fn keep(
+        self: Arc<Self>,
+        meta: Arc<dyn MetaStore>,
+        done: impl std::future::Future<Output = ()>,
+        on_lost: impl FnOnce(),
+    ) {
+        tokio::pin!(done);
+        loop {
+            tokio::select! {
+                () = &mut done => break,
+                () = tokio::time::sleep(LEASE_RENEW) => {
+                    match meta.lease_take(&self.name, &self.holder, LEASE_TTL).await {
+                        Ok(l) if l.holder == self.holder => {}
+                        Ok(_) => {
+                            tracing::error!(lease = %self.name, "lease taken by another node; stopping what it covered");
+                            self.lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                            on_lost();
+                            return;
+                        }
+                        Err(e) => tracing::warn!(lease = %self.name, error = %e, "cannot renew a lease"),
+                    }
+                }
+            }
+        }
+        if let Err(e) = meta.lease_release(&self.name, &self.holder).await {
+            tracing::warn!(lease = %self.name, error = %e, "cannot release a lease; it expires by itself");
+        }
+    }
+}
+
 /// A secret of `name` that every node sharing `meta` finds the same: created on first use
 /// from `adopt` (one a berth kept elsewhere before) or 32 random bytes, one creator winning
 /// when nodes start together.
