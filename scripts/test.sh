@@ -46,6 +46,12 @@ command -v s3s-fs >/dev/null 2>&1 || [[ -x "$HOME/.cargo/bin/s3s-fs" ]] ||
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
 cargo test --all-targets "$@"
 
+# The real clients again, against berth on an S3 bucket and PostgreSQL (issue 14's bar: skopeo,
+# dockerd and containerd on the hub's backends). Only in a whole run.
+if (($# == 0)); then
+  BERTH_REAL_CLIENTS_PEER=berth-shared cargo test --test real_clients
+fi
+
 # The Debian package: builds it (scripts/deb.sh: one release build), then installs, checks and
 # purges it (skips with a reason when not root). Only in a whole run: arguments select tests.
 if (($# == 0)); then

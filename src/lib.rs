@@ -236,6 +236,7 @@ impl App {
             .map_err(|e| store_err(e.into()))?;
         let manifests = Arc::new(serve::manifests::ManifestCache::new(
             config.memory.manifest_bytes,
+            store.meta.refresh(),
         ));
         let subscriber = manifests.clone();
         store

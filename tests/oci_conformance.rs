@@ -1196,15 +1196,18 @@ async fn the_distribution_spec_conformance_suite_passes_with_auth() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_distribution_spec_conformance_suite_passes_on_postgresql_metadata() {
+async fn the_distribution_spec_conformance_suite_passes_on_s3_and_postgresql() {
     let url = berth::testbed::postgres().database().await;
+    let bucket = berth::testbed::S3Server::start().await;
     let s = TestServer::start(&format!(
-        "[auth]\nmode = \"on\"\n[metadata]\nkind = \"postgres\"\nurl = {url:?}\n"
+        "[auth]\nmode = \"on\"\n[metadata]\nkind = \"postgres\"\nurl = {url:?}\n{}",
+        bucket.storage_toml("conformance")
     ))
     .await;
     let credentials = s.user("conformance", berth::auth::Role::Admin, &["library"]);
     let rep = run(&s, Some(credentials)).await;
-    verdict("on PostgreSQL", &rep);
-    // The records are in the database, not in the data directory.
+    verdict("on S3 and PostgreSQL", &rep);
+    // The records are in the database and the blobs in the bucket, not in the data directory.
     assert!(!s.dir.path().join("data/meta").exists());
+    assert!(!s.dir.path().join("data/blobs").exists());
 }

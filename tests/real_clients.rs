@@ -7,7 +7,10 @@
 //! tests run in parallel.
 //!
 //! `BERTH_REAL_CLIENTS_PEER=distribution` runs the same tests against Debian's
-//! `docker-registry` (CNCF distribution 2.8) instead of berth, to check the harness itself.
+//! `docker-registry` (CNCF distribution 2.8) instead of berth, to check the harness itself;
+//! `BERTH_REAL_CLIENTS_PEER=berth-shared` against berth with its blobs in an S3 bucket
+//! (`s3s-fs` on loopback) and its metadata in PostgreSQL, as the nodes of a hub run
+//! (`scripts/test.sh` runs the suite both ways).
 
 mod common;
 
@@ -25,6 +28,11 @@ const RANDOM_LAYER_SIZE: usize = 512 * 1024;
 
 enum Server {
     Berth(BerthProcess),
+    /// berth over a bucket and a database; the S3 server lives as long as berth.
+    Shared {
+        berth: BerthProcess,
+        _bucket: berth::testbed::S3Server,
+    },
     Distribution(DistributionRegistry),
 }
 
@@ -39,8 +47,22 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let server = match std::env::var("BERTH_REAL_CLIENTS_PEER").as_deref() {
             Ok("distribution") => Server::Distribution(DistributionRegistry::start()),
+            Ok("berth-shared") => {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                let (s3, url) = rt.block_on(async {
+                    let s3 = berth::testbed::S3Server::start().await;
+                    (s3, berth::testbed::postgres().database().await)
+                });
+                std::fs::create_dir_all(dir.path().join("berth")).unwrap();
+                let shared = format!(
+                    "{}[metadata]\nkind = \"postgres\"\nurl = {url:?}\n{REGISTRIES}",
+                    s3.storage_toml("hub")
+                );
+                let berth = BerthProcess::start_in(&dir.path().join("berth"), &shared);
+                Server::Shared { berth, _bucket: s3 }
+            }
             Ok(other) if !other.is_empty() && other != "berth" => {
-                panic!("BERTH_REAL_CLIENTS_PEER={other}: expected `berth` or `distribution`")
+                panic!("BERTH_REAL_CLIENTS_PEER={other}: expected `berth`, `berth-shared` or `distribution`")
             }
             _ => {
                 std::fs::create_dir_all(dir.path().join("berth")).unwrap();
@@ -56,7 +78,7 @@ impl Setup {
     /// `127.0.0.1:PORT`.
     fn addr(&self) -> &str {
         match &self.server {
-            Server::Berth(b) => &b.addr,
+            Server::Berth(b) | Server::Shared { berth: b, .. } => &b.addr,
             Server::Distribution(d) => &d.addr,
         }
     }

@@ -664,3 +664,42 @@ async fn an_execution_of_a_node_that_stopped_is_taken_over_by_another() {
         .collect();
     assert_eq!(takeovers.len(), 1, "taken over once: {list}");
 }
+
+/// What a node keeps in memory of the shared records is read again every `[metadata] refresh`
+/// even when no notice comes: a tag changed in the database behind every node's back (no
+/// NOTIFY) is served by a node that had the old manifest in memory within that period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_no_node_was_told_of_is_served_after_the_refresh_period() {
+    let url = berth::testbed::postgres().database().await;
+    let node = TestServer::start(&format!("{}refresh = \"3s\"\n", metadata(&url))).await;
+    let on = Client::over(reqwest::Client::new(), &node.base);
+    let v1 = on.image("library/app", "v1", "one", b"base").await;
+    let v2 = on.image("library/app", "v2", "two", b"base").await;
+    let served = || async { on.pull_manifest("library/app", "v1").await.unwrap() };
+    assert_eq!(served().await, v1, "in memory now");
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let moved = db
+        .execute(
+            "UPDATE tags SET digest = $1 WHERE repo = 'library/app' AND tag = 'v1'",
+            &[&common::server::sha256(&v2)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved, 1);
+    assert_eq!(
+        served().await,
+        v1,
+        "no notice: the copy in memory still answers"
+    );
+    let started = Instant::now();
+    while served().await != v2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not read again within the refresh period"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

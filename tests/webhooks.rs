@@ -907,3 +907,52 @@ async fn replication_executions_are_announced_with_their_counts() {
     assert!(job(1)["bytes"].as_u64().unwrap() > 0);
     assert_eq!(hits[1].json["operator"], "ops");
 }
+
+/// Two nodes over one PostgreSQL database: a delivery pending on node A (its receiver down) is
+/// A's while A lives, even when node B restarts (B used to queue it too: two deliveries); once
+/// A stops, B takes it over and delivers it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_delivery_is_its_nodes_while_it_lives_and_another_nodes_after() {
+    let rx = Receiver::start();
+    let url = berth::testbed::postgres().database().await;
+    let config =
+        format!("{FAST}max_attempts = 1000\n[metadata]\nkind = \"postgres\"\nurl = {url:?}\n");
+    let mut a = TestServer::start(&config).await;
+    let mut b = TestServer::start(&config).await;
+    let p = create(&a, "library", spec("nodes", &rx.url(), &[PushArtifact]));
+    rx.server.stop();
+    a.push_image("library/app", "t0", "seed0").await;
+    wait("node A retrying", || {
+        log(&a, &p).first().is_some_and(|d| d.attempts >= 2)
+    })
+    .await;
+    b.restart().await;
+    rx.server.restart();
+    wait("the delivery", || rx.delivered().len() == 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rx.delivered().len(), 1, "delivered once, by node A");
+    // Node A stops with a delivery pending: node B sends it.
+    rx.server.stop();
+    a.push_image("library/app", "t1", "seed1").await;
+    wait("node A retrying t1", || {
+        log(&a, &p)
+            .iter()
+            .any(|d| d.status == DeliveryStatus::Pending && d.attempts >= 2)
+    })
+    .await;
+    a.server.take().unwrap().shutdown().await;
+    rx.server.restart();
+    wait("node B to send t1", || rx.delivered().len() == 2).await;
+    let tags: Vec<String> = rx
+        .delivered()
+        .iter()
+        .map(|h| h.json["event_data"]["tag"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(tags, ["t0", "t1"]);
+    wait("the log to show both delivered", || {
+        log(&b, &p)
+            .iter()
+            .all(|d| d.status == DeliveryStatus::Delivered)
+    })
+    .await;
+}

@@ -15,7 +15,7 @@ use super::webhooks::{
 };
 use super::{Event, EventKind, Happened};
 use crate::error::Result;
-use crate::store::meta::now_ms;
+use crate::store::meta::{now_ms, HeldLease, LEASE_TTL};
 
 /// A delivery waiting in a policy's queue.
 struct Job {
@@ -165,7 +165,10 @@ impl Webhooks {
         let id = seq(d.id);
         let key = [d.policy_id.as_str(), id.as_str()];
         let recorded = match self.log.put(&key, d).await {
-            Ok(()) => self.outbox.remove(&key).await.map(drop),
+            Ok(()) => match self.outbox.remove(&key).await {
+                Ok(_) if self.meta.shared() => self.owners.remove(&key).await.map(drop),
+                other => other.map(drop),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = recorded {
@@ -332,12 +335,13 @@ impl Webhooks {
                 return;
             }
         };
+        let key = [policy.id.as_str(), &seq(d.id)];
         let stored = match self.append(&d).await {
-            Ok(()) => self
-                .outbox
-                .put(&[&policy.id, &seq(d.id)], event)
-                .await
-                .map_err(crate::error::Error::from),
+            Ok(()) => match self.outbox.put(&key, event).await {
+                Ok(()) if self.meta.shared() => self.owners.put(&key, &self.node).await,
+                other => other,
+            }
+            .map_err(crate::error::Error::from),
             Err(e) => Err(e),
         };
         if let Err(e) = stored {
@@ -350,7 +354,10 @@ impl Webhooks {
         });
     }
 
-    /// Pending deliveries left by the previous run, oldest first per policy.
+    /// Pending deliveries no live process queues, oldest first per policy: at start, those the
+    /// previous run left; where nodes share the metadata, only those of nodes that are gone
+    /// (their liveness lease `webhook-node/NODE` is free or ran out), which this node takes
+    /// over (one node wins each dead node's lease while it moves them).
     async fn recover(&self) -> Result<Vec<(WebhookPolicy, Job)>> {
         let mut jobs = Vec::new();
         let policies: HashMap<String, WebhookPolicy> = self
@@ -360,10 +367,39 @@ impl Webhooks {
             .into_iter()
             .map(|(_, p)| (p.id.clone(), p))
             .collect();
+        let shared = self.meta.shared();
+        // Each owner once: taken (its node is gone; we hold its lease while we move) or not.
+        let mut owners: HashMap<String, Option<String>> = HashMap::new();
+        let mut taken = Vec::new();
         for (key, event) in self.outbox.list(&[]).await? {
             let Some((policy_id, id)) = key.split_once('\0') else {
                 continue;
             };
+            if shared {
+                let owner = self.owners.get(&[policy_id, id]).await?.unwrap_or_default();
+                if owner == self.node {
+                    continue;
+                }
+                let probe = match owners.get(&owner) {
+                    Some(probe) => probe.clone(),
+                    None => {
+                        let name = format!("webhook-node/{owner}");
+                        let probe =
+                            format!("{} takeover {}", self.node, uuid::Uuid::new_v4().simple());
+                        let lease = self.meta.lease_take(&name, &probe, LEASE_TTL).await?;
+                        let won = (lease.holder == probe).then_some(probe);
+                        if won.is_some() {
+                            taken.push((name, won.clone().unwrap_or_default()));
+                        }
+                        owners.insert(owner.clone(), won.clone());
+                        won
+                    }
+                };
+                if probe.is_none() {
+                    continue; // a live node's
+                }
+                self.owners.put(&[policy_id, id], &self.node).await?;
+            }
             let Some(policy) = policies.get(policy_id) else {
                 self.outbox.remove(&[policy_id, id]).await?;
                 continue;
@@ -376,6 +412,9 @@ impl Webhooks {
                 }
             };
             jobs.push((policy.clone(), Job { delivery, event }));
+        }
+        for (name, probe) in taken {
+            self.meta.lease_release(&name, &probe).await?;
         }
         Ok(jobs)
     }
@@ -441,26 +480,34 @@ pub(crate) async fn dispatch(
         queues: HashMap::new(),
         tasks: JoinSet::new(),
     };
-    match w.recover().await {
-        Ok(jobs) => {
-            if !jobs.is_empty() {
-                tracing::info!(
-                    deliveries = jobs.len(),
-                    "re-queueing pending webhook deliveries"
-                );
+    // Where nodes share the metadata, this node is alive while it holds its lease: the others
+    // leave its pending deliveries alone.
+    if w.meta.shared() {
+        let name = format!("webhook-node/{}", w.node);
+        match HeldLease::take(&*w.meta, name, w.node.clone()).await {
+            Ok(Ok(held)) => {
+                let mut ended = stop.clone();
+                tokio::spawn(Arc::new(held).keep(
+                    w.meta.clone(),
+                    async move {
+                        let _ = ended.wait_for(|s| *s).await;
+                    },
+                    || {},
+                ));
             }
-            for (policy, job) in jobs {
-                let tx = workers.queue(&w, &policy, &stop);
-                depth_gauge(w.queue_depth.fetch_add(1, Ordering::Relaxed) + 1);
-                // Waits for room: these deliveries were accepted before, none may be dropped.
-                tokio::select! {
-                    _ = stopped(&mut stop) => return shutdown(workers).await,
-                    _ = tx.send(job) => {}
-                }
+            Ok(Err(_)) => tracing::error!(
+                "this node's webhook lease is held by another: its id is not unique"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot take this node's webhook lease: other nodes may send its pending deliveries too")
             }
         }
-        Err(e) => tracing::error!(error = %e, "could not read pending webhook deliveries"),
     }
+    if requeue(&w, &mut workers, &mut stop).await {
+        return shutdown(workers).await;
+    }
+    let mut takeover = tokio::time::interval(TAKEOVER_EVERY);
+    takeover.tick().await;
     let mut changed = w.snapshot.changed.subscribe();
     loop {
         tokio::select! {
@@ -483,9 +530,47 @@ pub(crate) async fn dispatch(
                 }
             }
             Some(_) = workers.tasks.join_next(), if !workers.tasks.is_empty() => {}
+            _ = takeover.tick(), if w.meta.shared() => {
+                if requeue(&w, &mut workers, &mut stop).await {
+                    break;
+                }
+            }
         }
     }
     shutdown(workers).await;
+}
+
+/// How often a node looks for pending deliveries of nodes that are gone.
+const TAKEOVER_EVERY: Duration = Duration::from_secs(5);
+
+/// Queues the pending deliveries no live process queues ([`Webhooks::recover`]); whether the
+/// server stopped meanwhile.
+async fn requeue(
+    w: &Arc<Webhooks>,
+    workers: &mut Workers,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    match w.recover().await {
+        Ok(jobs) => {
+            if !jobs.is_empty() {
+                tracing::info!(
+                    deliveries = jobs.len(),
+                    "queueing pending webhook deliveries of a previous run or of a node that is gone"
+                );
+            }
+            for (policy, job) in jobs {
+                let tx = workers.queue(w, &policy, stop);
+                depth_gauge(w.queue_depth.fetch_add(1, Ordering::Relaxed) + 1);
+                // Waits for room: these deliveries were accepted before, none may be dropped.
+                tokio::select! {
+                    _ = stopped(stop) => return true,
+                    _ = tx.send(job) => {}
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "could not read pending webhook deliveries"),
+    }
+    false
 }
 
 async fn shutdown(mut workers: Workers) {

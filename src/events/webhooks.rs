@@ -238,6 +238,11 @@ pub struct Webhooks {
     pub(super) log: Records<Delivery>,
     /// Events of pending deliveries, same keys as `log`.
     pub(super) outbox: Records<Event>,
+    /// Where nodes share the metadata: the node whose queue holds each pending delivery, same
+    /// keys as `outbox` (another node takes them over once that node is gone).
+    pub(super) owners: Records<String>,
+    /// This process among the nodes.
+    pub(super) node: String,
     /// At least the next delivery number (the floor of [`DELIVERY_IDS`]: numbers given
     /// before it existed).
     pub(super) next_id: AtomicU64,
@@ -340,6 +345,8 @@ impl Webhooks {
             policies: Records::new(meta.clone(), POLICIES),
             log,
             outbox: Records::new(meta.clone(), "webhook_outbox"),
+            owners: Records::new(meta.clone(), "webhook_outbox_owners"),
+            node: uuid::Uuid::new_v4().simple().to_string(),
             next_id: AtomicU64::new(last.map_or(1, |l| l + 1)),
             meta: meta.clone(),
             snapshot: Arc::new(Snapshot::new()),
@@ -566,6 +573,7 @@ impl Webhooks {
     async fn forget(&self, id: &str) -> Result<()> {
         self.log.remove_prefix(&[id]).await?;
         self.outbox.remove_prefix(&[id]).await?;
+        self.owners.remove_prefix(&[id]).await?;
         self.log_len.lock().remove(id);
         Ok(())
     }

@@ -194,7 +194,13 @@ pub struct Jobs {
     shared: Option<Arc<dyn MetaStore>>,
     /// This process among the nodes (lease holders are `NODE EXECUTION-ID`).
     node: String,
+    /// One look for orphans at a time on this node.
+    looking: Arc<tokio::sync::Mutex<()>>,
 }
+
+/// In the holder of a scope's lease taken for a moment to look at an execution that may be an
+/// orphan.
+const ORPHAN_CHECK: &str = "orphan-check";
 
 /// The lease of a scope's running execution.
 fn lease_name(scope: &str) -> String {
@@ -237,6 +243,7 @@ impl Jobs {
             running: Default::default(),
             shared: meta.shared().then_some(meta),
             node: uuid::Uuid::new_v4().simple().to_string(),
+            looking: Default::default(),
         };
         let why = "the process ended while it ran";
         for e in jobs.orphans(why).await? {
@@ -249,6 +256,7 @@ impl Jobs {
     /// not this one, and, where nodes share the store, no other (its scope's lease is free or
     /// ran out). Answers them as they were, for a caller that starts them again.
     pub async fn orphans(&self, why: &str) -> MetaResult<Vec<Execution>> {
+        let _one = self.looking.lock().await;
         let mut found = Vec::new();
         for (key, e) in self.executions.list(&[]).await? {
             if e.status != Status::Running
@@ -362,14 +370,22 @@ impl Jobs {
             return Ok(None);
         };
         let holder = format!("{} {id}", self.node);
-        let held = match HeldLease::take(&**meta, lease_name(scope), holder).await? {
-            Ok(held) => held,
-            Err(other) => {
-                let running = other.holder.split_once(' ').map_or("", |(_, id)| id);
-                return Err(StartError::AlreadyRunning {
-                    scope: scope.to_string(),
-                    running: running.to_string(),
-                });
+        let mut tries = 0;
+        let held = loop {
+            match HeldLease::take(&**meta, lease_name(scope), holder.clone()).await? {
+                Ok(held) => break held,
+                // A node looking for orphans holds it for a moment (one read, one write).
+                Err(other) if other.holder.contains(ORPHAN_CHECK) && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(other) => {
+                    let running = other.holder.split_once(' ').map_or("", |(_, id)| id);
+                    return Err(StartError::AlreadyRunning {
+                        scope: scope.to_string(),
+                        running: running.to_string(),
+                    });
+                }
             }
         };
         let (ended, done) = tokio::sync::oneshot::channel::<()>();

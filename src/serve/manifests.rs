@@ -49,11 +49,16 @@ pub struct ManifestCache {
 }
 
 impl ManifestCache {
-    /// A cache of at most `bytes` (keys and manifests, plus 256 bytes per entry).
-    pub fn new(bytes: u64) -> ManifestCache {
+    /// A cache of at most `bytes` (keys and manifests, plus 256 bytes per entry), entries
+    /// living at most `ttl` (a safety net where other nodes write: they tell of changes).
+    pub fn new(bytes: u64, ttl: Option<std::time::Duration>) -> ManifestCache {
+        let builder = moka::sync::Cache::builder().max_capacity(bytes);
+        let builder = match ttl {
+            Some(ttl) => builder.time_to_live(ttl),
+            None => builder,
+        };
         ManifestCache {
-            entries: moka::sync::Cache::builder()
-                .max_capacity(bytes)
+            entries: builder
                 .weigher(|k: &String, v: &Arc<ManifestEntry>| {
                     (k.len() + v.bytes.len() + 256)
                         .try_into()

@@ -281,14 +281,30 @@ where
     F: Fn(Arc<dyn MetaStore>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let reload = Arc::new(reload);
     let weak = Arc::downgrade(meta);
+    let on_lost = reload.clone();
     meta.subscribe(Box::new(move |change| {
         if matches!(change, Change::Lost) {
             if let Some(meta) = weak.upgrade() {
-                tokio::spawn(reload(meta));
+                tokio::spawn(on_lost(meta));
             }
         }
     }));
+    // A safety net where other nodes write: a notice this node never got (however unlikely)
+    // is stale for at most a period.
+    if let Some(period) = meta.refresh() {
+        let weak = Arc::downgrade(meta);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(period);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(meta) = weak.upgrade() else { return };
+                reload(meta).await;
+            }
+        });
+    }
 }
 
 /// A metadata failure, whatever the backend.
@@ -764,6 +780,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Whether other nodes share this store (and so its leases and records).
     fn shared(&self) -> bool {
         false
+    }
+    /// Where other nodes write: how often what a node keeps in memory of the records is read
+    /// again anyway (a safety net under the change notices).
+    fn refresh(&self) -> Option<Duration> {
+        None
     }
     /// One record.
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>>;

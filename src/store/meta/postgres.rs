@@ -46,6 +46,11 @@ pub struct PostgresSettings {
     /// statement, before it fails.
     #[serde(default = "default_timeout", with = "crate::durations")]
     pub timeout: Duration,
+    /// What this node keeps in memory of the shared records (manifests by tag, registries,
+    /// users, webhook policies) is read again at least this often: a safety net under the
+    /// change notices, which keep it current within milliseconds.
+    #[serde(default = "default_refresh", with = "crate::durations")]
+    pub refresh: Duration,
 }
 
 impl PostgresSettings {
@@ -57,8 +62,10 @@ impl PostgresSettings {
                 self.redacted().url
             ));
         }
-        if self.pool_size == 0 || self.timeout.is_zero() {
-            return Err("metadata.pool_size and metadata.timeout must be above 0".into());
+        if self.pool_size == 0 || self.timeout.is_zero() || self.refresh.is_zero() {
+            return Err(
+                "metadata.pool_size, metadata.timeout and metadata.refresh must be above 0".into(),
+            );
         }
         Ok(())
     }
@@ -101,6 +108,7 @@ impl std::fmt::Debug for PostgresSettings {
             .field("password_file", &self.password_file)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
+            .field("refresh", &self.refresh)
             .finish()
     }
 }
@@ -111,6 +119,10 @@ fn default_pool_size() -> usize {
 
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_refresh() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// The channel every node listens on.
@@ -181,6 +193,8 @@ pub struct PostgresMeta {
     subscribers: Arc<parking_lot::RwLock<Vec<Subscriber>>>,
     /// The listener of other nodes' changes (stopped with the store).
     listener: tokio::task::JoinHandle<()>,
+    /// [`PostgresSettings::refresh`].
+    refresh: Duration,
 }
 
 impl Drop for PostgresMeta {
@@ -387,6 +401,7 @@ impl PostgresMeta {
             node,
             subscribers,
             listener,
+            refresh: settings.refresh,
         })
     }
 
@@ -1494,6 +1509,10 @@ impl MetaStore for PostgresMeta {
         true
     }
 
+    fn refresh(&self) -> Option<Duration> {
+        Some(self.refresh)
+    }
+
     async fn record_get(&self, tree: &str, key: &str) -> MetaResult<Option<Vec<u8>>> {
         let client = self.client().await?;
         Ok(client
@@ -1656,6 +1675,7 @@ mod tests {
                 password_file: None,
                 pool_size: 1,
                 timeout: Duration::from_secs(1),
+                refresh: Duration::from_secs(60),
             };
             let shown = format!("{s:?} {}", s.redacted().url);
             assert!(
@@ -1672,6 +1692,7 @@ mod tests {
             password_file: None,
             pool_size: 1,
             timeout: Duration::from_secs(1),
+            refresh: Duration::from_secs(60),
         };
         let said = bad.validate().unwrap_err();
         assert!(
@@ -1692,6 +1713,7 @@ mod tests {
             password_file: None,
             pool_size: 8,
             timeout: Duration::from_secs(10),
+            refresh: Duration::from_secs(60),
         }
     }
 
