@@ -703,3 +703,41 @@ async fn a_change_no_node_was_told_of_is_served_after_the_refresh_period() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `berth migrate` brings a fresh database to the schema this berth knows and says so; again,
+/// it changes nothing; on sled it has nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_migrate_brings_the_database_schema_up_to_date() {
+    let url = berth::testbed::postgres().database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n{}",
+            dir.path().join("data"),
+            metadata(&url)
+        ),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let (ok, out, e) = common::process::run_berth(
+            &["--config", config.to_str().unwrap(), "migrate", "--json"],
+            &[],
+        );
+        assert!(ok, "{out}{e}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["backend"], "postgres");
+        assert!(v["version"].as_i64().unwrap() >= 3, "{v}");
+        assert_eq!(v["version"], v["newest_known"], "{v}");
+    }
+    let (ok, out, e) = common::process::run_berth(
+        &[
+            "--data-dir",
+            dir.path().join("sled").to_str().unwrap(),
+            "migrate",
+        ],
+        &[],
+    );
+    assert!(ok && out.contains("nothing to migrate"), "{out}{e}");
+}

@@ -156,6 +156,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Bring the metadata's schema up to this berth's version and print it ([metadata] kind =
+    /// "postgres"; `serve` does it at start too). Other nodes may keep serving: one node
+    /// migrates at a time, and a database newer than this berth is refused.
+    Migrate {
+        /// The result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Copy this node's data (the data_dir, [storage] and [metadata] of --config or
     /// --data-dir; the server stopped) into the storage and metadata another config names, e.g.
     /// an S3 bucket and a PostgreSQL database for several nodes. Every blob is checked against
@@ -506,6 +514,7 @@ pub fn main() -> ExitCode {
         Command::Restore { dir, json } => {
             place(config).and_then(|p| backup::restore(&p, &dir, json))
         }
+        Command::Migrate { json } => place(config).and_then(|p| migrate(&p, json)),
         Command::MigrateStore { to, json } => {
             place(config).and_then(|p| backup::migrate_store(&p, &to, json))
         }
@@ -518,6 +527,33 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `berth migrate`: the metadata schema, migrated forward.
+fn migrate(place: &Place, json: bool) -> Result<(), String> {
+    use crate::store::meta::MetadataSettings;
+    let MetadataSettings::Postgres(pg) = &place.config.metadata else {
+        if json {
+            return print_json(&serde_json::json!({"backend": "sled", "migrated": false}));
+        }
+        outln!("metadata in sled (the data directory): nothing to migrate; berth keeps its format at start");
+        return Ok(());
+    };
+    let (applied, known) = place.rt.block_on(async {
+        let meta = crate::store::meta::postgres::PostgresMeta::open(pg)
+            .await
+            .map_err(|e| e.to_string())?;
+        meta.schema_version().await.map_err(|e| e.to_string())
+    })?;
+    if json {
+        return print_json(&serde_json::json!({
+            "backend": "postgres",
+            "version": applied,
+            "newest_known": known,
+        }));
+    }
+    outln!("metadata schema in PostgreSQL at version {applied} (this berth knows up to {known})");
+    Ok(())
 }
 
 /// `berth reload`: asks a running server; a data directory has nothing to reload.

@@ -405,6 +405,13 @@ impl PostgresMeta {
         })
     }
 
+    /// The schema version of the database (migrations applied), and the newest this berth
+    /// knows.
+    pub async fn schema_version(&self) -> MetaResult<(i32, i32)> {
+        let client = self.client().await?;
+        Ok((applied_version(&client).await?, known_version()))
+    }
+
     async fn client(&self) -> MetaResult<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_error)
     }
@@ -475,6 +482,23 @@ impl PostgresMeta {
 }
 
 /// Applies the migrations not applied yet, one node at a time (the others wait on the lock).
+/// The newest migration applied to the database.
+async fn applied_version(client: &tokio_postgres::Client) -> MetaResult<i32> {
+    Ok(client
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(pg)?
+        .get(0))
+}
+
+/// The newest migration this berth knows.
+fn known_version() -> i32 {
+    i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX)
+}
+
 async fn migrate(pool: &Pool) -> MetaResult<()> {
     let mut client = pool.get().await.map_err(pool_error)?;
     // A fixed key: the schema's lock, held across the migrations of one node.
@@ -491,15 +515,8 @@ async fn migrate(pool: &Pool) -> MetaResult<()> {
             )
             .await
             .map_err(pg)?;
-        let applied: i32 = client
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                &[],
-            )
-            .await
-            .map_err(pg)?
-            .get(0);
-        let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
+        let applied = applied_version(&client).await?;
+        let known = known_version();
         if applied > known {
             return Err(MetaError::Backend(format!(
                 "postgres: the database's schema is version {applied}, newer than this berth \
