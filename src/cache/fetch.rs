@@ -252,8 +252,12 @@ async fn follow(
     n: u64,
     tx: &mpsc::Sender<io::Result<Bytes>>,
 ) -> io::Result<u64> {
+    let finished = matches!(fetch.progress.borrow().phase, Phase::Done);
     let read = match held {
         Some(file) => BlobRead::Local(file.span(pos, n)),
+        // Committed: the write's key may be another fetch's by now (the blob collected and
+        // asked for again), so its bytes come from the blob.
+        None if finished => committed(fetch, pos, n).await?,
         None => {
             let key = Pending::Fetch(fetch.digest.clone());
             let pending = match fetch.blobs.read_pending(&key, pos, Some(n)).await {
@@ -306,12 +310,16 @@ async fn send(
             let Ok(slot) = tx.reserve().await else {
                 return Ok((0, None));
             };
-            let piece = crate::http::body::read_piece(
+            let piece = match crate::http::body::read_piece(
                 region.file().clone(),
                 region.offset(),
                 region.len() as usize,
             )
-            .await?;
+            .await
+            {
+                Ok(piece) => piece,
+                Err(e) => return Ok((0, Some(e))),
+            };
             let sent = piece.len() as u64;
             slot.send(Ok(piece));
             Ok((sent, None))
