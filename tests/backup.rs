@@ -51,16 +51,6 @@ fn json_of(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
-/// What the node serves, to compare before and after: every tag with its manifest bytes.
-async fn served(client: &Client) -> Vec<(String, String, Vec<u8>)> {
-    let mut all = Vec::new();
-    for (repo, tag) in client.every_tag().await {
-        let bytes = client.pull_all(&repo, &tag).await;
-        all.push((repo, tag, bytes));
-    }
-    all
-}
-
 /// Stops the server, wipes its data directory and restores `backup` into it; the restore's
 /// JSON report.
 fn wipe_and_restore(server: &mut BerthProcess, backup: &Path) -> Value {
@@ -150,7 +140,7 @@ async fn backup_wipe_restore_and_every_image_pulls_byte_identical() {
             StatusCode::UNAUTHORIZED
         );
     }
-    let before = served(&client).await;
+    let before = client.served().await;
     assert_eq!(
         before.len(),
         6,
@@ -209,7 +199,7 @@ async fn backup_wipe_restore_and_every_image_pulls_byte_identical() {
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        served(&client).await,
+        client.served().await,
         before,
         "every tag pulls byte-identical"
     );
@@ -260,7 +250,8 @@ async fn a_backup_racing_pushes_and_deletes_restores_only_whole_images() {
     }
     let key = bootstrap_admin(&url);
     let client = Client::new(&url, Some(key.clone()));
-    let stable_before: Vec<_> = served(&client)
+    let stable_before: Vec<_> = client
+        .served()
         .await
         .into_iter()
         .filter(|(r, _, _)| r == "library/stable")
@@ -332,7 +323,7 @@ async fn a_backup_racing_pushes_and_deletes_restores_only_whole_images() {
     let restored = wipe_and_restore(&mut server, &backup);
     let server = BerthProcess::start_in(dir.path(), REGISTRIES);
     let client = Client::new(&server.url(), Some(key));
-    let after = served(&client).await; // pulls every tag completely, or panics
+    let after = client.served().await; // pulls every tag completely, or panics
     let stable_after: Vec<_> = after
         .iter()
         .filter(|(r, _, _)| r == "library/stable")

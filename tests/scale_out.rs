@@ -122,6 +122,19 @@ where
     eprintln!("{what}: after {:?}", started.elapsed());
 }
 
+/// Gives registry `library` a cleanup schedule of every minute.
+async fn clean_library_every_minute(s: &TestServer) {
+    let every_minute = json!({"schedule": {"type": "custom", "cron": "* * * * *"}});
+    let (status, body) = s
+        .api(
+            Method::PUT,
+            "/registries/library/cleanup",
+            Some(every_minute),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
 async fn cleanup_executions(s: &TestServer) -> usize {
     let (status, list) = s
         .api(Method::GET, "/registries/library/cleanup/executions", None)
@@ -148,15 +161,7 @@ async fn tick_all(ns: &[TestServer], since: SystemTime, now: SystemTime) -> Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_cleanup_runs_on_one_node_and_again_once_after_that_node_is_gone() {
     let mut ns = nodes(3, "").await;
-    let every_minute = json!({"schedule": {"type": "custom", "cron": "* * * * *"}});
-    let (status, body) = ns[0]
-        .api(
-            Method::PUT,
-            "/registries/library/cleanup",
-            Some(every_minute),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    clean_library_every_minute(&ns[0]).await;
     let now = SystemTime::now();
     let ran = tick_all(&ns, now - Duration::from_secs(61), now).await;
     assert_eq!(ran.len(), 1, "one node ran it: {ran:?}");
@@ -495,16 +500,6 @@ async fn a_push_cut_by_a_killed_node_is_retried_on_another_and_nothing_half_writ
     );
 }
 
-/// What a node serves: every tag with its manifest and blobs, to compare.
-async fn served(client: &Client) -> Vec<(String, String, Vec<u8>)> {
-    let mut all = Vec::new();
-    for (repo, tag) in client.every_tag().await {
-        let bytes = client.pull_all(&repo, &tag).await;
-        all.push((repo, tag, bytes));
-    }
-    all
-}
-
 /// A single node's data directory (filesystem and sled) moved into a bucket and a database
 /// with `berth migrate-store --to CONFIG`: a node on the target serves every image
 /// byte-identical to the same access key; the source still serves as before; a second run
@@ -537,7 +532,7 @@ async fn migrate_store_moves_a_single_node_into_a_bucket_and_a_database() {
         created["first_key"]["id"].as_str().unwrap().to_string(),
         created["first_key"]["secret"].as_str().unwrap().to_string(),
     );
-    let before = served(&Client::new(&single.url(), Some(key.clone()))).await;
+    let before = Client::new(&single.url(), Some(key.clone())).served().await;
     assert_eq!(before.len(), 3);
     assert!(single.terminate(), "berth stops cleanly");
 
@@ -574,7 +569,7 @@ async fn migrate_store_moves_a_single_node_into_a_bucket_and_a_database() {
 
     let mut node = BerthProcess::start_in(d2.path(), &format!("{shared_toml}{registries}"));
     assert_eq!(
-        served(&Client::new(&node.url(), Some(key.clone()))).await,
+        Client::new(&node.url(), Some(key.clone())).served().await,
         before,
         "the target serves every image byte-identical to the same key"
     );
@@ -588,7 +583,7 @@ async fn migrate_store_moves_a_single_node_into_a_bucket_and_a_database() {
     assert!(!ok && e.contains("holds registries"), "{e}");
     let single = BerthProcess::start_in(d1.path(), registries);
     assert_eq!(
-        served(&Client::new(&single.url(), Some(key))).await,
+        Client::new(&single.url(), Some(key)).served().await,
         before,
         "the source is as it was"
     );
@@ -602,15 +597,7 @@ async fn migrate_store_moves_a_single_node_into_a_bucket_and_a_database() {
 async fn an_execution_of_a_node_that_stopped_is_taken_over_by_another() {
     use berth::jobs::executions::{Start, Status, Trigger};
     let mut ns = nodes(2, "").await;
-    let every_minute = json!({"schedule": {"type": "custom", "cron": "* * * * *"}});
-    let (status, body) = ns[0]
-        .api(
-            Method::PUT,
-            "/registries/library/cleanup",
-            Some(every_minute),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    clean_library_every_minute(&ns[0]).await;
     let start = || Start {
         kind: "cleanup".into(),
         scope: "cleanup/library".into(),

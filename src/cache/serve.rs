@@ -290,30 +290,17 @@ pub async fn blob(
     // about to link it): the source already vouched for it here. Asked only off the hit path.
     let mut linked = app.store.meta.blob_link(local, &d).await?.is_some();
     let ours = !linked && app.cache.fetches.will_link(&d, local);
+    // Whether the source vouched for the blob in this repository.
+    let mut vouched = false;
     if !linked && !ours {
         let held = app.store.blobs.stat(&d).await?.map(|i| i.size);
         if held.is_some() || app.cache.fetches.is_inflight(&d) {
             // Held (or being fetched) for another repository: the source must confirm this one
-            // has it too, or a private repository's blob would be readable under any name. An
-            // unreachable or failing source confirms nothing: access beats availability here
-            // (unlike manifests, which this repository held before).
-            match source_head(app, t, &d).await {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => {
-                    return Err(Error::BlobUnknown(format!(
-                        "{d} is not at the source of {}",
-                        t.repo
-                    )))
-                }
-                Err(e) => return Err(upstream_error(t, e)),
-            }
+            // has it too, or a private repository's blob would be readable under any name.
+            vouch(app, t, &d).await?;
+            vouched = true;
             if let Some(size) = held {
-                // A collection may have deleted it since: link only what is still there.
-                let _hold = app.store.gate.hold(&d).await;
-                if app.store.blobs.stat(&d).await?.is_some() {
-                    app.store.meta.link_blob(local, &d, size).await?;
-                    linked = true;
-                }
+                linked = link_if_stored(app, local, &d, size).await?;
             }
         }
     }
@@ -326,9 +313,6 @@ pub async fn blob(
     if head && !ours {
         return head_at_source(app, t, &d).await;
     }
-    // Whether the source vouched for the blob in this repository (a fetch held for another
-    // one elsewhere needs it).
-    let mut vouched = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     let (fetch, joined, direct) = loop {
         let holder = match app
@@ -343,17 +327,10 @@ pub async fn blob(
         if head {
             return head_at_source(app, t, &d).await;
         }
+        // A fetch held for another repository elsewhere: the same rule as above.
         if holder.repo != local && !vouched {
-            match source_head(app, t, &d).await {
-                Ok(_) => vouched = true,
-                Err(e) if e.is_not_found() => {
-                    return Err(Error::BlobUnknown(format!(
-                        "{d} is not at the source of {}",
-                        t.repo
-                    )))
-                }
-                Err(e) => return Err(upstream_error(t, e)),
-            }
+            vouch(app, t, &d).await?;
+            vouched = true;
         }
         if let Some(r) = from_elsewhere(app, t, &d, &holder, req).await? {
             return Ok(r);
@@ -369,12 +346,7 @@ pub async fn blob(
     let range = req.headers.get(header::RANGE);
     let r = match fetch_response(&fetch, direct, range, head).await {
         Ok(r) => r,
-        Err(Stopped::NotFound) => {
-            return Err(Error::BlobUnknown(format!(
-                "{d} is not at the source of {}",
-                t.repo
-            )))
-        }
+        Err(Stopped::NotFound) => return Err(not_at_source(t, &d)),
         Err(Stopped::Failed(why)) => {
             return Err(Error::Upstream(format!(
                 "image cache {:?}: {why}",
@@ -421,16 +393,38 @@ async fn from_elsewhere(
     // Committed meanwhile: the source vouched for it here (the holder fetched it for this
     // repository, or the HEAD above), so link it and serve it from the bucket.
     if let Some(info) = app.store.blobs.stat(d).await? {
-        let _hold = app.store.gate.hold(d).await;
-        if app.store.blobs.stat(d).await?.is_some() {
-            app.store.meta.link_blob(local, d, info.size).await?;
-            drop(_hold);
+        if link_if_stored(app, local, d, info.size).await? {
             let r = blobs::get(app, &t.repo, d.as_str(), req, false).await?;
             count_served(app, t, &r);
             return Ok(Some(outcome(app, t, r, "coalesced")));
         }
     }
     Ok(None)
+}
+
+/// The source confirms it has the blob in this repository. An unreachable or failing source
+/// confirms nothing: access beats availability here (unlike manifests, which this repository
+/// held before).
+async fn vouch(app: &App, t: &CacheTarget, d: &Digest) -> Result<()> {
+    match source_head(app, t, d).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_found() => Err(not_at_source(t, d)),
+        Err(e) => Err(upstream_error(t, e)),
+    }
+}
+
+/// Links a stored blob into `repo`, unless a collection deleted it meanwhile; whether it did.
+async fn link_if_stored(app: &App, repo: &str, d: &Digest, size: u64) -> Result<bool> {
+    let _hold = app.store.gate.hold(d).await;
+    if app.store.blobs.stat(d).await?.is_none() {
+        return Ok(false);
+    }
+    app.store.meta.link_blob(repo, d, size).await?;
+    Ok(true)
+}
+
+fn not_at_source(t: &CacheTarget, d: &Digest) -> Error {
+    Error::BlobUnknown(format!("{d} is not at the source of {}", t.repo))
 }
 
 /// Why a fetch gave no response.
@@ -541,10 +535,7 @@ async fn head_at_source(app: &App, t: &CacheTarget, d: &Digest) -> Result<Respon
             let r = blobs::blob_response(Body::Empty, d, size, None);
             Ok(outcome(app, t, r, "miss"))
         }
-        Err(e) if e.is_not_found() => Err(Error::BlobUnknown(format!(
-            "{d} is not at the source of {}",
-            t.repo
-        ))),
+        Err(e) if e.is_not_found() => Err(not_at_source(t, d)),
         Err(e) => Err(upstream_error(t, e)),
     }
 }

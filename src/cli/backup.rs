@@ -249,18 +249,11 @@ pub fn restore(place: &Place, dir: &Path, json: bool) -> Result<(), String> {
     if json {
         return print_json(&report);
     }
-    outln!(
-        "restored {} registries, {} image caches, {} records, {} repositories, {} artifacts, {} tags, {} blobs ({} bytes) into {} in {:.1} s",
-        report.registries,
-        report.image_caches,
-        report.records,
-        report.repositories,
-        report.artifacts,
-        report.tags,
-        report.blobs,
-        report.blob_bytes,
-        data.display(),
-        started.elapsed().as_secs_f64()
+    say_restored(
+        "restored",
+        &report,
+        &format!("into {}", data.display()),
+        started,
     );
     warn_left_out(&report, "is not in the backup (or damaged)");
     Ok(())
@@ -317,8 +310,26 @@ pub fn migrate_store(place: &Place, to: &Path, json: bool) -> Result<(), String>
     if json {
         return print_json(&report);
     }
+    say_restored(
+        "migrated",
+        &report,
+        &format!(
+            "(each checked against its digest) into the store of {}",
+            to.display()
+        ),
+        started,
+    );
+    warn_left_out(
+        &report,
+        "is missing from the source, or its bytes do not match its digest",
+    );
+    Ok(())
+}
+
+/// The line a restore or a migration ends with: what it brought back, where, how fast.
+fn say_restored(done: &str, report: &crate::backup::RestoreReport, into: &str, started: Instant) {
     outln!(
-        "migrated {} registries, {} image caches, {} records, {} repositories, {} artifacts, {} tags, {} blobs ({} bytes, each checked against its digest) into the store of {} in {:.1} s",
+        "{done} {} registries, {} image caches, {} records, {} repositories, {} artifacts, {} tags, {} blobs ({} bytes) {into} in {:.1} s",
         report.registries,
         report.image_caches,
         report.records,
@@ -327,14 +338,8 @@ pub fn migrate_store(place: &Place, to: &Path, json: bool) -> Result<(), String>
         report.tags,
         report.blobs,
         report.blob_bytes,
-        to.display(),
         started.elapsed().as_secs_f64()
     );
-    warn_left_out(
-        &report,
-        "is missing from the source, or its bytes do not match its digest",
-    );
-    Ok(())
 }
 
 /// Names on stderr what a restore or a migration left out, and why.

@@ -369,6 +369,11 @@ impl Webhooks {
             .collect();
         let shared = self.meta.shared();
         // Each owner once: taken (its node is gone; we hold its lease while we move) or not.
+        let owner_of: HashMap<String, String> = if shared {
+            self.owners.list(&[]).await?.into_iter().collect()
+        } else {
+            HashMap::new()
+        };
         let mut owners: HashMap<String, Option<String>> = HashMap::new();
         let mut taken = Vec::new();
         for (key, event) in self.outbox.list(&[]).await? {
@@ -376,7 +381,7 @@ impl Webhooks {
                 continue;
             };
             if shared {
-                let owner = self.owners.get(&[policy_id, id]).await?.unwrap_or_default();
+                let owner = owner_of.get(&key).cloned().unwrap_or_default();
                 if owner == self.node {
                     continue;
                 }

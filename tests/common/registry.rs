@@ -219,6 +219,17 @@ impl Client {
     }
 
     /// Every (repository, tag) of the node.
+    /// What the registry serves, to compare before and after: every tag with its manifest
+    /// bytes (its blobs pulled and checked).
+    pub async fn served(&self) -> Vec<(String, String, Vec<u8>)> {
+        let mut all = Vec::new();
+        for (repo, tag) in self.every_tag().await {
+            let bytes = self.pull_all(&repo, &tag).await;
+            all.push((repo, tag, bytes));
+        }
+        all
+    }
+
     pub async fn every_tag(&self) -> Vec<(String, String)> {
         let mut all = Vec::new();
         for repo in self.list("/v2/_catalog?n=1000", "repositories").await {

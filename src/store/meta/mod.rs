@@ -520,11 +520,21 @@ impl HeldLease {
         done: impl std::future::Future<Output = ()>,
         on_lost: impl FnOnce(),
     ) {
+        self.keep_every(LEASE_RENEW, meta, done, on_lost).await
+    }
+
+    async fn keep_every(
+        self: Arc<Self>,
+        renew: Duration,
+        meta: Arc<dyn MetaStore>,
+        done: impl std::future::Future<Output = ()>,
+        on_lost: impl FnOnce(),
+    ) {
         tokio::pin!(done);
         loop {
             tokio::select! {
                 () = &mut done => break,
-                () = tokio::time::sleep(LEASE_RENEW) => {
+                () = tokio::time::sleep(renew) => {
                     match meta.lease_take(&self.name, &self.holder, LEASE_TTL).await {
                         Ok(l) if l.holder == self.holder => {}
                         Ok(_) => {
@@ -912,5 +922,67 @@ impl<T: Serialize + for<'de> Deserialize<'de> + Send + Sync> Records<T> {
         self.meta
             .record_remove_prefix(&self.tree, &prefix_text(prefix))
             .await
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_kept_lease_is_renewed_released_at_the_end_and_reported_lost_when_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = open(dir.path()).unwrap();
+        let every = Duration::from_millis(20);
+        // Renewed while the work runs, released when it ends.
+        let held = Arc::new(
+            HeldLease::take(&*meta, "l".into(), "a".into())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        let keeper = tokio::spawn(held.clone().keep_every(
+            every,
+            meta.clone(),
+            async move {
+                let _ = ended.await;
+            },
+            || panic!("not lost"),
+        ));
+        tokio::time::sleep(every * 5).await;
+        assert_eq!(
+            meta.lease_take("l", "b", LEASE_TTL).await.unwrap().holder,
+            "a"
+        );
+        drop(end);
+        keeper.await.unwrap();
+        assert!(!held.is_lost());
+        assert_eq!(
+            meta.lease_take("l", "b", LEASE_TTL).await.unwrap().holder,
+            "b"
+        );
+        // Taken by another node meanwhile: reported lost, and that node's lease is left alone.
+        meta.lease_release("l", "b").await.unwrap();
+        let held = Arc::new(
+            HeldLease::take(&*meta, "l".into(), "a".into())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+        meta.lease_release("l", "a").await.unwrap();
+        meta.lease_take("l", "c", LEASE_TTL).await.unwrap();
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let told = lost.clone();
+        held.clone()
+            .keep_every(every, meta.clone(), std::future::pending(), move || {
+                told.store(true, std::sync::atomic::Ordering::Relaxed)
+            })
+            .await;
+        assert!(held.is_lost() && lost.load(std::sync::atomic::Ordering::Relaxed));
+        assert_eq!(
+            meta.lease_take("l", "a", LEASE_TTL).await.unwrap().holder,
+            "c"
+        );
     }
 }
