@@ -423,6 +423,25 @@ jq -cn --arg c "$DG_CFG" --argjson cs "$(stat -c %s "$D/config.json")" \
              {mediaType: "application/vnd.oci.image.layer.v1.tar", digest: $k, size: $bs},
              {mediaType: "application/vnd.oci.image.layer.v1.tar", digest: $p, size: $ps}]}' >"$D/manifest.json"
 
+# ---------------------------------------------------------------- CPU references
+# What moving a GiB costs at least on this machine: SHA-256 (openssl's, as fast as the sha2
+# crate berth uses) and one copy (a read of the cached file into user space); each the median of
+# three, in CPU seconds per GiB.
+declare -A R   # R[metric.server] = value
+cpu_of() { # COMMAND... -> user+sys CPU seconds
+  /usr/bin/time -f '%U %S' -o "$D/time.out" "$@" >/dev/null 2>&1 || die "$* failed"
+  awk '{ print $1 + $2 }' "$D/time.out"
+}
+cat "$D/www/big" >/dev/null
+for i in 1 2 3; do cpu_of dd if="$D/www/big" of=/dev/null bs=1M; done | median >"$D/ref.copy"
+for i in 1 2 3; do cpu_of openssl dgst -sha256 "$D/www/big"; done | median >"$D/ref.dgst"
+R[ref_copy]=$(calc "$(cat "$D/ref.copy") / ($BLOB_MB / 1024)" 3)
+R[ref_sha]=$(calc "$(cat "$D/ref.dgst") / ($BLOB_MB / 1024) - ${R[ref_copy]}" 3)
+R[ref_sha_mbs]=$(calc "1073.741824 / ${R[ref_sha]}" 0)
+R[ref_push]=$(calc "${R[ref_sha]} + ${R[ref_copy]}" 3)
+R[ref_cold]=$(calc "${R[ref_sha]} + 2 * ${R[ref_copy]}" 3)
+log "references: SHA-256 ${R[ref_sha]} CPU s per GiB (${R[ref_sha_mbs]} MB/s), one copy ${R[ref_copy]} s per GiB"
+
 # ---------------------------------------------------------------- servers
 
 # start_berth NAME CONFIG [LOG]: starts berth, sets BPID and BURL (read from its "listening on" line)
@@ -437,6 +456,7 @@ start_berth() {
     sleep 0.05
   done
   BURL=$(sed -n 's|^berth listening on \(http://[^ ]*\).*|\1|p' "$dir/out" | head -n 1)
+  BURL2=$(sed -n 's|^berth listening on \(http://[^ ]*\).*|\1|p' "$dir/out" | sed -n 2p)
   [[ -n $BURL ]] || die "$name printed no listening address"
 }
 
@@ -525,11 +545,16 @@ data_dir = "$D/berth/data"
 log = "$BERTH_LOG"
 [[listen]]
 addr = "127.0.0.1:0"
+# the user-space path (TLS, HTTP/2 and the cache's growing files take it too): GET rows only
+[[listen]]
+addr = "127.0.0.1:0"
+sendfile = false
 [[registry]]
 name = "bench"
 EOF
   start_berth berth "$D/berth/config.toml"
   PID[berth]=$BPID; URL[berth]=$BURL
+  PID[berthus]=$BPID; URL[berthus]=$BURL2
   log "berth on ${URL[berth]} (pid ${PID[berth]}, $BERTH_BIN)"
   SERVERS=(berth registry)
 fi
@@ -554,8 +579,11 @@ for s in "${SERVERS[@]}"; do
   R[pushcpu.$s]=$(calc "($c1 - $c0) / $HZ / ($BLOB_MB / 1024)" 2)
   sync
   : >"$D/patch.times"
+  c0=$(cpu_ticks "${PID[$s]}")
   t0=$(now); push_chunked "$b" "$D/chunks" "$DG_CHUNKED"; t1=$(now)
+  c1=$(cpu_ticks "${PID[$s]}")
   R[push_chunk.$s]=$(calc "$BLOB_BYTES / ($t1 - $t0)" 0)
+  R[pushchunkcpu.$s]=$(calc "($c1 - $c0) / $HZ / ($BLOB_MB / 1024)" 2)
   R[patch_ms.$s]=$(awk '{ s += $1 } END { printf "%.1f", s * 1000 / NR }' "$D/patch.times")
   put_manifest "$b" latest
   log "$s: push monolithic $(MB "${R[push_mono.$s]}") MB/s (${R[pushcpu.$s]} CPU s/GiB), chunked $(MB "${R[push_chunk.$s]}") MB/s (${R[patch_ms.$s]} ms per PATCH); dd just before: $(MB "$(tail -n 1 "$D/dd.speeds")") MB/s"
@@ -574,7 +602,8 @@ blob_url() { if [[ $1 == nginx ]]; then echo "${URL[nginx]}/$2"; else echo "${UR
 server_pids() { if [[ $1 == nginx ]]; then echo "${PID[nginx]}" $(ps -o pid= --ppid "${PID[nginx]}"); else echo "${PID[$1]}"; fi; }
 
 # ---------------------------------------------------------------- blob GETs
-for s in "${SERVERS[@]}" nginx; do
+GETTERS=("${SERVERS[@]}" nginx); [[ $BERTH == 0 ]] || GETTERS=(berth berthus registry nginx)
+for s in "${GETTERS[@]}"; do
   # shellcheck disable=SC2046
   get_single "$(blob_url "$s" big "$DG_BIG")" $(server_pids "$s")
   R[get1.$s]=$SPEED; R[cpu.$s]=$CPU
@@ -800,13 +829,14 @@ for net in $NETS; do
     : >"$D/cold.$net.$e"
     for ((r = 1; r <= COLD_RUNS; r++)); do
       start_edge "$e" "$UP" "$CACHE_TTL"
-      g0=$(src_count GET "$P_BIG"); b0=$(src_sent)
+      g0=$(src_count GET "$P_BIG"); b0=$(src_sent); e0=$(cpu_ticks "$EPID")
       read -r ttfb tot size < <(timed_get "$EURL/blobs/$DG_BIG")
       [[ $size == "$BLOB_BYTES" ]] || die "$e cache: cold GET returned $size bytes, not $BLOB_BYTES"
       settle
-      g1=$(src_count GET "$P_BIG"); b1=$(src_sent)
-      echo "$ttfb $tot $((g1 - g0)) $((b1 - b0))" >>"$D/cold.$net.$e"
-      log "[$net] $e cache: cold GET $r/$COLD_RUNS: $tot s (TTFB $ttfb s), source GETs $((g1 - g0)), source bytes $(calc "($b1 - $b0) / $BLOB_BYTES" 3)x the blob"
+      g1=$(src_count GET "$P_BIG"); b1=$(src_sent); e1=$(cpu_ticks "$EPID")
+      ecpu=$(calc "($e1 - $e0) / $HZ / ($BLOB_MB / 1024)" 2)
+      echo "$ttfb $tot $((g1 - g0)) $((b1 - b0)) $ecpu" >>"$D/cold.$net.$e"
+      log "[$net] $e cache: cold GET $r/$COLD_RUNS: $tot s (TTFB $ttfb s), source GETs $((g1 - g0)), source bytes $(calc "($b1 - $b0) / $BLOB_BYTES" 3)x the blob, edge CPU $ecpu s per GiB"
       if ((r == COLD_RUNS)); then
         w0=$(src_count GET "$P_BIG")
         get_single "$EURL/blobs/$DG_BIG" "$EPID"
@@ -817,12 +847,13 @@ for net in $NETS; do
     done
     R[cold_ttfb.$net.$e]=$(awk '{ print $1 }' "$D/cold.$net.$e" | median)
     R[cold_t.$net.$e]=$(awk '{ print $2 }' "$D/cold.$net.$e" | median)
+    R[cold_cpu.$net.$e]=$(awk '{ print $5 }' "$D/cold.$net.$e" | median)
     R[cold_gets.$net.$e]=$(awk '{ s += $3 } END { printf "%.2f", s / NR }' "$D/cold.$net.$e")
     R[cold_bytes.$net.$e]=$(awk -v b="$BLOB_BYTES" '{ s += $4 } END { printf "%.3f", s / NR / b }' "$D/cold.$net.$e")
 
     # herd: HERD_N concurrent cold GETs of the herd blob
     start_edge "$e" "$UP" "$CACHE_TTL"
-    g0=$(src_count GET "$P_HERD"); b0=$(src_sent)
+    g0=$(src_count GET "$P_HERD"); b0=$(src_sent); e0=$(cpu_ticks "$EPID")
     : >"$D/herd.out"; hp=(); fail=0
     t0=$(now)
     for ((i = 0; i < HERD_N; i++)); do
@@ -833,7 +864,8 @@ for net in $NETS; do
     t1=$(now)
     ok=$(awk -v n="$HERD_BYTES" '$1 == 200 && $2 == n' "$D/herd.out" | wc -l)
     settle
-    g1=$(src_count GET "$P_HERD"); b1=$(src_sent)
+    g1=$(src_count GET "$P_HERD"); b1=$(src_sent); e1=$(cpu_ticks "$EPID")
+    R[herd_cpu.$net.$e]=$(calc "($e1 - $e0) / $HZ / ($HERD_N * $HERD_MB / 1024)" 3)
     R[herd_t.$net.$e]=$(calc "$t1 - $t0" 3); R[herd_gets.$net.$e]=$((g1 - g0))
     R[herd_bytes.$net.$e]=$(calc "($b1 - $b0) / $HERD_BYTES" 2)
     R[herd_ok.$net.$e]=$ok
@@ -884,6 +916,8 @@ echo
 echo "berth load benchmark — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(uname -r), loopback"
 echo "sizes: blob ${BLOB_MB} MiB, parallel ${PAR_N}x${PAR_MB} MiB, RSS ${RSS_N}x${PAR_MB} MiB${RSS_RATE:+ at $RSS_RATE/s each}, chunks ${CHUNK_MB} MiB, ${TAGS} tags, wrk -t$WRK_THREADS -c$WRK_CONNS -d$WRK_DURATION"
 [[ $BERTH == 0 ]] && echo "berth: not run"
+echo "references: SHA-256 ${R[ref_sha_mbs]:-?} MB/s on one core (${R[ref_sha]:-?} CPU s per GiB: openssl dgst -sha256 of the"
+echo "       cached blob, less its read); one copy ${R[ref_copy]:-?} CPU s per GiB (dd of the cached blob to /dev/null)"
 if [[ $ORIGIN == 1 ]]; then
 echo "ratios: berth/peer, oriented so that >1 means berth is better (lower-is-better rows use peer/berth)"
 echo
@@ -892,20 +926,29 @@ row "blob GET ${BLOB_MB} MiB, 1 stream (MB/s)" "$(mbv get1.berth)" "$(mbv get1.r
   "$(ratio get1.berth get1.registry)" "$(ratio get1.berth get1.nginx)" ">=0.8x nginx"
 row "  server CPU per GiB sent (s)" "$(v cpu.berth)" "$(v cpu.registry)" "$(v cpu.nginx)" \
   "$(ratio cpu.berth cpu.registry inv)" "$(ratio cpu.berth cpu.nginx inv)" ""
+row "  user-space path (sendfile = false) (MB/s)" "$(mbv get1.berthus)" "$(mbv get1.registry)" "$(mbv get1.nginx)" \
+  "$(ratio get1.berthus get1.registry)" "$(ratio get1.berthus get1.nginx)" ""
+row "    server CPU per GiB sent (s)" "$(v cpu.berthus)" "$(v cpu.registry)" "$(v cpu.nginx)" \
+  "$(ratio cpu.berthus cpu.registry inv)" "$(ratio cpu.berthus cpu.nginx inv)" "<=registry"
 row "blob GET ${PAR_N}x${PAR_MB} MiB aggregate (MB/s)" "$(mbv getN.berth)" "$(mbv getN.registry)" "$(mbv getN.nginx)" \
   "$(ratio getN.berth getN.registry)" "$(ratio getN.berth getN.nginx)" ">=1.0x nginx"
 row "  server CPU per GiB sent (s)" "$(v cpuN.berth)" "$(v cpuN.registry)" "$(v cpuN.nginx)" \
   "$(ratio cpuN.berth cpuN.registry inv)" "$(ratio cpuN.berth cpuN.nginx inv)" "<=1.3x nginx"
+row "  user-space path (sendfile = false) (MB/s)" "$(mbv getN.berthus)" "$(mbv getN.registry)" "$(mbv getN.nginx)" \
+  "$(ratio getN.berthus getN.registry)" "$(ratio getN.berthus getN.nginx)" ""
+row "    server CPU per GiB sent (s)" "$(v cpuN.berthus)" "$(v cpuN.registry)" "$(v cpuN.nginx)" \
+  "$(ratio cpuN.berthus cpuN.registry inv)" "$(ratio cpuN.berthus cpuN.nginx inv)" "<=registry"
 for m in GET HEAD; do
   row "manifest $m by tag, c=$WRK_CONNS (req/s)$([[ $m == HEAD ]] && echo ' [ab]')" "$(v m$m.berth)" "$(v m$m.registry)" - "$(ratio m$m.berth m$m.registry)" - ">=10x registry"
   row "  p50 (ms)" "$(v m${m}50.berth)" "$(v m${m}50.registry)" - "$(ratio m${m}50.berth m${m}50.registry inv)" - ""
   row "  p99 (ms)" "$(v m${m}99.berth)" "$(v m${m}99.registry)" - "$(ratio m${m}99.berth m${m}99.registry inv)" - "<=10 ms"
 done
 row "push ${BLOB_MB} MiB monolithic POST+PUT (MB/s)" "$(mbv push_mono.berth)" "$(mbv push_mono.registry)" "$(mbv push_mono.limit)" \
-  "$(ratio push_mono.berth push_mono.registry)" "$(ratio push_mono.berth push_mono.limit)" ">=2x registry"
-row "  server CPU per GiB pushed (s)" "$(v pushcpu.berth)" "$(v pushcpu.registry)" - "$(ratio pushcpu.berth pushcpu.registry inv)" - ""
+  "$(ratio push_mono.berth push_mono.registry)" "$(ratio push_mono.berth push_mono.limit)" ">=3x registry"
+row "  server CPU per GiB pushed (s)" "$(v pushcpu.berth)" "$(v pushcpu.registry)" "$(v ref_push)" "$(ratio pushcpu.berth pushcpu.registry inv)" "$(ratio pushcpu.berth ref_push inv)" "<=1.2x limit"
 row "push ${BLOB_MB} MiB chunked ${CHUNK_MB} MiB PATCHes (MB/s)" "$(mbv push_chunk.berth)" "$(mbv push_chunk.registry)" "$(mbv push_chunk.limit)" \
-  "$(ratio push_chunk.berth push_chunk.registry)" "$(ratio push_chunk.berth push_chunk.limit)" ">=2x registry"
+  "$(ratio push_chunk.berth push_chunk.registry)" "$(ratio push_chunk.berth push_chunk.limit)" ">=2.5x registry"
+row "  server CPU per GiB pushed (s)" "$(v pushchunkcpu.berth)" "$(v pushchunkcpu.registry)" "$(v ref_push)" "$(ratio pushchunkcpu.berth pushchunkcpu.registry inv)" "$(ratio pushchunkcpu.berth ref_push inv)" "<=1.2x limit"
 row "  mean time per ${CHUNK_MB} MiB PATCH (ms)" "$(v patch_ms.berth)" "$(v patch_ms.registry)" - "$(ratio patch_ms.berth patch_ms.registry inv)" - ""
 row "peak RSS, ${RSS_N}x${PAR_MB} MiB GETs (MiB)" "$(v rss.berth)" "$(v rss.registry)" - "$(ratio rss.berth rss.registry inv)" - "<=128 MiB"
 row "$IDLE_N idle connections: server RSS (MiB)" "$(v idle_rss.berth)" "$(v idle_rss.registry)" - "$(ratio idle_rss.berth idle_rss.registry inv)" - ""
@@ -919,7 +962,8 @@ row "  p99 (ms)" "$(v tl99.berth)" "$(v tl99.registry)*" - - - ""
 echo
 echo "limit: GET rows: nginx (sendfile) serving the same file. Push rows: dd conv=fdatasync of the same"
 echo "       file into the same file system just before each server's pushes (median): a reference for"
-echo "       this disk at that moment, not a hard ceiling."
+echo "       this disk at that moment, not a hard ceiling. Push CPU rows: the SHA-256 of a GiB plus one"
+echo "       copy of it (the references below)."
 echo "* docker-registry 2.8 ignores n/last: its answer held ${R[tln.registry]:-?} tags (berth: ${R[tln.berth]:-?})."
 fi # ORIGIN
 
@@ -941,6 +985,7 @@ echo
 echo "cache rows: source = $SRC_KIND origin; edges = berth cache registry (revalidate_ttl $CACHE_TTL) and docker-registry 2.8"
 echo "proxy, each started cold (fresh data dir). ref = GET from the source itself over the same path;"
 echo "berth-x / registry-x = edge / ref. Cold rows: median of $COLD_RUNS cold edges; herd: one edge."
+echo "Edge CPU rows: ref = the SHA-256 of a GiB plus two copies (in and out), from the references above."
 for net in $NETS; do
   echo
   if [[ $net == relay ]]; then echo "network: edge -> source through benches/relay.py, $RELAY_RATE MB/s shared, +$RELAY_DELAY ms each way"
@@ -948,6 +993,8 @@ for net in $NETS; do
   row metric berth registry ref berth-x registry-x target
   row "cold GET ${BLOB_MB} MiB through the cache (s)" "$(v cold_t.$net.berth)" "$(v cold_t.$net.registry)" "$(v src_t.$net)" \
     "$(rx cold_t.$net.berth src_t.$net)" "$(rx cold_t.$net.registry src_t.$net)" "<=1.05x ref"
+  row "  edge CPU per GiB (s)" "$(v cold_cpu.$net.berth)" "$(v cold_cpu.$net.registry)" "$(v ref_cold)" \
+    "$(rx cold_cpu.$net.berth ref_cold)" "$(rx cold_cpu.$net.registry ref_cold)" "<=1.2x ref"
   row "  time to first byte (ms)" "$(ms cold_ttfb.$net.berth)" "$(ms cold_ttfb.$net.registry)" "$(ms src_ttfb.$net)" \
     "$(dms cold_ttfb.$net.berth src_ttfb.$net)" "$(dms cold_ttfb.$net.registry src_ttfb.$net)" "<=ref+5 ms"
   row "  source bytes sent / blob size" "$(v cold_bytes.$net.berth)" "$(v cold_bytes.$net.registry)" - - - "1.0"
@@ -956,6 +1003,7 @@ for net in $NETS; do
     "$(rx herd_t.$net.berth src_herd_t.$net)" "$(rx herd_t.$net.registry src_herd_t.$net)" "<=1.2x ref (1 GET)"
   [[ -z ${R[src_herdN.$net]:-} ]] || row "  against ${HERD_N} direct GETs at once (s)" - - "$(v src_herdN.$net)" \
     "$(rx herd_t.$net.berth src_herdN.$net)" "$(rx herd_t.$net.registry src_herdN.$net)" ""
+  row "  edge CPU per GiB sent to clients (s)" "$(v herd_cpu.$net.berth)" "$(v herd_cpu.$net.registry)" - - - ""
   row "  source GETs of the blob" "$(v herd_gets.$net.berth)" "$(v herd_gets.$net.registry)" - - - "1"
   row "  source bytes sent / blob size" "$(v herd_bytes.$net.berth)" "$(v herd_bytes.$net.registry)" - - - ""
   row "  slowest time to first byte (ms)" "$(v herd_ttfb.$net.berth)" "$(v herd_ttfb.$net.registry)" - - - ""

@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: listener → dispatch → behaviour → store (DESIGN.md 3).
 
-#![forbid(unsafe_code)]
+// No unsafe code but one system call no safe crate wraps (`store::fs::start_writeback`).
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]

@@ -114,6 +114,11 @@ fn describe() {
         Unit::Bytes,
         "Blob body bytes sent with sendfile (zero-copy), a part of the blob bytes served"
     );
+    describe_counter!(
+        "berth_upload_driven_bytes_total",
+        Unit::Bytes,
+        "Blob upload body bytes read by berth's own HTTP/1.1 driver (plain listeners with sendfile on) rather than through hyper, a part of the upload bytes received"
+    );
     describe_gauge!("berth_open_connections", "Client connections open");
     describe_counter!(
         "berth_connections_over_limit_total",
@@ -372,6 +377,11 @@ pub fn response_bytes(n: u64) {
 /// Counts a response body that ended before its last byte, by reason.
 pub fn response_aborted(reason: &'static str) {
     metrics::counter!("berth_http_responses_aborted_total", "reason" => reason).increment(1);
+}
+
+/// Counts request body bytes read by the HTTP/1.1 driver itself (pushes on plain listeners).
+pub fn driven_body_bytes(n: u64) {
+    metrics::counter!("berth_upload_driven_bytes_total").increment(n);
 }
 
 /// Counts blob bytes sent with `sendfile` (a part of the bytes served).

@@ -121,6 +121,207 @@ fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: berth\r\n{extra}\r\n")
 }
 
+/// A monolithic push whose body is sent chunked (`Transfer-Encoding`): hyper's to read.
+fn chunked_post(digest: &str, data: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST /v2/library/app/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        data.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(data);
+    r.extend_from_slice(b"\r\n0\r\n\r\n");
+    r
+}
+
+/// A request head with a body of `len` bytes.
+fn with_body(method: &str, target: &str, extra: &str, len: usize) -> String {
+    format!("{method} {target} HTTP/1.1\r\nHost: berth\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n{extra}\r\n")
+}
+
+/// The path of an answer's `Location`.
+fn location(r: &Raw) -> String {
+    let l = r.header("location").expect("a Location");
+    match l.strip_prefix("http://") {
+        Some(rest) => rest[rest.find('/').unwrap()..].to_string(),
+        None => l.to_string(),
+    }
+}
+
+/// An answer without what differs between two sessions or connections.
+fn comparable(r: &Raw) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let headers = r
+        .stable()
+        .into_iter()
+        .filter(|(n, _)| !["location", "docker-upload-uuid", "connection"].contains(&n.as_str()))
+        .collect();
+    let body = if r.status >= 400 {
+        Vec::new()
+    } else {
+        r.body.clone()
+    };
+    (r.status, headers, body)
+}
+
+/// A chunked push (POST, two PATCHes, a refused PATCH, PUT), a monolithic one and a cut one,
+/// on one listener: the answers, comparable, and the session of the cut push.
+async fn push_sequence(
+    addr: &str,
+    data: &[u8],
+    mono: &[u8],
+) -> (Vec<(u16, Vec<(String, String)>, Vec<u8>)>, String) {
+    let mut answers = Vec::new();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    let start = with_body("POST", "/v2/library/app/blobs/uploads/", "", 0);
+    stream.write_all(start.as_bytes()).await.unwrap();
+    let r = read_response(&mut stream, &mut buf, false).await;
+    let session = location(&r);
+    answers.push(comparable(&r));
+    let cut = 3 << 20;
+    let range = format!("Content-Range: 0-{}\r\n", cut - 1);
+    stream
+        .write_all(with_body("PATCH", &session, &range, cut).as_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&data[..cut]).await.unwrap();
+    let r = read_response(&mut stream, &mut buf, false).await;
+    answers.push(comparable(&r));
+    // A chunk that does not start at the offset is refused before its body is read; the
+    // connection closes after the answer, which the client still reads whole.
+    let wrong = format!("Content-Range: 5-{}\r\n", (1 << 20) + 4);
+    stream
+        .write_all(with_body("PATCH", &session, &wrong, 1 << 20).as_bytes())
+        .await
+        .unwrap();
+    let _ = stream.write_all(&vec![1u8; 1 << 20]).await;
+    let r = read_response(&mut stream, &mut buf, false).await;
+    answers.push(comparable(&r));
+    // The rest, with the upload's status and the PUT pipelined behind it, on a new connection.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    let range = format!("Content-Range: {cut}-{}\r\n", data.len() - 1);
+    let mut pipelined = with_body("PATCH", &session, &range, data.len() - cut).into_bytes();
+    pipelined.extend_from_slice(&data[cut..]);
+    pipelined.extend_from_slice(get(&session, "").as_bytes());
+    let put = format!("{session}?digest={}", sha256(data));
+    pipelined.extend_from_slice(with_body("PUT", &put, "", 0).as_bytes());
+    stream.write_all(&pipelined).await.unwrap();
+    for _ in 0..3 {
+        let r = read_response(&mut stream, &mut buf, false).await;
+        answers.push(comparable(&r));
+    }
+    stream
+        .write_all(get(&format!("/v2/library/app/blobs/{}", sha256(data)), "").as_bytes())
+        .await
+        .unwrap();
+    let r = read_response(&mut stream, &mut buf, false).await;
+    assert!(r.body == data, "the pushed blob reads back whole");
+    answers.push((r.status, Vec::new(), Vec::new()));
+    // Monolithic, then a wrong digest, on the same connection.
+    for digest in [sha256(mono), sha256(b"other")] {
+        let post = format!("/v2/library/app/blobs/uploads/?digest={digest}");
+        stream
+            .write_all(with_body("POST", &post, "", mono.len()).as_bytes())
+            .await
+            .unwrap();
+        stream.write_all(mono).await.unwrap();
+        let r = read_response(&mut stream, &mut buf, false).await;
+        answers.push(comparable(&r));
+    }
+    // A chunk whose client goes away after 700 KiB of its 2 MiB.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    stream.write_all(start.as_bytes()).await.unwrap();
+    let r = read_response(&mut stream, &mut buf, false).await;
+    let cut_session = location(&r);
+    stream
+        .write_all(
+            with_body(
+                "PATCH",
+                &cut_session,
+                "Content-Range: 0-2097151\r\n",
+                2 << 20,
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream.write_all(&data[..700 << 10]).await.unwrap();
+    drop(stream);
+    (answers, cut_session)
+}
+
+/// Pushes read by the driver (large reads into pooled buffers) answer exactly as hyper's do:
+/// chunked and monolithic pushes, a refusal before the body is read, pipelining behind a
+/// body, a wrong digest, a client gone mid-chunk (the session stays where it was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_read_by_the_driver_answer_as_hyper_does() {
+    let _serial = SERIAL.lock().await;
+    let (s, zero, copy) = server().await;
+    let data = blob((5 << 20) + 777);
+    let mono = blob((1 << 20) + 1);
+    let driven_before = s.metric("berth_upload_driven_bytes_total", &[]).await;
+    let (driven, driven_cut) = push_sequence(&zero, &data, &mono).await;
+    // Every body byte the driver read went to a handler: the chunks, the monolithic pushes and
+    // the 700 KiB of the cut chunk that arrived before its client went away.
+    let read = (data.len() + 2 * mono.len() + (700 << 10)) as f64;
+    eventually_async("the driver counts the bodies it read", || async {
+        s.metric("berth_upload_driven_bytes_total", &[]).await - driven_before == read
+    })
+    .await;
+    let (hyper, hyper_cut) = push_sequence(&copy, &data, &mono).await;
+    let statuses: Vec<u16> = driven.iter().map(|a| a.0).collect();
+    assert_eq!(statuses, [202, 202, 416, 202, 204, 201, 200, 201, 400]);
+    assert_eq!(driven, hyper, "the same answers on both listeners");
+    // The cut chunk is discarded: both sessions still stand at 0 and take a whole one.
+    for (addr, session) in [(&zero, &driven_cut), (&copy, &hyper_cut)] {
+        let mut status = None;
+        for _ in 0..100 {
+            let r = exchange(addr, &get(session, "")).await;
+            if r.status == 204 {
+                status = Some(r);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r = status.expect("the session answers once the cut chunk is dropped");
+        assert_eq!(
+            r.header("range"),
+            Some("0-0"),
+            "{addr}: nothing of the cut chunk kept"
+        );
+    }
+    assert_eq!(
+        s.metric("berth_upload_driven_bytes_total", &[]).await - driven_before,
+        read,
+        "the copying listener leaves bodies to hyper"
+    );
+}
+
+/// A body that arrives in small pieces with pauses (a slow link) goes to the handler as it
+/// comes, within its idle deadline, and is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_push_body_arrives_piece_by_piece() {
+    let _serial = SERIAL.lock().await;
+    let (s, zero, _) = server().await;
+    let data = blob(8000);
+    let digest = sha256(&data);
+    let mut stream = TcpStream::connect(&zero).await.unwrap();
+    let post = format!("/v2/library/app/blobs/uploads/?digest={digest}");
+    stream
+        .write_all(with_body("POST", &post, "", data.len()).as_bytes())
+        .await
+        .unwrap();
+    for piece in data.chunks(1000) {
+        stream.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let r = read_response(&mut stream, &mut Vec::new(), false).await;
+    assert_eq!(r.status, 201);
+    let d = berth::oci::digest::Digest::parse(&digest).unwrap();
+    assert!(s.holds_blob(&d));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_copy_answers_are_byte_identical_to_user_space_ones() {
     let _serial = SERIAL.lock().await;
@@ -202,7 +403,7 @@ async fn keep_alive_pipelining_and_hand_over_share_one_connection() {
     );
     let r = read_response(&mut stream, &mut buf, false).await;
     assert_eq!(r.status, 200);
-    // A request with a body hands the connection to hyper; later requests still work there.
+    // A push with a length is read by the driver itself, the connection stays with it.
     let other = blob(1000);
     let other_digest = sha256(&other);
     let post = format!(
@@ -212,13 +413,24 @@ async fn keep_alive_pipelining_and_hand_over_share_one_connection() {
     stream.write_all(post.as_bytes()).await.unwrap();
     stream.write_all(&other).await.unwrap();
     let r = read_response(&mut stream, &mut buf, false).await;
-    assert_eq!(r.status, 201, "pushed through hyper on the same connection");
+    assert_eq!(r.status, 201, "pushed through the driver");
+    // A chunked body hands the connection to hyper; later requests still work there.
+    let third = blob(100);
+    let third_digest = sha256(&third);
     stream
-        .write_all(get(&format!("/v2/library/app/blobs/{other_digest}"), "").as_bytes())
+        .write_all(chunked_post(&third_digest, &third).as_slice())
         .await
         .unwrap();
     let r = read_response(&mut stream, &mut buf, false).await;
-    assert_eq!((r.status, r.body), (200, other));
+    assert_eq!(r.status, 201, "pushed through hyper on the same connection");
+    for (d, want) in [(&other_digest, &other), (&third_digest, &third)] {
+        stream
+            .write_all(get(&format!("/v2/library/app/blobs/{d}"), "").as_bytes())
+            .await
+            .unwrap();
+        let r = read_response(&mut stream, &mut buf, false).await;
+        assert_eq!((r.status, &r.body), (200, want));
+    }
     // Connection: close ends the connection after the answer.
     // (HTTP/1.0 with keep-alive is kept and told so, as ab -k needs; checked below.)
     stream
@@ -252,6 +464,17 @@ fn blob_file(s: &TestServer, digest: &str) -> std::path::PathBuf {
         .join("data/blobs/sha256")
         .join(&hex[..2])
         .join(hex)
+}
+
+async fn eventually_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -333,16 +556,14 @@ async fn a_blob_deleted_while_it_is_sent_arrives_whole() {
 async fn shutdown_closes_connections_handed_to_hyper_and_frees_the_data_directory() {
     let _serial = SERIAL.lock().await;
     let (mut s, zero, _) = server().await;
-    // One connection idle in the driver, one handed to hyper by a push and left idle.
+    // One connection idle in the driver, one handed to hyper by a chunked push and left idle.
     let idle = TcpStream::connect(&zero).await.unwrap();
     let mut pushed = TcpStream::connect(&zero).await.unwrap();
     let data = blob(100);
-    let post = format!(
-        "POST /v2/library/app/blobs/uploads/?digest={} HTTP/1.1\r\nHost: b\r\nContent-Length: 100\r\n\r\n",
-        sha256(&data)
-    );
-    pushed.write_all(post.as_bytes()).await.unwrap();
-    pushed.write_all(&data).await.unwrap();
+    pushed
+        .write_all(&chunked_post(&sha256(&data), &data))
+        .await
+        .unwrap();
     let r = read_response(&mut pushed, &mut Vec::new(), false).await;
     assert_eq!(r.status, 201);
     // Both close at once (well inside the 2 s grace) and the data directory's lock is free

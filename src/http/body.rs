@@ -218,7 +218,7 @@ pub async fn read_piece(
     let want = want.min(READ_CHUNK);
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
-        let mut buf = pool::take();
+        let mut buf = super::pool::READS.take();
         let mut filled = 0;
         while filled < want {
             match file.read_at(&mut buf.bytes[filled..want], at + filled as u64) {
@@ -235,73 +235,10 @@ pub async fn read_piece(
             ));
         }
         buf.len = filled;
-        Ok(Bytes::from_owner(buf))
+        Ok(buf.freeze())
     })
     .await
     .unwrap_or_else(|e| Err(io::Error::other(e)))
-}
-
-/// Read buffers of [`READ_CHUNK`] bytes, reused across streams.
-mod pool {
-    use parking_lot::Mutex;
-
-    use super::READ_CHUNK;
-
-    /// Free buffers kept for reuse (beyond them, returned buffers are freed): enough for the
-    /// streams of a busy node without holding memory after a burst.
-    const KEEP: usize = 32;
-
-    static FREE: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
-
-    /// A buffer from the pool; `len` bytes of it are valid.
-    pub struct Pooled {
-        pub bytes: Box<[u8]>,
-        pub len: usize,
-    }
-
-    /// A free buffer, or a new one when none is free.
-    pub fn take() -> Pooled {
-        let bytes = FREE
-            .lock()
-            .pop()
-            .unwrap_or_else(|| vec![0u8; READ_CHUNK].into_boxed_slice());
-        Pooled { bytes, len: 0 }
-    }
-
-    impl AsRef<[u8]> for Pooled {
-        fn as_ref(&self) -> &[u8] {
-            &self.bytes[..self.len]
-        }
-    }
-
-    impl Drop for Pooled {
-        fn drop(&mut self) {
-            let mut free = FREE.lock();
-            if free.len() < KEEP {
-                free.push(std::mem::take(&mut self.bytes));
-            }
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn buffers_come_back_when_their_bytes_are_dropped() {
-            let mut a = take();
-            a.bytes[0] = 42;
-            a.len = 1;
-            let ptr = a.bytes.as_ptr();
-            let bytes = bytes::Bytes::from_owner(a);
-            let slice = bytes.slice(0..1);
-            drop(bytes);
-            assert_eq!(&slice[..], &[42], "a slice keeps the buffer alive");
-            drop(slice);
-            // Tests of this binary share the pool: ours is among the free buffers now.
-            assert!(FREE.lock().iter().any(|b| b.as_ptr() == ptr));
-        }
-    }
 }
 
 impl http_body::Body for Body {

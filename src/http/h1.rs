@@ -5,10 +5,18 @@
 //! The driver reads request heads (parsed by `httparse`, the parser hyper itself uses) and
 //! answers every request that has no body, GET and HEAD, through the same handler as hyper's
 //! connections: the same routing, authorization, logging and metrics. A response whose body is
-//! a local file region is sent with `sendfile`; any other body is written as it comes. The
-//! first request it does not take (one with a body, an upgrade, `Expect`, HTTP/2's preface,
-//! anything it cannot parse) hands the connection to hyper for the rest of its life, with the
-//! bytes already read replayed first: pushes, the API and h2c keep hyper's implementation.
+//! a local file region is sent with `sendfile`; any other body is written as it comes.
+//!
+//! Blob uploads with a `Content-Length` (POST, PATCH and PUT under `/blobs/uploads/`) are
+//! driven too: the handler reads the body straight from the socket, in reads of up to 1 MiB
+//! into pooled buffers ([`Inbound`]), instead of through hyper's connection task, its channel
+//! and its fresh buffer per read. A handler that answers before reading the whole body (a
+//! refusal) closes the connection after its answer, lingering briefly so the client reads it.
+//!
+//! The first request it does not take (another request with a body, chunked bodies, an
+//! upgrade, `Expect`, HTTP/2's preface, anything it cannot parse) hands the connection to hyper
+//! for the rest of its life, with the bytes already read replayed first: the API, manifests and
+//! h2c keep hyper's implementation.
 //!
 //! Framing: every response carries `Content-Length` (all of berth's bodies have an exact
 //! length); a body that fails midway closes the connection, so a client never takes a short
@@ -27,14 +35,16 @@ use std::time::{Duration, SystemTime};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http::{Uri, Version};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Sleep;
 
 use super::body::Body;
 use super::deadline::{ConnState, Deadlined};
 use super::finish::{Abort, Finish};
+use super::pool::{Pooled, RECEIVES};
 use crate::store::blobs::FileRegion;
 
 /// Most bytes one `sendfile` call may move, so one fast client cannot hold a worker thread for
@@ -43,6 +53,18 @@ const SENDFILE_MAX: u64 = 4 << 20;
 
 /// Most headers in a request head the driver parses; more hand the request to hyper.
 const MAX_HEADERS: usize = 64;
+
+/// A body piece shorter than a buffer waits at most this long for more bytes before it goes
+/// to the handler (a slow client's bytes still arrive, within its body idle deadline).
+const PIECE_WAIT: Duration = Duration::from_millis(50);
+
+/// After an answer that left part of a request body unread, the connection reads and drops
+/// what the client still sends for at most this long (and [`LINGER_BYTES`]) before it closes,
+/// so the client reads the answer rather than a reset.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Most bytes dropped while lingering.
+const LINGER_BYTES: u64 = 16 << 20;
 
 /// How a driven connection ended.
 pub enum Ended {
@@ -62,12 +84,12 @@ pub async fn drive<H, F>(
     mut handle: H,
 ) -> io::Result<Ended>
 where
-    H: FnMut(Request<Full<Bytes>>) -> F,
+    H: FnMut(Request<Inbound>) -> F,
     F: Future<Output = (Response<Body>, Finish)>,
 {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
-        let (request, keep_alive) = loop {
+        let (request, keep_alive, body_len) = loop {
             if !buf.is_empty() {
                 match parse(&buf) {
                     Parsed::Partial if buf.len() < max_head => {}
@@ -78,9 +100,10 @@ where
                         request,
                         len,
                         keep_alive,
+                        body_len,
                     } => {
                         buf.advance(len);
-                        break (*request, keep_alive);
+                        break (*request, keep_alive, body_len);
                     }
                 }
             } else if *stop.borrow() {
@@ -103,11 +126,29 @@ where
             (true, true) => Persist::KeepAnnounced,
         };
         let in_flight = state.begin();
-        let (response, mut finish) = handle(request).await;
+        let (response, mut finish, body_read) = if body_len == 0 {
+            let (response, finish) = handle(request.map(|()| Inbound::empty())).await;
+            (response, finish, true)
+        } else {
+            let (back, returned) = oneshot::channel();
+            let body = Inbound::new(Flow::new(io, buf, body_len, back));
+            let (response, finish) = handle(request.map(|()| body)).await;
+            // The handler's future owned the body and is done: the body was dropped.
+            let returned = returned
+                .await
+                .map_err(|_| io::Error::other("a request body outlived its handler"))?;
+            (io, buf) = (returned.io, returned.rest);
+            (response, finish, returned.whole)
+        };
+        let persist = if body_read { persist } else { Persist::Close };
         let written = write_response(&mut io, response, &mut finish, head_only, persist).await;
         drop(finish);
         drop(in_flight);
         let intact = written?;
+        if !body_read {
+            linger(&mut io).await;
+            return Ok(Ended::Closed);
+        }
         if !keep_alive || !intact {
             let _ = io.shutdown().await;
             return Ok(Ended::Closed);
@@ -115,16 +156,236 @@ where
     }
 }
 
+/// Ends a connection whose client may still be sending a body nobody reads: the answer is
+/// already written; the write side is shut, then what arrives is read and dropped for a short
+/// while, so closing does not reset the connection before the client has read the answer.
+async fn linger(io: &mut Deadlined<TcpStream>) {
+    let _ = io.shutdown().await;
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut dropped = 0u64;
+    let _ = tokio::time::timeout(LINGER, async {
+        while dropped < LINGER_BYTES {
+            match io.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => dropped += n as u64,
+            }
+        }
+    })
+    .await;
+}
+
+/// What a request body gives back to its connection when it is dropped.
+struct Returned {
+    io: Deadlined<TcpStream>,
+    /// Bytes read past the body (pipelined requests).
+    rest: BytesMut,
+    /// Whether the body was read to its end (the connection's framing is intact).
+    whole: bool,
+}
+
+/// A request body as the driver hands it to the handler: empty, or read from the connection.
+pub struct Inbound {
+    flow: Option<Box<Flow>>,
+}
+
+/// A body being read from its connection: first the bytes that came with the head, then the
+/// socket, each read into a pooled buffer of [`super::pool::RECEIVE_CHUNK`] bytes; a full
+/// buffer becomes one piece without a copy.
+struct Flow {
+    io: Deadlined<TcpStream>,
+    /// Bytes read with the head: the body's first bytes, then any pipelined request.
+    head_rest: BytesMut,
+    /// Body bytes not read from the socket or `head_rest` yet.
+    unread: u64,
+    /// Read from the socket, not handed on yet.
+    fill: Option<Pooled>,
+    /// Armed when the socket has nothing more for a partly filled buffer.
+    wait: Option<Pin<Box<Sleep>>>,
+    /// A read failed or the client closed: handed on after the bytes before it.
+    failure: Option<io::Error>,
+    /// The failure was handed on; the body is over.
+    broken: bool,
+    /// Body bytes handed to the handler.
+    received: u64,
+    back: oneshot::Sender<Returned>,
+}
+
+impl Flow {
+    fn new(
+        io: Deadlined<TcpStream>,
+        head_rest: BytesMut,
+        len: u64,
+        back: oneshot::Sender<Returned>,
+    ) -> Flow {
+        Flow {
+            io,
+            head_rest,
+            unread: len,
+            fill: None,
+            wait: None,
+            failure: None,
+            broken: false,
+            received: 0,
+            back,
+        }
+    }
+
+    fn filled(&self) -> usize {
+        self.fill.as_ref().map_or(0, |b| b.len)
+    }
+
+    /// The filled part of the buffer: the buffer itself when at least half full, else a copy
+    /// (a slow client's small pieces must not each hold a whole buffer).
+    fn hand_on(&mut self) -> Bytes {
+        self.wait = None;
+        let Some(mut buf) = self.fill.take() else {
+            return Bytes::new();
+        };
+        self.received += buf.len as u64;
+        if buf.len * 2 >= buf.bytes.len() {
+            return buf.freeze();
+        }
+        let piece = Bytes::copy_from_slice(&buf.bytes[..buf.len]);
+        buf.len = 0;
+        self.fill = Some(buf);
+        piece
+    }
+
+    fn poll_piece(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        if self.broken {
+            return Poll::Ready(None);
+        }
+        if self.unread > 0 && !self.head_rest.is_empty() {
+            let n = self.unread.min(self.head_rest.len() as u64) as usize;
+            self.unread -= n as u64;
+            self.received += n as u64;
+            return Poll::Ready(Some(Ok(self.head_rest.split_to(n).freeze())));
+        }
+        loop {
+            if self.failure.is_some() || self.unread == 0 {
+                if self.filled() > 0 {
+                    return Poll::Ready(Some(Ok(self.hand_on())));
+                }
+                return Poll::Ready(self.failure.take().map(|e| {
+                    self.broken = true;
+                    Err(e)
+                }));
+            }
+            let buf = self.fill.get_or_insert_with(|| RECEIVES.take());
+            if buf.is_full() {
+                return Poll::Ready(Some(Ok(self.hand_on())));
+            }
+            let room =
+                (buf.bytes.len() - buf.len).min(usize::try_from(self.unread).unwrap_or(usize::MAX));
+            let mut read = ReadBuf::new(&mut buf.bytes[buf.len..buf.len + room]);
+            match Pin::new(&mut self.io).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    self.failure = Some(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the client closed the connection {} bytes before the end of the body",
+                            self.unread
+                        ),
+                    ));
+                }
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    buf.len += n;
+                    self.unread -= n as u64;
+                }
+                Poll::Ready(Err(e)) => self.failure = Some(e),
+                Poll::Pending => {
+                    if buf.len == 0 {
+                        return Poll::Pending;
+                    }
+                    let wait = self
+                        .wait
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(PIECE_WAIT)));
+                    if wait.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Some(Ok(self.hand_on())));
+                }
+            }
+        }
+    }
+}
+
+impl Inbound {
+    fn empty() -> Inbound {
+        Inbound { flow: None }
+    }
+
+    fn new(flow: Flow) -> Inbound {
+        Inbound {
+            flow: Some(Box::new(flow)),
+        }
+    }
+}
+
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        let Some(flow) = self.flow.take() else {
+            return;
+        };
+        let flow = *flow;
+        let whole =
+            flow.unread == 0 && flow.filled() == 0 && !flow.broken && flow.failure.is_none();
+        if flow.received > 0 {
+            crate::metrics::driven_body_bytes(flow.received);
+        }
+        let _ = flow.back.send(Returned {
+            io: flow.io,
+            rest: flow.head_rest,
+            whole,
+        });
+    }
+}
+
+impl http_body::Body for Inbound {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, io::Error>>> {
+        let Some(flow) = self.get_mut().flow.as_deref_mut() else {
+            return Poll::Ready(None);
+        };
+        flow.poll_piece(cx)
+            .map(|piece| piece.map(|r| r.map(http_body::Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.flow
+            .as_deref()
+            .is_none_or(|f| f.broken || (f.unread == 0 && f.filled() == 0))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.flow.as_deref() {
+            Some(f) if !f.broken => http_body::SizeHint::with_exact(f.unread + f.filled() as u64),
+            _ => http_body::SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl super::req::RequestBody for Inbound {
+    type Failure = io::Error;
+}
+
 enum Parsed {
     /// The head is not complete yet.
     Partial,
     /// Not a request the driver takes: hyper's.
     Foreign,
-    /// A GET or HEAD without a body; `len` bytes of head.
+    /// A request the driver takes: `len` bytes of head, then `body_len` bytes of body.
     Request {
-        request: Box<Request<Full<Bytes>>>,
+        request: Box<Request<()>>,
         len: usize,
         keep_alive: bool,
+        body_len: u64,
     },
 }
 
@@ -139,8 +400,17 @@ fn parse(buf: &[u8]) -> Parsed {
     let method = match head.method {
         Some("GET") => Method::GET,
         Some("HEAD") => Method::HEAD,
+        Some("POST") => Method::POST,
+        Some("PATCH") => Method::PATCH,
+        Some("PUT") => Method::PUT,
         _ => return Parsed::Foreign,
     };
+    // Bodies are taken for blob uploads only (the bytes worth a driver of their own).
+    let takes_body = method != Method::GET && method != Method::HEAD;
+    if takes_body && !head.path.is_some_and(|p| p.contains("/blobs/uploads/")) {
+        return Parsed::Foreign;
+    }
+    let mut body_len = None;
     let (version, mut keep_alive) = match head.version {
         Some(1) => (Version::HTTP_11, true),
         Some(0) => (Version::HTTP_10, false),
@@ -158,9 +428,19 @@ fn parse(buf: &[u8]) -> Parsed {
             return Parsed::Foreign;
         };
         if name == header::CONTENT_LENGTH {
-            if value.as_bytes() != b"0" {
+            // One length, digits only; anything else (a list, a second differing header) is
+            // hyper's to refuse.
+            let Some(n) = std::str::from_utf8(value.as_bytes())
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+            else {
+                return Parsed::Foreign;
+            };
+            if body_len.is_some_and(|len| len != n) || (n > 0 && !takes_body) {
                 return Parsed::Foreign;
             }
+            body_len = Some(n);
         } else if name == header::TRANSFER_ENCODING
             || name == header::UPGRADE
             || name == header::EXPECT
@@ -180,7 +460,7 @@ fn parse(buf: &[u8]) -> Parsed {
         }
         map.append(name, value);
     }
-    let mut request = Request::new(Full::new(Bytes::new()));
+    let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
@@ -189,6 +469,7 @@ fn parse(buf: &[u8]) -> Parsed {
         request: Box::new(request),
         len,
         keep_alive,
+        body_len: body_len.unwrap_or(0),
     }
 }
 
@@ -221,7 +502,12 @@ fn head_bytes(parts: &http::response::Parts, len: u64, persist: Persist) -> Vec<
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
+    // No length on a 1xx or 204 (RFC 9110 8.6), whatever the handler set: hyper drops it too.
+    let lengthless = status.is_informational() || status == StatusCode::NO_CONTENT;
     for (name, value) in &parts.headers {
+        if lengthless && name == header::CONTENT_LENGTH {
+            continue;
+        }
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
@@ -425,12 +711,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 mod tests {
     use super::*;
 
-    fn request(text: &str) -> (Request<Full<Bytes>>, usize, bool) {
+    fn request(text: &str) -> (Request<()>, usize, bool) {
         match parse(text.as_bytes()) {
             Parsed::Request {
                 request,
                 len,
                 keep_alive,
+                ..
             } => (*request, len, keep_alive),
             Parsed::Partial => panic!("partial: {text:?}"),
             Parsed::Foreign => panic!("foreign: {text:?}"),
@@ -467,8 +754,25 @@ mod tests {
             parse(b"GET / HTTP/1.1\r\nHost: h\r\n"),
             Parsed::Partial
         ));
+        let push = "PATCH /v2/a/blobs/uploads/u HTTP/1.1\r\nContent-Length: 5\r\n\r\n";
+        assert!(matches!(
+            parse(format!("{push}hello").as_bytes()),
+            Parsed::Request { body_len: 5, len, .. } if len == push.len()
+        ));
+        assert!(
+            matches!(
+                parse(b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\n\r\n"),
+                Parsed::Request { body_len: 0, .. }
+            ),
+            "no length and no chunks: no body (RFC 9112 6.3)"
+        );
         for other in [
-            "POST /v2/a/blobs/uploads/ HTTP/1.1\r\n\r\n",
+            "POST /v2/a/tokens HTTP/1.1\r\n\r\n",
+            "PUT /v2/a/manifests/latest HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+            "PATCH /v2/a/blobs/uploads/u HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "PATCH /v2/a/blobs/uploads/u HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            "PATCH /v2/a/blobs/uploads/u HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+            "PATCH /v2/a/blobs/uploads/u HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
             "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
@@ -493,6 +797,8 @@ mod tests {
         assert!(text.ends_with("connection: close\r\n\r\n"), "{text}");
         let mut r = Response::new(());
         *r.status_mut() = StatusCode::NO_CONTENT;
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         let (parts, ()) = r.into_parts();
         let text = String::from_utf8(head_bytes(&parts, 0, Persist::Keep)).unwrap();
         assert!(

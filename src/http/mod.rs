@@ -5,6 +5,7 @@ pub mod deadline;
 pub mod egress;
 pub mod finish;
 pub mod h1;
+pub mod pool;
 pub mod req;
 pub mod router;
 pub mod server;
