@@ -21,6 +21,7 @@ use super::health::ErrorKind;
 use super::peer::{Cluster, Holder};
 use super::upstream::{Source, UpstreamError, UpstreamRequest};
 use crate::http::body::{Body, READ_CHUNK};
+use crate::http::pool::Gather;
 use crate::oci::digest::{Digest, Verifier};
 use crate::store::blobs::{
     BlobRead, BlobStore, BlobWrite, Checkpoint, FileRegion, HashingWrite, Pending, PendingKind,
@@ -728,7 +729,7 @@ impl Job {
         mut skip: u64,
         deadline: Instant,
     ) -> Ended {
-        let mut buf = Pieces::default();
+        let mut buf = Gather::default();
         // Bytes of the blob held once this chunk is in: a source that sends more than the blob
         // can have is cut off at once, whatever its Content-Length said.
         let mut received = self.fetch.progress.borrow().written;
@@ -796,7 +797,7 @@ impl Job {
                 self.source.record_failure(ErrorKind::Refused, &why);
                 return Ended::Fatal(why, false);
             }
-            buf.push(chunk);
+            buf.push(&chunk);
             // Hand a piece to the writer and keep reading the source while it is written and
             // hashed; readers see it once it is in the file.
             if buf.len() >= WRITE_PIECE {
@@ -841,7 +842,7 @@ impl Job {
     }
 
     /// Writes what is buffered and waits until everything is in the file.
-    async fn flush(&mut self, buf: &mut Pieces) -> Result<(), String> {
+    async fn flush(&mut self, buf: &mut Gather) -> Result<(), String> {
         self.submit(buf.take()).await?;
         self.settle().await
     }

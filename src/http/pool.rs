@@ -6,6 +6,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::body::READ_CHUNK;
+use crate::store::blobs::Pieces;
 
 /// Pieces of blob files read for the user-space path (TLS, HTTP/2, `sendfile = false`).
 pub static READS: Pool = Pool::new(READ_CHUNK, 32);
@@ -85,6 +86,53 @@ impl Drop for Pooled {
     }
 }
 
+/// Pieces of a stream copied into pooled buffers as they arrive: a source's small frames
+/// (tens of KiB, on fresh allocations) become whole [`RECEIVE_CHUNK`] buffers that are written,
+/// hashed and sent on while still in the CPU's cache, and the frames' memory is free again at
+/// once. Copying a frame that just arrived costs less than writing and hashing it later from
+/// memory it has left the cache for.
+#[derive(Default)]
+pub struct Gather {
+    full: Pieces,
+    fill: Option<Pooled>,
+}
+
+impl Gather {
+    /// Copies `piece` in.
+    pub fn push(&mut self, mut piece: &[u8]) {
+        while !piece.is_empty() {
+            let fill = self.fill.get_or_insert_with(|| RECEIVES.take());
+            let n = (fill.bytes.len() - fill.len).min(piece.len());
+            fill.bytes[fill.len..fill.len + n].copy_from_slice(&piece[..n]);
+            fill.len += n;
+            piece = &piece[n..];
+            if fill.is_full() {
+                if let Some(full) = self.fill.take() {
+                    self.full.push(full.freeze());
+                }
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.full.len() + self.fill.as_ref().map_or(0, |f| f.len)
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything held, the partly filled buffer included.
+    pub fn take(&mut self) -> Pieces {
+        if let Some(fill) = self.fill.take().filter(|f| f.len > 0) {
+            self.full.push(fill.freeze());
+        }
+        self.full.take()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +152,21 @@ mod tests {
         assert!(READS.free.lock().iter().any(|b| b.as_ptr() == ptr));
         let r = RECEIVES.take();
         assert_eq!(r.bytes.len(), RECEIVE_CHUNK, "each pool has its size");
+    }
+
+    #[test]
+    fn gathered_pieces_come_out_in_whole_buffers_and_in_order() {
+        let mut g = Gather::default();
+        let data: Vec<u8> = (0..RECEIVE_CHUNK * 2 + 100).map(|i| i as u8).collect();
+        for piece in data.chunks(70_000) {
+            g.push(piece);
+        }
+        assert_eq!(g.len(), data.len());
+        let out = g.take();
+        let out = out.as_slice();
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].len(), RECEIVE_CHUNK);
+        assert_eq!(out.concat(), data);
+        assert!(g.is_empty() && g.take().is_empty());
     }
 }
