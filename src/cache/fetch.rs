@@ -113,7 +113,7 @@ impl Fetch {
     }
 }
 
-/// The bytes of a new fetch as it writes them (hashed and in the partial file), for the
+/// The bytes of a new fetch as it hands them to be written and hashed, for the
 /// client that started it: it reads them from memory instead of reading them back. A client
 /// that falls more than [`DIRECT_QUEUE`] writes behind is cut off the feed and goes on from
 /// the file.
@@ -483,7 +483,6 @@ impl Fetches {
             described: None,
             cap: 0,
             feed,
-            in_flight: None,
             pipe: Pipeline::new(write),
             store: store.clone(),
             source: source.clone(),
@@ -563,8 +562,6 @@ struct Job {
     cap: u64,
     /// The starter's direct feed, until it falls behind.
     feed: Option<mpsc::Sender<Pieces>>,
-    /// The pieces of the write in flight (handed to the feed once written and hashed).
-    in_flight: Option<Pieces>,
     /// The partial blob, hashed as it is written, one piece in flight.
     pipe: Pipeline,
     store: Arc<Store>,
@@ -817,12 +814,6 @@ impl Job {
             .map_err(|e| format!("cannot write partial blob: {e}"))?;
         let written = self.pipe.get().map_or(0, HashingWrite::written);
         self.fetch.progress.send_modify(|p| p.written = written);
-        if let (Some(pieces), Some(feed)) = (self.in_flight.take(), &self.feed) {
-            if feed.try_send(pieces).is_err() {
-                // Behind by a whole queue, or gone: it reads the file from here on.
-                self.feed = None;
-            }
-        }
         Ok(())
     }
 
@@ -832,8 +823,14 @@ impl Job {
         if data.is_empty() {
             return Ok(());
         }
-        if self.feed.is_some() {
-            self.in_flight = Some(data.clone());
+        // The starter is fed a piece as it goes to be written and hashed, not after: its
+        // bytes go out while the piece is hashed (the blob's last byte still waits for the
+        // digest, see `stream`).
+        if let Some(feed) = &self.feed {
+            if feed.try_send(data.clone()).is_err() {
+                // Behind by a whole queue, or gone: it reads the file from here on.
+                self.feed = None;
+            }
         }
         self.pipe
             .submit(data)
