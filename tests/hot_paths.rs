@@ -162,13 +162,18 @@ fn comparable(r: &Raw) -> (u16, Vec<(String, String)>, Vec<u8>) {
     (r.status, headers, body)
 }
 
+/// What a push sequence saw: the answers, comparable; the `Connection` header of the refused
+/// chunk's answer and whether the server closed that connection after it; the session of the
+/// cut push.
+type Sequence = (
+    Vec<(u16, Vec<(String, String)>, Vec<u8>)>,
+    (Option<String>, bool),
+    String,
+);
+
 /// A chunked push (POST, two PATCHes, a refused PATCH, PUT), a monolithic one and a cut one,
-/// on one listener: the answers, comparable, and the session of the cut push.
-async fn push_sequence(
-    addr: &str,
-    data: &[u8],
-    mono: &[u8],
-) -> (Vec<(u16, Vec<(String, String)>, Vec<u8>)>, String) {
+/// on one listener.
+async fn push_sequence(addr: &str, data: &[u8], mono: &[u8]) -> Sequence {
     let mut answers = Vec::new();
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();
@@ -196,6 +201,11 @@ async fn push_sequence(
     let _ = stream.write_all(&vec![1u8; 1 << 20]).await;
     let r = read_response(&mut stream, &mut buf, false).await;
     answers.push(comparable(&r));
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .is_ok_and(|read| read.is_ok() && rest.is_empty() && buf.is_empty());
+    let refusal = (r.header("connection").map(str::to_string), closed);
     // The rest, with the upload's status and the PUT pipelined behind it, on a new connection.
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();
@@ -248,12 +258,13 @@ async fn push_sequence(
         .unwrap();
     stream.write_all(&data[..700 << 10]).await.unwrap();
     drop(stream);
-    (answers, cut_session)
+    (answers, refusal, cut_session)
 }
 
 /// Pushes read by the driver (large reads into pooled buffers) answer exactly as hyper's do:
-/// chunked and monolithic pushes, a refusal before the body is read, pipelining behind a
-/// body, a wrong digest, a client gone mid-chunk (the session stays where it was).
+/// chunked and monolithic pushes, a refusal before the body is read (after which the driver
+/// closes the connection: the unread body would be taken for the next request), pipelining
+/// behind a body, a wrong digest, a client gone mid-chunk (the session stays where it was).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_read_by_the_driver_answer_as_hyper_does() {
     let _serial = SERIAL.lock().await;
@@ -261,7 +272,12 @@ async fn pushes_read_by_the_driver_answer_as_hyper_does() {
     let data = blob((5 << 20) + 777);
     let mono = blob((1 << 20) + 1);
     let driven_before = s.metric("berth_upload_driven_bytes_total", &[]).await;
-    let (driven, driven_cut) = push_sequence(&zero, &data, &mono).await;
+    let (driven, refusal, driven_cut) = push_sequence(&zero, &data, &mono).await;
+    assert_eq!(
+        refusal,
+        (Some("close".to_string()), true),
+        "a body the handler left unread ends its connection, and the answer says so"
+    );
     // Every body byte the driver read went to a handler: the chunks, the monolithic pushes and
     // the 700 KiB of the cut chunk that arrived before its client went away.
     let read = (data.len() + 2 * mono.len() + (700 << 10)) as f64;
@@ -269,7 +285,7 @@ async fn pushes_read_by_the_driver_answer_as_hyper_does() {
         s.metric("berth_upload_driven_bytes_total", &[]).await - driven_before == read
     })
     .await;
-    let (hyper, hyper_cut) = push_sequence(&copy, &data, &mono).await;
+    let (hyper, _, hyper_cut) = push_sequence(&copy, &data, &mono).await;
     let statuses: Vec<u16> = driven.iter().map(|a| a.0).collect();
     assert_eq!(statuses, [202, 202, 416, 202, 204, 201, 200, 201, 400]);
     assert_eq!(driven, hyper, "the same answers on both listeners");

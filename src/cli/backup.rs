@@ -246,17 +246,14 @@ pub fn restore(place: &Place, dir: &Path, json: bool) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())
     })?;
-    if json {
-        return print_json(&report);
-    }
     say_restored(
+        json,
         "restored",
         &report,
         &format!("into {}", data.display()),
         started,
-    );
-    warn_left_out(&report, "is not in the backup (or damaged)");
-    Ok(())
+        "is not in the backup (or damaged)",
+    )
 }
 
 /// `berth migrate-store --to CONFIG`.
@@ -307,10 +304,8 @@ pub fn migrate_store(place: &Place, to: &Path, json: bool) -> Result<(), String>
             .await
             .map_err(|e| e.to_string())
     })?;
-    if json {
-        return print_json(&report);
-    }
     say_restored(
+        json,
         "migrated",
         &report,
         &format!(
@@ -318,16 +313,24 @@ pub fn migrate_store(place: &Place, to: &Path, json: bool) -> Result<(), String>
             to.display()
         ),
         started,
-    );
-    warn_left_out(
-        &report,
         "is missing from the source, or its bytes do not match its digest",
-    );
-    Ok(())
+    )
 }
 
-/// The line a restore or a migration ends with: what it brought back, where, how fast.
-fn say_restored(done: &str, report: &crate::backup::RestoreReport, into: &str, started: Instant) {
+/// How a restore or a migration ends: the report as JSON; or a line of what it brought back,
+/// where and how fast, then a warning on stderr for each blob (`missing_blob` says why),
+/// artifact and tag it left out.
+fn say_restored(
+    json: bool,
+    done: &str,
+    report: &crate::backup::RestoreReport,
+    into: &str,
+    started: Instant,
+    missing_blob: &str,
+) -> Result<(), String> {
+    if json {
+        return print_json(report);
+    }
     outln!(
         "{done} {} registries, {} image caches, {} records, {} repositories, {} artifacts, {} tags, {} blobs ({} bytes) {into} in {:.1} s",
         report.registries,
@@ -340,10 +343,6 @@ fn say_restored(done: &str, report: &crate::backup::RestoreReport, into: &str, s
         report.blob_bytes,
         started.elapsed().as_secs_f64()
     );
-}
-
-/// Names on stderr what a restore or a migration left out, and why.
-fn warn_left_out(report: &crate::backup::RestoreReport, missing_blob: &str) {
     for d in &report.missing_blobs {
         eprintln!("berth: warning: blob {d} {missing_blob}");
     }
@@ -353,6 +352,7 @@ fn warn_left_out(report: &crate::backup::RestoreReport, missing_blob: &str) {
     for t in &report.dropped_tags {
         eprintln!("berth: warning: tag {t} left out: its artifact is missing");
     }
+    Ok(())
 }
 
 /// Creates `dir` (and `dir/blobs`) readable by its owner only: a backup holds secrets.
