@@ -639,17 +639,32 @@ async fn an_execution_of_a_node_that_stopped_is_taken_over_by_another() {
     let old = status_of(&ns[0], id.clone()).await;
     assert_eq!(old.status, Status::Interrupted);
     assert!(old.error.unwrap().contains("taken over"));
-    let (status, list) = ns[0]
+    // The mark comes first, the new run right after it (by whichever look marked it: the
+    // scheduler's tick or the test's): wait for the run, then look once more, which must not
+    // start a second one.
+    within_a_notice("the execution is started again", || async {
+        takeovers(&ns[0], &id).await.0 > 0
+    })
+    .await;
+    berth::scheduler::take_over(&ns[0].app()).await;
+    let (n, list) = takeovers(&ns[0], &id).await;
+    assert_eq!(n, 1, "taken over once: {list}");
+}
+
+/// How many executions of the library's cleanup were started as the takeover of `id`, and
+/// the list they were counted in.
+async fn takeovers(node: &TestServer, id: &str) -> (usize, serde_json::Value) {
+    let (status, list) = node
         .api(Method::GET, "/registries/library/cleanup/executions", None)
         .await;
     assert_eq!(status, StatusCode::OK, "{list}");
-    let takeovers: Vec<&serde_json::Value> = list["items"]
+    let n = list["items"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["operator"] == format!("takeover of {id}"))
-        .collect();
-    assert_eq!(takeovers.len(), 1, "taken over once: {list}");
+        .count();
+    (n, list)
 }
 
 /// What a node keeps in memory of the shared records is read again every `[metadata] refresh`
