@@ -600,46 +600,106 @@ async fn shutdown_closes_connections_handed_to_hyper_and_frees_the_data_director
 }
 
 /// A cache registry `hub` in front of a source holding one image whose layer has `len` bytes.
-async fn cold(len: usize) -> (StaticRegistry, TestServer, String, Vec<u8>) {
+/// The edge listens twice: first with `sendfile` (the driver), then without (hyper, as TLS and
+/// HTTP/2 are served); the URL of the layer on each.
+struct Cold {
+    _source: StaticRegistry,
+    edge: TestServer,
+    layer: Vec<u8>,
+    plain: String,
+    user_space: String,
+}
+
+async fn cold(len: usize) -> Cold {
     let source = StaticRegistry::start();
     let layer = blob(len);
     let image = source.put_image("library/app", "v1", &[&layer]);
-    let edge = TestServer::start(&cache_toml("registry", &source.url(), "", "")).await;
+    let second = "[[listen]]\naddr = \"127.0.0.1:0\"\nsendfile = false\n";
+    let edge = TestServer::start(&cache_toml("registry", &source.url(), "", second)).await;
+    let addrs = edge.server.as_ref().unwrap().local_addrs().to_vec();
     let path = format!("/v2/hub/library/app/blobs/{}", image.layer_digests[0]);
-    (source, edge, path, layer)
+    Cold {
+        plain: format!("http://{}{path}", addrs[0].0),
+        user_space: format!("http://{}{path}", addrs[1].0),
+        _source: source,
+        edge,
+        layer,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_that_starts_a_fetch_is_fed_from_memory() {
     let _serial = SERIAL.lock().await;
-    let (_source, edge, path, layer) = cold(6 << 20).await;
-    let before = edge.metric("berth_cache_direct_bytes_total", &[]).await;
-    let body = edge.get(&path).await.bytes().await.unwrap();
-    assert_eq!(sha256(&body), sha256(&layer));
-    let fed = edge.metric("berth_cache_direct_bytes_total", &[]).await - before;
+    let c = cold(6 << 20).await;
+    let before = c.edge.metric("berth_cache_direct_bytes_total", &[]).await;
+    let body = c.edge.client.get(&c.user_space).send().await.unwrap();
+    let body = body.bytes().await.unwrap();
+    assert_eq!(sha256(&body), sha256(&c.layer));
+    let fed = c.edge.metric("berth_cache_direct_bytes_total", &[]).await - before;
     // Every byte but the last, which waits for the digest and comes from the file.
-    assert_eq!(fed as usize, layer.len() - 1);
+    assert_eq!(fed as usize, c.layer.len() - 1);
     // A warm GET reads the committed blob.
-    let again = edge.get(&path).await.bytes().await.unwrap();
-    assert_eq!(again, body);
+    let again = c.edge.client.get(&c.user_space).send().await.unwrap();
+    assert_eq!(again.bytes().await.unwrap(), body);
     assert_eq!(
-        edge.metric("berth_cache_direct_bytes_total", &[]).await - before,
+        c.edge.metric("berth_cache_direct_bytes_total", &[]).await - before,
         fed
     );
+}
+
+/// On a connection that sends files, the starter follows the partial file like any other
+/// client: every byte goes out with `sendfile`, none from the fetch's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starter_on_a_plain_connection_is_sent_the_file() {
+    let _serial = SERIAL.lock().await;
+    let c = cold(6 << 20).await;
+    let fed_before = c.edge.metric("berth_cache_direct_bytes_total", &[]).await;
+    let sent_before = c.edge.metric("berth_sendfile_bytes_total", &[]).await;
+    let body = c.edge.client.get(&c.plain).send().await.unwrap();
+    assert_eq!(body.status(), 200);
+    let body = body.bytes().await.unwrap();
+    assert_eq!(sha256(&body), sha256(&c.layer));
+    let fed = c.edge.metric("berth_cache_direct_bytes_total", &[]).await - fed_before;
+    assert_eq!(fed, 0.0, "nothing from memory");
+    let sent = c.edge.metric("berth_sendfile_bytes_total", &[]).await - sent_before;
+    assert_eq!(sent as usize, c.layer.len(), "every byte with sendfile");
+}
+
+/// A cold `Range` (a fetch started past byte 0: every client follows the file) gives the same
+/// bytes and headers whether the connection sends the file's regions or reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_ranges_are_the_same_sent_or_read() {
+    let _serial = SERIAL.lock().await;
+    let (from, to) = (1000usize, (5 << 20) + 17);
+    let mut answers = Vec::new();
+    for user_space in [false, true] {
+        let c = cold(6 << 20).await;
+        let url = if user_space { &c.user_space } else { &c.plain };
+        let r = c.edge.client.get(url.as_str());
+        let r = r.header("Range", format!("bytes={from}-{to}"));
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), 206);
+        let range = common::server::header(&r, "content-range");
+        assert_eq!(range, format!("bytes {from}-{to}/{}", c.layer.len()));
+        let body = r.bytes().await.unwrap();
+        assert_eq!(&body[..], &c.layer[from..=to], "user space: {user_space}");
+        answers.push(body);
+    }
+    assert_eq!(answers[0], answers[1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_starter_that_falls_behind_goes_on_from_the_file() {
     let _serial = SERIAL.lock().await;
-    let (_source, edge, path, layer) = cold(48 << 20).await;
-    let before = edge.metric("berth_cache_direct_bytes_total", &[]).await;
-    let mut response = edge.get(&path).await;
+    let c = cold(48 << 20).await;
+    let before = c.edge.metric("berth_cache_direct_bytes_total", &[]).await;
+    let mut response = c.edge.client.get(&c.user_space).send().await.unwrap();
     let first = response.chunk().await.unwrap().unwrap();
     // The fetch runs on at loopback speed while this client reads nothing: its feed (two
     // writes) fills and is cut; socket buffers hold a few MiB at most.
-    let committed = berth::oci::digest::Digest::parse(&sha256(&layer)).unwrap();
+    let committed = berth::oci::digest::Digest::parse(&sha256(&c.layer)).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !edge.holds_blob(&committed) {
+    while !c.edge.holds_blob(&committed) {
         assert!(std::time::Instant::now() < deadline, "the fetch completes");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -647,15 +707,15 @@ async fn a_starter_that_falls_behind_goes_on_from_the_file() {
     while let Some(chunk) = response.chunk().await.unwrap() {
         body.extend_from_slice(&chunk);
     }
-    assert_eq!(body.len(), layer.len());
+    assert_eq!(body.len(), c.layer.len());
     assert_eq!(
         sha256(&body),
-        sha256(&layer),
+        sha256(&c.layer),
         "the file gave the rest, in order"
     );
-    let fed = edge.metric("berth_cache_direct_bytes_total", &[]).await - before;
+    let fed = c.edge.metric("berth_cache_direct_bytes_total", &[]).await - before;
     assert!(
-        fed > 0.0 && (fed as usize) < layer.len() / 2,
+        fed > 0.0 && (fed as usize) < c.layer.len() / 2,
         "fed from memory until it fell behind: {fed}"
     );
 }

@@ -1,8 +1,10 @@
 //! Single-flight tee fetch of a blob from the source.
 //!
 //! One task per blob writes the source's bytes to a partial file and publishes how many are in it
-//! on a `watch`; every client, the first included, streams from that file up to the published
-//! length. The same shape gives "N clients, 1 fetch", "the fetch goes on when the client leaves",
+//! on a `watch`; clients stream from that file up to the published length, as file regions that
+//! a plain HTTP/1.1 connection sends with `sendfile`. The client that starts the fetch on any
+//! other connection (TLS, HTTP/2) takes the bytes from memory instead, as they go to be written,
+//! while it keeps up. The same shape gives "N clients, 1 fetch", "the fetch goes on when the client leaves",
 //! "Range on a cold blob" and "resume after the budget" (the partial file and its hasher state
 //! stay; the next fetch asks the source for the rest with `Range`).
 
@@ -13,14 +15,13 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use tokio::sync::{mpsc, watch};
 
 use super::health::ErrorKind;
 use super::peer::{Cluster, Holder};
 use super::upstream::{Source, UpstreamError, UpstreamRequest};
-use crate::http::body::{Body, READ_CHUNK};
+use crate::http::body::{Body, Piece, Streamed};
 use crate::http::pool::Gather;
 use crate::oci::digest::{Digest, Verifier};
 use crate::store::blobs::{
@@ -102,14 +103,18 @@ impl Fetch {
         }
     }
 
-    /// A response body of `len` bytes from `start`, read from the partial file as it grows;
-    /// with `direct` (the starter of the fetch, asking from byte 0), fed the bytes the fetch
-    /// holds in memory while it keeps up.
+    /// A response body of `len` bytes from `start`, from the partial file as it grows; with
+    /// `direct` (the starter of the fetch, asking from byte 0), fed the bytes the fetch holds in
+    /// memory while it keeps up, unless its connection sends files: the bytes are in the page
+    /// cache once written, and `sendfile` hands them to the socket without the copy that
+    /// writing them from memory costs.
     pub fn body(self: &Arc<Self>, start: u64, len: u64, direct: Option<Direct>) -> Body {
-        let (tx, rx) = mpsc::channel(1);
-        let direct = direct.filter(|_| start == 0).map(|d| d.0);
+        let (tx, body) = Streamed::channel(len);
+        let direct = direct
+            .filter(|_| start == 0 && !crate::http::body::sends_files())
+            .map(|d| d.0);
         tokio::spawn(stream(self.clone(), start, len, direct, tx));
-        Body::File { rx, remaining: len }
+        body
     }
 }
 
@@ -145,7 +150,7 @@ async fn stream(
     start: u64,
     len: u64,
     mut direct: Option<mpsc::Receiver<Pieces>>,
-    tx: mpsc::Sender<io::Result<Bytes>>,
+    tx: mpsc::Sender<io::Result<Piece>>,
 ) {
     let mut rx = fetch.subscribe();
     let end = start + len;
@@ -180,7 +185,7 @@ async fn stream(
                     break;
                 }
                 let n = piece.len() as u64;
-                if tx.send(Ok(piece)).await.is_err() {
+                if tx.send(Ok(Piece::Bytes(piece))).await.is_err() {
                     return; // the client went away
                 }
                 pos += n;
@@ -199,12 +204,13 @@ async fn stream(
             (_, None) => p.written,
         };
         if readable > pos {
-            // A backend that streams (object storage) is asked for long spans: each read is a
-            // request. A file is read a piece at a time through the handle of its first read.
-            let span = if held.is_none() && pos > start {
-                STREAM_SPAN
+            // A file region holds no memory: everything readable goes as one (later bytes
+            // through the handle of the first read). A backend that streams (object storage)
+            // is asked for long spans, each read a request, passed on as they come.
+            let span = if held.is_some() {
+                u64::MAX
             } else {
-                READ_CHUNK as u64
+                STREAM_SPAN
             };
             let n = (readable.min(end) - pos).min(span);
             let sent = match follow(&fetch, &mut held, pos, n, &tx).await {
@@ -251,7 +257,7 @@ async fn follow(
     held: &mut Option<FileRegion>,
     pos: u64,
     n: u64,
-    tx: &mpsc::Sender<io::Result<Bytes>>,
+    tx: &mpsc::Sender<io::Result<Piece>>,
 ) -> io::Result<u64> {
     let finished = matches!(fetch.progress.borrow().phase, Phase::Done);
     let read = match held {
@@ -301,28 +307,18 @@ async fn committed(fetch: &Fetch, pos: u64, n: u64) -> io::Result<BlobRead> {
 }
 
 /// Sends a read to a reader: how many bytes went (0 with no error: the reader went away), and
-/// the error that stopped a stream partway.
+/// the error that stopped a stream partway. A file region goes as it is: the connection reads
+/// or sends it.
 async fn send(
     read: BlobRead,
-    tx: &mpsc::Sender<io::Result<Bytes>>,
+    tx: &mpsc::Sender<io::Result<Piece>>,
 ) -> io::Result<(u64, Option<io::Error>)> {
     match read {
         BlobRead::Local(region) => {
-            let Ok(slot) = tx.reserve().await else {
+            let sent = region.len();
+            if tx.send(Ok(Piece::Region(region))).await.is_err() {
                 return Ok((0, None));
-            };
-            let piece = match crate::http::body::read_piece(
-                region.file().clone(),
-                region.offset(),
-                region.len() as usize,
-            )
-            .await
-            {
-                Ok(piece) => piece,
-                Err(e) => return Ok((0, Some(e))),
-            };
-            let sent = piece.len() as u64;
-            slot.send(Ok(piece));
+            }
             Ok((sent, None))
         }
         BlobRead::Stream { mut bytes, .. } => {
@@ -334,7 +330,7 @@ async fn send(
                     Err(e) => return Ok((sent, Some(e))),
                 };
                 sent += piece.len() as u64;
-                if tx.send(Ok(piece)).await.is_err() {
+                if tx.send(Ok(Piece::Bytes(piece))).await.is_err() {
                     return Ok((0, None));
                 }
             }
@@ -980,6 +976,7 @@ fn descriptor_size(manifest: &[u8], digest: &Digest) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn described_sizes_come_from_config_layers_and_blobs() {

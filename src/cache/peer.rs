@@ -12,14 +12,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
-use crate::http::body::Body;
+use crate::http::body::{Body, Piece, Streamed};
 use crate::http::router::PEER_FETCH_PATH;
 use crate::oci::digest::Digest;
 use crate::store::meta::{HeldLease, MetaResult, MetaStore};
@@ -250,21 +249,18 @@ pub fn relay(
             "the node fetching {digest} sent a length other than asked"
         )));
     }
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, body) = Streamed::channel(len);
     tokio::spawn(pass_on(answer, len, tx));
     metrics::counter!("berth_cache_peer_streams_total").increment(1);
     Ok(crate::serve::blobs::blob_response(
-        Body::File { rx, remaining: len },
-        digest,
-        size,
-        range,
+        body, digest, size, range,
     ))
 }
 
 /// Longest the holder may send nothing (it waits on the source as its own clients do).
 const STALL: Duration = Duration::from_secs(300);
 
-async fn pass_on(mut answer: reqwest::Response, len: u64, tx: mpsc::Sender<io::Result<Bytes>>) {
+async fn pass_on(mut answer: reqwest::Response, len: u64, tx: mpsc::Sender<io::Result<Piece>>) {
     let mut sent = 0u64;
     while sent < len {
         let chunk = match tokio::time::timeout(STALL, answer.chunk()).await {
@@ -296,7 +292,7 @@ async fn pass_on(mut answer: reqwest::Response, len: u64, tx: mpsc::Sender<io::R
         };
         sent += chunk.len() as u64;
         metrics::counter!("berth_cache_peer_bytes_total").increment(chunk.len() as u64);
-        if tx.send(Ok(chunk)).await.is_err() {
+        if tx.send(Ok(Piece::Bytes(chunk))).await.is_err() {
             return; // the client went away
         }
     }

@@ -49,6 +49,24 @@ pub fn deadlines() -> BodyDeadlines {
     DEADLINES.try_with(|d| *d).unwrap_or_default()
 }
 
+tokio::task_local! {
+    /// Set by `http::h1` around the handlers it drives: their connection sends file regions
+    /// itself (`sendfile`), so bytes that are in a file already go out cheaper from the file
+    /// than from memory.
+    static SENDS_FILES: ();
+}
+
+/// Runs a request handler whose connection sends file regions with `sendfile`.
+pub async fn sending_files<F: Future>(f: F) -> F::Output {
+    SENDS_FILES.scope((), f).await
+}
+
+/// Whether the request being handled is answered by a connection that sends file regions
+/// without copying them ([`Piece::Region`]).
+pub fn sends_files() -> bool {
+    SENDS_FILES.try_with(|_| ()).is_ok()
+}
+
 /// Why a request body stopped before its end.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -88,7 +106,7 @@ pub enum Body {
     /// Bytes in memory (manifests, JSON).
     Full(Option<Bytes>),
     /// A region of a local file not read yet: a plain HTTP/1.1 connection sends it with
-    /// `sendfile` (`http::h1`); hyper's connections read it in pieces (it becomes `File` at the
+    /// `sendfile` (`http::h1`); hyper's connections read it in pieces (it becomes `Streamed` at the
     /// first poll).
     Region {
         /// The bytes.
@@ -96,13 +114,140 @@ pub enum Body {
         /// The request's `send_stall_timeout`.
         stall: Duration,
     },
-    /// Pieces of a file read ahead by a blocking task; `remaining` is exact.
-    File {
-        /// Pieces, at most one queued (back-pressure bounds memory per stream).
-        rx: mpsc::Receiver<io::Result<Bytes>>,
-        /// Bytes still to come.
-        remaining: u64,
-    },
+    /// Pieces handed on by a task as it gets them: a file read ahead, a backend's stream, a
+    /// cache fetch as it grows.
+    Streamed(Streamed),
+}
+
+/// A body's next bytes, as the task that produces them hands them on.
+pub enum Piece {
+    /// Bytes in memory.
+    Bytes(Bytes),
+    /// A region of a local file, not read: a plain HTTP/1.1 connection sends it with
+    /// `sendfile`; hyper's connections read it in pooled pieces as they send it.
+    Region(FileRegion),
+}
+
+impl Piece {
+    fn len(&self) -> u64 {
+        match self {
+            Piece::Bytes(b) => b.len() as u64,
+            Piece::Region(r) => r.len(),
+        }
+    }
+}
+
+/// A positioned read of one piece of a region, for a connection that cannot send the region
+/// as it is.
+type PieceRead = Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send>>;
+
+/// The pieces of a [`Body::Streamed`]: at most one queued (back-pressure bounds memory per
+/// stream, and a region holds no memory at all); `remaining` is exact.
+pub struct Streamed {
+    rx: mpsc::Receiver<io::Result<Piece>>,
+    remaining: u64,
+    /// A region being read for hyper: what is left of it, from the piece being read on.
+    reading: Option<(FileRegion, PieceRead)>,
+}
+
+impl Streamed {
+    /// A body of exactly `len` bytes and the sender its producer hands the pieces to. The
+    /// producer stops when the send fails (the client went away); a producer that stops early
+    /// ends the body in an error.
+    pub fn channel(len: u64) -> (mpsc::Sender<io::Result<Piece>>, Body) {
+        let (tx, rx) = mpsc::channel(1);
+        let body = Body::Streamed(Streamed {
+            rx,
+            remaining: len,
+            reading: None,
+        });
+        (tx, body)
+    }
+
+    /// The next piece as its producer handed it (a connection that sends regions itself);
+    /// `None` after the last byte.
+    pub async fn next_piece(&mut self) -> Option<io::Result<Piece>> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let piece = match self.rx.recv().await {
+            Some(Ok(piece)) => piece,
+            Some(Err(e)) => return Some(Err(e)),
+            None => return Some(Err(stopped_early())),
+        };
+        if piece.len() > self.remaining {
+            self.remaining = 0;
+            return Some(Err(io::Error::other(
+                "blob reader sent more than its length",
+            )));
+        }
+        self.remaining -= piece.len();
+        Some(Ok(piece))
+    }
+
+    /// The next bytes, regions read a piece at a time ([`read_piece`]).
+    fn poll_bytes(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        loop {
+            if let Some((rest, read)) = &mut self.reading {
+                let outcome = match read.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(outcome) => outcome,
+                };
+                let n = match &outcome {
+                    Ok(bytes) => bytes.len() as u64,
+                    Err(_) => 0,
+                };
+                let rest = rest.span(rest.offset() + n, rest.len().saturating_sub(n));
+                self.reading = None;
+                let bytes = match outcome {
+                    Ok(bytes) if n > 0 => bytes,
+                    Ok(_) => return Poll::Ready(Some(Err(stopped_early()))),
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                };
+                if !rest.is_empty() {
+                    self.reading = Some(start_read(rest));
+                }
+                return Poll::Ready(Some(Ok(bytes)));
+            }
+            if self.remaining == 0 {
+                return Poll::Ready(None);
+            }
+            let piece = match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Some(Err(stopped_early()))),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(piece))) => piece,
+            };
+            if piece.len() > self.remaining {
+                self.remaining = 0;
+                let e = io::Error::other("blob reader sent more than its length");
+                return Poll::Ready(Some(Err(e)));
+            }
+            self.remaining -= piece.len();
+            match piece {
+                Piece::Bytes(bytes) => return Poll::Ready(Some(Ok(bytes))),
+                Piece::Region(region) if region.is_empty() => {}
+                Piece::Region(region) => self.reading = Some(start_read(region)),
+            }
+        }
+    }
+
+    /// Bytes not sent yet.
+    fn len(&self) -> u64 {
+        self.remaining + self.reading.as_ref().map_or(0, |(rest, _)| rest.len())
+    }
+}
+
+/// Starts reading the first piece of `region` (the region stays whole: what was read is cut
+/// from it when the read is done).
+fn start_read(region: FileRegion) -> (FileRegion, PieceRead) {
+    let want = region.len().min(READ_CHUNK as u64) as usize;
+    let read = Box::pin(read_piece(region.file().clone(), region.offset(), want));
+    (region, read)
+}
+
+fn stopped_early() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "blob reader stopped early")
 }
 
 impl Body {
@@ -126,7 +271,7 @@ impl Body {
     /// body ends in an error, which makes hyper close the connection (h1) or reset the stream
     /// (h2).
     fn read_ahead(region: FileRegion, stall: Duration) -> Body {
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, body) = Streamed::channel(region.len());
         let (file, offset, len) = (region.file().clone(), region.offset(), region.len());
         tokio::spawn(async move {
             let end = offset + len;
@@ -149,13 +294,13 @@ impl Body {
                 match piece {
                     Ok(bytes) => {
                         pos += bytes.len() as u64;
-                        slot.send(Ok(bytes));
+                        slot.send(Ok(Piece::Bytes(bytes)));
                     }
                     Err(e) => return slot.send(Err(e)),
                 }
             }
         });
-        Body::File { rx, remaining: len }
+        body
     }
 
     /// Streams `len` bytes from a backend's stream, one piece ahead of the client, with the
@@ -163,7 +308,7 @@ impl Body {
     /// body in an error (the client never takes a short blob for a whole one).
     pub fn stream(mut bytes: ByteStream, len: u64) -> Body {
         use futures_util::StreamExt;
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, body) = Streamed::channel(len);
         let stall = deadlines().stall;
         tokio::spawn(async move {
             let mut sent = 0u64;
@@ -186,10 +331,10 @@ impl Body {
                     }
                 };
                 sent += piece.len() as u64;
-                slot.send(Ok(piece));
+                slot.send(Ok(Piece::Bytes(piece)));
             }
         });
-        Body::File { rx, remaining: len }
+        body
     }
 
     /// Exact length, when known.
@@ -198,7 +343,7 @@ impl Body {
             Body::Empty => Some(0),
             Body::Full(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Region { region, .. } => Some(region.len()),
-            Body::File { remaining, .. } => Some(*remaining),
+            Body::Streamed(pieces) => Some(pieces.len()),
         }
     }
 
@@ -287,23 +432,7 @@ impl http_body::Body for Body {
         match this {
             Body::Empty | Body::Region { .. } => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::File { rx, remaining } => {
-                if *remaining == 0 {
-                    return Poll::Ready(None);
-                }
-                match rx.poll_recv(cx) {
-                    Poll::Ready(Some(Ok(bytes))) => {
-                        *remaining = remaining.saturating_sub(bytes.len() as u64);
-                        Poll::Ready(Some(Ok(Frame::data(bytes))))
-                    }
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-                    Poll::Ready(None) => Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "blob reader stopped early",
-                    )))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+            Body::Streamed(pieces) => pieces.poll_bytes(cx).map(|b| b.map(|b| b.map(Frame::data))),
         }
     }
 
@@ -312,7 +441,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
             Body::Region { region, .. } => region.is_empty(),
-            Body::File { remaining, .. } => *remaining == 0,
+            Body::Streamed(pieces) => pieces.len() == 0,
         }
     }
 

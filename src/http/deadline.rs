@@ -62,6 +62,11 @@ impl ConnState {
         })
     }
 
+    /// Longest a write may make no progress (`limits.send_stall_timeout`).
+    pub fn stall(&self) -> Duration {
+        self.limits.stall
+    }
+
     /// A request reached the service; the guard ends it (drop it with the response body).
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.served.store(true, Ordering::Release);

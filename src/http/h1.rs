@@ -5,7 +5,10 @@
 //! The driver reads request heads (parsed by `httparse`, the parser hyper itself uses) and
 //! answers every request that has no body, GET and HEAD, through the same handler as hyper's
 //! connections: the same routing, authorization, logging and metrics. A response whose body is
-//! a local file region is sent with `sendfile`; any other body is written as it comes.
+//! a local file region is sent with `sendfile`; any other body is written as it comes, its
+//! file regions (a cache fetch's partial file) with `sendfile` too. Handlers learn that their
+//! connection sends files (`body::sends_files`): a fetch's first client then follows the file
+//! rather than taking the bytes from memory.
 //!
 //! Blob uploads with a `Content-Length` (POST, PATCH and PUT under `/blobs/uploads/`) are
 //! driven too: the handler reads the body straight from the socket, in reads of up to 1 MiB
@@ -35,13 +38,12 @@ use std::time::{Duration, SystemTime};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http::{Uri, Version};
-use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Sleep;
 
-use super::body::Body;
+use super::body::{sending_files, Body, Piece};
 use super::deadline::{ConnState, Deadlined};
 use super::finish::{Abort, Finish};
 use super::pool::{Pooled, RECEIVES};
@@ -127,12 +129,13 @@ where
         };
         let in_flight = state.begin();
         let (response, mut finish, body_read) = if body_len == 0 {
-            let (response, finish) = handle(request.map(|()| Inbound::empty())).await;
+            let (response, finish) =
+                sending_files(handle(request.map(|()| Inbound::empty()))).await;
             (response, finish, true)
         } else {
             let (back, returned) = oneshot::channel();
             let body = Inbound::new(Flow::new(io, buf, body_len, back));
-            let (response, finish) = handle(request.map(|()| body)).await;
+            let (response, finish) = sending_files(handle(request.map(|()| body))).await;
             // The handler's future owned the body and is done: the body was dropped.
             let returned = returned
                 .await
@@ -141,7 +144,9 @@ where
             (response, finish, returned.whole)
         };
         let persist = if body_read { persist } else { Persist::Close };
-        let written = write_response(&mut io, response, &mut finish, head_only, persist).await;
+        let stall = state.stall();
+        let written =
+            write_response(&mut io, response, &mut finish, head_only, persist, stall).await;
         drop(finish);
         drop(in_flight);
         let intact = written?;
@@ -539,6 +544,7 @@ async fn write_response(
     finish: &mut Finish,
     head_only: bool,
     persist: Persist,
+    stall: Duration,
 ) -> io::Result<bool> {
     let (parts, mut body) = response.into_parts();
     let len = body.len().unwrap_or(0);
@@ -558,20 +564,22 @@ async fn write_response(
                 io.write_all(&head).await?;
                 send_region(io.get_ref(), &region, stall, finish).await?;
             }
-            Body::File { .. } => {
+            Body::Streamed(ref mut pieces) => {
                 io.write_all(&head).await?;
-                while let Some(frame) = body.frame().await {
-                    let frame = match frame {
-                        Ok(frame) => frame,
+                while let Some(piece) = pieces.next_piece().await {
+                    match piece {
+                        Ok(Piece::Bytes(data)) => {
+                            io.write_all(&data).await?;
+                            finish.sent(data.len() as u64);
+                        }
+                        Ok(Piece::Region(region)) => {
+                            send_region(io.get_ref(), &region, stall, finish).await?
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, sent = finish.sent, len, "response body failed; closing the connection");
                             finish.abort(Abort::BodyError);
                             return Ok(false);
                         }
-                    };
-                    if let Ok(data) = frame.into_data() {
-                        io.write_all(&data).await?;
-                        finish.sent(data.len() as u64);
                     }
                 }
             }
