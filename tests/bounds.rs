@@ -341,6 +341,47 @@ async fn a_client_that_stops_reading_a_blob_is_cut_and_the_file_released() {
     assert_eq!(r.bytes().await.unwrap().len(), len);
 }
 
+/// The same for a blob the cache is still fetching: an HTTP/2 client that follows the partial
+/// file (a `Range`) and reads nothing holds the file no longer than the stall deadline, and the
+/// blob is cached whole for the next client.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_cold_blob_is_cut_and_the_file_released() {
+    let source = common::doubles::StaticRegistry::start();
+    let len = 48 << 20;
+    let layer = data(len, 5);
+    let image = source.put_image("library/app", "v1", &[&layer]);
+    let d = image.layer_digests[0].clone();
+    let stall = "[limits]\nsend_stall_timeout = \"2s\"\n";
+    let toml = common::server::cache_toml("registry", &source.url(), "", stall);
+    let edge = TestServer::start(&toml).await;
+    let url = edge.url(&format!("/v2/hub/library/app/blobs/{d}"));
+    let h2 = Client::builder().http2_prior_knowledge().build().unwrap();
+    let stalled = h2
+        .get(&url)
+        .header("Range", "bytes=1-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stalled.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(stalled.version(), reqwest::Version::HTTP_2);
+    // The fetch goes on without the client and commits; the reader's handle on the file it
+    // wrote is then a handle on the blob.
+    let path = blob_path(&edge, &d);
+    eventually("the blob is cached", || path.exists()).await;
+    eventually(
+        "the h2 stream that nobody reads releases the fetched file",
+        || fds_on(&path) == 0,
+    )
+    .await;
+    let cut = stalled.bytes().await;
+    assert!(
+        cut.as_ref().map_or(true, |b| b.len() < len - 1),
+        "the stalled h2 response was cut"
+    );
+    let whole = h2.get(&url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha256(&whole), d);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Item 8: upload sessions
 

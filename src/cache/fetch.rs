@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use super::health::ErrorKind;
 use super::peer::{Cluster, Holder};
 use super::upstream::{Source, UpstreamError, UpstreamRequest};
-use crate::http::body::{Body, Piece, Streamed};
+use crate::http::body::{read_piece, Body, Piece, Streamed, READ_CHUNK};
 use crate::http::pool::Gather;
 use crate::oci::digest::{Digest, Verifier};
 use crate::store::blobs::{
@@ -110,10 +110,15 @@ impl Fetch {
     /// writing them from memory costs.
     pub fn body(self: &Arc<Self>, start: u64, len: u64, direct: Option<Direct>) -> Body {
         let (tx, body) = Streamed::channel(len);
+        let reader = Reader {
+            tx,
+            regions: crate::http::body::sends_files(),
+            stall: crate::http::body::deadlines().stall,
+        };
         let direct = direct
-            .filter(|_| start == 0 && !crate::http::body::sends_files())
+            .filter(|_| start == 0 && !reader.regions)
             .map(|d| d.0);
-        tokio::spawn(stream(self.clone(), start, len, direct, tx));
+        tokio::spawn(stream(self.clone(), start, len, direct, reader));
         body
     }
 }
@@ -145,12 +150,64 @@ const STREAM_SPAN: u64 = 64 << 20;
 /// Longest a reader waits for the next bytes of a running fetch.
 const READER_STALL: Duration = Duration::from_secs(300);
 
+/// Where a reader's pieces go: its response body.
+struct Reader {
+    tx: mpsc::Sender<io::Result<Piece>>,
+    /// Its connection sends file regions itself (`sendfile`, with its own stall deadline):
+    /// file bytes go as regions. Other connections get bytes read here, so that a client that
+    /// stops reading holds no open file once `stall` has passed (an HTTP/2 stream held by flow
+    /// control is never polled: only this task sees the stall).
+    regions: bool,
+    /// The request's `send_stall_timeout`.
+    stall: Duration,
+}
+
+impl Reader {
+    /// Room for one more piece; `None` when the client went away or took nothing for `stall`.
+    /// A connection that sends regions may take longer over one (a region can be hundreds of
+    /// MiB for a slow client): its own stall deadline cuts it, and then the body goes away.
+    async fn room(&self) -> Option<mpsc::Permit<'_, io::Result<Piece>>> {
+        if self.regions {
+            return self.tx.reserve().await.ok();
+        }
+        match tokio::time::timeout(self.stall, self.tx.reserve()).await {
+            Ok(Ok(permit)) => Some(permit),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                tracing::info!(
+                    stall_s = self.stall.as_secs(),
+                    "response cut: the client stopped reading a blob being fetched"
+                );
+                None
+            }
+        }
+    }
+
+    /// Hands on a piece; false when the client went away or stalled.
+    async fn send(&self, piece: Piece) -> bool {
+        match self.room().await {
+            Some(permit) => {
+                permit.send(Ok(piece));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends the body in an error.
+    async fn fail(&self, e: io::Error) {
+        if let Some(permit) = self.room().await {
+            permit.send(Err(e));
+        }
+    }
+}
+
 async fn stream(
     fetch: Arc<Fetch>,
     start: u64,
     len: u64,
     mut direct: Option<mpsc::Receiver<Pieces>>,
-    tx: mpsc::Sender<io::Result<Piece>>,
+    reader: Reader,
 ) {
     let mut rx = fetch.subscribe();
     let end = start + len;
@@ -169,8 +226,7 @@ async fn stream(
                 }
                 Err(_) => {
                     let why = "source sent nothing for 300 s";
-                    let _ = tx.send(Err(io::Error::other(why))).await;
-                    return;
+                    return reader.fail(io::Error::other(why)).await;
                 }
             };
             for piece in pieces.as_slice() {
@@ -185,8 +241,8 @@ async fn stream(
                     break;
                 }
                 let n = piece.len() as u64;
-                if tx.send(Ok(Piece::Bytes(piece))).await.is_err() {
-                    return; // the client went away
+                if !reader.send(Piece::Bytes(piece)).await {
+                    return; // the client went away or stopped reading
                 }
                 pos += n;
                 fed.0 += n;
@@ -204,21 +260,19 @@ async fn stream(
             (_, None) => p.written,
         };
         if readable > pos {
-            // A file region holds no memory: everything readable goes as one (later bytes
-            // through the handle of the first read). A backend that streams (object storage)
-            // is asked for long spans, each read a request, passed on as they come.
+            // Everything readable is asked for at once: a file region holds no memory and is
+            // read a piece at a time where it must be read (later bytes come through the
+            // handle of the first read). A backend that streams (object storage) is asked for
+            // long spans, each read a request, passed on as they come.
             let span = if held.is_some() {
                 u64::MAX
             } else {
                 STREAM_SPAN
             };
             let n = (readable.min(end) - pos).min(span);
-            let sent = match follow(&fetch, &mut held, pos, n, &tx).await {
+            let sent = match follow(&fetch, &mut held, pos, n, &reader).await {
                 Ok(sent) => sent,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
+                Err(e) => return reader.fail(e).await,
             };
             if sent == 0 {
                 return; // the client went away
@@ -232,17 +286,14 @@ async fn stream(
             Phase::Failed(why) => Some(format!("source fetch stopped: {why}")),
         };
         if let Some(why) = stop {
-            let _ = tx.send(Err(io::Error::other(why))).await;
-            return;
+            return reader.fail(io::Error::other(why)).await;
         }
         if tokio::time::timeout(READER_STALL, rx.changed())
             .await
             .is_err()
         {
-            let _ = tx
-                .send(Err(io::Error::other("source sent nothing for 300 s")))
-                .await;
-            return;
+            let why = "source sent nothing for 300 s";
+            return reader.fail(io::Error::other(why)).await;
         }
     }
 }
@@ -257,7 +308,7 @@ async fn follow(
     held: &mut Option<FileRegion>,
     pos: u64,
     n: u64,
-    tx: &mpsc::Sender<io::Result<Piece>>,
+    reader: &Reader,
 ) -> io::Result<u64> {
     let finished = matches!(fetch.progress.borrow().phase, Phase::Done);
     let read = match held {
@@ -282,14 +333,14 @@ async fn follow(
             read
         }
     };
-    match send(read, tx).await? {
+    match send(read, reader).await? {
         (sent, None) => Ok(sent),
         (sent, Some(e)) => {
             if fetch.blobs.stat(&fetch.digest).await?.is_none() {
                 return Err(e);
             }
             let rest = committed(fetch, pos + sent, n - sent).await?;
-            match send(rest, tx).await? {
+            match send(rest, reader).await? {
                 (more, None) => Ok(sent + more),
                 (_, Some(e)) => Err(e),
             }
@@ -306,18 +357,34 @@ async fn committed(fetch: &Fetch, pos: u64, n: u64) -> io::Result<BlobRead> {
         .ok_or_else(|| io::Error::other("fetched blob is gone from the store"))
 }
 
-/// Sends a read to a reader: how many bytes went (0 with no error: the reader went away), and
-/// the error that stopped a stream partway. A file region goes as it is: the connection reads
-/// or sends it.
-async fn send(
-    read: BlobRead,
-    tx: &mpsc::Sender<io::Result<Piece>>,
-) -> io::Result<(u64, Option<io::Error>)> {
+/// Sends a read to a reader: how many bytes went (0 with no error: the reader went away or
+/// stopped reading), and the error that stopped a read partway. A file region goes as it is to
+/// a connection that sends files, and is read a piece at a time for any other.
+async fn send(read: BlobRead, reader: &Reader) -> io::Result<(u64, Option<io::Error>)> {
     match read {
-        BlobRead::Local(region) => {
+        BlobRead::Local(region) if reader.regions => {
             let sent = region.len();
-            if tx.send(Ok(Piece::Region(region))).await.is_err() {
-                return Ok((0, None));
+            Ok(if reader.send(Piece::Region(region)).await {
+                (sent, None)
+            } else {
+                (0, None)
+            })
+        }
+        BlobRead::Local(region) => {
+            let mut sent = 0;
+            while sent < region.len() {
+                let Some(permit) = reader.room().await else {
+                    return Ok((0, None));
+                };
+                let at = region.offset() + sent;
+                let want = (region.len() - sent).min(READ_CHUNK as u64) as usize;
+                match read_piece(region.file().clone(), at, want).await {
+                    Ok(piece) => {
+                        sent += piece.len() as u64;
+                        permit.send(Ok(Piece::Bytes(piece)));
+                    }
+                    Err(e) => return Ok((sent, Some(e))),
+                }
             }
             Ok((sent, None))
         }
@@ -330,7 +397,7 @@ async fn send(
                     Err(e) => return Ok((sent, Some(e))),
                 };
                 sent += piece.len() as u64;
-                if tx.send(Ok(Piece::Bytes(piece))).await.is_err() {
+                if !reader.send(Piece::Bytes(piece)).await {
                     return Ok((0, None));
                 }
             }
