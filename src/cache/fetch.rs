@@ -1,10 +1,10 @@
 //! Single-flight tee fetch of a blob from the source.
 //!
 //! One task per blob writes the source's bytes to a partial file and publishes how many are in it
-//! on a `watch`; clients stream from that file up to the published length, as file regions that
-//! a plain HTTP/1.1 connection sends with `sendfile`. The client that starts the fetch on any
-//! other connection (TLS, HTTP/2) takes the bytes from memory instead, as they go to be written,
-//! while it keeps up. The same shape gives "N clients, 1 fetch", "the fetch goes on when the client leaves",
+//! on a `watch`; clients stream from that file up to the published length: as file regions that
+//! a plain HTTP/1.1 connection sends with `sendfile`, as pieces read here for any other. The
+//! client that starts the fetch on such another connection (TLS, HTTP/2) takes the bytes from
+//! memory instead, as they go to be written, while it keeps up. The same shape gives "N clients, 1 fetch", "the fetch goes on when the client leaves",
 //! "Range on a cold blob" and "resume after the budget" (the partial file and its hasher state
 //! stay; the next fetch asks the source for the rest with `Range`).
 

@@ -507,6 +507,42 @@ mod tests {
         assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
     }
 
+    /// A connection that cannot send file regions (hyper's) gets them read in pieces, between
+    /// pieces of bytes, in order; a region past the file's end ends the body in an error.
+    #[tokio::test]
+    async fn regions_are_read_for_connections_that_cannot_send_them() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..READ_CHUNK * 3).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&data)
+            .unwrap();
+        let file = std::sync::Arc::new(std::fs::File::open(&path).unwrap());
+        let region = FileRegion::new(file.clone(), 7, (READ_CHUNK * 2 + 5) as u64);
+        let (tx, body) = Streamed::channel(3 + region.len() + 2);
+        tokio::spawn(async move {
+            tx.send(Ok(Piece::Bytes(Bytes::from_static(b"abc"))))
+                .await
+                .unwrap();
+            tx.send(Ok(Piece::Region(region))).await.unwrap();
+            tx.send(Ok(Piece::Bytes(Bytes::from_static(b"yz"))))
+                .await
+                .unwrap();
+        });
+        let mut want = b"abc".to_vec();
+        want.extend_from_slice(&data[7..7 + READ_CHUNK * 2 + 5]);
+        want.extend_from_slice(b"yz");
+        assert_eq!(collect(body).await.unwrap(), want);
+
+        let past = FileRegion::new(file, (READ_CHUNK * 3 - 10) as u64, 20);
+        let (tx, body) = Streamed::channel(20);
+        tx.send(Ok(Piece::Region(past))).await.unwrap();
+        let e = collect(body).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
+
     /// A backend's stream is passed on when it has exactly its length, and ends the body in an
     /// error when it is shorter or longer (a client never takes it for the whole blob).
     #[tokio::test]
