@@ -4,9 +4,10 @@
 //! on a `watch`; clients stream from that file up to the published length: as file regions that
 //! a plain HTTP/1.1 connection sends with `sendfile`, as pieces read here for any other. The
 //! client that starts the fetch on such another connection (TLS, HTTP/2) takes the bytes from
-//! memory instead, as they go to be written, while it keeps up. The same shape gives "N clients, 1 fetch", "the fetch goes on when the client leaves",
-//! "Range on a cold blob" and "resume after the budget" (the partial file and its hasher state
-//! stay; the next fetch asks the source for the rest with `Range`).
+//! memory instead, as they go to be written, while it keeps up. The same shape gives "N
+//! clients, 1 fetch", "the fetch goes on when the client leaves", "Range on a cold blob" and
+//! "resume after the budget" (the partial file and its hasher state stay; the next fetch asks
+//! the source for the rest with `Range`).
 
 use std::collections::HashMap;
 use std::io;

@@ -123,8 +123,10 @@ pub enum Body {
 pub enum Piece {
     /// Bytes in memory.
     Bytes(Bytes),
-    /// A region of a local file, not read: a plain HTTP/1.1 connection sends it with
-    /// `sendfile`; hyper's connections read it in pooled pieces as they send it.
+    /// A region of a local file, not read, for a connection that sends files itself
+    /// ([`sends_files`]): the HTTP/1.1 driver sends it with `sendfile`. Producers hand regions
+    /// to no other connection: one queued for hyper would hold its file open however long the
+    /// client stalls (an HTTP/2 stream held by flow control is never polled).
     Region(FileRegion),
 }
 
@@ -137,17 +139,11 @@ impl Piece {
     }
 }
 
-/// A positioned read of one piece of a region, for a connection that cannot send the region
-/// as it is.
-type PieceRead = Pin<Box<dyn Future<Output = io::Result<Bytes>> + Send>>;
-
 /// The pieces of a [`Body::Streamed`]: at most one queued (back-pressure bounds memory per
 /// stream, and a region holds no memory at all); `remaining` is exact.
 pub struct Streamed {
     rx: mpsc::Receiver<io::Result<Piece>>,
     remaining: u64,
-    /// A region being read for hyper: what is left of it, from the piece being read on.
-    reading: Option<(FileRegion, PieceRead)>,
 }
 
 impl Streamed {
@@ -156,98 +152,57 @@ impl Streamed {
     /// ends the body in an error.
     pub fn channel(len: u64) -> (mpsc::Sender<io::Result<Piece>>, Body) {
         let (tx, rx) = mpsc::channel(1);
-        let body = Body::Streamed(Streamed {
-            rx,
-            remaining: len,
-            reading: None,
-        });
+        let body = Body::Streamed(Streamed { rx, remaining: len });
         (tx, body)
     }
 
-    /// The next piece as its producer handed it (a connection that sends regions itself);
-    /// `None` after the last byte.
+    /// The next piece as its producer handed it (the HTTP/1.1 driver, which sends regions
+    /// itself); `None` after the last byte.
     pub async fn next_piece(&mut self) -> Option<io::Result<Piece>> {
         if self.remaining == 0 {
             return None;
         }
-        let piece = match self.rx.recv().await {
-            Some(Ok(piece)) => piece,
-            Some(Err(e)) => return Some(Err(e)),
-            None => return Some(Err(stopped_early())),
+        let received = self.rx.recv().await;
+        Some(self.count(received))
+    }
+
+    /// The next bytes, for hyper's connections.
+    fn poll_bytes(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let received = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(received) => received,
+        };
+        Poll::Ready(Some(match self.count(received) {
+            Ok(Piece::Bytes(bytes)) => Ok(bytes),
+            Ok(Piece::Region(_)) => Err(io::Error::other(
+                "a file region was handed to a connection that cannot send it",
+            )),
+            Err(e) => Err(e),
+        }))
+    }
+
+    /// Takes what the producer handed on off the bytes still to come: a producer that stopped
+    /// early or sent more than the length ends the body in an error.
+    fn count(&mut self, received: Option<io::Result<Piece>>) -> io::Result<Piece> {
+        let piece = match received {
+            Some(piece) => piece?,
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob reader stopped early",
+                ))
+            }
         };
         if piece.len() > self.remaining {
             self.remaining = 0;
-            return Some(Err(io::Error::other(
-                "blob reader sent more than its length",
-            )));
+            return Err(io::Error::other("blob reader sent more than its length"));
         }
         self.remaining -= piece.len();
-        Some(Ok(piece))
+        Ok(piece)
     }
-
-    /// The next bytes, regions read a piece at a time ([`read_piece`]).
-    fn poll_bytes(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
-        loop {
-            if let Some((rest, read)) = &mut self.reading {
-                let outcome = match read.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(outcome) => outcome,
-                };
-                let n = match &outcome {
-                    Ok(bytes) => bytes.len() as u64,
-                    Err(_) => 0,
-                };
-                let rest = rest.span(rest.offset() + n, rest.len().saturating_sub(n));
-                self.reading = None;
-                let bytes = match outcome {
-                    Ok(bytes) if n > 0 => bytes,
-                    Ok(_) => return Poll::Ready(Some(Err(stopped_early()))),
-                    Err(e) => return Poll::Ready(Some(Err(e))),
-                };
-                if !rest.is_empty() {
-                    self.reading = Some(start_read(rest));
-                }
-                return Poll::Ready(Some(Ok(bytes)));
-            }
-            if self.remaining == 0 {
-                return Poll::Ready(None);
-            }
-            let piece = match self.rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => return Poll::Ready(Some(Err(stopped_early()))),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(Some(Ok(piece))) => piece,
-            };
-            if piece.len() > self.remaining {
-                self.remaining = 0;
-                let e = io::Error::other("blob reader sent more than its length");
-                return Poll::Ready(Some(Err(e)));
-            }
-            self.remaining -= piece.len();
-            match piece {
-                Piece::Bytes(bytes) => return Poll::Ready(Some(Ok(bytes))),
-                Piece::Region(region) if region.is_empty() => {}
-                Piece::Region(region) => self.reading = Some(start_read(region)),
-            }
-        }
-    }
-
-    /// Bytes not sent yet.
-    fn len(&self) -> u64 {
-        self.remaining + self.reading.as_ref().map_or(0, |(rest, _)| rest.len())
-    }
-}
-
-/// Starts reading the first piece of `region` (the region stays whole: what was read is cut
-/// from it when the read is done).
-fn start_read(region: FileRegion) -> (FileRegion, PieceRead) {
-    let want = region.len().min(READ_CHUNK as u64) as usize;
-    let read = Box::pin(read_piece(region.file().clone(), region.offset(), want));
-    (region, read)
-}
-
-fn stopped_early() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "blob reader stopped early")
 }
 
 impl Body {
@@ -343,7 +298,7 @@ impl Body {
             Body::Empty => Some(0),
             Body::Full(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Region { region, .. } => Some(region.len()),
-            Body::Streamed(pieces) => Some(pieces.len()),
+            Body::Streamed(pieces) => Some(pieces.remaining),
         }
     }
 
@@ -441,7 +396,7 @@ impl http_body::Body for Body {
             Body::Empty => true,
             Body::Full(b) => b.is_none(),
             Body::Region { region, .. } => region.is_empty(),
-            Body::Streamed(pieces) => pieces.len() == 0,
+            Body::Streamed(pieces) => pieces.remaining == 0,
         }
     }
 
@@ -507,40 +462,43 @@ mod tests {
         assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
     }
 
-    /// A connection that cannot send file regions (hyper's) gets them read in pieces, between
-    /// pieces of bytes, in order; a region past the file's end ends the body in an error.
+    /// A body passes its producer's bytes on in order, and ends in an error when the producer
+    /// stops early, sends more than the length, or hands a file region to hyper (regions are
+    /// for connections that send them).
     #[tokio::test]
-    async fn regions_are_read_for_connections_that_cannot_send_them() {
-        use std::io::Write;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        let data: Vec<u8> = (0..READ_CHUNK * 3).map(|i| (i * 13 % 251) as u8).collect();
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(&data)
-            .unwrap();
-        let file = std::sync::Arc::new(std::fs::File::open(&path).unwrap());
-        let region = FileRegion::new(file.clone(), 7, (READ_CHUNK * 2 + 5) as u64);
-        let (tx, body) = Streamed::channel(3 + region.len() + 2);
+    async fn streamed_bodies_are_exactly_their_bytes_or_an_error() {
+        let (tx, body) = Streamed::channel(5);
         tokio::spawn(async move {
-            tx.send(Ok(Piece::Bytes(Bytes::from_static(b"abc"))))
-                .await
-                .unwrap();
-            tx.send(Ok(Piece::Region(region))).await.unwrap();
-            tx.send(Ok(Piece::Bytes(Bytes::from_static(b"yz"))))
-                .await
-                .unwrap();
+            for part in [&b"abc"[..], b"yz"] {
+                tx.send(Ok(Piece::Bytes(Bytes::from_static(part))))
+                    .await
+                    .unwrap();
+            }
         });
-        let mut want = b"abc".to_vec();
-        want.extend_from_slice(&data[7..7 + READ_CHUNK * 2 + 5]);
-        want.extend_from_slice(b"yz");
-        assert_eq!(collect(body).await.unwrap(), want);
+        assert_eq!(collect(body).await.unwrap(), b"abcyz");
 
-        let past = FileRegion::new(file, (READ_CHUNK * 3 - 10) as u64, 20);
-        let (tx, body) = Streamed::channel(20);
-        tx.send(Ok(Piece::Region(past))).await.unwrap();
-        let e = collect(body).await.unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        let (tx, body) = Streamed::channel(5);
+        tx.send(Ok(Piece::Bytes(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let short = collect(body).await.unwrap_err();
+        assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof, "{short}");
+
+        let (tx, body) = Streamed::channel(2);
+        tx.send(Ok(Piece::Bytes(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        let long = collect(body).await.unwrap_err();
+        assert!(long.to_string().contains("more than"), "{long}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("blob")).unwrap();
+        let region = FileRegion::new(std::sync::Arc::new(file), 0, 0);
+        let (tx, body) = Streamed::channel(1);
+        tx.send(Ok(Piece::Region(region.span(0, 1)))).await.unwrap();
+        let refused = collect(body).await.unwrap_err();
+        assert!(refused.to_string().contains("cannot send"), "{refused}");
     }
 
     /// A backend's stream is passed on when it has exactly its length, and ends the body in an
