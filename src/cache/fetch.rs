@@ -547,7 +547,11 @@ impl Fetches {
             described: None,
             cap: 0,
             feed,
-            pipe: Pipeline::new(write),
+            pipe: Pipeline::new(write).on_written({
+                // Readers follow the file as it is written; the hash runs a piece behind.
+                let fetch = fetch.clone();
+                Arc::new(move |written| fetch.progress.send_modify(|p| p.written = written))
+            }),
             store: store.clone(),
             source: source.clone(),
             upstream_repo: upstream_repo.to_string(),
@@ -869,8 +873,8 @@ impl Job {
         }
     }
 
-    /// Waits for the piece in flight (written and hashed at once), then publishes the new
-    /// length.
+    /// Waits until every piece handed on is written and hashed, then publishes the length
+    /// (published after each write as well, see `Fetches::join_or_start`).
     async fn settle(&mut self) -> Result<(), String> {
         self.pipe
             .settle()
@@ -881,14 +885,13 @@ impl Job {
         Ok(())
     }
 
-    /// Starts writing and hashing `data` after the piece in flight has settled.
+    /// Hands `data` on to be written, then hashed, once the writer has room.
     async fn submit(&mut self, data: Pieces) -> Result<(), String> {
-        self.settle().await?;
         if data.is_empty() {
             return Ok(());
         }
         // The starter is fed a piece as it goes to be written and hashed, not after: its
-        // bytes go out while the piece is hashed (the blob's last byte still waits for the
+        // bytes go out while the piece is written (the blob's last byte still waits for the
         // digest, see `stream`).
         if let Some(feed) = &self.feed {
             if feed.try_send(data.clone()).is_err() {
@@ -958,6 +961,9 @@ impl Job {
 
     /// Keeps the partial blob and its hasher state for the next fetch to resume.
     async fn save_state(&mut self) {
+        if let Err(e) = self.pipe.settle().await {
+            tracing::warn!(error = %e, "cannot finish the partial fetch's last write");
+        }
         let Ok(mut write) = self.pipe.take() else {
             return;
         };
@@ -973,6 +979,8 @@ impl Job {
 
     /// Removes the partial blob.
     async fn discard(&mut self) {
+        // Errors of the last writes do not matter: the file goes.
+        let _ = self.pipe.settle().await;
         let removed = match self.pipe.take() {
             Ok(write) => write.inner.abort().await,
             Err(_) => self

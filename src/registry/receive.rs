@@ -1,5 +1,5 @@
-//! Streams a request body into a blob write: large writes, hashed in the same pass, one write
-//! in flight while the next buffer fills.
+//! Streams a request body into a blob write: large writes, each hashed once written (a
+//! [`Pipeline`]), while the next buffer fills.
 
 use crate::http::req::RequestBody;
 

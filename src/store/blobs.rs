@@ -364,44 +364,127 @@ impl HashingWrite {
     }
 }
 
-/// A [`HashingWrite`] with one write in flight while the caller gathers the next piece
-/// (request bodies, a source's blob).
+/// A [`HashingWrite`] run as stages that each work on their own piece: the caller gathers the
+/// next piece while a task writes the one before and a blocking thread hashes the one before
+/// that. SHA-256 and the copy into the page cache each take about as long, so neither waits
+/// for the other, and a written piece is readable (see `on_written`) before it is hashed.
+/// Only written pieces are hashed: after [`Pipeline::settle`], count and hash agree even when
+/// a write failed. At most [`Pipeline::DEPTH`] pieces are held between the stages.
 pub struct Pipeline {
     idle: Option<HashingWrite>,
-    pending: Option<tokio::task::JoinHandle<(HashingWrite, io::Result<()>)>>,
+    running: Option<Stages>,
+    on_written: Option<OnWritten>,
+}
+
+/// Told the count of bytes written after each write.
+pub type OnWritten = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// The stages of a running [`Pipeline`].
+struct Stages {
+    pieces: tokio::sync::mpsc::Sender<Pieces>,
+    writer: tokio::task::JoinHandle<(Box<dyn BlobWrite>, io::Result<()>)>,
+    hasher: tokio::task::JoinHandle<Verifier>,
 }
 
 impl Pipeline {
+    /// Pieces held between the caller and the hash at most: one queued for the writer, one
+    /// being written, one queued for the hasher, one being hashed.
+    pub const DEPTH: usize = 4;
+
     /// Starts with an idle write.
     pub fn new(write: HashingWrite) -> Pipeline {
         Pipeline {
             idle: Some(write),
-            pending: None,
+            running: None,
+            on_written: None,
         }
     }
 
-    /// Waits for the write in flight. A storage error keeps the write, still consistent.
+    /// Calls `on_written` with the count of bytes written after each write (before the
+    /// piece is hashed).
+    pub fn on_written(mut self, on_written: OnWritten) -> Pipeline {
+        self.on_written = Some(on_written);
+        self
+    }
+
+    /// Waits until every piece is written and hashed. A storage error keeps the write, its
+    /// count and hash still in step (the failed piece is in neither).
     pub async fn settle(&mut self) -> io::Result<()> {
-        let Some(pending) = self.pending.take() else {
+        let Some(stages) = self.running.take() else {
             return Ok(());
         };
-        let (write, outcome) = pending.await.map_err(|e| {
+        drop(stages.pieces);
+        let written = stages.writer.await;
+        let hashed = stages.hasher.await;
+        let (inner, outcome) = written.map_err(|e| {
             io::Error::other(format!("blob write task failed and took its writer: {e}"))
         })?;
-        self.idle = Some(write);
+        let verifier = hashed.map_err(|e| {
+            io::Error::other(format!("blob hash task failed and took its writer: {e}"))
+        })?;
+        self.idle = Some(HashingWrite { inner, verifier });
         outcome
     }
 
-    /// Starts writing `pieces` once the write in flight has settled.
+    /// Hands `pieces` to be written then hashed, once the writer has room. A failed write
+    /// shows here or at [`Pipeline::settle`].
     pub async fn submit(&mut self, pieces: impl Into<Pieces>) -> io::Result<()> {
         let pieces = pieces.into();
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        if self.running.is_none() {
+            let write = self.take()?;
+            self.running = Some(self.start(write));
+        }
+        let Some(stages) = &self.running else {
+            return Err(io::Error::other("blob pipeline did not start"));
+        };
+        if stages.pieces.send(pieces).await.is_ok() {
+            return Ok(());
+        }
+        // The writer stopped on an error: settling gives it.
         self.settle().await?;
-        let mut write = self.take()?;
-        self.pending = Some(tokio::spawn(async move {
-            let r = write.write(pieces).await;
-            (write, r)
-        }));
-        Ok(())
+        Err(io::Error::other("blob writer stopped"))
+    }
+
+    fn start(&self, write: HashingWrite) -> Stages {
+        use tokio::sync::mpsc;
+        let HashingWrite {
+            mut inner,
+            mut verifier,
+        } = write;
+        let (pieces, mut to_write) = mpsc::channel::<Pieces>(1);
+        let (to_hash, mut hashing) = mpsc::channel::<Pieces>(1);
+        let on_written = self.on_written.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(pieces) = to_write.recv().await {
+                if let Err(e) = inner.write(pieces.clone()).await {
+                    return (inner, Err(e));
+                }
+                if let Some(tell) = &on_written {
+                    tell(inner.written());
+                }
+                if to_hash.send(pieces).await.is_err() {
+                    // Only a panicked hasher drops its end; `settle` reports it.
+                    break;
+                }
+            }
+            (inner, Ok(()))
+        });
+        let hasher = tokio::task::spawn_blocking(move || {
+            while let Some(pieces) = hashing.blocking_recv() {
+                for piece in pieces.as_slice() {
+                    verifier.update(piece);
+                }
+            }
+            verifier
+        });
+        Stages {
+            pieces,
+            writer,
+            hasher,
+        }
     }
 
     /// The idle write, after [`Pipeline::settle`].
@@ -411,7 +494,7 @@ impl Pipeline {
             .ok_or_else(|| io::Error::other("blob writer lost to a failed write task"))
     }
 
-    /// The idle write, if no write is in flight.
+    /// The idle write, if nothing is in flight.
     pub fn get(&self) -> Option<&HashingWrite> {
         self.idle.as_ref()
     }
@@ -522,4 +605,160 @@ pub(crate) fn file_stream(file: Arc<File>, start: u64, len: u64) -> ByteStream {
         Ok(Some((bytes, (file, at + n, end))))
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::digest::Algorithm;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+    use tokio::sync::Semaphore;
+
+    /// A write held in memory that fails its `fail_at`-th write (counting from 1) and waits
+    /// for a permit of `gate` before each write.
+    struct Recorded {
+        key: Pending,
+        bytes: Vec<u8>,
+        writes: usize,
+        fail_at: usize,
+        gate: Arc<Semaphore>,
+    }
+
+    #[async_trait::async_trait]
+    impl BlobWrite for Recorded {
+        fn key(&self) -> &Pending {
+            &self.key
+        }
+        fn written(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        async fn write(&mut self, pieces: Pieces) -> io::Result<()> {
+            self.gate
+                .acquire()
+                .await
+                .map_err(io::Error::other)?
+                .forget();
+            self.writes += 1;
+            if self.writes == self.fail_at {
+                return Err(io::Error::other("disk full"));
+            }
+            for piece in pieces.as_slice() {
+                self.bytes.extend_from_slice(piece);
+            }
+            Ok(())
+        }
+        async fn truncate(&mut self, len: u64) -> io::Result<()> {
+            self.bytes.truncate(len as usize);
+            Ok(())
+        }
+        async fn sync(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        async fn checkpoint(&mut self, _: Vec<u8>) -> io::Result<()> {
+            Ok(())
+        }
+        async fn commit(self: Box<Self>, _: &Digest) -> io::Result<()> {
+            Ok(())
+        }
+        async fn abort(self: Box<Self>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pipeline(fail_at: usize, gate: Arc<Semaphore>) -> Pipeline {
+        let write = Recorded {
+            key: Pending::Temp(uuid::Uuid::new_v4()),
+            bytes: Vec::new(),
+            writes: 0,
+            fail_at,
+            gate,
+        };
+        Pipeline::new(HashingWrite::new(
+            Box::new(write),
+            Verifier::new(Algorithm::Sha256),
+        ))
+    }
+
+    fn piece(i: u8) -> Bytes {
+        Bytes::from(vec![i; 1000 + i as usize])
+    }
+
+    fn digest_of(pieces: &[Bytes]) -> Digest {
+        let mut v = Verifier::new(Algorithm::Sha256);
+        pieces.iter().for_each(|p| v.update(p));
+        v.finish()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipeline_writes_then_hashes_every_piece_in_order_and_tells_each_write() {
+        let told = Arc::new(AtomicU64::new(0));
+        let counts = told.clone();
+        let mut pipe = pipeline(0, Arc::new(Semaphore::new(Semaphore::MAX_PERMITS))).on_written(
+            Arc::new(move |n| {
+                // Counts only grow.
+                assert!(n > counts.swap(n, Ordering::SeqCst));
+            }),
+        );
+        let pieces: Vec<Bytes> = (0..20).map(piece).collect();
+        for p in &pieces[..10] {
+            pipe.submit(p.clone()).await.unwrap();
+        }
+        // Settling in between restarts the stages on the next piece.
+        pipe.settle().await.unwrap();
+        assert!(pipe.get().is_some());
+        for p in &pieces[10..] {
+            pipe.submit(p.clone()).await.unwrap();
+        }
+        pipe.settle().await.unwrap();
+        let write = pipe.take().unwrap();
+        let total: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        assert_eq!(write.written(), total);
+        assert_eq!(told.load(Ordering::SeqCst), total);
+        assert_eq!(write.verifier.current(), digest_of(&pieces));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_failed_write_count_and_hash_agree_and_nothing_later_is_written() {
+        let mut pipe = pipeline(3, Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)));
+        let pieces: Vec<Bytes> = (0..8).map(piece).collect();
+        let mut failed = false;
+        for p in &pieces {
+            if pipe.submit(p.clone()).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        let settled = pipe.settle().await;
+        assert!(failed || settled.is_err(), "the failed write is reported");
+        let write = pipe.take().unwrap();
+        let kept = &pieces[..2];
+        assert_eq!(
+            write.written(),
+            kept.iter().map(|p| p.len() as u64).sum::<u64>()
+        );
+        assert_eq!(write.verifier.current(), digest_of(kept));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipeline_holds_a_bounded_number_of_pieces() {
+        // Nothing is written until the gate opens: the writer takes one piece and waits, one
+        // more waits in its queue, and the next submit waits for room.
+        let gate = Arc::new(Semaphore::new(0));
+        let mut pipe = pipeline(0, gate.clone());
+        let pieces: Vec<Bytes> = (0..4).map(piece).collect();
+        for p in &pieces[..2] {
+            pipe.submit(p.clone()).await.unwrap();
+        }
+        let third =
+            tokio::time::timeout(Duration::from_millis(300), pipe.submit(pieces[2].clone()));
+        assert!(third.await.is_err(), "a third piece waits for the writer");
+        gate.add_permits(Semaphore::MAX_PERMITS >> 1);
+        pipe.submit(pieces[3].clone()).await.unwrap();
+        pipe.settle().await.unwrap();
+        let write = pipe.take().unwrap();
+        // The third piece's submit was abandoned before it was queued.
+        let sent = [pieces[0].clone(), pieces[1].clone(), pieces[3].clone()];
+        assert_eq!(write.verifier.current(), digest_of(&sent));
+    }
 }
