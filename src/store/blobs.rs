@@ -365,11 +365,12 @@ impl HashingWrite {
 }
 
 /// A [`HashingWrite`] run as stages that each work on their own piece: the caller gathers the
-/// next piece while a task writes the one before and a blocking thread hashes the one before
-/// that. SHA-256 and the copy into the page cache each take about as long, so neither waits
-/// for the other, and a written piece is readable (see `on_written`) before it is hashed.
-/// Only written pieces are hashed: after [`Pipeline::settle`], count and hash agree even when
-/// a write failed. At most [`Pipeline::DEPTH`] pieces are held between the stages.
+/// next piece while a task writes the one before and another task hashes the one before that
+/// (each write and each hash a call on the blocking pool). SHA-256 and the copy into the page
+/// cache each take about as long, so neither waits for the other, and a written piece is
+/// readable (see `on_written`) before it is hashed. Only written pieces are hashed: after
+/// [`Pipeline::settle`], count and hash agree even when a write failed. At most
+/// [`Pipeline::DEPTH`] pieces are held between the stages.
 pub struct Pipeline {
     idle: Option<HashingWrite>,
     running: Option<Stages>,
@@ -383,7 +384,7 @@ pub type OnWritten = Arc<dyn Fn(u64) + Send + Sync>;
 struct Stages {
     pieces: tokio::sync::mpsc::Sender<Pieces>,
     writer: tokio::task::JoinHandle<(Box<dyn BlobWrite>, io::Result<()>)>,
-    hasher: tokio::task::JoinHandle<Verifier>,
+    hasher: tokio::task::JoinHandle<Result<Verifier, tokio::task::JoinError>>,
 }
 
 impl Pipeline {
@@ -419,7 +420,7 @@ impl Pipeline {
         let (inner, outcome) = written.map_err(|e| {
             io::Error::other(format!("blob write task failed and took its writer: {e}"))
         })?;
-        let verifier = hashed.map_err(|e| {
+        let verifier = hashed.and_then(|hashed| hashed).map_err(|e| {
             io::Error::other(format!("blob hash task failed and took its writer: {e}"))
         })?;
         self.idle = Some(HashingWrite { inner, verifier });
@@ -472,13 +473,25 @@ impl Pipeline {
             }
             (inner, Ok(()))
         });
-        let hasher = tokio::task::spawn_blocking(move || {
-            while let Some(pieces) = hashing.blocking_recv() {
-                for piece in pieces.as_slice() {
-                    verifier.update(piece);
+        // A task, with each piece hashed on the blocking pool: a thread parked waiting for the
+        // next piece would hold a place in the pool, and with as many streams as the pool has
+        // threads the writes (on the pool too) could never run.
+        let hasher = tokio::spawn(async move {
+            while let Some(first) = hashing.recv().await {
+                // What else was written meanwhile goes in the same call: one hop fewer.
+                let mut batch = vec![first];
+                while let Ok(more) = hashing.try_recv() {
+                    batch.push(more);
                 }
+                verifier = tokio::task::spawn_blocking(move || {
+                    for piece in batch.iter().flat_map(Pieces::as_slice) {
+                        verifier.update(piece);
+                    }
+                    verifier
+                })
+                .await?;
             }
-            verifier
+            Ok::<_, tokio::task::JoinError>(verifier)
         });
         Stages {
             pieces,
@@ -760,5 +773,51 @@ mod tests {
         // The third piece's submit was abandoned before it was queued.
         let sent = [pieces[0].clone(), pieces[1].clone(), pieces[3].clone()];
         assert_eq!(write.verifier.current(), digest_of(&sent));
+    }
+
+    #[test]
+    fn pipelines_hold_no_blocking_thread_while_they_wait_for_a_piece() {
+        // More streams than the blocking pool has threads: a stage parked on the pool while it
+        // waits for its next piece would leave no thread for the writes, and nothing would move.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::store::fs::FsBlobStore::open(dir.path()).unwrap();
+            let mut pipes = Vec::new();
+            for _ in 0..3 {
+                let (w, _) = store
+                    .open_pending(&Pending::Temp(uuid::Uuid::new_v4()))
+                    .await
+                    .unwrap();
+                pipes.push(Pipeline::new(HashingWrite::new(
+                    w,
+                    Verifier::new(Algorithm::Sha256),
+                )));
+            }
+            let pieces: Vec<Bytes> = (0..4).map(piece).collect();
+            let run = async {
+                for p in &pieces {
+                    for pipe in &mut pipes {
+                        pipe.submit(p.clone()).await.unwrap();
+                    }
+                }
+                for pipe in &mut pipes {
+                    pipe.settle().await.unwrap();
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), run)
+                .await
+                .expect("every stream was written and hashed");
+            for mut pipe in pipes {
+                let write = pipe.take().unwrap();
+                assert_eq!(write.verifier.current(), digest_of(&pieces));
+                write.inner.abort().await.unwrap();
+            }
+        });
     }
 }
