@@ -389,8 +389,9 @@ struct Stages {
 
 impl Pipeline {
     /// Pieces held between the caller and the hash at most: one queued for the writer, one
-    /// being written, one queued for the hasher, one being hashed.
-    pub const DEPTH: usize = 4;
+    /// being written, one queued for the hasher, and two being hashed (a hash call also takes
+    /// the piece written while it waited).
+    pub const DEPTH: usize = 5;
 
     /// Starts with an idle write.
     pub fn new(write: HashingWrite) -> Pipeline {
