@@ -873,16 +873,13 @@ impl Job {
         }
     }
 
-    /// Waits until every piece handed on is written and hashed, then publishes the length
-    /// (published after each write as well, see `Fetches::join_or_start`).
+    /// Waits until every piece handed on is written and hashed (readers saw each written
+    /// piece as it went in: the pipeline publishes the length, see `Fetches::join_or_start`).
     async fn settle(&mut self) -> Result<(), String> {
         self.pipe
             .settle()
             .await
-            .map_err(|e| format!("cannot write partial blob: {e}"))?;
-        let written = self.pipe.get().map_or(0, HashingWrite::written);
-        self.fetch.progress.send_modify(|p| p.written = written);
-        Ok(())
+            .map_err(|e| format!("cannot write partial blob: {e}"))
     }
 
     /// Hands `data` on to be written, then hashed, once the writer has room.
